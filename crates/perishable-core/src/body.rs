@@ -1,0 +1,112 @@
+//! The response body of Perishable's services: a whole buffer, or an upstream stream.
+//!
+//! One concrete type (no boxing) so the upstream's chunks pass straight through: each frame the
+//! upstream yields is handed to the server as is, never merged or held back.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+
+use crate::upstream::UpstreamBody;
+
+/// Errors a body can yield (only an upstream stream can fail).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pin_project_lite::pin_project! {
+    /// A response body: empty, a whole buffer, or a streamed upstream response.
+    #[derive(Debug)]
+    pub struct Body {
+        #[pin]
+        kind: Kind,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = KindProj]
+    #[derive(Debug)]
+    enum Kind {
+        Full { bytes: Option<Bytes> },
+        Upstream { #[pin] body: UpstreamBody },
+    }
+}
+
+impl Body {
+    /// An empty body.
+    pub fn empty() -> Self {
+        Self {
+            kind: Kind::Full { bytes: None },
+        }
+    }
+
+    /// A whole buffer.
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        let bytes = bytes.into();
+        Self {
+            kind: Kind::Full {
+                bytes: (!bytes.is_empty()).then_some(bytes),
+            },
+        }
+    }
+
+    pub(crate) fn upstream(body: UpstreamBody) -> Self {
+        Self {
+            kind: Kind::Upstream { body },
+        }
+    }
+}
+
+impl Default for Body {
+    fn default() -> Self {
+        Self::empty()
+    }
+}
+
+impl From<Bytes> for Body {
+    fn from(bytes: Bytes) -> Self {
+        Self::full(bytes)
+    }
+}
+
+impl From<String> for Body {
+    fn from(s: String) -> Self {
+        Self::full(s)
+    }
+}
+
+impl From<&'static str> for Body {
+    fn from(s: &'static str) -> Self {
+        Self::full(Bytes::from_static(s.as_bytes()))
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project().kind.project() {
+            KindProj::Full { bytes } => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            KindProj::Upstream { body } => body.poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full { bytes } => bytes.is_none(),
+            Kind::Upstream { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full { bytes: None } => SizeHint::with_exact(0),
+            Kind::Full { bytes: Some(b) } => SizeHint::with_exact(b.len() as u64),
+            Kind::Upstream { body } => body.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,978 @@
+//! Configuration: the PROTOCOL file shape, a builder with a method per key, and validation.
+//!
+//! [`ConfigBuilder`] *is* the file shape: it deserializes from TOML or JSON, every setter changes
+//! one key, and [`ConfigBuilder::build`] validates everything at once into a [`Config`]. Invalid
+//! configuration fails there, with a [`ConfigError`] naming the key; nothing is checked later.
+//!
+//! ```
+//! use perishable_core::Config;
+//!
+//! let config = Config::builder()
+//!     .upstream_api_key("sk-test")
+//!     .jwt_secret("an-example-secret-of-at-least-32-bytes!")
+//!     .rate_limit_points(20)
+//!     .cors_allowed_origins(["https://app.example.com"])
+//!     .build()?;
+//! assert_eq!(config.rate_limit().points, 20);
+//!
+//! // The same from the PROTOCOL file shape.
+//! let config = Config::from_toml_str(r#"
+//!     [upstream]
+//!     api_key = "sk-test"
+//!     [session]
+//!     jwt_secret = "an-example-secret-of-at-least-32-bytes!"
+//! "#)?;
+//! assert_eq!(config.session().ttl_secs, 600);
+//! # Ok::<(), perishable_core::ConfigError>(())
+//! ```
+//!
+//! Secrets ([`Secret`]) never appear in `Debug` output.
+
+use std::fmt;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::token::{Algorithm, KeySet};
+
+/// A secret string: the upstream key or a signing secret. `Debug` shows `Secret(**redacted**)`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self(secret.into())
+    }
+
+    /// The secret itself. Handle with care: never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(**redacted**)")
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
+/// A configuration that could not be built. Each variant names the offending key.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A required key is missing.
+    #[error("{key} is required")]
+    Missing {
+        /// The key, as in the file (`upstream.api_key`).
+        key: &'static str,
+    },
+    /// A key has a value it cannot take.
+    #[error("{key}: {reason}")]
+    Invalid {
+        /// The key, as in the file.
+        key: &'static str,
+        /// Why the value is refused (never the value itself when it is a secret).
+        reason: String,
+    },
+    /// The file could not be parsed.
+    #[error("cannot parse the configuration: {0}")]
+    Parse(String),
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+}
+
+impl ConfigError {
+    fn invalid(key: &'static str, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            key,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// `[upstream]`: where requests go and what may pass.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Base URL of the OpenAI-compatible API, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// The server's API key, sent upstream as `Authorization: Bearer <key>`. Required.
+    pub api_key: Option<Secret>,
+    /// Paths under `/openai/` that may pass. `*` matches exactly one path segment.
+    pub allowed_paths: Vec<String>,
+    /// Models a request body may name; empty means any.
+    pub allowed_models: Vec<String>,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Longest wait for the TCP (and TLS) connection to the upstream.
+    pub connect_timeout_ms: u64,
+    /// Longest wait for the upstream's response headers.
+    pub first_byte_timeout_ms: u64,
+    /// Longest silence between two chunks of a response body; the stream then ends.
+    pub idle_timeout_ms: u64,
+}
+
+/// The default `upstream.allowed_paths`: inference endpoints only, no admin-grade ones.
+pub const DEFAULT_ALLOWED_PATHS: [&str; 7] = [
+    "chat/completions",
+    "completions",
+    "embeddings",
+    "models",
+    "models/*",
+    "responses",
+    "moderations",
+];
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://api.openai.com/v1".to_owned(),
+            api_key: None,
+            allowed_paths: DEFAULT_ALLOWED_PATHS.map(str::to_owned).to_vec(),
+            allowed_models: Vec::new(),
+            max_body_bytes: 1024 * 1024,
+            connect_timeout_ms: 5_000,
+            first_byte_timeout_ms: 60_000,
+            idle_timeout_ms: 60_000,
+        }
+    }
+}
+
+/// How strongly sessions are bound to a client-held key (RFC 9449 DPoP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DpopMode {
+    /// DPoP headers are ignored; every session is a bearer session.
+    Off,
+    /// A DPoP proof on `POST /session` binds the session; without one the session is a bearer one.
+    #[default]
+    Optional,
+    /// Every session must be key-bound.
+    Required,
+}
+
+/// One signing key in `[[session.keys]]`, for rotation.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SigningKeyConfig {
+    /// The key id put in the token header (`kid`).
+    pub kid: String,
+    /// An HS256 secret, at least 32 bytes.
+    pub secret: Option<Secret>,
+    /// An Ed25519 private key (PKCS#8 PEM), for `algorithm = "EdDSA"`.
+    pub private_key_pem: Option<Secret>,
+}
+
+impl fmt::Debug for SigningKeyConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SigningKeyConfig")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `[session]`: how sessions are minted and checked.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionConfig {
+    /// Lifetime of one token, in seconds.
+    pub ttl_secs: u64,
+    /// Absolute lifetime of a session across refreshes, counted from the first mint.
+    pub max_lifetime_secs: u64,
+    /// The HS256 signing secret (at least 32 bytes). When set it signs; `keys` still verify.
+    pub jwt_secret: Option<Secret>,
+    /// Further signing keys for rotation: the last one signs when `jwt_secret` is unset, all verify.
+    pub keys: Vec<SigningKeyConfig>,
+    /// `HS256` (default) or `EdDSA`.
+    pub algorithm: Algorithm,
+    /// The `iss` claim.
+    pub issuer: String,
+    /// The `aud` claim.
+    pub audience: String,
+    /// Bind tokens to a hash of the User-Agent.
+    pub bind_user_agent: bool,
+    /// Lowest interaction entropy score (0 to 100) that may mint; 0 switches the gate off.
+    pub min_entropy_score: u8,
+    /// Most live sessions per fingerprint.
+    pub max_per_fingerprint: u32,
+    /// DPoP key binding.
+    pub dpop: DpopMode,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    pub leeway_secs: u64,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            ttl_secs: 600,
+            max_lifetime_secs: 86_400,
+            jwt_secret: None,
+            keys: Vec::new(),
+            algorithm: Algorithm::HS256,
+            issuer: "perishable".to_owned(),
+            audience: "perishable".to_owned(),
+            bind_user_agent: true,
+            min_entropy_score: 50,
+            max_per_fingerprint: 5,
+            dpop: DpopMode::Optional,
+            leeway_secs: 5,
+        }
+    }
+}
+
+/// `[rate_limit]`: per-client request limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Requests per window per client (the burst).
+    pub points: u32,
+    /// The window, in seconds: `points` requests are replenished over it.
+    pub duration_secs: u64,
+    /// How long a client that went over the limit stays refused; 0: only until a request is free.
+    pub block_duration_secs: u64,
+    /// Session mints per client IP per minute.
+    pub mint_per_ip: u32,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            points: 100,
+            duration_secs: 60,
+            block_duration_secs: 60,
+            mint_per_ip: 10,
+        }
+    }
+}
+
+/// `[pow]`: proof of work on minting.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PowConfig {
+    /// Leading zero bits of `SHA-256(challenge + nonce)`; 0 switches proof of work off.
+    pub difficulty: u8,
+    /// How long a challenge stays valid, in seconds.
+    pub challenge_ttl_secs: u64,
+}
+
+impl Default for PowConfig {
+    fn default() -> Self {
+        Self {
+            difficulty: 16,
+            challenge_ttl_secs: 300,
+        }
+    }
+}
+
+/// `[cors]`: which browser origins may call.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Exact origins (`https://app.example.com`), or `["*"]` for any (then no credentials).
+    pub allowed_origins: Vec<String>,
+}
+
+/// `[server]`: how the service is reached.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The URL clients see for the router's mount point; used for DPoP `htu` and same-origin checks.
+    pub public_url: Option<String>,
+    /// CIDRs of reverse proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// `[budget]`: token budgets (accepted in the file; only the defaults are supported so far).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BudgetConfig {
+    /// Tokens per client per window; 0: no budget.
+    pub tokens_per_window: u64,
+    /// The budget window, in seconds.
+    pub window_secs: u64,
+    /// Cap on a request's `max_tokens` / `max_completion_tokens`; 0: none.
+    pub max_completion_tokens: u64,
+    /// Ask streamed chat completions for usage.
+    pub include_usage: bool,
+    /// Concurrent streams per session; 0: no cap.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        Self {
+            tokens_per_window: 0,
+            window_secs: 3600,
+            max_completion_tokens: 0,
+            include_usage: true,
+            max_concurrent_streams: 0,
+        }
+    }
+}
+
+/// What to do when the shared store cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnUnavailable {
+    /// Refuse with `503 store_unavailable`.
+    #[default]
+    Closed,
+    /// Skip rate limits (revocation and replay checks still fail closed).
+    Open,
+}
+
+/// `[store]`: where shared state lives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `memory` (the default, one instance).
+    pub url: String,
+    /// Failure policy.
+    pub on_unavailable: OnUnavailable,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            url: "memory".to_owned(),
+            on_unavailable: OnUnavailable::Closed,
+        }
+    }
+}
+
+/// The configuration file shape, and a builder with one method per key.
+///
+/// Deserialize it from a file (TOML or JSON), change keys with the setters, apply the
+/// PROTOCOL environment variables with [`ConfigBuilder::apply_env`], then [`build`](Self::build).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[must_use]
+pub struct ConfigBuilder {
+    upstream: UpstreamConfig,
+    session: SessionConfig,
+    rate_limit: RateLimitConfig,
+    pow: PowConfig,
+    cors: CorsConfig,
+    server: ServerConfig,
+    budget: BudgetConfig,
+    store: StoreConfig,
+}
+
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident => $section:ident . $field:ident : $ty:ty $(=> $conv:expr)?;)*) => {
+        $(
+            $(#[$doc])*
+            pub fn $name(mut self, value: $ty) -> Self {
+                self.$section.$field = setters!(@conv value $(, $conv)?);
+                self
+            }
+        )*
+    };
+    (@conv $v:ident) => { $v };
+    (@conv $v:ident, $conv:expr) => { ($conv)($v) };
+}
+
+impl ConfigBuilder {
+    setters! {
+        /// `upstream.base_url`.
+        upstream_base_url => upstream.base_url: impl Into<String> => Into::into;
+        /// `upstream.api_key`.
+        upstream_api_key => upstream.api_key: impl Into<Secret> => |v: _| Some(Into::into(v));
+        /// `upstream.max_body_bytes`.
+        upstream_max_body_bytes => upstream.max_body_bytes: usize;
+        /// `upstream.connect_timeout_ms`.
+        upstream_connect_timeout_ms => upstream.connect_timeout_ms: u64;
+        /// `upstream.first_byte_timeout_ms`.
+        upstream_first_byte_timeout_ms => upstream.first_byte_timeout_ms: u64;
+        /// `upstream.idle_timeout_ms`.
+        upstream_idle_timeout_ms => upstream.idle_timeout_ms: u64;
+        /// `session.ttl_secs`.
+        session_ttl_secs => session.ttl_secs: u64;
+        /// `session.max_lifetime_secs`.
+        session_max_lifetime_secs => session.max_lifetime_secs: u64;
+        /// `session.jwt_secret`: the HS256 signing secret, at least 32 bytes.
+        jwt_secret => session.jwt_secret: impl Into<Secret> => |v: _| Some(Into::into(v));
+        /// `session.algorithm`.
+        session_algorithm => session.algorithm: Algorithm;
+        /// `session.issuer`.
+        session_issuer => session.issuer: impl Into<String> => Into::into;
+        /// `session.audience`.
+        session_audience => session.audience: impl Into<String> => Into::into;
+        /// `session.bind_user_agent`.
+        session_bind_user_agent => session.bind_user_agent: bool;
+        /// `session.min_entropy_score` (0 to 100; 0 switches the gate off).
+        session_min_entropy_score => session.min_entropy_score: u8;
+        /// `session.max_per_fingerprint`.
+        session_max_per_fingerprint => session.max_per_fingerprint: u32;
+        /// `session.dpop`.
+        session_dpop => session.dpop: DpopMode;
+        /// `session.leeway_secs`.
+        session_leeway_secs => session.leeway_secs: u64;
+        /// `rate_limit.points`.
+        rate_limit_points => rate_limit.points: u32;
+        /// `rate_limit.duration_secs`.
+        rate_limit_duration_secs => rate_limit.duration_secs: u64;
+        /// `rate_limit.block_duration_secs`.
+        rate_limit_block_duration_secs => rate_limit.block_duration_secs: u64;
+        /// `rate_limit.mint_per_ip`.
+        rate_limit_mint_per_ip => rate_limit.mint_per_ip: u32;
+        /// `pow.difficulty` (leading zero bits; 0 switches proof of work off).
+        pow_difficulty => pow.difficulty: u8;
+        /// `pow.challenge_ttl_secs`.
+        pow_challenge_ttl_secs => pow.challenge_ttl_secs: u64;
+        /// `server.public_url`.
+        server_public_url => server.public_url: impl Into<String> => |v: _| Some(Into::into(v));
+        /// `budget.tokens_per_window`.
+        budget_tokens_per_window => budget.tokens_per_window: u64;
+        /// `budget.window_secs`.
+        budget_window_secs => budget.window_secs: u64;
+        /// `budget.max_completion_tokens`.
+        budget_max_completion_tokens => budget.max_completion_tokens: u64;
+        /// `budget.include_usage`.
+        budget_include_usage => budget.include_usage: bool;
+        /// `budget.max_concurrent_streams`.
+        budget_max_concurrent_streams => budget.max_concurrent_streams: u32;
+        /// `store.url`.
+        store_url => store.url: impl Into<String> => Into::into;
+        /// `store.on_unavailable`.
+        store_on_unavailable => store.on_unavailable: OnUnavailable;
+    }
+
+    /// `upstream.allowed_paths`.
+    pub fn upstream_allowed_paths<I: IntoIterator<Item = S>, S: Into<String>>(
+        mut self,
+        paths: I,
+    ) -> Self {
+        self.upstream.allowed_paths = paths.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// `upstream.allowed_models` (empty: any model).
+    pub fn upstream_allowed_models<I: IntoIterator<Item = S>, S: Into<String>>(
+        mut self,
+        models: I,
+    ) -> Self {
+        self.upstream.allowed_models = models.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Appends a `[[session.keys]]` entry: an HS256 secret with its `kid`.
+    pub fn session_hmac_key(mut self, kid: impl Into<String>, secret: impl Into<Secret>) -> Self {
+        self.session.keys.push(SigningKeyConfig {
+            kid: kid.into(),
+            secret: Some(secret.into()),
+            private_key_pem: None,
+        });
+        self
+    }
+
+    /// Appends a `[[session.keys]]` entry: an Ed25519 PKCS#8 PEM private key with its `kid`.
+    pub fn session_ed25519_key(
+        mut self,
+        kid: impl Into<String>,
+        private_key_pem: impl Into<Secret>,
+    ) -> Self {
+        self.session.keys.push(SigningKeyConfig {
+            kid: kid.into(),
+            secret: None,
+            private_key_pem: Some(private_key_pem.into()),
+        });
+        self
+    }
+
+    /// `cors.allowed_origins`.
+    pub fn cors_allowed_origins<I: IntoIterator<Item = S>, S: Into<String>>(
+        mut self,
+        origins: I,
+    ) -> Self {
+        self.cors.allowed_origins = origins.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// `server.trusted_proxies`.
+    pub fn server_trusted_proxies<I: IntoIterator<Item = IpNet>>(mut self, cidrs: I) -> Self {
+        self.server.trusted_proxies = cidrs.into_iter().collect();
+        self
+    }
+
+    /// Applies the PROTOCOL environment variables: `OPENAI_API_KEY`, `OPENAI_BASE_URL`,
+    /// `PERISHABLE_JWT_SECRET`, `PERISHABLE_STORE_URL` (`PORT` belongs to the server, not here).
+    ///
+    /// Empty values are ignored. `lookup` is usually `|k| std::env::var(k).ok()`.
+    pub fn apply_env(mut self, lookup: impl Fn(&str) -> Option<String>) -> Self {
+        let get = |k: &str| lookup(k).filter(|v| !v.is_empty());
+        if let Some(v) = get("OPENAI_API_KEY") {
+            self.upstream.api_key = Some(Secret(v));
+        }
+        if let Some(v) = get("OPENAI_BASE_URL") {
+            self.upstream.base_url = v;
+        }
+        if let Some(v) = get("PERISHABLE_JWT_SECRET") {
+            self.session.jwt_secret = Some(Secret(v));
+        }
+        if let Some(v) = get("PERISHABLE_STORE_URL") {
+            self.store.url = v;
+        }
+        self
+    }
+
+    /// Whether an upstream API key is set (the example proxy starts its mock when it is not).
+    pub fn has_upstream_api_key(&self) -> bool {
+        self.upstream.api_key.is_some()
+    }
+
+    /// Validates every key and builds the [`Config`].
+    pub fn build(self) -> Result<Config, ConfigError> {
+        let u = &self.upstream;
+        let base_url = u.base_url.trim_end_matches('/').to_owned();
+        let parsed = reqwest::Url::parse(&base_url)
+            .map_err(|e| ConfigError::invalid("upstream.base_url", e.to_string()))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+            return Err(ConfigError::invalid(
+                "upstream.base_url",
+                "must be an http or https URL with a host",
+            ));
+        }
+        if parsed.query().is_some() || parsed.fragment().is_some() {
+            return Err(ConfigError::invalid(
+                "upstream.base_url",
+                "must not have a query or fragment",
+            ));
+        }
+        match &u.api_key {
+            None => return Err(ConfigError::Missing { key: "upstream.api_key" }),
+            Some(k) if k.0.is_empty() => {
+                return Err(ConfigError::Missing { key: "upstream.api_key" });
+            }
+            Some(k) if http::HeaderValue::try_from(format!("Bearer {}", k.0)).is_err() => {
+                return Err(ConfigError::invalid(
+                    "upstream.api_key",
+                    "contains characters not allowed in a header",
+                ));
+            }
+            Some(_) => {}
+        }
+        for p in &u.allowed_paths {
+            crate::upstream::PathPattern::parse(p)
+                .map_err(|reason| ConfigError::invalid("upstream.allowed_paths", reason))?;
+        }
+        if u.max_body_bytes == 0 {
+            return Err(ConfigError::invalid("upstream.max_body_bytes", "must be above 0"));
+        }
+        for (key, v) in [
+            ("upstream.connect_timeout_ms", u.connect_timeout_ms),
+            ("upstream.first_byte_timeout_ms", u.first_byte_timeout_ms),
+            ("upstream.idle_timeout_ms", u.idle_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::invalid(key, "must be above 0"));
+            }
+        }
+
+        let s = &self.session;
+        if s.ttl_secs == 0 {
+            return Err(ConfigError::invalid("session.ttl_secs", "must be above 0"));
+        }
+        if s.max_lifetime_secs < s.ttl_secs {
+            return Err(ConfigError::invalid(
+                "session.max_lifetime_secs",
+                "must be at least session.ttl_secs",
+            ));
+        }
+        if s.issuer.is_empty() {
+            return Err(ConfigError::invalid("session.issuer", "must not be empty"));
+        }
+        if s.audience.is_empty() {
+            return Err(ConfigError::invalid("session.audience", "must not be empty"));
+        }
+        if s.min_entropy_score > 100 {
+            return Err(ConfigError::invalid(
+                "session.min_entropy_score",
+                "must be between 0 and 100",
+            ));
+        }
+        if s.max_per_fingerprint == 0 {
+            return Err(ConfigError::invalid(
+                "session.max_per_fingerprint",
+                "must be above 0",
+            ));
+        }
+        if s.dpop == DpopMode::Required {
+            return Err(ConfigError::invalid(
+                "session.dpop",
+                "\"required\" is not supported by this version; use \"off\" or \"optional\"",
+            ));
+        }
+        let keys = KeySet::from_config(s)?;
+
+        let r = &self.rate_limit;
+        if r.points == 0 {
+            return Err(ConfigError::invalid("rate_limit.points", "must be above 0"));
+        }
+        if r.duration_secs == 0 {
+            return Err(ConfigError::invalid("rate_limit.duration_secs", "must be above 0"));
+        }
+        if r.mint_per_ip == 0 {
+            return Err(ConfigError::invalid("rate_limit.mint_per_ip", "must be above 0"));
+        }
+
+        if self.pow.difficulty > 32 {
+            return Err(ConfigError::invalid("pow.difficulty", "must be at most 32 bits"));
+        }
+        if self.pow.challenge_ttl_secs == 0 {
+            return Err(ConfigError::invalid("pow.challenge_ttl_secs", "must be above 0"));
+        }
+
+        for origin in &self.cors.allowed_origins {
+            if origin != "*" && !is_origin(origin) {
+                return Err(ConfigError::invalid(
+                    "cors.allowed_origins",
+                    format!("{origin:?} is not an origin (scheme://host[:port]) or \"*\""),
+                ));
+            }
+        }
+        let public_origin = match &self.server.public_url {
+            None => None,
+            Some(url) => {
+                let parsed = reqwest::Url::parse(url)
+                    .map_err(|e| ConfigError::invalid("server.public_url", e.to_string()))?;
+                if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+                    return Err(ConfigError::invalid(
+                        "server.public_url",
+                        "must be an http or https URL with a host",
+                    ));
+                }
+                Some(parsed.origin().ascii_serialization())
+            }
+        };
+
+        let b = &self.budget;
+        if b.tokens_per_window != 0 || b.max_completion_tokens != 0 || b.max_concurrent_streams != 0
+        {
+            return Err(ConfigError::invalid(
+                "budget",
+                "token budgets are not supported by this version; leave the [budget] limits at 0",
+            ));
+        }
+        if self.store.url != "memory" {
+            return Err(ConfigError::invalid(
+                "store.url",
+                "only \"memory\" is supported by this version",
+            ));
+        }
+
+        Ok(Config {
+            base_url,
+            keys,
+            public_origin,
+            inner: self,
+        })
+    }
+}
+
+fn is_origin(s: &str) -> bool {
+    match reqwest::Url::parse(s) {
+        Ok(url) => {
+            url.host().is_some() && url.origin().ascii_serialization() == s.trim_end_matches('/')
+        }
+        Err(_) => false,
+    }
+}
+
+/// A validated configuration. Build it with [`Config::builder`] or from a file.
+#[derive(Debug, Clone)]
+pub struct Config {
+    inner: ConfigBuilder,
+    /// `upstream.base_url` without a trailing slash.
+    base_url: String,
+    keys: KeySet,
+    /// The origin of `server.public_url`, when set.
+    public_origin: Option<String>,
+}
+
+impl Config {
+    /// A builder with every key at its default.
+    pub fn builder() -> ConfigBuilder {
+        ConfigBuilder::default()
+    }
+
+    /// Parses and validates the PROTOCOL file shape in TOML.
+    #[cfg(feature = "toml")]
+    pub fn from_toml_str(toml: &str) -> Result<Self, ConfigError> {
+        ConfigBuilder::from_toml_str(toml)?.build()
+    }
+
+    /// Parses and validates the PROTOCOL file shape in JSON.
+    pub fn from_json_str(json: &str) -> Result<Self, ConfigError> {
+        ConfigBuilder::from_json_str(json)?.build()
+    }
+
+    /// `[upstream]`.
+    pub fn upstream(&self) -> &UpstreamConfig {
+        &self.inner.upstream
+    }
+
+    /// `upstream.base_url`, without a trailing slash.
+    pub fn upstream_base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// `[session]`.
+    pub fn session(&self) -> &SessionConfig {
+        &self.inner.session
+    }
+
+    /// `[rate_limit]`.
+    pub fn rate_limit(&self) -> &RateLimitConfig {
+        &self.inner.rate_limit
+    }
+
+    /// `[pow]`.
+    pub fn pow(&self) -> &PowConfig {
+        &self.inner.pow
+    }
+
+    /// `[cors]`.
+    pub fn cors(&self) -> &CorsConfig {
+        &self.inner.cors
+    }
+
+    /// `[server]`.
+    pub fn server(&self) -> &ServerConfig {
+        &self.inner.server
+    }
+
+    /// `[budget]`.
+    pub fn budget(&self) -> &BudgetConfig {
+        &self.inner.budget
+    }
+
+    /// `[store]`.
+    pub fn store(&self) -> &StoreConfig {
+        &self.inner.store
+    }
+
+    /// The origin (`scheme://host[:port]`) of `server.public_url`, when set.
+    pub fn public_origin(&self) -> Option<&str> {
+        self.public_origin.as_deref()
+    }
+
+    /// The signing and verification keys.
+    pub(crate) fn keys(&self) -> &KeySet {
+        &self.keys
+    }
+
+    pub(crate) fn ttl(&self) -> Duration {
+        Duration::from_secs(self.inner.session.ttl_secs)
+    }
+}
+
+impl ConfigBuilder {
+    /// Parses the PROTOCOL file shape in TOML, without validating it yet.
+    #[cfg(feature = "toml")]
+    pub fn from_toml_str(toml: &str) -> Result<Self, ConfigError> {
+        toml::from_str(toml).map_err(|e| ConfigError::Parse(e.to_string()))
+    }
+
+    /// Parses the PROTOCOL file shape in JSON, without validating it yet.
+    pub fn from_json_str(json: &str) -> Result<Self, ConfigError> {
+        serde_json::from_str(json).map_err(|e| ConfigError::Parse(e.to_string()))
+    }
+
+    /// Reads a configuration file: JSON when its name ends in `.json`, TOML otherwise.
+    pub fn from_file(path: impl AsRef<std::path::Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        if path.extension().is_some_and(|e| e == "json") {
+            return Self::from_json_str(&text);
+        }
+        #[cfg(feature = "toml")]
+        {
+            Self::from_toml_str(&text)
+        }
+        #[cfg(not(feature = "toml"))]
+        {
+            Err(ConfigError::Parse(
+                "TOML files need the `toml` feature of perishable-core".to_owned(),
+            ))
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Config {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        ConfigBuilder::deserialize(deserializer)?
+            .build()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn base() -> ConfigBuilder {
+        Config::builder().upstream_api_key("sk-test").jwt_secret(SECRET)
+    }
+
+    fn invalid_key(builder: ConfigBuilder) -> &'static str {
+        match builder.build() {
+            Err(ConfigError::Invalid { key, .. } | ConfigError::Missing { key }) => key,
+            other => panic!("expected a key error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_build_with_a_key() {
+        let config = base().build().unwrap();
+        assert_eq!(config.upstream_base_url(), "https://api.openai.com/v1");
+        assert_eq!(config.session().ttl_secs, 600);
+        assert_eq!(config.rate_limit().points, 100);
+        assert_eq!(config.upstream().max_body_bytes, 1_048_576);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert_eq!(invalid_key(Config::builder()), "upstream.api_key");
+        assert_eq!(
+            invalid_key(base().jwt_secret("short")),
+            "session.jwt_secret"
+        );
+        assert_eq!(
+            invalid_key(base().upstream_base_url("ftp://x")),
+            "upstream.base_url"
+        );
+        assert_eq!(invalid_key(base().rate_limit_points(0)), "rate_limit.points");
+        assert_eq!(
+            invalid_key(base().upstream_allowed_paths(["files/../x"])),
+            "upstream.allowed_paths"
+        );
+        assert_eq!(
+            invalid_key(base().cors_allowed_origins(["https://a.example/path"])),
+            "cors.allowed_origins"
+        );
+        assert_eq!(
+            invalid_key(base().session_ttl_secs(100).session_max_lifetime_secs(50)),
+            "session.max_lifetime_secs"
+        );
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug() {
+        let builder = base().session_hmac_key("old", "another-secret-of-at-least-32-bytes!!");
+        let config = builder.clone().build().unwrap();
+        for text in [format!("{builder:?}"), format!("{config:?}")] {
+            assert!(!text.contains(SECRET), "{text}");
+            assert!(!text.contains("sk-test"), "{text}");
+            assert!(!text.contains("another-secret"), "{text}");
+        }
+    }
+
+    #[cfg(feature = "toml")]
+    #[test]
+    fn parses_the_protocol_file_shape() {
+        let toml = r#"
+[upstream]
+base_url = "http://127.0.0.1:9/v1/"
+api_key = "sk-file"
+allowed_paths = ["chat/completions", "completions", "embeddings", "models", "models/*", "responses", "moderations"]
+allowed_models = []
+max_body_bytes = 1048576
+connect_timeout_ms = 5000
+first_byte_timeout_ms = 60000
+idle_timeout_ms = 60000
+
+[session]
+ttl_secs = 600
+max_lifetime_secs = 86400
+jwt_secret = "0123456789abcdef0123456789abcdef"
+issuer = "perishable"
+audience = "perishable"
+bind_user_agent = true
+min_entropy_score = 50
+max_per_fingerprint = 5
+dpop = "optional"
+
+[rate_limit]
+points = 100
+duration_secs = 60
+block_duration_secs = 60
+mint_per_ip = 10
+
+[pow]
+difficulty = 16
+
+[cors]
+allowed_origins = []
+
+[server]
+public_url = "https://api.example.com/ai"
+trusted_proxies = ["10.0.0.0/8"]
+
+[budget]
+tokens_per_window = 0
+window_secs = 3600
+max_completion_tokens = 0
+include_usage = true
+max_concurrent_streams = 0
+
+[store]
+url = "memory"
+on_unavailable = "closed"
+"#;
+        let config = Config::from_toml_str(toml).unwrap();
+        assert_eq!(config.upstream_base_url(), "http://127.0.0.1:9/v1");
+        assert_eq!(config.public_origin(), Some("https://api.example.com"));
+        assert_eq!(config.server().trusted_proxies.len(), 1);
+
+        let typo = "[session]\nttl_sec = 5\n";
+        assert!(matches!(
+            ConfigBuilder::from_toml_str(typo),
+            Err(ConfigError::Parse(_))
+        ));
+    }
+
+    #[test]
+    fn env_overrides_the_file() {
+        let builder = ConfigBuilder::from_json_str(r#"{"upstream":{"api_key":"sk-file"}}"#)
+            .unwrap()
+            .apply_env(|k| match k {
+                "OPENAI_API_KEY" => Some("sk-env".to_owned()),
+                "OPENAI_BASE_URL" => Some("http://127.0.0.1:1/v1".to_owned()),
+                "PERISHABLE_JWT_SECRET" => Some(SECRET.to_owned()),
+                _ => None,
+            });
+        let config = builder.build().unwrap();
+        assert_eq!(
+            config.upstream().api_key.as_ref().unwrap().expose(),
+            "sk-env"
+        );
+        assert_eq!(config.upstream_base_url(), "http://127.0.0.1:1/v1");
+    }
+}

@@ -1,0 +1,266 @@
+//! Interaction entropy: a server-side score (0 to 100) of the raw pointer and key samples a client
+//! sends with `POST /session`.
+//!
+//! The score is computed here from the samples; a score sent by the client is never read. It is a
+//! speed bump for naive scripts, not a proof of humanity: a determined attacker can synthesise
+//! samples that pass. It adds up three parts:
+//!
+//! | part | points | what earns them |
+//! |---|---|---|
+//! | volume | 0 to 20 | one point per two samples (pointer and keys together), capped at 20 |
+//! | timing | 0 to 40 | irregular timing: the coefficient of variation (standard deviation / mean) of the intervals between pointer samples, of the pointer speed, and of the intervals between key presses; the largest counts, 0.3 or more earns all 40 |
+//! | geometry | 0 to 40 | a curved, wobbly path: 20 for how far the path is from a straight line (1 − chord / path length, 0.1 or more earns all 20), 20 for how much the turning angle varies between segments (standard deviation, 0.2 rad or more earns all 20) |
+//!
+//! So an empty trace scores 0; a constant-interval straight line at constant speed scores only its
+//! volume (at most 20); a constant-speed circle adds the curvature part (at most 40 in all); a
+//! jittered, curved trace with varied timing scores well above the default threshold of 50. Samples
+//! with time going backwards earn no timing or geometry points. Typing alone can pass: 30 key
+//! presses with human rhythm earn 15 + 40.
+//!
+//! ```
+//! use perishable_core::entropy::{Entropy, score};
+//!
+//! let straight = Entropy {
+//!     pointer: (0..100).map(|i| [i as f64 * 16.0, i as f64, i as f64]).collect(),
+//!     ..Entropy::default()
+//! };
+//! assert!(score(&straight) < 50);
+//! ```
+
+use serde::Deserialize;
+
+/// Most pointer samples, and most key times, one request may carry.
+pub const MAX_SAMPLES: usize = 512;
+
+/// The raw interaction samples of `POST /session` (`entropy` in the PROTOCOL).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct Entropy {
+    /// Pointer samples: `[t_ms, x, y]`.
+    pub pointer: Vec<[f64; 3]>,
+    /// Key-press times in milliseconds.
+    pub keys: Vec<f64>,
+    /// How long the client collected samples, in milliseconds (informational).
+    pub elapsed_ms: Option<f64>,
+}
+
+impl Entropy {
+    /// Whether the sample counts are within [`MAX_SAMPLES`].
+    pub fn within_limits(&self) -> bool {
+        self.pointer.len() <= MAX_SAMPLES && self.keys.len() <= MAX_SAMPLES
+    }
+}
+
+/// Mean and coefficient of variation of `values` (0 when fewer than 2 or the mean is ~0).
+fn coefficient_of_variation(values: &[f64]) -> f64 {
+    if values.len() < 2 {
+        return 0.0;
+    }
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    if mean.abs() < 1e-9 {
+        return 0.0;
+    }
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+    var.sqrt() / mean.abs()
+}
+
+fn std_dev(values: &[f64]) -> f64 {
+    if values.len() < 2 {
+        return 0.0;
+    }
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt()
+}
+
+fn monotonic(times: impl Iterator<Item = f64>) -> bool {
+    let mut last = f64::NEG_INFINITY;
+    for t in times {
+        if !t.is_finite() || t < last {
+            return false;
+        }
+        last = t;
+    }
+    true
+}
+
+fn scaled(value: f64, full_at: f64, points: f64) -> f64 {
+    (value / full_at).clamp(0.0, 1.0) * points
+}
+
+/// Scores the samples from 0 to 100; see the [module docs](self) for how.
+pub fn score(samples: &Entropy) -> u8 {
+    let pointer: Vec<[f64; 3]> = samples
+        .pointer
+        .iter()
+        .take(MAX_SAMPLES)
+        .copied()
+        .filter(|s| s.iter().all(|v| v.is_finite()))
+        .collect();
+    let keys: Vec<f64> = samples.keys.iter().take(MAX_SAMPLES).copied().collect();
+
+    let volume = ((pointer.len() + keys.len()) as f64 / 2.0).min(20.0);
+
+    let pointer_ok = pointer.len() >= 3 && monotonic(pointer.iter().map(|s| s[0]));
+    let keys_ok = keys.len() >= 3 && monotonic(keys.iter().copied());
+
+    let mut timing_cv: f64 = 0.0;
+    let mut geometry = 0.0;
+    if pointer_ok {
+        let mut intervals = Vec::with_capacity(pointer.len());
+        let mut speeds = Vec::with_capacity(pointer.len());
+        let mut segments = Vec::with_capacity(pointer.len());
+        for w in pointer.windows(2) {
+            let (dt, dx, dy) = (w[1][0] - w[0][0], w[1][1] - w[0][1], w[1][2] - w[0][2]);
+            let dist = dx.hypot(dy);
+            intervals.push(dt);
+            if dt > 0.0 {
+                speeds.push(dist / dt);
+            }
+            if dist > 0.0 {
+                segments.push((dx, dy, dist));
+            }
+        }
+        timing_cv = timing_cv
+            .max(coefficient_of_variation(&intervals))
+            .max(coefficient_of_variation(&speeds));
+
+        let path: f64 = segments.iter().map(|s| s.2).sum();
+        if path > 0.0 {
+            let (first, last) = (pointer[0], pointer[pointer.len() - 1]);
+            let chord = (last[1] - first[1]).hypot(last[2] - first[2]);
+            geometry += scaled(1.0 - chord / path, 0.1, 20.0);
+        }
+        let turns: Vec<f64> = segments
+            .windows(2)
+            .map(|w| {
+                let (a, b) = (w[0], w[1]);
+                let cross = a.0 * b.1 - a.1 * b.0;
+                let dot = a.0 * b.0 + a.1 * b.1;
+                cross.atan2(dot)
+            })
+            .collect();
+        geometry += scaled(std_dev(&turns), 0.2, 20.0);
+    }
+    if keys_ok {
+        let intervals: Vec<f64> = keys.windows(2).map(|w| w[1] - w[0]).collect();
+        timing_cv = timing_cv.max(coefficient_of_variation(&intervals));
+    }
+    let timing = scaled(timing_cv, 0.3, 40.0);
+
+    (volume + timing + geometry).round().clamp(0.0, 100.0) as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic pseudo-random sequence in [0, 1).
+    fn lcg(seed: &mut u64) -> f64 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (*seed >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn human_trace() -> Entropy {
+        let mut seed = 7;
+        let mut t = 0.0;
+        let pointer = (0..120)
+            .map(|i| {
+                t += 8.0 + 30.0 * lcg(&mut seed);
+                let a = i as f64 / 20.0;
+                [
+                    t,
+                    200.0 + 150.0 * a.cos() + 6.0 * lcg(&mut seed),
+                    300.0 + 90.0 * (1.7 * a).sin() + 6.0 * lcg(&mut seed),
+                ]
+            })
+            .collect();
+        Entropy {
+            pointer,
+            keys: vec![],
+            elapsed_ms: Some(t),
+        }
+    }
+
+    #[test]
+    fn empty_scores_zero() {
+        assert_eq!(score(&Entropy::default()), 0);
+    }
+
+    #[test]
+    fn constant_interval_straight_line_scores_below_threshold() {
+        let e = Entropy {
+            pointer: (0..200)
+                .map(|i| [i as f64 * 16.0, 10.0 + i as f64 * 3.0, 20.0 + i as f64 * 2.0])
+                .collect(),
+            ..Entropy::default()
+        };
+        assert!(score(&e) <= 20, "{}", score(&e));
+    }
+
+    #[test]
+    fn constant_speed_circle_scores_below_threshold() {
+        let e = Entropy {
+            pointer: (0..200)
+                .map(|i| {
+                    let a = i as f64 / 30.0;
+                    [i as f64 * 16.0, 100.0 * a.cos(), 100.0 * a.sin()]
+                })
+                .collect(),
+            ..Entropy::default()
+        };
+        let s = score(&e);
+        assert!(s < 50, "{s}");
+    }
+
+    #[test]
+    fn constant_interval_keys_score_below_threshold() {
+        let e = Entropy {
+            keys: (0..100).map(|i| i as f64 * 100.0).collect(),
+            ..Entropy::default()
+        };
+        assert!(score(&e) <= 20, "{}", score(&e));
+    }
+
+    #[test]
+    fn jittered_curved_trace_with_varied_timing_scores_above_threshold() {
+        let s = score(&human_trace());
+        assert!(s >= 80, "{s}");
+    }
+
+    #[test]
+    fn human_typing_alone_passes() {
+        let mut seed = 3;
+        let mut t = 0.0;
+        let keys = (0..30)
+            .map(|_| {
+                t += 60.0 + 250.0 * lcg(&mut seed);
+                t
+            })
+            .collect();
+        let s = score(&Entropy {
+            keys,
+            ..Entropy::default()
+        });
+        assert!(s >= 50, "{s}");
+    }
+
+    #[test]
+    fn time_going_backwards_earns_nothing_but_volume() {
+        let mut e = human_trace();
+        e.pointer.reverse();
+        assert!(score(&e) <= 20);
+    }
+
+    #[test]
+    fn client_cannot_exceed_limits() {
+        let e = Entropy {
+            pointer: vec![[0.0, 0.0, 0.0]; MAX_SAMPLES + 1],
+            ..Entropy::default()
+        };
+        assert!(!e.within_limits());
+    }
+}

@@ -1,0 +1,69 @@
+//! Tower layers and services for Perishable: let browser and mobile apps call an
+//! OpenAI-compatible API without ever holding the API key.
+//!
+//! The service that embeds this keeps the key. Clients mint short-lived session tokens (JWT)
+//! bound to their device fingerprint after showing human interaction (and solving a proof of
+//! work); every proxied call is checked, rate limited per client, and streamed through byte for
+//! byte. The wire contract is the Perishable PROTOCOL; `perishable-axum` wires these pieces into
+//! its routes, and the `perishable` crate re-exports both.
+//!
+//! # Layout
+//!
+//! - [`config`]: the PROTOCOL configuration shape, its builder and validation.
+//! - [`perishable`](Perishable): the runtime state built from a config; hands out every layer.
+//! - [`session`]: minting, verification, refresh and revocation, and their tower Service.
+//! - [`token`]: JWT claims, signing keys and rotation.
+//! - [`fingerprint`], [`entropy`], [`pow`]: the gates a mint must pass.
+//! - [`verify`]: the Layer that checks token, fingerprint and User-Agent.
+//! - [`rate_limit`]: the per-client Layer on governor.
+//! - [`origin`]: the `Origin` check.
+//! - [`upstream`]: the streaming forwarding Service.
+//! - [`client_ip`]: which IP a request counts against.
+//! - [`error`]: the one error type, rendered in the OpenAI error shape.
+//!
+//! # Example
+//!
+//! ```
+//! use perishable_core::{Body, Config, Perishable};
+//! use tower::{ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let perishable = Perishable::new(Config::builder().upstream_api_key("sk-...").build()?)?;
+//! let proxy = ServiceBuilder::new()
+//!     .layer(perishable.origin_layer())
+//!     .layer(perishable.verify_layer())
+//!     .layer(perishable.rate_limit_layer())
+//!     .service(perishable.upstream_service());
+//!
+//! // No session token: refused before anything reaches the upstream.
+//! let response = proxy
+//!     .oneshot(http::Request::post("/openai/chat/completions").body(Body::empty())?)
+//!     .await?;
+//! assert_eq!(response.status(), 401);
+//! # Ok(()) }
+//! ```
+
+pub mod body;
+pub mod client_ip;
+pub mod config;
+pub mod entropy;
+pub mod error;
+pub mod expiring;
+pub mod fingerprint;
+mod future;
+pub mod origin;
+mod perishable;
+pub mod pow;
+pub mod rate_limit;
+pub mod session;
+pub mod token;
+pub mod upstream;
+pub mod verify;
+
+pub use body::Body;
+pub use config::{Config, ConfigBuilder, ConfigError, Secret};
+pub use error::{Error, ErrorCode};
+pub use future::ResponseFuture;
+pub use perishable::Perishable;
+pub use session::{SessionObject, Sessions};
+pub use verify::VerifiedSession;

@@ -1,0 +1,131 @@
+//! [`Perishable`]: the runtime state built once from a [`Config`], and the factory of every
+//! Layer and Service.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::client_ip::ClientIpResolver;
+use crate::config::{Config, ConfigError};
+use crate::origin::{OriginLayer, OriginPolicy};
+use crate::rate_limit::{ClientIpKey, FingerprintKey, FpKey, Limiter, RateLimitLayer};
+use crate::session::{SessionService, Sessions};
+use crate::upstream::UpstreamService;
+use crate::verify::VerifyLayer;
+
+/// Everything a Perishable deployment shares: keys, revocations, limiters, the upstream pool.
+///
+/// Cheap to clone. Build it once and take the Layers and Services you need; they all share state.
+///
+/// ```
+/// use perishable_core::{Body, Config, Perishable};
+/// use tower::ServiceBuilder;
+///
+/// # fn main() -> Result<(), perishable_core::ConfigError> {
+/// let perishable = Perishable::new(Config::builder().upstream_api_key("sk-test").build()?)?;
+/// // The proxied route: origin check, session check, per-client limit, then the upstream.
+/// let proxy = ServiceBuilder::new()
+///     .layer(perishable.origin_layer())
+///     .layer(perishable.verify_layer())
+///     .layer(perishable.rate_limit_layer())
+///     .service(perishable.upstream_service());
+/// # let _ = proxy; Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Perishable {
+    config: Arc<Config>,
+    sessions: Sessions,
+    upstream: UpstreamService,
+    session_limiter: Arc<Limiter<FpKey>>,
+    mint_limiter: Arc<Limiter<IpAddr>>,
+    client_ip: ClientIpResolver,
+    origins: OriginPolicy,
+}
+
+impl Perishable {
+    /// Builds the runtime state. Fails only if the HTTP client cannot be built.
+    pub fn new(config: Config) -> Result<Self, ConfigError> {
+        let upstream = UpstreamService::new(&config)?;
+        let sessions = Sessions::new(&config);
+        let r = config.rate_limit();
+        let session_limiter = Limiter::new(
+            "session",
+            r.points,
+            Duration::from_secs(r.duration_secs),
+            Duration::from_secs(r.block_duration_secs),
+        );
+        let mint_limiter = Limiter::new(
+            "mint",
+            r.mint_per_ip,
+            Duration::from_secs(60),
+            Duration::ZERO,
+        );
+        let client_ip = ClientIpResolver::new(config.server().trusted_proxies.clone());
+        let origins = OriginPolicy::new(
+            config.cors().allowed_origins.iter().cloned(),
+            config.public_origin(),
+        );
+        Ok(Self {
+            config: Arc::new(config),
+            sessions,
+            upstream,
+            session_limiter,
+            mint_limiter,
+            client_ip,
+            origins,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The session engine.
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
+    }
+
+    /// The client IP resolver (`server.trusted_proxies`).
+    pub fn client_ip(&self) -> &ClientIpResolver {
+        &self.client_ip
+    }
+
+    /// The origin policy (`cors.allowed_origins` and `server.public_url`).
+    pub fn origin_policy(&self) -> &OriginPolicy {
+        &self.origins
+    }
+
+    /// Refuses disallowed `Origin`s (`403 origin_not_allowed`).
+    pub fn origin_layer(&self) -> OriginLayer {
+        OriginLayer::new(self.origins.clone())
+    }
+
+    /// Verifies the session of every request (401s), and puts it in the extensions.
+    pub fn verify_layer(&self) -> VerifyLayer {
+        VerifyLayer::new(self.sessions.clone())
+    }
+
+    /// `[rate_limit]` per fingerprint; put it after [`verify_layer`](Self::verify_layer).
+    pub fn rate_limit_layer(&self) -> RateLimitLayer<FingerprintKey> {
+        RateLimitLayer::new(self.session_limiter.clone(), FingerprintKey)
+    }
+
+    /// `rate_limit.mint_per_ip` session mints per client IP per minute.
+    pub fn mint_limit_layer(&self) -> RateLimitLayer<ClientIpKey> {
+        RateLimitLayer::new(
+            self.mint_limiter.clone(),
+            ClientIpKey::new(self.client_ip.clone()),
+        )
+    }
+
+    /// The upstream Service for `/openai/{path}`.
+    pub fn upstream_service(&self) -> UpstreamService {
+        self.upstream.clone()
+    }
+
+    /// The session routes as one Service.
+    pub fn session_service(&self) -> SessionService {
+        SessionService::new(self.sessions.clone())
+    }
+}

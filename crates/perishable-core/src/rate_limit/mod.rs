@@ -1,0 +1,49 @@
+//! Per-client rate limiting on governor (GCRA), with block duration and PROTOCOL headers.
+//!
+//! [`RateLimitLayer`] asks a [`KeyExtractor`] for the request's key, then its [`Limiter`]:
+//! `points` requests are allowed per `duration_secs` window (as a burst, replenished evenly),
+//! and a client that goes over is refused for `block_duration_secs` with `429 rate_limited`,
+//! `Retry-After` and the IETF draft `RateLimit-Policy` / `RateLimit` headers.
+//!
+//! Keys: [`FingerprintKey`] (the default for authenticated routes) keys on the verified session's
+//! fingerprint hash, so a client cannot reset its limit by minting new sessions, and many clients
+//! behind one NAT do not share one; [`ClientIpKey`] keys on the client IP (session mints). Write
+//! your own [`KeyExtractor`] to key on anything else in the request.
+//!
+//! Memory stays bounded: a task (spawned on the first request, and ending when the limiter is
+//! dropped) prunes keys whose state is back to full once per window.
+//!
+//! ```
+//! use std::time::Duration;
+//! use perishable_core::rate_limit::{ClientIpKey, Limiter, RateLimitLayer};
+//! use perishable_core::client_ip::{ClientIpResolver, PeerAddr};
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let limiter = Limiter::new("mint", 1, Duration::from_secs(60), Duration::ZERO);
+//! let svc = ServiceBuilder::new()
+//!     .layer(RateLimitLayer::new(limiter, ClientIpKey::new(ClientIpResolver::default())))
+//!     .service(service_fn(|_req: http::Request<()>| async {
+//!         Ok::<_, std::convert::Infallible>(http::Response::new(bytes::Bytes::new()))
+//!     }));
+//! let request = || {
+//!     let mut req = http::Request::new(());
+//!     req.extensions_mut().insert(PeerAddr("192.0.2.1:4000".parse().unwrap()));
+//!     req
+//! };
+//! assert_eq!(svc.clone().oneshot(request()).await?.status(), 200);
+//! let refused = svc.oneshot(request()).await?;
+//! assert_eq!(refused.status(), 429);
+//! assert!(refused.headers().contains_key("retry-after"));
+//! # Ok(()) }
+//! ```
+
+mod key;
+mod layer;
+mod limiter;
+mod service;
+
+pub use key::{ClientIpKey, FingerprintKey, FpKey, KeyExtractor};
+pub use layer::RateLimitLayer;
+pub use limiter::Limiter;
+pub use service::RateLimit;

@@ -1,0 +1,149 @@
+//! [`SessionService`]: the session routes as one tower Service.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+
+use super::Sessions;
+use crate::body::{Body, BoxError};
+use crate::error::{Error, ErrorCode};
+use crate::verify::VerifiedSession;
+
+/// Largest `POST /session` body: 512 pointer samples and 512 key times fit with room to spare.
+pub const MAX_MINT_BODY_BYTES: usize = 64 * 1024;
+
+/// Serves `GET /health`, `GET /challenge`, `POST /session`, `POST /session/refresh` and
+/// `DELETE /session`, matched on the end of the path, so it works under any prefix.
+///
+/// Refresh and revoke use the [`VerifiedSession`] a [`crate::verify::VerifyLayer`] put in the
+/// request extensions, or verify the request themselves when there is none.
+///
+/// ```
+/// use perishable_core::{Body, Config, Perishable};
+/// use tower::ServiceExt;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let perishable = Perishable::new(Config::builder().upstream_api_key("sk-test").build()?)?;
+/// let response = perishable
+///     .session_service()
+///     .oneshot(http::Request::get("/ai/challenge").body(Body::empty())?)
+///     .await?;
+/// assert_eq!(response.status(), 200);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct SessionService {
+    sessions: Sessions,
+}
+
+impl SessionService {
+    /// The routes of `sessions`.
+    pub fn new(sessions: Sessions) -> Self {
+        Self { sessions }
+    }
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut response = Response::new(Body::full(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+        .headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn not_found() -> Response<Body> {
+    let mut response = Response::new(Body::from(
+        r#"{"error":{"message":"not found","type":"invalid_request_error","code":"not_found"}}"#,
+    ));
+    *response.status_mut() = StatusCode::NOT_FOUND;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+impl<B> tower::Service<Request<B>> for SessionService
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let sessions = self.sessions.clone();
+        Box::pin(async move {
+            let result = handle(&sessions, req).await;
+            Ok(result.unwrap_or_else(Error::into_response))
+        })
+    }
+}
+
+async fn handle<B>(sessions: &Sessions, req: Request<B>) -> Result<Response<Body>, Error>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let path = req.uri().path().trim_end_matches('/');
+    let method = req.method().clone();
+    if path.ends_with("/health") && method == Method::GET {
+        return Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})));
+    }
+    if path.ends_with("/challenge") && method == Method::GET {
+        return Ok(json(StatusCode::OK, &sessions.challenge()));
+    }
+    if path.ends_with("/session/refresh") && method == Method::POST {
+        let session = verified(sessions, &req)?;
+        return Ok(json(StatusCode::OK, &sessions.refresh(&session)?));
+    }
+    if path.ends_with("/session") && method == Method::DELETE {
+        let session = verified(sessions, &req)?;
+        sessions.revoke(&session);
+        let mut response = Response::new(Body::empty());
+        *response.status_mut() = StatusCode::NO_CONTENT;
+        return Ok(response);
+    }
+    if path.ends_with("/session") && method == Method::POST {
+        let (parts, body) = req.into_parts();
+        let body = match Limited::new(body, MAX_MINT_BODY_BYTES).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<LengthLimitError>() => {
+                return Err(Error::new(
+                    ErrorCode::BodyTooLarge,
+                    format!("the session request is over {MAX_MINT_BODY_BYTES} bytes"),
+                ));
+            }
+            Err(_) => {
+                return Err(Error::new(
+                    ErrorCode::InvalidJson,
+                    "the request body could not be read",
+                ));
+            }
+        };
+        return Ok(json(StatusCode::OK, &sessions.mint(&parts.headers, &body)?));
+    }
+    Ok(not_found())
+}
+
+fn verified<B>(sessions: &Sessions, req: &Request<B>) -> Result<VerifiedSession, Error> {
+    match req.extensions().get::<VerifiedSession>() {
+        Some(session) => Ok(session.clone()),
+        None => sessions.verify(req.headers()),
+    }
+}

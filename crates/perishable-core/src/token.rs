@@ -1,0 +1,533 @@
+//! Session tokens: JWT claims, signing keys with rotation, signing and verification.
+//!
+//! Tokens are JWS with header `typ: at+jwt`, the configured algorithm (HS256 by default, EdDSA
+//! supported) and a `kid`. The algorithm is pinned: a token whose header names another algorithm
+//! (including `none`) is refused before any signature work. `exp`, `nbf`, `iss` and `aud` are
+//! required and checked with a small leeway (`session.leeway_secs`, 5 s by default).
+//!
+//! Rotation: the key set signs with one key (the newest) and verifies with all of them, picked by
+//! `kid`. When no key is configured, a random one is made from the OS RNG and a warning is logged:
+//! such tokens do not survive a restart and do not verify on another instance.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use aws_lc_rs::rand::SecureRandom;
+use aws_lc_rs::signature::KeyPair;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::{ConfigError, SessionConfig};
+use crate::error::{Error, ErrorCode};
+
+/// The token's `typ` header.
+pub const TOKEN_TYPE: &str = "at+jwt";
+
+/// Signing algorithm for session tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+pub enum Algorithm {
+    /// HMAC-SHA256 with a shared secret (default).
+    #[default]
+    HS256,
+    /// Ed25519 signatures: instances that only verify need only the public key.
+    EdDSA,
+}
+
+impl Algorithm {
+    fn jwt(self) -> jsonwebtoken::Algorithm {
+        match self {
+            Self::HS256 => jsonwebtoken::Algorithm::HS256,
+            Self::EdDSA => jsonwebtoken::Algorithm::EdDSA,
+        }
+    }
+}
+
+/// The `cnf` claim of a key-bound session (RFC 7800).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confirmation {
+    /// RFC 7638 thumbprint of the client's public key.
+    pub jkt: String,
+}
+
+/// The claims of a session token. They hold no personal data: the fingerprint and User-Agent are
+/// hashed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// Issuer.
+    pub iss: String,
+    /// Audience.
+    pub aud: String,
+    /// Session id: 128 random bits, base64url.
+    pub jti: String,
+    /// Issued at (Unix seconds).
+    pub iat: u64,
+    /// Not before (Unix seconds).
+    pub nbf: u64,
+    /// Expires at (Unix seconds).
+    pub exp: u64,
+    /// When the session was first minted (Unix seconds); refresh keeps it.
+    pub auth_time: u64,
+    /// base64url SHA-256 of the fingerprint.
+    pub fp: String,
+    /// base64url SHA-256 of the User-Agent, when user-agent binding is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ua: Option<String>,
+    /// The bound key, for DPoP sessions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnf: Option<Confirmation>,
+}
+
+/// base64url (no padding) SHA-256 of `data`: how fingerprints and User-Agents are put in claims.
+pub fn hash_b64(data: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(data))
+}
+
+/// Fresh random bytes from the OS RNG.
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut out = [0u8; N];
+    // The OS RNG failing is not something a server can recover from; aws-lc aborts in that case.
+    if aws_lc_rs::rand::SystemRandom::new().fill(&mut out).is_err() {
+        panic!("the operating system's random number generator failed");
+    }
+    out
+}
+
+/// A fresh session id: 128 random bits, base64url.
+pub(crate) fn new_jti() -> String {
+    URL_SAFE_NO_PAD.encode(random_bytes::<16>())
+}
+
+/// The signing key and every verification key, with the `Validation` built once.
+#[derive(Clone)]
+pub struct KeySet {
+    inner: Arc<KeySetInner>,
+}
+
+struct KeySetInner {
+    algorithm: Algorithm,
+    signing_kid: String,
+    signing: EncodingKey,
+    verifying: HashMap<String, DecodingKey>,
+    /// Secret material derived from the signing key, for other HMACs (proof-of-work challenges).
+    derived: [u8; 32],
+    generated: bool,
+}
+
+impl fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut kids: Vec<_> = self.inner.verifying.keys().collect();
+        kids.sort();
+        f.debug_struct("KeySet")
+            .field("algorithm", &self.inner.algorithm)
+            .field("signing_kid", &self.inner.signing_kid)
+            .field("kids", &kids)
+            .field("generated", &self.inner.generated)
+            .finish()
+    }
+}
+
+const MIN_SECRET_BYTES: usize = 32;
+
+struct Loaded {
+    kid: String,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    material: Vec<u8>,
+}
+
+fn kid_for(secret: &[u8]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(b"perishable kid v1\0");
+    hasher.update(secret);
+    URL_SAFE_NO_PAD.encode(&hasher.finalize()[..9])
+}
+
+fn hmac_key(kid: String, secret: &[u8], key: &'static str) -> Result<Loaded, ConfigError> {
+    if secret.len() < MIN_SECRET_BYTES {
+        return Err(ConfigError::Invalid {
+            key,
+            reason: format!(
+                "must be at least {MIN_SECRET_BYTES} bytes (got {})",
+                secret.len()
+            ),
+        });
+    }
+    Ok(Loaded {
+        kid,
+        encoding: EncodingKey::from_secret(secret),
+        decoding: DecodingKey::from_secret(secret),
+        material: secret.to_vec(),
+    })
+}
+
+fn ed25519_from_pkcs8(kid: String, der: &[u8], key: &'static str) -> Result<Loaded, ConfigError> {
+    let pair = aws_lc_rs::signature::Ed25519KeyPair::from_pkcs8(der).map_err(|_| {
+        ConfigError::Invalid {
+            key,
+            reason: "is not an Ed25519 PKCS#8 private key".to_owned(),
+        }
+    })?;
+    Ok(Loaded {
+        kid,
+        encoding: EncodingKey::from_ed_der(der),
+        decoding: DecodingKey::from_ed_der(pair.public_key().as_ref()),
+        material: der.to_vec(),
+    })
+}
+
+fn ed25519_from_pem(kid: String, pem: &str, key: &'static str) -> Result<Loaded, ConfigError> {
+    let body: String = pem
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with("-----") && !l.is_empty())
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .map_err(|_| ConfigError::Invalid {
+            key,
+            reason: "is not a PEM document".to_owned(),
+        })?;
+    ed25519_from_pkcs8(kid, &der, key)
+}
+
+impl KeySet {
+    /// Loads the keys of `[session]`, or makes a random one when none is given.
+    pub(crate) fn from_config(session: &SessionConfig) -> Result<Self, ConfigError> {
+        let mut loaded = Vec::new();
+        for entry in &session.keys {
+            if entry.kid.is_empty() || entry.kid.len() > 64 {
+                return Err(ConfigError::Invalid {
+                    key: "session.keys",
+                    reason: "every key needs a kid of 1 to 64 characters".to_owned(),
+                });
+            }
+            let key = match (session.algorithm, &entry.secret, &entry.private_key_pem) {
+                (Algorithm::HS256, Some(secret), None) => {
+                    hmac_key(entry.kid.clone(), secret.expose().as_bytes(), "session.keys")?
+                }
+                (Algorithm::EdDSA, None, Some(pem)) => {
+                    ed25519_from_pem(entry.kid.clone(), pem.expose(), "session.keys")?
+                }
+                (Algorithm::HS256, _, _) => {
+                    return Err(ConfigError::Invalid {
+                        key: "session.keys",
+                        reason: format!(
+                            "key {:?}: HS256 keys take `secret` only",
+                            entry.kid
+                        ),
+                    });
+                }
+                (Algorithm::EdDSA, _, _) => {
+                    return Err(ConfigError::Invalid {
+                        key: "session.keys",
+                        reason: format!(
+                            "key {:?}: EdDSA keys take `private_key_pem` only",
+                            entry.kid
+                        ),
+                    });
+                }
+            };
+            loaded.push(key);
+        }
+        if let Some(secret) = &session.jwt_secret {
+            if session.algorithm != Algorithm::HS256 {
+                return Err(ConfigError::Invalid {
+                    key: "session.jwt_secret",
+                    reason: "is an HS256 secret; with algorithm = \"EdDSA\" use session.keys"
+                        .to_owned(),
+                });
+            }
+            let bytes = secret.expose().as_bytes();
+            loaded.push(hmac_key(kid_for(bytes), bytes, "session.jwt_secret")?);
+        }
+        let mut generated = false;
+        if loaded.is_empty() {
+            generated = true;
+            tracing::warn!(
+                "no signing key configured (session.jwt_secret / PERISHABLE_JWT_SECRET): using a \
+                 random one; tokens will not survive a restart or verify on other instances"
+            );
+            let key = match session.algorithm {
+                Algorithm::HS256 => {
+                    let secret = random_bytes::<32>();
+                    hmac_key(kid_for(&secret), &secret, "session.jwt_secret")?
+                }
+                Algorithm::EdDSA => {
+                    let rng = aws_lc_rs::rand::SystemRandom::new();
+                    let doc = aws_lc_rs::signature::Ed25519KeyPair::generate_pkcs8(&rng).map_err(
+                        |_| ConfigError::Invalid {
+                            key: "session.keys",
+                            reason: "could not generate an Ed25519 key".to_owned(),
+                        },
+                    )?;
+                    let der = doc.as_ref();
+                    ed25519_from_pkcs8(kid_for(der), der, "session.keys")?
+                }
+            };
+            loaded.push(key);
+        }
+
+        let mut verifying = HashMap::new();
+        for key in &loaded {
+            if verifying
+                .insert(key.kid.clone(), key.decoding.clone())
+                .is_some()
+            {
+                return Err(ConfigError::Invalid {
+                    key: "session.keys",
+                    reason: format!("kid {:?} is used twice", key.kid),
+                });
+            }
+        }
+        // The newest key signs: `jwt_secret` when set (it was pushed last), else the last entry.
+        let Some(newest) = loaded.pop() else {
+            unreachable!("a key was generated when none was configured")
+        };
+        let derived = {
+            let mut hasher = Sha256::new();
+            hasher.update(b"perishable derived key v1\0");
+            hasher.update(&newest.material);
+            hasher.finalize().into()
+        };
+        Ok(Self {
+            inner: Arc::new(KeySetInner {
+                algorithm: session.algorithm,
+                signing_kid: newest.kid,
+                signing: newest.encoding,
+                verifying,
+                derived,
+                generated,
+            }),
+        })
+    }
+
+    /// Whether the signing key was generated at start-up rather than configured.
+    pub fn is_generated(&self) -> bool {
+        self.inner.generated
+    }
+
+    /// The `kid` tokens are signed with.
+    pub fn signing_kid(&self) -> &str {
+        &self.inner.signing_kid
+    }
+
+    /// 32 bytes derived from the signing key: shared by every instance with the same keys.
+    pub(crate) fn derived_secret(&self) -> &[u8; 32] {
+        &self.inner.derived
+    }
+}
+
+/// Signs and verifies session tokens with a [`KeySet`] and the `[session]` rules.
+#[derive(Clone)]
+pub struct TokenCodec {
+    keys: KeySet,
+    validation: Arc<Validation>,
+}
+
+impl fmt::Debug for TokenCodec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenCodec")
+            .field("keys", &self.keys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenCodec {
+    /// A codec for these keys, issuer, audience and leeway.
+    pub fn new(keys: KeySet, issuer: &str, audience: &str, leeway_secs: u64) -> Self {
+        let mut validation = Validation::new(keys.inner.algorithm.jwt());
+        validation.set_issuer(&[issuer]);
+        validation.set_audience(&[audience]);
+        validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "iat", "jti"]);
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.leeway = leeway_secs;
+        Self {
+            keys,
+            validation: Arc::new(validation),
+        }
+    }
+
+    /// Signs `claims` with the newest key.
+    pub fn sign(&self, claims: &Claims) -> Result<String, Error> {
+        let mut header = Header::new(self.keys.inner.algorithm.jwt());
+        header.typ = Some(TOKEN_TYPE.to_owned());
+        header.kid = Some(self.keys.inner.signing_kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.keys.inner.signing).map_err(|e| {
+            tracing::error!(error = %e, "signing a session token failed");
+            Error::new(ErrorCode::InvalidToken, "the session token could not be signed")
+        })
+    }
+
+    /// Verifies signature, algorithm, `typ`, `kid`, `iss`, `aud`, `exp` and `nbf`.
+    ///
+    /// Revocation, fingerprint and User-Agent are checked by the caller.
+    pub fn verify(&self, token: &str) -> Result<Claims, Error> {
+        let invalid = |why: &'static str| Error::new(ErrorCode::InvalidToken, why);
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| invalid("the session token is malformed"))?;
+        if header.alg != self.keys.inner.algorithm.jwt() {
+            return Err(invalid("the session token uses an algorithm that is not accepted"));
+        }
+        if header.typ.as_deref() != Some(TOKEN_TYPE) {
+            return Err(invalid("the session token has the wrong typ"));
+        }
+        let key = header
+            .kid
+            .as_deref()
+            .and_then(|kid| self.keys.inner.verifying.get(kid))
+            .ok_or_else(|| invalid("the session token was signed with an unknown key"))?;
+        match jsonwebtoken::decode::<Claims>(token, key, &self.validation) {
+            Ok(data) => Ok(data.claims),
+            Err(e) => Err(match e.kind() {
+                ErrorKind::ExpiredSignature => {
+                    Error::new(ErrorCode::TokenExpired, "the session token has expired")
+                }
+                ErrorKind::ImmatureSignature => invalid("the session token is not valid yet"),
+                ErrorKind::InvalidAudience => invalid("the session token is for another audience"),
+                ErrorKind::InvalidIssuer => invalid("the session token is from another issuer"),
+                ErrorKind::InvalidSignature => invalid("the session token's signature is invalid"),
+                _ => invalid("the session token is invalid"),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    fn session(secret: &str) -> SessionConfig {
+        SessionConfig {
+            jwt_secret: Some(Secret::new(secret)),
+            ..SessionConfig::default()
+        }
+    }
+
+    fn now() -> u64 {
+        jsonwebtoken::get_current_timestamp()
+    }
+
+    fn claims(exp: u64) -> Claims {
+        Claims {
+            iss: "perishable".into(),
+            aud: "perishable".into(),
+            jti: new_jti(),
+            iat: now(),
+            nbf: now(),
+            exp,
+            auth_time: now(),
+            fp: hash_b64(b"fingerprint"),
+            ua: None,
+            cnf: None,
+        }
+    }
+
+    fn codec(session: &SessionConfig) -> TokenCodec {
+        TokenCodec::new(
+            KeySet::from_config(session).unwrap(),
+            "perishable",
+            "perishable",
+            0,
+        )
+    }
+
+    #[test]
+    fn round_trip_and_header() {
+        let codec = codec(&session("0123456789abcdef0123456789abcdef"));
+        let c = claims(now() + 60);
+        let token = codec.sign(&c).unwrap();
+        let header = jsonwebtoken::decode_header(&token).unwrap();
+        assert_eq!(header.typ.as_deref(), Some("at+jwt"));
+        assert_eq!(header.kid.as_deref(), Some(codec.keys.signing_kid()));
+        assert_eq!(codec.verify(&token).unwrap(), c);
+    }
+
+    #[test]
+    fn expired_and_foreign_tokens_are_refused() {
+        let codec1 = codec(&session("0123456789abcdef0123456789abcdef"));
+        let expired = codec1.sign(&claims(now() - 10)).unwrap();
+        assert_eq!(
+            codec1.verify(&expired).unwrap_err().code(),
+            ErrorCode::TokenExpired
+        );
+        let codec2 = codec(&session("fedcba9876543210fedcba9876543210"));
+        let other = codec2.sign(&claims(now() + 60)).unwrap();
+        assert_eq!(
+            codec1.verify(&other).unwrap_err().code(),
+            ErrorCode::InvalidToken
+        );
+    }
+
+    #[test]
+    fn rotation_signs_with_the_newest_and_accepts_all() {
+        let old = SessionConfig {
+            keys: vec![crate::config::SigningKeyConfig {
+                kid: "2026-10".into(),
+                secret: Some(Secret::new("old-secret-old-secret-old-secret-!!")),
+                private_key_pem: None,
+            }],
+            ..SessionConfig::default()
+        };
+        let old_codec = codec(&old);
+        let old_token = old_codec.sign(&claims(now() + 60)).unwrap();
+        let mut rotated = old.clone();
+        rotated.jwt_secret = Some(Secret::new("new-secret-new-secret-new-secret-!!"));
+        let rotated_codec = codec(&rotated);
+        assert!(rotated_codec.verify(&old_token).is_ok());
+        let new_token = rotated_codec.sign(&claims(now() + 60)).unwrap();
+        let kid = jsonwebtoken::decode_header(&new_token).unwrap().kid.unwrap();
+        assert_ne!(kid, "2026-10");
+        assert!(old_codec.verify(&new_token).is_err());
+    }
+
+    #[test]
+    fn eddsa_generated_and_pinned() {
+        let ed = SessionConfig {
+            algorithm: Algorithm::EdDSA,
+            ..SessionConfig::default()
+        };
+        let ed_codec = codec(&ed);
+        assert!(ed_codec.keys.is_generated());
+        let token = ed_codec.sign(&claims(now() + 60)).unwrap();
+        assert!(ed_codec.verify(&token).is_ok());
+        // An HS256 codec refuses EdDSA tokens before looking at keys.
+        let hs = codec(&session("0123456789abcdef0123456789abcdef"));
+        assert_eq!(hs.verify(&token).unwrap_err().code(), ErrorCode::InvalidToken);
+    }
+
+    #[test]
+    fn alg_none_is_refused() {
+        let codec = codec(&session("0123456789abcdef0123456789abcdef"));
+        let token = codec.sign(&claims(now() + 60)).unwrap();
+        let mut parts = token.split('.');
+        let _header = parts.next();
+        let payload = parts.next().unwrap();
+        let none_header = URL_SAFE_NO_PAD.encode(
+            format!(
+                r#"{{"alg":"none","typ":"at+jwt","kid":"{}"}}"#,
+                codec.keys.signing_kid()
+            )
+            .as_bytes(),
+        );
+        let forged = format!("{none_header}.{payload}.");
+        assert_eq!(
+            codec.verify(&forged).unwrap_err().code(),
+            ErrorCode::InvalidToken
+        );
+    }
+
+    #[test]
+    fn short_secrets_are_refused() {
+        assert!(matches!(
+            KeySet::from_config(&session("too-short")),
+            Err(ConfigError::Invalid { key: "session.jwt_secret", .. })
+        ));
+    }
+}

@@ -1,0 +1,126 @@
+//! Which headers cross the proxy, both ways.
+//!
+//! Upstream: the client's headers minus `Authorization`, `Cookie`, `DPoP`,
+//! `X-Perishable-Fingerprint`, `Host`, `Content-Length` (recomputed) and every hop-by-hop header
+//! (`Connection`, `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`, and
+//! each header `Connection` names), plus `Authorization: Bearer <server key>`.
+//! Back to the client: the upstream's headers minus hop-by-hop ones and `Set-Cookie`.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+static DPOP: HeaderName = HeaderName::from_static("dpop");
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name == header::UPGRADE
+}
+
+/// Header names listed in `Connection` (they are hop-by-hop too).
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .collect()
+}
+
+/// The headers to send upstream.
+pub(crate) fn request_headers(client: &HeaderMap, authorization: &HeaderValue) -> HeaderMap {
+    let listed = connection_listed(client);
+    let mut out = HeaderMap::with_capacity(client.len() + 1);
+    for (name, value) in client {
+        let drop = is_hop_by_hop(name)
+            || name == header::AUTHORIZATION
+            || name == header::COOKIE
+            || name == DPOP
+            || name == crate::fingerprint::FINGERPRINT_HEADER
+            || name == header::HOST
+            || name == header::CONTENT_LENGTH
+            || listed.contains(name);
+        if !drop {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out.insert(header::AUTHORIZATION, authorization.clone());
+    out
+}
+
+/// Strips the upstream response's headers in place.
+pub(crate) fn strip_response_headers(headers: &mut HeaderMap) {
+    for name in connection_listed(headers) {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+    headers.remove(header::SET_COOKIE);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_secrets_never_go_upstream() {
+        let mut client = HeaderMap::new();
+        for (k, v) in [
+            ("authorization", "Bearer session-token"),
+            ("cookie", "a=b"),
+            ("dpop", "proof"),
+            ("x-perishable-fingerprint", "device-1234"),
+            ("host", "proxy.example"),
+            ("connection", "keep-alive, x-hop"),
+            ("x-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("content-length", "10"),
+            ("content-type", "application/json"),
+            ("x-stainless-lang", "python"),
+        ] {
+            client.append(k, v.parse().unwrap());
+        }
+        let out = request_headers(&client, &HeaderValue::from_static("Bearer sk-server"));
+        assert_eq!(out["authorization"], "Bearer sk-server");
+        assert_eq!(out.get_all("authorization").iter().count(), 1);
+        assert_eq!(out["content-type"], "application/json");
+        assert_eq!(out["x-stainless-lang"], "python");
+        for gone in [
+            "cookie",
+            "dpop",
+            "x-perishable-fingerprint",
+            "host",
+            "connection",
+            "x-hop",
+            "keep-alive",
+            "transfer-encoding",
+            "content-length",
+        ] {
+            assert!(!out.contains_key(gone), "{gone}");
+        }
+    }
+
+    #[test]
+    fn response_loses_hop_by_hop_and_cookies() {
+        let mut h = HeaderMap::new();
+        h.insert("set-cookie", "__cf=1".parse().unwrap());
+        h.insert("connection", "close".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("x-request-id", "req_1".parse().unwrap());
+        strip_response_headers(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-request-id"], "req_1");
+    }
+}

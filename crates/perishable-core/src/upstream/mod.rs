@@ -1,0 +1,47 @@
+//! The upstream Service: forwards `/openai/{path}` to the OpenAI-compatible API with the
+//! server's key, and streams the answer back chunk by chunk.
+//!
+//! What it does, in order (PROTOCOL "Forwarding rules"):
+//!
+//! 1. Takes `{path}` from the [`UpstreamPath`] extension (the axum router sets it) or, failing
+//!    that, from whatever follows the first `/openai/` in the request path.
+//! 2. Refuses paths off the allow-list (`403 path_not_allowed`; see [`AllowList`]) before
+//!    anything else: they never reach the upstream.
+//! 3. Reads the body up to `upstream.max_body_bytes` (`413 body_too_large`), and when
+//!    `upstream.allowed_models` is set, refuses a JSON body naming another model
+//!    (`403 model_not_allowed`).
+//! 4. Sends method, path, query and body upstream on one pooled connection pool, with the
+//!    client's headers minus credentials and hop-by-hop ones, plus `Authorization: Bearer <key>`.
+//!    Redirects are never followed (the key must not go anywhere else). Streaming requests ask for
+//!    an uncompressed answer.
+//! 5. Returns the upstream's status, headers (minus hop-by-hop and `Set-Cookie`) and body, each
+//!    chunk passed on as it arrives; event streams get `X-Accel-Buffering: no`.
+//!
+//! Timeouts: `connect_timeout_ms` for the connection (then `502 upstream_unavailable`),
+//! `first_byte_timeout_ms` for the response headers (then `504 upstream_timeout`), and
+//! `idle_timeout_ms` between two chunks of the body (then the body ends). The upstream request
+//! lives inside the response future and body: when the client goes away, they are dropped and
+//! the upstream request is cancelled. Nothing is spawned.
+//!
+//! ```no_run
+//! use perishable_core::{Config, Perishable};
+//! use tower::ServiceExt;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = Config::builder().upstream_api_key("sk-...").build()?;
+//! let perishable = Perishable::new(config)?;
+//! let upstream = perishable.upstream_service();
+//! let request = http::Request::get("/openai/models").body(perishable_core::Body::empty())?;
+//! let response = upstream.oneshot(request).await?;
+//! println!("{}", response.status());
+//! # Ok(()) }
+//! ```
+
+mod body;
+mod headers;
+mod path;
+mod service;
+
+pub use body::UpstreamBody;
+pub use path::{AllowList, PathPattern};
+pub use service::{UpstreamPath, UpstreamService};

@@ -1,0 +1,130 @@
+//! The path allow-list for `/openai/{path}`.
+//!
+//! A pattern is a `/`-separated list of segments; `*` matches exactly one non-empty segment
+//! (`models/*` matches `models/gpt-4o` but not `models` or `models/a/b`). A requested path with an
+//! empty, `.` or `..` segment, a backslash, or a percent-encoded `/`, `\` or `.` never matches,
+//! so no path can climb out of the allow-list once the upstream decodes or normalizes it.
+
+/// One allowed path pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathPattern {
+    segments: Vec<Segment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Exact(String),
+    Any,
+}
+
+impl PathPattern {
+    /// Parses a pattern such as `chat/completions` or `models/*`.
+    pub fn parse(pattern: &str) -> Result<Self, String> {
+        let trimmed = pattern.trim_matches('/');
+        if trimmed.is_empty() {
+            return Err(format!("{pattern:?} is empty"));
+        }
+        let segments = trimmed
+            .split('/')
+            .map(|s| match s {
+                "*" => Ok(Segment::Any),
+                s if is_safe_segment(s) => Ok(Segment::Exact(s.to_owned())),
+                _ => Err(format!("{pattern:?} has an invalid segment {s:?}")),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { segments })
+    }
+
+    /// Whether `path` (without leading slash) matches.
+    pub fn matches(&self, path: &str) -> bool {
+        let mut parts = path.split('/');
+        for segment in &self.segments {
+            let Some(part) = parts.next() else {
+                return false;
+            };
+            match segment {
+                Segment::Any => {}
+                Segment::Exact(s) if s == part => {}
+                Segment::Exact(_) => return false,
+            }
+        }
+        parts.next().is_none()
+    }
+}
+
+fn is_safe_segment(s: &str) -> bool {
+    if s.is_empty() || s == "." || s == ".." || s.contains('\\') {
+        return false;
+    }
+    let lower = s.to_ascii_lowercase();
+    !(lower.contains("%2f") || lower.contains("%5c") || lower.contains("%2e"))
+}
+
+/// The allowed paths.
+#[derive(Debug, Clone)]
+pub struct AllowList {
+    patterns: Vec<PathPattern>,
+}
+
+impl AllowList {
+    /// An allow-list from patterns (already validated by the config).
+    pub fn new<'a>(patterns: impl IntoIterator<Item = &'a String>) -> Result<Self, String> {
+        Ok(Self {
+            patterns: patterns
+                .into_iter()
+                .map(|p| PathPattern::parse(p))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// Whether `path` (without leading slash) may pass.
+    pub fn allows(&self, path: &str) -> bool {
+        !path.is_empty()
+            && path.split('/').all(is_safe_segment)
+            && self.patterns.iter().any(|p| p.matches(path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list() -> AllowList {
+        let defaults: Vec<String> = crate::config::DEFAULT_ALLOWED_PATHS
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        AllowList::new(&defaults).unwrap()
+    }
+
+    #[test]
+    fn defaults() {
+        let l = list();
+        for ok in ["chat/completions", "embeddings", "models", "models/gpt-4o", "responses"] {
+            assert!(l.allows(ok), "{ok}");
+        }
+        for no in [
+            "files",
+            "fine_tuning/jobs",
+            "batches",
+            "organization/users",
+            "models/a/b",
+            "chat/completions/",
+            "chat//completions",
+            "models/..",
+            "models/%2e%2e",
+            "models/x%2Ffiles",
+            "chat/completions/../../files",
+            "",
+        ] {
+            assert!(!l.allows(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn invalid_patterns() {
+        assert!(PathPattern::parse("").is_err());
+        assert!(PathPattern::parse("a/../b").is_err());
+        assert!(PathPattern::parse("a//b").is_err());
+    }
+}

@@ -1,0 +1,285 @@
+//! [`UpstreamService`]: the forwarding Service itself; see the [module docs](super).
+
+use std::borrow::Cow;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+
+use super::body::UpstreamBody;
+use super::headers::{request_headers, strip_response_headers};
+use super::path::AllowList;
+use crate::body::{Body, BoxError};
+use crate::config::{Config, ConfigError};
+use crate::error::{Error, ErrorCode};
+
+/// The `{path}` of `/openai/{path}`, set by a router that already matched it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamPath(pub String);
+
+/// Forwards requests to the upstream; see the [module docs](super).
+#[derive(Clone, Debug)]
+pub struct UpstreamService {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    client: reqwest::Client,
+    base_url: String,
+    authorization: HeaderValue,
+    allow_list: AllowList,
+    allowed_models: Vec<String>,
+    max_body_bytes: usize,
+    first_byte_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+static X_ACCEL_BUFFERING: header::HeaderName = header::HeaderName::from_static("x-accel-buffering");
+
+impl UpstreamService {
+    /// A service for the `[upstream]` section of `config`, with its own connection pool.
+    pub fn new(config: &Config) -> Result<Self, ConfigError> {
+        let u = config.upstream();
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(u.connect_timeout_ms))
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .build()
+            .map_err(|e| ConfigError::Invalid {
+                key: "upstream",
+                reason: format!("cannot build the HTTP client: {e}"),
+            })?;
+        Self::with_client(config, client)
+    }
+
+    /// A service that uses `client` (share one pool across services, or tune it yourself).
+    ///
+    /// The client should not follow redirects: the server key must reach the upstream only.
+    pub fn with_client(config: &Config, client: reqwest::Client) -> Result<Self, ConfigError> {
+        let u = config.upstream();
+        let key = u
+            .api_key
+            .as_ref()
+            .ok_or(ConfigError::Missing { key: "upstream.api_key" })?;
+        let mut authorization = HeaderValue::try_from(format!("Bearer {}", key.expose()))
+            .map_err(|_| ConfigError::Invalid {
+                key: "upstream.api_key",
+                reason: "contains characters not allowed in a header".to_owned(),
+            })?;
+        authorization.set_sensitive(true);
+        let allow_list = AllowList::new(&u.allowed_paths).map_err(|reason| ConfigError::Invalid {
+            key: "upstream.allowed_paths",
+            reason,
+        })?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                base_url: config.upstream_base_url().to_owned(),
+                authorization,
+                allow_list,
+                allowed_models: u.allowed_models.clone(),
+                max_body_bytes: u.max_body_bytes,
+                first_byte_timeout: Duration::from_millis(u.first_byte_timeout_ms),
+                idle_timeout: Duration::from_millis(u.idle_timeout_ms),
+            }),
+        })
+    }
+}
+
+impl<B> tower::Service<Request<B>> for UpstreamService
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            Ok(match inner.forward(req).await {
+                Ok(response) => response,
+                Err(error) => error.into_response(),
+            })
+        })
+    }
+}
+
+/// The fields of a request body the proxy looks at.
+#[derive(serde::Deserialize)]
+struct Peek<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    stream: Option<bool>,
+}
+
+fn upstream_path<B>(req: &Request<B>) -> Option<String> {
+    if let Some(UpstreamPath(path)) = req.extensions().get::<UpstreamPath>() {
+        return Some(path.trim_start_matches('/').to_owned());
+    }
+    let path = req.uri().path();
+    path.find("/openai/")
+        .map(|i| path[i + "/openai/".len()..].to_owned())
+}
+
+impl Inner {
+    async fn forward<B>(&self, req: Request<B>) -> Result<Response<Body>, Error>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let path = upstream_path(&req).unwrap_or_default();
+        if !self.allow_list.allows(&path) {
+            return Err(Error::new(
+                ErrorCode::PathNotAllowed,
+                format!("the path {path:?} is not allowed through this proxy"),
+            ));
+        }
+        let (parts, body) = req.into_parts();
+        let too_large = || {
+            Error::new(
+                ErrorCode::BodyTooLarge,
+                format!("the request body is over {} bytes", self.max_body_bytes),
+            )
+        };
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > self.max_body_bytes as u64) {
+            return Err(too_large());
+        }
+        let body = match Limited::new(body, self.max_body_bytes).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<LengthLimitError>() => return Err(too_large()),
+            Err(_) => {
+                return Err(Error::new(
+                    ErrorCode::InvalidJson,
+                    "the request body could not be read",
+                ));
+            }
+        };
+
+        let mut streaming = false;
+        if !body.is_empty() {
+            let mentions_stream = memchr::memmem::find(&body, b"\"stream\"").is_some();
+            if !self.allowed_models.is_empty() || mentions_stream {
+                match serde_json::from_slice::<Peek<'_>>(&body) {
+                    Ok(peek) => {
+                        streaming = peek.stream == Some(true);
+                        if !self.allowed_models.is_empty() {
+                            let allowed = peek
+                                .model
+                                .as_deref()
+                                .is_some_and(|m| self.allowed_models.iter().any(|a| a == m));
+                            if !allowed {
+                                return Err(Error::new(
+                                    ErrorCode::ModelNotAllowed,
+                                    match peek.model {
+                                        Some(m) => format!("the model {m:?} is not allowed"),
+                                        None => "the request must name an allowed model".into(),
+                                    },
+                                ));
+                            }
+                        }
+                    }
+                    Err(_) if !self.allowed_models.is_empty() => {
+                        return Err(Error::new(
+                            ErrorCode::InvalidJson,
+                            "the request body must be a JSON object naming an allowed model",
+                        ));
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+
+        let mut url = String::with_capacity(self.base_url.len() + path.len() + 32);
+        url.push_str(&self.base_url);
+        url.push('/');
+        url.push_str(&path);
+        if let Some(query) = parts.uri.query() {
+            url.push('?');
+            url.push_str(query);
+        }
+        let url = reqwest::Url::parse(&url).map_err(|_| {
+            Error::new(ErrorCode::PathNotAllowed, "the path is not a valid URL path")
+        })?;
+        let mut headers = request_headers(&parts.headers, &self.authorization);
+        if streaming {
+            headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        }
+        let mut upstream_req = reqwest::Request::new(parts.method, url);
+        *upstream_req.headers_mut() = headers;
+        if !body.is_empty() {
+            *upstream_req.body_mut() = Some(reqwest::Body::from(body));
+        }
+
+        let started = tokio::time::Instant::now();
+        let response =
+            match tokio::time::timeout(self.first_byte_timeout, self.client.execute(upstream_req))
+                .await
+            {
+                Err(_) => {
+                    tracing::warn!(
+                        path = %path,
+                        first_byte_timeout_ms = self.first_byte_timeout.as_millis() as u64,
+                        "the upstream did not answer in time"
+                    );
+                    return Err(Error::new(
+                        ErrorCode::UpstreamTimeout,
+                        "the upstream did not answer in time",
+                    ));
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(path = %path, error = %e.without_url(), "the upstream could not be reached");
+                    return Err(Error::new(
+                        ErrorCode::UpstreamUnavailable,
+                        "the upstream could not be reached",
+                    ));
+                }
+                Ok(Ok(response)) => response,
+            };
+        tracing::debug!(
+            path = %path,
+            status = response.status().as_u16(),
+            first_byte_us = started.elapsed().as_micros() as u64,
+            "upstream answered"
+        );
+
+        let response: Response<reqwest::Body> = response.into();
+        let (mut parts, body) = response.into_parts();
+        strip_response_headers(&mut parts.headers);
+        let is_event_stream = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if is_event_stream {
+            parts
+                .headers
+                .insert(X_ACCEL_BUFFERING.clone(), HeaderValue::from_static("no"));
+        }
+        Ok(Response::from_parts(
+            parts,
+            Body::upstream(UpstreamBody::new(body, self.idle_timeout)),
+        ))
+    }
+}

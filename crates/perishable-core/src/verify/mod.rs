@@ -1,0 +1,50 @@
+//! Token, fingerprint and User-Agent checks in front of a service.
+//!
+//! [`VerifyLayer`] refuses a request unless every PROTOCOL check on its session holds (see
+//! [`crate::session`] for the list), with the PROTOCOL 401 and `WWW-Authenticate`. A request that
+//! passes carries a [`VerifiedSession`] in its extensions, for later layers (the rate limiter keys
+//! on it) and handlers.
+//!
+//! ```
+//! use perishable_core::{Body, Config, Perishable, VerifiedSession};
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let perishable = Perishable::new(Config::builder().upstream_api_key("sk-test").build()?)?;
+//! let app = ServiceBuilder::new()
+//!     .layer(perishable.verify_layer())
+//!     .service(service_fn(|req: http::Request<Body>| async move {
+//!         let session = req.extensions().get::<VerifiedSession>().expect("verified");
+//!         Ok::<_, std::convert::Infallible>(http::Response::new(Body::from(session.session_id().to_owned())))
+//!     }));
+//! let refused = app.oneshot(http::Request::get("/").body(Body::empty())?).await?;
+//! assert_eq!(refused.status(), 401);
+//! # Ok(()) }
+//! ```
+
+mod layer;
+mod service;
+
+pub use layer::VerifyLayer;
+pub use service::Verify;
+
+use crate::token::Claims;
+
+/// The claims of a request's verified session, in the request extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedSession {
+    /// The token's claims.
+    pub claims: Claims,
+}
+
+impl VerifiedSession {
+    /// The session id (`jti`).
+    pub fn session_id(&self) -> &str {
+        &self.claims.jti
+    }
+
+    /// The fingerprint hash (`fp`), the default rate-limit key.
+    pub fn fingerprint_hash(&self) -> &str {
+        &self.claims.fp
+    }
+}
