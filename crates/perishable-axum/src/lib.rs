@@ -1,1 +1,181 @@
+//! The Perishable routes for axum: one [`Router`] to nest anywhere.
+//!
+//! ```no_run
+//! use std::net::SocketAddr;
+//! use axum::Router;
+//! use perishable_core::Config;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = Config::builder()
+//!     .apply_env(|k| std::env::var(k).ok()) // OPENAI_API_KEY, PERISHABLE_JWT_SECRET, ...
+//!     .cors_allowed_origins(["https://app.example.com"])
+//!     .build()?;
+//! let app = Router::new().nest("/ai", perishable_axum::router(config));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! // ConnectInfo gives the per-IP mint limit the client's address.
+//! axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Routes and middleware
+//!
+//! Outermost first, every request goes through:
+//!
+//! 1. the peer address: axum's `ConnectInfo<SocketAddr>` copied into
+//!    [`PeerAddr`](perishable_core::client_ip::PeerAddr) for the per-IP limit;
+//! 2. the origin check: a present, disallowed `Origin` gets `403 origin_not_allowed`;
+//! 3. CORS (tower-http): preflights answered here, before any authentication, for allowed
+//!    origins only;
+//! 4. the route:
+//!
+//! | route | layers | service |
+//! |---|---|---|
+//! | `GET /health` | | health |
+//! | `GET /challenge` | | proof-of-work challenge |
+//! | `POST /session` | mint limit per client IP | mint |
+//! | `POST /session/refresh`, `DELETE /session` | verify, rate limit per fingerprint | refresh, revoke |
+//! | any method `/openai/{path}` | verify, rate limit per fingerprint | upstream (streamed) |
 
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use axum::routing::{any_service, get_service, post_service};
+use http::header::{HeaderName, HeaderValue};
+use http::{Method, Request};
+use perishable_core::client_ip::PeerAddr;
+use perishable_core::{ConfigError, Perishable};
+use tower::ServiceBuilder;
+use tower::util::MapRequestLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+pub use perishable_core::Config;
+
+/// Request headers a browser may send cross-origin: the PROTOCOL's four, and those the official
+/// OpenAI JavaScript SDK adds, so it works unchanged from a page.
+pub const CORS_ALLOWED_HEADERS: [&str; 19] = [
+    "authorization",
+    "content-type",
+    "dpop",
+    "x-perishable-fingerprint",
+    "accept",
+    "openai-organization",
+    "openai-project",
+    "openai-beta",
+    "x-stainless-arch",
+    "x-stainless-lang",
+    "x-stainless-os",
+    "x-stainless-package-version",
+    "x-stainless-runtime",
+    "x-stainless-runtime-version",
+    "x-stainless-retry-count",
+    "x-stainless-timeout",
+    "x-stainless-async",
+    "x-stainless-helper-method",
+    "x-stainless-poll-helper",
+];
+
+/// Response headers a page may read: the refusal details and the upstream's request id.
+pub const CORS_EXPOSED_HEADERS: [&str; 6] = [
+    "retry-after",
+    "ratelimit",
+    "ratelimit-policy",
+    "www-authenticate",
+    "x-request-id",
+    "openai-processing-ms",
+];
+
+/// The PROTOCOL routes for `config`, ready to nest.
+///
+/// # Panics
+///
+/// When the upstream HTTP client cannot be built (the TLS backend fails to initialise).
+/// [`try_router`] returns that as an error instead.
+pub fn router<S>(config: Config) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    match try_router(config) {
+        Ok(router) => router,
+        Err(e) => panic!("perishable: cannot build the router: {e}"),
+    }
+}
+
+/// [`router`], returning an error instead of panicking.
+pub fn try_router<S>(config: Config) -> Result<Router<S>, ConfigError>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    Ok(router_from(&Perishable::new(config)?))
+}
+
+/// The PROTOCOL routes over an existing [`Perishable`] (to share its state with your own
+/// routes or layers).
+pub fn router_from<S>(perishable: &Perishable) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    let sessions = perishable.session_service();
+    let authenticated = || {
+        ServiceBuilder::new()
+            .layer(perishable.verify_layer())
+            .layer(perishable.rate_limit_layer())
+    };
+    let upstream = authenticated().service(perishable.upstream_service());
+
+    Router::new()
+        .route_service("/health", get_service(sessions.clone()))
+        .route_service("/challenge", get_service(sessions.clone()))
+        .route(
+            "/session",
+            post_service(
+                ServiceBuilder::new()
+                    .layer(perishable.mint_limit_layer())
+                    .service(sessions.clone()),
+            )
+            .delete_service(authenticated().service(sessions.clone())),
+        )
+        .route_service(
+            "/session/refresh",
+            post_service(authenticated().service(sessions)),
+        )
+        .route_service("/openai", any_service(upstream.clone()))
+        .route_service("/openai/", any_service(upstream.clone()))
+        .route_service("/openai/{*path}", any_service(upstream))
+        .layer(cors_layer(perishable))
+        .layer(perishable.origin_layer())
+        .layer(MapRequestLayer::new(peer_addr::<axum::body::Body>))
+}
+
+/// Copies axum's `ConnectInfo<SocketAddr>` into [`PeerAddr`], unless one is already there.
+fn peer_addr<B>(mut req: Request<B>) -> Request<B> {
+    if req.extensions().get::<PeerAddr>().is_none()
+        && let Some(ConnectInfo(addr)) = req.extensions().get::<ConnectInfo<SocketAddr>>()
+    {
+        let addr = *addr;
+        req.extensions_mut().insert(PeerAddr(addr));
+    }
+    req
+}
+
+/// tower-http's CORS layer for `cors.allowed_origins` (and `server.public_url`'s origin).
+pub fn cors_layer(perishable: &Perishable) -> CorsLayer {
+    let policy = perishable.origin_policy();
+    let origins = if policy.is_any() {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            policy
+                .origins()
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok()),
+        )
+    };
+    CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
+        .allow_headers(CORS_ALLOWED_HEADERS.map(HeaderName::from_static))
+        .expose_headers(CORS_EXPOSED_HEADERS.map(HeaderName::from_static))
+        .max_age(Duration::from_secs(600))
+}

@@ -253,14 +253,24 @@ impl Error {
 
     /// The JSON body: `{"error":{"message":…,"type":…,"code":…}}`.
     pub fn body(&self) -> Bytes {
-        let body = serde_json::json!({
-            "error": {
-                "message": self.message,
-                "type": self.code.error_type(),
-                "code": self.code.as_str(),
-            }
-        });
-        Bytes::from(body.to_string())
+        #[derive(serde::Serialize)]
+        struct Envelope<'a> {
+            error: Inner<'a>,
+        }
+        #[derive(serde::Serialize)]
+        struct Inner<'a> {
+            message: &'a str,
+            r#type: &'static str,
+            code: &'static str,
+        }
+        let body = Envelope {
+            error: Inner {
+                message: &self.message,
+                r#type: self.code.error_type(),
+                code: self.code.as_str(),
+            },
+        };
+        Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
     }
 
     /// Renders the PROTOCOL response: status, JSON body and headers.

@@ -1,0 +1,180 @@
+//! The Perishable proxy as a program: the PROTOCOL routes at `/`.
+//!
+//! ```text
+//! cargo run --example perishable-proxy -- [--config FILE] [--port N] [--host ADDR] [--upstream URL]
+//! ```
+//!
+//! Configuration: defaults < the config file (`--config FILE`, or `./perishable.toml` when present)
+//! < environment (`OPENAI_API_KEY`, `OPENAI_BASE_URL`, `PORT`, `PERISHABLE_JWT_SECRET`,
+//! `PERISHABLE_STORE_URL`) < flags. With no API key anywhere it starts the built-in mock
+//! upstream on loopback and proxies to it, so the demo works offline.
+//!
+//! Logs go to stderr; set `RUST_LOG=perishable=debug` for more.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use axum::serve::ListenerExt;
+use perishable::mock::{MockOptions, MockUpstream};
+use perishable::{Config, ConfigBuilder};
+
+const USAGE: &str = "\
+perishable-proxy: an OpenAI-compatible proxy that never gives clients the API key
+
+USAGE:
+    perishable-proxy [--config FILE] [--port N] [--host ADDR] [--upstream URL]
+
+OPTIONS:
+    --config FILE    PROTOCOL config file, TOML or JSON (default: ./perishable.toml when present)
+    --port N         port to listen on (default: $PORT, else 8080)
+    --host ADDR      address to listen on (default: 127.0.0.1)
+    --upstream URL   upstream base URL (overrides upstream.base_url and $OPENAI_BASE_URL)
+    -h, --help       this text
+
+ENVIRONMENT:
+    OPENAI_API_KEY, OPENAI_BASE_URL, PORT, PERISHABLE_JWT_SECRET, PERISHABLE_STORE_URL
+    With no API key, a built-in mock upstream is served so the demo works offline.";
+
+struct Args {
+    config: Option<PathBuf>,
+    port: Option<u16>,
+    host: Option<IpAddr>,
+    upstream: Option<String>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        config: None,
+        port: None,
+        host: None,
+        upstream: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = |name: &str| {
+            inline
+                .clone()
+                .or_else(|| it.next())
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        match flag.as_str() {
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            "--config" => args.config = Some(PathBuf::from(value("--config")?)),
+            "--port" => {
+                let v = value("--port")?;
+                args.port = Some(v.parse().map_err(|_| format!("--port: {v:?} is not a port"))?);
+            }
+            "--host" => {
+                let v = value("--host")?;
+                args.host = Some(
+                    v.parse()
+                        .map_err(|_| format!("--host: {v:?} is not an IP address"))?,
+                );
+            }
+            "--upstream" => args.upstream = Some(value("--upstream")?),
+            other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
+        }
+    }
+    Ok(args)
+}
+
+fn load(args: &Args) -> Result<ConfigBuilder, String> {
+    let default_file = PathBuf::from("perishable.toml");
+    let file = match &args.config {
+        Some(path) => Some(path.clone()),
+        None if default_file.exists() => Some(default_file),
+        None => None,
+    };
+    let mut builder = match &file {
+        Some(path) => {
+            tracing::info!(file = %path.display(), "reading the configuration");
+            ConfigBuilder::from_file(path).map_err(|e| e.to_string())?
+        }
+        None => Config::builder(),
+    };
+    builder = builder.apply_env(|k| std::env::var(k).ok());
+    if let Some(url) = &args.upstream {
+        builder = builder.upstream_base_url(url.clone());
+    }
+    Ok(builder)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,perishable=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("perishable-proxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), String> {
+    let args = parse_args()?;
+    let mut builder = load(&args)?;
+
+    if !builder.has_upstream_api_key() {
+        let key = format!("sk-mock-{}", std::process::id());
+        let mock = MockUpstream::start(MockOptions::new().api_key(key.clone()).record(false))
+            .await
+            .map_err(|e| format!("cannot start the mock upstream: {e}"))?;
+        tracing::warn!(
+            mock = %mock.base_url(),
+            "no OPENAI_API_KEY: serving the built-in mock upstream (set OPENAI_API_KEY to use a real one)"
+        );
+        builder = builder
+            .upstream_base_url(mock.base_url())
+            .upstream_api_key(key);
+    }
+    let config = builder.build().map_err(|e| e.to_string())?;
+
+    let port = match args.port {
+        Some(p) => p,
+        None => match std::env::var("PORT") {
+            Ok(v) if !v.is_empty() => v
+                .parse()
+                .map_err(|_| format!("PORT: {v:?} is not a port"))?,
+            _ => 8080,
+        },
+    };
+    let host = args.host.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let upstream = config.upstream_base_url().to_owned();
+
+    let app = perishable::try_router::<()>(config).map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(host, port))
+        .await
+        .map_err(|e| format!("cannot listen on {host}:{port}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(%upstream, "perishable-proxy listening on http://{local}");
+    println!("perishable-proxy listening on http://{local}");
+
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down");
+    })
+    .await
+    .map_err(|e| e.to_string())
+}
