@@ -56,7 +56,9 @@ impl Proxy {
         options: MockOptions,
         tweak: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
     ) -> Self {
-        let mock = MockUpstream::start(options.api_key(SERVER_KEY)).await.unwrap();
+        let mock = MockUpstream::start(options.api_key(SERVER_KEY))
+            .await
+            .unwrap();
         let config = tweak(config(&mock.base_url())).build().unwrap();
         let addr = serve(perishable::router(config)).await;
         Self {
@@ -168,5 +170,8 @@ pub fn human_entropy() -> Value {
 /// The PROTOCOL error code of a response body.
 pub async fn error_code(response: reqwest::Response) -> String {
     let body: Value = response.json().await.unwrap();
-    body["error"]["code"].as_str().unwrap_or_default().to_owned()
+    body["error"]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
 }
