@@ -70,7 +70,10 @@ fn parse_args() -> Result<Args, String> {
             "--config" => args.config = Some(PathBuf::from(value("--config")?)),
             "--port" => {
                 let v = value("--port")?;
-                args.port = Some(v.parse().map_err(|_| format!("--port: {v:?} is not a port"))?);
+                args.port = Some(
+                    v.parse()
+                        .map_err(|_| format!("--port: {v:?} is not a port"))?,
+                );
             }
             "--host" => {
                 let v = value("--host")?;

@@ -75,10 +75,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (tcp, peer) = listener.accept().await?;
         let _ = tcp.set_nodelay(true);
         // The per-IP limit reads the peer from the request extensions.
-        let app = app.clone().map_request(move |mut req: http::Request<Incoming>| {
-            req.extensions_mut().insert(PeerAddr(peer));
-            req
-        });
+        let app = app
+            .clone()
+            .map_request(move |mut req: http::Request<Incoming>| {
+                req.extensions_mut().insert(PeerAddr(peer));
+                req
+            });
         tokio::spawn(async move {
             let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app))

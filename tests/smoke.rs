@@ -8,8 +8,15 @@ async fn mint_and_complete() {
     let session = proxy.mint("device-smoke-1").await;
     assert_eq!(session.token_type, "Bearer");
     let response = proxy
-        .openai(reqwest::Method::POST, "chat/completions", &session.token, "device-smoke-1")
-        .json(&serde_json::json!({"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}))
+        .openai(
+            reqwest::Method::POST,
+            "chat/completions",
+            &session.token,
+            "device-smoke-1",
+        )
+        .json(
+            &serde_json::json!({"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}),
+        )
         .send()
         .await
         .unwrap();
@@ -19,5 +26,8 @@ async fn mint_and_complete() {
     assert_eq!(body["object"], "chat.completion");
     let seen = proxy.mock.requests();
     let last = seen.last().unwrap();
-    assert_eq!(last.headers["authorization"], format!("Bearer {SERVER_KEY}"));
+    assert_eq!(
+        last.headers["authorization"],
+        format!("Bearer {SERVER_KEY}")
+    );
 }

@@ -22,7 +22,7 @@
 //! Outermost first, every request goes through:
 //!
 //! 1. the peer address: axum's `ConnectInfo<SocketAddr>` copied into
-//!    [`PeerAddr`](perishable_core::client_ip::PeerAddr) for the per-IP limit;
+//!    [`PeerAddr`] for the per-IP limit;
 //! 2. the origin check: a present, disallowed `Origin` gets `403 origin_not_allowed`;
 //! 3. CORS (tower-http): preflights answered here, before any authentication, for allowed
 //!    origins only;

@@ -92,9 +92,7 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
 /// IPv4-mapped IPv6 addresses count as IPv4.
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or(IpAddr::V6(v6), IpAddr::V4),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
     }
 }
@@ -132,7 +130,11 @@ mod tests {
         assert_eq!(ip.to_string(), "198.51.100.1");
         let r = ClientIpResolver::new(vec!["10.0.0.0/8".parse().unwrap()]);
         let ip = r.resolve(&req("198.51.100.1:1", Some("1.2.3.4"))).unwrap();
-        assert_eq!(ip.to_string(), "198.51.100.1", "spoofed header from an untrusted peer");
+        assert_eq!(
+            ip.to_string(),
+            "198.51.100.1",
+            "spoofed header from an untrusted peer"
+        );
     }
 
     #[test]
@@ -163,6 +165,10 @@ mod tests {
 
     #[test]
     fn no_peer_no_ip() {
-        assert!(ClientIpResolver::default().resolve(&Request::new(())).is_none());
+        assert!(
+            ClientIpResolver::default()
+                .resolve(&Request::new(()))
+                .is_none()
+        );
     }
 }

@@ -561,9 +561,15 @@ impl ConfigBuilder {
             ));
         }
         match &u.api_key {
-            None => return Err(ConfigError::Missing { key: "upstream.api_key" }),
+            None => {
+                return Err(ConfigError::Missing {
+                    key: "upstream.api_key",
+                });
+            }
             Some(k) if k.0.is_empty() => {
-                return Err(ConfigError::Missing { key: "upstream.api_key" });
+                return Err(ConfigError::Missing {
+                    key: "upstream.api_key",
+                });
             }
             Some(k) if http::HeaderValue::try_from(format!("Bearer {}", k.0)).is_err() => {
                 return Err(ConfigError::invalid(
@@ -578,7 +584,10 @@ impl ConfigBuilder {
                 .map_err(|reason| ConfigError::invalid("upstream.allowed_paths", reason))?;
         }
         if u.max_body_bytes == 0 {
-            return Err(ConfigError::invalid("upstream.max_body_bytes", "must be above 0"));
+            return Err(ConfigError::invalid(
+                "upstream.max_body_bytes",
+                "must be above 0",
+            ));
         }
         for (key, v) in [
             ("upstream.connect_timeout_ms", u.connect_timeout_ms),
@@ -604,7 +613,10 @@ impl ConfigBuilder {
             return Err(ConfigError::invalid("session.issuer", "must not be empty"));
         }
         if s.audience.is_empty() {
-            return Err(ConfigError::invalid("session.audience", "must not be empty"));
+            return Err(ConfigError::invalid(
+                "session.audience",
+                "must not be empty",
+            ));
         }
         if s.min_entropy_score > 100 {
             return Err(ConfigError::invalid(
@@ -631,17 +643,29 @@ impl ConfigBuilder {
             return Err(ConfigError::invalid("rate_limit.points", "must be above 0"));
         }
         if r.duration_secs == 0 {
-            return Err(ConfigError::invalid("rate_limit.duration_secs", "must be above 0"));
+            return Err(ConfigError::invalid(
+                "rate_limit.duration_secs",
+                "must be above 0",
+            ));
         }
         if r.mint_per_ip == 0 {
-            return Err(ConfigError::invalid("rate_limit.mint_per_ip", "must be above 0"));
+            return Err(ConfigError::invalid(
+                "rate_limit.mint_per_ip",
+                "must be above 0",
+            ));
         }
 
         if self.pow.difficulty > 32 {
-            return Err(ConfigError::invalid("pow.difficulty", "must be at most 32 bits"));
+            return Err(ConfigError::invalid(
+                "pow.difficulty",
+                "must be at most 32 bits",
+            ));
         }
         if self.pow.challenge_ttl_secs == 0 {
-            return Err(ConfigError::invalid("pow.challenge_ttl_secs", "must be above 0"));
+            return Err(ConfigError::invalid(
+                "pow.challenge_ttl_secs",
+                "must be above 0",
+            ));
         }
 
         for origin in &self.cors.allowed_origins {
@@ -838,7 +862,9 @@ mod tests {
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
     fn base() -> ConfigBuilder {
-        Config::builder().upstream_api_key("sk-test").jwt_secret(SECRET)
+        Config::builder()
+            .upstream_api_key("sk-test")
+            .jwt_secret(SECRET)
     }
 
     fn invalid_key(builder: ConfigBuilder) -> &'static str {
@@ -868,7 +894,10 @@ mod tests {
             invalid_key(base().upstream_base_url("ftp://x")),
             "upstream.base_url"
         );
-        assert_eq!(invalid_key(base().rate_limit_points(0)), "rate_limit.points");
+        assert_eq!(
+            invalid_key(base().rate_limit_points(0)),
+            "rate_limit.points"
+        );
         assert_eq!(
             invalid_key(base().upstream_allowed_paths(["files/../x"])),
             "upstream.allowed_paths"

@@ -194,7 +194,13 @@ mod tests {
     fn constant_interval_straight_line_scores_below_threshold() {
         let e = Entropy {
             pointer: (0..200)
-                .map(|i| [i as f64 * 16.0, 10.0 + i as f64 * 3.0, 20.0 + i as f64 * 2.0])
+                .map(|i| {
+                    [
+                        i as f64 * 16.0,
+                        10.0 + i as f64 * 3.0,
+                        20.0 + i as f64 * 2.0,
+                    ]
+                })
                 .collect(),
             ..Entropy::default()
         };

@@ -83,6 +83,9 @@ mod tests {
         assert!(!set.contains("a", 110));
         assert!(set.insert("b", 200, 150));
         assert_eq!(set.len(), 1, "a was pruned");
-        assert!(set.insert("a", 300, 150), "an expired id can be inserted again");
+        assert!(
+            set.insert("a", 300, 150),
+            "an expired id can be inserted again"
+        );
     }
 }

@@ -126,15 +126,13 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         match req.headers().get(ORIGIN) {
-            Some(origin) if !self.policy.allows(origin.as_bytes()) => {
-                ResponseFuture::refused(
-                    Error::new(
-                        ErrorCode::OriginNotAllowed,
-                        "this origin is not allowed to call the service",
-                    )
-                    .into_response(),
+            Some(origin) if !self.policy.allows(origin.as_bytes()) => ResponseFuture::refused(
+                Error::new(
+                    ErrorCode::OriginNotAllowed,
+                    "this origin is not allowed to call the service",
                 )
-            }
+                .into_response(),
+            ),
             _ => ResponseFuture::inner(self.inner.call(req)),
         }
     }

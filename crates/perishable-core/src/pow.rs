@@ -148,7 +148,9 @@ impl ProofOfWork {
             .chain_update(solution.nonce.as_bytes())
             .finalize();
         if leading_zero_bits(&digest) < u32::from(required) {
-            return Err(invalid("the proof of work does not have enough leading zero bits"));
+            return Err(invalid(
+                "the proof of work does not have enough leading zero bits",
+            ));
         }
         if self.used.contains(&solution.challenge, now) {
             return Err(invalid("the challenge was already used"));
@@ -166,7 +168,10 @@ impl ProofOfWork {
         let expires_at = self.check(solution, now)?;
         match solution {
             Some(s) if self.consume(s, expires_at, now) => Ok(()),
-            _ => Err(Error::new(ErrorCode::PowInvalid, "the challenge was already used")),
+            _ => Err(Error::new(
+                ErrorCode::PowInvalid,
+                "the challenge was already used",
+            )),
         }
     }
 }

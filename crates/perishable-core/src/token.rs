@@ -207,19 +207,18 @@ impl KeySet {
                 });
             }
             let key = match (session.algorithm, &entry.secret, &entry.private_key_pem) {
-                (Algorithm::HS256, Some(secret), None) => {
-                    hmac_key(entry.kid.clone(), secret.expose().as_bytes(), "session.keys")?
-                }
+                (Algorithm::HS256, Some(secret), None) => hmac_key(
+                    entry.kid.clone(),
+                    secret.expose().as_bytes(),
+                    "session.keys",
+                )?,
                 (Algorithm::EdDSA, None, Some(pem)) => {
                     ed25519_from_pem(entry.kid.clone(), pem.expose(), "session.keys")?
                 }
                 (Algorithm::HS256, _, _) => {
                     return Err(ConfigError::Invalid {
                         key: "session.keys",
-                        reason: format!(
-                            "key {:?}: HS256 keys take `secret` only",
-                            entry.kid
-                        ),
+                        reason: format!("key {:?}: HS256 keys take `secret` only", entry.kid),
                     });
                 }
                 (Algorithm::EdDSA, _, _) => {
@@ -360,7 +359,10 @@ impl TokenCodec {
         header.kid = Some(self.keys.inner.signing_kid.clone());
         jsonwebtoken::encode(&header, claims, &self.keys.inner.signing).map_err(|e| {
             tracing::error!(error = %e, "signing a session token failed");
-            Error::new(ErrorCode::InvalidToken, "the session token could not be signed")
+            Error::new(
+                ErrorCode::InvalidToken,
+                "the session token could not be signed",
+            )
         })
     }
 
@@ -372,7 +374,9 @@ impl TokenCodec {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| invalid("the session token is malformed"))?;
         if header.alg != self.keys.inner.algorithm.jwt() {
-            return Err(invalid("the session token uses an algorithm that is not accepted"));
+            return Err(invalid(
+                "the session token uses an algorithm that is not accepted",
+            ));
         }
         if header.typ.as_deref() != Some(TOKEN_TYPE) {
             return Err(invalid("the session token has the wrong typ"));
@@ -482,7 +486,10 @@ mod tests {
         let rotated_codec = codec(&rotated);
         assert!(rotated_codec.verify(&old_token).is_ok());
         let new_token = rotated_codec.sign(&claims(now() + 60)).unwrap();
-        let kid = jsonwebtoken::decode_header(&new_token).unwrap().kid.unwrap();
+        let kid = jsonwebtoken::decode_header(&new_token)
+            .unwrap()
+            .kid
+            .unwrap();
         assert_ne!(kid, "2026-10");
         assert!(old_codec.verify(&new_token).is_err());
     }
@@ -499,7 +506,10 @@ mod tests {
         assert!(ed_codec.verify(&token).is_ok());
         // An HS256 codec refuses EdDSA tokens before looking at keys.
         let hs = codec(&session("0123456789abcdef0123456789abcdef"));
-        assert_eq!(hs.verify(&token).unwrap_err().code(), ErrorCode::InvalidToken);
+        assert_eq!(
+            hs.verify(&token).unwrap_err().code(),
+            ErrorCode::InvalidToken
+        );
     }
 
     #[test]
@@ -527,7 +537,10 @@ mod tests {
     fn short_secrets_are_refused() {
         assert!(matches!(
             KeySet::from_config(&session("too-short")),
-            Err(ConfigError::Invalid { key: "session.jwt_secret", .. })
+            Err(ConfigError::Invalid {
+                key: "session.jwt_secret",
+                ..
+            })
         ));
     }
 }

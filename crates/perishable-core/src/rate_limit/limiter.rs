@@ -14,8 +14,7 @@ use governor::{Quota, RateLimiter};
 
 use crate::error::RateLimitInfo;
 
-type Keyed<K> =
-    RateLimiter<K, DefaultKeyedStateStore<K>, DefaultClock, StateInformationMiddleware>;
+type Keyed<K> = RateLimiter<K, DefaultKeyedStateStore<K>, DefaultClock, StateInformationMiddleware>;
 
 /// A keyed limiter: `points` per `window`, and a block after going over.
 pub struct Limiter<K: Hash + Eq + Clone> {

@@ -104,9 +104,15 @@ mod tests {
         assert_eq!(code("{"), ErrorCode::InvalidJson);
         assert_eq!(code("[1]"), ErrorCode::InvalidJson);
         assert_eq!(code("{}"), ErrorCode::MissingFingerprint);
-        assert_eq!(code(r#"{"fingerprint":null}"#), ErrorCode::MissingFingerprint);
+        assert_eq!(
+            code(r#"{"fingerprint":null}"#),
+            ErrorCode::MissingFingerprint
+        );
         assert_eq!(code(r#"{"fingerprint":42}"#), ErrorCode::InvalidFingerprint);
-        assert_eq!(code(r#"{"fingerprint":"short"}"#), ErrorCode::InvalidFingerprint);
+        assert_eq!(
+            code(r#"{"fingerprint":"short"}"#),
+            ErrorCode::InvalidFingerprint
+        );
         assert_eq!(
             code(r#"{"fingerprint":"device-123456","entropy":{"pointer":"x"}}"#),
             ErrorCode::InvalidJson

@@ -164,7 +164,12 @@ impl Sessions {
         let token = self.inner.codec.sign(claims)?;
         Ok(SessionObject {
             token,
-            token_type: if claims.cnf.is_some() { "DPoP" } else { "Bearer" }.to_owned(),
+            token_type: if claims.cnf.is_some() {
+                "DPoP"
+            } else {
+                "Bearer"
+            }
+            .to_owned(),
             session_id: claims.jti.clone(),
             expires_at: claims.exp,
             expires_in: claims.exp.saturating_sub(now),
@@ -257,10 +262,16 @@ fn bearer_token(headers: &HeaderMap) -> Result<&str, Error> {
         )
     })?;
     let value = value.to_str().map_err(|_| {
-        Error::new(ErrorCode::InvalidToken, "the Authorization header is malformed")
+        Error::new(
+            ErrorCode::InvalidToken,
+            "the Authorization header is malformed",
+        )
     })?;
     let (scheme, token) = value.split_once(' ').ok_or_else(|| {
-        Error::new(ErrorCode::InvalidToken, "the Authorization header is malformed")
+        Error::new(
+            ErrorCode::InvalidToken,
+            "the Authorization header is malformed",
+        )
     })?;
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Err(Error::new(

@@ -100,7 +100,13 @@ mod tests {
     #[test]
     fn defaults() {
         let l = list();
-        for ok in ["chat/completions", "embeddings", "models", "models/gpt-4o", "responses"] {
+        for ok in [
+            "chat/completions",
+            "embeddings",
+            "models",
+            "models/gpt-4o",
+            "responses",
+        ] {
             assert!(l.allows(ok), "{ok}");
         }
         for no in [

@@ -67,20 +67,22 @@ impl UpstreamService {
     /// The client should not follow redirects: the server key must reach the upstream only.
     pub fn with_client(config: &Config, client: reqwest::Client) -> Result<Self, ConfigError> {
         let u = config.upstream();
-        let key = u
-            .api_key
-            .as_ref()
-            .ok_or(ConfigError::Missing { key: "upstream.api_key" })?;
-        let mut authorization = HeaderValue::try_from(format!("Bearer {}", key.expose()))
-            .map_err(|_| ConfigError::Invalid {
-                key: "upstream.api_key",
-                reason: "contains characters not allowed in a header".to_owned(),
+        let key = u.api_key.as_ref().ok_or(ConfigError::Missing {
+            key: "upstream.api_key",
+        })?;
+        let mut authorization =
+            HeaderValue::try_from(format!("Bearer {}", key.expose())).map_err(|_| {
+                ConfigError::Invalid {
+                    key: "upstream.api_key",
+                    reason: "contains characters not allowed in a header".to_owned(),
+                }
             })?;
         authorization.set_sensitive(true);
-        let allow_list = AllowList::new(&u.allowed_paths).map_err(|reason| ConfigError::Invalid {
-            key: "upstream.allowed_paths",
-            reason,
-        })?;
+        let allow_list =
+            AllowList::new(&u.allowed_paths).map_err(|reason| ConfigError::Invalid {
+                key: "upstream.allowed_paths",
+                reason,
+            })?;
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
@@ -220,11 +222,17 @@ impl Inner {
             url.push_str(query);
         }
         let url = reqwest::Url::parse(&url).map_err(|_| {
-            Error::new(ErrorCode::PathNotAllowed, "the path is not a valid URL path")
+            Error::new(
+                ErrorCode::PathNotAllowed,
+                "the path is not a valid URL path",
+            )
         })?;
         let mut headers = request_headers(&parts.headers, &self.authorization);
         if streaming {
-            headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+            headers.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
         }
         let mut upstream_req = reqwest::Request::new(parts.method, url);
         *upstream_req.headers_mut() = headers;
@@ -233,30 +241,32 @@ impl Inner {
         }
 
         let started = tokio::time::Instant::now();
-        let response =
-            match tokio::time::timeout(self.first_byte_timeout, self.client.execute(upstream_req))
-                .await
-            {
-                Err(_) => {
-                    tracing::warn!(
-                        path = %path,
-                        first_byte_timeout_ms = self.first_byte_timeout.as_millis() as u64,
-                        "the upstream did not answer in time"
-                    );
-                    return Err(Error::new(
-                        ErrorCode::UpstreamTimeout,
-                        "the upstream did not answer in time",
-                    ));
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(path = %path, error = %e.without_url(), "the upstream could not be reached");
-                    return Err(Error::new(
-                        ErrorCode::UpstreamUnavailable,
-                        "the upstream could not be reached",
-                    ));
-                }
-                Ok(Ok(response)) => response,
-            };
+        let response = match tokio::time::timeout(
+            self.first_byte_timeout,
+            self.client.execute(upstream_req),
+        )
+        .await
+        {
+            Err(_) => {
+                tracing::warn!(
+                    path = %path,
+                    first_byte_timeout_ms = self.first_byte_timeout.as_millis() as u64,
+                    "the upstream did not answer in time"
+                );
+                return Err(Error::new(
+                    ErrorCode::UpstreamTimeout,
+                    "the upstream did not answer in time",
+                ));
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(path = %path, error = %e.without_url(), "the upstream could not be reached");
+                return Err(Error::new(
+                    ErrorCode::UpstreamUnavailable,
+                    "the upstream could not be reached",
+                ));
+            }
+            Ok(Ok(response)) => response,
+        };
         tracing::debug!(
             path = %path,
             status = response.status().as_u16(),
