@@ -1,3 +1,4 @@
+//! Smoke test: mint a session and complete a chat through the proxy.
 #![allow(clippy::unwrap_used)]
 mod common;
 use common::*;

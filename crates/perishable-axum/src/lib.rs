@@ -21,8 +21,9 @@
 //!
 //! Outermost first, every request goes through:
 //!
-//! 1. the peer address: axum's `ConnectInfo<SocketAddr>` copied into
-//!    [`PeerAddr`] for the per-IP limit;
+//! 1. the peer address and original URI: axum's `ConnectInfo<SocketAddr>` copied into
+//!    [`PeerAddr`] for the per-IP limit, and axum's `OriginalUri` (the path before `nest`
+//!    stripped its prefix) into [`OriginalUri`] for DPoP `htu`;
 //! 2. the origin check: a present, disallowed `Origin` gets `403 origin_not_allowed`;
 //! 3. CORS (tower-http): preflights answered here, before any authentication, for allowed
 //!    origins only;
@@ -45,6 +46,7 @@ use axum::routing::{any_service, get_service, post_service};
 use http::header::{HeaderName, HeaderValue};
 use http::{Method, Request};
 use perishable_core::client_ip::PeerAddr;
+use perishable_core::dpop::OriginalUri;
 use perishable_core::{ConfigError, Perishable};
 use tower::ServiceBuilder;
 use tower::util::MapRequestLayer;
@@ -148,13 +150,21 @@ where
         .layer(MapRequestLayer::new(peer_addr::<axum::body::Body>))
 }
 
-/// Copies axum's `ConnectInfo<SocketAddr>` into [`PeerAddr`], unless one is already there.
+/// Copies axum's `ConnectInfo<SocketAddr>` into [`PeerAddr`] and axum's `OriginalUri` into
+/// Perishable's (for DPoP `htu`), unless they are already there.
 fn peer_addr<B>(mut req: Request<B>) -> Request<B> {
     if req.extensions().get::<PeerAddr>().is_none()
         && let Some(ConnectInfo(addr)) = req.extensions().get::<ConnectInfo<SocketAddr>>()
     {
         let addr = *addr;
         req.extensions_mut().insert(PeerAddr(addr));
+    }
+    if req.extensions().get::<OriginalUri>().is_none() {
+        let uri = match req.extensions().get::<axum::extract::OriginalUri>() {
+            Some(axum::extract::OriginalUri(uri)) => uri.clone(),
+            None => req.uri().clone(),
+        };
+        req.extensions_mut().insert(OriginalUri(uri));
     }
     req
 }

@@ -218,6 +218,8 @@ pub struct SessionConfig {
     pub max_per_fingerprint: u32,
     /// DPoP key binding.
     pub dpop: DpopMode,
+    /// How old a DPoP proof's `iat` may be, in seconds.
+    pub dpop_max_age_secs: u64,
     /// Clock skew allowed on `exp` and `nbf`, in seconds.
     pub leeway_secs: u64,
 }
@@ -236,6 +238,7 @@ impl Default for SessionConfig {
             min_entropy_score: 50,
             max_per_fingerprint: 5,
             dpop: DpopMode::Optional,
+            dpop_max_age_secs: 60,
             leeway_secs: 5,
         }
     }
@@ -427,6 +430,8 @@ impl ConfigBuilder {
         session_max_per_fingerprint => session.max_per_fingerprint: u32;
         /// `session.dpop`.
         session_dpop => session.dpop: DpopMode;
+        /// `session.dpop_max_age_secs`.
+        session_dpop_max_age_secs => session.dpop_max_age_secs: u64;
         /// `session.leeway_secs`.
         session_leeway_secs => session.leeway_secs: u64;
         /// `rate_limit.points`.
@@ -630,10 +635,10 @@ impl ConfigBuilder {
                 "must be above 0",
             ));
         }
-        if s.dpop == DpopMode::Required {
+        if s.dpop_max_age_secs == 0 {
             return Err(ConfigError::invalid(
-                "session.dpop",
-                "\"required\" is not supported by this version; use \"off\" or \"optional\"",
+                "session.dpop_max_age_secs",
+                "must be above 0",
             ));
         }
         let keys = KeySet::from_config(s)?;

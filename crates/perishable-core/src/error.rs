@@ -279,7 +279,7 @@ impl Error {
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if self.status() == StatusCode::UNAUTHORIZED {
+        if self.status() == StatusCode::UNAUTHORIZED || self.code == ErrorCode::InvalidDpopProof {
             headers.insert(WWW_AUTHENTICATE, self.www_authenticate());
         }
         if let Some(info) = &self.rate_limit {
@@ -314,6 +314,13 @@ impl Error {
         // RFC 6750 section 3: no error attribute when the request had no credentials at all.
         match self.code {
             ErrorCode::MissingToken => HeaderValue::from_static("Bearer realm=\"perishable\""),
+            // RFC 9449 section 7.1: the DPoP scheme, with the algorithms proofs may use.
+            ErrorCode::DpopRequired => {
+                HeaderValue::from_static("DPoP realm=\"perishable\", algs=\"ES256 EdDSA\"")
+            }
+            ErrorCode::InvalidDpopProof => HeaderValue::from_static(
+                "DPoP realm=\"perishable\", error=\"invalid_dpop_proof\", algs=\"ES256 EdDSA\"",
+            ),
             code => HeaderValue::try_from(format!(
                 "Bearer realm=\"perishable\", error=\"invalid_token\", error_description=\"{code}\""
             ))

@@ -13,7 +13,8 @@
 //! - [`perishable`](Perishable): the runtime state built from a config; hands out every layer.
 //! - [`session`]: minting, verification, refresh and revocation, and their tower Service.
 //! - [`token`]: JWT claims, signing keys and rotation.
-//! - [`fingerprint`], [`entropy`], [`pow`]: the gates a mint must pass.
+//! - [`fingerprint`], [`entropy`], [`pow`], [`dpop`], [`caps`]: the gates a mint must pass, and
+//!   DPoP key binding for every request after it.
 //! - [`verify`]: the Layer that checks token, fingerprint and User-Agent.
 //! - [`rate_limit`]: the per-client Layer on governor.
 //! - [`origin`]: the `Origin` check.
@@ -44,8 +45,10 @@
 //! ```
 
 pub mod body;
+pub mod caps;
 pub mod client_ip;
 pub mod config;
+pub mod dpop;
 pub mod entropy;
 pub mod error;
 pub mod expiring;

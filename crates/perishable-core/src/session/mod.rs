@@ -10,31 +10,41 @@
 //! ([`crate::pow`]; `pow_required`, `pow_invalid`). Only when all pass is the challenge used up
 //! and a token signed, so a refused mint changes no state.
 //!
+//! With a `DPoP` header (and `session.dpop` not `off`) the proof is verified ([`crate::dpop`])
+//! and the session is bound to its key (`cnf.jkt`, `token_type` `DPoP`); with
+//! `session.dpop = "required"` a mint without one gets `401 dpop_required`. Last, the session cap
+//! ([`crate::caps`]; `429 too_many_sessions`) must have room for the fingerprint (and key).
+//!
 //! Verification (used by [`crate::verify::VerifyLayer`]) checks the token
 //! ([`crate::token::TokenCodec::verify`]), then that its `jti` is not revoked, that the SHA-256
 //! of the `X-Perishable-Fingerprint` header equals `fp`, and that the User-Agent hash equals `ua`
-//! when the token carries one.
+//! when the token carries one. A key-bound token must come as `Authorization: DPoP <token>` with
+//! a valid proof from its key (`401 dpop_required` without one, `400 invalid_dpop_proof` for a bad
+//! one); a bearer token must come as `Bearer`, and is refused when `session.dpop = "required"`.
 //!
 //! Revocation keeps the `jti` in memory until the token's own `exp`, after which the token is
-//! refused as expired anyway, so the list holds only live entries.
+//! refused as expired anyway, so the list holds only live entries. It also frees the session's
+//! slots in the cap.
 
 mod mint;
 mod service;
 
 use std::sync::Arc;
 
-use http::HeaderMap;
-use http::header::{AUTHORIZATION, USER_AGENT};
+use http::header::{AUTHORIZATION, HOST, USER_AGENT};
+use http::{HeaderMap, Request};
 use serde::{Deserialize, Serialize};
 
 pub use self::mint::MintRequest;
 pub use self::service::{MAX_MINT_BODY_BYTES, SessionService};
-use crate::config::Config;
-use crate::error::{Error, ErrorCode};
+use crate::caps::SessionCaps;
+use crate::config::{Config, DpopMode};
+use crate::dpop::{DPOP_HEADER, DpopVerifier, Expected, Htu, OriginalUri};
+use crate::error::{Error, ErrorCode, RateLimitInfo};
 use crate::expiring::ExpiringSet;
 use crate::fingerprint::{self, FINGERPRINT_HEADER};
 use crate::pow::{Challenge, ProofOfWork};
-use crate::token::{Claims, TokenCodec, hash_b64, new_jti};
+use crate::token::{Claims, Confirmation, TokenCodec, hash_b64, new_jti};
 use crate::verify::VerifiedSession;
 
 /// The session object of `POST /session` and `POST /session/refresh`.
@@ -69,6 +79,19 @@ struct Inner {
     max_lifetime_secs: u64,
     bind_user_agent: bool,
     min_entropy_score: u8,
+    dpop_mode: DpopMode,
+    dpop: DpopVerifier,
+    caps: SessionCaps,
+    max_per_fingerprint: u32,
+    /// `server.public_url` without a trailing slash: DPoP `htu` is this plus the request path.
+    public_url: Option<String>,
+}
+
+/// How the token was presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scheme {
+    Bearer,
+    Dpop,
 }
 
 /// Now, in Unix seconds.
@@ -99,6 +122,15 @@ impl Sessions {
                 max_lifetime_secs: s.max_lifetime_secs,
                 bind_user_agent: s.bind_user_agent,
                 min_entropy_score: s.min_entropy_score,
+                dpop_mode: s.dpop,
+                dpop: DpopVerifier::new(s.dpop_max_age_secs, s.leeway_secs),
+                caps: SessionCaps::new(s.max_per_fingerprint),
+                max_per_fingerprint: s.max_per_fingerprint,
+                public_url: config
+                    .server()
+                    .public_url
+                    .as_deref()
+                    .map(|u| u.trim_end_matches('/').to_owned()),
             }),
         }
     }
@@ -113,8 +145,8 @@ impl Sessions {
         self.inner.pow.challenge(unix_now())
     }
 
-    /// Mints a session from a `POST /session` request's headers and body.
-    pub fn mint(&self, headers: &HeaderMap, body: &[u8]) -> Result<SessionObject, Error> {
+    /// Mints a session from a `POST /session` request (its body already read).
+    pub fn mint<B>(&self, req: &Request<B>, body: &[u8]) -> Result<SessionObject, Error> {
         let request = MintRequest::parse(body)?;
         let score = crate::entropy::score(&request.entropy);
         if score < self.inner.min_entropy_score {
@@ -133,15 +165,27 @@ impl Sessions {
         } else {
             None
         };
-        // Every check passed: only now use up the challenge.
-        if let (Some(until), Some(solution)) = (pow_until, request.pow.as_ref())
-            && !pow.consume(solution, until, now)
-        {
-            return Err(Error::new(
-                ErrorCode::PowInvalid,
-                "the challenge was already used",
-            ));
-        }
+        let cnf = match (self.inner.dpop_mode, single_dpop_header(req.headers())?) {
+            (DpopMode::Off, _) => None,
+            (_, Some(proof)) => {
+                let htu = self.expected_htu(req)?;
+                let expected = Expected {
+                    htm: req.method().as_str(),
+                    htu: htu.as_htu(),
+                    access_token: None,
+                    jkt: None,
+                };
+                let verified = self.inner.dpop.verify(proof, &expected, now)?;
+                Some(Confirmation { jkt: verified.jkt })
+            }
+            (DpopMode::Required, None) => {
+                return Err(Error::new(
+                    ErrorCode::DpopRequired,
+                    "this service requires key-bound sessions: send a DPoP proof",
+                ));
+            }
+            (DpopMode::Optional, None) => None,
+        };
         let claims = Claims {
             iss: self.inner.issuer.clone(),
             aud: self.inner.audience.clone(),
@@ -151,13 +195,73 @@ impl Sessions {
             exp: now + self.inner.ttl_secs,
             auth_time: now,
             fp: fingerprint::hash(&request.fingerprint),
-            ua: self
-                .inner
-                .bind_user_agent
-                .then(|| hash_b64(headers.get(USER_AGENT).map_or(&[][..], |v| v.as_bytes()))),
-            cnf: None,
+            ua: self.inner.bind_user_agent.then(|| {
+                hash_b64(
+                    req.headers()
+                        .get(USER_AGENT)
+                        .map_or(&[][..], |v| v.as_bytes()),
+                )
+            }),
+            cnf,
         };
-        self.issue(&claims, now)
+        let slots = cap_keys(&claims);
+        if let Err(wait) = self.inner.caps.admit(&slots, &claims.jti, claims.exp, now) {
+            return Err(Error::new(
+                ErrorCode::TooManySessions,
+                format!(
+                    "at most {} live sessions per device: revoke one or wait for it to expire",
+                    self.inner.max_per_fingerprint
+                ),
+            )
+            .with_rate_limit(RateLimitInfo {
+                policy: "sessions",
+                quota: self.inner.max_per_fingerprint,
+                window_secs: self.inner.ttl_secs,
+                remaining: 0,
+                retry_after: std::time::Duration::from_secs(wait),
+            }));
+        }
+        // Every check passed: only now use up the challenge.
+        if let (Some(until), Some(solution)) = (pow_until, request.pow.as_ref())
+            && !pow.consume(solution, until, now)
+        {
+            self.inner.caps.release(&slots, &claims.jti);
+            return Err(Error::new(
+                ErrorCode::PowInvalid,
+                "the challenge was already used",
+            ));
+        }
+        self.issue(&claims, now).inspect_err(|_| {
+            self.inner.caps.release(&slots, &claims.jti);
+        })
+    }
+
+    /// The URL a DPoP proof for `req` must name; see [`crate::dpop`].
+    fn expected_htu<B>(&self, req: &Request<B>) -> Result<ExpectedHtu, Error> {
+        if let Some(base) = &self.inner.public_url {
+            return Ok(ExpectedHtu::Exact(format!("{base}{}", req.uri().path())));
+        }
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                req.headers()
+                    .get(HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorCode::InvalidDpopProof,
+                    "the request has no Host header to check the DPoP proof's htu against",
+                )
+            })?;
+        let path = match req.extensions().get::<OriginalUri>() {
+            Some(OriginalUri(uri)) => uri.path().to_owned(),
+            None => req.uri().path().to_owned(),
+        };
+        Ok(ExpectedHtu::HostAndPath { host, path })
     }
 
     fn issue(&self, claims: &Claims, now: u64) -> Result<SessionObject, Error> {
@@ -176,9 +280,10 @@ impl Sessions {
         })
     }
 
-    /// Verifies an authenticated request's headers; see the [module docs](self).
-    pub fn verify(&self, headers: &HeaderMap) -> Result<VerifiedSession, Error> {
-        let token = bearer_token(headers)?;
+    /// Verifies an authenticated request; see the [module docs](self).
+    pub fn verify<B>(&self, req: &Request<B>) -> Result<VerifiedSession, Error> {
+        let headers = req.headers();
+        let (scheme, token) = presented_token(headers)?;
         let claims = self.inner.codec.verify(token)?;
         let now = unix_now();
         if self.inner.revoked.contains(&claims.jti, now) {
@@ -207,6 +312,43 @@ impl Sessions {
                     "the User-Agent does not match the session",
                 ));
             }
+        }
+        match (&claims.cnf, scheme) {
+            (Some(_), Scheme::Bearer) => {
+                return Err(Error::new(
+                    ErrorCode::DpopRequired,
+                    "this session is bound to a key: send Authorization: DPoP <token> and a DPoP proof",
+                ));
+            }
+            (Some(cnf), Scheme::Dpop) => {
+                let proof = single_dpop_header(headers)?.ok_or_else(|| {
+                    Error::new(
+                        ErrorCode::DpopRequired,
+                        "this session is bound to a key: every request needs a DPoP proof",
+                    )
+                })?;
+                let htu = self.expected_htu(req)?;
+                let expected = Expected {
+                    htm: req.method().as_str(),
+                    htu: htu.as_htu(),
+                    access_token: Some(token),
+                    jkt: Some(&cnf.jkt),
+                };
+                self.inner.dpop.verify(proof, &expected, now)?;
+            }
+            (None, Scheme::Dpop) => {
+                return Err(Error::new(
+                    ErrorCode::InvalidToken,
+                    "this session is not bound to a key: send Authorization: Bearer <token>",
+                ));
+            }
+            (None, Scheme::Bearer) if self.inner.dpop_mode == DpopMode::Required => {
+                return Err(Error::new(
+                    ErrorCode::DpopRequired,
+                    "this service requires key-bound sessions",
+                ));
+            }
+            (None, Scheme::Bearer) => {}
         }
         Ok(VerifiedSession { claims })
     }
@@ -237,14 +379,19 @@ impl Sessions {
             exp: (now + self.inner.ttl_secs).min(end_of_life),
             ..old.clone()
         };
+        self.inner
+            .caps
+            .replace(&cap_keys(old), &old.jti, &claims.jti, claims.exp);
         self.issue(&claims, now)
     }
 
     /// Revokes a verified session until its token expires.
     pub fn revoke(&self, session: &VerifiedSession) {
+        let claims = &session.claims;
         self.inner
             .revoked
-            .insert(&session.claims.jti, session.claims.exp, unix_now());
+            .insert(&claims.jti, claims.exp, unix_now());
+        self.inner.caps.release(&cap_keys(claims), &claims.jti);
     }
 
     /// Revoked sessions held in memory (each until its token expires).
@@ -253,38 +400,78 @@ impl Sessions {
     }
 }
 
-/// The token of `Authorization: Bearer <token>`.
-fn bearer_token(headers: &HeaderMap) -> Result<&str, Error> {
-    let value = headers.get(AUTHORIZATION).ok_or_else(|| {
+/// The slots a session takes in the cap: its fingerprint, and its key when bound.
+fn cap_keys(claims: &Claims) -> Vec<String> {
+    let mut keys = vec![format!("fp:{}", claims.fp)];
+    if let Some(cnf) = &claims.cnf {
+        keys.push(format!("jkt:{}", cnf.jkt));
+    }
+    keys
+}
+
+/// An owned expected `htu`, borrowed as [`Htu`].
+enum ExpectedHtu {
+    Exact(String),
+    HostAndPath { host: String, path: String },
+}
+
+impl ExpectedHtu {
+    fn as_htu(&self) -> Htu<'_> {
+        match self {
+            Self::Exact(url) => Htu::Exact(url),
+            Self::HostAndPath { host, path } => Htu::HostAndPath { host, path },
+        }
+    }
+}
+
+/// The one `DPoP` header, if any (several are refused).
+fn single_dpop_header(headers: &HeaderMap) -> Result<Option<&str>, Error> {
+    let mut values = headers.get_all(DPOP_HEADER).iter();
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(Error::new(
+            ErrorCode::InvalidDpopProof,
+            "send exactly one DPoP header",
+        ));
+    }
+    first
+        .to_str()
+        .map(Some)
+        .map_err(|_| Error::new(ErrorCode::InvalidDpopProof, "the DPoP header is malformed"))
+}
+
+/// The token of `Authorization: Bearer <token>` or `Authorization: DPoP <token>`.
+fn presented_token(headers: &HeaderMap) -> Result<(Scheme, &str), Error> {
+    let missing = || {
         Error::new(
             ErrorCode::MissingToken,
             "a session token is required: Authorization: Bearer <token>",
         )
-    })?;
-    let value = value.to_str().map_err(|_| {
+    };
+    let malformed = || {
         Error::new(
             ErrorCode::InvalidToken,
             "the Authorization header is malformed",
         )
-    })?;
-    let (scheme, token) = value.split_once(' ').ok_or_else(|| {
-        Error::new(
-            ErrorCode::InvalidToken,
-            "the Authorization header is malformed",
-        )
-    })?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
+    };
+    let value = headers.get(AUTHORIZATION).ok_or_else(missing)?;
+    let value = value.to_str().map_err(|_| malformed())?;
+    let (scheme, token) = value.split_once(' ').ok_or_else(malformed)?;
+    let scheme = if scheme.eq_ignore_ascii_case("bearer") {
+        Scheme::Bearer
+    } else if scheme.eq_ignore_ascii_case("dpop") {
+        Scheme::Dpop
+    } else {
         return Err(Error::new(
             ErrorCode::InvalidToken,
-            "the Authorization scheme must be Bearer",
+            "the Authorization scheme must be Bearer or DPoP",
         ));
-    }
+    };
     let token = token.trim();
     if token.is_empty() {
-        return Err(Error::new(
-            ErrorCode::MissingToken,
-            "a session token is required: Authorization: Bearer <token>",
-        ));
+        return Err(missing());
     }
-    Ok(token)
+    Ok((scheme, token))
 }

@@ -121,6 +121,7 @@ where
     }
     if path.ends_with("/session") && method == Method::POST {
         let (parts, body) = req.into_parts();
+        let head = Request::from_parts(parts, ());
         let body = match Limited::new(body, MAX_MINT_BODY_BYTES).collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(e) if e.is::<LengthLimitError>() => {
@@ -136,7 +137,7 @@ where
                 ));
             }
         };
-        return Ok(json(StatusCode::OK, &sessions.mint(&parts.headers, &body)?));
+        return Ok(json(StatusCode::OK, &sessions.mint(&head, &body)?));
     }
     Ok(not_found())
 }
@@ -144,6 +145,6 @@ where
 fn verified<B>(sessions: &Sessions, req: &Request<B>) -> Result<VerifiedSession, Error> {
     match req.extensions().get::<VerifiedSession>() {
         Some(session) => Ok(session.clone()),
-        None => sessions.verify(req.headers()),
+        None => sessions.verify(req),
     }
 }

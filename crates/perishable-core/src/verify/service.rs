@@ -56,7 +56,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        match self.sessions.verify(req.headers()) {
+        match self.sessions.verify(&req) {
             Ok(session) => {
                 req.extensions_mut().insert(session);
                 ResponseFuture::inner(self.inner.call(req))

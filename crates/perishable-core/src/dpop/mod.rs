@@ -1,0 +1,63 @@
+//! DPoP (RFC 9449): sessions bound to a key the client holds.
+//!
+//! A client that sends a `DPoP` proof with `POST /session` gets a key-bound session: the token
+//! carries `cnf.jkt`, the RFC 7638 thumbprint of the client's public key, and `token_type` is
+//! `DPoP`. Every later request with that token must then say `Authorization: DPoP <token>` and
+//! carry a fresh proof signed by the same key. A stolen token (with its fingerprint) is useless
+//! without the private key, which a browser can keep non-extractable in WebCrypto.
+//!
+//! [`DpopVerifier`] checks, in order:
+//!
+//! 1. the proof is a compact JWS of at most 8 KiB;
+//! 2. header `typ` is `dpop+jwt`, `alg` is asymmetric (`ES256` or `EdDSA`), `jwk` is a public
+//!    key of the matching type (EC P-256, or OKP Ed25519) with no private or symmetric members;
+//! 3. the signature verifies with that `jwk` (jsonwebtoken on aws-lc);
+//! 4. `htm` equals the request method and `htu` the request URL without query or fragment: with
+//!    `server.public_url` set, that URL plus the path below the mount point; otherwise the `Host`
+//!    header and the request path (any scheme);
+//! 5. `iat` is at most `session.dpop_max_age_secs` old and at most `session.leeway_secs` ahead;
+//! 6. `ath` is the base64url SHA-256 of the access token, when a token is presented;
+//! 7. the key's thumbprint equals the token's `cnf.jkt`, when the token is bound;
+//! 8. the `jti` was never seen before for this key (a replay cache keeps it past the `iat`
+//!    window, so it can never come back).
+//!
+//! A failed proof gets `400 invalid_dpop_proof` with `WWW-Authenticate: DPoP
+//! error="invalid_dpop_proof"`; a bound token without a proof, or sent with the `Bearer`
+//! scheme, gets `401 dpop_required`.
+//!
+//! [`DpopSigner`] is the client side (what the browser client does with WebCrypto), for native
+//! Rust clients and tests:
+//!
+//! ```
+//! use perishable_core::dpop::{DpopSigner, DpopVerifier, Expected, Htu};
+//!
+//! let key = DpopSigner::generate_es256();
+//! let proof = key.proof("POST", "https://api.example.com/ai/session", None);
+//! let verifier = DpopVerifier::new(60, 5);
+//! let now = std::time::SystemTime::now()
+//!     .duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+//! let expected = Expected {
+//!     htm: "POST",
+//!     htu: Htu::Exact("https://api.example.com/ai/session"),
+//!     access_token: None,
+//!     jkt: None,
+//! };
+//! let verified = verifier.verify(&proof, &expected, now)?;
+//! assert_eq!(verified.jkt, key.thumbprint());
+//! assert!(verifier.verify(&proof, &expected, now).is_err(), "a proof works once");
+//! # Ok::<(), perishable_core::Error>(())
+//! ```
+
+mod signer;
+mod verifier;
+
+pub use signer::DpopSigner;
+pub use verifier::{DpopProof, DpopVerifier, Expected, Htu, MAX_PROOF_BYTES, thumbprint};
+
+/// The `DPoP` request header.
+pub const DPOP_HEADER: http::HeaderName = http::HeaderName::from_static("dpop");
+
+/// The URI the client asked for, before a router stripped a mount prefix. The axum router puts
+/// it in the request extensions; DPoP uses it for `htu` when `server.public_url` is unset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginalUri(pub http::Uri);
