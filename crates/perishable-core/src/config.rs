@@ -31,7 +31,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use ipnet::IpNet;
+pub use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::token::{Algorithm, KeySet};
