@@ -9,6 +9,11 @@
 //! `PERISHABLE_STORE_URL`) < flags. With no API key anywhere it starts the built-in mock
 //! upstream on loopback and proxies to it, so the demo works offline.
 //!
+//! `GET /` serves a demo page: a chat box that streams through the proxy with the browser client
+//! (`/client.js`). With no `cors.allowed_origins` and no `server.public_url` configured, the
+//! proxy's own origins (`http://127.0.0.1:PORT`, `http://localhost:PORT`) are allowed, so the
+//! page can call it.
+//!
 //! Logs go to stderr; set `RUST_LOG=perishable=debug` for more.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -89,6 +94,11 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
+/// The demo page: a chat box streaming through the proxy with the browser client.
+async fn demo_page() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("demo/index.html"))
+}
+
 fn load(args: &Args) -> Result<ConfigBuilder, String> {
     let default_file = PathBuf::from("perishable.toml");
     let file = match &args.config {
@@ -145,8 +155,6 @@ async fn run() -> Result<(), String> {
             .upstream_base_url(mock.base_url())
             .upstream_api_key(key);
     }
-    let config = builder.build().map_err(|e| e.to_string())?;
-
     let port = match args.port {
         Some(p) => p,
         None => match std::env::var("PORT") {
@@ -157,13 +165,25 @@ async fn run() -> Result<(), String> {
         },
     };
     let host = args.host.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
-    let upstream = config.upstream_base_url().to_owned();
-
-    let app = perishable::try_router::<()>(config).map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(host, port))
         .await
         .map_err(|e| format!("cannot listen on {host}:{port}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
+
+    if builder.allowed_origins().is_empty() && builder.public_url().is_none() {
+        let own = [
+            format!("http://127.0.0.1:{}", local.port()),
+            format!("http://localhost:{}", local.port()),
+        ];
+        tracing::info!(origins = ?own, "no cors.allowed_origins: allowing the demo page's own origins");
+        builder = builder.cors_allowed_origins(own);
+    }
+    let config = builder.build().map_err(|e| e.to_string())?;
+    let upstream = config.upstream_base_url().to_owned();
+
+    let app = axum::Router::new()
+        .route("/", axum::routing::get(demo_page))
+        .merge(perishable::try_router::<()>(config).map_err(|e| e.to_string())?);
     tracing::info!(%upstream, "perishable-proxy listening on http://{local}");
     println!("perishable-proxy listening on http://{local}");
 

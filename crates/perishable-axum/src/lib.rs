@@ -33,6 +33,7 @@
 //! |---|---|---|
 //! | `GET /health` | | health |
 //! | `GET /challenge` | | proof-of-work challenge |
+//! | `GET /client.js` | | the browser client module ([`CLIENT_JS`]), cacheable |
 //! | `POST /session` | mint limit per client IP | mint |
 //! | `POST /session/refresh`, `DELETE /session` | verify, rate limit per fingerprint | refresh, revoke |
 //! | any method `/openai/{path}` | verify, rate limit per fingerprint | upstream (streamed) |
@@ -43,7 +44,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ConnectInfo;
 use axum::routing::{any_service, get_service, post_service};
-use http::header::{HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request};
 use perishable_core::client_ip::PeerAddr;
 use perishable_core::dpop::OriginalUri;
@@ -88,6 +89,38 @@ pub const CORS_EXPOSED_HEADERS: [&str; 6] = [
     "openai-processing-ms",
 ];
 
+/// The browser client: a dependency-free ES module, served at `GET /client.js`.
+pub const CLIENT_JS: &str = include_str!("../client/perishable.js");
+
+/// `GET /client.js`: the module, cacheable for an hour, revalidated by its ETag.
+async fn client_js(headers: http::HeaderMap) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    static ETAG: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in CLIENT_JS.bytes() {
+            hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("\"{hash:016x}\"")
+    });
+    let etag = ETAG.as_str();
+    let cache = [
+        (header::CACHE_CONTROL, "public, max-age=3600"),
+        (header::ETAG, etag),
+    ];
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|v| v.as_bytes() == etag.as_bytes())
+    {
+        return (http::StatusCode::NOT_MODIFIED, cache).into_response();
+    }
+    (
+        cache,
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        CLIENT_JS,
+    )
+        .into_response()
+}
+
 /// The PROTOCOL routes for `config`, ready to nest.
 ///
 /// # Panics
@@ -129,6 +162,7 @@ where
     Router::new()
         .route_service("/health", get_service(sessions.clone()))
         .route_service("/challenge", get_service(sessions.clone()))
+        .route("/client.js", axum::routing::get(client_js))
         .route(
             "/session",
             post_service(

@@ -547,6 +547,16 @@ impl ConfigBuilder {
         self.upstream.api_key.is_some()
     }
 
+    /// `cors.allowed_origins` as set so far.
+    pub fn allowed_origins(&self) -> &[String] {
+        &self.cors.allowed_origins
+    }
+
+    /// `server.public_url` as set so far.
+    pub fn public_url(&self) -> Option<&str> {
+        self.server.public_url.as_deref()
+    }
+
     /// Validates every key and builds the [`Config`].
     pub fn build(self) -> Result<Config, ConfigError> {
         let u = &self.upstream;
