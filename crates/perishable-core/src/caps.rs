@@ -12,22 +12,17 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Live sessions per key; see the [module docs](self).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct SessionCaps {
-    max: usize,
     /// key → live sessions as (jti, exp). Short critical sections only: never held across await.
     live: Mutex<HashMap<String, Vec<(String, u64)>>>,
     last_prune: AtomicU64,
 }
 
 impl SessionCaps {
-    /// At most `max` live sessions per key.
-    pub fn new(max: u32) -> Self {
-        Self {
-            max: max.max(1) as usize,
-            live: Mutex::new(HashMap::new()),
-            last_prune: AtomicU64::new(0),
-        }
+    /// Empty caps.
+    pub fn new() -> Self {
+        Self::default()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<(String, u64)>>> {
@@ -45,16 +40,24 @@ impl SessionCaps {
         }
     }
 
-    /// Takes a slot under every key for session `jti` until `exp`, or returns in how many
-    /// seconds a slot frees up.
-    pub fn admit(&self, keys: &[String], jti: &str, exp: u64, now: u64) -> Result<(), u64> {
+    /// Takes a slot under every key for session `jti` until `exp`, unless a key already holds
+    /// `max` live sessions: then returns in how many seconds a slot frees up.
+    pub fn admit(
+        &self,
+        keys: &[String],
+        jti: &str,
+        exp: u64,
+        max: u32,
+        now: u64,
+    ) -> Result<(), u64> {
+        let max = max.max(1) as usize;
         let mut live = self.lock();
         self.prune_all(&mut live, now);
         let mut wait = None;
         for key in keys {
             if let Some(sessions) = live.get_mut(key) {
                 sessions.retain(|(_, e)| *e > now);
-                if sessions.len() >= self.max {
+                if sessions.len() >= max {
                     let soonest = sessions.iter().map(|(_, e)| *e).min().unwrap_or(now);
                     wait = Some(wait.unwrap_or(0).max(soonest.saturating_sub(now)));
                 }
@@ -109,45 +112,51 @@ impl SessionCaps {
 mod tests {
     use super::*;
 
+    const MAX: u32 = 2;
+
     fn keys(k: &str) -> Vec<String> {
         vec![k.to_owned()]
     }
 
     #[test]
     fn cap_release_expiry_and_replace() {
-        let caps = SessionCaps::new(2);
-        assert!(caps.admit(&keys("a"), "1", 100, 10).is_ok());
-        assert!(caps.admit(&keys("a"), "2", 150, 10).is_ok());
-        assert_eq!(caps.admit(&keys("a"), "3", 200, 10), Err(90));
+        let caps = SessionCaps::new();
+        assert!(caps.admit(&keys("a"), "1", 100, MAX, 10).is_ok());
+        assert!(caps.admit(&keys("a"), "2", 150, MAX, 10).is_ok());
+        assert_eq!(caps.admit(&keys("a"), "3", 200, MAX, 10), Err(90));
         assert!(
-            caps.admit(&keys("b"), "4", 200, 10).is_ok(),
+            caps.admit(&keys("b"), "4", 200, MAX, 10).is_ok(),
             "other keys are separate"
         );
         caps.release(&keys("a"), "1");
         assert!(
-            caps.admit(&keys("a"), "3", 200, 10).is_ok(),
+            caps.admit(&keys("a"), "3", 200, MAX, 10).is_ok(),
             "revoking frees a slot"
         );
-        assert!(caps.admit(&keys("a"), "5", 200, 10).is_err());
+        assert!(caps.admit(&keys("a"), "5", 200, MAX, 10).is_err());
         assert!(
-            caps.admit(&keys("a"), "5", 300, 151).is_ok(),
+            caps.admit(&keys("a"), "5", 300, MAX, 151).is_ok(),
             "expiry frees a slot"
         );
         caps.replace(&keys("a"), "5", "6", 400);
         assert!(
-            caps.admit(&keys("a"), "7", 400, 160).is_err(),
+            caps.admit(&keys("a"), "7", 400, MAX, 160).is_err(),
             "refresh keeps the count"
         );
     }
 
     #[test]
     fn every_key_must_have_room() {
-        let caps = SessionCaps::new(1);
-        assert!(caps.admit(&keys("fp:a"), "1", 100, 10).is_ok());
+        const MAX: u32 = 1;
+        let caps = SessionCaps::new();
+        assert!(caps.admit(&keys("fp:a"), "1", 100, MAX, 10).is_ok());
         let both = vec!["fp:b".to_owned(), "jkt:a".to_owned()];
-        assert!(caps.admit(&both, "2", 100, 10).is_ok());
+        assert!(caps.admit(&both, "2", 100, MAX, 10).is_ok());
         let again = vec!["fp:c".to_owned(), "jkt:a".to_owned()];
-        assert!(caps.admit(&again, "3", 100, 10).is_err(), "the key is full");
+        assert!(
+            caps.admit(&again, "3", 100, MAX, 10).is_err(),
+            "the key is full"
+        );
         assert_eq!(caps.len(), 3, "a refused mint took no slot");
     }
 }

@@ -346,13 +346,33 @@ pub enum OnUnavailable {
 }
 
 /// `[store]`: where shared state lives.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
-    /// `memory` (the default, one instance).
+    /// `memory` (the default, one instance) or `redis://[:password@]host:port[/db]` (cargo
+    /// feature `redis`). May hold a password: `Debug` shows only its scheme.
     pub url: String,
     /// Failure policy.
     pub on_unavailable: OnUnavailable,
+    /// Prefix of every Redis key, so several apps can share one Redis.
+    pub key_prefix: String,
+    /// Longest wait for one store call, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+impl fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = self
+            .url
+            .split_once("://")
+            .map_or(self.url.as_str(), |(s, _)| s);
+        f.debug_struct("StoreConfig")
+            .field("url", &format_args!("{scheme}://…"))
+            .field("on_unavailable", &self.on_unavailable)
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
 }
 
 impl Default for StoreConfig {
@@ -360,6 +380,8 @@ impl Default for StoreConfig {
         Self {
             url: "memory".to_owned(),
             on_unavailable: OnUnavailable::Closed,
+            key_prefix: "perishable".to_owned(),
+            timeout_ms: 500,
         }
     }
 }
@@ -462,6 +484,10 @@ impl ConfigBuilder {
         store_url => store.url: impl Into<String> => Into::into;
         /// `store.on_unavailable`.
         store_on_unavailable => store.on_unavailable: OnUnavailable;
+        /// `store.key_prefix`.
+        store_key_prefix => store.key_prefix: impl Into<String> => Into::into;
+        /// `store.timeout_ms`.
+        store_timeout_ms => store.timeout_ms: u64;
     }
 
     /// `upstream.allowed_paths`.
@@ -714,11 +740,29 @@ impl ConfigBuilder {
                 "token budgets are not supported by this version; leave the [budget] limits at 0",
             ));
         }
-        if self.store.url != "memory" {
+        let st = &self.store;
+        if st.url != "memory" {
+            if !(st.url.starts_with("redis://") || st.url.starts_with("redis+unix://")) {
+                return Err(ConfigError::invalid(
+                    "store.url",
+                    "must be \"memory\" or a redis:// URL",
+                ));
+            }
+            if !cfg!(feature = "redis") {
+                return Err(ConfigError::invalid(
+                    "store.url",
+                    "a Redis store needs the `redis` cargo feature of perishable",
+                ));
+            }
+        }
+        if st.key_prefix.is_empty() || st.key_prefix.contains(char::is_whitespace) {
             return Err(ConfigError::invalid(
-                "store.url",
-                "only \"memory\" is supported by this version",
+                "store.key_prefix",
+                "must be non-empty, without spaces",
             ));
+        }
+        if st.timeout_ms == 0 {
+            return Err(ConfigError::invalid("store.timeout_ms", "must be above 0"));
         }
 
         Ok(Config {

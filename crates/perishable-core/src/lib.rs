@@ -20,6 +20,8 @@
 //! - [`origin`]: the `Origin` check.
 //! - [`upstream`]: the streaming forwarding Service.
 //! - [`client_ip`]: which IP a request counts against.
+//! - [`store`]: shared state (rate limits, revocations, caps, replay caches): in memory, or on
+//!   Redis (feature `redis`) for several instances.
 //! - [`error`]: the one error type, rendered in the OpenAI error shape.
 //!
 //! # Example
@@ -59,6 +61,7 @@ mod perishable;
 pub mod pow;
 pub mod rate_limit;
 pub mod session;
+pub mod store;
 pub mod token;
 pub mod upstream;
 pub mod verify;

@@ -1,15 +1,15 @@
 //! [`Perishable`]: the runtime state built once from a [`Config`], and the factory of every
 //! Layer and Service.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::client_ip::ClientIpResolver;
 use crate::config::{Config, ConfigError};
 use crate::origin::{OriginLayer, OriginPolicy};
-use crate::rate_limit::{ClientIpKey, FingerprintKey, FpKey, Limiter, RateLimitLayer};
+use crate::rate_limit::{ClientIpKey, FingerprintKey, RateLimitLayer};
 use crate::session::{SessionService, Sessions};
+use crate::store::{RateLimiter, RatePolicy, Store};
 use crate::upstream::UpstreamService;
 use crate::verify::VerifyLayer;
 
@@ -36,30 +36,38 @@ pub struct Perishable {
     config: Arc<Config>,
     sessions: Sessions,
     upstream: UpstreamService,
-    session_limiter: Arc<Limiter<FpKey>>,
-    mint_limiter: Arc<Limiter<IpAddr>>,
+    store: Arc<dyn Store>,
+    session_limiter: Arc<dyn RateLimiter>,
+    mint_limiter: Arc<dyn RateLimiter>,
     client_ip: ClientIpResolver,
     origins: OriginPolicy,
 }
 
 impl Perishable {
-    /// Builds the runtime state. Fails only if the HTTP client cannot be built.
+    /// Builds the runtime state, with the store `store.url` names: `memory`, or a Redis URL
+    /// (cargo feature `redis`). Fails if the HTTP client or the store client cannot be built.
     pub fn new(config: Config) -> Result<Self, ConfigError> {
+        let store = crate::store::from_config(&config)?;
+        Self::with_store(config, store)
+    }
+
+    /// Builds the runtime state on your own [`Store`].
+    pub fn with_store(config: Config, store: Arc<dyn Store>) -> Result<Self, ConfigError> {
         let upstream = UpstreamService::new(&config)?;
-        let sessions = Sessions::new(&config);
+        let sessions = Sessions::new(&config, store.clone());
         let r = config.rate_limit();
-        let session_limiter = Limiter::new(
-            "session",
-            r.points,
-            Duration::from_secs(r.duration_secs),
-            Duration::from_secs(r.block_duration_secs),
-        );
-        let mint_limiter = Limiter::new(
-            "mint",
-            r.mint_per_ip,
-            Duration::from_secs(60),
-            Duration::ZERO,
-        );
+        let session_limiter = store.rate_limiter(RatePolicy {
+            name: "session",
+            points: r.points,
+            window: Duration::from_secs(r.duration_secs),
+            block: Duration::from_secs(r.block_duration_secs),
+        });
+        let mint_limiter = store.rate_limiter(RatePolicy {
+            name: "mint",
+            points: r.mint_per_ip,
+            window: Duration::from_secs(60),
+            block: Duration::ZERO,
+        });
         let client_ip = ClientIpResolver::new(config.server().trusted_proxies.clone());
         let origins = OriginPolicy::new(
             config.cors().allowed_origins.iter().cloned(),
@@ -69,6 +77,7 @@ impl Perishable {
             config: Arc::new(config),
             sessions,
             upstream,
+            store,
             session_limiter,
             mint_limiter,
             client_ip,
@@ -84,6 +93,11 @@ impl Perishable {
     /// The session engine.
     pub fn sessions(&self) -> &Sessions {
         &self.sessions
+    }
+
+    /// The shared state store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
     }
 
     /// The client IP resolver (`server.trusted_proxies`).
@@ -109,6 +123,7 @@ impl Perishable {
     /// `[rate_limit]` per fingerprint; put it after [`verify_layer`](Self::verify_layer).
     pub fn rate_limit_layer(&self) -> RateLimitLayer<FingerprintKey> {
         RateLimitLayer::new(self.session_limiter.clone(), FingerprintKey)
+            .on_unavailable(self.config.store().on_unavailable)
     }
 
     /// `rate_limit.mint_per_ip` session mints per client IP per minute.
@@ -117,6 +132,7 @@ impl Perishable {
             self.mint_limiter.clone(),
             ClientIpKey::new(self.client_ip.clone()),
         )
+        .on_unavailable(self.config.store().on_unavailable)
     }
 
     /// The upstream Service for `/openai/{path}`.

@@ -5,8 +5,8 @@
 //! derived from the signing key, so every instance with the same keys accepts the same challenges
 //! and none can be forged. `POST /session` must then carry a `nonce` such that
 //! `SHA-256(challenge + nonce)` (UTF-8 strings concatenated) has at least `difficulty` leading zero
-//! bits. A challenge is accepted once (a replay cache holds it until it expires) and never after
-//! `expires_at`. At the default 16 bits a client does about 65,000 hashes (milliseconds in native
+//! bits. A challenge is accepted once (the session engine records it in the
+//! [`Store`](crate::store::Store) until it expires) and never after `expires_at`. At the default 16 bits a client does about 65,000 hashes (milliseconds in native
 //! code, well under a second in a browser worker); the server does one.
 //!
 //! ```
@@ -17,8 +17,9 @@
 //! let challenge = pow.challenge(now);
 //! let nonce = solve(&challenge.challenge, challenge.difficulty);
 //! let solution = PowSolution { challenge: challenge.challenge, nonce };
-//! assert!(pow.verify(Some(&solution), now).is_ok());
-//! assert!(pow.verify(Some(&solution), now).is_err(), "single use");
+//! assert_eq!(pow.check(Some(&solution), now)?, challenge.expires_at);
+//! assert!(pow.check(Some(&solution), challenge.expires_at).is_err(), "expired");
+//! # Ok::<(), perishable_core::Error>(())
 //! ```
 
 use std::time::Duration;
@@ -30,7 +31,6 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, ErrorCode};
-use crate::expiring::ExpiringSet;
 
 /// The `GET /challenge` response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,13 +58,13 @@ pub struct PowSolution {
 pub const MAX_NONCE_LEN: usize = 128;
 const PAYLOAD_LEN: usize = 16 + 8 + 1;
 
-/// Issues and verifies challenges; see the [module docs](self).
+/// Issues and checks challenges; see the [module docs](self). Stateless: replays are the
+/// caller's to record.
 #[derive(Debug)]
 pub struct ProofOfWork {
     key: hmac::Key,
     difficulty: u8,
     ttl: Duration,
-    used: ExpiringSet,
 }
 
 impl ProofOfWork {
@@ -74,7 +74,6 @@ impl ProofOfWork {
             key: hmac::Key::new(hmac::HMAC_SHA256, &key),
             difficulty,
             ttl,
-            used: ExpiringSet::new(),
         }
     }
 
@@ -108,7 +107,8 @@ impl ProofOfWork {
         }
     }
 
-    /// Checks a solution without using it up: returns when the challenge expires.
+    /// Checks a solution (signature, expiry, difficulty): returns when the challenge expires, the
+    /// time until which it must be remembered as used.
     pub fn check(&self, solution: Option<&PowSolution>, now: u64) -> Result<u64, Error> {
         let invalid = |why: &'static str| Error::new(ErrorCode::PowInvalid, why);
         let Some(solution) = solution else {
@@ -152,27 +152,7 @@ impl ProofOfWork {
                 "the proof of work does not have enough leading zero bits",
             ));
         }
-        if self.used.contains(&solution.challenge, now) {
-            return Err(invalid("the challenge was already used"));
-        }
         Ok(expires_at)
-    }
-
-    /// Marks a checked challenge as used. Returns `false` if another request used it first.
-    pub fn consume(&self, solution: &PowSolution, expires_at: u64, now: u64) -> bool {
-        self.used.insert(&solution.challenge, expires_at, now)
-    }
-
-    /// [`check`](Self::check) then [`consume`](Self::consume).
-    pub fn verify(&self, solution: Option<&PowSolution>, now: u64) -> Result<(), Error> {
-        let expires_at = self.check(solution, now)?;
-        match solution {
-            Some(s) if self.consume(s, expires_at, now) => Ok(()),
-            _ => Err(Error::new(
-                ErrorCode::PowInvalid,
-                "the challenge was already used",
-            )),
-        }
     }
 }
 
@@ -221,7 +201,7 @@ mod tests {
         }
     }
 
-    fn code(r: Result<(), Error>) -> ErrorCode {
+    fn code(r: Result<u64, Error>) -> ErrorCode {
         r.unwrap_err().code()
     }
 
@@ -234,15 +214,15 @@ mod tests {
 
     #[test]
     fn missing_is_required() {
-        assert_eq!(code(pow().verify(None, NOW)), ErrorCode::PowRequired);
+        assert_eq!(code(pow().check(None, NOW)), ErrorCode::PowRequired);
     }
 
     #[test]
-    fn correct_solution_is_accepted_once() {
+    fn correct_solution_is_accepted_until_expiry() {
         let pow = pow();
         let s = solved(&pow);
-        assert!(pow.verify(Some(&s), NOW).is_ok());
-        assert_eq!(code(pow.verify(Some(&s), NOW + 1)), ErrorCode::PowInvalid);
+        assert_eq!(pow.check(Some(&s), NOW).unwrap(), NOW + 60);
+        assert!(pow.check(Some(&s), NOW + 59).is_ok());
     }
 
     #[test]
@@ -258,14 +238,14 @@ mod tests {
             }
             n += 1;
         }
-        assert_eq!(code(pow.verify(Some(&s), NOW)), ErrorCode::PowInvalid);
+        assert_eq!(code(pow.check(Some(&s), NOW)), ErrorCode::PowInvalid);
     }
 
     #[test]
     fn expired_is_refused() {
         let pow = pow();
         let s = solved(&pow);
-        assert_eq!(code(pow.verify(Some(&s), NOW + 61)), ErrorCode::PowInvalid);
+        assert_eq!(code(pow.check(Some(&s), NOW + 61)), ErrorCode::PowInvalid);
     }
 
     #[test]
@@ -273,7 +253,7 @@ mod tests {
         let pow = pow();
         let other = ProofOfWork::new([2u8; 32], 12, Duration::from_secs(60));
         let s = solved(&other);
-        assert_eq!(code(pow.verify(Some(&s), NOW)), ErrorCode::PowInvalid);
+        assert_eq!(code(pow.check(Some(&s), NOW)), ErrorCode::PowInvalid);
         // A payload edited to a lower difficulty breaks the MAC.
         let c = pow.challenge(NOW);
         let mut parts: Vec<String> = c.challenge.split('.').map(str::to_owned).collect();
@@ -284,7 +264,7 @@ mod tests {
             challenge: parts.join("."),
             nonce: "0".into(),
         };
-        assert_eq!(code(pow.verify(Some(&forged), NOW)), ErrorCode::PowInvalid);
+        assert_eq!(code(pow.check(Some(&forged), NOW)), ErrorCode::PowInvalid);
     }
 
     #[test]
@@ -309,6 +289,6 @@ mod tests {
             challenge: c.challenge,
             nonce,
         };
-        assert_eq!(code(hard.verify(Some(&s), NOW)), ErrorCode::PowInvalid);
+        assert_eq!(code(hard.check(Some(&s), NOW)), ErrorCode::PowInvalid);
     }
 }

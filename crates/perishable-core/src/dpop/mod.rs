@@ -18,8 +18,9 @@
 //! 5. `iat` is at most `session.dpop_max_age_secs` old and at most `session.leeway_secs` ahead;
 //! 6. `ath` is the base64url SHA-256 of the access token, when a token is presented;
 //! 7. the key's thumbprint equals the token's `cnf.jkt`, when the token is bound;
-//! 8. the `jti` was never seen before for this key (a replay cache keeps it past the `iat`
-//!    window, so it can never come back).
+//! 8. the `jti` was never seen before for this key: the session engine records
+//!    [`DpopProof::replay_id`] in the [`Store`](crate::store::Store) past the `iat` window, so a
+//!    proof can never come back, on any instance sharing the store.
 //!
 //! A failed proof gets `400 invalid_dpop_proof` with `WWW-Authenticate: DPoP
 //! error="invalid_dpop_proof"`; a bound token without a proof, or sent with the `Bearer`
@@ -44,7 +45,8 @@
 //! };
 //! let verified = verifier.verify(&proof, &expected, now)?;
 //! assert_eq!(verified.jkt, key.thumbprint());
-//! assert!(verifier.verify(&proof, &expected, now).is_err(), "a proof works once");
+//! let other_url = Expected { htu: Htu::Exact("https://api.example.com/ai/openai/files"), ..expected };
+//! assert!(verifier.verify(&proof, &other_url, now).is_err());
 //! # Ok::<(), perishable_core::Error>(())
 //! ```
 

@@ -9,7 +9,6 @@ use serde_json::Value;
 use subtle::ConstantTimeEq;
 
 use crate::error::{Error, ErrorCode};
-use crate::expiring::ExpiringSet;
 use crate::token::hash_b64;
 
 /// Longest proof accepted.
@@ -54,6 +53,13 @@ pub struct DpopProof {
     pub iat: u64,
 }
 
+impl DpopProof {
+    /// The id to record as seen ([`Set::DpopSeen`](crate::store::Set::DpopSeen)): `jkt.jti`.
+    pub fn replay_id(&self) -> String {
+        format!("{}.{}", self.jkt, self.jti)
+    }
+}
+
 #[derive(Deserialize)]
 struct Claims {
     jti: String,
@@ -64,14 +70,14 @@ struct Claims {
     ath: Option<String>,
 }
 
-/// Verifies DPoP proofs and remembers their `jti`s; see the [module docs](super).
+/// Verifies DPoP proofs; see the [module docs](super). Stateless: the caller records each
+/// proof's [`replay_id`](DpopProof::replay_id) until [`replay_until`](Self::replay_until).
 #[derive(Debug)]
 pub struct DpopVerifier {
     max_age_secs: u64,
     leeway_secs: u64,
     es256: Validation,
     eddsa: Validation,
-    seen: ExpiringSet,
 }
 
 fn invalid(why: impl Into<std::borrow::Cow<'static, str>>) -> Error {
@@ -143,11 +149,16 @@ impl DpopVerifier {
             leeway_secs,
             es256: validation(jsonwebtoken::Algorithm::ES256),
             eddsa: validation(jsonwebtoken::Algorithm::EdDSA),
-            seen: ExpiringSet::new(),
         }
     }
 
-    /// Verifies `proof` against `expected` and records its `jti`.
+    /// Until when a proof must be remembered: past the end of its `iat` window, after which it
+    /// is refused as too old anyway.
+    pub fn replay_until(&self, proof: &DpopProof) -> u64 {
+        proof.iat + self.max_age_secs + self.leeway_secs + 1
+    }
+
+    /// Verifies `proof` against `expected` (everything but replay).
     pub fn verify(
         &self,
         proof: &str,
@@ -225,13 +236,6 @@ impl DpopVerifier {
             && !bool::from(bound.as_bytes().ct_eq(jkt.as_bytes()))
         {
             return Err(invalid("the DPoP proof is signed by another key"));
-        }
-        let until = claims.iat + self.max_age_secs + self.leeway_secs + 1;
-        if !self
-            .seen
-            .insert(&format!("{jkt}.{}", claims.jti), until, now)
-        {
-            return Err(invalid("the DPoP proof was already used (jti)"));
         }
         Ok(DpopProof {
             jkt,
@@ -339,10 +343,24 @@ mod tests {
             )
             .contains("another key")
         );
-        // Replay.
-        let proof = key.proof("GET", URL, Some("t"));
-        assert!(v.verify(&proof, &expected(Some("t"), jkt), now()).is_ok());
-        assert!(refused(&v, &proof, &expected(Some("t"), jkt)).contains("already used"));
+        // The replay id is per key and proof.
+        let a = v
+            .verify(
+                &key.proof("GET", URL, Some("t")),
+                &expected(Some("t"), jkt),
+                now(),
+            )
+            .unwrap();
+        let b = v
+            .verify(
+                &key.proof("GET", URL, Some("t")),
+                &expected(Some("t"), jkt),
+                now(),
+            )
+            .unwrap();
+        assert_ne!(a.replay_id(), b.replay_id());
+        assert!(a.replay_id().starts_with(key.thumbprint()));
+        assert!(v.replay_until(&a) > a.iat + 60);
     }
 
     #[test]

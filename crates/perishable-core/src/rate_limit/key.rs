@@ -1,6 +1,5 @@
 //! What a request is limited by.
 
-use std::hash::Hash;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -12,16 +11,9 @@ use crate::verify::VerifiedSession;
 
 /// Picks the rate-limit key of a request. Returning an error refuses the request with it.
 pub trait KeyExtractor: Clone + Send + Sync + 'static {
-    /// The key type.
-    type Key: Hash + Eq + Clone + Send + Sync + 'static;
-
-    /// The key of `req`.
-    fn extract<B>(&self, req: &Request<B>) -> Result<Self::Key, Error>;
+    /// The key of `req`. Keep it short and free of secrets: it may be a store key.
+    fn extract<B>(&self, req: &Request<B>) -> Result<String, Error>;
 }
-
-/// A compact fingerprint-hash key: the first 22 base64url characters (132 bits) of `fp`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct FpKey([u8; 22]);
 
 /// Keys on the verified session's fingerprint hash. Needs a
 /// [`crate::verify::VerifyLayer`] in front; without one, requests are refused as `missing_token`.
@@ -29,20 +21,14 @@ pub struct FpKey([u8; 22]);
 pub struct FingerprintKey;
 
 impl KeyExtractor for FingerprintKey {
-    type Key = FpKey;
-
-    fn extract<B>(&self, req: &Request<B>) -> Result<FpKey, Error> {
+    fn extract<B>(&self, req: &Request<B>) -> Result<String, Error> {
         let session = req.extensions().get::<VerifiedSession>().ok_or_else(|| {
             Error::new(
                 ErrorCode::MissingToken,
                 "a session token is required: Authorization: Bearer <token>",
             )
         })?;
-        let mut key = [0u8; 22];
-        let fp = session.fingerprint_hash().as_bytes();
-        let n = fp.len().min(22);
-        key[..n].copy_from_slice(&fp[..n]);
-        Ok(FpKey(key))
+        Ok(session.fingerprint_hash().to_owned())
     }
 }
 
@@ -63,10 +49,8 @@ impl ClientIpKey {
 static WARNED: AtomicBool = AtomicBool::new(false);
 
 impl KeyExtractor for ClientIpKey {
-    type Key = IpAddr;
-
-    fn extract<B>(&self, req: &Request<B>) -> Result<IpAddr, Error> {
-        Ok(self.resolver.resolve(req).unwrap_or_else(|| {
+    fn extract<B>(&self, req: &Request<B>) -> Result<String, Error> {
+        let ip = self.resolver.resolve(req).unwrap_or_else(|| {
             if !WARNED.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
                     "no PeerAddr in the request extensions: per-IP limits are shared by every \
@@ -74,6 +58,7 @@ impl KeyExtractor for ClientIpKey {
                 );
             }
             IpAddr::V4(Ipv4Addr::UNSPECIFIED)
-        }))
+        });
+        Ok(ip.to_string())
     }
 }

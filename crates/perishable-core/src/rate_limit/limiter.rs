@@ -13,15 +13,13 @@ use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 
 use crate::error::RateLimitInfo;
+use crate::store::RatePolicy;
 
 type Keyed<K> = RateLimiter<K, DefaultKeyedStateStore<K>, DefaultClock, StateInformationMiddleware>;
 
 /// A keyed limiter: `points` per `window`, and a block after going over.
 pub struct Limiter<K: Hash + Eq + Clone> {
-    policy: &'static str,
-    points: u32,
-    window: Duration,
-    block: Duration,
+    policy: RatePolicy,
     limiter: Keyed<K>,
     clock: DefaultClock,
     /// Keys refused until an instant. Written only when a client goes over, so it is usually
@@ -35,44 +33,49 @@ impl<K: Hash + Eq + Clone> std::fmt::Debug for Limiter<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Limiter")
             .field("policy", &self.policy)
-            .field("points", &self.points)
-            .field("window", &self.window)
-            .field("block", &self.block)
             .field("keys", &self.limiter.len())
             .finish_non_exhaustive()
     }
 }
 
 impl<K: Hash + Eq + Clone + Send + Sync + 'static> Limiter<K> {
-    /// `points` requests per `window` (at least 1 each), and `block` of refusal after going over
-    /// (`Duration::ZERO`: refused only until a request is free again). `policy` names it in the
-    /// `RateLimit` headers.
-    pub fn new(policy: &'static str, points: u32, window: Duration, block: Duration) -> Arc<Self> {
-        let points = points.max(1);
-        let window = window.max(Duration::from_millis(1));
+    /// A limiter for `policy`: `points` requests per `window` (at least 1 each), and `block` of
+    /// refusal after going over (`Duration::ZERO`: refused only until a request is free again).
+    /// On a tokio runtime, a pruning task starts with it and ends when it is dropped.
+    pub fn new(policy: RatePolicy) -> Arc<Self> {
+        let points = policy.points.max(1);
+        let window = policy.window.max(Duration::from_millis(1));
         let burst = NonZeroU32::new(points).unwrap_or(NonZeroU32::MIN);
         let period = (window / points).max(Duration::from_nanos(1));
         let quota = Quota::with_period(period)
             .unwrap_or_else(|| Quota::per_second(burst))
             .allow_burst(burst);
-        Arc::new(Self {
-            policy,
-            points,
-            window,
-            block,
+        let limiter = Arc::new(Self {
+            policy: RatePolicy {
+                points,
+                window,
+                ..policy
+            },
             limiter: RateLimiter::keyed(quota).with_middleware::<StateInformationMiddleware>(),
             clock: DefaultClock::default(),
             blocked: Mutex::new(HashMap::new()),
             blocked_len: AtomicUsize::new(0),
             pruner_started: AtomicBool::new(false),
-        })
+        });
+        limiter.ensure_pruner();
+        limiter
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &RatePolicy {
+        &self.policy
     }
 
     fn info(&self, remaining: u32, retry_after: Duration) -> RateLimitInfo {
         RateLimitInfo {
-            policy: self.policy,
-            quota: self.points,
-            window_secs: self.window.as_secs().max(1),
+            policy: self.policy.name,
+            quota: self.policy.points,
+            window_secs: self.policy.window.as_secs().max(1),
             remaining,
             retry_after,
         }
@@ -91,10 +94,10 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Limiter<K> {
             Ok(snapshot) => Ok(snapshot.remaining_burst_capacity()),
             Err(not_until) => {
                 let wait = not_until.wait_time_from(self.clock.now());
-                if self.block.is_zero() {
+                if self.policy.block.is_zero() {
                     return Err(self.info(0, wait));
                 }
-                let retry = wait.max(self.block);
+                let retry = wait.max(self.policy.block);
                 let mut blocked = self.blocked.lock().unwrap_or_else(PoisonError::into_inner);
                 blocked.insert(key.clone(), Instant::now() + retry);
                 self.blocked_len.store(blocked.len(), Ordering::Relaxed);
@@ -126,7 +129,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Limiter<K> {
 
     /// Starts the pruning task once, on the current tokio runtime. It holds only a weak
     /// reference and ends when the limiter is dropped.
-    pub(crate) fn ensure_pruner(self: &Arc<Self>) {
+    fn ensure_pruner(self: &Arc<Self>) {
         if self.pruner_started.load(Ordering::Relaxed) {
             return;
         }
@@ -137,7 +140,11 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Limiter<K> {
             return;
         }
         let weak: Weak<Self> = Arc::downgrade(self);
-        let every = self.window.max(self.block).max(Duration::from_secs(1));
+        let every = self
+            .policy
+            .window
+            .max(self.policy.block)
+            .max(Duration::from_secs(1));
         handle.spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.tick().await;
@@ -156,9 +163,18 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Limiter<K> {
 mod tests {
     use super::*;
 
+    fn limiter(points: u32, window: Duration, block: Duration) -> Arc<Limiter<i32>> {
+        Limiter::new(RatePolicy {
+            name: "t",
+            points,
+            window,
+            block,
+        })
+    }
+
     #[test]
     fn burst_then_refusal_then_block() {
-        let l = Limiter::new("t", 3, Duration::from_secs(60), Duration::from_secs(30));
+        let l = limiter(3, Duration::from_secs(60), Duration::from_secs(30));
         assert_eq!(l.check(&1), Ok(2));
         assert_eq!(l.check(&1), Ok(1));
         assert_eq!(l.check(&1), Ok(0));
@@ -172,7 +188,7 @@ mod tests {
 
     #[test]
     fn without_block_retry_is_the_replenish_time() {
-        let l = Limiter::new("t", 2, Duration::from_secs(60), Duration::ZERO);
+        let l = limiter(2, Duration::from_secs(60), Duration::ZERO);
         l.check(&1).unwrap();
         l.check(&1).unwrap();
         let refused = l.check(&1).unwrap_err();
@@ -182,7 +198,7 @@ mod tests {
 
     #[test]
     fn prune_forgets_idle_keys() {
-        let l = Limiter::new("t", 1000, Duration::from_millis(1), Duration::ZERO);
+        let l = limiter(1000, Duration::from_millis(1), Duration::ZERO);
         for k in 0..100 {
             l.check(&k).unwrap();
         }

@@ -1,6 +1,8 @@
 //! Per-client rate limiting on governor (GCRA), with block duration and PROTOCOL headers.
 //!
-//! [`RateLimitLayer`] asks a [`KeyExtractor`] for the request's key, then its [`Limiter`]:
+//! [`RateLimitLayer`] asks a [`KeyExtractor`] for the request's key, then its
+//! [`RateLimiter`](crate::store::RateLimiter) (from the [`Store`](crate::store::Store):
+//! [`Limiter`] on governor in memory, a GCRA script on Redis):
 //! `points` requests are allowed per `duration_secs` window (as a burst, replenished evenly),
 //! and a client that goes over is refused for `block_duration_secs` with `429 rate_limited`,
 //! `Retry-After` and the IETF draft `RateLimit-Policy` / `RateLimit` headers.
@@ -10,17 +12,21 @@
 //! behind one NAT do not share one; [`ClientIpKey`] keys on the client IP (session mints). Write
 //! your own [`KeyExtractor`] to key on anything else in the request.
 //!
-//! Memory stays bounded: a task (spawned on the first request, and ending when the limiter is
-//! dropped) prunes keys whose state is back to full once per window.
+//! In memory, the state stays bounded: a task (spawned with the limiter on a tokio runtime, and
+//! ending when it is dropped) prunes keys whose state is back to full once per window. When the
+//! store fails, the layer refuses with `503 store_unavailable`, or lets requests through with
+//! [`RateLimitLayer::on_unavailable`]`(OnUnavailable::Open)`.
 //!
 //! ```
 //! use std::time::Duration;
 //! use perishable_core::rate_limit::{ClientIpKey, Limiter, RateLimitLayer};
 //! use perishable_core::client_ip::{ClientIpResolver, PeerAddr};
+//! use perishable_core::store::RatePolicy;
 //! use tower::{ServiceBuilder, ServiceExt, service_fn};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let limiter = Limiter::new("mint", 1, Duration::from_secs(60), Duration::ZERO);
+//! let policy = RatePolicy { name: "mint", points: 1, window: Duration::from_secs(60), block: Duration::ZERO };
+//! let limiter = Limiter::<String>::new(policy);
 //! let svc = ServiceBuilder::new()
 //!     .layer(RateLimitLayer::new(limiter, ClientIpKey::new(ClientIpResolver::default())))
 //!     .service(service_fn(|_req: http::Request<()>| async {
@@ -43,7 +49,7 @@ mod layer;
 mod limiter;
 mod service;
 
-pub use key::{ClientIpKey, FingerprintKey, FpKey, KeyExtractor};
+pub use key::{ClientIpKey, FingerprintKey, KeyExtractor};
 pub use layer::RateLimitLayer;
 pub use limiter::Limiter;
 pub use service::RateLimit;

@@ -37,13 +37,12 @@ use serde::{Deserialize, Serialize};
 
 pub use self::mint::MintRequest;
 pub use self::service::{MAX_MINT_BODY_BYTES, SessionService};
-use crate::caps::SessionCaps;
 use crate::config::{Config, DpopMode};
 use crate::dpop::{DPOP_HEADER, DpopVerifier, Expected, Htu, OriginalUri};
 use crate::error::{Error, ErrorCode, RateLimitInfo};
-use crate::expiring::ExpiringSet;
 use crate::fingerprint::{self, FINGERPRINT_HEADER};
 use crate::pow::{Challenge, ProofOfWork};
+use crate::store::{Admission, Set, Store, StoreError, log_failure};
 use crate::token::{Claims, Confirmation, TokenCodec, hash_b64, new_jti};
 use crate::verify::VerifiedSession;
 
@@ -71,7 +70,7 @@ pub struct Sessions {
 #[derive(Debug)]
 struct Inner {
     codec: TokenCodec,
-    revoked: ExpiringSet,
+    store: Arc<dyn Store>,
     pow: ProofOfWork,
     issuer: String,
     audience: String,
@@ -81,7 +80,6 @@ struct Inner {
     min_entropy_score: u8,
     dpop_mode: DpopMode,
     dpop: DpopVerifier,
-    caps: SessionCaps,
     max_per_fingerprint: u32,
     /// `server.public_url` without a trailing slash: DPoP `htu` is this plus the request path.
     public_url: Option<String>,
@@ -102,8 +100,8 @@ pub(crate) fn unix_now() -> u64 {
 }
 
 impl Sessions {
-    /// The engine for this configuration.
-    pub fn new(config: &Config) -> Self {
+    /// The engine for this configuration, keeping its state in `store`.
+    pub fn new(config: &Config, store: Arc<dyn Store>) -> Self {
         let s = config.session();
         let keys = config.keys().clone();
         let pow = ProofOfWork::new(
@@ -114,7 +112,7 @@ impl Sessions {
         Self {
             inner: Arc::new(Inner {
                 codec: TokenCodec::new(keys, &s.issuer, &s.audience, s.leeway_secs),
-                revoked: ExpiringSet::new(),
+                store,
                 pow,
                 issuer: s.issuer.clone(),
                 audience: s.audience.clone(),
@@ -124,7 +122,6 @@ impl Sessions {
                 min_entropy_score: s.min_entropy_score,
                 dpop_mode: s.dpop,
                 dpop: DpopVerifier::new(s.dpop_max_age_secs, s.leeway_secs),
-                caps: SessionCaps::new(s.max_per_fingerprint),
                 max_per_fingerprint: s.max_per_fingerprint,
                 public_url: config
                     .server()
@@ -145,8 +142,14 @@ impl Sessions {
         self.inner.pow.challenge(unix_now())
     }
 
-    /// Mints a session from a `POST /session` request (its body already read).
-    pub fn mint<B>(&self, req: &Request<B>, body: &[u8]) -> Result<SessionObject, Error> {
+    /// Mints a session from a `POST /session` request (its head, and its body already read).
+    pub async fn mint(&self, req: &Request<()>, body: &[u8]) -> Result<SessionObject, Error> {
+        let pending = self.check_mint(req, body)?;
+        self.finish_mint(pending).await
+    }
+
+    /// The synchronous checks of a mint: body, entropy, proof of work, DPoP proof.
+    fn check_mint(&self, req: &Request<()>, body: &[u8]) -> Result<PendingMint, Error> {
         let request = MintRequest::parse(body)?;
         let score = crate::entropy::score(&request.entropy);
         if score < self.inner.min_entropy_score {
@@ -160,13 +163,15 @@ impl Sessions {
         }
         let now = unix_now();
         let pow = &self.inner.pow;
-        let pow_until = if pow.enabled() {
-            Some(pow.check(request.pow.as_ref(), now)?)
-        } else {
-            None
+        let pow_used = match (pow.enabled(), request.pow) {
+            (false, _) => None,
+            (true, solution) => {
+                let until = pow.check(solution.as_ref(), now)?;
+                solution.map(|s| (s.challenge, until))
+            }
         };
-        let cnf = match (self.inner.dpop_mode, single_dpop_header(req.headers())?) {
-            (DpopMode::Off, _) => None,
+        let (cnf, dpop_seen) = match (self.inner.dpop_mode, single_dpop_header(req.headers())?) {
+            (DpopMode::Off, _) | (DpopMode::Optional, None) => (None, None),
             (_, Some(proof)) => {
                 let htu = self.expected_htu(req)?;
                 let expected = Expected {
@@ -176,7 +181,11 @@ impl Sessions {
                     jkt: None,
                 };
                 let verified = self.inner.dpop.verify(proof, &expected, now)?;
-                Some(Confirmation { jkt: verified.jkt })
+                let seen = (
+                    verified.replay_id(),
+                    self.inner.dpop.replay_until(&verified),
+                );
+                (Some(Confirmation { jkt: verified.jkt }), Some(seen))
             }
             (DpopMode::Required, None) => {
                 return Err(Error::new(
@@ -184,7 +193,6 @@ impl Sessions {
                     "this service requires key-bound sessions: send a DPoP proof",
                 ));
             }
-            (DpopMode::Optional, None) => None,
         };
         let claims = Claims {
             iss: self.inner.issuer.clone(),
@@ -204,8 +212,32 @@ impl Sessions {
             }),
             cnf,
         };
+        Ok(PendingMint {
+            claims,
+            pow_used,
+            dpop_seen,
+        })
+    }
+
+    /// The stateful steps of a mint: the cap, then the replay records, then the token.
+    async fn finish_mint(&self, pending: PendingMint) -> Result<SessionObject, Error> {
+        let PendingMint {
+            claims,
+            pow_used,
+            dpop_seen,
+        } = pending;
+        let store = &self.inner.store;
         let slots = cap_keys(&claims);
-        if let Err(wait) = self.inner.caps.admit(&slots, &claims.jti, claims.exp, now) {
+        let admission = store
+            .admit_session(
+                &slots,
+                &claims.jti,
+                claims.exp,
+                self.inner.max_per_fingerprint,
+            )
+            .await
+            .map_err(|e| unavailable("admit_session", &e))?;
+        if let Admission::Full { retry_after_secs } = admission {
             return Err(Error::new(
                 ErrorCode::TooManySessions,
                 format!(
@@ -218,22 +250,44 @@ impl Sessions {
                 quota: self.inner.max_per_fingerprint,
                 window_secs: self.inner.ttl_secs,
                 remaining: 0,
-                retry_after: std::time::Duration::from_secs(wait),
+                retry_after: std::time::Duration::from_secs(retry_after_secs),
             }));
         }
-        // Every check passed: only now use up the challenge.
-        if let (Some(until), Some(solution)) = (pow_until, request.pow.as_ref())
-            && !pow.consume(solution, until, now)
-        {
-            self.inner.caps.release(&slots, &claims.jti);
-            return Err(Error::new(
-                ErrorCode::PowInvalid,
-                "the challenge was already used",
-            ));
+        // The cap had room: only now use up the challenge and the proof.
+        let recorded = async {
+            if let Some((challenge, until)) = &pow_used
+                && !store.insert_once(Set::PowUsed, challenge, *until).await?
+            {
+                return Ok(Some(Error::new(
+                    ErrorCode::PowInvalid,
+                    "the challenge was already used",
+                )));
+            }
+            if let Some((id, until)) = &dpop_seen
+                && !store.insert_once(Set::DpopSeen, id, *until).await?
+            {
+                return Ok(Some(Error::new(
+                    ErrorCode::InvalidDpopProof,
+                    "the DPoP proof was already used (jti)",
+                )));
+            }
+            Ok::<_, StoreError>(None)
         }
-        self.issue(&claims, now).inspect_err(|_| {
-            self.inner.caps.release(&slots, &claims.jti);
-        })
+        .await;
+        let refusal = match recorded {
+            Ok(None) => None,
+            Ok(Some(refusal)) => Some(refusal),
+            Err(e) => Some(unavailable("insert_once", &e)),
+        };
+        let signed = match refusal {
+            Some(refusal) => Err(refusal),
+            None => self.issue(&claims, claims.iat),
+        };
+        if signed.is_err() {
+            // Give the slot back; a failure here only delays its release until `exp`.
+            let _ = store.release_session(&slots, &claims.jti).await;
+        }
+        signed
     }
 
     /// The URL a DPoP proof for `req` must name; see [`crate::dpop`].
@@ -281,17 +335,50 @@ impl Sessions {
     }
 
     /// Verifies an authenticated request; see the [module docs](self).
-    pub fn verify<B>(&self, req: &Request<B>) -> Result<VerifiedSession, Error> {
+    ///
+    /// The request is read at once (its headers, method and URL); only owned data crosses the
+    /// store calls, so the returned future is `Send` whatever the body type.
+    pub fn verify<B>(
+        &self,
+        req: &Request<B>,
+    ) -> impl std::future::Future<Output = Result<VerifiedSession, Error>> + Send + 'static {
+        let checked = self.check_request(req);
+        let store = self.inner.store.clone();
+        async move {
+            let (claims, dpop_seen) = checked?;
+            let revoked = store
+                .contains(Set::Revoked, &claims.jti)
+                .await
+                .map_err(|e| unavailable("contains", &e))?;
+            if revoked {
+                return Err(Error::new(
+                    ErrorCode::SessionRevoked,
+                    "the session was revoked",
+                ));
+            }
+            if let Some((id, until)) = dpop_seen {
+                let fresh = store
+                    .insert_once(Set::DpopSeen, &id, until)
+                    .await
+                    .map_err(|e| unavailable("insert_once", &e))?;
+                if !fresh {
+                    return Err(Error::new(
+                        ErrorCode::InvalidDpopProof,
+                        "the DPoP proof was already used (jti)",
+                    ));
+                }
+            }
+            Ok(VerifiedSession { claims })
+        }
+    }
+
+    /// The synchronous checks of [`verify`](Self::verify): token, fingerprint, User-Agent, and
+    /// the DPoP proof (whose replay id is returned for the store).
+    fn check_request<B>(&self, req: &Request<B>) -> Result<(Claims, Option<(String, u64)>), Error> {
         let headers = req.headers();
         let (scheme, token) = presented_token(headers)?;
         let claims = self.inner.codec.verify(token)?;
         let now = unix_now();
-        if self.inner.revoked.contains(&claims.jti, now) {
-            return Err(Error::new(
-                ErrorCode::SessionRevoked,
-                "the session was revoked",
-            ));
-        }
         let presented = headers.get(FINGERPRINT_HEADER).ok_or_else(|| {
             Error::new(
                 ErrorCode::FingerprintMismatch,
@@ -334,7 +421,12 @@ impl Sessions {
                     access_token: Some(token),
                     jkt: Some(&cnf.jkt),
                 };
-                self.inner.dpop.verify(proof, &expected, now)?;
+                let verified = self.inner.dpop.verify(proof, &expected, now)?;
+                let seen = (
+                    verified.replay_id(),
+                    self.inner.dpop.replay_until(&verified),
+                );
+                return Ok((claims, Some(seen)));
             }
             (None, Scheme::Dpop) => {
                 return Err(Error::new(
@@ -350,13 +442,13 @@ impl Sessions {
             }
             (None, Scheme::Bearer) => {}
         }
-        Ok(VerifiedSession { claims })
+        Ok((claims, None))
     }
 
     /// Trades a verified session for a fresh token and revokes the old one.
     ///
     /// Refresh keeps `auth_time`, so it cannot extend a session past `session.max_lifetime_secs`.
-    pub fn refresh(&self, session: &VerifiedSession) -> Result<SessionObject, Error> {
+    pub async fn refresh(&self, session: &VerifiedSession) -> Result<SessionObject, Error> {
         let now = unix_now();
         let old = &session.claims;
         let end_of_life = old.auth_time.saturating_add(self.inner.max_lifetime_secs);
@@ -366,7 +458,13 @@ impl Sessions {
                 "the session reached its maximum lifetime: mint a new one",
             ));
         }
-        if !self.inner.revoked.insert(&old.jti, old.exp, now) {
+        let store = &self.inner.store;
+        // Revoking first makes a concurrent second refresh of the same token fail.
+        let fresh = store
+            .insert_once(Set::Revoked, &old.jti, old.exp)
+            .await
+            .map_err(|e| unavailable("insert_once", &e))?;
+        if !fresh {
             return Err(Error::new(
                 ErrorCode::SessionRevoked,
                 "the session was revoked",
@@ -379,25 +477,45 @@ impl Sessions {
             exp: (now + self.inner.ttl_secs).min(end_of_life),
             ..old.clone()
         };
-        self.inner
-            .caps
-            .replace(&cap_keys(old), &old.jti, &claims.jti, claims.exp);
+        store
+            .replace_session(&cap_keys(old), &old.jti, &claims.jti, claims.exp)
+            .await
+            .map_err(|e| unavailable("replace_session", &e))?;
         self.issue(&claims, now)
     }
 
-    /// Revokes a verified session until its token expires.
-    pub fn revoke(&self, session: &VerifiedSession) {
+    /// Revokes a verified session until its token expires, and frees its cap slots.
+    pub async fn revoke(&self, session: &VerifiedSession) -> Result<(), Error> {
         let claims = &session.claims;
-        self.inner
-            .revoked
-            .insert(&claims.jti, claims.exp, unix_now());
-        self.inner.caps.release(&cap_keys(claims), &claims.jti);
+        let store = &self.inner.store;
+        store
+            .insert_once(Set::Revoked, &claims.jti, claims.exp)
+            .await
+            .map_err(|e| unavailable("insert_once", &e))?;
+        store
+            .release_session(&cap_keys(claims), &claims.jti)
+            .await
+            .map_err(|e| unavailable("release_session", &e))?;
+        Ok(())
     }
+}
 
-    /// Revoked sessions held in memory (each until its token expires).
-    pub fn revoked_count(&self) -> usize {
-        self.inner.revoked.len()
-    }
+/// A mint that passed its synchronous checks.
+struct PendingMint {
+    claims: Claims,
+    /// The challenge to record as used, and until when.
+    pow_used: Option<(String, u64)>,
+    /// The DPoP proof to record as seen, and until when.
+    dpop_seen: Option<(String, u64)>,
+}
+
+/// `503 store_unavailable`, logged. Revocation, replay and cap checks always fail closed.
+fn unavailable(op: &'static str, error: &StoreError) -> Error {
+    log_failure(op, error, "refused (fail closed)");
+    Error::new(
+        ErrorCode::StoreUnavailable,
+        "the shared state store is unavailable: try again shortly",
+    )
 }
 
 /// The slots a session takes in the cap: its fingerprint, and its key when bound.

@@ -109,12 +109,12 @@ where
         return Ok(json(StatusCode::OK, &sessions.challenge()));
     }
     if path.ends_with("/session/refresh") && method == Method::POST {
-        let session = verified(sessions, &req)?;
-        return Ok(json(StatusCode::OK, &sessions.refresh(&session)?));
+        let session = verified(sessions, &req).await?;
+        return Ok(json(StatusCode::OK, &sessions.refresh(&session).await?));
     }
     if path.ends_with("/session") && method == Method::DELETE {
-        let session = verified(sessions, &req)?;
-        sessions.revoke(&session);
+        let session = verified(sessions, &req).await?;
+        sessions.revoke(&session).await?;
         let mut response = Response::new(Body::empty());
         *response.status_mut() = StatusCode::NO_CONTENT;
         return Ok(response);
@@ -137,14 +137,24 @@ where
                 ));
             }
         };
-        return Ok(json(StatusCode::OK, &sessions.mint(&head, &body)?));
+        return Ok(json(StatusCode::OK, &sessions.mint(&head, &body).await?));
     }
     Ok(not_found())
 }
 
-fn verified<B>(sessions: &Sessions, req: &Request<B>) -> Result<VerifiedSession, Error> {
-    match req.extensions().get::<VerifiedSession>() {
-        Some(session) => Ok(session.clone()),
-        None => sessions.verify(req),
+/// The request's verified session: from a [`crate::verify::VerifyLayer`] in front, or checked
+/// here. The returned future holds no borrow of the request (whose body need not be `Sync`).
+fn verified<B>(
+    sessions: &Sessions,
+    req: &Request<B>,
+) -> impl Future<Output = Result<VerifiedSession, Error>> + Send + 'static {
+    let already = req.extensions().get::<VerifiedSession>().cloned();
+    let check = already.is_none().then(|| sessions.verify(req));
+    async move {
+        match (already, check) {
+            (Some(session), _) => Ok(session),
+            (None, Some(check)) => check.await,
+            (None, None) => unreachable!("checked when there is no verified session"),
+        }
     }
 }

@@ -1,3 +1,5 @@
+use std::future::Future;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -5,7 +7,6 @@ use http::{Request, Response};
 use tower::Service;
 
 use super::VerifyLayer;
-use crate::future::ResponseFuture;
 use crate::session::Sessions;
 
 /// Middleware that verifies the session of every request; see the [module docs](super).
@@ -44,27 +45,36 @@ impl<S> Verify<S> {
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Verify<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    ReqBody: Send + 'static,
     ResBody: From<Bytes>,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResBody>;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ResBody>, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        match self.sessions.verify(&req) {
-            Ok(session) => {
-                req.extensions_mut().insert(session);
-                ResponseFuture::inner(self.inner.call(req))
+        // The clone that was polled ready goes into the future (tower's "be careful when
+        // cloning inner services").
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let verify = self.sessions.verify(&req);
+        Box::pin(async move {
+            match verify.await {
+                Ok(session) => {
+                    req.extensions_mut().insert(session);
+                    inner.call(req).await
+                }
+                Err(error) => {
+                    tracing::debug!(code = %error.code(), "session refused");
+                    Ok(error.into_response())
+                }
             }
-            Err(error) => {
-                tracing::debug!(code = %error.code(), "session refused");
-                ResponseFuture::refused(error.into_response())
-            }
-        }
+        })
     }
 }

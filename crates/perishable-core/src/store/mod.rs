@@ -1,0 +1,186 @@
+//! Shared state: the [`Store`] behind rate limits, revocations, session caps and replay caches.
+//!
+//! One instance keeps its state in memory ([`MemoryStore`], the default: governor for rate
+//! limits, no setup). Several instances behind a load balancer share a Redis ([`RedisStore`],
+//! cargo feature `redis`, `store.url = "redis://..."`), so that a client spread over them gets
+//! one rate limit, a token revoked on one is refused by all, and a proof-of-work solution or DPoP
+//! proof works once across all of them.
+//!
+//! What lives in the store:
+//!
+//! | state | operation | expires |
+//! |---|---|---|
+//! | rate limits | [`RateLimiter::check`]: GCRA, burst `points` per `window`, then `block` | with the limit's state |
+//! | revoked sessions | [`Store::insert_once`] / [`Store::contains`] on [`Set::Revoked`] | at the token's `exp` |
+//! | used proof-of-work challenges | [`Store::insert_once`] on [`Set::PowUsed`] | at the challenge's expiry |
+//! | seen DPoP proofs | [`Store::insert_once`] on [`Set::DpopSeen`] | past the proof's `iat` window |
+//! | live sessions per fingerprint / key | [`Store::admit_session`], release, replace | at each session's `exp` |
+//!
+//! When the store fails (Redis down, or slower than `store.timeout_ms`), the policy
+//! `store.on_unavailable` decides: `closed` (default) refuses with `503 store_unavailable`;
+//! `open` skips rate limits (logged) while revocation, replay and cap checks still fail closed.
+//! Nothing panics and nothing hangs; service resumes by itself when the store returns.
+//!
+//! Implement [`Store`] to keep this state elsewhere, and pass it to
+//! [`Perishable::with_store`](crate::Perishable::with_store).
+
+mod memory;
+#[cfg(feature = "redis")]
+mod redis;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use memory::MemoryStore;
+#[cfg(feature = "redis")]
+pub use redis::RedisStore;
+
+/// A boxed store operation.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// A store operation that did not complete. Never holds a secret.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store did not answer within `store.timeout_ms`.
+    #[error("the store did not answer in time")]
+    Timeout,
+    /// The store could not be reached or refused the operation.
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A rate limit: `points` requests per `window` as a burst, then `block` of refusal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RatePolicy {
+    /// The name in the `RateLimit` headers and in store keys (`session`, `mint`).
+    pub name: &'static str,
+    /// Requests per window (the burst).
+    pub points: u32,
+    /// The window over which `points` are replenished.
+    pub window: Duration,
+    /// How long a client that went over stays refused (zero: until a request is free).
+    pub block: Duration,
+}
+
+/// The answer to one rate-limit check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateDecision {
+    /// Whether the request may pass.
+    pub allowed: bool,
+    /// Requests left right now.
+    pub remaining: u32,
+    /// When refused: how long until a request is allowed.
+    pub retry_after: Duration,
+}
+
+/// A keyed rate limiter for one [`RatePolicy`].
+pub trait RateLimiter: Send + Sync + fmt::Debug {
+    /// Counts one request for `key`.
+    fn check<'a>(&'a self, key: &'a str) -> StoreFuture<'a, RateDecision>;
+
+    /// The policy.
+    fn policy(&self) -> &RatePolicy;
+}
+
+/// The sets of ids that must be seen at most once, or looked up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Set {
+    /// Revoked session ids (`jti`).
+    Revoked,
+    /// Used proof-of-work challenges.
+    PowUsed,
+    /// Seen DPoP proofs (`jkt.jti`).
+    DpopSeen,
+}
+
+impl Set {
+    /// The set's name in store keys.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Revoked => "revoked",
+            Self::PowUsed => "pow",
+            Self::DpopSeen => "dpop",
+        }
+    }
+}
+
+/// The answer to [`Store::admit_session`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// A slot was taken under every key.
+    Admitted,
+    /// A key is full; a slot frees up in this many seconds.
+    Full {
+        /// Seconds until the soonest of the full key's sessions expires (at least 1).
+        retry_after_secs: u64,
+    },
+}
+
+/// Where shared state lives; see the [module docs](self).
+pub trait Store: Send + Sync + fmt::Debug + 'static {
+    /// A rate limiter for `policy`, made once at start-up.
+    fn rate_limiter(&self, policy: RatePolicy) -> Arc<dyn RateLimiter>;
+
+    /// Adds `id` to `set` until `expires_at` (Unix seconds). `false` when it was already there:
+    /// the caller has seen a replay.
+    fn insert_once<'a>(&'a self, set: Set, id: &'a str, expires_at: u64) -> StoreFuture<'a, bool>;
+
+    /// Whether `id` is in `set` and unexpired.
+    fn contains<'a>(&'a self, set: Set, id: &'a str) -> StoreFuture<'a, bool>;
+
+    /// Takes a slot for session `jti` (until `exp`) under every key, unless one already holds
+    /// `max` live sessions.
+    fn admit_session<'a>(
+        &'a self,
+        keys: &'a [String],
+        jti: &'a str,
+        exp: u64,
+        max: u32,
+    ) -> StoreFuture<'a, Admission>;
+
+    /// Frees the slots of session `jti`.
+    fn release_session<'a>(&'a self, keys: &'a [String], jti: &'a str) -> StoreFuture<'a, ()>;
+
+    /// Moves the slots of session `old` to `new`, valid until `exp`.
+    fn replace_session<'a>(
+        &'a self,
+        keys: &'a [String],
+        old: &'a str,
+        new: &'a str,
+        exp: u64,
+    ) -> StoreFuture<'a, ()>;
+}
+
+/// The store `store.url` names.
+pub(crate) fn from_config(config: &crate::Config) -> Result<Arc<dyn Store>, crate::ConfigError> {
+    let url = config.store().url.as_str();
+    if url == "memory" {
+        return Ok(Arc::new(MemoryStore::new()));
+    }
+    #[cfg(feature = "redis")]
+    {
+        Ok(Arc::new(RedisStore::from_config(config.store())?))
+    }
+    #[cfg(not(feature = "redis"))]
+    {
+        Err(crate::ConfigError::Invalid {
+            key: "store.url",
+            reason: "Redis needs the `redis` cargo feature of perishable".to_owned(),
+        })
+    }
+}
+
+/// Logs a store failure (at most once a second per operation kind, so an outage does not flood
+/// the logs). Fields: `op`, `error`; never a key, token or fingerprint.
+pub(crate) fn log_failure(op: &'static str, error: &StoreError, action: &'static str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = crate::session::unix_now();
+    if LAST.swap(now, Ordering::Relaxed) != now {
+        tracing::warn!(target: "perishable::store", op, %error, action, "store operation failed");
+    }
+}

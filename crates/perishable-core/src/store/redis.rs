@@ -1,0 +1,354 @@
+//! [`RedisStore`]: shared state on Redis, for several instances (cargo feature `redis`).
+//!
+//! One multiplexed, auto-reconnecting connection ([`ConnectionManager`]), made lazily on first
+//! use. Every call has a timeout (`store.timeout_ms`); a failure is a [`StoreError`] that the
+//! failure policy turns into a refusal or a skipped limit, never a panic or a hang. Keys are
+//! `<store.key_prefix>:<kind>:<id>`, and each one expires with what it records:
+//!
+//! | key | type | expires |
+//! |---|---|---|
+//! | `<p>:rl:<policy>:<client>` | GCRA theoretical arrival time (µs) | when the client is back to a full burst |
+//! | `<p>:rlb:<policy>:<client>` | block marker | after the block duration |
+//! | `<p>:revoked:<jti>`, `<p>:pow:<challenge>`, `<p>:dpop:<jkt.jti>` | `SET NX` marker | with the token, challenge or proof window |
+//! | `<p>:caps:<fp:…|jkt:…>` | sorted set of live sessions, scored by `exp` | with its newest session |
+//!
+//! Rate limiting and cap admission are Lua scripts: one round trip, atomic, on Redis's clock
+//! (`TIME`), so instances with drifting clocks still agree. Redis Cluster is not supported (the
+//! cap script touches keys in several slots); use a single primary (with replicas for failover).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+use tokio::sync::OnceCell;
+
+use super::{
+    Admission, RateDecision, RateLimiter, RatePolicy, Set, Store, StoreError, StoreFuture,
+};
+use crate::config::{ConfigError, StoreConfig};
+
+/// GCRA with the same semantics as governor: a burst of `burst`, one request replenished every
+/// `interval` µs, and a block of `block` µs after going over.
+/// Returns `{allowed (0|1), remaining, retry_after_us}`.
+const GCRA: &str = r"
+local tat_key, block_key = KEYS[1], KEYS[2]
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local block = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local blocked = redis.call('PTTL', block_key)
+if blocked > 0 then
+  return {0, 0, blocked * 1000}
+end
+local tat = tonumber(redis.call('GET', tat_key) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval
+local allow_at = new_tat - interval * burst
+if now < allow_at then
+  local retry = allow_at - now
+  if block > 0 then
+    if block > retry then retry = block end
+    redis.call('SET', block_key, 1, 'PX', math.ceil(retry / 1000))
+  end
+  return {0, 0, retry}
+end
+redis.call('SET', tat_key, new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1)
+return {1, math.floor((now - allow_at) / interval), 0}
+";
+
+/// Takes a slot for `ARGV[1]` (until `ARGV[2]`, Unix s) under every key, unless one holds
+/// `ARGV[3]` live sessions. Returns -1 when admitted, else the seconds until a slot frees up.
+const ADMIT: &str = r"
+local jti, exp, max = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local now = tonumber(redis.call('TIME')[1])
+local wait = -1
+for _, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  if redis.call('ZCARD', key) >= max then
+    local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    local w = tonumber(first[2]) - now
+    if w > wait then wait = w end
+  end
+end
+if wait >= 0 then
+  if wait < 1 then wait = 1 end
+  return wait
+end
+for _, key in ipairs(KEYS) do
+  redis.call('ZADD', key, exp, jti)
+  local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  redis.call('EXPIREAT', key, tonumber(last[2]) + 1)
+end
+return -1
+";
+
+/// Moves the slots of `ARGV[1]` to `ARGV[2]` (until `ARGV[3]`).
+const REPLACE: &str = r"
+for _, key in ipairs(KEYS) do
+  redis.call('ZREM', key, ARGV[1])
+  redis.call('ZADD', key, tonumber(ARGV[3]), ARGV[2])
+  local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  redis.call('EXPIREAT', key, tonumber(last[2]) + 1)
+end
+return 1
+";
+
+/// Shared state on Redis; see the [module docs](self).
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: redis::Client,
+    conn: OnceCell<ConnectionManager>,
+    prefix: String,
+    timeout: Duration,
+    gcra: Script,
+    admit: Script,
+    replace: Script,
+}
+
+impl fmt::Debug for RedisStore {
+    // The URL may hold a password: never print it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.inner.prefix)
+            .field("timeout", &self.inner.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// A store on the Redis at `url` (`redis://[:password@]host:port[/db]`, `rediss://` for TLS
+    /// is not built in), with keys under `prefix:` and `timeout` per call. Connects on first use.
+    pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self, ConfigError> {
+        let client = redis::Client::open(url).map_err(|_| ConfigError::Invalid {
+            key: "store.url",
+            reason: "is not a valid Redis URL".to_owned(),
+        })?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                conn: OnceCell::new(),
+                prefix: prefix.to_owned(),
+                timeout,
+                gcra: Script::new(GCRA),
+                admit: Script::new(ADMIT),
+                replace: Script::new(REPLACE),
+            }),
+        })
+    }
+
+    pub(crate) fn from_config(store: &StoreConfig) -> Result<Self, ConfigError> {
+        Self::new(
+            &store.url,
+            &store.key_prefix,
+            Duration::from_millis(store.timeout_ms),
+        )
+    }
+}
+
+impl Inner {
+    fn key(&self, kind: &str, id: &str) -> String {
+        format!("{}:{kind}:{id}", self.prefix)
+    }
+
+    /// Runs `op` on the connection, within the timeout.
+    async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let work = async {
+            let conn = self
+                .conn
+                .get_or_try_init(|| async {
+                    let config = ConnectionManagerConfig::new()
+                        .set_connection_timeout(Some(self.timeout))
+                        .set_response_timeout(Some(self.timeout))
+                        .set_number_of_retries(1)
+                        .set_max_delay(Duration::from_secs(1));
+                    ConnectionManager::new_lazy_with_config(self.client.clone(), config)
+                })
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?
+                .clone();
+            op(conn)
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| StoreError::Timeout)?
+    }
+}
+
+/// A Redis GCRA limiter for one policy.
+struct RedisRateLimiter {
+    store: Arc<Inner>,
+    policy: RatePolicy,
+    interval_us: u64,
+    block_us: u64,
+}
+
+impl fmt::Debug for RedisRateLimiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisRateLimiter")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RateLimiter for RedisRateLimiter {
+    fn check<'a>(&'a self, key: &'a str) -> StoreFuture<'a, RateDecision> {
+        Box::pin(async move {
+            let tat = self.store.key(&format!("rl:{}", self.policy.name), key);
+            let block = self.store.key(&format!("rlb:{}", self.policy.name), key);
+            let (allowed, remaining, retry_us): (i64, i64, i64) = self
+                .store
+                .run(|mut conn| async move {
+                    self.store
+                        .gcra
+                        .key(tat)
+                        .key(block)
+                        .arg(self.interval_us)
+                        .arg(self.policy.points)
+                        .arg(self.block_us)
+                        .invoke_async(&mut conn)
+                        .await
+                })
+                .await?;
+            Ok(RateDecision {
+                allowed: allowed == 1,
+                remaining: u32::try_from(remaining.max(0)).unwrap_or(u32::MAX),
+                retry_after: Duration::from_micros(u64::try_from(retry_us.max(0)).unwrap_or(0)),
+            })
+        })
+    }
+
+    fn policy(&self) -> &RatePolicy {
+        &self.policy
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Store for RedisStore {
+    fn rate_limiter(&self, policy: RatePolicy) -> Arc<dyn RateLimiter> {
+        let points = policy.points.max(1);
+        let window = policy.window.max(Duration::from_millis(1));
+        let interval_us = (window.as_micros() as u64 / u64::from(points)).max(1);
+        Arc::new(RedisRateLimiter {
+            store: self.inner.clone(),
+            block_us: policy.block.as_micros() as u64,
+            policy: RatePolicy {
+                points,
+                window,
+                ..policy
+            },
+            interval_us,
+        })
+    }
+
+    fn insert_once<'a>(&'a self, set: Set, id: &'a str, expires_at: u64) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let key = self.inner.key(set.name(), id);
+            // At least a second ahead, so an entry that expires now is still written.
+            let at_ms = (expires_at.saturating_mul(1000)).max(now_ms() + 1000);
+            let set: Option<String> = self
+                .inner
+                .run(|mut conn| async move {
+                    redis::cmd("SET")
+                        .arg(key)
+                        .arg(1)
+                        .arg("PXAT")
+                        .arg(at_ms)
+                        .arg("NX")
+                        .query_async(&mut conn)
+                        .await
+                })
+                .await?;
+            Ok(set.is_some())
+        })
+    }
+
+    fn contains<'a>(&'a self, set: Set, id: &'a str) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let key = self.inner.key(set.name(), id);
+            self.inner
+                .run(|mut conn| async move { conn.exists(key).await })
+                .await
+        })
+    }
+
+    fn admit_session<'a>(
+        &'a self,
+        keys: &'a [String],
+        jti: &'a str,
+        exp: u64,
+        max: u32,
+    ) -> StoreFuture<'a, Admission> {
+        Box::pin(async move {
+            let wait: i64 = self
+                .inner
+                .run(|mut conn| async move {
+                    let mut call = self.inner.admit.prepare_invoke();
+                    for key in keys {
+                        call.key(self.inner.key("caps", key));
+                    }
+                    call.arg(jti).arg(exp).arg(max.max(1));
+                    call.invoke_async(&mut conn).await
+                })
+                .await?;
+            Ok(match u64::try_from(wait) {
+                Ok(secs) => Admission::Full {
+                    retry_after_secs: secs.max(1),
+                },
+                Err(_) => Admission::Admitted,
+            })
+        })
+    }
+
+    fn release_session<'a>(&'a self, keys: &'a [String], jti: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            self.inner
+                .run(|mut conn| async move {
+                    let mut pipe = redis::pipe();
+                    for key in keys {
+                        pipe.zrem(self.inner.key("caps", key), jti).ignore();
+                    }
+                    pipe.query_async::<()>(&mut conn).await
+                })
+                .await
+        })
+    }
+
+    fn replace_session<'a>(
+        &'a self,
+        keys: &'a [String],
+        old: &'a str,
+        new: &'a str,
+        exp: u64,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            self.inner
+                .run(|mut conn| async move {
+                    let mut call = self.inner.replace.prepare_invoke();
+                    for key in keys {
+                        call.key(self.inner.key("caps", key));
+                    }
+                    call.arg(old).arg(new).arg(exp);
+                    call.invoke_async::<i64>(&mut conn).await.map(|_| ())
+                })
+                .await
+        })
+    }
+}
