@@ -81,6 +81,8 @@ struct Inner {
     dpop_mode: DpopMode,
     dpop: DpopVerifier,
     max_per_fingerprint: u32,
+    /// `store.on_unavailable`: `open` skips the session cap when the store fails.
+    fail_open: bool,
     /// `server.public_url` without a trailing slash: DPoP `htu` is this plus the request path.
     public_url: Option<String>,
 }
@@ -123,6 +125,7 @@ impl Sessions {
                 dpop_mode: s.dpop,
                 dpop: DpopVerifier::new(s.dpop_max_age_secs, s.leeway_secs),
                 max_per_fingerprint: s.max_per_fingerprint,
+                fail_open: config.store().on_unavailable == crate::config::OnUnavailable::Open,
                 public_url: config
                     .server()
                     .public_url
@@ -228,7 +231,7 @@ impl Sessions {
         } = pending;
         let store = &self.inner.store;
         let slots = cap_keys(&claims);
-        let admission = store
+        let admission = match store
             .admit_session(
                 &slots,
                 &claims.jti,
@@ -236,7 +239,15 @@ impl Sessions {
                 self.inner.max_per_fingerprint,
             )
             .await
-            .map_err(|e| unavailable("admit_session", &e))?;
+        {
+            Ok(admission) => admission,
+            // The cap is a limit, like rate limits: `open` skips it.
+            Err(e) if self.inner.fail_open => {
+                log_failure("admit_session", &e, "skipped the session cap (fail open)");
+                Admission::Admitted
+            }
+            Err(e) => return Err(unavailable("admit_session", &e)),
+        };
         if let Admission::Full { retry_after_secs } = admission {
             return Err(Error::new(
                 ErrorCode::TooManySessions,

@@ -18,8 +18,11 @@
 //!
 //! When the store fails (Redis down, or slower than `store.timeout_ms`), the policy
 //! `store.on_unavailable` decides: `closed` (default) refuses with `503 store_unavailable`;
-//! `open` skips rate limits (logged) while revocation, replay and cap checks still fail closed.
-//! Nothing panics and nothing hangs; service resumes by itself when the store returns.
+//! `open` skips the limits (rate limits and session caps, logged) while revocation and replay
+//! checks still fail closed. Since every authenticated request checks revocation, those still get
+//! `503` under `open`; what `open` keeps going is what needs no revocation or replay record
+//! (mints without proof of work or DPoP, `GET /challenge`, `GET /health`). Nothing panics and
+//! nothing hangs; service resumes by itself when the store returns.
 //!
 //! Implement [`Store`] to keep this state elsewhere, and pass it to
 //! [`Perishable::with_store`](crate::Perishable::with_store).
