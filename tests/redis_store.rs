@@ -31,7 +31,11 @@ struct Redis {
 impl Redis {
     /// Starts one, or returns `None` (after saying so) when the binary is missing.
     fn start() -> Option<Self> {
-        if Command::new("redis-server").arg("--version").output().is_err() {
+        if Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
             assert!(
                 std::env::var_os("CI").is_none(),
                 "redis-server is required in CI (apt-get install -y redis-server)"
@@ -158,15 +162,14 @@ async fn revocation_holds_across_instances() {
     let p = pair(&redis, |c| c).await;
     let s = p.a.mint("device-rv-0001").await;
     assert_eq!(models(&p.b, &s, "device-rv-0001").await.status(), 200);
-    let revoked = p
-        .a
-        .http
-        .delete(p.a.url("/session"))
-        .bearer_auth(&s.token)
-        .header("x-perishable-fingerprint", "device-rv-0001")
-        .send()
-        .await
-        .unwrap();
+    let revoked =
+        p.a.http
+            .delete(p.a.url("/session"))
+            .bearer_auth(&s.token)
+            .header("x-perishable-fingerprint", "device-rv-0001")
+            .send()
+            .await
+            .unwrap();
     assert_eq!(revoked.status(), 204);
     let refused = models(&p.b, &s, "device-rv-0001").await;
     assert_eq!(refused.status(), 401);
@@ -200,9 +203,21 @@ async fn pow_solution_and_dpop_proof_work_once_across_instances() {
         "entropy": human_entropy(),
         "pow": p.a.solved_pow().await,
     });
-    let first = p.a.http.post(p.a.url("/session")).json(&body).send().await.unwrap();
+    let first =
+        p.a.http
+            .post(p.a.url("/session"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
     assert_eq!(first.status(), 200);
-    let replay = p.b.http.post(p.b.url("/session")).json(&body).send().await.unwrap();
+    let replay =
+        p.b.http
+            .post(p.b.url("/session"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
     assert_eq!(replay.status(), 400);
     assert_eq!(error_code(replay).await, "pow_invalid");
 
@@ -213,18 +228,20 @@ async fn pow_solution_and_dpop_proof_work_once_across_instances() {
         "entropy": human_entropy(),
         "pow": p.a.solved_pow().await,
     });
-    let minted: Value = p
-        .a
-        .http
-        .post(p.a.url("/session"))
-        .header("dpop", key.proof("POST", &format!("{PUBLIC}/session"), None))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let minted: Value =
+        p.a.http
+            .post(p.a.url("/session"))
+            .header(
+                "dpop",
+                key.proof("POST", &format!("{PUBLIC}/session"), None),
+            )
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
     assert_eq!(minted["token_type"], "DPoP", "{minted}");
     let token = minted["token"].as_str().unwrap();
     let proof = key.proof("GET", &format!("{PUBLIC}/openai/models"), Some(token));
@@ -245,7 +262,9 @@ async fn pow_solution_and_dpop_proof_work_once_across_instances() {
 
 #[tokio::test]
 async fn redis_outage_fails_closed_then_recovers() {
-    let Some(mut redis) = Redis::start() else { return };
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
     let p = pair(&redis, |c| c.pow_difficulty(0)).await;
     let s = p.a.mint("device-out-001").await;
     assert_eq!(models(&p.a, &s, "device-out-001").await.status(), 200);
@@ -278,7 +297,9 @@ async fn redis_outage_fails_closed_then_recovers() {
 
 #[tokio::test]
 async fn redis_outage_fail_open_skips_limits_only() {
-    let Some(mut redis) = Redis::start() else { return };
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
     let p = pair(&redis, |c| {
         c.pow_difficulty(0)
             .store_on_unavailable(OnUnavailable::Open)
@@ -367,6 +388,9 @@ async fn redis_gcra_agrees_with_governor() {
         assert!(!refused.allowed);
         assert!(refused.retry_after >= Duration::from_secs(29), "{store:?}");
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(!limiter.check("k").await.unwrap().allowed, "{store:?} still blocked");
+        assert!(
+            !limiter.check("k").await.unwrap().allowed,
+            "{store:?} still blocked"
+        );
     }
 }

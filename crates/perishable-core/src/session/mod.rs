@@ -173,7 +173,12 @@ impl Sessions {
                 solution.map(|s| (s.challenge, until))
             }
         };
-        let (cnf, dpop_seen) = match (self.inner.dpop_mode, single_dpop_header(req.headers())?) {
+        // With DPoP off, DPoP headers are not even parsed.
+        let presented = match self.inner.dpop_mode {
+            DpopMode::Off => None,
+            _ => single_dpop_header(req.headers())?,
+        };
+        let (cnf, dpop_seen) = match (self.inner.dpop_mode, presented) {
             (DpopMode::Off, _) | (DpopMode::Optional, None) => (None, None),
             (_, Some(proof)) => {
                 let htu = self.expected_htu(req)?;
