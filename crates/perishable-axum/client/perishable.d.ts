@@ -4,7 +4,7 @@
 /** The module's version. */
 export const VERSION: string;
 
-/** The session object of `POST /session` and `POST /session/refresh` (PROTOCOL.md). */
+/** The session object of `POST /session` and `POST /session/refresh` (wire protocol, version 1). */
 export interface Session {
   /** The session token (a JWT). Useless without the fingerprint, and without the key when DPoP-bound. */
   token: string;

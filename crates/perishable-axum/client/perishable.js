@@ -7,8 +7,8 @@
 //
 // It derives a stable fingerprint, collects bounded interaction samples, solves the proof of
 // work in a Web Worker, keeps a non-extractable P-256 key in IndexedDB for DPoP (RFC 9449), and
-// mints, caches, refreshes and re-mints the session as needed. See docs/client.md and
-// PROTOCOL.md (wire protocol version 1).
+// mints, caches, refreshes and re-mints the session as needed, following the Perishable wire
+// protocol, version 1. See docs/client.md.
 
 /** The module's version. */
 export const VERSION = "0.1.0";
@@ -431,9 +431,7 @@ async function deriveFingerprint(store) {
     "perishable-fp-1",
     nav.userAgent || "",
     nav.language || "",
-    Array.isArray(nav.languages) || (nav.languages && nav.languages.length !== undefined)
-      ? Array.prototype.join.call(nav.languages, ",")
-      : "",
+    nav.languages ? Array.prototype.join.call(nav.languages, ",") : "",
     nav.platform || "",
     nav.hardwareConcurrency || 0,
     nav.deviceMemory || 0,
@@ -795,16 +793,21 @@ export async function createClient(options) {
     return current.session;
   }
 
+  // Drops the current session (only if it is `token`, when given), and its stored copy unless
+  // another client has stored a newer one since.
   async function forget(token) {
-    if (current && (token === undefined || current.session.token === token)) {
-      current = null;
-      try {
+    if (!current || (token !== undefined && current.session.token !== token)) return;
+    const dropped = current.session.token;
+    current = null;
+    try {
+      const stored = await store.get(sessionName);
+      if (stored && stored.session && stored.session.token === dropped) {
         await store.delete(sessionName);
-      } catch (_) {
-        // Nothing stored.
       }
-      notify();
+    } catch (_) {
+      // Nothing stored.
     }
+    notify();
   }
 
   async function authHeaders(rec, method, url) {
@@ -880,14 +883,19 @@ export async function createClient(options) {
   }
 
   async function renew() {
-    if (!current || remaining(current) <= MIN_REFRESH_SECS) {
-      const stored = await loadStored();
-      if (stored && (!current || stored.session.token !== current.session.token)) {
-        current = stored;
-        notify();
-        if (remaining(stored) > threshold(stored)) return stored.session;
-      }
+    // Another tab, or another client on this page, may have refreshed already (which revoked
+    // the token we hold): take the newer stored session.
+    const stored = await loadStored();
+    if (
+      stored &&
+      (!current ||
+        (stored.session.token !== current.session.token &&
+          stored.session.expires_at >= current.session.expires_at))
+    ) {
+      current = stored;
+      notify();
     }
+    if (current && remaining(current) > threshold(current)) return current.session;
     if (current && remaining(current) > MIN_REFRESH_SECS) {
       try {
         return await refreshWith(current);
@@ -929,9 +937,12 @@ export async function createClient(options) {
     });
   }
 
-  function isOurs(url) {
-    if (url.origin !== base.origin) return false;
-    return url.pathname === basePath.slice(0, -1) || url.pathname.indexOf(basePath) === 0;
+  // Requests to authenticate: under the base URL, except the router's public routes.
+  function isOurs(url, method) {
+    if (url.origin !== base.origin || url.pathname.indexOf(basePath) !== 0) return false;
+    const route = url.pathname.slice(basePath.length - 1);
+    if (route === "/health" || route === "/challenge" || route === "/client.js") return false;
+    return !(route === "/session" && method === "POST");
   }
 
   async function send(req, session) {
@@ -946,8 +957,11 @@ export async function createClient(options) {
   }
 
   async function perishableFetch(input, init) {
+    const isRequest = typeof Request !== "undefined" && input instanceof Request;
+    const target = new URL(isRequest ? input.url : String(input), documentBase());
+    const method = normalizeMethod((init && init.method) || (isRequest ? input.method : "GET"));
+    if (!isOurs(target, method)) return baseFetch(input, init);
     const req = await normalizeRequest(input, init);
-    if (!isOurs(req.url)) return baseFetch(input, init);
     let session;
     try {
       session = await getSession();

@@ -1,8 +1,11 @@
 //! [`MemoryStore`]: the default store, in this process's memory.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use super::{Admission, RateDecision, RateLimiter, RatePolicy, Set, Store, StoreFuture};
+use super::{
+    Admission, RateDecision, RateLimiter, RatePolicy, Reservation, Set, Store, StoreFuture,
+};
 use crate::caps::SessionCaps;
 use crate::expiring::ExpiringSet;
 use crate::rate_limit::Limiter;
@@ -16,6 +19,11 @@ pub struct MemoryStore {
     pow: ExpiringSet,
     dpop: ExpiringSet,
     caps: SessionCaps,
+    /// Budget key → (window, tokens used and reserved). Entries of past windows are dropped as
+    /// they are met, and all of them when the map grows (see `reserve_tokens`).
+    budgets: Mutex<HashMap<String, (u64, u64)>>,
+    /// Session → (open streams, session exp).
+    streams: Mutex<HashMap<String, (u32, u64)>>,
 }
 
 impl MemoryStore {
@@ -78,6 +86,91 @@ impl Store for MemoryStore {
         self.caps.replace(keys, old, new, exp);
         ready(())
     }
+
+    fn reserve_tokens<'a>(
+        &'a self,
+        key: &'a str,
+        amount: u64,
+        limit: u64,
+        window_secs: u64,
+    ) -> StoreFuture<'a, Reservation> {
+        let (window, left) = window_of(unix_now(), window_secs);
+        let mut budgets = self.budgets();
+        if budgets.len() > 4096 {
+            budgets.retain(|_, (w, _)| *w == window);
+        }
+        let entry = budgets.entry(key.to_owned()).or_insert((window, 0));
+        if entry.0 != window {
+            *entry = (window, 0);
+        }
+        ready(if entry.1 >= limit {
+            Reservation::Exhausted {
+                retry_after_secs: left.max(1),
+                used: entry.1,
+            }
+        } else {
+            entry.1 = entry.1.saturating_add(amount);
+            Reservation::Reserved { window }
+        })
+    }
+
+    fn settle_tokens<'a>(
+        &'a self,
+        key: &'a str,
+        window: u64,
+        _window_secs: u64,
+        delta: i64,
+    ) -> StoreFuture<'a, ()> {
+        if let Some(entry) = self.budgets().get_mut(key)
+            && entry.0 == window
+        {
+            entry.1 = entry.1.saturating_add_signed(delta);
+        }
+        ready(())
+    }
+
+    fn acquire_stream<'a>(&'a self, session: &'a str, max: u32, exp: u64) -> StoreFuture<'a, bool> {
+        let now = unix_now();
+        let mut streams = self.streams();
+        if streams.len() > 4096 {
+            streams.retain(|_, (open, exp)| *open > 0 && *exp > now);
+        }
+        let entry = streams.entry(session.to_owned()).or_insert((0, exp));
+        ready(if entry.0 >= max {
+            false
+        } else {
+            entry.0 += 1;
+            entry.1 = exp;
+            true
+        })
+    }
+
+    fn release_stream<'a>(&'a self, session: &'a str) -> StoreFuture<'a, ()> {
+        let mut streams = self.streams();
+        if let Some(entry) = streams.get_mut(session) {
+            entry.0 = entry.0.saturating_sub(1);
+            if entry.0 == 0 {
+                streams.remove(session);
+            }
+        }
+        ready(())
+    }
+}
+
+impl MemoryStore {
+    fn budgets(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, u64)>> {
+        self.budgets.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u32, u64)>> {
+        self.streams.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The current fixed window and the seconds left in it.
+pub(crate) fn window_of(now: u64, window_secs: u64) -> (u64, u64) {
+    let len = window_secs.max(1);
+    (now / len, len - now % len)
 }
 
 impl RateLimiter for Limiter<String> {

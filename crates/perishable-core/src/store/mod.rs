@@ -15,6 +15,8 @@
 //! | used proof-of-work challenges | [`Store::insert_once`] on [`Set::PowUsed`] | at the challenge's expiry |
 //! | seen DPoP proofs | [`Store::insert_once`] on [`Set::DpopSeen`] | past the proof's `iat` window |
 //! | live sessions per fingerprint / key | [`Store::admit_session`], release, replace | at each session's `exp` |
+//! | token budgets | [`Store::reserve_tokens`], [`Store::settle_tokens`] | with the budget window |
+//! | concurrent streams per session | [`Store::acquire_stream`], [`Store::release_stream`] | with the session |
 //!
 //! When the store fails (Redis down, or slower than `store.timeout_ms`), the policy
 //! `store.on_unavailable` decides: `closed` (default) refuses with `503 store_unavailable`;
@@ -123,6 +125,23 @@ pub enum Admission {
     },
 }
 
+/// The answer to [`Store::reserve_tokens`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reservation {
+    /// Reserved in this window (pass it to [`Store::settle_tokens`]).
+    Reserved {
+        /// The window the tokens were reserved in (Unix seconds / window length).
+        window: u64,
+    },
+    /// The budget is spent until the window ends, this many seconds from now.
+    Exhausted {
+        /// Seconds until the next window (at least 1).
+        retry_after_secs: u64,
+        /// Tokens used (and reserved) in this window.
+        used: u64,
+    },
+}
+
 /// Where shared state lives; see the [module docs](self).
 pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// A rate limiter for `policy`, made once at start-up.
@@ -156,6 +175,33 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         new: &'a str,
         exp: u64,
     ) -> StoreFuture<'a, ()>;
+
+    /// Reserves `amount` tokens of `key`'s budget of `limit` per fixed window of `window_secs`
+    /// (aligned to the Unix epoch), if any of it is left: a request is admitted while the tokens
+    /// used and reserved stay under the limit.
+    fn reserve_tokens<'a>(
+        &'a self,
+        key: &'a str,
+        amount: u64,
+        limit: u64,
+        window_secs: u64,
+    ) -> StoreFuture<'a, Reservation>;
+
+    /// Corrects a reservation made in `window` by `delta` tokens (real usage minus reserved).
+    fn settle_tokens<'a>(
+        &'a self,
+        key: &'a str,
+        window: u64,
+        window_secs: u64,
+        delta: i64,
+    ) -> StoreFuture<'a, ()>;
+
+    /// Takes one of `max` concurrent-stream slots of `session` (held at most until `exp`).
+    /// `false` when all are taken.
+    fn acquire_stream<'a>(&'a self, session: &'a str, max: u32, exp: u64) -> StoreFuture<'a, bool>;
+
+    /// Gives back a slot taken with [`acquire_stream`](Self::acquire_stream).
+    fn release_stream<'a>(&'a self, session: &'a str) -> StoreFuture<'a, ()>;
 }
 
 /// The store `store.url` names.
@@ -182,6 +228,7 @@ pub(crate) fn from_config(config: &crate::Config) -> Result<Arc<dyn Store>, crat
 pub(crate) fn log_failure(op: &'static str, error: &StoreError, action: &'static str) {
     use std::sync::atomic::{AtomicU64, Ordering};
     static LAST: AtomicU64 = AtomicU64::new(0);
+    metrics::counter!("perishable_store_errors_total", "op" => op).increment(1);
     let now = crate::session::unix_now();
     if LAST.swap(now, Ordering::Relaxed) != now {
         tracing::warn!(target: "perishable::store", op, %error, action, "store operation failed");

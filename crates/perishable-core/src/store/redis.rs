@@ -25,7 +25,8 @@ use redis::{AsyncCommands, Script};
 use tokio::sync::OnceCell;
 
 use super::{
-    Admission, RateDecision, RateLimiter, RatePolicy, Set, Store, StoreError, StoreFuture,
+    Admission, RateDecision, RateLimiter, RatePolicy, Reservation, Set, Store, StoreError,
+    StoreFuture,
 };
 use crate::config::{ConfigError, StoreConfig};
 
@@ -96,6 +97,31 @@ end
 return 1
 ";
 
+/// Reserves `ARGV[1]` tokens of the budget `KEYS[1]` (limit `ARGV[2]`, window `ARGV[3]` s, on
+/// Redis's clock) if any is left. Returns `{1, window}` or `{0, retry_after_secs, used}`.
+const RESERVE: &str = r"
+local amount, limit, len = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local now = tonumber(redis.call('TIME')[1])
+local window = math.floor(now / len)
+local key = KEYS[1] .. ':' .. window
+local used = tonumber(redis.call('GET', key) or '0')
+if used >= limit then
+  return {0, len - now % len, used}
+end
+redis.call('INCRBY', key, amount)
+redis.call('EXPIREAT', key, (window + 1) * len + 60)
+return {1, window}
+";
+
+/// Takes a stream slot of session `KEYS[1]` (max `ARGV[1]`, held until `ARGV[2]` at most).
+const ACQUIRE: &str = r"
+local open = tonumber(redis.call('GET', KEYS[1]) or '0')
+if open >= tonumber(ARGV[1]) then return 0 end
+redis.call('INCR', KEYS[1])
+redis.call('EXPIREAT', KEYS[1], tonumber(ARGV[2]) + 1)
+return 1
+";
+
 /// Shared state on Redis; see the [module docs](self).
 #[derive(Clone)]
 pub struct RedisStore {
@@ -110,6 +136,8 @@ struct Inner {
     gcra: Script,
     admit: Script,
     replace: Script,
+    reserve: Script,
+    acquire: Script,
 }
 
 impl fmt::Debug for RedisStore {
@@ -139,6 +167,8 @@ impl RedisStore {
                 gcra: Script::new(GCRA),
                 admit: Script::new(ADMIT),
                 replace: Script::new(REPLACE),
+                reserve: Script::new(RESERVE),
+                acquire: Script::new(ACQUIRE),
             }),
         })
     }
@@ -347,6 +377,93 @@ impl Store for RedisStore {
                     }
                     call.arg(old).arg(new).arg(exp);
                     call.invoke_async::<i64>(&mut conn).await.map(|_| ())
+                })
+                .await
+        })
+    }
+
+    fn reserve_tokens<'a>(
+        &'a self,
+        key: &'a str,
+        amount: u64,
+        limit: u64,
+        window_secs: u64,
+    ) -> StoreFuture<'a, Reservation> {
+        Box::pin(async move {
+            let key = self.inner.key("budget", key);
+            let reply: Vec<u64> = self
+                .inner
+                .run(|mut conn| async move {
+                    self.inner
+                        .reserve
+                        .key(key)
+                        .arg(amount)
+                        .arg(limit)
+                        .arg(window_secs.max(1))
+                        .invoke_async(&mut conn)
+                        .await
+                })
+                .await?;
+            Ok(match reply.as_slice() {
+                [1, window, ..] => Reservation::Reserved { window: *window },
+                [_, retry, used, ..] => Reservation::Exhausted {
+                    retry_after_secs: (*retry).max(1),
+                    used: *used,
+                },
+                _ => return Err(StoreError::Unavailable("unexpected reply".to_owned())),
+            })
+        })
+    }
+
+    fn settle_tokens<'a>(
+        &'a self,
+        key: &'a str,
+        window: u64,
+        _window_secs: u64,
+        delta: i64,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let key = format!("{}:{window}", self.inner.key("budget", key));
+            self.inner
+                .run(|mut conn| async move {
+                    // Only an existing window is corrected (it may have expired meanwhile).
+                    let script = Script::new(
+                        "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('INCRBY', KEYS[1], ARGV[1]) end return 1",
+                    );
+                    script.key(key).arg(delta).invoke_async::<i64>(&mut conn).await.map(|_| ())
+                })
+                .await
+        })
+    }
+
+    fn acquire_stream<'a>(&'a self, session: &'a str, max: u32, exp: u64) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let key = self.inner.key("streams", session);
+            let ok: i64 = self
+                .inner
+                .run(|mut conn| async move {
+                    self.inner
+                        .acquire
+                        .key(key)
+                        .arg(max)
+                        .arg(exp)
+                        .invoke_async(&mut conn)
+                        .await
+                })
+                .await?;
+            Ok(ok == 1)
+        })
+    }
+
+    fn release_stream<'a>(&'a self, session: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let key = self.inner.key("streams", session);
+            self.inner
+                .run(|mut conn| async move {
+                    let script = Script::new(
+                        "if tonumber(redis.call('GET', KEYS[1]) or '0') > 0 then redis.call('DECR', KEYS[1]) end return 1",
+                    );
+                    script.key(key).invoke_async::<i64>(&mut conn).await.map(|_| ())
                 })
                 .await
         })
