@@ -306,7 +306,18 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<IpNet>,
 }
 
-/// `[budget]`: token budgets (accepted in the file; only the defaults are supported so far).
+/// Whose tokens a budget counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetScope {
+    /// The client: its DPoP key when bound, else its fingerprint (across its sessions).
+    #[default]
+    Client,
+    /// Each session on its own.
+    Session,
+}
+
+/// `[budget]`: token budgets, the completion cap and the stream cap; see [`crate::budget`].
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BudgetConfig {
@@ -320,6 +331,10 @@ pub struct BudgetConfig {
     pub include_usage: bool,
     /// Concurrent streams per session; 0: no cap.
     pub max_concurrent_streams: u32,
+    /// Whose tokens the budget counts.
+    pub scope: BudgetScope,
+    /// Completion tokens reserved for a request that names no ceiling.
+    pub default_reserve_tokens: u64,
 }
 
 impl Default for BudgetConfig {
@@ -330,6 +345,8 @@ impl Default for BudgetConfig {
             max_completion_tokens: 0,
             include_usage: true,
             max_concurrent_streams: 0,
+            scope: BudgetScope::Client,
+            default_reserve_tokens: 4096,
         }
     }
 }
@@ -480,6 +497,10 @@ impl ConfigBuilder {
         budget_include_usage => budget.include_usage: bool;
         /// `budget.max_concurrent_streams`.
         budget_max_concurrent_streams => budget.max_concurrent_streams: u32;
+        /// `budget.scope`.
+        budget_scope => budget.scope: BudgetScope;
+        /// `budget.default_reserve_tokens`.
+        budget_default_reserve_tokens => budget.default_reserve_tokens: u64;
         /// `store.url`.
         store_url => store.url: impl Into<String> => Into::into;
         /// `store.on_unavailable`.
@@ -732,12 +753,10 @@ impl ConfigBuilder {
             }
         };
 
-        let b = &self.budget;
-        if b.tokens_per_window != 0 || b.max_completion_tokens != 0 || b.max_concurrent_streams != 0
-        {
+        if self.budget.window_secs == 0 {
             return Err(ConfigError::invalid(
-                "budget",
-                "token budgets are not supported by this version; leave the [budget] limits at 0",
+                "budget.window_secs",
+                "must be above 0",
             ));
         }
         let st = &self.store;

@@ -18,7 +18,9 @@
 //! - [`verify`]: the Layer that checks token, fingerprint and User-Agent.
 //! - [`rate_limit`]: the per-client Layer on governor.
 //! - [`origin`]: the `Origin` check.
-//! - [`upstream`]: the streaming forwarding Service.
+//! - [`upstream`]: the streaming forwarding Service, and its usage accounting.
+//! - [`budget`]: token budgets (reserve, then settle on the real usage), the completion cap and
+//!   the concurrent-stream cap.
 //! - [`client_ip`]: which IP a request counts against.
 //! - [`store`]: shared state (rate limits, revocations, caps, replay caches): in memory, or on
 //!   Redis (feature `redis`) for several instances.
@@ -47,6 +49,7 @@
 //! ```
 
 pub mod body;
+pub mod budget;
 pub mod caps;
 pub mod client_ip;
 pub mod config;

@@ -53,7 +53,7 @@ impl Perishable {
 
     /// Builds the runtime state on your own [`Store`].
     pub fn with_store(config: Config, store: Arc<dyn Store>) -> Result<Self, ConfigError> {
-        let upstream = UpstreamService::new(&config)?;
+        let upstream = UpstreamService::with_store(&config, store.clone())?;
         let sessions = Sessions::new(&config, store.clone());
         let r = config.rate_limit();
         let session_limiter = store.rate_limiter(RatePolicy {

@@ -8,7 +8,54 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
+use super::usage::{TapMode, Usage, UsageTap};
 use crate::body::BoxError;
+
+/// Called once when a response body is done: with the usage seen, and whether it ended
+/// normally (`false`: the client went away or the upstream broke off).
+pub(crate) type OnDone = Box<dyn FnOnce(Option<Usage>, bool) + Send>;
+
+/// Usage accounting and the end-of-response hook, riding along with the body.
+pub(crate) struct Accounting {
+    tap: Option<UsageTap>,
+    on_done: Option<OnDone>,
+}
+
+impl Accounting {
+    pub(crate) fn new(mode: Option<TapMode>, on_done: OnDone) -> Self {
+        Self {
+            tap: mode.map(UsageTap::new),
+            on_done: Some(on_done),
+        }
+    }
+
+    fn done(&mut self, completed: bool) {
+        if let Some(on_done) = self.on_done.take() {
+            // A JSON body's usage is read from its tail: finish the tap if the end was missed.
+            if let Some(tap) = self.tap.as_mut()
+                && tap.usage().is_none()
+            {
+                let _ = tap.finish();
+            }
+            on_done(self.tap.as_ref().and_then(UsageTap::usage), completed);
+        }
+    }
+}
+
+impl std::fmt::Debug for Accounting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accounting")
+            .field("tap", &self.tap)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Accounting {
+    fn drop(&mut self) {
+        // Dropped before the end: the client went away (or the body was discarded).
+        self.done(false);
+    }
+}
 
 pin_project_lite::pin_project! {
     /// The upstream's body, passed on frame by frame as it arrives.
@@ -25,16 +72,18 @@ pin_project_lite::pin_project! {
         idle: Sleep,
         timeout: Duration,
         done: bool,
+        accounting: Option<Box<Accounting>>,
     }
 }
 
 impl UpstreamBody {
-    pub(crate) fn new(inner: reqwest::Body, timeout: Duration) -> Self {
+    pub(crate) fn new(inner: reqwest::Body, timeout: Duration, accounting: Accounting) -> Self {
         Self {
             inner,
             idle: tokio::time::sleep(timeout),
             timeout,
             done: false,
+            accounting: Some(Box::new(accounting)),
         }
     }
 }
@@ -51,39 +100,71 @@ impl http_body::Body for UpstreamBody {
         if *this.done {
             return Poll::Ready(None);
         }
-        match this.inner.as_mut().poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                this.idle.as_mut().reset(Instant::now() + *this.timeout);
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                *this.done = true;
-                tracing::warn!(error = %e, "the upstream response broke off");
-                Poll::Ready(Some(Err(e.into())))
-            }
-            Poll::Ready(None) => {
-                *this.done = true;
-                Poll::Ready(None)
-            }
-            Poll::Pending => match this.idle.poll(cx) {
-                Poll::Ready(()) => {
-                    *this.done = true;
-                    tracing::warn!(
-                        idle_timeout_ms = this.timeout.as_millis() as u64,
-                        "the upstream went silent; ending the response"
-                    );
-                    Poll::Ready(None)
+        loop {
+            match this.inner.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    this.idle.as_mut().reset(Instant::now() + *this.timeout);
+                    let data = match frame.into_data() {
+                        Ok(data) => data,
+                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    };
+                    metrics::counter!("perishable_upstream_bytes_total")
+                        .increment(data.len() as u64);
+                    let tap = this.accounting.as_mut().and_then(|a| a.tap.as_mut());
+                    match tap {
+                        None => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                        Some(tap) => match tap.frame(data) {
+                            Some(out) => return Poll::Ready(Some(Ok(Frame::data(out)))),
+                            // Half an event: wait for the rest.
+                            None => continue,
+                        },
+                    }
                 }
-                Poll::Pending => Poll::Pending,
-            },
+                Poll::Ready(Some(Err(e))) => {
+                    *this.done = true;
+                    tracing::warn!(error = %e, "the upstream response broke off");
+                    if let Some(mut accounting) = this.accounting.take() {
+                        accounting.done(false);
+                    }
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+                Poll::Ready(None) => {
+                    *this.done = true;
+                    let tail = finish(this.accounting, true);
+                    return Poll::Ready(tail.map(|b| Ok(Frame::data(b))));
+                }
+                Poll::Pending => {
+                    return match this.idle.as_mut().poll(cx) {
+                        Poll::Ready(()) => {
+                            *this.done = true;
+                            tracing::warn!(
+                                idle_timeout_ms = this.timeout.as_millis() as u64,
+                                "the upstream went silent; ending the response"
+                            );
+                            let tail = finish(this.accounting, false);
+                            Poll::Ready(tail.map(|b| Ok(Frame::data(b))))
+                        }
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done || self.inner.is_end_stream()
+        // Not the inner body's end: the accounting must see the end of the stream.
+        self.done
     }
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// Ends the accounting: flushes what the tap held back and runs the end hook.
+fn finish(accounting: &mut Option<Box<Accounting>>, completed: bool) -> Option<Bytes> {
+    let mut accounting = accounting.take()?;
+    let tail = accounting.tap.as_mut().and_then(UsageTap::finish);
+    accounting.done(completed);
+    tail
 }

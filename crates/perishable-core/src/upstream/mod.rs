@@ -14,8 +14,13 @@
 //!    client's headers minus credentials and hop-by-hop ones, plus `Authorization: Bearer <key>`.
 //!    Redirects are never followed (the key must not go anywhere else). Streaming requests ask for
 //!    an uncompressed answer.
-//! 5. Returns the upstream's status, headers (minus hop-by-hop and `Set-Cookie`) and body, each
-//!    chunk passed on as it arrives; event streams get `X-Accel-Buffering: no`.
+//! 5. Applies the `[budget]` rules ([`crate::budget`]): the completion cap, `include_usage` on
+//!    streamed completions, the concurrent-stream cap and the token reservation
+//!    (`429 budget_exhausted`, `429 rate_limited`).
+//! 6. Returns the upstream's status, headers (minus hop-by-hop and `Set-Cookie`) and body, each
+//!    chunk passed on as it arrives; event streams get `X-Accel-Buffering: no`. A usage tap
+//!    ([`usage`]) reads the response's `usage` as it passes, to settle the reservation and count
+//!    tokens, and hides the usage chunk the proxy asked for on the client's behalf.
 //!
 //! Timeouts: `connect_timeout_ms` for the connection (then `502 upstream_unavailable`),
 //! `first_byte_timeout_ms` for the response headers (then `504 upstream_timeout`), and
@@ -41,7 +46,9 @@ mod body;
 mod headers;
 mod path;
 mod service;
+mod usage;
 
 pub use body::UpstreamBody;
 pub use path::{AllowList, PathPattern};
 pub use service::{UpstreamPath, UpstreamService};
+pub use usage::Usage;

@@ -13,12 +13,16 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
-use super::body::UpstreamBody;
+use super::body::{Accounting, UpstreamBody};
 use super::headers::{request_headers, strip_response_headers};
 use super::path::AllowList;
+use super::usage::TapMode;
 use crate::body::{Body, BoxError};
+use crate::budget::{Budget, Inspected};
 use crate::config::{Config, ConfigError};
 use crate::error::{Error, ErrorCode};
+use crate::store::{MemoryStore, Store};
+use crate::verify::VerifiedSession;
 
 /// The `{path}` of `/openai/{path}`, set by a router that already matched it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,13 +44,20 @@ struct Inner {
     max_body_bytes: usize,
     first_byte_timeout: Duration,
     idle_timeout: Duration,
+    budget: Budget,
 }
 
 static X_ACCEL_BUFFERING: header::HeaderName = header::HeaderName::from_static("x-accel-buffering");
 
 impl UpstreamService {
-    /// A service for the `[upstream]` section of `config`, with its own connection pool.
+    /// A service for the `[upstream]` and `[budget]` sections of `config`, with its own
+    /// connection pool, keeping budget state in its own memory store.
     pub fn new(config: &Config) -> Result<Self, ConfigError> {
+        Self::with_store(config, Arc::new(MemoryStore::new()))
+    }
+
+    /// Like [`new`](Self::new), keeping budget and stream-cap state in `store`.
+    pub fn with_store(config: &Config, store: Arc<dyn Store>) -> Result<Self, ConfigError> {
         let u = config.upstream();
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(u.connect_timeout_ms))
@@ -59,13 +70,17 @@ impl UpstreamService {
                 key: "upstream",
                 reason: format!("cannot build the HTTP client: {e}"),
             })?;
-        Self::with_client(config, client)
+        Self::with_client(config, client, store)
     }
 
     /// A service that uses `client` (share one pool across services, or tune it yourself).
     ///
     /// The client should not follow redirects: the server key must reach the upstream only.
-    pub fn with_client(config: &Config, client: reqwest::Client) -> Result<Self, ConfigError> {
+    pub fn with_client(
+        config: &Config,
+        client: reqwest::Client,
+        store: Arc<dyn Store>,
+    ) -> Result<Self, ConfigError> {
         let u = config.upstream();
         let key = u.api_key.as_ref().ok_or(ConfigError::Missing {
             key: "upstream.api_key",
@@ -93,6 +108,11 @@ impl UpstreamService {
                 max_body_bytes: u.max_body_bytes,
                 first_byte_timeout: Duration::from_millis(u.first_byte_timeout_ms),
                 idle_timeout: Duration::from_millis(u.idle_timeout_ms),
+                budget: Budget::new(
+                    config.budget().clone(),
+                    store,
+                    config.store().on_unavailable,
+                ),
             }),
         })
     }
@@ -180,38 +200,51 @@ impl Inner {
         };
 
         let mut streaming = false;
-        if !body.is_empty() {
-            let mentions_stream = memchr::memmem::find(&body, b"\"stream\"").is_some();
-            if !self.allowed_models.is_empty() || mentions_stream {
-                match serde_json::from_slice::<Peek<'_>>(&body) {
-                    Ok(peek) => {
-                        streaming = peek.stream == Some(true);
-                        if !self.allowed_models.is_empty() {
-                            let allowed = peek
-                                .model
-                                .as_deref()
-                                .is_some_and(|m| self.allowed_models.iter().any(|a| a == m));
-                            if !allowed {
-                                return Err(Error::new(
-                                    ErrorCode::ModelNotAllowed,
-                                    match peek.model {
-                                        Some(m) => format!("the model {m:?} is not allowed"),
-                                        None => "the request must name an allowed model".into(),
-                                    },
-                                ));
-                            }
+        let mentions_stream =
+            !body.is_empty() && memchr::memmem::find(&body, b"\"stream\"").is_some();
+        if !body.is_empty() && (!self.allowed_models.is_empty() || mentions_stream) {
+            // A struct refuses duplicate keys, so a second "model" cannot slip past the check.
+            match serde_json::from_slice::<Peek<'_>>(&body) {
+                Ok(peek) => {
+                    streaming = peek.stream == Some(true);
+                    if !self.allowed_models.is_empty() {
+                        let allowed = peek
+                            .model
+                            .as_deref()
+                            .is_some_and(|m| self.allowed_models.iter().any(|a| a == m));
+                        if !allowed {
+                            return Err(Error::new(
+                                ErrorCode::ModelNotAllowed,
+                                match peek.model {
+                                    Some(m) => format!("the model {m:?} is not allowed"),
+                                    None => "the request must name an allowed model".into(),
+                                },
+                            ));
                         }
                     }
-                    Err(_) if !self.allowed_models.is_empty() => {
-                        return Err(Error::new(
-                            ErrorCode::InvalidJson,
-                            "the request body must be a JSON object naming an allowed model",
-                        ));
-                    }
-                    Err(_) => {}
                 }
+                Err(_) if !self.allowed_models.is_empty() => {
+                    return Err(Error::new(
+                        ErrorCode::InvalidJson,
+                        "the request body must be a JSON object naming an allowed model",
+                    ));
+                }
+                Err(_) => {}
             }
         }
+        let inspected = if !body.is_empty() && self.budget.wants_body(&path, mentions_stream) {
+            self.budget.inspect(&path, body)
+        } else {
+            Inspected {
+                body,
+                streaming,
+                ..Inspected::default()
+            }
+        };
+        let streaming = inspected.streaming;
+        let session = parts.extensions.get::<VerifiedSession>();
+        let admitted = self.budget.admit(session, &inspected).await?;
+        let body = inspected.body;
 
         let mut url = String::with_capacity(self.base_url.len() + path.len() + 32);
         url.push_str(&self.base_url);
@@ -234,7 +267,7 @@ impl Inner {
                 HeaderValue::from_static("identity"),
             );
         }
-        let mut upstream_req = reqwest::Request::new(parts.method, url);
+        let mut upstream_req = reqwest::Request::new(parts.method.clone(), url);
         *upstream_req.headers_mut() = headers;
         if !body.is_empty() {
             *upstream_req.body_mut() = Some(reqwest::Body::from(body));
@@ -267,10 +300,17 @@ impl Inner {
             }
             Ok(Ok(response)) => response,
         };
+        let first_byte = started.elapsed();
+        let status = response.status();
+        metrics::histogram!("perishable_upstream_first_byte_seconds")
+            .record(first_byte.as_secs_f64());
+        let span = tracing::Span::current();
+        span.record("upstream_status", status.as_u16());
+        span.record("upstream_first_byte_us", first_byte.as_micros() as u64);
         tracing::debug!(
             path = %path,
-            status = response.status().as_u16(),
-            first_byte_us = started.elapsed().as_micros() as u64,
+            status = status.as_u16(),
+            first_byte_us = first_byte.as_micros() as u64,
             "upstream answered"
         );
 
@@ -287,9 +327,39 @@ impl Inner {
                 .headers
                 .insert(X_ACCEL_BUFFERING.clone(), HeaderValue::from_static("no"));
         }
+        let is_json = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        let failed = !status.is_success();
+        let tap = match (failed, is_event_stream, is_json) {
+            (true, _, _) => None,
+            (false, true, _) if inspected.hide_usage => Some(TapMode::EventsHidingUsage),
+            (false, true, _) => Some(TapMode::Events),
+            (false, false, true) => Some(TapMode::Json),
+            _ => None,
+        };
+        let budget = self.budget.clone();
+        let on_done = Box::new(move |usage: Option<super::Usage>, _completed: bool| {
+            metrics::histogram!("perishable_upstream_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
+            if let Some(u) = usage {
+                metrics::counter!("perishable_tokens_total", "kind" => "prompt")
+                    .increment(u.prompt_tokens);
+                metrics::counter!("perishable_tokens_total", "kind" => "completion")
+                    .increment(u.completion_tokens);
+            }
+            budget.settle(admitted, usage, failed);
+        });
+        let accounting = Accounting::new(tap, on_done);
+        if inspected.hide_usage && tap == Some(TapMode::EventsHidingUsage) {
+            // The body is rewritten: its length changes.
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
         Ok(Response::from_parts(
             parts,
-            Body::upstream(UpstreamBody::new(body, self.idle_timeout)),
+            Body::upstream(UpstreamBody::new(body, self.idle_timeout, accounting)),
         ))
     }
 }
