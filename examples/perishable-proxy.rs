@@ -14,7 +14,9 @@
 //! proxy's own origins (`http://127.0.0.1:PORT`, `http://localhost:PORT`) are allowed, so the
 //! page can call it.
 //!
-//! Logs go to stderr; set `RUST_LOG=perishable=debug` for more.
+//! Logs go to stderr; set `RUST_LOG=perishable=debug` for more. With `--metrics ADDR` (or
+//! `PERISHABLE_METRICS_ADDR`) the metrics are served in Prometheus format at
+//! `http://ADDR/metrics`, on that separate listener only: never under the public routes.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -28,17 +30,20 @@ const USAGE: &str = "\
 perishable-proxy: an OpenAI-compatible proxy that never gives clients the API key
 
 USAGE:
-    perishable-proxy [--config FILE] [--port N] [--host ADDR] [--upstream URL]
+    perishable-proxy [--config FILE] [--port N] [--host ADDR] [--upstream URL] [--metrics ADDR]
 
 OPTIONS:
     --config FILE    PROTOCOL config file, TOML or JSON (default: ./perishable.toml when present)
     --port N         port to listen on (default: $PORT, else 8080)
     --host ADDR      address to listen on (default: 127.0.0.1)
     --upstream URL   upstream base URL (overrides upstream.base_url and $OPENAI_BASE_URL)
+    --metrics ADDR   serve Prometheus metrics on a separate listener, e.g. 127.0.0.1:9464
+                     (default: $PERISHABLE_METRICS_ADDR; off when unset)
     -h, --help       this text
 
 ENVIRONMENT:
-    OPENAI_API_KEY, OPENAI_BASE_URL, PORT, PERISHABLE_JWT_SECRET, PERISHABLE_STORE_URL
+    OPENAI_API_KEY, OPENAI_BASE_URL, PORT, PERISHABLE_JWT_SECRET, PERISHABLE_STORE_URL,
+    PERISHABLE_METRICS_ADDR
     With no API key, a built-in mock upstream is served so the demo works offline.";
 
 struct Args {
@@ -46,6 +51,7 @@ struct Args {
     port: Option<u16>,
     host: Option<IpAddr>,
     upstream: Option<String>,
+    metrics: Option<SocketAddr>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -54,6 +60,7 @@ fn parse_args() -> Result<Args, String> {
         port: None,
         host: None,
         upstream: None,
+        metrics: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -88,6 +95,13 @@ fn parse_args() -> Result<Args, String> {
                 );
             }
             "--upstream" => args.upstream = Some(value("--upstream")?),
+            "--metrics" => {
+                let v = value("--metrics")?;
+                args.metrics = Some(
+                    v.parse()
+                        .map_err(|_| format!("--metrics: {v:?} is not an address (IP:PORT)"))?,
+                );
+            }
             other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
         }
     }
@@ -141,6 +155,24 @@ async fn main() -> ExitCode {
 async fn run() -> Result<(), String> {
     let args = parse_args()?;
     let mut builder = load(&args)?;
+
+    let metrics = match args.metrics {
+        Some(addr) => Some(addr),
+        None => match std::env::var("PERISHABLE_METRICS_ADDR") {
+            Ok(v) if !v.is_empty() => Some(
+                v.parse()
+                    .map_err(|_| format!("PERISHABLE_METRICS_ADDR: {v:?} is not an address"))?,
+            ),
+            _ => None,
+        },
+    };
+    if let Some(addr) = metrics {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+        tracing::info!("metrics in Prometheus format at http://{addr}/metrics");
+    }
 
     if !builder.has_upstream_api_key() {
         let key = format!("sk-mock-{}", std::process::id());

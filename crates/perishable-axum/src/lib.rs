@@ -21,6 +21,9 @@
 //!
 //! Outermost first, every request goes through:
 //!
+//! 0. observability: `Authorization`, `Cookie`, `DPoP` and `X-Perishable-Fingerprint` marked
+//!    sensitive, then one `perishable.request` span with request and refusal metrics, and
+//!    refusals sent to the audit hook ([`perishable_core::observe`]);
 //! 1. the peer address and original URI: axum's `ConnectInfo<SocketAddr>` copied into
 //!    [`PeerAddr`] for the per-IP limit, and axum's `OriginalUri` (the path before `nest`
 //!    stripped its prefix) into [`OriginalUri`] for DPoP `htu`;
@@ -52,6 +55,7 @@ use perishable_core::{ConfigError, Perishable};
 use tower::ServiceBuilder;
 use tower::util::MapRequestLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 pub use perishable_core::Config;
 
@@ -182,6 +186,13 @@ where
         .layer(cors_layer(perishable))
         .layer(perishable.origin_layer())
         .layer(MapRequestLayer::new(peer_addr::<axum::body::Body>))
+        .layer(perishable.observe_layer())
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+            header::COOKIE,
+            perishable_core::dpop::DPOP_HEADER,
+            perishable_core::fingerprint::FINGERPRINT_HEADER,
+        ]))
 }
 
 /// Copies axum's `ConnectInfo<SocketAddr>` into [`PeerAddr`] and axum's `OriginalUri` into

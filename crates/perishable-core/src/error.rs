@@ -192,6 +192,17 @@ pub struct Error {
     message: Cow<'static, str>,
     rate_limit: Option<RateLimitInfo>,
     retry_after: Option<Duration>,
+    session_id: Option<String>,
+}
+
+/// Put in the extensions of every response Perishable refuses with: lets outer layers count and
+/// audit refusals (upstream errors passed through carry none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The PROTOCOL code.
+    pub code: ErrorCode,
+    /// The session, when the refusal came after it was verified.
+    pub session_id: Option<String>,
 }
 
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -205,7 +216,15 @@ impl Error {
             message: message.into(),
             rate_limit: None,
             retry_after: None,
+            session_id: None,
         }
+    }
+
+    /// Names the session the refusal concerns (for the audit hook; never rendered).
+    #[must_use]
+    pub fn with_session(mut self, session_id: impl Into<String>) -> Self {
+        self.session_id = Some(session_id.into());
+        self
     }
 
     /// A 429 `rate_limited` carrying the limit's headers.
@@ -277,6 +296,10 @@ impl Error {
     pub fn into_response<B: From<Bytes>>(self) -> Response<B> {
         let mut response = Response::new(B::from(self.body()));
         *response.status_mut() = self.status();
+        response.extensions_mut().insert(Refusal {
+            code: self.code,
+            session_id: self.session_id.clone(),
+        });
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if self.status() == StatusCode::UNAUTHORIZED || self.code == ErrorCode::InvalidDpopProof {

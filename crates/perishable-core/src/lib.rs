@@ -25,6 +25,7 @@
 //! - [`store`]: shared state (rate limits, revocations, caps, replay caches): in memory, or on
 //!   Redis (feature `redis`) for several instances.
 //! - [`error`]: the one error type, rendered in the OpenAI error shape.
+//! - [`observe`]: the request span and metrics; [`audit`]: the audit hook.
 //!
 //! # Example
 //!
@@ -48,6 +49,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod audit;
 pub mod body;
 pub mod budget;
 pub mod caps;
@@ -59,6 +61,7 @@ pub mod error;
 pub mod expiring;
 pub mod fingerprint;
 mod future;
+pub mod observe;
 pub mod origin;
 mod perishable;
 pub mod pow;

@@ -4,8 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::audit::{Audit, AuditAlreadySet, AuditEvent};
 use crate::client_ip::ClientIpResolver;
 use crate::config::{Config, ConfigError};
+use crate::observe::ObserveLayer;
 use crate::origin::{OriginLayer, OriginPolicy};
 use crate::rate_limit::{ClientIpKey, FingerprintKey, RateLimitLayer};
 use crate::session::{SessionService, Sessions};
@@ -41,6 +43,7 @@ pub struct Perishable {
     mint_limiter: Arc<dyn RateLimiter>,
     client_ip: ClientIpResolver,
     origins: OriginPolicy,
+    audit: Audit,
 }
 
 impl Perishable {
@@ -54,7 +57,8 @@ impl Perishable {
     /// Builds the runtime state on your own [`Store`].
     pub fn with_store(config: Config, store: Arc<dyn Store>) -> Result<Self, ConfigError> {
         let upstream = UpstreamService::with_store(&config, store.clone())?;
-        let sessions = Sessions::new(&config, store.clone());
+        let audit = Audit::default();
+        let sessions = Sessions::new(&config, store.clone(), audit.clone());
         let r = config.rate_limit();
         let session_limiter = store.rate_limiter(RatePolicy {
             name: "session",
@@ -82,6 +86,7 @@ impl Perishable {
             mint_limiter,
             client_ip,
             origins,
+            audit,
         })
     }
 
@@ -108,6 +113,21 @@ impl Perishable {
     /// The origin policy (`cors.allowed_origins` and `server.public_url`).
     pub fn origin_policy(&self) -> &OriginPolicy {
         &self.origins
+    }
+
+    /// Registers the audit hook: session mints, refreshes, revocations and refusals (once; see
+    /// [`crate::audit`]).
+    pub fn on_audit(
+        &self,
+        hook: impl Fn(&AuditEvent) + Send + Sync + 'static,
+    ) -> Result<(), AuditAlreadySet> {
+        self.audit.set(hook)
+    }
+
+    /// The request span, request and refusal metrics, and refusals to the audit hook; put it
+    /// outermost (see [`crate::observe`]).
+    pub fn observe_layer(&self) -> ObserveLayer {
+        ObserveLayer::new(self.audit.clone())
     }
 
     /// Refuses disallowed `Origin`s (`403 origin_not_allowed`).

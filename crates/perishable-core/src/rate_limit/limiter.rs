@@ -110,6 +110,8 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Limiter<K> {
     pub fn prune(&self) {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
+        metrics::gauge!("perishable_rate_limiter_keys", "policy" => self.policy.name)
+            .set(self.limiter.len() as f64);
         let now = Instant::now();
         let mut blocked = self.blocked.lock().unwrap_or_else(PoisonError::into_inner);
         blocked.retain(|_, until| *until > now);

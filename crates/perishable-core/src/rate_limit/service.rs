@@ -86,13 +86,21 @@ where
                 Ok(decision) if decision.allowed => inner.call(req).await,
                 Ok(decision) => {
                     let policy = limiter.policy();
-                    Ok(Error::rate_limited(RateLimitInfo {
+                    let session = req
+                        .extensions()
+                        .get::<crate::verify::VerifiedSession>()
+                        .map(|s| s.session_id().to_owned());
+                    let refusal = Error::rate_limited(RateLimitInfo {
                         policy: policy.name,
                         quota: policy.points,
                         window_secs: policy.window.as_secs().max(1),
                         remaining: decision.remaining,
                         retry_after: decision.retry_after,
-                    })
+                    });
+                    Ok(match session {
+                        Some(id) => refusal.with_session(id),
+                        None => refusal,
+                    }
                     .into_response())
                 }
                 Err(e) if on_unavailable == OnUnavailable::Open => {

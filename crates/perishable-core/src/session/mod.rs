@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 
 pub use self::mint::MintRequest;
 pub use self::service::{MAX_MINT_BODY_BYTES, SessionService};
+use crate::audit::{Audit, AuditEvent};
 use crate::config::{Config, DpopMode};
 use crate::dpop::{DPOP_HEADER, DpopVerifier, Expected, Htu, OriginalUri};
 use crate::error::{Error, ErrorCode, RateLimitInfo};
@@ -71,6 +72,7 @@ pub struct Sessions {
 struct Inner {
     codec: TokenCodec,
     store: Arc<dyn Store>,
+    audit: Audit,
     pow: ProofOfWork,
     issuer: String,
     audience: String,
@@ -102,8 +104,9 @@ pub(crate) fn unix_now() -> u64 {
 }
 
 impl Sessions {
-    /// The engine for this configuration, keeping its state in `store`.
-    pub fn new(config: &Config, store: Arc<dyn Store>) -> Self {
+    /// The engine for this configuration, keeping its state in `store`, and reporting to
+    /// `audit`.
+    pub fn new(config: &Config, store: Arc<dyn Store>, audit: Audit) -> Self {
         let s = config.session();
         let keys = config.keys().clone();
         let pow = ProofOfWork::new(
@@ -115,6 +118,7 @@ impl Sessions {
             inner: Arc::new(Inner {
                 codec: TokenCodec::new(keys, &s.issuer, &s.audience, s.leeway_secs),
                 store,
+                audit,
                 pow,
                 issuer: s.issuer.clone(),
                 audience: s.audience.clone(),
@@ -299,9 +303,20 @@ impl Sessions {
             Some(refusal) => Err(refusal),
             None => self.issue(&claims, claims.iat),
         };
-        if signed.is_err() {
-            // Give the slot back; a failure here only delays its release until `exp`.
-            let _ = store.release_session(&slots, &claims.jti).await;
+        match &signed {
+            Ok(session) => {
+                tracing::Span::current().record("session_id", session.session_id.as_str());
+                metrics::counter!("perishable_sessions_total", "event" => "minted").increment(1);
+                self.inner.audit.emit(|| AuditEvent::Minted {
+                    session_id: session.session_id.clone(),
+                    key_bound: claims.cnf.is_some(),
+                    expires_at: session.expires_at,
+                });
+            }
+            Err(_) => {
+                // Give the slot back; a failure here only delays its release until `exp`.
+                let _ = store.release_session(&slots, &claims.jti).await;
+            }
         }
         signed
     }
@@ -497,7 +512,14 @@ impl Sessions {
             .replace_session(&cap_keys(old), &old.jti, &claims.jti, claims.exp)
             .await
             .map_err(|e| unavailable("replace_session", &e))?;
-        self.issue(&claims, now)
+        let issued = self.issue(&claims, now)?;
+        metrics::counter!("perishable_sessions_total", "event" => "refreshed").increment(1);
+        self.inner.audit.emit(|| AuditEvent::Refreshed {
+            old_session_id: old.jti.clone(),
+            session_id: issued.session_id.clone(),
+            expires_at: issued.expires_at,
+        });
+        Ok(issued)
     }
 
     /// Revokes a verified session until its token expires, and frees its cap slots.
@@ -512,6 +534,10 @@ impl Sessions {
             .release_session(&cap_keys(claims), &claims.jti)
             .await
             .map_err(|e| unavailable("release_session", &e))?;
+        metrics::counter!("perishable_sessions_total", "event" => "revoked").increment(1);
+        self.inner.audit.emit(|| AuditEvent::Revoked {
+            session_id: claims.jti.clone(),
+        });
         Ok(())
     }
 }

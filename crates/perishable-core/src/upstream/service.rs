@@ -133,10 +133,18 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let inner = self.inner.clone();
+        let session = req
+            .extensions()
+            .get::<VerifiedSession>()
+            .map(|s| s.session_id().to_owned());
         Box::pin(async move {
             Ok(match inner.forward(req).await {
                 Ok(response) => response,
-                Err(error) => error.into_response(),
+                Err(error) => match session {
+                    Some(id) => error.with_session(id),
+                    None => error,
+                }
+                .into_response(),
             })
         })
     }

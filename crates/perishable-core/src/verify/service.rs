@@ -67,6 +67,7 @@ where
         Box::pin(async move {
             match verify.await {
                 Ok(session) => {
+                    tracing::Span::current().record("session_id", session.session_id());
                     req.extensions_mut().insert(session);
                     inner.call(req).await
                 }

@@ -1,0 +1,184 @@
+//! Observability for every request: one tracing span, request and refusal metrics, and refusals
+//! to the audit hook.
+//!
+//! [`ObserveLayer`] wraps the whole stack. For each request it opens an `INFO` span
+//! `perishable.request` with the fields `route`, `method`, `status`, `latency_us`, `session_id`
+//! (filled in by the verification or mint), `upstream_status` and `upstream_first_byte_us`
+//! (filled in by the upstream Service). It never records the token, the fingerprint or any
+//! header: mark `Authorization`, `DPoP` and `X-Perishable-Fingerprint` sensitive if another
+//! layer logs headers (the axum router does). It emits no per-chunk events.
+//!
+//! Metrics, through the [`metrics`] facade (the embedding app installs the exporter):
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `perishable_requests_total` | counter | `route`, `status` |
+//! | `perishable_request_duration_seconds` | histogram | `route` (until the response head) |
+//! | `perishable_refusals_total` | counter | `code` (the PROTOCOL code) |
+//! | `perishable_sessions_total` | counter | `event`: `minted`, `refreshed`, `revoked` |
+//! | `perishable_upstream_first_byte_seconds` | histogram | |
+//! | `perishable_upstream_duration_seconds` | histogram | (until the response body ends) |
+//! | `perishable_upstream_bytes_total` | counter | |
+//! | `perishable_tokens_total` | counter | `kind`: `prompt`, `completion` |
+//! | `perishable_rate_limiter_keys` | gauge | `policy` (in-memory limiter, at each prune) |
+//! | `perishable_store_errors_total` | counter | `op` |
+//!
+//! Routes are labelled from the end of the path, so the labels stay few whatever the mount
+//! point: `health`, `challenge`, `mint`, `refresh`, `revoke`, `client`, `openai`, `other`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::{Method, Request, Response};
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+use crate::audit::{Audit, AuditEvent};
+use crate::error::Refusal;
+
+/// The route label of a request; see the [module docs](self).
+pub fn route_label<B>(req: &Request<B>) -> &'static str {
+    let path = req.uri().path().trim_end_matches('/');
+    if path.contains("/openai/") || path.ends_with("/openai") {
+        "openai"
+    } else if path.ends_with("/session/refresh") {
+        "refresh"
+    } else if path.ends_with("/session") {
+        match *req.method() {
+            Method::DELETE => "revoke",
+            _ => "mint",
+        }
+    } else if path.ends_with("/challenge") {
+        "challenge"
+    } else if path.ends_with("/health") {
+        "health"
+    } else if path.ends_with("/client.js") {
+        "client"
+    } else {
+        "other"
+    }
+}
+
+/// Applies [`Observe`]; see the [module docs](self).
+#[derive(Debug, Clone, Default)]
+pub struct ObserveLayer {
+    audit: Audit,
+}
+
+impl ObserveLayer {
+    /// Observes requests, sending refusals to `audit`.
+    pub fn new(audit: Audit) -> Self {
+        Self { audit }
+    }
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe {
+            inner,
+            audit: self.audit.clone(),
+        }
+    }
+}
+
+/// Middleware that traces and measures every request; see the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct Observe<S> {
+    inner: S,
+    audit: Audit,
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Observe<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+    ResBody: 'static,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ResBody>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let route = route_label(&req);
+        let span = tracing::info_span!(
+            "perishable.request",
+            route,
+            method = %req.method(),
+            status = tracing::field::Empty,
+            latency_us = tracing::field::Empty,
+            session_id = tracing::field::Empty,
+            upstream_status = tracing::field::Empty,
+            upstream_first_byte_us = tracing::field::Empty,
+        );
+        let started = Instant::now();
+        let future = span.in_scope(|| self.inner.call(req));
+        let audit = self.audit.clone();
+        let record_span = span.clone();
+        Box::pin(
+            async move {
+                let result = future.await;
+                if let Ok(response) = &result {
+                    let status = response.status().as_u16();
+                    let elapsed = started.elapsed();
+                    record_span.record("status", status);
+                    record_span.record("latency_us", elapsed.as_micros() as u64);
+                    metrics::counter!(
+                        "perishable_requests_total",
+                        "route" => route,
+                        "status" => status_label(status),
+                    )
+                    .increment(1);
+                    metrics::histogram!("perishable_request_duration_seconds", "route" => route)
+                        .record(elapsed.as_secs_f64());
+                    if let Some(Refusal { code, session_id }) =
+                        response.extensions().get::<Refusal>()
+                    {
+                        metrics::counter!("perishable_refusals_total", "code" => code.as_str())
+                            .increment(1);
+                        audit.emit(|| AuditEvent::Refused {
+                            code: *code,
+                            route,
+                            session_id: session_id.clone(),
+                        });
+                    }
+                }
+                result
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// Status codes as static label values (no allocation per request).
+fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        204 => "204",
+        304 => "304",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        413 => "413",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
