@@ -94,6 +94,10 @@ pub struct MockOptions {
     pub api_key: Option<String>,
     /// Record every request (see [`MockUpstream::requests`]). Default: `true`.
     pub record: bool,
+    /// Fixed `id`s and `created` times, so two identical requests get byte-identical answers
+    /// (to compare what a client receives with and without something in between). Default:
+    /// `false`.
+    pub deterministic: bool,
 }
 
 impl Default for MockOptions {
@@ -103,6 +107,7 @@ impl Default for MockOptions {
             stream_deltas: None,
             api_key: None,
             record: true,
+            deterministic: false,
         }
     }
 }
@@ -140,6 +145,13 @@ impl MockOptions {
     #[must_use]
     pub fn record(mut self, record: bool) -> Self {
         self.record = record;
+        self
+    }
+
+    /// Sets [`deterministic`](Self::deterministic).
+    #[must_use]
+    pub fn deterministic(mut self, deterministic: bool) -> Self {
+        self.deterministic = deterministic;
         self
     }
 }
@@ -390,8 +402,7 @@ impl Inner {
             .unwrap_or_default();
         let deltas = self.deltas(&reply_text(&last_user));
         let usage = usage_json(prompt_tokens, deltas.len());
-        let id = format!("chatcmpl-mock-{n}");
-        let created = unix_now();
+        let (id, created) = self.id_and_created("chatcmpl-mock", n);
 
         if !wants_stream(&request) {
             let content: String = deltas.concat();
@@ -470,8 +481,7 @@ impl Inner {
         };
         let deltas = self.deltas(&reply_text(&prompt));
         let usage = usage_json(word_count(&prompt).max(1), deltas.len());
-        let id = format!("cmpl-mock-{n}");
-        let created = unix_now();
+        let (id, created) = self.id_and_created("cmpl-mock", n);
 
         if !wants_stream(&request) {
             let text: String = deltas.concat();
@@ -531,6 +541,15 @@ impl Inner {
 
     /// Splits a reply into content deltas whose concatenation is the reply text: one per
     /// word, or exactly `stream_deltas` cycling through the words.
+    /// A response id and `created` time: fixed when the mock is deterministic.
+    fn id_and_created(&self, prefix: &str, n: u64) -> (String, u64) {
+        if self.options.deterministic {
+            (prefix.to_owned(), FIXED_CREATED)
+        } else {
+            (format!("{prefix}-{n}"), unix_now())
+        }
+    }
+
     fn deltas(&self, reply: &str) -> Vec<String> {
         let words: Vec<&str> = reply.split_whitespace().collect();
         let count = self.options.stream_deltas.unwrap_or(words.len());
@@ -864,6 +883,9 @@ fn usage_json(prompt_tokens: usize, completion_tokens: usize) -> Value {
 fn event(value: &Value) -> Bytes {
     Bytes::from(format!("data: {value}\n\n"))
 }
+
+/// The `created` time of deterministic answers.
+const FIXED_CREATED: u64 = 1_700_000_000;
 
 fn unix_now() -> u64 {
     SystemTime::now()
