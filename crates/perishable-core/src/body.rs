@@ -9,6 +9,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
+use crate::error::{Error, ErrorCode};
 use crate::upstream::UpstreamBody;
 
 /// Errors a body can yield (only an upstream stream can fail).
@@ -108,5 +109,26 @@ impl http_body::Body for Body {
             Kind::Full { bytes: Some(b) } => SizeHint::with_exact(b.len() as u64),
             Kind::Upstream { body } => body.size_hint(),
         }
+    }
+}
+
+/// Reads a request body of at most `limit` bytes: `413 body_too_large` past it (`what` names the
+/// body in the message), `400 invalid_json` when it cannot be read.
+pub(crate) async fn read_limited<B>(body: B, limit: usize, what: &str) -> Result<Bytes, Error>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    use http_body_util::BodyExt;
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Error::new(
+            ErrorCode::BodyTooLarge,
+            format!("{what} is over {limit} bytes"),
+        )),
+        Err(_) => Err(Error::new(
+            ErrorCode::InvalidJson,
+            "the request body could not be read",
+        )),
     }
 }

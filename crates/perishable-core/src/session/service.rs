@@ -8,11 +8,10 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use super::Sessions;
 use crate::body::{Body, BoxError};
-use crate::error::{Error, ErrorCode};
+use crate::error::Error;
 use crate::verify::VerifiedSession;
 
 /// Largest `POST /session` body: 512 pointer samples and 512 key times fit with room to spare.
@@ -122,21 +121,8 @@ where
     if path.ends_with("/session") && method == Method::POST {
         let (parts, body) = req.into_parts();
         let head = Request::from_parts(parts, ());
-        let body = match Limited::new(body, MAX_MINT_BODY_BYTES).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) if e.is::<LengthLimitError>() => {
-                return Err(Error::new(
-                    ErrorCode::BodyTooLarge,
-                    format!("the session request is over {MAX_MINT_BODY_BYTES} bytes"),
-                ));
-            }
-            Err(_) => {
-                return Err(Error::new(
-                    ErrorCode::InvalidJson,
-                    "the request body could not be read",
-                ));
-            }
-        };
+        let body =
+            crate::body::read_limited(body, MAX_MINT_BODY_BYTES, "the session request").await?;
         return Ok(json(StatusCode::OK, &sessions.mint(&head, &body).await?));
     }
     Ok(not_found())

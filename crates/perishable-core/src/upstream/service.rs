@@ -11,7 +11,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use super::body::{Accounting, UpstreamBody};
 use super::headers::{request_headers, strip_response_headers};
@@ -182,30 +181,18 @@ impl Inner {
             ));
         }
         let (parts, body) = req.into_parts();
-        let too_large = || {
-            Error::new(
-                ErrorCode::BodyTooLarge,
-                format!("the request body is over {} bytes", self.max_body_bytes),
-            )
-        };
         let declared = parts
             .headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|len| len > self.max_body_bytes as u64) {
-            return Err(too_large());
+            return Err(Error::new(
+                ErrorCode::BodyTooLarge,
+                format!("the request body is over {} bytes", self.max_body_bytes),
+            ));
         }
-        let body = match Limited::new(body, self.max_body_bytes).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) if e.is::<LengthLimitError>() => return Err(too_large()),
-            Err(_) => {
-                return Err(Error::new(
-                    ErrorCode::InvalidJson,
-                    "the request body could not be read",
-                ));
-            }
-        };
+        let body = crate::body::read_limited(body, self.max_body_bytes, "the request body").await?;
 
         let mut streaming = false;
         let mentions_stream =
