@@ -222,6 +222,8 @@ pub struct SessionConfig {
     pub dpop_max_age_secs: u64,
     /// Clock skew allowed on `exp` and `nbf`, in seconds.
     pub leeway_secs: u64,
+    /// Verified tokens kept to skip repeated signature checks; 0: no cache.
+    pub verified_cache_size: usize,
 }
 
 impl Default for SessionConfig {
@@ -240,6 +242,7 @@ impl Default for SessionConfig {
             dpop: DpopMode::Optional,
             dpop_max_age_secs: 60,
             leeway_secs: 5,
+            verified_cache_size: 10_000,
         }
     }
 }
@@ -473,6 +476,8 @@ impl ConfigBuilder {
         session_dpop_max_age_secs => session.dpop_max_age_secs: u64;
         /// `session.leeway_secs`.
         session_leeway_secs => session.leeway_secs: u64;
+        /// `session.verified_cache_size` (0: no cache of verified tokens).
+        session_verified_cache_size => session.verified_cache_size: usize;
         /// `rate_limit.points`.
         rate_limit_points => rate_limit.points: u32;
         /// `rate_limit.duration_secs`.

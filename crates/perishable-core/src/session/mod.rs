@@ -116,7 +116,13 @@ impl Sessions {
         );
         Self {
             inner: Arc::new(Inner {
-                codec: TokenCodec::new(keys, &s.issuer, &s.audience, s.leeway_secs),
+                codec: TokenCodec::with_cache(
+                    keys,
+                    &s.issuer,
+                    &s.audience,
+                    s.leeway_secs,
+                    s.verified_cache_size,
+                ),
                 store,
                 audit,
                 pow,
