@@ -183,6 +183,8 @@ where
         .route_service("/openai", any_service(upstream.clone()))
         .route_service("/openai/", any_service(upstream.clone()))
         .route_service("/openai/{*path}", any_service(upstream))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(cors_layer(perishable))
         .layer(perishable.origin_layer())
         .layer(MapRequestLayer::new(peer_addr::<axum::body::Body>))
@@ -193,6 +195,36 @@ where
             perishable_core::dpop::DPOP_HEADER,
             perishable_core::fingerprint::FINGERPRINT_HEADER,
         ]))
+}
+
+/// An OpenAI-shaped error that is not one of the PROTOCOL refusals (unknown route, method).
+fn plain_error(status: http::StatusCode, code: &str, message: &str) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let body = serde_json::json!({
+        "error": { "message": message, "type": "invalid_request_error", "code": code }
+    });
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> axum::response::Response {
+    plain_error(
+        http::StatusCode::NOT_FOUND,
+        "not_found",
+        "no such route: see the Perishable protocol for the routes",
+    )
+}
+
+async fn method_not_allowed() -> axum::response::Response {
+    plain_error(
+        http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method",
+    )
 }
 
 /// Copies axum's `ConnectInfo<SocketAddr>` into [`PeerAddr`] and axum's `OriginalUri` into
