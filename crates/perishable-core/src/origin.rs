@@ -137,3 +137,160 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http::StatusCode;
+    use http_body_util::BodyExt;
+    use tower::{ServiceBuilder, ServiceExt, service_fn};
+
+    use super::*;
+    use crate::Body;
+
+    const APP: &str = "https://app.example.com";
+    const PUBLIC: &str = "https://api.example.com";
+
+    fn app(
+        policy: OriginPolicy,
+        calls: Arc<AtomicUsize>,
+    ) -> impl Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone {
+        ServiceBuilder::new()
+            .layer(OriginLayer::new(policy))
+            .service(service_fn(move |_req: Request<Body>| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Ok::<_, Infallible>(Response::new(Body::from("inner"))) }
+            }))
+    }
+
+    fn policy() -> OriginPolicy {
+        OriginPolicy::new([APP.to_owned()], Some(PUBLIC))
+    }
+
+    fn with_origin(origin: Option<&str>) -> Request<Body> {
+        let mut builder = Request::post("/session");
+        if let Some(origin) = origin {
+            builder = builder.header(ORIGIN, origin);
+        }
+        builder.body(Body::empty()).unwrap()
+    }
+
+    async fn status_of(policy: OriginPolicy, origin: Option<&str>) -> (StatusCode, usize) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let response = app(policy, calls.clone())
+            .oneshot(with_origin(origin))
+            .await
+            .unwrap();
+        (response.status(), calls.load(Ordering::SeqCst))
+    }
+
+    #[tokio::test]
+    async fn no_origin_passes() {
+        assert_eq!(status_of(policy(), None).await, (StatusCode::OK, 1));
+        assert_eq!(
+            status_of(OriginPolicy::default(), None).await,
+            (StatusCode::OK, 1)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_allowed_origin_passes() {
+        assert_eq!(status_of(policy(), Some(APP)).await, (StatusCode::OK, 1));
+    }
+
+    #[tokio::test]
+    async fn the_public_origin_passes() {
+        assert_eq!(status_of(policy(), Some(PUBLIC)).await, (StatusCode::OK, 1));
+        // Only as the second argument: without it the same origin is refused.
+        let without = OriginPolicy::new([APP.to_owned()], None);
+        assert_eq!(
+            status_of(without, Some(PUBLIC)).await,
+            (StatusCode::FORBIDDEN, 0)
+        );
+    }
+
+    #[tokio::test]
+    async fn another_origin_is_refused_before_the_inner_service() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let response = app(policy(), calls.clone())
+            .oneshot(with_origin(Some("https://evil.example")))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::FORBIDDEN);
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(body["error"]["code"], "origin_not_allowed");
+        assert_eq!(body["error"]["type"], "permission_error");
+    }
+
+    #[tokio::test]
+    async fn matching_is_exact() {
+        for origin in [
+            "https://app.example.com.evil.example",
+            "https://evil.app.example.com",
+            "http://app.example.com",
+            "https://app.example.com:8443",
+            "https://APP.example.com",
+            "null",
+            "",
+        ] {
+            assert_eq!(
+                status_of(policy(), Some(origin)).await,
+                (StatusCode::FORBIDDEN, 0),
+                "{origin:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_trailing_slash_in_the_configuration_is_ignored() {
+        let policy = OriginPolicy::new(["https://app.example.com/".to_owned()], None);
+        assert_eq!(status_of(policy, Some(APP)).await, (StatusCode::OK, 1));
+    }
+
+    #[tokio::test]
+    async fn a_wildcard_allows_any_origin() {
+        let any = OriginPolicy::new(["*".to_owned()], None);
+        assert!(any.is_any());
+        for origin in ["https://evil.example", "null", APP] {
+            assert_eq!(
+                status_of(any.clone(), Some(origin)).await,
+                (StatusCode::OK, 1),
+                "{origin:?}"
+            );
+        }
+        assert!(!policy().is_any());
+    }
+
+    #[tokio::test]
+    async fn one_service_checks_every_request() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let mut svc = app(policy(), calls.clone());
+        let cases = [
+            (Some(APP), StatusCode::OK),
+            (Some("https://evil.example"), StatusCode::FORBIDDEN),
+            (None, StatusCode::OK),
+        ];
+        for (origin, status) in cases {
+            let response = svc
+                .ready()
+                .await
+                .unwrap()
+                .call(with_origin(origin))
+                .await
+                .unwrap();
+            assert_eq!(response.status(), status, "{origin:?}");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn accessors_reach_the_inner_service() {
+        let svc = OriginLayer::new(policy()).layer(7_u8);
+        assert_eq!(*svc.get_ref(), 7);
+        assert_eq!(svc.into_inner(), 7);
+    }
+}

@@ -119,3 +119,288 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use http::StatusCode;
+    use http::header::{RETRY_AFTER, WWW_AUTHENTICATE};
+    use http_body_util::BodyExt;
+    use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
+
+    use super::*;
+    use crate::Body;
+    use crate::error::Refusal;
+    use crate::rate_limit::{FingerprintKey, Limiter, RateLimitLayer};
+    use crate::store::{MemoryStore, RateDecision, RatePolicy, Store, StoreError, StoreFuture};
+    use crate::token::Claims;
+    use crate::verify::VerifiedSession;
+
+    /// Keys on the `x-client` header; refuses requests without one as `missing_token`.
+    #[derive(Debug, Clone)]
+    struct HeaderKey;
+
+    impl KeyExtractor for HeaderKey {
+        fn extract<B>(&self, req: &Request<B>) -> Result<String, Error> {
+            req.headers()
+                .get("x-client")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+                .ok_or_else(|| Error::new(ErrorCode::MissingToken, "no x-client header"))
+        }
+    }
+
+    /// A limiter whose store never answers in time.
+    #[derive(Debug)]
+    struct FailingLimiter {
+        policy: RatePolicy,
+        checks: AtomicUsize,
+    }
+
+    impl RateLimiter for FailingLimiter {
+        fn check<'a>(&'a self, _key: &'a str) -> StoreFuture<'a, RateDecision> {
+            self.checks.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async { Err(StoreError::Timeout) })
+        }
+
+        fn policy(&self) -> &RatePolicy {
+            &self.policy
+        }
+    }
+
+    fn policy(points: u32) -> RatePolicy {
+        RatePolicy {
+            name: "unit",
+            points,
+            window: Duration::from_secs(60),
+            block: Duration::ZERO,
+        }
+    }
+
+    fn app<X: KeyExtractor>(
+        layer: RateLimitLayer<X>,
+        calls: Arc<AtomicUsize>,
+    ) -> impl Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone {
+        ServiceBuilder::new()
+            .layer(layer)
+            .service(service_fn(move |_req: Request<Body>| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Ok::<_, Infallible>(Response::new(Body::from("inner"))) }
+            }))
+    }
+
+    fn from(client: &str) -> Request<Body> {
+        Request::get("/openai/models")
+            .header("x-client", client)
+            .body(Body::empty())
+            .unwrap()
+    }
+
+    async fn error_body(response: Response<Body>) -> serde_json::Value {
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn over_the_limit_gets_429_with_the_protocol_headers() {
+        let limiter = MemoryStore::new().rate_limiter(policy(3));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let mut svc = app(RateLimitLayer::new(limiter, HeaderKey), calls.clone());
+
+        for _ in 0..3 {
+            let response = svc.ready().await.unwrap().call(from("a")).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+
+        let refused = svc.ready().await.unwrap().call(from("a")).await.unwrap();
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            3,
+            "the inner service is not called"
+        );
+        let headers = refused.headers();
+        let retry_after: u64 = headers[RETRY_AFTER].to_str().unwrap().parse().unwrap();
+        assert!((1..=60).contains(&retry_after), "Retry-After {retry_after}");
+        assert_eq!(headers["ratelimit-policy"], "\"unit\";q=3;w=60");
+        assert_eq!(
+            headers["ratelimit"].to_str().unwrap(),
+            format!("\"unit\";r=0;t={retry_after}")
+        );
+        let refusal = refused.extensions().get::<Refusal>().unwrap();
+        assert_eq!(refusal.code, ErrorCode::RateLimited);
+        assert_eq!(refusal.session_id, None);
+        let body = error_body(refused).await;
+        assert_eq!(body["error"]["code"], "rate_limited");
+        assert_eq!(body["error"]["type"], "rate_limit_error");
+    }
+
+    #[tokio::test]
+    async fn keys_are_limited_separately() {
+        let limiter = Limiter::<String>::new(policy(1));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = app(RateLimitLayer::new(limiter, HeaderKey), calls.clone());
+
+        assert_eq!(svc.clone().oneshot(from("a")).await.unwrap().status(), 200);
+        assert_eq!(svc.clone().oneshot(from("a")).await.unwrap().status(), 429);
+        assert_eq!(svc.clone().oneshot(from("b")).await.unwrap().status(), 200);
+        assert_eq!(svc.oneshot(from("b")).await.unwrap().status(), 429);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn services_from_one_layer_share_the_limit() {
+        let layer = RateLimitLayer::new(Limiter::<String>::new(policy(1)), HeaderKey);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let first = app(layer.clone(), calls.clone());
+        let second = app(layer, calls.clone());
+        assert_eq!(first.oneshot(from("a")).await.unwrap().status(), 200);
+        assert_eq!(second.oneshot(from("a")).await.unwrap().status(), 429);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_extractor_error_refuses_with_its_code() {
+        let limiter = Limiter::<String>::new(policy(10));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = app(RateLimitLayer::new(limiter, HeaderKey), calls.clone());
+        let response = svc
+            .oneshot(Request::get("/").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert!(response.headers().contains_key(WWW_AUTHENTICATE));
+        assert_eq!(error_body(response).await["error"]["code"], "missing_token");
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    fn verified(jti: &str, fp: &str) -> VerifiedSession {
+        VerifiedSession {
+            claims: Claims {
+                iss: "perishable".to_owned(),
+                aud: "perishable".to_owned(),
+                jti: jti.to_owned(),
+                iat: 0,
+                nbf: 0,
+                exp: u64::MAX,
+                auth_time: 0,
+                fp: fp.to_owned(),
+                ua: None,
+                cnf: None,
+            },
+        }
+    }
+
+    fn with_session(session: VerifiedSession) -> Request<Body> {
+        let mut req = Request::get("/openai/models").body(Body::empty()).unwrap();
+        req.extensions_mut().insert(session);
+        req
+    }
+
+    #[tokio::test]
+    async fn fingerprint_key_limits_the_device_across_sessions() {
+        let limiter = Limiter::<String>::new(policy(1));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = app(RateLimitLayer::new(limiter, FingerprintKey), calls.clone());
+
+        let ok = svc
+            .clone()
+            .oneshot(with_session(verified("s1", "fp-a")))
+            .await
+            .unwrap();
+        assert_eq!(ok.status(), 200);
+        // A fresh session of the same device shares its limit.
+        let refused = svc
+            .clone()
+            .oneshot(with_session(verified("s2", "fp-a")))
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 429);
+        let refusal = refused.extensions().get::<Refusal>().unwrap();
+        assert_eq!(refusal.session_id.as_deref(), Some("s2"));
+        // Another device does not.
+        let other = svc
+            .clone()
+            .oneshot(with_session(verified("s3", "fp-b")))
+            .await
+            .unwrap();
+        assert_eq!(other.status(), 200);
+        // No verified session: refused as unauthenticated.
+        let anonymous = svc
+            .oneshot(Request::get("/").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(anonymous.status(), 401);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_failing_store_fails_closed_by_default() {
+        let limiter = Arc::new(FailingLimiter {
+            policy: policy(10),
+            checks: AtomicUsize::new(0),
+        });
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = app(
+            RateLimitLayer::new(limiter.clone(), HeaderKey),
+            calls.clone(),
+        );
+        let response = svc.oneshot(from("a")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = error_body(response).await;
+        assert_eq!(body["error"]["code"], "store_unavailable");
+        assert_eq!(body["error"]["type"], "api_error");
+        assert_eq!(limiter.checks.load(Ordering::SeqCst), 1);
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_failing_store_can_fail_open() {
+        let limiter = Arc::new(FailingLimiter {
+            policy: policy(10),
+            checks: AtomicUsize::new(0),
+        });
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer =
+            RateLimitLayer::new(limiter.clone(), HeaderKey).on_unavailable(OnUnavailable::Open);
+        let svc = app(layer, calls.clone());
+        let response = svc.oneshot(from("a")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&bytes[..], b"inner");
+        assert_eq!(limiter.checks.load(Ordering::SeqCst), 1);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn fail_open_still_honours_extractor_refusals() {
+        let limiter = Arc::new(FailingLimiter {
+            policy: policy(10),
+            checks: AtomicUsize::new(0),
+        });
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer =
+            RateLimitLayer::new(limiter.clone(), HeaderKey).on_unavailable(OnUnavailable::Open);
+        let svc = app(layer, calls.clone());
+        let response = svc
+            .oneshot(Request::get("/").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(limiter.checks.load(Ordering::SeqCst), 0);
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn accessors_reach_the_inner_service() {
+        let layer = RateLimitLayer::new(Limiter::<String>::new(policy(1)), HeaderKey);
+        let mut svc = layer.layer(7_u8);
+        assert_eq!(*svc.get_ref(), 7);
+        *svc.get_mut() = 8;
+        assert_eq!(svc.into_inner(), 8);
+    }
+}

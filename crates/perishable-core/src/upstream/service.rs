@@ -198,8 +198,15 @@ impl Inner {
         let mentions_stream =
             !body.is_empty() && memchr::memmem::find(&body, b"\"stream\"").is_some();
         if !body.is_empty() && (!self.allowed_models.is_empty() || mentions_stream) {
-            // A struct refuses duplicate keys, so a second "model" cannot slip past the check.
-            match serde_json::from_slice::<Peek<'_>>(&body) {
+            // A struct refuses duplicate keys, so a second "model" cannot slip past the check;
+            // serde also reads structs from arrays, so the body must open as an object.
+            let object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+            let peeked = if object {
+                serde_json::from_slice::<Peek<'_>>(&body).ok()
+            } else {
+                None
+            };
+            match peeked.ok_or(()) {
                 Ok(peek) => {
                     streaming = peek.stream == Some(true);
                     if !self.allowed_models.is_empty() {
@@ -356,5 +363,318 @@ impl Inner {
             parts,
             Body::upstream(UpstreamBody::new(body, self.idle_timeout, accounting)),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use futures_util::stream;
+    use http::StatusCode;
+    use http_body::Frame;
+    use http_body_util::{BodyExt, StreamBody};
+    use tower::{ServiceBuilder, ServiceExt};
+
+    use super::*;
+    use crate::Body;
+
+    /// An address nothing listens on: bound, then released.
+    fn closed_base_url() -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        format!("http://127.0.0.1:{port}/v1")
+    }
+
+    /// The base of every test config: an upstream that refuses connections, so a request the
+    /// service failed to refuse shows up as `502 upstream_unavailable`, never on the network.
+    fn builder() -> crate::ConfigBuilder {
+        Config::builder()
+            .upstream_api_key("sk-test")
+            .upstream_base_url(closed_base_url())
+            .upstream_connect_timeout_ms(2_000)
+    }
+
+    fn service(builder: crate::ConfigBuilder) -> UpstreamService {
+        UpstreamService::new(&builder.build().unwrap()).unwrap()
+    }
+
+    /// Sends `req` (with a deadline, so a regression cannot hang the suite); returns status
+    /// and error code.
+    async fn send<B>(svc: UpstreamService, req: Request<B>) -> (StatusCode, String, String)
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let svc = ServiceBuilder::new().service(svc);
+        let response = tokio::time::timeout(Duration::from_secs(10), svc.oneshot(req))
+            .await
+            .expect("the service answers")
+            .unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        (
+            status,
+            body["error"]["code"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            body["error"]["type"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        )
+    }
+
+    fn post(path: &str, body: &'static str) -> Request<Body> {
+        Request::post(path)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body))
+            .unwrap()
+    }
+
+    fn chunks(
+        parts: Vec<&'static str>,
+    ) -> StreamBody<impl futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>>> {
+        StreamBody::new(stream::iter(
+            parts
+                .into_iter()
+                .map(|p| Ok(Frame::data(Bytes::from_static(p.as_bytes())))),
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_disallowed_path_is_refused() {
+        let svc = service(builder());
+        for path in [
+            "/openai/files",
+            "/openai/fine_tuning/jobs",
+            "/openai/organization/users",
+            "/openai/",
+            "/elsewhere",
+        ] {
+            let got = send(svc.clone(), post(path, "{}")).await;
+            assert_eq!(
+                got,
+                (
+                    StatusCode::FORBIDDEN,
+                    "path_not_allowed".to_owned(),
+                    "permission_error".to_owned()
+                ),
+                "{path}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn the_upstream_path_extension_selects_the_path() {
+        let svc = service(builder());
+        // The extension names a disallowed path: refused, whatever the URI says.
+        let mut req = post("/openai/chat/completions", "{}");
+        req.extensions_mut()
+            .insert(UpstreamPath("files".to_owned()));
+        let (status, code, _) = send(svc.clone(), req).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::FORBIDDEN, "path_not_allowed")
+        );
+
+        // The extension names an allowed path: it passes the allow-list (and reaches the
+        // closed upstream), though the URI alone would be refused.
+        let mut req = post("/openai/files", "{}");
+        req.extensions_mut()
+            .insert(UpstreamPath("/chat/completions".to_owned()));
+        let (status, code, _) = send(svc, req).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::BAD_GATEWAY, "upstream_unavailable")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_declared_length_over_the_limit_is_refused_without_reading() {
+        let svc = service(builder().upstream_max_body_bytes(16));
+        let req = Request::post("/openai/chat/completions")
+            .header(header::CONTENT_LENGTH, "17")
+            .body(Body::from("{\"model\":\"x1234\"}"))
+            .unwrap();
+        let (status, code, kind) = send(svc.clone(), req).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(code, "body_too_large");
+        assert_eq!(kind, "invalid_request_error");
+
+        // A body that never ends: the Content-Length alone decides.
+        let never = StreamBody::new(stream::pending::<Result<Frame<Bytes>, Infallible>>());
+        let req = Request::post("/openai/chat/completions")
+            .header(header::CONTENT_LENGTH, "1000000")
+            .body(never)
+            .unwrap();
+        let (status, code, _) = send(svc, req).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_of_unknown_size_over_the_limit_is_refused() {
+        let svc = service(builder().upstream_max_body_bytes(16));
+        let req = Request::post("/openai/chat/completions")
+            .body(chunks(vec!["{\"mo", "del\":", "\"gpt-", "4o\"}  "]))
+            .unwrap();
+        assert!(req.headers().get(header::CONTENT_LENGTH).is_none());
+        let (status, code, _) = send(svc.clone(), req).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large")
+        );
+
+        // A body that lies about its length (declares less than it sends) is still cut off.
+        let req = Request::post("/openai/chat/completions")
+            .header(header::CONTENT_LENGTH, "4")
+            .body(chunks(vec!["{}  ", "                 "]))
+            .unwrap();
+        let (status, code, _) = send(svc, req).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_at_the_limit_passes() {
+        let svc = service(builder().upstream_max_body_bytes(16));
+        let req = Request::post("/openai/chat/completions")
+            .body(chunks(vec!["{\"a\":", "\"0123456\"}"]))
+            .unwrap();
+        let (status, code, _) = send(svc, req).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::BAD_GATEWAY, "upstream_unavailable")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_model_off_the_allow_list_is_refused() {
+        let svc = service(builder().upstream_allowed_models(["gpt-4o-mini"]));
+        for body in [
+            r#"{"model":"gpt-4o","messages":[]}"#,
+            r#"{"model":"gpt-4o-mini-2","messages":[]}"#,
+            r#"{"messages":[]}"#,
+            r#"{"model":null}"#,
+        ] {
+            let got = send(svc.clone(), post("/openai/chat/completions", body)).await;
+            assert_eq!(
+                got,
+                (
+                    StatusCode::FORBIDDEN,
+                    "model_not_allowed".to_owned(),
+                    "permission_error".to_owned()
+                ),
+                "{body}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_allowed_model_passes_the_check() {
+        let svc = service(builder().upstream_allowed_models(["gpt-4o-mini"]));
+        for body in [
+            r#"{"model":"gpt-4o-mini","messages":[]}"#,
+            // An escaped name is the same name.
+            r#"{"model":"gpt\u002d4o-mini","messages":[]}"#,
+        ] {
+            let got = send(svc.clone(), post("/openai/chat/completions", body)).await;
+            assert_eq!(
+                (got.0, got.1.as_str()),
+                (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
+                "{body}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn duplicate_or_unreadable_model_fields_are_invalid_json() {
+        let svc = service(builder().upstream_allowed_models(["gpt-4o-mini"]));
+        for body in [
+            r#"{"model":"gpt-4o-mini","model":"gpt-4o"}"#,
+            r#"{"model":"gpt-4o","model":"gpt-4o-mini"}"#,
+            r#"{"model":"gpt-4o-mini""#,
+            r#"{"model":["gpt-4o-mini"]}"#,
+        ] {
+            let got = send(svc.clone(), post("/openai/chat/completions", body)).await;
+            assert_eq!(
+                got,
+                (
+                    StatusCode::BAD_REQUEST,
+                    "invalid_json".to_owned(),
+                    "invalid_request_error".to_owned()
+                ),
+                "{body}"
+            );
+        }
+    }
+
+    /// serde lets a struct deserialize from a JSON array (`[model, stream]`), so an array body
+    /// naming an allowed model passes the check and is forwarded, though the PROTOCOL and the
+    /// refusal message ask for a JSON object.
+    #[tokio::test]
+    async fn an_array_body_is_not_an_object_naming_a_model() {
+        let svc = service(builder().upstream_allowed_models(["gpt-4o-mini"]));
+        for body in [r#"["gpt-4o-mini"]"#, r#"["gpt-4o-mini",true]"#] {
+            let got = send(svc.clone(), post("/openai/chat/completions", body)).await;
+            assert_eq!(
+                (got.0, got.1.as_str()),
+                (StatusCode::BAD_REQUEST, "invalid_json"),
+                "{body}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_upstream_is_502() {
+        let svc = service(builder());
+        let req = Request::get("/openai/models").body(Body::empty()).unwrap();
+        let got = send(svc, req).await;
+        assert_eq!(
+            got,
+            (
+                StatusCode::BAD_GATEWAY,
+                "upstream_unavailable".to_owned(),
+                "upstream_error".to_owned()
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refusal_names_the_verified_session() {
+        let svc = service(builder());
+        let mut req = post("/openai/files", "{}");
+        req.extensions_mut().insert(VerifiedSession {
+            claims: crate::token::Claims {
+                iss: "perishable".to_owned(),
+                aud: "perishable".to_owned(),
+                jti: "session-1".to_owned(),
+                iat: 0,
+                nbf: 0,
+                exp: u64::MAX,
+                auth_time: 0,
+                fp: "fp".to_owned(),
+                ua: None,
+                cnf: None,
+            },
+        });
+        let response = svc.oneshot(req).await.unwrap();
+        assert_eq!(response.status(), StatusCode::FORBIDDEN);
+        let refusal = response
+            .extensions()
+            .get::<crate::error::Refusal>()
+            .unwrap();
+        assert_eq!(refusal.code, ErrorCode::PathNotAllowed);
+        assert_eq!(refusal.session_id.as_deref(), Some("session-1"));
     }
 }

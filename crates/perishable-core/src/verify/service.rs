@@ -79,3 +79,231 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+    use http::{Request, Response, StatusCode};
+    use http_body_util::BodyExt;
+    use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
+
+    use super::*;
+    use crate::fingerprint::FINGERPRINT_HEADER;
+    use crate::session::SessionObject;
+    use crate::{Body, Config, Perishable, VerifiedSession};
+
+    const FINGERPRINT: &str = "device-unit-1";
+
+    fn perishable() -> Perishable {
+        let config = Config::builder()
+            .upstream_api_key("sk-test")
+            .pow_difficulty(0)
+            .session_min_entropy_score(0)
+            .build()
+            .unwrap();
+        Perishable::new(config).unwrap()
+    }
+
+    async fn mint(perishable: &Perishable) -> SessionObject {
+        let head = Request::post("/session").body(()).unwrap();
+        perishable
+            .sessions()
+            .mint(&head, br#"{"fingerprint":"device-unit-1"}"#)
+            .await
+            .unwrap()
+    }
+
+    /// The inner service: counts its calls and answers with the verified session id.
+    fn app(
+        sessions: Sessions,
+        calls: Arc<AtomicUsize>,
+    ) -> impl Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone {
+        ServiceBuilder::new()
+            .layer(VerifyLayer::new(sessions))
+            .service(service_fn(move |req: Request<Body>| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let id = req
+                    .extensions()
+                    .get::<VerifiedSession>()
+                    .map_or_else(|| "none".to_owned(), |s| s.session_id().to_owned());
+                async move { Ok::<_, Infallible>(Response::new(Body::from(id))) }
+            }))
+    }
+
+    fn authed(token: &str, fingerprint: &str) -> Request<Body> {
+        Request::post("/openai/chat/completions")
+            .header(AUTHORIZATION, format!("Bearer {token}"))
+            .header(FINGERPRINT_HEADER, fingerprint)
+            .body(Body::empty())
+            .unwrap()
+    }
+
+    async fn body_string(response: Response<Body>) -> String {
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    /// Asserts a PROTOCOL 401 with `code` and a `WWW-Authenticate` header.
+    async fn assert_unauthorized(response: Response<Body>, code: &str) {
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert!(
+            response.headers().contains_key(WWW_AUTHENTICATE),
+            "a 401 carries WWW-Authenticate"
+        );
+        let body: serde_json::Value = serde_json::from_str(&body_string(response).await).unwrap();
+        assert_eq!(body["error"]["code"], code);
+        assert_eq!(body["error"]["type"], "authentication_error");
+    }
+
+    #[tokio::test]
+    async fn no_token_is_refused_before_the_inner_service() {
+        let perishable = perishable();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = app(perishable.sessions().clone(), calls.clone());
+        let req = Request::get("/openai/models")
+            .header(FINGERPRINT_HEADER, FINGERPRINT)
+            .body(Body::empty())
+            .unwrap();
+        let response = svc.oneshot(req).await.unwrap();
+        assert_eq!(
+            response.headers()[WWW_AUTHENTICATE],
+            "Bearer realm=\"perishable\""
+        );
+        assert_unauthorized(response, "missing_token").await;
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_garbage_token_is_invalid() {
+        let perishable = perishable();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = app(perishable.sessions().clone(), calls.clone());
+        let response = svc.oneshot(authed("not.a.jwt", FINGERPRINT)).await.unwrap();
+        assert_unauthorized(response, "invalid_token").await;
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_valid_token_reaches_the_inner_service_with_its_session() {
+        let perishable = perishable();
+        let session = mint(&perishable).await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = app(perishable.sessions().clone(), calls.clone());
+        let response = svc
+            .oneshot(authed(&session.token, FINGERPRINT))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body_string(response).await, session.session_id);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn one_service_serves_many_requests_after_ready() {
+        let perishable = perishable();
+        let session = mint(&perishable).await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let mut svc = app(perishable.sessions().clone(), calls.clone());
+        for _ in 0..3 {
+            let response = svc
+                .ready()
+                .await
+                .unwrap()
+                .call(authed(&session.token, FINGERPRINT))
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+        }
+        let refused = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(Request::get("/").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_wrong_or_missing_fingerprint_is_refused() {
+        let perishable = perishable();
+        let session = mint(&perishable).await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = app(perishable.sessions().clone(), calls.clone());
+
+        let response = svc
+            .clone()
+            .oneshot(authed(&session.token, "device-unit-2"))
+            .await
+            .unwrap();
+        assert_unauthorized(response, "fingerprint_mismatch").await;
+
+        let no_fingerprint = Request::get("/openai/models")
+            .header(AUTHORIZATION, format!("Bearer {}", session.token))
+            .body(Body::empty())
+            .unwrap();
+        let response = svc.oneshot(no_fingerprint).await.unwrap();
+        assert_unauthorized(response, "fingerprint_mismatch").await;
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_revoked_session_is_refused() {
+        let perishable = perishable();
+        let session = mint(&perishable).await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = app(perishable.sessions().clone(), calls.clone());
+
+        let ok = svc
+            .clone()
+            .oneshot(authed(&session.token, FINGERPRINT))
+            .await
+            .unwrap();
+        assert_eq!(ok.status(), StatusCode::OK);
+
+        let verified = perishable
+            .sessions()
+            .verify(&authed(&session.token, FINGERPRINT))
+            .await
+            .unwrap();
+        assert_eq!(verified.session_id(), session.session_id);
+        perishable.sessions().revoke(&verified).await.unwrap();
+
+        let response = svc
+            .oneshot(authed(&session.token, FINGERPRINT))
+            .await
+            .unwrap();
+        assert_unauthorized(response, "session_revoked").await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_token_from_another_deployment_is_refused() {
+        let minted_by = perishable();
+        let session = mint(&minted_by).await;
+        // A second Perishable with its own random signing secret.
+        let checked_by = perishable();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = app(checked_by.sessions().clone(), calls.clone());
+        let response = svc
+            .oneshot(authed(&session.token, FINGERPRINT))
+            .await
+            .unwrap();
+        assert_unauthorized(response, "invalid_token").await;
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn accessors_reach_the_inner_service() {
+        let perishable = perishable();
+        let mut svc = VerifyLayer::new(perishable.sessions().clone()).layer(7_u8);
+        assert_eq!(*svc.get_ref(), 7);
+        *svc.get_mut() = 8;
+        assert_eq!(svc.into_inner(), 8);
+    }
+}
