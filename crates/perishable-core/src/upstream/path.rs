@@ -56,8 +56,14 @@ fn is_safe_segment(s: &str) -> bool {
     if s.is_empty() || s == "." || s == ".." || s.contains('\\') {
         return false;
     }
-    let lower = s.to_ascii_lowercase();
-    !(lower.contains("%2f") || lower.contains("%5c") || lower.contains("%2e"))
+    // No percent-encoded '/', '\\' or '.', in either case (and no allocation).
+    !s.as_bytes().windows(3).any(|w| {
+        w[0] == b'%'
+            && matches!(
+                (w[1], w[2].to_ascii_lowercase()),
+                (b'2', b'f') | (b'5', b'c') | (b'2', b'e')
+            )
+    })
 }
 
 /// The allowed paths.

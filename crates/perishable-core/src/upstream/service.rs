@@ -36,7 +36,8 @@ pub struct UpstreamService {
 #[derive(Debug)]
 struct Inner {
     client: reqwest::Client,
-    base_url: String,
+    /// `upstream.base_url`, parsed once; each request only sets its path and query.
+    base_url: reqwest::Url,
     authorization: HeaderValue,
     allow_list: AllowList,
     allowed_models: Vec<String>,
@@ -100,7 +101,12 @@ impl UpstreamService {
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
-                base_url: config.upstream_base_url().to_owned(),
+                base_url: reqwest::Url::parse(config.upstream_base_url()).map_err(|e| {
+                    ConfigError::Invalid {
+                        key: "upstream.base_url",
+                        reason: e.to_string(),
+                    }
+                })?,
                 authorization,
                 allow_list,
                 allowed_models: u.allowed_models.clone(),
@@ -248,20 +254,11 @@ impl Inner {
         let admitted = self.budget.admit(session, &inspected).await?;
         let body = inspected.body;
 
-        let mut url = String::with_capacity(self.base_url.len() + path.len() + 32);
-        url.push_str(&self.base_url);
-        url.push('/');
-        url.push_str(&path);
-        if let Some(query) = parts.uri.query() {
-            url.push('?');
-            url.push_str(query);
-        }
-        let url = reqwest::Url::parse(&url).map_err(|_| {
-            Error::new(
-                ErrorCode::PathNotAllowed,
-                "the path is not a valid URL path",
-            )
-        })?;
+        let mut url = self.base_url.clone();
+        let base_path = url.path().trim_end_matches('/');
+        let full_path = format!("{base_path}/{path}");
+        url.set_path(&full_path);
+        url.set_query(parts.uri.query());
         let mut headers = request_headers(&parts.headers, &self.authorization);
         if streaming {
             headers.insert(
