@@ -91,14 +91,14 @@ impl Settings {
             rounds: env_parse("PERISHABLE_LOAD_ROUNDS", if quick { 1 } else { 3 }),
             slice: Duration::from_secs_f64(env_parse(
                 "PERISHABLE_LOAD_SECS",
-                if quick { 1.0 } else { 2.5 },
+                if quick { 1.0 } else { 2.0 },
             )),
             conc: env_parse("PERISHABLE_LOAD_CONC", 64),
             rate: env("PERISHABLE_LOAD_RATE").and_then(|v| v.parse().ok()),
             rate_conns: env_parse("PERISHABLE_LOAD_RATE_CONNS", 32),
             streams: env_parse("PERISHABLE_LOAD_STREAMS", 16),
             scale,
-            slow_secs: env_parse("PERISHABLE_LOAD_SLOW_SECS", if quick { 4 } else { 6 }),
+            slow_secs: env_parse("PERISHABLE_LOAD_SLOW_SECS", if quick { 9 } else { 60 }),
             slow_clients: env_parse("PERISHABLE_LOAD_SLOW_CLIENTS", 8),
             skip: env("PERISHABLE_LOAD_SKIP")
                 .unwrap_or_default()
@@ -196,26 +196,41 @@ fn harness() {
 struct Sut {
     name: &'static str,
     child: tokio::process::Child,
-    _stdin: tokio::process::ChildStdin,
+    stdin: Option<tokio::process::ChildStdin>,
     addr: SocketAddr,
     pid: u32,
 }
 
 impl Drop for Sut {
     fn drop(&mut self) {
+        // Closing its stdin ends it cleanly (a profiler wrapping it then writes its output).
+        drop(self.stdin.take());
+        if env("PERISHABLE_LOAD_SUT_WRAPPER").is_some() {
+            for _ in 0..600 {
+                if !matches!(self.child.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         let _ = self.child.start_kill();
     }
 }
 
 async fn spawn_sut(name: &'static str, role: &str, upstream: &str, gates: bool, pin: bool) -> Sut {
     let exe = std::env::current_exe().expect("current exe");
-    let mut cmd = if pin {
-        let mut cmd = tokio::process::Command::new("taskset");
-        cmd.arg("-c").arg("0").arg(exe);
-        cmd
-    } else {
-        tokio::process::Command::new(exe)
-    };
+    // `PERISHABLE_LOAD_SUT_WRAPPER`: a command to run each system under test under (a
+    // profiler, e.g. "valgrind --tool=callgrind"), split on spaces.
+    let mut argv: Vec<String> = Vec::new();
+    if pin {
+        argv.extend(["taskset".to_owned(), "-c".to_owned(), "0".to_owned()]);
+    }
+    if let Some(wrapper) = env("PERISHABLE_LOAD_SUT_WRAPPER") {
+        argv.extend(wrapper.split_whitespace().map(str::to_owned));
+    }
+    argv.push(exe.to_string_lossy().into_owned());
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
     cmd.env("PERISHABLE_LOAD_ROLE", role)
         .env("PERISHABLE_LOAD_UPSTREAM", upstream)
         .env("PERISHABLE_LOAD_GATES", if gates { "on" } else { "off" })
@@ -228,9 +243,9 @@ async fn spawn_sut(name: &'static str, role: &str, upstream: &str, gates: bool, 
     let stdin = child.stdin.take().expect("stdin");
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = tokio::io::BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+    let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
         .await
-        .expect("the system under test did not start in 30 s")
+        .expect("the system under test did not start in 120 s")
         .expect("read its stdout")
         .expect("it printed nothing");
     let addr = line
@@ -244,7 +259,7 @@ async fn spawn_sut(name: &'static str, role: &str, upstream: &str, gates: bool, 
     Sut {
         name,
         child,
-        _stdin: stdin,
+        stdin: Some(stdin),
         addr,
         pid,
     }
@@ -455,6 +470,26 @@ fn cpu_ns(pid: Option<u32>) -> u64 {
         .sum()
 }
 
+/// Bytes queued in the kernel on `pid`'s TCP sockets: (unread receive queues, unsent send
+/// queues), from `ss -tnp`. Where a proxy leaves upstream data unread, it applies backpressure.
+fn socket_queues(pid: u32) -> Option<(u64, u64)> {
+    let out = std::process::Command::new("ss")
+        .args(["-tnpH"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let needle = format!("pid={pid},");
+    let (mut recv, mut send) = (0u64, 0u64);
+    for line in text.lines().filter(|l| l.contains(&needle)) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() > 2 {
+            recv += fields[1].parse::<u64>().unwrap_or(0);
+            send += fields[2].parse::<u64>().unwrap_or(0);
+        }
+    }
+    Some((recv, send))
+}
+
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
 }
@@ -495,7 +530,19 @@ fn machine() -> Value {
         .trim()
         .to_owned();
     let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    let commit = git(&["rev-parse", "--short", "HEAD"]);
+    let dirty = !git(&["status", "--porcelain", "--untracked-files=no"]).is_empty();
     json!({
+        "commit": if dirty { format!("{commit}+changes") } else { commit },
         "loadavg_at_start": loadavg.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
         "cores": cpuinfo.lines().filter(|l| l.starts_with("processor")).count(),
         "cpu": model,
@@ -773,42 +820,45 @@ async fn scale_one(
     })
 }
 
-/// A slow client: `k` streams of 4 KB events every 20 ms, each read one frame a second.
+/// A slow client: `k` streams of 4 KB events every 20 ms, each read 4 KB a second from a raw
+/// socket with a 16 KB receive buffer (no client-side buffering to hide the backpressure). The
+/// mock counts what it wrote under `tag`, so several targets can run at once.
 async fn slow_one(
-    target: &Target,
+    target: Target,
     pid: Option<u32>,
     secs: u64,
     k: usize,
-    stats: &MockStats,
+    tag: usize,
+    stats: Arc<MockStats>,
 ) -> Value {
+    use tokio::io::AsyncReadExt;
+    let counter = || stats.bulk_bytes[tag].load(Ordering::Relaxed);
     let base_rss = pid.map_or(0, rss_kb);
-    let bytes0 = stats.bulk_bytes.load(Ordering::Relaxed);
+    let bytes0 = counter();
     let chunks = (secs as usize + 5) * 50;
-    let body = client::bulk_body(4096, 20, chunks);
+    let body = client::bulk_body(4096, 20, chunks, tag);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let read_total = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut readers = tokio::task::JoinSet::new();
     let mut errors = 0u64;
     for i in 0..k {
-        match client::open_stream(target, i, body.clone(), None).await {
-            Ok((sender, mut body, first)) => {
+        match client::open_raw_stream(&target, i, &body, 16 * 1024).await {
+            Ok(mut stream) => {
                 let read_total = read_total.clone();
-                read_total.fetch_add(first as u64, Ordering::Relaxed);
                 let mut stop = stop_rx.clone();
                 readers.spawn_local(async move {
-                    let _sender = sender;
+                    let mut buf = vec![0u8; 4096];
                     // Bounded: one read a second until stopped or the stream ends.
                     for _ in 0..3_600 {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                read_total.fetch_add(n as u64, Ordering::Relaxed);
+                            }
+                        }
                         tokio::select! {
                             _ = stop.changed() => break,
                             () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        }
-                        match http_body_util::BodyExt::frame(&mut body).await {
-                            Some(Ok(frame)) => {
-                                let n = frame.into_data().map_or(0, |d| d.len());
-                                read_total.fetch_add(n as u64, Ordering::Relaxed);
-                            }
-                            _ => break,
                         }
                     }
                 });
@@ -817,36 +867,42 @@ async fn slow_one(
         }
     }
     let t0 = Instant::now();
-    let half = Duration::from_secs(secs) / 2;
-    tokio::time::sleep(half).await;
-    let mid_bytes = stats.bulk_bytes.load(Ordering::Relaxed) - bytes0;
-    let mid_rss = pid.map_or(0, rss_kb);
-    let t_mid = t0.elapsed().as_secs_f64();
-    tokio::time::sleep(half).await;
-    let end_bytes = stats.bulk_bytes.load(Ordering::Relaxed) - bytes0;
-    let end_rss = pid.map_or(0, rss_kb);
-    let t_end = t0.elapsed().as_secs_f64();
+    let third = Duration::from_secs(secs) / 3;
+    let mut marks = Vec::new();
+    for _ in 0..3 {
+        tokio::time::sleep(third).await;
+        marks.push((
+            t0.elapsed().as_secs_f64(),
+            counter() - bytes0,
+            pid.map_or(0, rss_kb),
+        ));
+    }
     let read = read_total.load(Ordering::Relaxed);
+    let queues = pid.and_then(socket_queues);
     let _ = stop_tx.send(true);
     while readers.join_next().await.is_some() {}
     let k = k.max(1) as f64;
-    let second_half_rate = (end_bytes - mid_bytes) as f64 / 1024.0 / k / (t_end - t_mid).max(0.001);
+    let kib = |b: u64| r1(b as f64 / 1024.0 / k);
+    let (t1, b1, _) = marks[1];
+    let (t2, b2, rss_end) = marks[2];
+    let last_third_rate = (b2 - b1) as f64 / 1024.0 / k / (t2 - t1).max(0.001);
     let nominal = 4096.0 / 1024.0 / 0.020;
     json!({
         "target": target.name,
         "clients": k as u64,
         "secs": secs,
-        "mock_written_kb_per_stream_mid": r1(mid_bytes as f64 / 1024.0 / k),
-        "mock_written_kb_per_stream_end": r1(end_bytes as f64 / 1024.0 / k),
-        "unthrottled_kb_per_stream_end": r1(nominal * t_end),
-        "mock_write_rate_second_half_kb_s": r1(second_half_rate),
+        "mock_written_kb_per_stream": marks.iter().map(|m| kib(m.1)).collect::<Vec<_>>(),
+        "at_secs": marks.iter().map(|m| r1(m.0)).collect::<Vec<_>>(),
+        "unthrottled_kb_per_stream_end": r1(nominal * t2),
+        "mock_write_rate_last_third_kb_s": r1(last_third_rate),
         "nominal_rate_kb_s": r1(nominal),
-        "client_read_kb_per_stream": r1(read as f64 / 1024.0 / k),
-        "stalled": second_half_rate < nominal * 0.1,
-        "proxy_rss_kb_start": base_rss,
-        "proxy_rss_kb_mid": mid_rss,
-        "proxy_rss_kb_end": end_rss,
-        "proxy_rss_growth_kb_per_stream": r1(end_rss.saturating_sub(base_rss) as f64 / k),
+        "client_read_kb_per_stream": kib(read),
+        "in_flight_kb_per_stream": r1((b2 as f64 - read as f64) / 1024.0 / k),
+        "stalled": last_third_rate < nominal * 0.25,
+        "proxy_unread_kb_per_stream": queues.map(|q| kib(q.0)),
+        "proxy_unsent_kb_per_stream": queues.map(|q| kib(q.1)),
+        "proxy_rss_kb": std::iter::once(base_rss).chain(marks.iter().map(|m| m.2)).collect::<Vec<_>>(),
+        "proxy_rss_growth_kb_per_stream": r1(rss_end.saturating_sub(base_rss) as f64 / k),
         "errors": errors,
     })
 }
@@ -1104,73 +1160,59 @@ async fn run(settings: Settings, pin: bool) {
 
     if settings.runs("slow") {
         println!(
-            "\n== slow client: {} streams, mock writes 4 KB every 20 ms, client reads one frame a second, {} s ==",
+            "\n== slow client: {} streams per target, all targets at once; the mock writes 4 KB every 20 ms, each client reads 4 KB a second (16 KB receive buffer), {} s ==",
             settings.slow_clients, settings.slow_secs
         );
-        let mut rows = serde_json::Map::new();
-        for kind in ["direct", "bare", "perishable"] {
-            let (sut, target) = match kind {
-                "bare" => {
-                    let (s, t) = bare_target(&upstream, pin).await;
-                    (Some(s), t)
-                }
-                "perishable" => {
-                    let (s, t) = perishable_target(
-                        "perishable",
-                        &upstream,
-                        false,
-                        settings.slow_clients,
-                        pin,
-                    )
-                    .await;
-                    (Some(s), t)
-                }
-                _ => (None, direct.clone()),
-            };
-            if sut.is_some() {
-                let _ = client::closed_loop(&target, 4, Duration::from_millis(200), 0).await;
-                let _ = client::streams(&target, 4, 3, 5).await;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            let pid = sut.as_ref().map(|s| s.pid);
-            let row = slow_one(
-                &target,
+        let (bare_sut, bare_t) = bare_target(&upstream, pin).await;
+        let (p_sut, p_t) =
+            perishable_target("perishable", &upstream, false, settings.slow_clients, pin).await;
+        for t in [&bare_t, &p_t] {
+            let _ = client::closed_loop(t, 4, Duration::from_millis(200), 0).await;
+            let _ = client::streams(t, 4, 3, 5).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut runs = tokio::task::JoinSet::new();
+        for (tag, (t, pid)) in [
+            (direct.clone(), None),
+            (bare_t, Some(bare_sut.pid)),
+            (p_t, Some(p_sut.pid)),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            runs.spawn_local(slow_one(
+                t,
                 pid,
                 settings.slow_secs,
                 settings.slow_clients,
-                &stats,
-            )
-            .await;
+                tag,
+                stats.clone(),
+            ));
+        }
+        let mut rows = serde_json::Map::new();
+        while let Some(row) = runs.join_next().await {
+            let row = row.expect("slow client task");
             println!(
-                "{:<12} mock wrote {:>7.1} KiB/stream by mid, {:>7.1} by end (unthrottled {:.0}); rate 2nd half {:>6.1} KiB/s (nominal {:.0}); client read {:>6.1} KiB/stream; stalled {}; proxy RSS {} -> {} -> {} kB",
-                kind,
-                row["mock_written_kb_per_stream_mid"]
-                    .as_f64()
-                    .unwrap_or(0.0),
-                row["mock_written_kb_per_stream_end"]
-                    .as_f64()
-                    .unwrap_or(0.0),
+                "{:<12} mock wrote {} KiB/stream at {} s (unthrottled {:.0}); last third {:>6.1} KiB/s (nominal {:.0}); client read {:>5.1} KiB/stream; in flight {:>7.1} KiB/stream; stalled {}; proxy RSS {} kB; proxy kernel queues: unread {} / unsent {} KiB/stream",
+                row["target"].as_str().unwrap_or_default(),
+                row["mock_written_kb_per_stream"],
+                row["at_secs"],
                 row["unthrottled_kb_per_stream_end"].as_f64().unwrap_or(0.0),
-                row["mock_write_rate_second_half_kb_s"]
+                row["mock_write_rate_last_third_kb_s"]
                     .as_f64()
                     .unwrap_or(0.0),
                 row["nominal_rate_kb_s"].as_f64().unwrap_or(0.0),
                 row["client_read_kb_per_stream"].as_f64().unwrap_or(0.0),
+                row["in_flight_kb_per_stream"].as_f64().unwrap_or(0.0),
                 row["stalled"],
-                row["proxy_rss_kb_start"],
-                row["proxy_rss_kb_mid"],
-                row["proxy_rss_kb_end"],
+                row["proxy_rss_kb"],
+                row["proxy_unread_kb_per_stream"],
+                row["proxy_unsent_kb_per_stream"],
             );
-            rows.insert(kind.to_owned(), row);
-            drop(sut);
-            // Bounded wait for the mock to notice the streams closed.
-            for _ in 0..100 {
-                if stats.bulk_active.load(Ordering::Relaxed) == 0 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            let name = row["target"].as_str().unwrap_or_default().to_owned();
+            rows.insert(name, row);
         }
+        drop((bare_sut, p_sut));
         scenarios.insert("slow_client".into(), Value::Object(rows));
     }
 
@@ -1248,14 +1290,20 @@ async fn run(settings: Settings, pin: bool) {
         .get("slow_client")
         .and_then(|s| s.get("perishable"))
     {
+        let growth = row["proxy_rss_growth_kb_per_stream"]
+            .as_f64()
+            .unwrap_or(f64::MAX);
+        let queued = row["proxy_unread_kb_per_stream"].as_f64().unwrap_or(0.0)
+            + row["proxy_unsent_kb_per_stream"].as_f64().unwrap_or(0.0);
         check(
-            "slow client: backpressure reaches the mock",
-            row["stalled"].as_bool() == Some(true),
+            "slow client: the proxy holds no stream data in user space (RSS growth <= 256 KiB/stream)",
+            growth <= 256.0,
             format!(
-                "mock write rate in the second half {} KiB/s of {} nominal; proxy RSS growth {} kB/stream",
-                row["mock_write_rate_second_half_kb_s"],
+                "RSS growth {growth} KiB/stream while the mock wrote {} KiB/stream; {queued:.0} KiB/stream sit in the proxy's kernel socket queues; mock write rate in the last third {} of {} KiB/s (stalled: {})",
+                row["mock_written_kb_per_stream"][2],
+                row["mock_write_rate_last_third_kb_s"],
                 row["nominal_rate_kb_s"],
-                row["proxy_rss_growth_kb_per_stream"]
+                row["stalled"]
             ),
             &mut checks,
         );

@@ -7,8 +7,9 @@
 //!
 //! Groups:
 //!
-//! - `token`: session token verification (`TokenCodec::verify`), HS256 and EdDSA. There is no
-//!   cache of already-verified tokens in the library yet, so EdDSA is measured as is.
+//! - `token`: session token verification, HS256 and EdDSA, every check every time
+//!   (`TokenCodec::verify_uncached`) and through the cache of already-verified tokens
+//!   (`TokenCodec::verify`, a hit: the token was seen before and its `exp` is still ahead).
 //! - `dpop`: one DPoP proof verification (ES256 and EdDSA proof keys), every RFC 9449 check but
 //!   the replay record.
 //! - `fingerprint`: the constant-time fingerprint check (`fingerprint::matches`).
@@ -16,7 +17,8 @@
 //!   `RateLimiter` trait object the layer calls (`MemoryStore::rate_limiter`).
 //! - `verify_plus_rate_limit`: what an authenticated request costs before the upstream:
 //!   `Sessions::verify` (token, revocation lookup, fingerprint, User-Agent) plus the rate-limit
-//!   decision. The target is 5 µs.
+//!   decision, with the verified-token cache (the default) and without it
+//!   (`session.verified_cache_size = 0`). The target is 5 µs.
 //! - `entropy`: `entropy::score` of a human-like trace and of the largest trace accepted.
 //! - `pow`: `ProofOfWork::check` of a solved challenge (16 bits, the default).
 //! - `stack`: one whole request through `origin_layer`, `verify_layer`, `rate_limit_layer` and an
@@ -55,12 +57,19 @@ fn now() -> u64 {
 }
 
 fn config(algorithm: Algorithm, dpop: DpopMode) -> Config {
+    config_with_cache(algorithm, dpop, true)
+}
+
+fn config_with_cache(algorithm: Algorithm, dpop: DpopMode, cache: bool) -> Config {
     let mut builder = Config::builder()
         .upstream_api_key("sk-bench")
         .session_algorithm(algorithm)
         .session_dpop(dpop)
         .rate_limit_points(1_000_000_000)
         .rate_limit_duration_secs(60);
+    if !cache {
+        builder = builder.session_verified_cache_size(0);
+    }
     if algorithm == Algorithm::HS256 {
         builder = builder.jwt_secret(SECRET);
     }
@@ -116,15 +125,17 @@ fn runtime() -> tokio::runtime::Runtime {
 
 fn token_verification(c: &mut Criterion) {
     let mut group = c.benchmark_group("token");
-    for (name, alg) in [
-        ("hs256_verify", Algorithm::HS256),
-        ("eddsa_verify", Algorithm::EdDSA),
-    ] {
+    for (name, alg) in [("hs256", Algorithm::HS256), ("eddsa", Algorithm::EdDSA)] {
         let p = perishable(alg, DpopMode::Optional);
         let token = token(&p, None);
         let codec = p.sessions().codec().clone();
         assert!(codec.verify(&token).is_ok());
-        group.bench_function(name, |b| b.iter(|| codec.verify(&token).unwrap()));
+        group.bench_function(format!("{name}_verify_uncached"), |b| {
+            b.iter(|| codec.verify_uncached(&token).unwrap())
+        });
+        group.bench_function(format!("{name}_verify_cached"), |b| {
+            b.iter(|| codec.verify(&token).unwrap())
+        });
     }
     group.finish();
 }
@@ -207,8 +218,13 @@ fn verify_plus_rate_limit(c: &mut Criterion) {
     let rt = runtime();
     let _guard = rt.enter();
     let mut group = c.benchmark_group("verify_plus_rate_limit");
-    for (name, alg) in [("hs256", Algorithm::HS256), ("eddsa", Algorithm::EdDSA)] {
-        let p = perishable(alg, DpopMode::Optional);
+    for (name, alg, cache) in [
+        ("hs256", Algorithm::HS256, true),
+        ("hs256_nocache", Algorithm::HS256, false),
+        ("eddsa", Algorithm::EdDSA, true),
+        ("eddsa_nocache", Algorithm::EdDSA, false),
+    ] {
+        let p = Perishable::new(config_with_cache(alg, DpopMode::Optional, cache)).unwrap();
         let token = token(&p, None);
         let req = request(&token, None);
         let limiter = p.store().rate_limiter(policy());

@@ -31,10 +31,11 @@ pub fn stamped_body(n: usize, interval_ms: u64) -> Bytes {
     ))
 }
 
-/// Body of a streamed request of `n` events of `size` bytes, `interval_ms` apart.
-pub fn bulk_body(size: usize, interval_ms: u64, n: usize) -> Bytes {
+/// Body of a streamed request of `n` events of `size` bytes, `interval_ms` apart, counted by
+/// the mock under `tag`.
+pub fn bulk_body(size: usize, interval_ms: u64, n: usize, tag: usize) -> Bytes {
     Bytes::from(format!(
-        r#"{{"model":"gpt-4o-mini","stream":true,"messages":[{{"role":"user","content":"bench:bulk:{size}:{interval_ms}:{n}"}}]}}"#
+        r#"{{"model":"gpt-4o-mini","stream":true,"messages":[{{"role":"user","content":"bench:bulk:{size}:{interval_ms}:{n}:{tag}"}}]}}"#
     ))
 }
 
@@ -461,9 +462,13 @@ pub async fn one_stream(
     run
 }
 
-/// `conc` concurrent streams, one per slot, `n` chunks `interval_ms` apart each.
+/// `conc` concurrent streams, one per slot, `n` chunks `interval_ms` apart each. Their starts
+/// are spread evenly over one interval, so time to first byte measures one request, not a
+/// burst of `conc` arriving together.
 pub async fn streams(target: &Target, conc: usize, n: usize, interval_ms: u64) -> StreamRun {
     let mut tasks = tokio::task::JoinSet::new();
+    let stagger = Duration::from_millis(interval_ms.max(1)) / conc.max(1) as u32;
+    let start = tokio::time::Instant::now() + Duration::from_millis(5);
     for i in 0..conc {
         let mut heads = Heads::new(target, i, "chat/completions");
         heads.prefill(1);
@@ -477,6 +482,7 @@ pub async fn streams(target: &Target, conc: usize, n: usize, interval_ms: u64) -
                     ..StreamRun::default()
                 };
             };
+            tokio::time::sleep_until(start + stagger * i as u32).await;
             one_stream(&mut sender, &mut heads, n, interval_ms).await
         });
     }
@@ -522,4 +528,43 @@ pub async fn open_stream(
         _ => return Err("the stream ended before its first chunk".to_owned()),
     };
     Ok((sender, body, read))
+}
+
+/// A raw HTTP/1.1 stream for the slow client: the request written by hand on a socket whose
+/// receive buffer is fixed at `rcvbuf` bytes, so the client itself buffers nothing beyond
+/// what it reads (4 KB a second).
+pub async fn open_raw_stream(
+    target: &Target,
+    i: usize,
+    body: &[u8],
+    rcvbuf: u32,
+) -> std::io::Result<TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let socket = TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(rcvbuf)?;
+    let mut stream = socket.connect(target.addr).await?;
+    stream.set_nodelay(true)?;
+    let mut head = format!(
+        "POST {} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+        target.path("chat/completions"),
+        target.host,
+        body.len()
+    );
+    let slot = target.slot(i);
+    for (k, v) in &slot.headers {
+        head.push_str(k.as_str());
+        head.push_str(": ");
+        head.push_str(v.to_str().unwrap_or_default());
+        head.push_str("\r\n");
+    }
+    if let Some((signer, token)) = &slot.dpop {
+        let htu = format!("http://{}{}", target.host, target.path("chat/completions"));
+        head.push_str("dpop: ");
+        head.push_str(&signer.proof("POST", &htu, Some(token)));
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body).await?;
+    Ok(stream)
 }

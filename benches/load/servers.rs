@@ -208,8 +208,8 @@ impl hyper::body::Body for BareBody {
 /// Counters of the mock's instrumented streams.
 #[derive(Debug, Default)]
 pub struct MockStats {
-    /// Bytes the bulk streams have handed to hyper (written, or about to be).
-    pub bulk_bytes: AtomicU64,
+    /// Bytes the bulk streams have handed to hyper (written, or about to be), by tag.
+    pub bulk_bytes: [AtomicU64; 8],
     /// Bulk streams alive.
     pub bulk_active: AtomicU64,
     /// Stamped streams alive.
@@ -227,7 +227,8 @@ struct MockState {
 ///
 /// - `bench:stamped:N:MS`: N SSE chat-completion chunks MS apart, each carrying
 ///   `<seq>:<unix ns when written>;` as its content, then `data: [DONE]`;
-/// - `bench:bulk:BYTES:MS:N`: N events of BYTES bytes MS apart, counted in [`MockStats`].
+/// - `bench:bulk:BYTES:MS:N:TAG`: N events of BYTES bytes MS apart, counted in [`MockStats`]
+///   under TAG (0 to 7).
 pub async fn start_mock(port: u16) -> std::io::Result<(SocketAddr, Arc<MockStats>)> {
     let builtin = MockUpstream::new(
         MockOptions::new()
@@ -278,8 +279,9 @@ async fn mock_handler(
             let size = it.next().and_then(|v| v.parse().ok()).unwrap_or(4096);
             let ms = it.next().and_then(|v| v.parse().ok()).unwrap_or(20);
             let n = it.next().and_then(|v| v.parse().ok()).unwrap_or(500);
+            let tag = it.next().and_then(|v| v.parse::<usize>().ok()).unwrap_or(0) % 8;
             let stream = BenchStream::new(
-                Kind::Bulk(size),
+                Kind::Bulk(size, tag),
                 n,
                 Duration::from_millis(ms),
                 state.stats.clone(),
@@ -319,7 +321,7 @@ fn sse(stream: BenchStream) -> axum::response::Response {
 #[derive(Clone, Copy)]
 enum Kind {
     Stamped,
-    Bulk(usize),
+    Bulk(usize, usize),
 }
 
 /// An instrumented SSE stream: the first event at once, then one every `interval` (never in a
@@ -339,7 +341,7 @@ impl BenchStream {
     fn new(kind: Kind, n: usize, interval: Duration, stats: Arc<MockStats>) -> Self {
         match kind {
             Kind::Stamped => stats.stamped_active.fetch_add(1, Ordering::Relaxed),
-            Kind::Bulk(_) => stats.bulk_active.fetch_add(1, Ordering::Relaxed),
+            Kind::Bulk(..) => stats.bulk_active.fetch_add(1, Ordering::Relaxed),
         };
         Self {
             kind,
@@ -358,7 +360,7 @@ impl Drop for BenchStream {
     fn drop(&mut self) {
         match self.kind {
             Kind::Stamped => self.stats.stamped_active.fetch_sub(1, Ordering::Relaxed),
-            Kind::Bulk(_) => self.stats.bulk_active.fetch_sub(1, Ordering::Relaxed),
+            Kind::Bulk(..) => self.stats.bulk_active.fetch_sub(1, Ordering::Relaxed),
         };
     }
 }
@@ -396,14 +398,12 @@ impl futures_util::Stream for BenchStream {
                 this.seq,
                 unix_ns()
             )),
-            Kind::Bulk(size) => {
+            Kind::Bulk(size, tag) => {
                 let mut event = Vec::with_capacity(size);
                 event.extend_from_slice(b"data: ");
                 event.resize(size.max(8) - 2, b'x');
                 event.extend_from_slice(b"\n\n");
-                this.stats
-                    .bulk_bytes
-                    .fetch_add(event.len() as u64, Ordering::Relaxed);
+                this.stats.bulk_bytes[tag].fetch_add(event.len() as u64, Ordering::Relaxed);
                 Bytes::from(event)
             }
         };
