@@ -50,9 +50,18 @@ pub fn hash(fingerprint: &str) -> String {
 }
 
 /// Whether `presented` hashes to the `fp` claim, compared in constant time.
+///
+/// Runs on every request (fingerprint and User-Agent): the digest is encoded on the stack.
 pub fn matches(presented: &[u8], fp_claim: &str) -> bool {
-    let hashed = crate::token::hash_b64(presented);
-    hashed.as_bytes().ct_eq(fp_claim.as_bytes()).into()
+    use base64::Engine;
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, presented);
+    let mut encoded = [0u8; 43];
+    match base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode_slice(digest.as_ref(), &mut encoded)
+    {
+        Ok(43) => encoded.ct_eq(fp_claim.as_bytes()).into(),
+        _ => false,
+    }
 }
 
 #[cfg(test)]
