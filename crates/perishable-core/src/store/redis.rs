@@ -10,7 +10,7 @@
 //! | `<p>:rl:<policy>:<client>` | GCRA theoretical arrival time (µs) | when the client is back to a full burst |
 //! | `<p>:rlb:<policy>:<client>` | block marker | after the block duration |
 //! | `<p>:revoked:<jti>`, `<p>:pow:<challenge>`, `<p>:dpop:<jkt.jti>` | `SET NX` marker | with the token, challenge or proof window |
-//! | `<p>:caps:<fp:…|jkt:…>` | sorted set of live sessions, scored by `exp` | with its newest session |
+//! | `<p>:caps:fp:<hash>`, `<p>:caps:jkt:<thumbprint>` | sorted set of live sessions, scored by `exp` | with its newest session |
 //!
 //! Rate limiting and cap admission are Lua scripts: one round trip, atomic, on Redis's clock
 //! (`TIME`), so instances with drifting clocks still agree. Redis Cluster is not supported (the
@@ -122,7 +122,9 @@ redis.call('EXPIREAT', KEYS[1], tonumber(ARGV[2]) + 1)
 return 1
 ";
 
-/// Shared state on Redis; see the [module docs](self).
+/// Shared state on Redis: see [`crate::store`]. One multiplexed, auto-reconnecting connection,
+/// a timeout per call, keys under `store.key_prefix` that expire with what they record, and rate
+/// limiting and cap admission as atomic Lua scripts on Redis's clock.
 #[derive(Clone)]
 pub struct RedisStore {
     inner: Arc<Inner>,

@@ -19,7 +19,7 @@
 //!    (`429 budget_exhausted`, `429 rate_limited`).
 //! 6. Returns the upstream's status, headers (minus hop-by-hop and `Set-Cookie`) and body, each
 //!    chunk passed on as it arrives; event streams get `X-Accel-Buffering: no`. A usage tap
-//!    ([`usage`]) reads the response's `usage` as it passes, to settle the reservation and count
+//!    (`upstream/usage.rs`) reads the response's `usage` as it passes, to settle the reservation and count
 //!    tokens, and hides the usage chunk the proxy asked for on the client's behalf.
 //!
 //! Timeouts: `connect_timeout_ms` for the connection (then `502 upstream_unavailable`),
