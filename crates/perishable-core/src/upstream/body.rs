@@ -122,6 +122,8 @@ impl http_body::Body for UpstreamBody {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     *this.done = true;
+                    // Without the URL: it may carry credentials in a custom base URL.
+                    let e = e.without_url();
                     tracing::warn!(error = %e, "the upstream response broke off");
                     if let Some(mut accounting) = this.accounting.take() {
                         accounting.done(false);
