@@ -237,7 +237,7 @@ impl Budget {
                 Err(e) if self.inner.fail_open => {
                     log_failure("acquire_stream", &e, "skipped the stream cap (fail open)");
                 }
-                Err(e) => return Err(store_unavailable("acquire_stream", &e)),
+                Err(e) => return Err(crate::store::refuse("acquire_stream", &e)),
             }
         }
 
@@ -277,7 +277,7 @@ impl Budget {
                 }
                 Err(e) => {
                     self.release(admitted);
-                    return Err(store_unavailable("reserve_tokens", &e));
+                    return Err(crate::store::refuse("reserve_tokens", &e));
                 }
             }
         }
@@ -329,14 +329,6 @@ impl Budget {
     pub(crate) fn release(&self, admitted: Admitted) {
         self.settle(admitted, None, true);
     }
-}
-
-fn store_unavailable(op: &'static str, e: &crate::store::StoreError) -> Error {
-    log_failure(op, e, "refused (fail closed)");
-    Error::new(
-        ErrorCode::StoreUnavailable,
-        "the shared state store is unavailable: try again shortly",
-    )
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use tower::Service;
 
 use super::KeyExtractor;
 use crate::config::OnUnavailable;
-use crate::error::{Error, ErrorCode, RateLimitInfo};
+use crate::error::{Error, RateLimitInfo};
 use crate::store::{RateLimiter, log_failure};
 
 /// Middleware that limits requests per key; see the [module docs](super).
@@ -107,14 +107,7 @@ where
                     log_failure("rate_limit", &e, "skipped the rate limit (fail open)");
                     inner.call(req).await
                 }
-                Err(e) => {
-                    log_failure("rate_limit", &e, "refused (fail closed)");
-                    Ok(Error::new(
-                        ErrorCode::StoreUnavailable,
-                        "the rate limiter's store is unavailable: try again shortly",
-                    )
-                    .into_response())
-                }
+                Err(e) => Ok(crate::store::refuse("rate_limit", &e).into_response()),
             }
         })
     }
@@ -133,6 +126,7 @@ mod tests {
 
     use super::*;
     use crate::Body;
+    use crate::error::ErrorCode;
     use crate::error::Refusal;
     use crate::rate_limit::{FingerprintKey, Limiter, RateLimitLayer};
     use crate::store::{MemoryStore, RateDecision, RatePolicy, Store, StoreError, StoreFuture};

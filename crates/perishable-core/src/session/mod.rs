@@ -43,7 +43,7 @@ use crate::dpop::{DPOP_HEADER, DpopVerifier, Expected, Htu, OriginalUri};
 use crate::error::{Error, ErrorCode, RateLimitInfo};
 use crate::fingerprint::{self, FINGERPRINT_HEADER};
 use crate::pow::{Challenge, ProofOfWork};
-use crate::store::{Admission, Set, Store, StoreError, log_failure};
+use crate::store::{self, Admission, Set, Store, StoreError, log_failure};
 use crate::token::{Claims, Confirmation, TokenCodec, hash_b64, new_jti};
 use crate::verify::VerifiedSession;
 
@@ -261,7 +261,7 @@ impl Sessions {
                 log_failure("admit_session", &e, "skipped the session cap (fail open)");
                 Admission::Admitted
             }
-            Err(e) => return Err(unavailable("admit_session", &e)),
+            Err(e) => return Err(store::refuse("admit_session", &e)),
         };
         if let Admission::Full { retry_after_secs } = admission {
             return Err(Error::new(
@@ -303,7 +303,7 @@ impl Sessions {
         let refusal = match recorded {
             Ok(None) => None,
             Ok(Some(refusal)) => Some(refusal),
-            Err(e) => Some(unavailable("insert_once", &e)),
+            Err(e) => Some(store::refuse("insert_once", &e)),
         };
         let signed = match refusal {
             Some(refusal) => Err(refusal),
@@ -386,7 +386,7 @@ impl Sessions {
             let revoked = store
                 .contains(Set::Revoked, &claims.jti)
                 .await
-                .map_err(|e| unavailable("contains", &e))?;
+                .map_err(|e| store::refuse("contains", &e))?;
             if revoked {
                 return Err(Error::new(
                     ErrorCode::SessionRevoked,
@@ -397,7 +397,7 @@ impl Sessions {
                 let fresh = store
                     .insert_once(Set::DpopSeen, &id, until)
                     .await
-                    .map_err(|e| unavailable("insert_once", &e))?;
+                    .map_err(|e| store::refuse("insert_once", &e))?;
                 if !fresh {
                     return Err(Error::new(
                         ErrorCode::InvalidDpopProof,
@@ -500,7 +500,7 @@ impl Sessions {
         let fresh = store
             .insert_once(Set::Revoked, &old.jti, old.exp)
             .await
-            .map_err(|e| unavailable("insert_once", &e))?;
+            .map_err(|e| store::refuse("insert_once", &e))?;
         if !fresh {
             return Err(Error::new(
                 ErrorCode::SessionRevoked,
@@ -517,7 +517,7 @@ impl Sessions {
         store
             .replace_session(&cap_keys(old), &old.jti, &claims.jti, claims.exp)
             .await
-            .map_err(|e| unavailable("replace_session", &e))?;
+            .map_err(|e| store::refuse("replace_session", &e))?;
         let issued = self.issue(&claims, now)?;
         metrics::counter!("perishable_sessions_total", "event" => "refreshed").increment(1);
         self.inner.audit.emit(|| AuditEvent::Refreshed {
@@ -535,11 +535,11 @@ impl Sessions {
         store
             .insert_once(Set::Revoked, &claims.jti, claims.exp)
             .await
-            .map_err(|e| unavailable("insert_once", &e))?;
+            .map_err(|e| store::refuse("insert_once", &e))?;
         store
             .release_session(&cap_keys(claims), &claims.jti)
             .await
-            .map_err(|e| unavailable("release_session", &e))?;
+            .map_err(|e| store::refuse("release_session", &e))?;
         metrics::counter!("perishable_sessions_total", "event" => "revoked").increment(1);
         self.inner.audit.emit(|| AuditEvent::Revoked {
             session_id: claims.jti.clone(),
@@ -555,15 +555,6 @@ struct PendingMint {
     pow_used: Option<(String, u64)>,
     /// The DPoP proof to record as seen, and until when.
     dpop_seen: Option<(String, u64)>,
-}
-
-/// `503 store_unavailable`, logged. Revocation, replay and cap checks always fail closed.
-fn unavailable(op: &'static str, error: &StoreError) -> Error {
-    log_failure(op, error, "refused (fail closed)");
-    Error::new(
-        ErrorCode::StoreUnavailable,
-        "the shared state store is unavailable: try again shortly",
-    )
 }
 
 /// The slots a session takes in the cap: its fingerprint, and its key when bound.

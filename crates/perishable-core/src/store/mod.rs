@@ -223,6 +223,15 @@ pub(crate) fn from_config(config: &crate::Config) -> Result<Arc<dyn Store>, crat
     }
 }
 
+/// A store failure refused (fail closed): logged, and `503 store_unavailable`.
+pub(crate) fn refuse(op: &'static str, error: &StoreError) -> crate::Error {
+    log_failure(op, error, "refused (fail closed)");
+    crate::Error::new(
+        crate::ErrorCode::StoreUnavailable,
+        "the shared state store is unavailable: try again shortly",
+    )
+}
+
 /// Logs a store failure (at most once a second per operation kind, so an outage does not flood
 /// the logs). Fields: `op`, `error`; never a key, token or fingerprint.
 pub(crate) fn log_failure(op: &'static str, error: &StoreError, action: &'static str) {
