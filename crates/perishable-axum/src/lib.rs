@@ -197,30 +197,16 @@ where
         ]))
 }
 
-/// An OpenAI-shaped error that is not one of the PROTOCOL refusals (unknown route, method).
-fn plain_error(status: http::StatusCode, code: &str, message: &str) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    let body = serde_json::json!({
-        "error": { "message": message, "type": "invalid_request_error", "code": code }
-    });
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response()
-}
-
-async fn not_found() -> axum::response::Response {
-    plain_error(
+async fn not_found() -> http::Response<axum::body::Body> {
+    perishable_core::error::other_error_response(
         http::StatusCode::NOT_FOUND,
         "not_found",
         "no such route: see the Perishable protocol for the routes",
     )
 }
 
-async fn method_not_allowed() -> axum::response::Response {
-    plain_error(
+async fn method_not_allowed() -> http::Response<axum::body::Body> {
+    perishable_core::error::other_error_response(
         http::StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
         "this route does not take that method",

@@ -205,6 +205,43 @@ pub struct Refusal {
     pub session_id: Option<String>,
 }
 
+/// The OpenAI error shape: `{"error":{"message":…,"type":…,"code":…}}`.
+pub fn error_body(message: &str, error_type: &str, code: &str) -> Bytes {
+    #[derive(serde::Serialize)]
+    struct Envelope<'a> {
+        error: Inner<'a>,
+    }
+    #[derive(serde::Serialize)]
+    struct Inner<'a> {
+        message: &'a str,
+        r#type: &'a str,
+        code: &'a str,
+    }
+    let body = Envelope {
+        error: Inner {
+            message,
+            r#type: error_type,
+            code,
+        },
+    };
+    Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+}
+
+/// A response in the OpenAI error shape for what is not a PROTOCOL refusal (an unknown route,
+/// a method a route does not take), with type `invalid_request_error`.
+pub fn other_error_response<B: From<Bytes>>(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+) -> Response<B> {
+    let mut response = Response::new(B::from(error_body(message, "invalid_request_error", code)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
@@ -272,24 +309,7 @@ impl Error {
 
     /// The JSON body: `{"error":{"message":…,"type":…,"code":…}}`.
     pub fn body(&self) -> Bytes {
-        #[derive(serde::Serialize)]
-        struct Envelope<'a> {
-            error: Inner<'a>,
-        }
-        #[derive(serde::Serialize)]
-        struct Inner<'a> {
-            message: &'a str,
-            r#type: &'static str,
-            code: &'static str,
-        }
-        let body = Envelope {
-            error: Inner {
-                message: &self.message,
-                r#type: self.code.error_type(),
-                code: self.code.as_str(),
-            },
-        };
-        Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+        error_body(&self.message, self.code.error_type(), self.code.as_str())
     }
 
     /// Renders the PROTOCOL response: status, JSON body and headers.

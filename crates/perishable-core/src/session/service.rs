@@ -62,14 +62,7 @@ fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
 }
 
 fn not_found() -> Response<Body> {
-    let mut response = Response::new(Body::from(
-        r#"{"error":{"message":"not found","type":"invalid_request_error","code":"not_found"}}"#,
-    ));
-    *response.status_mut() = StatusCode::NOT_FOUND;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
+    crate::error::other_error_response(StatusCode::NOT_FOUND, "not_found", "not found")
 }
 
 impl<B> tower::Service<Request<B>> for SessionService
