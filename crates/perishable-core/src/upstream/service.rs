@@ -203,7 +203,12 @@ impl Inner {
         let mut streaming = false;
         let mentions_stream =
             !body.is_empty() && memchr::memmem::find(&body, b"\"stream\"").is_some();
-        if !body.is_empty() && (!self.allowed_models.is_empty() || mentions_stream) {
+        // The budget's inspection parses the body anyway (and learns `stream` from it): parse
+        // here only for the model allow-list, or when the budget will not look.
+        let budget_parses = !body.is_empty() && self.budget.wants_body(&path, mentions_stream);
+        if !body.is_empty()
+            && (!self.allowed_models.is_empty() || (mentions_stream && !budget_parses))
+        {
             // A struct refuses duplicate keys, so a second "model" cannot slip past the check;
             // serde also reads structs from arrays, so the body must open as an object.
             let object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
@@ -240,7 +245,7 @@ impl Inner {
                 Err(_) => {}
             }
         }
-        let inspected = if !body.is_empty() && self.budget.wants_body(&path, mentions_stream) {
+        let inspected = if budget_parses {
             self.budget.inspect(&path, body)
         } else {
             Inspected {
