@@ -164,8 +164,8 @@ where
     let upstream = authenticated().service(perishable.upstream_service());
 
     Router::new()
-        .route_service("/health", get_service(sessions.clone()))
-        .route_service("/challenge", get_service(sessions.clone()))
+        .route("/health", get_service(sessions.clone()))
+        .route("/challenge", get_service(sessions.clone()))
         .route("/client.js", axum::routing::get(client_js))
         .route(
             "/session",
@@ -176,25 +176,30 @@ where
             )
             .delete_service(authenticated().service(sessions.clone())),
         )
-        .route_service(
+        .route(
             "/session/refresh",
             post_service(authenticated().service(sessions)),
         )
-        .route_service("/openai", any_service(upstream.clone()))
-        .route_service("/openai/", any_service(upstream.clone()))
-        .route_service("/openai/{*path}", any_service(upstream))
+        .route("/openai", any_service(upstream.clone()))
+        .route("/openai/", any_service(upstream.clone()))
+        .route("/openai/{*path}", any_service(upstream))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(cors_layer(perishable))
-        .layer(perishable.origin_layer())
-        .layer(MapRequestLayer::new(peer_addr::<axum::body::Body>))
-        .layer(perishable.observe_layer())
-        .layer(SetSensitiveRequestHeadersLayer::new([
-            header::AUTHORIZATION,
-            header::COOKIE,
-            perishable_core::dpop::DPOP_HEADER,
-            perishable_core::fingerprint::FINGERPRINT_HEADER,
-        ]))
+        // One layer for the whole stack: axum boxes each route once per `layer` call, and
+        // clones every box on every request.
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetSensitiveRequestHeadersLayer::new([
+                    header::AUTHORIZATION,
+                    header::COOKIE,
+                    perishable_core::dpop::DPOP_HEADER,
+                    perishable_core::fingerprint::FINGERPRINT_HEADER,
+                ]))
+                .layer(perishable.observe_layer())
+                .layer(MapRequestLayer::new(peer_addr::<axum::body::Body>))
+                .layer(perishable.origin_layer())
+                .layer(cors_layer(perishable)),
+        )
 }
 
 async fn not_found() -> http::Response<axum::body::Body> {

@@ -613,7 +613,7 @@ impl ConfigBuilder {
     pub fn build(self) -> Result<Config, ConfigError> {
         let u = &self.upstream;
         let base_url = u.base_url.trim_end_matches('/').to_owned();
-        let parsed = reqwest::Url::parse(&base_url)
+        let parsed = url::Url::parse(&base_url)
             .map_err(|e| ConfigError::invalid("upstream.base_url", e.to_string()))?;
         if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
             return Err(ConfigError::invalid(
@@ -746,7 +746,7 @@ impl ConfigBuilder {
         let public_origin = match &self.server.public_url {
             None => None,
             Some(url) => {
-                let parsed = reqwest::Url::parse(url)
+                let parsed = url::Url::parse(url)
                     .map_err(|e| ConfigError::invalid("server.public_url", e.to_string()))?;
                 if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
                     return Err(ConfigError::invalid(
@@ -799,7 +799,7 @@ impl ConfigBuilder {
 }
 
 fn is_origin(s: &str) -> bool {
-    match reqwest::Url::parse(s) {
+    match url::Url::parse(s) {
         Ok(url) => {
             url.host().is_some() && url.origin().ascii_serialization() == s.trim_end_matches('/')
         }

@@ -114,7 +114,7 @@ pub fn thumbprint(jwk: &Value) -> Option<String> {
 const PRIVATE_MEMBERS: [&str; 7] = ["d", "p", "q", "dp", "dq", "qi", "k"];
 
 fn htu_matches(claimed: &str, expected: Htu<'_>) -> bool {
-    let Ok(claimed) = reqwest::Url::parse(claimed) else {
+    let Ok(claimed) = url::Url::parse(claimed) else {
         return false;
     };
     if !matches!(claimed.scheme(), "http" | "https") {
@@ -122,7 +122,7 @@ fn htu_matches(claimed: &str, expected: Htu<'_>) -> bool {
     }
     match expected {
         Htu::Exact(url) => {
-            let Ok(url) = reqwest::Url::parse(url) else {
+            let Ok(url) = url::Url::parse(url) else {
                 return false;
             };
             claimed.scheme() == url.scheme()

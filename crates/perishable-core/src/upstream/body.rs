@@ -67,7 +67,7 @@ pin_project_lite::pin_project! {
     #[derive(Debug)]
     pub struct UpstreamBody {
         #[pin]
-        inner: reqwest::Body,
+        inner: hyper::body::Incoming,
         #[pin]
         idle: Sleep,
         timeout: Duration,
@@ -77,7 +77,11 @@ pin_project_lite::pin_project! {
 }
 
 impl UpstreamBody {
-    pub(crate) fn new(inner: reqwest::Body, timeout: Duration, accounting: Accounting) -> Self {
+    pub(crate) fn new(
+        inner: hyper::body::Incoming,
+        timeout: Duration,
+        accounting: Accounting,
+    ) -> Self {
         Self {
             inner,
             idle: tokio::time::sleep(timeout),
@@ -122,9 +126,7 @@ impl http_body::Body for UpstreamBody {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     *this.done = true;
-                    // Without the URL: it may carry credentials in a custom base URL.
-                    let e = e.without_url();
-                    tracing::warn!(error = %e, "the upstream response broke off");
+                    tracing::warn!(error = %super::client::Chain(&e), "the upstream response broke off");
                     if let Some(mut accounting) = this.accounting.take() {
                         accounting.done(false);
                     }

@@ -43,12 +43,14 @@
 //! ```
 
 mod body;
+mod client;
 mod headers;
 mod path;
 mod service;
 mod usage;
 
 pub use body::UpstreamBody;
+pub use client::{UpstreamClient, rustls};
 pub use path::{AllowList, PathPattern};
 pub use service::{UpstreamPath, UpstreamService};
 pub use usage::Usage;

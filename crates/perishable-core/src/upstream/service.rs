@@ -11,8 +11,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response};
+use http_body_util::Full;
 
 use super::body::{Accounting, UpstreamBody};
+use super::client::{Chain, UpstreamClient};
 use super::headers::{request_headers, strip_response_headers};
 use super::path::AllowList;
 use super::usage::TapMode;
@@ -35,9 +37,9 @@ pub struct UpstreamService {
 
 #[derive(Debug)]
 struct Inner {
-    client: reqwest::Client,
-    /// `upstream.base_url`, parsed once; each request only sets its path and query.
-    base_url: reqwest::Url,
+    client: UpstreamClient,
+    /// `upstream.base_url` without a trailing slash; each request appends `/{path}?{query}`.
+    base_url: String,
     authorization: HeaderValue,
     allow_list: AllowList,
     allowed_models: Vec<String>,
@@ -58,27 +60,14 @@ impl UpstreamService {
 
     /// Like [`new`](Self::new), keeping budget and stream-cap state in `store`.
     pub fn with_store(config: &Config, store: Arc<dyn Store>) -> Result<Self, ConfigError> {
-        let u = config.upstream();
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(u.connect_timeout_ms))
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .build()
-            .map_err(|e| ConfigError::Invalid {
-                key: "upstream",
-                reason: format!("cannot build the HTTP client: {e}"),
-            })?;
-        Self::with_client(config, client, store)
+        Self::with_client(config, UpstreamClient::new(config)?, store)
     }
 
-    /// A service that uses `client` (share one pool across services, or tune it yourself).
-    ///
-    /// The client should not follow redirects: the server key must reach the upstream only.
+    /// A service that sends through `client` (to share one pool across services, or to trust
+    /// your own certificates: see [`UpstreamClient::with_tls_config`]).
     pub fn with_client(
         config: &Config,
-        client: reqwest::Client,
+        client: UpstreamClient,
         store: Arc<dyn Store>,
     ) -> Result<Self, ConfigError> {
         let u = config.upstream();
@@ -98,15 +87,20 @@ impl UpstreamService {
                 key: "upstream.allowed_paths",
                 reason,
             })?;
+        // Normalized once (lower-case scheme and host, default port dropped, path encoded), so
+        // that a request URI is the base and the client's already-valid path, joined.
+        let base_url = url::Url::parse(config.upstream_base_url())
+            .map_err(|e| ConfigError::Invalid {
+                key: "upstream.base_url",
+                reason: e.to_string(),
+            })?
+            .as_str()
+            .trim_end_matches('/')
+            .to_owned();
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
-                base_url: reqwest::Url::parse(config.upstream_base_url()).map_err(|e| {
-                    ConfigError::Invalid {
-                        key: "upstream.base_url",
-                        reason: e.to_string(),
-                    }
-                })?,
+                base_url,
                 authorization,
                 allow_list,
                 allowed_models: u.allowed_models.clone(),
@@ -259,11 +253,7 @@ impl Inner {
         let admitted = self.budget.admit(session, &inspected).await?;
         let body = inspected.body;
 
-        let mut url = self.base_url.clone();
-        let base_path = url.path().trim_end_matches('/');
-        let full_path = format!("{base_path}/{path}");
-        url.set_path(&full_path);
-        url.set_query(parts.uri.query());
+        let uri = self.upstream_uri(&path, parts.uri.query())?;
         let mut headers = request_headers(&parts.headers, &self.authorization);
         if streaming {
             headers.insert(
@@ -271,16 +261,15 @@ impl Inner {
                 HeaderValue::from_static("identity"),
             );
         }
-        let mut upstream_req = reqwest::Request::new(parts.method.clone(), url);
+        let mut upstream_req = Request::new(Full::new(body));
+        *upstream_req.method_mut() = parts.method;
+        *upstream_req.uri_mut() = uri;
         *upstream_req.headers_mut() = headers;
-        if !body.is_empty() {
-            *upstream_req.body_mut() = Some(reqwest::Body::from(body));
-        }
 
         let started = tokio::time::Instant::now();
         let response = match tokio::time::timeout(
             self.first_byte_timeout,
-            self.client.execute(upstream_req),
+            self.client.request(upstream_req),
         )
         .await
         {
@@ -296,7 +285,7 @@ impl Inner {
                 ));
             }
             Ok(Err(e)) => {
-                tracing::warn!(path = %path, error = %e.without_url(), "the upstream could not be reached");
+                tracing::warn!(path = %path, error = %Chain(&e), "the upstream could not be reached");
                 return Err(Error::new(
                     ErrorCode::UpstreamUnavailable,
                     "the upstream could not be reached",
@@ -318,7 +307,6 @@ impl Inner {
             "upstream answered"
         );
 
-        let response: Response<reqwest::Body> = response.into();
         let (mut parts, body) = response.into_parts();
         strip_response_headers(&mut parts.headers);
         let is_event_stream = parts
@@ -365,6 +353,27 @@ impl Inner {
             parts,
             Body::upstream(UpstreamBody::new(body, self.idle_timeout, accounting)),
         ))
+    }
+
+    /// `{base_url}/{path}?{query}`. `path` comes from a request URI, so it is already valid in
+    /// one; an [`UpstreamPath`] set by hand that is not gets `403 path_not_allowed`.
+    fn upstream_uri(&self, path: &str, query: Option<&str>) -> Result<http::Uri, Error> {
+        let mut uri = String::with_capacity(
+            self.base_url.len() + 1 + path.len() + query.map_or(0, |q| q.len() + 1),
+        );
+        uri.push_str(&self.base_url);
+        uri.push('/');
+        uri.push_str(path);
+        if let Some(query) = query {
+            uri.push('?');
+            uri.push_str(query);
+        }
+        http::Uri::try_from(uri).map_err(|_| {
+            Error::new(
+                ErrorCode::PathNotAllowed,
+                "the path is not a valid URL path",
+            )
+        })
     }
 }
 
