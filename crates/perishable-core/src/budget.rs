@@ -393,7 +393,7 @@ mod tests {
             ..BudgetConfig::default()
         });
         let session = VerifiedSession {
-            claims: crate::token::Claims {
+            claims: std::sync::Arc::new(crate::token::Claims {
                 iss: "i".into(),
                 aud: "a".into(),
                 jti: "j".into(),
@@ -404,7 +404,7 @@ mod tests {
                 fp: "fp".into(),
                 ua: None,
                 cnf: None,
-            },
+            }),
         };
         let i = b.inspect("chat/completions", Bytes::from_static(br#"{"model":"m"}"#));
         let first = b.admit(Some(&session), &i).await.unwrap();

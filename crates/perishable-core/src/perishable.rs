@@ -12,7 +12,7 @@ use crate::origin::{OriginLayer, OriginPolicy};
 use crate::rate_limit::{ClientIpKey, FingerprintKey, RateLimitLayer};
 use crate::session::{SessionService, Sessions};
 use crate::store::{RateLimiter, RatePolicy, Store};
-use crate::upstream::UpstreamService;
+use crate::upstream::{UpstreamClient, UpstreamService};
 use crate::verify::VerifyLayer;
 
 /// Everything a Perishable deployment shares: keys, revocations, limiters, the upstream pool.
@@ -56,7 +56,33 @@ impl Perishable {
 
     /// Builds the runtime state on your own [`Store`].
     pub fn with_store(config: Config, store: Arc<dyn Store>) -> Result<Self, ConfigError> {
-        let upstream = UpstreamService::with_store(&config, store.clone())?;
+        let client = UpstreamClient::new(&config)?;
+        Self::with_client(config, store, client)
+    }
+
+    /// Builds the runtime state on your own [`Store`] and upstream client (to trust a private
+    /// CA, or share one connection pool; see [`UpstreamClient`]).
+    ///
+    /// ```no_run
+    /// use std::sync::Arc;
+    /// use perishable_core::upstream::{UpstreamClient, rustls};
+    /// use perishable_core::{Config, Perishable, store::MemoryStore};
+    ///
+    /// # fn run(tls: rustls::ClientConfig) -> Result<(), perishable_core::ConfigError> {
+    /// let config = Config::builder()
+    ///     .upstream_base_url("https://llm.internal:8443/v1")
+    ///     .upstream_api_key("sk-...")
+    ///     .build()?;
+    /// let client = UpstreamClient::with_tls_config(&config, tls);
+    /// let perishable = Perishable::with_client(config, Arc::new(MemoryStore::new()), client)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn with_client(
+        config: Config,
+        store: Arc<dyn Store>,
+        client: UpstreamClient,
+    ) -> Result<Self, ConfigError> {
+        let upstream = UpstreamService::with_client(&config, client, store.clone())?;
         let audit = Audit::default();
         let sessions = Sessions::new(&config, store.clone(), audit.clone());
         let r = config.rate_limit();

@@ -344,12 +344,12 @@ pub struct TokenCodec {
 struct VerifiedCache {
     capacity: usize,
     /// Read on every request, written on a miss: an `RwLock` keeps hits parallel.
-    entries: std::sync::RwLock<HashMap<Box<str>, Claims>>,
+    entries: std::sync::RwLock<HashMap<Box<str>, Arc<Claims>>>,
     leeway: u64,
 }
 
 impl VerifiedCache {
-    fn get(&self, token: &str, now: u64) -> Option<Claims> {
+    fn get(&self, token: &str, now: u64) -> Option<Arc<Claims>> {
         if self.capacity == 0 {
             return None;
         }
@@ -363,7 +363,7 @@ impl VerifiedCache {
             .cloned()
     }
 
-    fn put(&self, token: &str, claims: &Claims, now: u64) {
+    fn put(&self, token: &str, claims: &Arc<Claims>, now: u64) {
         if self.capacity == 0 {
             return;
         }
@@ -439,13 +439,14 @@ impl TokenCodec {
 
     /// Verifies signature, algorithm, `typ`, `kid`, `iss`, `aud`, `exp` and `nbf`.
     ///
-    /// Revocation, fingerprint and User-Agent are checked by the caller.
-    pub fn verify(&self, token: &str) -> Result<Claims, Error> {
+    /// Revocation, fingerprint and User-Agent are checked by the caller. The claims are shared
+    /// with the cache (a hit copies nothing).
+    pub fn verify(&self, token: &str) -> Result<Arc<Claims>, Error> {
         let now = jsonwebtoken::get_current_timestamp();
         if let Some(claims) = self.cache.get(token, now) {
             return Ok(claims);
         }
-        let claims = self.verify_uncached(token)?;
+        let claims = Arc::new(self.verify_uncached(token)?);
         self.cache.put(token, &claims, now);
         Ok(claims)
     }
@@ -529,8 +530,8 @@ mod tests {
         let codec = codec(&session("0123456789abcdef0123456789abcdef"));
         let c = claims(now() + 60);
         let token = codec.sign(&c).unwrap();
-        assert_eq!(codec.verify(&token).unwrap(), c, "miss");
-        assert_eq!(codec.verify(&token).unwrap(), c, "hit");
+        assert_eq!(*codec.verify(&token).unwrap(), c, "miss");
+        assert_eq!(*codec.verify(&token).unwrap(), c, "hit");
         // A tampered token is not a cache hit.
         let mut tampered = token.clone();
         tampered.push('x');
@@ -554,7 +555,7 @@ mod tests {
         let header = jsonwebtoken::decode_header(&token).unwrap();
         assert_eq!(header.typ.as_deref(), Some("at+jwt"));
         assert_eq!(header.kid.as_deref(), Some(codec.keys.signing_kid()));
-        assert_eq!(codec.verify(&token).unwrap(), c);
+        assert_eq!(*codec.verify(&token).unwrap(), c);
     }
 
     #[test]

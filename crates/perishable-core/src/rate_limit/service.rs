@@ -274,7 +274,7 @@ mod tests {
 
     fn verified(jti: &str, fp: &str) -> VerifiedSession {
         VerifiedSession {
-            claims: Claims {
+            claims: std::sync::Arc::new(Claims {
                 iss: "perishable".to_owned(),
                 aud: "perishable".to_owned(),
                 jti: jti.to_owned(),
@@ -285,7 +285,7 @@ mod tests {
                 fp: fp.to_owned(),
                 ua: None,
                 cnf: None,
-            },
+            }),
         }
     }
 

@@ -47,6 +47,9 @@ use crate::store::{self, Admission, Set, Store, StoreError, log_failure};
 use crate::token::{Claims, Confirmation, TokenCodec, hash_b64, new_jti};
 use crate::verify::VerifiedSession;
 
+/// A DPoP proof's replay id and until when it must stay recorded.
+type ReplayRecord = (String, u64);
+
 /// The session object of `POST /session` and `POST /session/refresh`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionObject {
@@ -411,7 +414,10 @@ impl Sessions {
 
     /// The synchronous checks of [`verify`](Self::verify): token, fingerprint, User-Agent, and
     /// the DPoP proof (whose replay id is returned for the store).
-    fn check_request<B>(&self, req: &Request<B>) -> Result<(Claims, Option<(String, u64)>), Error> {
+    fn check_request<B>(
+        &self,
+        req: &Request<B>,
+    ) -> Result<(Arc<Claims>, Option<ReplayRecord>), Error> {
         let headers = req.headers();
         let (scheme, token) = presented_token(headers)?;
         let claims = self.inner.codec.verify(token)?;
@@ -512,7 +518,7 @@ impl Sessions {
             iat: now,
             nbf: now,
             exp: (now + self.inner.ttl_secs).min(end_of_life),
-            ..old.clone()
+            ..Claims::clone(old)
         };
         store
             .replace_session(&cap_keys(old), &old.jti, &claims.jti, claims.exp)

@@ -4,7 +4,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
@@ -115,13 +115,30 @@ impl http_body::Body for UpstreamBody {
                     metrics::counter!("perishable_upstream_bytes_total")
                         .increment(data.len() as u64);
                     let tap = this.accounting.as_mut().and_then(|a| a.tap.as_mut());
-                    match tap {
-                        None => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                        Some(tap) => match tap.frame(data) {
-                            Some(out) => return Poll::Ready(Some(Ok(Frame::data(out)))),
-                            // Half an event: wait for the rest.
-                            None => continue,
-                        },
+                    let out = match tap {
+                        None => Some(data),
+                        Some(tap) => tap.frame(data),
+                    };
+                    // The upstream's declared length is all here: end now, so that hyper can
+                    // finish the response without waiting for the upstream connection to say so.
+                    if this.inner.is_end_stream() {
+                        *this.done = true;
+                        let tail = finish(this.accounting, true);
+                        let out = match (out, tail) {
+                            (Some(out), Some(tail)) => {
+                                let mut joined = BytesMut::with_capacity(out.len() + tail.len());
+                                joined.extend_from_slice(&out);
+                                joined.extend_from_slice(&tail);
+                                Some(joined.freeze())
+                            }
+                            (out, tail) => out.or(tail),
+                        };
+                        return Poll::Ready(out.map(|b| Ok(Frame::data(b))));
+                    }
+                    match out {
+                        Some(out) => return Poll::Ready(Some(Ok(Frame::data(out)))),
+                        // Half an event: wait for the rest.
+                        None => continue,
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
@@ -156,12 +173,20 @@ impl http_body::Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        // Not the inner body's end: the accounting must see the end of the stream.
+        // Not the inner body's end: the accounting must see the end of the stream (`poll_frame`
+        // ends it with the last frame when the upstream's length says it is the last).
         self.done
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        if self.done {
+            return SizeHint::with_exact(0);
+        }
+        match self.accounting.as_ref().and_then(|a| a.tap.as_ref()) {
+            // Events are dropped on the way: the length is not the upstream's.
+            Some(tap) if tap.rewrites() => SizeHint::default(),
+            _ => self.inner.size_hint(),
+        }
     }
 }
 

@@ -13,8 +13,8 @@
 //! - `TCP_NODELAY` on every connection, `upstream.connect_timeout_ms` for each connect, idle
 //!   connections kept 90 s. Proxy environment variables (`HTTPS_PROXY`, ...) are not read.
 //!
-//! Clones share the pool: build one and hand it to every [`UpstreamService`] with
-//! [`UpstreamService::with_client`].
+//! Clones share the pool: build one and hand it to [`Perishable::with_client`], or to every
+//! [`UpstreamService`] with [`UpstreamService::with_client`].
 //!
 //! ```no_run
 //! use perishable_core::upstream::{UpstreamClient, UpstreamService};
@@ -29,6 +29,7 @@
 //! # Ok(()) }
 //! ```
 //!
+//! [`Perishable::with_client`]: crate::Perishable::with_client
 //! [`UpstreamService`]: super::UpstreamService
 //! [`UpstreamService::with_client`]: super::UpstreamService::with_client
 
@@ -82,8 +83,8 @@ impl UpstreamClient {
         Ok(Self::with_tls_config(config, tls))
     }
 
-    /// A client for `config`'s `[upstream]` section, with your own rustls configuration (its
-    /// ALPN protocols must be empty: the client sets `h2` and `http/1.1` itself).
+    /// A client for `config`'s `[upstream]` section, with your own rustls configuration. Its
+    /// ALPN protocols are replaced: the client offers `h2` and `http/1.1` itself.
     ///
     /// ```no_run
     /// use perishable_core::upstream::{UpstreamClient, rustls};

@@ -666,7 +666,7 @@ mod tests {
         let svc = service(builder());
         let mut req = post("/openai/files", "{}");
         req.extensions_mut().insert(VerifiedSession {
-            claims: crate::token::Claims {
+            claims: std::sync::Arc::new(crate::token::Claims {
                 iss: "perishable".to_owned(),
                 aud: "perishable".to_owned(),
                 jti: "session-1".to_owned(),
@@ -677,7 +677,7 @@ mod tests {
                 fp: "fp".to_owned(),
                 ua: None,
                 cnf: None,
-            },
+            }),
         });
         let response = svc.oneshot(req).await.unwrap();
         assert_eq!(response.status(), StatusCode::FORBIDDEN);

@@ -98,6 +98,11 @@ impl UsageTap {
         self.usage
     }
 
+    /// Whether the tap drops events (the client's body is not the upstream's).
+    pub(crate) fn rewrites(&self) -> bool {
+        self.mode == TapMode::EventsHidingUsage
+    }
+
     /// Takes one data frame; returns what to send the client now (`None`: nothing yet).
     pub(crate) fn frame(&mut self, data: Bytes) -> Option<Bytes> {
         match self.mode {

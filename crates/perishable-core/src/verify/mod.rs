@@ -28,13 +28,15 @@ mod service;
 pub use layer::VerifyLayer;
 pub use service::Verify;
 
+use std::sync::Arc;
+
 use crate::token::Claims;
 
 /// The claims of a request's verified session, in the request extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedSession {
-    /// The token's claims.
-    pub claims: Claims,
+    /// The token's claims (shared with the verified-token cache).
+    pub claims: Arc<Claims>,
 }
 
 impl VerifiedSession {
