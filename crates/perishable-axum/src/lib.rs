@@ -218,8 +218,8 @@ async fn method_not_allowed() -> http::Response<axum::body::Body> {
     )
 }
 
-/// Copies axum's `ConnectInfo<SocketAddr>` into [`PeerAddr`] and axum's `OriginalUri` into
-/// Perishable's (for DPoP `htu`), unless they are already there.
+/// Copies axum's `ConnectInfo<SocketAddr>` into [`PeerAddr`] and, on requests with a DPoP proof,
+/// axum's `OriginalUri` into Perishable's (for the proof's `htu`), unless they are already there.
 fn peer_addr<B>(mut req: Request<B>) -> Request<B> {
     if req.extensions().get::<PeerAddr>().is_none()
         && let Some(ConnectInfo(addr)) = req.extensions().get::<ConnectInfo<SocketAddr>>()
@@ -227,7 +227,12 @@ fn peer_addr<B>(mut req: Request<B>) -> Request<B> {
         let addr = *addr;
         req.extensions_mut().insert(PeerAddr(addr));
     }
-    if req.extensions().get::<OriginalUri>().is_none() {
+    // Only a DPoP proof's `htu` needs the path before `nest`: skip the copy otherwise.
+    if req
+        .headers()
+        .contains_key(perishable_core::dpop::DPOP_HEADER)
+        && req.extensions().get::<OriginalUri>().is_none()
+    {
         let uri = match req.extensions().get::<axum::extract::OriginalUri>() {
             Some(axum::extract::OriginalUri(uri)) => uri.clone(),
             None => req.uri().clone(),

@@ -36,25 +36,28 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
-/// The headers to send upstream.
-pub(crate) fn request_headers(client: &HeaderMap, authorization: &HeaderValue) -> HeaderMap {
-    let listed = connection_listed(client);
-    let mut out = HeaderMap::with_capacity(client.len() + 1);
-    for (name, value) in client {
-        let drop = is_hop_by_hop(name)
-            || name == header::AUTHORIZATION
+/// Turns the client's headers into the ones to send upstream, in place (no copy of what stays).
+pub(crate) fn prepare_request_headers(headers: &mut HeaderMap, authorization: &HeaderValue) {
+    let listed = connection_listed(headers);
+    // Names are compared, not hashed, while scanning; only what goes is looked up again.
+    let mut drop: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        let goes = is_hop_by_hop(name)
             || name == header::COOKIE
             || name == DPOP
             || name == crate::fingerprint::FINGERPRINT_HEADER
             || name == header::HOST
             || name == header::CONTENT_LENGTH
             || listed.contains(name);
-        if !drop {
-            out.append(name.clone(), value.clone());
+        if goes {
+            drop.push(name.clone());
         }
     }
-    out.insert(header::AUTHORIZATION, authorization.clone());
-    out
+    for name in drop {
+        headers.remove(name);
+    }
+    // Replaces every client `Authorization`.
+    headers.insert(header::AUTHORIZATION, authorization.clone());
 }
 
 /// Strips the upstream response's headers in place.
@@ -92,7 +95,8 @@ mod tests {
         ] {
             client.append(k, v.parse().unwrap());
         }
-        let out = request_headers(&client, &HeaderValue::from_static("Bearer sk-server"));
+        let mut out = client;
+        prepare_request_headers(&mut out, &HeaderValue::from_static("Bearer sk-server"));
         assert_eq!(out["authorization"], "Bearer sk-server");
         assert_eq!(out.get_all("authorization").iter().count(), 1);
         assert_eq!(out["content-type"], "application/json");

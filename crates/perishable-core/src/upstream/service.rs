@@ -9,17 +9,18 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::{Either, FutureExt, TryFutureExt};
 use http::header::{self, HeaderValue};
 use http::{Request, Response};
 use http_body_util::Full;
 
 use super::body::{Accounting, UpstreamBody};
 use super::client::{Chain, UpstreamClient};
-use super::headers::{request_headers, strip_response_headers};
+use super::headers::{prepare_request_headers, strip_response_headers};
 use super::path::AllowList;
 use super::usage::TapMode;
 use crate::body::{Body, BoxError};
-use crate::budget::{Budget, Inspected};
+use crate::budget::{Admitted, Budget, Inspected};
 use crate::config::{Config, ConfigError};
 use crate::error::{Error, ErrorCode};
 use crate::store::{MemoryStore, Store};
@@ -132,20 +133,27 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let inner = self.inner.clone();
+        // Shared, not copied: the id is only written out on an error.
         let session = req
             .extensions()
             .get::<VerifiedSession>()
-            .map(|s| s.session_id().to_owned());
-        Box::pin(async move {
-            Ok(match inner.forward(req).await {
+            .map(|s| s.claims.clone());
+        // Combinators, not an async block: the read and send steps then share the box's
+        // space, which keeps this per-request allocation small.
+        let forward = match Inner::start(&inner, req) {
+            Ok(read) => Either::Left(read.and_then(move |prepared| inner.send(prepared))),
+            Err(error) => Either::Right(std::future::ready(Err(error))),
+        };
+        Box::pin(forward.map(move |result| {
+            Ok(match result {
                 Ok(response) => response,
                 Err(error) => match session {
-                    Some(id) => error.with_session(id),
+                    Some(claims) => error.with_session(claims.jti.clone()),
                     None => error,
                 }
                 .into_response(),
             })
-        })
+        }))
     }
 }
 
@@ -167,14 +175,27 @@ fn upstream_path<B>(req: &Request<B>) -> Option<String> {
         .map(|i| path[i + "/openai/".len()..].to_owned())
 }
 
+/// A request checked, read and admitted, ready to go upstream.
+struct Prepared {
+    request: Request<Full<Bytes>>,
+    path: String,
+    hide_usage: bool,
+    admitted: Admitted,
+}
+
 impl Inner {
-    async fn forward<B>(&self, req: Request<B>) -> Result<Response<Body>, Error>
+    /// The checks that need no I/O, then a future that reads the body and takes the budget's
+    /// admission. It owns what it needs (not the whole request), so it stays small.
+    fn start<B>(
+        this: &Arc<Self>,
+        req: Request<B>,
+    ) -> Result<impl Future<Output = Result<Prepared, Error>> + Send + 'static, Error>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
         let path = upstream_path(&req).unwrap_or_default();
-        if !self.allow_list.allows(&path) {
+        if !this.allow_list.allows(&path) {
             return Err(Error::new(
                 ErrorCode::PathNotAllowed,
                 format!("the path {path:?} is not allowed through this proxy"),
@@ -186,13 +207,42 @@ impl Inner {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|len| len > self.max_body_bytes as u64) {
+        if declared.is_some_and(|len| len > this.max_body_bytes as u64) {
             return Err(Error::new(
                 ErrorCode::BodyTooLarge,
-                format!("the request body is over {} bytes", self.max_body_bytes),
+                format!("the request body is over {} bytes", this.max_body_bytes),
             ));
         }
-        let body = crate::body::read_limited(body, self.max_body_bytes, "the request body").await?;
+        let uri = this.upstream_uri(&path, parts.uri.query())?;
+        let session = parts.extensions.get::<VerifiedSession>().cloned();
+        let http::request::Parts {
+            method, headers, ..
+        } = parts;
+        Ok(this
+            .clone()
+            .read_and_admit(path, method, uri, headers, session, body))
+    }
+
+    async fn read_and_admit<B>(
+        self: Arc<Self>,
+        path: String,
+        method: http::Method,
+        uri: http::Uri,
+        headers: http::HeaderMap,
+        session: Option<VerifiedSession>,
+        body: B,
+    ) -> Result<Prepared, Error>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        // Boxed: a sub-future held inline would make every request's future larger.
+        let body = Box::pin(crate::body::read_limited(
+            body,
+            self.max_body_bytes,
+            "the request body",
+        ))
+        .await?;
 
         let mut streaming = false;
         let mentions_stream =
@@ -249,23 +299,37 @@ impl Inner {
             }
         };
         let streaming = inspected.streaming;
-        let session = parts.extensions.get::<VerifiedSession>();
-        let admitted = self.budget.admit(session, &inspected).await?;
+        let admitted = Box::pin(self.budget.admit(session.as_ref(), &inspected)).await?;
+        let hide_usage = inspected.hide_usage;
         let body = inspected.body;
 
-        let uri = self.upstream_uri(&path, parts.uri.query())?;
-        let mut headers = request_headers(&parts.headers, &self.authorization);
+        let mut headers = headers;
+        prepare_request_headers(&mut headers, &self.authorization);
         if streaming {
             headers.insert(
                 header::ACCEPT_ENCODING,
                 HeaderValue::from_static("identity"),
             );
         }
-        let mut upstream_req = Request::new(Full::new(body));
-        *upstream_req.method_mut() = parts.method;
-        *upstream_req.uri_mut() = uri;
-        *upstream_req.headers_mut() = headers;
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = method;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers;
+        Ok(Prepared {
+            request,
+            path,
+            hide_usage,
+            admitted,
+        })
+    }
 
+    async fn send(self: Arc<Self>, prepared: Prepared) -> Result<Response<Body>, Error> {
+        let Prepared {
+            request: upstream_req,
+            path,
+            hide_usage,
+            admitted,
+        } = prepared;
         let started = tokio::time::Instant::now();
         let response = match tokio::time::timeout(
             self.first_byte_timeout,
@@ -279,6 +343,8 @@ impl Inner {
                     first_byte_timeout_ms = self.first_byte_timeout.as_millis() as u64,
                     "the upstream did not answer in time"
                 );
+                // Nothing was spent: give back the reservation and the stream slot.
+                self.budget.release(admitted);
                 return Err(Error::new(
                     ErrorCode::UpstreamTimeout,
                     "the upstream did not answer in time",
@@ -286,6 +352,7 @@ impl Inner {
             }
             Ok(Err(e)) => {
                 tracing::warn!(path = %path, error = %Chain(&e), "the upstream could not be reached");
+                self.budget.release(admitted);
                 return Err(Error::new(
                     ErrorCode::UpstreamUnavailable,
                     "the upstream could not be reached",
@@ -327,7 +394,7 @@ impl Inner {
         let failed = !status.is_success();
         let tap = match (failed, is_event_stream, is_json) {
             (true, _, _) => None,
-            (false, true, _) if inspected.hide_usage => Some(TapMode::EventsHidingUsage),
+            (false, true, _) if hide_usage => Some(TapMode::EventsHidingUsage),
             (false, true, _) => Some(TapMode::Events),
             (false, false, true) => Some(TapMode::Json),
             _ => None,
@@ -345,7 +412,7 @@ impl Inner {
             budget.settle(admitted, usage, failed);
         });
         let accounting = Accounting::new(tap, on_done);
-        if inspected.hide_usage && tap == Some(TapMode::EventsHidingUsage) {
+        if hide_usage && tap == Some(TapMode::EventsHidingUsage) {
             // The body is rewritten: its length changes.
             parts.headers.remove(header::CONTENT_LENGTH);
         }
@@ -687,5 +754,65 @@ mod tests {
             .unwrap();
         assert_eq!(refusal.code, ErrorCode::PathNotAllowed);
         assert_eq!(refusal.session_id.as_deref(), Some("session-1"));
+    }
+}
+#[cfg(test)]
+mod size_probe {
+    use super::*;
+    #[test]
+    fn print_future_sizes() {
+        let config = crate::Config::builder()
+            .upstream_api_key("sk")
+            .build()
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let p = crate::Perishable::new(config).unwrap();
+            let svc = p.upstream_service();
+            let inner = svc.inner.clone();
+            use http_body_util::BodyExt;
+            let boxed = || {
+                http_body_util::Empty::<bytes::Bytes>::new()
+                    .map_err(|e| -> crate::body::BoxError { match e {} })
+                    .boxed_unsync()
+            };
+            let req = http::Request::get("/openai/models").body(boxed()).unwrap();
+            let read = Inner::start(&inner, req).ok().unwrap();
+            eprintln!("read future: {}", std::mem::size_of_val(&read));
+            let inner2 = inner.clone();
+            let both = read.and_then(move |p| inner2.send(p));
+            eprintln!("and_then future: {}", std::mem::size_of_val(&both));
+            let f2 = crate::body::read_limited(boxed(), 10, "x");
+            eprintln!("read_limited future: {}", std::mem::size_of_val(&f2));
+            let req = http::Request::get("/openai/models")
+                .body(crate::Body::empty())
+                .unwrap();
+            let f3 = p.sessions().verify(&req);
+            eprintln!("verify future: {}", std::mem::size_of_val(&f3));
+            let ins = crate::budget::Inspected::default();
+            let f4 = inner.budget.admit(None, &ins);
+            eprintln!("admit future: {}", std::mem::size_of_val(&f4));
+            eprintln!("parts: {}", std::mem::size_of::<http::request::Parts>());
+            eprintln!(
+                "inspected: {}",
+                std::mem::size_of::<crate::budget::Inspected>()
+            );
+            eprintln!(
+                "admitted: {}",
+                std::mem::size_of::<crate::budget::Admitted>()
+            );
+            let r = http::Request::new(http_body_util::Full::new(bytes::Bytes::new()));
+            let f5 =
+                tokio::time::timeout(std::time::Duration::from_secs(1), inner.client.request(r));
+            eprintln!("timeout future: {}", std::mem::size_of_val(&f5));
+            eprintln!(
+                "response parts: {}",
+                std::mem::size_of::<http::response::Parts>()
+            );
+            eprintln!("error: {}", std::mem::size_of::<crate::Error>());
+        });
     }
 }

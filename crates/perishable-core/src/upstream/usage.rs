@@ -79,8 +79,12 @@ const JSON_TAIL: usize = 8 * 1024;
 #[derive(Debug)]
 pub(crate) struct UsageTap {
     mode: TapMode,
-    /// Events mode: the start of an event not yet complete. JSON mode: the body's tail.
+    /// Events mode: the start of an event not yet complete. JSON mode: the body's tail before
+    /// `last` (at most `JSON_TAIL` bytes).
     carry: BytesMut,
+    /// JSON mode: the last frame, shared with the client's copy (a one-frame body, the common
+    /// case, is never copied).
+    last: Option<Bytes>,
     usage: Option<Usage>,
 }
 
@@ -89,6 +93,7 @@ impl UsageTap {
         Self {
             mode,
             carry: BytesMut::new(),
+            last: None,
             usage: None,
         }
     }
@@ -107,19 +112,46 @@ impl UsageTap {
     pub(crate) fn frame(&mut self, data: Bytes) -> Option<Bytes> {
         match self.mode {
             TapMode::Json => {
-                self.carry.extend_from_slice(&data);
-                if self.carry.len() > JSON_TAIL {
-                    let cut = self.carry.len() - JSON_TAIL;
-                    let _ = self.carry.split_to(cut);
+                if let Some(older) = self.last.replace(data.clone()) {
+                    self.carry.extend_from_slice(&older);
+                    if self.carry.len() > JSON_TAIL {
+                        let cut = self.carry.len() - JSON_TAIL;
+                        let _ = self.carry.split_to(cut);
+                    }
                 }
                 Some(data)
             }
             TapMode::Events => {
-                self.carry.extend_from_slice(&data);
-                while let Some(end) = memmem::find(&self.carry, b"\n\n") {
-                    let event = self.carry.split_to(end + 2);
-                    self.read_event(&event);
+                // Whole events are read in place; only a cut event is copied aside.
+                let mut rest: &[u8] = &data;
+                if !self.carry.is_empty() {
+                    // The blank line may straddle the two frames.
+                    let straddles =
+                        self.carry.last() == Some(&b'\n') && rest.first() == Some(&b'\n');
+                    let end = if straddles {
+                        Some(1)
+                    } else {
+                        memmem::find(rest, b"\n\n").map(|end| end + 2)
+                    };
+                    match end {
+                        Some(end) => {
+                            self.carry.extend_from_slice(&rest[..end]);
+                            let event = self.carry.split();
+                            self.read_event(&event);
+                            rest = &rest[end..];
+                        }
+                        None => {
+                            self.carry.extend_from_slice(rest);
+                            rest = &[];
+                        }
+                    }
                 }
+                while let Some(end) = memmem::find(rest, b"\n\n") {
+                    let (event, after) = rest.split_at(end + 2);
+                    self.read_event(event);
+                    rest = after;
+                }
+                self.carry.extend_from_slice(rest);
                 if self.carry.len() > MAX_CARRY {
                     self.carry.clear();
                 }
@@ -149,9 +181,16 @@ impl UsageTap {
         match self.mode {
             TapMode::Json => {
                 if self.usage.is_none() {
-                    self.usage = parse_last_usage(&self.carry);
+                    let last = self.last.take().unwrap_or_default();
+                    self.usage = if self.carry.is_empty() {
+                        parse_last_usage(&last)
+                    } else {
+                        self.carry.extend_from_slice(&last);
+                        parse_last_usage(&self.carry)
+                    };
                 }
                 self.carry.clear();
+                self.last = None;
                 None
             }
             TapMode::Events => {
@@ -287,5 +326,31 @@ mod tests {
             ],
         );
         assert_eq!(tap.usage().unwrap().total_tokens, 10);
+    }
+
+    #[test]
+    fn every_two_frame_split_reads_the_same_usage() {
+        let all: String = WITH_USAGE.concat();
+        let five = Some(Usage {
+            prompt_tokens: 3,
+            completion_tokens: 2,
+            total_tokens: 5,
+        });
+        for cut in 0..=all.len() {
+            let frames = [&all[..cut], &all[cut..]];
+            let mut tap = UsageTap::new(TapMode::Events);
+            assert_eq!(run(&mut tap, &frames), all, "cut at {cut}");
+            assert_eq!(tap.usage(), five, "events, cut at {cut}");
+            let mut tap = UsageTap::new(TapMode::EventsHidingUsage);
+            assert_eq!(run(&mut tap, &frames), WITHOUT_USAGE, "cut at {cut}");
+            assert_eq!(tap.usage(), five, "hiding, cut at {cut}");
+        }
+        let json =
+            r#"{"id":"x","usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
+        for cut in 0..=json.len() {
+            let mut tap = UsageTap::new(TapMode::Json);
+            assert_eq!(run(&mut tap, &[&json[..cut], &json[cut..]]), json);
+            assert_eq!(tap.usage(), five, "json, cut at {cut}");
+        }
     }
 }
