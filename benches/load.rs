@@ -586,6 +586,26 @@ async fn closed_scenario(
 ) -> BTreeMap<String, Measured> {
     let mut out: BTreeMap<String, Measured> = BTreeMap::new();
     let secs = settings.slice.as_secs_f64();
+    if conc == 1 {
+        // Request by request across the targets (see `client::interleaved`), for as long as
+        // the alternating slices would take.
+        for _ in 0..settings.rounds {
+            let span = settings.slice.mul_f64(targets.len() as f64);
+            let proofs = targets
+                .iter()
+                .map(|t| proofs_for(t, 8_000.0 / targets.len() as f64, 1, span.as_secs_f64()))
+                .max()
+                .unwrap_or(0);
+            let cpu0: Vec<u64> = targets.iter().map(|t| cpu_ns(t.pid)).collect();
+            let runs = client::interleaved(targets, span, proofs).await;
+            for ((t, run), c0) in targets.iter().zip(runs).zip(cpu0) {
+                let m = out.entry(t.name.clone()).or_default();
+                m.cpu_ns += cpu_ns(t.pid).saturating_sub(c0);
+                m.run.merge(run);
+            }
+        }
+        return out;
+    }
     for round in 0..settings.rounds {
         for t in rotated(targets, round) {
             let m = out.entry(t.name.clone()).or_default();

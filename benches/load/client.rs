@@ -270,6 +270,51 @@ pub async fn closed_loop(
     total
 }
 
+/// Concurrency 1, interleaved: one connection per target, and each turn sends one request to
+/// every target in turn (the order rotating), so every target is measured under the same
+/// conditions, request by request, and drift on the machine cancels out of the differences.
+/// Each run's `wall` is the sum of its own latencies (one request in flight: RPS = 1 / mean).
+pub async fn interleaved(targets: &[Target], duration: Duration, proofs: usize) -> Vec<Run> {
+    let mut slots = Vec::with_capacity(targets.len());
+    for t in targets {
+        let mut slot = open_slots(t, 1, proofs).await;
+        slots.push(slot.pop().expect("one slot"));
+    }
+    let mut runs: Vec<Run> = targets.iter().map(|_| Run::default()).collect();
+    let body = Bytes::from_static(CHAT_BODY);
+    let deadline = Instant::now() + duration;
+    let n = targets.len();
+    let mut turn = 0usize;
+    while Instant::now() < deadline {
+        for k in 0..n {
+            let i = (turn + k) % n;
+            let (sender, heads) = &mut slots[i];
+            let req = heads.request(body.clone());
+            let t0 = Instant::now();
+            match roundtrip(sender, req).await {
+                Ok(200) => {
+                    let took = t0.elapsed();
+                    runs[i].latencies.push(took.as_nanos() as i64);
+                    runs[i].wall += took;
+                }
+                Ok(_) => runs[i].errors += 1,
+                Err(()) => {
+                    runs[i].errors += 1;
+                    match connect(targets[i].addr).await {
+                        Ok(s) => *sender = s,
+                        Err(_) => return runs,
+                    }
+                }
+            }
+        }
+        turn += 1;
+    }
+    for (run, (_, heads)) in runs.iter_mut().zip(&slots) {
+        run.proofs_made_inline = heads.made_inline;
+    }
+    runs
+}
+
 /// Fixed rate: requests are due `1/rate` apart; each goes out on an idle connection of `conns`.
 /// Latency is measured from the moment the request is sent.
 pub async fn fixed_rate(

@@ -55,7 +55,8 @@ fn announce(addr: SocketAddr) {
     let _ = out.flush();
 }
 
-/// The Perishable proxy: `perishable::router(config)` served by axum, connect info, TCP_NODELAY.
+/// The Perishable proxy: `perishable::router(config)` served as the example proxy serves it
+/// (hyper's HTTP/1.1 server, connect info, TCP_NODELAY).
 pub fn run_perishable(upstream: &str, gates: bool) {
     exit_with_parent();
     let mut builder = perishable::Config::builder()
@@ -80,18 +81,44 @@ pub fn run_perishable(upstream: &str, gates: bool) {
     let config = builder.build().expect("a valid config");
     current_thread().block_on(async move {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("local addr");
-        let listener = listener.tap_io(|tcp| {
+        announce(listener.local_addr().expect("local addr"));
+        let perishable = perishable::Perishable::new(config).expect("perishable");
+        let app = match std::env::var("PERISHABLE_LOAD_STACK").as_deref() {
+            // Ablations, to see where the time goes (docs/performance.md): the upstream
+            // Service alone, or with the session check and rate limit, without the router's
+            // outer layers. Other routes (sessions) still go to the full router.
+            Ok(stack @ ("upstream" | "verify")) => {
+                let upstream = tower::ServiceBuilder::new()
+                    .option_layer((stack == "verify").then(|| perishable.verify_layer()))
+                    .option_layer((stack == "verify").then(|| perishable.rate_limit_layer()))
+                    .service(perishable.upstream_service());
+                Router::new()
+                    .route("/openai/{*path}", axum::routing::any_service(upstream))
+                    .fallback_service(perishable::router_from::<()>(&perishable))
+            }
+            _ => perishable::router_from(&perishable),
+        };
+        // As the example proxy serves it: hyper's HTTP/1.1 server, ConnectInfo, TCP_NODELAY.
+        loop {
+            let Ok((tcp, peer)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
-        });
-        let app: Router = perishable::router(config);
-        announce(addr);
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-        .expect("serve");
+            let service = app.clone().map_request(move |mut req: Request<Incoming>| {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                req.map(axum::body::Body::new)
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(
+                        TokioIo::new(tcp),
+                        hyper_util::service::TowerToHyperService::new(service),
+                    )
+                    .await;
+            });
+        }
     });
 }
 

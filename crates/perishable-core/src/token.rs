@@ -344,12 +344,12 @@ pub struct TokenCodec {
 struct VerifiedCache {
     capacity: usize,
     /// Read on every request, written on a miss: an `RwLock` keeps hits parallel.
-    entries: std::sync::RwLock<HashMap<Box<str>, Arc<Claims>>>,
+    entries: std::sync::RwLock<HashMap<Box<str>, Verified>>,
     leeway: u64,
 }
 
 impl VerifiedCache {
-    fn get(&self, token: &str, now: u64) -> Option<Arc<Claims>> {
+    fn get(&self, token: &str, now: u64) -> Option<Verified> {
         if self.capacity == 0 {
             return None;
         }
@@ -359,11 +359,11 @@ impl VerifiedCache {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         entries
             .get(token)
-            .filter(|c| now < c.exp.saturating_add(self.leeway))
+            .filter(|v| now < v.claims.exp.saturating_add(self.leeway))
             .cloned()
     }
 
-    fn put(&self, token: &str, claims: &Arc<Claims>, now: u64) {
+    fn put(&self, token: &str, verified: &Verified, now: u64) {
         if self.capacity == 0 {
             return;
         }
@@ -372,14 +372,27 @@ impl VerifiedCache {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if entries.len() >= self.capacity {
-            entries.retain(|_, c| now < c.exp.saturating_add(self.leeway));
+            entries.retain(|_, v| now < v.claims.exp.saturating_add(self.leeway));
             if entries.len() >= self.capacity {
                 // Still full of live tokens: start over rather than grow.
                 entries.clear();
             }
         }
-        entries.insert(token.into(), claims.clone());
+        entries.insert(token.into(), verified.clone());
     }
+}
+
+/// The raw fingerprint and User-Agent (empty when not bound) that matched a token's hashes.
+pub(crate) type Matched = (Box<[u8]>, Box<[u8]>);
+
+/// A verified token's claims and what the caller checked them against before.
+#[derive(Debug, Clone)]
+pub(crate) struct Verified {
+    pub(crate) claims: Arc<Claims>,
+    /// The raw header values (fingerprint, User-Agent) that matched the claims' hashes the first
+    /// time: later requests with the same token compare with them (in constant time) instead of
+    /// hashing again. Shared by every copy of this cache entry.
+    pub(crate) matched: Arc<std::sync::OnceLock<Matched>>,
 }
 
 impl fmt::Debug for TokenCodec {
@@ -442,13 +455,21 @@ impl TokenCodec {
     /// Revocation, fingerprint and User-Agent are checked by the caller. The claims are shared
     /// with the cache (a hit copies nothing).
     pub fn verify(&self, token: &str) -> Result<Arc<Claims>, Error> {
+        self.verify_cached(token).map(|v| v.claims)
+    }
+
+    /// [`verify`](Self::verify), with the cache entry's memo of matched header values.
+    pub(crate) fn verify_cached(&self, token: &str) -> Result<Verified, Error> {
         let now = jsonwebtoken::get_current_timestamp();
-        if let Some(claims) = self.cache.get(token, now) {
-            return Ok(claims);
+        if let Some(verified) = self.cache.get(token, now) {
+            return Ok(verified);
         }
-        let claims = Arc::new(self.verify_uncached(token)?);
-        self.cache.put(token, &claims, now);
-        Ok(claims)
+        let verified = Verified {
+            claims: Arc::new(self.verify_uncached(token)?),
+            matched: Arc::default(),
+        };
+        self.cache.put(token, &verified, now);
+        Ok(verified)
     }
 
     /// [`verify`](Self::verify) without the cache: every check, every time.

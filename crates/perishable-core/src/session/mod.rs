@@ -34,6 +34,7 @@ use std::sync::Arc;
 use http::header::{AUTHORIZATION, HOST, USER_AGENT};
 use http::{HeaderMap, Request};
 use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
 
 pub use self::mint::MintRequest;
 pub use self::service::{MAX_MINT_BODY_BYTES, SessionService};
@@ -420,7 +421,8 @@ impl Sessions {
     ) -> Result<(Arc<Claims>, Option<ReplayRecord>), Error> {
         let headers = req.headers();
         let (scheme, token) = presented_token(headers)?;
-        let claims = self.inner.codec.verify(token)?;
+        let verified = self.inner.codec.verify_cached(token)?;
+        let claims = verified.claims;
         let now = unix_now();
         let presented = headers.get(FINGERPRINT_HEADER).ok_or_else(|| {
             Error::new(
@@ -428,20 +430,32 @@ impl Sessions {
                 "the X-Perishable-Fingerprint header is missing",
             )
         })?;
-        if !fingerprint::matches(presented.as_bytes(), &claims.fp) {
-            return Err(Error::new(
-                ErrorCode::FingerprintMismatch,
-                "the fingerprint does not match the session",
-            ));
-        }
-        if let Some(ua) = &claims.ua {
-            let presented = headers.get(USER_AGENT).map_or(&[][..], |v| v.as_bytes());
-            if !fingerprint::matches(presented, ua) {
+        let presented_ua = match claims.ua {
+            Some(_) => headers.get(USER_AGENT).map_or(&[][..], |v| v.as_bytes()),
+            None => &[][..],
+        };
+        // The same values as last time with this token: no need to hash them again.
+        let seen_before = verified.matched.get().is_some_and(|(fp, ua)| {
+            bool::from(fp.ct_eq(presented.as_bytes()) & ua.ct_eq(presented_ua))
+        });
+        if !seen_before {
+            if !fingerprint::matches(presented.as_bytes(), &claims.fp) {
+                return Err(Error::new(
+                    ErrorCode::FingerprintMismatch,
+                    "the fingerprint does not match the session",
+                ));
+            }
+            if let Some(ua) = &claims.ua
+                && !fingerprint::matches(presented_ua, ua)
+            {
                 return Err(Error::new(
                     ErrorCode::FingerprintMismatch,
                     "the User-Agent does not match the session",
                 ));
             }
+            let _ = verified
+                .matched
+                .set((presented.as_bytes().into(), presented_ua.into()));
         }
         match (&claims.cnf, scheme) {
             (Some(_), Scheme::Bearer) => {

@@ -253,6 +253,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn after_a_match_other_fingerprints_and_user_agents_are_still_refused() {
+        // The verified-token cache remembers the values that matched; it must not let others in.
+        let perishable = perishable();
+        let head = Request::post("/session")
+            .header(http::header::USER_AGENT, "agent-one")
+            .body(())
+            .unwrap();
+        let session = perishable
+            .sessions()
+            .mint(&head, br#"{"fingerprint":"device-unit-1"}"#)
+            .await
+            .unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = app(perishable.sessions().clone(), calls.clone());
+        let with = |fingerprint: &str, agent: &str| {
+            let mut req = authed(&session.token, fingerprint);
+            req.headers_mut()
+                .insert(http::header::USER_AGENT, agent.parse().unwrap());
+            req
+        };
+        for _ in 0..2 {
+            let ok = svc
+                .clone()
+                .oneshot(with(FINGERPRINT, "agent-one"))
+                .await
+                .unwrap();
+            assert_eq!(ok.status(), StatusCode::OK);
+        }
+        let response = svc
+            .clone()
+            .oneshot(with("device-unit-2", "agent-one"))
+            .await
+            .unwrap();
+        assert_unauthorized(response, "fingerprint_mismatch").await;
+        let response = svc
+            .clone()
+            .oneshot(with(FINGERPRINT, "agent-two"))
+            .await
+            .unwrap();
+        assert_unauthorized(response, "fingerprint_mismatch").await;
+        let ok = svc.oneshot(with(FINGERPRINT, "agent-one")).await.unwrap();
+        assert_eq!(ok.status(), StatusCode::OK);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
     async fn a_revoked_session_is_refused() {
         let perishable = perishable();
         let session = mint(&perishable).await;
