@@ -1,7 +1,9 @@
 //! Token budgets end to end (the `budget` module docs), on the memory store and on a real
 //! `redis-server`: a budget spent exactly, refused, and allowed again in the next window;
 //! concurrent requests held back by their reservations; a cut stream charged its reservation;
-//! the completion cap; the concurrent-stream cap.
+//! the completion cap; the concurrent-stream cap; and a request whose upstream cannot be
+//! reached (`502 upstream_unavailable`) or does not answer in time (`504 upstream_timeout`)
+//! giving back its token reservation and its stream slot.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -26,11 +28,13 @@ use serde_json::{Value, json};
 
 /// A [`Store`] that hands every operation to the real one (memory or Redis) and remembers the
 /// budget keys it was asked to reserve under, so a test can read how many tokens the current
-/// window holds once the (spawned) settlement has run.
+/// window holds once the (spawned) settlement has run; and counts the stream slots given back.
 #[derive(Debug)]
 struct Spy {
     inner: Arc<dyn Store>,
     budget_keys: Mutex<Vec<String>>,
+    /// Completed `release_stream` calls.
+    streams_released: AtomicUsize,
 }
 
 impl Spy {
@@ -66,6 +70,20 @@ impl Spy {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("{what}: the budget holds {used} tokens, expected {expected}");
+    }
+
+    /// Waits (up to 1 s: the slot is given back in a spawned task) until exactly `expected`
+    /// stream slots have been given back to the store.
+    async fn wait_streams_released(&self, expected: usize, what: &str) {
+        let mut released = 0;
+        for _ in 0..100 {
+            released = self.streams_released.load(Ordering::SeqCst);
+            if released == expected {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{what}: {released} stream slots given back, expected {expected}");
     }
 }
 
@@ -137,7 +155,12 @@ impl Store for Spy {
     }
 
     fn release_stream<'a>(&'a self, session: &'a str) -> StoreFuture<'a, ()> {
-        self.inner.release_stream(session)
+        Box::pin(async move {
+            // Counted once the store has freed the slot, so a waiter may rely on it.
+            let released = self.inner.release_stream(session).await;
+            self.streams_released.fetch_add(1, Ordering::SeqCst);
+            released
+        })
     }
 }
 
@@ -174,6 +197,7 @@ async fn start(
     let spy = Arc::new(Spy {
         inner: store,
         budget_keys: Mutex::default(),
+        streams_released: AtomicUsize::new(0),
     });
     let perishable = Perishable::with_store(config, spy.clone()).unwrap();
     let addr = serve(perishable::router_from(&perishable)).await;
@@ -744,5 +768,203 @@ async fn concurrent_stream_cap_redis() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A redis-server of our own (as in tests/redis_store.rs).
+// An upstream that fails gives back what the request took.
 // ---------------------------------------------------------------------------------------------
+
+/// How the upstream fails.
+#[derive(Debug, Clone, Copy)]
+enum Failure {
+    /// Nothing listens at `upstream.base_url`: `502 upstream_unavailable`.
+    Unreachable,
+    /// The upstream takes the connection and never answers: `504 upstream_timeout` once
+    /// `upstream.first_byte_timeout_ms` ([`FIRST_BYTE_TIMEOUT_MS`]) has passed.
+    Silent,
+}
+
+/// `upstream.first_byte_timeout_ms` for the failing upstreams.
+const FIRST_BYTE_TIMEOUT_MS: u64 = 200;
+
+impl Failure {
+    /// The status and error code the client gets.
+    fn error(self) -> (u16, &'static str) {
+        match self {
+            Self::Unreachable => (502, "upstream_unavailable"),
+            Self::Silent => (504, "upstream_timeout"),
+        }
+    }
+
+    /// Starts the failing upstream; returns its base URL and, for a silent one, the number of
+    /// connections it has taken.
+    async fn upstream(self) -> (String, Option<Arc<AtomicUsize>>) {
+        match self {
+            Self::Unreachable => (closed_upstream(), None),
+            Self::Silent => {
+                let (base_url, accepted) = silent_upstream().await;
+                (base_url, Some(accepted))
+            }
+        }
+    }
+}
+
+/// A base URL nothing listens on: a 127.0.0.1 port bound, then let go.
+fn closed_upstream() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    format!("http://{addr}/v1")
+}
+
+/// An upstream that takes every connection and holds it open without writing a byte; returns
+/// its base URL and the number of connections it has taken.
+async fn silent_upstream() -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            held.push(socket);
+        }
+    });
+    (format!("http://{addr}/v1"), accepted)
+}
+
+/// Asserts the `status` and error `code` a failed upstream gives the client.
+async fn assert_upstream_error(response: reqwest::Response, error: (u16, &str), what: &str) {
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    let body: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{what}: {text}"));
+    assert_eq!(
+        (status, body["error"]["code"].as_str().unwrap_or_default()),
+        error,
+        "{what}: {text}"
+    );
+}
+
+/// Requests in a row against a failing upstream.
+const FAILED_REQUESTS: usize = 3;
+
+/// Each request reserves ceil(body/4) + 600 tokens against a budget of 600: one reservation
+/// fills it, so were a failed request's reservation kept (until the window ends), the next
+/// request would get `429 budget_exhausted`. Nothing was spent, so each failure gives the
+/// reservation back and every request gets the upstream's error.
+async fn failed_upstream_gives_back_its_reservation(store_url: Option<String>, failure: Failure) {
+    const WINDOW: u64 = 3600;
+    const LIMIT: u64 = 600;
+    let fp = "device-budget-failed-upstream";
+    let body = chat(FIVE_WORDS, Some(600), false);
+    assert!(
+        reservation(&body, 600) >= LIMIT,
+        "one reservation fills the budget"
+    );
+    let (base_url, accepted) = failure.upstream().await;
+    let setup = start(store_url.as_deref(), MockOptions::new(), |c| {
+        c.upstream_base_url(base_url)
+            .upstream_first_byte_timeout_ms(FIRST_BYTE_TIMEOUT_MS)
+            .budget_tokens_per_window(LIMIT)
+            .budget_window_secs(WINDOW)
+    })
+    .await;
+    let proxy = &setup.proxy;
+    let token = proxy.mint(fp).await.token;
+
+    for i in 1..=FAILED_REQUESTS {
+        let response = send(proxy, &token, fp, &body).await;
+        let what = format!("request {i} (never 429 budget_exhausted)");
+        assert_upstream_error(response, failure.error(), &what).await;
+        // Released in a spawned task: wait for it before the next request.
+        setup
+            .spy
+            .wait_used(WINDOW, 0, &format!("after failed request {i}"))
+            .await;
+        if let Some(accepted) = &accepted {
+            assert!(
+                accepted.load(Ordering::SeqCst) >= i,
+                "request {i} reached the silent upstream"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn unreachable_upstream_gives_back_its_reservation_memory() {
+    failed_upstream_gives_back_its_reservation(None, Failure::Unreachable).await;
+}
+
+#[tokio::test]
+async fn silent_upstream_gives_back_its_reservation_memory() {
+    failed_upstream_gives_back_its_reservation(None, Failure::Silent).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn unreachable_upstream_gives_back_its_reservation_redis() {
+    let Some(redis) = Redis::start() else { return };
+    failed_upstream_gives_back_its_reservation(Some(redis.url()), Failure::Unreachable).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn silent_upstream_gives_back_its_reservation_redis() {
+    let Some(redis) = Redis::start() else { return };
+    failed_upstream_gives_back_its_reservation(Some(redis.url()), Failure::Silent).await;
+}
+
+/// One stream per session (`budget.max_concurrent_streams = 1`): were a failed stream's slot
+/// kept (until the session ends), the next stream would get `429 rate_limited`. Each failure
+/// gives the slot back, so every stream gets the upstream's error.
+async fn failed_stream_gives_back_its_slot(store_url: Option<String>, failure: Failure) {
+    let fp = "device-stream-failed-upstream";
+    let (base_url, accepted) = failure.upstream().await;
+    let setup = start(store_url.as_deref(), MockOptions::new(), |c| {
+        c.upstream_base_url(base_url)
+            .upstream_first_byte_timeout_ms(FIRST_BYTE_TIMEOUT_MS)
+            .budget_max_concurrent_streams(1)
+    })
+    .await;
+    let proxy = &setup.proxy;
+    let token = proxy.mint(fp).await.token;
+    let stream = chat("hello", None, true);
+
+    for i in 1..=FAILED_REQUESTS {
+        let response = send(proxy, &token, fp, &stream).await;
+        let what = format!("stream {i} (never 429 rate_limited)");
+        assert_upstream_error(response, failure.error(), &what).await;
+        setup
+            .spy
+            .wait_streams_released(i, &format!("after failed stream {i}"))
+            .await;
+        if let Some(accepted) = &accepted {
+            assert!(
+                accepted.load(Ordering::SeqCst) >= i,
+                "stream {i} reached the silent upstream"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn unreachable_upstream_gives_back_its_stream_slot_memory() {
+    failed_stream_gives_back_its_slot(None, Failure::Unreachable).await;
+}
+
+#[tokio::test]
+async fn silent_upstream_gives_back_its_stream_slot_memory() {
+    failed_stream_gives_back_its_slot(None, Failure::Silent).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn unreachable_upstream_gives_back_its_stream_slot_redis() {
+    let Some(redis) = Redis::start() else { return };
+    failed_stream_gives_back_its_slot(Some(redis.url()), Failure::Unreachable).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn silent_upstream_gives_back_its_stream_slot_redis() {
+    let Some(redis) = Redis::start() else { return };
+    failed_stream_gives_back_its_slot(Some(redis.url()), Failure::Silent).await;
+}
