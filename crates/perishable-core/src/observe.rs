@@ -33,7 +33,6 @@ use std::time::Instant;
 
 use http::{Method, Request, Response};
 use tower::{Layer, Service};
-use tracing::Instrument;
 
 use crate::audit::{Audit, AuditEvent};
 use crate::error::Refusal;
@@ -95,13 +94,10 @@ pub struct Observe<S> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Observe<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    S::Future: Send + 'static,
-    S::Error: 'static,
-    ResBody: 'static,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ResBody>, S::Error>> + Send>>;
+    type Future = ObserveFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -120,41 +116,78 @@ where
             upstream_first_byte_us = tracing::field::Empty,
         );
         let started = Instant::now();
-        let future = span.in_scope(|| self.inner.call(req));
-        let audit = self.audit.clone();
-        let record_span = span.clone();
-        Box::pin(
-            async move {
-                let result = future.await;
-                if let Ok(response) = &result {
-                    let status = response.status().as_u16();
-                    let elapsed = started.elapsed();
-                    record_span.record("status", status);
-                    record_span.record("latency_us", elapsed.as_micros() as u64);
-                    metrics::counter!(
-                        "perishable_requests_total",
-                        "route" => route,
-                        "status" => status_label(status),
-                    )
-                    .increment(1);
-                    metrics::histogram!("perishable_request_duration_seconds", "route" => route)
-                        .record(elapsed.as_secs_f64());
-                    if let Some(Refusal { code, session_id }) =
-                        response.extensions().get::<Refusal>()
-                    {
-                        metrics::counter!("perishable_refusals_total", "code" => code.as_str())
-                            .increment(1);
-                        audit.emit(|| AuditEvent::Refused {
-                            code: *code,
-                            route,
-                            session_id: session_id.clone(),
-                        });
-                    }
-                }
-                result
+        let inner = span.in_scope(|| self.inner.call(req));
+        ObserveFuture {
+            inner,
+            span,
+            started,
+            route,
+            audit: self.audit.clone(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`Observe`]: the inner future, polled inside the request span,
+    /// then the request's metrics and audit event. Not boxed.
+    pub struct ObserveFuture<F> {
+        #[pin]
+        inner: F,
+        span: tracing::Span,
+        started: Instant,
+        route: &'static str,
+        audit: Audit,
+    }
+}
+
+impl<F> std::fmt::Debug for ObserveFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObserveFuture")
+            .field("route", &self.route)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F, ResBody, E> Future for ObserveFuture<F>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+{
+    type Output = Result<Response<ResBody>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = {
+            let _entered = this.span.enter();
+            match this.inner.poll(cx) {
+                Poll::Ready(result) => result,
+                Poll::Pending => return Poll::Pending,
             }
-            .instrument(span),
-        )
+        };
+        if let Ok(response) = &result {
+            let route = *this.route;
+            let status = response.status().as_u16();
+            let elapsed = this.started.elapsed();
+            this.span.record("status", status);
+            this.span.record("latency_us", elapsed.as_micros() as u64);
+            metrics::counter!(
+                "perishable_requests_total",
+                "route" => route,
+                "status" => status_label(status),
+            )
+            .increment(1);
+            metrics::histogram!("perishable_request_duration_seconds", "route" => route)
+                .record(elapsed.as_secs_f64());
+            if let Some(Refusal { code, session_id }) = response.extensions().get::<Refusal>() {
+                metrics::counter!("perishable_refusals_total", "code" => code.as_str())
+                    .increment(1);
+                this.audit.emit(|| AuditEvent::Refused {
+                    code: *code,
+                    route,
+                    session_id: session_id.clone(),
+                });
+            }
+        }
+        Poll::Ready(result)
     }
 }
 
