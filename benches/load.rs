@@ -578,6 +578,9 @@ fn proofs_for(target: &Target, est_rps: f64, conc: usize, secs: f64) -> usize {
     (est_rps * secs * 1.3 / conc as f64).ceil() as usize + 16
 }
 
+/// The targets the harness starts itself (the others are peers).
+const OWN_TARGETS: [&str; 4] = ["direct", "bare", "perishable", "perishable_gates"];
+
 /// Closed loop at `conc`, `rounds` alternating slices per target.
 async fn closed_scenario(
     targets: &[Target],
@@ -586,28 +589,31 @@ async fn closed_scenario(
 ) -> BTreeMap<String, Measured> {
     let mut out: BTreeMap<String, Measured> = BTreeMap::new();
     let secs = settings.slice.as_secs_f64();
-    if conc == 1 {
-        // Request by request across the targets (see `client::interleaved`), for as long as
-        // the alternating slices would take.
-        for _ in 0..settings.rounds {
-            let span = settings.slice.mul_f64(targets.len() as f64);
-            let proofs = targets
+    // At concurrency 1 the harness's own targets are measured request by request (see
+    // `client::interleaved`), for as long as their alternating slices would take. Peers (from
+    // `PERISHABLE_LOAD_TARGETS_FILE`) keep their own slices: a request to a peer takes
+    // milliseconds, and would leave the others idle (and cold) between two requests.
+    let (own, peers): (Vec<Target>, Vec<Target>) = targets
+        .iter()
+        .cloned()
+        .partition(|t| conc == 1 && OWN_TARGETS.contains(&t.name.as_str()));
+    for round in 0..settings.rounds {
+        if !own.is_empty() {
+            let span = settings.slice.mul_f64(own.len() as f64);
+            let proofs = own
                 .iter()
-                .map(|t| proofs_for(t, 8_000.0 / targets.len() as f64, 1, span.as_secs_f64()))
+                .map(|t| proofs_for(t, 8_000.0 / own.len() as f64, 1, span.as_secs_f64()))
                 .max()
                 .unwrap_or(0);
-            let cpu0: Vec<u64> = targets.iter().map(|t| cpu_ns(t.pid)).collect();
-            let runs = client::interleaved(targets, span, proofs).await;
-            for ((t, run), c0) in targets.iter().zip(runs).zip(cpu0) {
+            let cpu0: Vec<u64> = own.iter().map(|t| cpu_ns(t.pid)).collect();
+            let runs = client::interleaved(&own, span, proofs).await;
+            for ((t, run), c0) in own.iter().zip(runs).zip(cpu0) {
                 let m = out.entry(t.name.clone()).or_default();
                 m.cpu_ns += cpu_ns(t.pid).saturating_sub(c0);
                 m.run.merge(run);
             }
         }
-        return out;
-    }
-    for round in 0..settings.rounds {
-        for t in rotated(targets, round) {
+        for t in rotated(&peers, round) {
             let m = out.entry(t.name.clone()).or_default();
             let est = if m.run.latencies.is_empty() {
                 if conc == 1 { 8_000.0 } else { 15_000.0 }
