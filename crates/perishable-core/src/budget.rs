@@ -198,6 +198,15 @@ impl Budget {
         }
     }
 
+    /// Whether [`admit`](Self::admit) has anything to take for this request (a stream slot or a
+    /// token reservation); when not, the caller skips it.
+    pub(crate) fn admits(&self, session: Option<&VerifiedSession>, inspected: &Inspected) -> bool {
+        let c = &self.inner.config;
+        session.is_some()
+            && ((inspected.streaming && c.max_concurrent_streams > 0)
+                || (c.tokens_per_window > 0 && inspected.json))
+    }
+
     /// Takes the stream slot and reserves the tokens of a request, or refuses it.
     pub(crate) async fn admit(
         &self,

@@ -299,7 +299,11 @@ impl Inner {
             }
         };
         let streaming = inspected.streaming;
-        let admitted = Box::pin(self.budget.admit(session.as_ref(), &inspected)).await?;
+        let admitted = if self.budget.admits(session.as_ref(), &inspected) {
+            Box::pin(self.budget.admit(session.as_ref(), &inspected)).await?
+        } else {
+            Admitted::default()
+        };
         let hide_usage = inspected.hide_usage;
         let body = inspected.body;
 
