@@ -1,37 +1,4 @@
 //! [`UpstreamClient`]: the one pooled HTTP client every upstream request goes through.
-//!
-//! It is hyper-util's pooled client with rustls (through hyper-rustls), kept lean for a proxy's
-//! hot path: the request is already an [`http::Request`] with its final URI and headers, so
-//! nothing is parsed or copied again on the way out, and nothing sits between the proxy and the
-//! connection pool (no redirect, retry or decompression layers: the proxy must never follow a
-//! redirect with the server key, and passes bodies through byte for byte).
-//!
-//! - HTTP/1.1, and HTTP/2 when an `https` upstream offers it (ALPN).
-//! - TLS by rustls on aws-lc-rs, certificates checked by the platform's verifier
-//!   (`rustls-platform-verifier`: the system trust store), or by the rustls `ClientConfig` you
-//!   pass to [`UpstreamClient::with_tls_config`] (a private CA, client certificates).
-//! - `TCP_NODELAY` on every connection, `upstream.connect_timeout_ms` for each connect, idle
-//!   connections kept 90 s. Proxy environment variables (`HTTPS_PROXY`, ...) are not read.
-//!
-//! Clones share the pool: build one and hand it to [`Perishable::with_client`], or to every
-//! [`UpstreamService`] with [`UpstreamService::with_client`].
-//!
-//! ```no_run
-//! use perishable_core::upstream::{UpstreamClient, UpstreamService};
-//! use perishable_core::{Config, store::MemoryStore};
-//! use std::sync::Arc;
-//!
-//! # fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let config = Config::builder().upstream_api_key("sk-...").build()?;
-//! let client = UpstreamClient::new(&config)?;
-//! let a = UpstreamService::with_client(&config, client.clone(), Arc::new(MemoryStore::new()))?;
-//! let b = UpstreamService::with_client(&config, client, Arc::new(MemoryStore::new()))?;
-//! # Ok(()) }
-//! ```
-//!
-//! [`Perishable::with_client`]: crate::Perishable::with_client
-//! [`UpstreamService`]: super::UpstreamService
-//! [`UpstreamService::with_client`]: super::UpstreamService::with_client
 
 use std::fmt;
 use std::sync::Arc;
@@ -54,7 +21,40 @@ pub use rustls;
 /// How long an idle upstream connection stays in the pool.
 const POOL_IDLE: Duration = Duration::from_secs(90);
 
-/// The pooled upstream HTTP client; see the [module docs](self).
+/// The pooled upstream HTTP client.
+///
+/// hyper-util's pooled client with rustls (through hyper-rustls), kept lean for a proxy's hot
+/// path: the request is already an [`http::Request`] with its final URI and headers, so nothing
+/// is parsed or copied again on the way out, and nothing sits between the proxy and the
+/// connection pool (no redirect, retry or decompression layers: the proxy must never follow a
+/// redirect with the server key, and passes bodies through byte for byte).
+///
+/// - HTTP/1.1, and HTTP/2 when an `https` upstream offers it (ALPN).
+/// - TLS by rustls on aws-lc-rs, certificates checked by the platform's verifier
+///   (`rustls-platform-verifier`: the system trust store), or by the rustls `ClientConfig` you
+///   pass to [`UpstreamClient::with_tls_config`] (a private CA, client certificates).
+/// - `TCP_NODELAY` on every connection, `upstream.connect_timeout_ms` for each connect, idle
+///   connections kept 90 s. Proxy environment variables (`HTTPS_PROXY`, ...) are not read.
+///
+/// Clones share the pool: build one and hand it to [`Perishable::with_client`], or to every
+/// [`UpstreamService`] with [`UpstreamService::with_client`].
+///
+/// ```no_run
+/// use perishable_core::upstream::{UpstreamClient, UpstreamService};
+/// use perishable_core::{Config, store::MemoryStore};
+/// use std::sync::Arc;
+///
+/// # fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = Config::builder().upstream_api_key("sk-...").build()?;
+/// let client = UpstreamClient::new(&config)?;
+/// let a = UpstreamService::with_client(&config, client.clone(), Arc::new(MemoryStore::new()))?;
+/// let b = UpstreamService::with_client(&config, client, Arc::new(MemoryStore::new()))?;
+/// # Ok(()) }
+/// ```
+///
+/// [`Perishable::with_client`]: crate::Perishable::with_client
+/// [`UpstreamService`]: super::UpstreamService
+/// [`UpstreamService::with_client`]: super::UpstreamService::with_client
 #[derive(Clone)]
 pub struct UpstreamClient {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
