@@ -799,7 +799,7 @@ impl Failure {
         match self {
             Self::Unreachable => (closed_upstream(), None),
             Self::Silent => {
-                let (base_url, accepted) = silent_upstream().await;
+                let (base_url, accepted) = silent_base_url().await;
                 (base_url, Some(accepted))
             }
         }
@@ -814,20 +814,9 @@ fn closed_upstream() -> String {
     format!("http://{addr}/v1")
 }
 
-/// An upstream that takes every connection and holds it open without writing a byte; returns
-/// its base URL and the number of connections it has taken.
-async fn silent_upstream() -> (String, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-            held.push(socket);
-        }
-    });
+/// [`silent_upstream`] as a base URL.
+async fn silent_base_url() -> (String, Arc<AtomicUsize>) {
+    let (addr, accepted) = silent_upstream().await;
     (format!("http://{addr}/v1"), accepted)
 }
 

@@ -5,8 +5,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
@@ -494,17 +493,7 @@ async fn refused_connection_is_502() {
 
 #[tokio::test]
 async fn silent_upstream_is_504() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let silent = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-            held.push(socket);
-        }
-    });
+    let (silent, accepted) = silent_upstream().await;
     let (proxy, token) = proxy_with(MockOptions::new(), |c| {
         c.upstream_base_url(format!("http://{silent}/v1"))
             .upstream_first_byte_timeout_ms(300)

@@ -3,6 +3,8 @@
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -34,6 +36,23 @@ pub async fn serve(app: Router) -> SocketAddr {
         .unwrap();
     });
     addr
+}
+
+/// An upstream that takes every connection and holds it open without writing a byte; returns
+/// its address and the number of connections it has taken.
+pub async fn silent_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            held.push(socket);
+        }
+    });
+    (addr, accepted)
 }
 
 /// A config pointed at `base_url`, with the test secret and key, proof of work at 8 bits.
