@@ -52,4 +52,4 @@ mod service;
 pub use key::{ClientIpKey, FingerprintKey, KeyExtractor};
 pub use layer::RateLimitLayer;
 pub use limiter::Limiter;
-pub use service::RateLimit;
+pub use service::{RateLimit, RateLimitFuture};

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use futures_util::future::{Either, Ready, ready};
 use http::{Request, Response};
 use tower::Service;
 
@@ -63,54 +64,79 @@ where
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ResBody>, S::Error>> + Send>>;
+    type Future = RateLimitFuture<S::Future, ResBody, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let key = match self.extractor.extract(&req) {
+            Ok(key) => key,
+            Err(error) => return Either::Left(Either::Left(ready(Ok(error.into_response())))),
+        };
+        // A limiter in memory decides at once: call the inner service, which was polled ready.
+        if let Some(decision) = self.limiter.check_now(&key) {
+            return if decision.allowed {
+                Either::Left(Either::Right(self.inner.call(req)))
+            } else {
+                Either::Left(Either::Left(ready(Ok(refusal(
+                    &*self.limiter,
+                    &req,
+                    decision,
+                )))))
+            };
+        }
         // The clone that was polled ready goes into the future (tower's "be careful when
         // cloning inner services").
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let key = self.extractor.extract(&req);
         let limiter = self.limiter.clone();
         let on_unavailable = self.on_unavailable;
-        Box::pin(async move {
-            let key = match key {
-                Ok(key) => key,
-                Err(error) => return Ok(error.into_response()),
-            };
+        Either::Right(Box::pin(async move {
             match limiter.check(&key).await {
                 Ok(decision) if decision.allowed => inner.call(req).await,
-                Ok(decision) => {
-                    let policy = limiter.policy();
-                    let session = req
-                        .extensions()
-                        .get::<crate::verify::VerifiedSession>()
-                        .map(|s| s.session_id().to_owned());
-                    let refusal = Error::rate_limited(RateLimitInfo {
-                        policy: policy.name,
-                        quota: policy.points,
-                        window_secs: policy.window.as_secs().max(1),
-                        remaining: decision.remaining,
-                        retry_after: decision.retry_after,
-                    });
-                    Ok(match session {
-                        Some(id) => refusal.with_session(id),
-                        None => refusal,
-                    }
-                    .into_response())
-                }
+                Ok(decision) => Ok(refusal(&*limiter, &req, decision)),
                 Err(e) if on_unavailable == OnUnavailable::Open => {
                     log_failure("rate_limit", &e, "skipped the rate limit (fail open)");
                     inner.call(req).await
                 }
                 Err(e) => Ok(crate::store::refuse("rate_limit", &e).into_response()),
             }
-        })
+        }))
     }
+}
+
+/// The response future of [`RateLimit`]: a refusal, the inner service's future (a limiter in
+/// memory decided at once), or, when the store must be waited for, a boxed future doing the rest.
+pub type RateLimitFuture<F, ResBody, E> = Either<
+    Either<Ready<Result<Response<ResBody>, E>>, F>,
+    Pin<Box<dyn Future<Output = Result<Response<ResBody>, E>> + Send>>,
+>;
+
+/// The `429 rate_limited` answer for `decision`.
+fn refusal<B, ResBody: From<Bytes>>(
+    limiter: &dyn RateLimiter,
+    req: &Request<B>,
+    decision: crate::store::RateDecision,
+) -> Response<ResBody> {
+    let policy = limiter.policy();
+    let session = req
+        .extensions()
+        .get::<crate::verify::VerifiedSession>()
+        .map(|s| s.session_id().to_owned());
+    let refusal = Error::rate_limited(RateLimitInfo {
+        policy: policy.name,
+        quota: policy.points,
+        window_secs: policy.window.as_secs().max(1),
+        remaining: decision.remaining,
+        retry_after: decision.retry_after,
+    });
+    match session {
+        Some(id) => refusal.with_session(id),
+        None => refusal,
+    }
+    .into_response()
 }
 
 #[cfg(test)]

@@ -48,6 +48,49 @@ use crate::store::{self, Admission, Set, Store, StoreError, log_failure};
 use crate::token::{Claims, Confirmation, TokenCodec, hash_b64, new_jti};
 use crate::verify::VerifiedSession;
 
+/// The rest of a verification that waits for the store: the revocation lookup (unless already
+/// done) and the DPoP replay record.
+pub(crate) type PendingVerify =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<VerifiedSession, Error>> + Send>>;
+
+async fn finish_verify(
+    store: Arc<dyn Store>,
+    claims: Arc<Claims>,
+    dpop_seen: Option<ReplayRecord>,
+    check_revoked: bool,
+) -> Result<VerifiedSession, Error> {
+    if check_revoked {
+        let revoked_now = store
+            .contains(Set::Revoked, &claims.jti)
+            .await
+            .map_err(|e| store::refuse("contains", &e))?;
+        if revoked_now {
+            return Err(revoked());
+        }
+    }
+    if let Some((id, until)) = dpop_seen {
+        let fresh = store
+            .insert_once(Set::DpopSeen, &id, until)
+            .await
+            .map_err(|e| store::refuse("insert_once", &e))?;
+        if !fresh {
+            return Err(replayed());
+        }
+    }
+    Ok(VerifiedSession { claims })
+}
+
+fn revoked() -> Error {
+    Error::new(ErrorCode::SessionRevoked, "the session was revoked")
+}
+
+fn replayed() -> Error {
+    Error::new(
+        ErrorCode::InvalidDpopProof,
+        "the DPoP proof was already used (jti)",
+    )
+}
+
 /// A DPoP proof's replay id and until when it must stay recorded.
 type ReplayRecord = (String, u64);
 
@@ -383,34 +426,50 @@ impl Sessions {
         &self,
         req: &Request<B>,
     ) -> impl std::future::Future<Output = Result<VerifiedSession, Error>> + Send + 'static {
-        let checked = self.check_request(req);
-        let store = self.inner.store.clone();
-        async move {
-            let (claims, dpop_seen) = checked?;
-            let revoked = store
-                .contains(Set::Revoked, &claims.jti)
-                .await
-                .map_err(|e| store::refuse("contains", &e))?;
-            if revoked {
-                return Err(Error::new(
-                    ErrorCode::SessionRevoked,
-                    "the session was revoked",
-                ));
-            }
-            if let Some((id, until)) = dpop_seen {
-                let fresh = store
-                    .insert_once(Set::DpopSeen, &id, until)
-                    .await
-                    .map_err(|e| store::refuse("insert_once", &e))?;
-                if !fresh {
-                    return Err(Error::new(
-                        ErrorCode::InvalidDpopProof,
-                        "the DPoP proof was already used (jti)",
-                    ));
-                }
-            }
-            Ok(VerifiedSession { claims })
+        match self.verify_now(req) {
+            Ok(done) => futures_util::future::Either::Left(std::future::ready(done)),
+            Err(pending) => futures_util::future::Either::Right(pending),
         }
+    }
+
+    /// [`verify`](Self::verify), answered at once when the store answers from memory (`Ok`), or
+    /// the rest of the work as a future (`Err`) when it must wait for the store.
+    pub(crate) fn verify_now<B>(
+        &self,
+        req: &Request<B>,
+    ) -> Result<Result<VerifiedSession, Error>, PendingVerify> {
+        let (claims, dpop_seen) = match self.check_request(req) {
+            Ok(checked) => checked,
+            Err(e) => return Ok(Err(e)),
+        };
+        let store = &self.inner.store;
+        match store.contains_now(Set::Revoked, &claims.jti) {
+            None => {
+                return Err(Box::pin(finish_verify(
+                    store.clone(),
+                    claims,
+                    dpop_seen,
+                    true,
+                )));
+            }
+            Some(true) => return Ok(Err(revoked())),
+            Some(false) => {}
+        }
+        if let Some((id, until)) = &dpop_seen {
+            match store.insert_once_now(Set::DpopSeen, id, *until) {
+                None => {
+                    return Err(Box::pin(finish_verify(
+                        store.clone(),
+                        claims,
+                        dpop_seen,
+                        false,
+                    )));
+                }
+                Some(false) => return Ok(Err(replayed())),
+                Some(true) => {}
+            }
+        }
+        Ok(Ok(VerifiedSession { claims }))
     }
 
     /// The synchronous checks of [`verify`](Self::verify): token, fingerprint, User-Agent, and

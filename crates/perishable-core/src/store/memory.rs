@@ -58,6 +58,14 @@ impl Store for MemoryStore {
         ready(self.set(set).contains(id, unix_now()))
     }
 
+    fn contains_now(&self, set: Set, id: &str) -> Option<bool> {
+        Some(self.set(set).contains(id, unix_now()))
+    }
+
+    fn insert_once_now(&self, set: Set, id: &str, expires_at: u64) -> Option<bool> {
+        Some(self.set(set).insert(id, expires_at, unix_now()))
+    }
+
     fn admit_session<'a>(
         &'a self,
         keys: &'a [String],
@@ -167,6 +175,21 @@ impl MemoryStore {
     }
 }
 
+fn decide(limiter: &Limiter<String>, key: &str) -> RateDecision {
+    match Limiter::check(limiter, &key.to_owned()) {
+        Ok(remaining) => RateDecision {
+            allowed: true,
+            remaining,
+            retry_after: std::time::Duration::ZERO,
+        },
+        Err(info) => RateDecision {
+            allowed: false,
+            remaining: 0,
+            retry_after: info.retry_after,
+        },
+    }
+}
+
 /// The current fixed window and the seconds left in it.
 pub(crate) fn window_of(now: u64, window_secs: u64) -> (u64, u64) {
     let len = window_secs.max(1);
@@ -175,19 +198,11 @@ pub(crate) fn window_of(now: u64, window_secs: u64) -> (u64, u64) {
 
 impl RateLimiter for Limiter<String> {
     fn check<'a>(&'a self, key: &'a str) -> StoreFuture<'a, RateDecision> {
-        let key = key.to_owned();
-        ready(match Limiter::check(self, &key) {
-            Ok(remaining) => RateDecision {
-                allowed: true,
-                remaining,
-                retry_after: std::time::Duration::ZERO,
-            },
-            Err(info) => RateDecision {
-                allowed: false,
-                remaining: 0,
-                retry_after: info.retry_after,
-            },
-        })
+        ready(decide(self, key))
+    }
+
+    fn check_now(&self, key: &str) -> Option<RateDecision> {
+        Some(decide(self, key))
     }
 
     fn policy(&self) -> &RatePolicy {

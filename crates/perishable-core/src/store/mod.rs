@@ -87,6 +87,14 @@ pub trait RateLimiter: Send + Sync + fmt::Debug {
     /// Counts one request for `key`.
     fn check<'a>(&'a self, key: &'a str) -> StoreFuture<'a, RateDecision>;
 
+    /// [`check`](Self::check) without waiting, for a limiter that answers from memory: `None`
+    /// (the default) sends the caller to `check`. The layers use it to skip a boxed future per
+    /// request.
+    fn check_now(&self, key: &str) -> Option<RateDecision> {
+        let _ = key;
+        None
+    }
+
     /// The policy.
     fn policy(&self) -> &RatePolicy;
 }
@@ -153,6 +161,20 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Whether `id` is in `set` and unexpired.
     fn contains<'a>(&'a self, set: Set, id: &'a str) -> StoreFuture<'a, bool>;
+
+    /// [`contains`](Self::contains) without waiting, for a store that answers from memory:
+    /// `None` (the default) sends the caller to `contains`.
+    fn contains_now(&self, set: Set, id: &str) -> Option<bool> {
+        let _ = (set, id);
+        None
+    }
+
+    /// [`insert_once`](Self::insert_once) without waiting, for a store that answers from
+    /// memory: `None` (the default) sends the caller to `insert_once`.
+    fn insert_once_now(&self, set: Set, id: &str, expires_at: u64) -> Option<bool> {
+        let _ = (set, id, expires_at);
+        None
+    }
 
     /// Takes a slot for session `jti` (until `exp`) under every key, unless one already holds
     /// `max` live sessions.

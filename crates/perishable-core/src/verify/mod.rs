@@ -26,7 +26,7 @@ mod layer;
 mod service;
 
 pub use layer::VerifyLayer;
-pub use service::Verify;
+pub use service::{Verify, VerifyFuture};
 
 use std::sync::Arc;
 

@@ -3,6 +3,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use futures_util::future::{Either, Ready, ready};
 use http::{Request, Response};
 use tower::Service;
 
@@ -43,6 +44,13 @@ impl<S> Verify<S> {
     }
 }
 
+/// The response future of [`Verify`]: a refusal, the inner service's future (the session was
+/// checked at once), or, when the store must be waited for, a boxed future doing the rest.
+pub type VerifyFuture<F, ResBody, E> = Either<
+    Either<Ready<Result<Response<ResBody>, E>>, F>,
+    Pin<Box<dyn Future<Output = Result<Response<ResBody>, E>> + Send>>,
+>;
+
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Verify<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
@@ -52,31 +60,44 @@ where
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ResBody>, S::Error>> + Send>>;
+    type Future = VerifyFuture<S::Future, ResBody, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        // The clone that was polled ready goes into the future (tower's "be careful when
-        // cloning inner services").
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let verify = self.sessions.verify(&req);
-        Box::pin(async move {
-            match verify.await {
-                Ok(session) => {
-                    tracing::Span::current().record("session_id", session.session_id());
-                    req.extensions_mut().insert(session);
-                    inner.call(req).await
-                }
-                Err(error) => {
-                    tracing::debug!(code = %error.code(), "session refused");
-                    Ok(error.into_response())
-                }
+        match self.sessions.verify_now(&req) {
+            // Checked at once (a memory store): call the inner service, which was polled ready.
+            Ok(Ok(session)) => {
+                tracing::Span::current().record("session_id", session.session_id());
+                req.extensions_mut().insert(session);
+                Either::Left(Either::Right(self.inner.call(req)))
             }
-        })
+            Ok(Err(error)) => {
+                tracing::debug!(code = %error.code(), "session refused");
+                Either::Left(Either::Left(ready(Ok(error.into_response()))))
+            }
+            Err(pending) => {
+                // The clone that was polled ready goes into the future (tower's "be careful
+                // when cloning inner services").
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
+                Either::Right(Box::pin(async move {
+                    match pending.await {
+                        Ok(session) => {
+                            tracing::Span::current().record("session_id", session.session_id());
+                            req.extensions_mut().insert(session);
+                            inner.call(req).await
+                        }
+                        Err(error) => {
+                            tracing::debug!(code = %error.code(), "session refused");
+                            Ok(error.into_response())
+                        }
+                    }
+                }))
+            }
+        }
     }
 }
 
