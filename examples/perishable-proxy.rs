@@ -231,7 +231,8 @@ async fn run() -> Result<(), String> {
 /// hyper's HTTP/1.1 server directly, rather than `axum::serve` (which also speaks cleartext
 /// HTTP/2 and detects the version on every connection): about 5 KiB less per open connection
 /// and a few microseconds less per request (`docs/performance.md`). Each request gets axum's
-/// `ConnectInfo` (the per-IP limits need the peer address) and every socket `TCP_NODELAY`.
+/// `ConnectInfo` (the per-IP limits need the peer address), every socket `TCP_NODELAY`, and a
+/// request's headers must arrive within 30 s.
 async fn serve_http1(
     listener: tokio::net::TcpListener,
     app: axum::Router,
@@ -263,10 +264,14 @@ async fn serve_http1(
                         .insert(axum::extract::ConnectInfo(peer));
                     req.map(axum::body::Body::new)
                 });
-        let connection = hyper::server::conn::http1::Builder::new().serve_connection(
-            TokioIo::new(tcp),
-            hyper_util::service::TowerToHyperService::new(service),
-        );
+        // The timer turns on hyper's 30 s limit for reading a request's headers (a client
+        // that trickles them in cannot hold a connection forever).
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .serve_connection(
+                TokioIo::new(tcp),
+                hyper_util::service::TowerToHyperService::new(service),
+            );
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {

@@ -98,7 +98,8 @@ pub fn run_perishable(upstream: &str, gates: bool) {
             }
             _ => perishable::router_from(&perishable),
         };
-        // As the example proxy serves it: hyper's HTTP/1.1 server, ConnectInfo, TCP_NODELAY.
+        // As the example proxy serves it: hyper's HTTP/1.1 server (with its timer, for the
+        // header read timeout), ConnectInfo, TCP_NODELAY.
         loop {
             let Ok((tcp, peer)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -112,6 +113,7 @@ pub fn run_perishable(upstream: &str, gates: bool) {
             });
             tokio::spawn(async move {
                 let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
                     .serve_connection(
                         TokioIo::new(tcp),
                         hyper_util::service::TowerToHyperService::new(service),
@@ -184,6 +186,7 @@ pub fn run_bare(upstream: &str) {
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
                     .serve_connection(TokioIo::new(stream), svc)
                     .await;
             });
