@@ -6,7 +6,7 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
 use crate::error::{Error, ErrorCode};
@@ -113,48 +113,23 @@ impl http_body::Body for Body {
 }
 
 /// Reads a request body of at most `limit` bytes: `413 body_too_large` past it (`what` names the
-/// body in the message), `400 invalid_json` when it cannot be read.
-///
-/// A body that arrives in one frame (the common case) is returned as is, without a copy. The
-/// future stays small: it lives inside every proxied request's future.
+/// body in the message), `400 invalid_json` when it cannot be read. A body in one frame (the
+/// common case) comes back without a copy.
 pub(crate) async fn read_limited<B>(body: B, limit: usize, what: &str) -> Result<Bytes, Error>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let too_large = || {
-        Error::new(
+    use http_body_util::BodyExt;
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Error::new(
             ErrorCode::BodyTooLarge,
             format!("{what} is over {limit} bytes"),
-        )
-    };
-    let mut body = std::pin::pin!(body);
-    let mut first: Option<Bytes> = None;
-    let mut more = BytesMut::new();
-    let mut len = 0usize;
-    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
-        let Ok(frame) = frame else {
-            return Err(Error::new(
-                ErrorCode::InvalidJson,
-                "the request body could not be read",
-            ));
-        };
-        let Ok(data) = frame.into_data() else {
-            continue; // trailers: nothing to forward
-        };
-        len = len.saturating_add(data.len());
-        if len > limit {
-            return Err(too_large());
-        }
-        match first.take() {
-            None if more.is_empty() => first = Some(data),
-            None => more.extend_from_slice(&data),
-            Some(head) => {
-                more.reserve(head.len() + data.len());
-                more.extend_from_slice(&head);
-                more.extend_from_slice(&data);
-            }
-        }
+        )),
+        Err(_) => Err(Error::new(
+            ErrorCode::InvalidJson,
+            "the request body could not be read",
+        )),
     }
-    Ok(first.unwrap_or_else(|| more.freeze()))
 }

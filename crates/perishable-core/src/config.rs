@@ -612,9 +612,11 @@ impl ConfigBuilder {
     /// Validates every key and builds the [`Config`].
     pub fn build(self) -> Result<Config, ConfigError> {
         let u = &self.upstream;
-        let base_url = u.base_url.trim_end_matches('/').to_owned();
-        let parsed = url::Url::parse(&base_url)
+        let parsed = url::Url::parse(u.base_url.trim_end_matches('/'))
             .map_err(|e| ConfigError::invalid("upstream.base_url", e.to_string()))?;
+        // Normalized (lower-case scheme and host, IDNA, default port dropped, path encoded), so
+        // that a request URI is this and the client's already-valid path, joined.
+        let base_url = parsed.as_str().trim_end_matches('/').to_owned();
         if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
             return Err(ConfigError::invalid(
                 "upstream.base_url",
@@ -811,7 +813,7 @@ fn is_origin(s: &str) -> bool {
 #[derive(Debug, Clone)]
 pub struct Config {
     inner: ConfigBuilder,
-    /// `upstream.base_url` without a trailing slash.
+    /// `upstream.base_url`, normalized, without a trailing slash.
     base_url: String,
     keys: KeySet,
     /// The origin of `server.public_url`, when set.
@@ -840,7 +842,7 @@ impl Config {
         &self.inner.upstream
     }
 
-    /// `upstream.base_url`, without a trailing slash.
+    /// `upstream.base_url`, normalized as a URL, without a trailing slash.
     pub fn upstream_base_url(&self) -> &str {
         &self.base_url
     }

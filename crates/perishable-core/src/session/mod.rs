@@ -48,8 +48,8 @@ use crate::store::{self, Admission, Set, Store, StoreError, log_failure};
 use crate::token::{Claims, Confirmation, TokenCodec, hash_b64, new_jti};
 use crate::verify::VerifiedSession;
 
-/// The rest of a verification that waits for the store: the revocation lookup (unless already
-/// done) and the DPoP replay record.
+/// The rest of a verification that waits for the store: the revocation lookup and the DPoP
+/// replay record.
 pub(crate) type PendingVerify =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<VerifiedSession, Error>> + Send>>;
 
@@ -57,16 +57,13 @@ async fn finish_verify(
     store: Arc<dyn Store>,
     claims: Arc<Claims>,
     dpop_seen: Option<ReplayRecord>,
-    check_revoked: bool,
 ) -> Result<VerifiedSession, Error> {
-    if check_revoked {
-        let revoked_now = store
-            .contains(Set::Revoked, &claims.jti)
-            .await
-            .map_err(|e| store::refuse("contains", &e))?;
-        if revoked_now {
-            return Err(revoked());
-        }
+    let revoked_now = store
+        .contains(Set::Revoked, &claims.jti)
+        .await
+        .map_err(|e| store::refuse("contains", &e))?;
+    if revoked_now {
+        return Err(revoked());
     }
     if let Some((id, until)) = dpop_seen {
         let fresh = store
@@ -442,34 +439,22 @@ impl Sessions {
             Ok(checked) => checked,
             Err(e) => return Ok(Err(e)),
         };
+        // A store that answers from memory decides here; any other gets the rest as a future.
         let store = &self.inner.store;
-        match store.contains_now(Set::Revoked, &claims.jti) {
-            None => {
-                return Err(Box::pin(finish_verify(
-                    store.clone(),
-                    claims,
-                    dpop_seen,
-                    true,
-                )));
-            }
-            Some(true) => return Ok(Err(revoked())),
-            Some(false) => {}
+        let now = match store.contains_now(Set::Revoked, &claims.jti) {
+            Some(true) => Some(Err(revoked())),
+            Some(false) => match &dpop_seen {
+                None => Some(Ok(())),
+                Some((id, until)) => store
+                    .insert_once_now(Set::DpopSeen, id, *until)
+                    .map(|fresh| if fresh { Ok(()) } else { Err(replayed()) }),
+            },
+            None => None,
+        };
+        match now {
+            Some(decided) => Ok(decided.map(|()| VerifiedSession { claims })),
+            None => Err(Box::pin(finish_verify(store.clone(), claims, dpop_seen))),
         }
-        if let Some((id, until)) = &dpop_seen {
-            match store.insert_once_now(Set::DpopSeen, id, *until) {
-                None => {
-                    return Err(Box::pin(finish_verify(
-                        store.clone(),
-                        claims,
-                        dpop_seen,
-                        false,
-                    )));
-                }
-                Some(false) => return Ok(Err(replayed())),
-                Some(true) => {}
-            }
-        }
-        Ok(Ok(VerifiedSession { claims }))
     }
 
     /// The synchronous checks of [`verify`](Self::verify): token, fingerprint, User-Agent, and

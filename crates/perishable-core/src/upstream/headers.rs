@@ -36,26 +36,27 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
+/// Removes every header whose name `goes`. Names are compared while scanning, not hashed; only
+/// what goes is looked up again.
+fn remove_where(headers: &mut HeaderMap, goes: impl Fn(&HeaderName) -> bool) {
+    let drop: Vec<HeaderName> = headers.keys().filter(|name| goes(name)).cloned().collect();
+    for name in drop {
+        headers.remove(name);
+    }
+}
+
 /// Turns the client's headers into the ones to send upstream, in place (no copy of what stays).
 pub(crate) fn prepare_request_headers(headers: &mut HeaderMap, authorization: &HeaderValue) {
     let listed = connection_listed(headers);
-    // Names are compared, not hashed, while scanning; only what goes is looked up again.
-    let mut drop: Vec<HeaderName> = Vec::new();
-    for name in headers.keys() {
-        let goes = is_hop_by_hop(name)
+    remove_where(headers, |name| {
+        is_hop_by_hop(name)
             || name == header::COOKIE
             || name == DPOP
             || name == crate::fingerprint::FINGERPRINT_HEADER
             || name == header::HOST
             || name == header::CONTENT_LENGTH
-            || listed.contains(name);
-        if goes {
-            drop.push(name.clone());
-        }
-    }
-    for name in drop {
-        headers.remove(name);
-    }
+            || listed.contains(name)
+    });
     // Replaces every client `Authorization`.
     headers.insert(header::AUTHORIZATION, authorization.clone());
 }
@@ -63,16 +64,9 @@ pub(crate) fn prepare_request_headers(headers: &mut HeaderMap, authorization: &H
 /// Strips the upstream response's headers in place.
 pub(crate) fn strip_response_headers(headers: &mut HeaderMap) {
     let listed = connection_listed(headers);
-    // One scan comparing names; only what goes is looked up again (usually nothing).
-    let mut drop: Vec<HeaderName> = Vec::new();
-    for name in headers.keys() {
-        if is_hop_by_hop(name) || name == header::SET_COOKIE || listed.contains(name) {
-            drop.push(name.clone());
-        }
-    }
-    for name in drop {
-        headers.remove(name);
-    }
+    remove_where(headers, |name| {
+        is_hop_by_hop(name) || name == header::SET_COOKIE || listed.contains(name)
+    });
 }
 
 #[cfg(test)]

@@ -39,7 +39,7 @@ pub struct UpstreamService {
 #[derive(Debug)]
 struct Inner {
     client: UpstreamClient,
-    /// `upstream.base_url` without a trailing slash; each request appends `/{path}?{query}`.
+    /// `upstream.base_url` (normalized by the config); each request appends `/{path}?{query}`.
     base_url: String,
     authorization: HeaderValue,
     allow_list: AllowList,
@@ -88,20 +88,10 @@ impl UpstreamService {
                 key: "upstream.allowed_paths",
                 reason,
             })?;
-        // Normalized once (lower-case scheme and host, default port dropped, path encoded), so
-        // that a request URI is the base and the client's already-valid path, joined.
-        let base_url = url::Url::parse(config.upstream_base_url())
-            .map_err(|e| ConfigError::Invalid {
-                key: "upstream.base_url",
-                reason: e.to_string(),
-            })?
-            .as_str()
-            .trim_end_matches('/')
-            .to_owned();
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
-                base_url,
+                base_url: config.upstream_base_url().to_owned(),
                 authorization,
                 allow_list,
                 allowed_models: u.allowed_models.clone(),
@@ -133,21 +123,19 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let inner = self.inner.clone();
-        // Shared, not copied: the id is only written out on an error.
-        let session = req
-            .extensions()
-            .get::<VerifiedSession>()
-            .map(|s| s.claims.clone());
+        // Shared, not copied (claims behind an `Arc`).
+        let session = req.extensions().get::<VerifiedSession>().cloned();
+        let session_id = session.as_ref().map(|s| s.claims.clone());
         // Combinators, not an async block: the read and send steps then share the box's
         // space, which keeps this per-request allocation small.
-        let forward = match Inner::start(&inner, req) {
+        let forward = match Inner::start(&inner, req, session) {
             Ok(read) => Either::Left(read.and_then(move |prepared| inner.send(prepared))),
             Err(error) => Either::Right(std::future::ready(Err(error))),
         };
         Box::pin(forward.map(move |result| {
             Ok(match result {
                 Ok(response) => response,
-                Err(error) => match session {
+                Err(error) => match session_id {
                     Some(claims) => error.with_session(claims.jti.clone()),
                     None => error,
                 }
@@ -189,6 +177,7 @@ impl Inner {
     fn start<B>(
         this: &Arc<Self>,
         req: Request<B>,
+        session: Option<VerifiedSession>,
     ) -> Result<impl Future<Output = Result<Prepared, Error>> + Send + 'static, Error>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -214,7 +203,6 @@ impl Inner {
             ));
         }
         let uri = this.upstream_uri(&path, parts.uri.query())?;
-        let session = parts.extensions.get::<VerifiedSession>().cloned();
         let http::request::Parts {
             method, headers, ..
         } = parts;
@@ -778,7 +766,7 @@ mod future_size {
         let req = Request::post("/openai/chat/completions")
             .body(body)
             .unwrap();
-        let read = Inner::start(&svc.inner, req).ok().unwrap();
+        let read = Inner::start(&svc.inner, req, None).ok().unwrap();
         let inner = svc.inner.clone();
         let forward = read.and_then(move |prepared| inner.send(prepared));
         let size = std::mem::size_of_val(&forward);
