@@ -1,0 +1,129 @@
+//! The example proxy binary as a user runs it (`cargo run --example perishable-proxy`): it serves
+//! over HTTP/1.1, closes a connection whose request headers trickle in for more than 30 s, and
+//! on Ctrl-C (SIGINT) stops taking connections and exits.
+//!
+//! It runs the binary `cargo test` builds beside the tests: after changing the example, run the
+//! whole suite (or `cargo build --example perishable-proxy`) so the binary is not stale.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `target/<profile>/examples/perishable-proxy`, which `cargo test` builds with the tests.
+fn example_binary() -> PathBuf {
+    let mut dir = std::env::current_exe().unwrap();
+    dir.pop(); // the test binary
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join("examples").join("perishable-proxy")
+}
+
+/// The example proxy on a free port, with the built-in mock upstream; kills it when dropped.
+struct Example {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Example {
+    fn start() -> Self {
+        let mut child = Command::new(example_binary())
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .env_remove("OPENAI_API_KEY")
+            .env_remove("OPENAI_BASE_URL")
+            .env_remove("PORT")
+            .env_remove("PERISHABLE_STORE_URL")
+            .env("RUST_LOG", "warn")
+            .current_dir(std::env::temp_dir())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the example proxy (built by cargo test)");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("the proxy says where it listens")
+                .unwrap();
+            if let Some(url) = line.strip_prefix("perishable-proxy listening on http://") {
+                break url.trim().parse().unwrap();
+            }
+        };
+        Self { child, addr }
+    }
+
+    fn health(&self) -> String {
+        let mut tcp = TcpStream::connect(self.addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        tcp.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).unwrap();
+        answer
+    }
+}
+
+impl Drop for Example {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_client_that_trickles_its_headers_is_cut_off_after_30_s() {
+    let proxy = Example::start();
+    let mut slow = TcpStream::connect(proxy.addr).unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n")
+        .unwrap();
+    // Without the header read timeout the connection stays open: the read below then times out
+    // instead of seeing the close.
+    slow.set_read_timeout(Some(Duration::from_secs(45)))
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let read = slow.read(&mut buf);
+    let waited = started.elapsed();
+    let closed = match &read {
+        Ok(0) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    };
+    assert!(
+        closed,
+        "the connection should be closed, got {read:?} after {waited:?}"
+    );
+    assert!(
+        waited >= Duration::from_secs(25) && waited < Duration::from_secs(44),
+        "closed after {waited:?}, expected about 30 s"
+    );
+    // Other clients were served all along.
+    assert!(proxy.health().starts_with("HTTP/1.1 200 OK"));
+}
+
+#[test]
+fn ctrl_c_stops_the_proxy() {
+    let mut proxy = Example::start();
+    assert!(proxy.health().starts_with("HTTP/1.1 200 OK"));
+    let status = Command::new("kill")
+        .args(["-INT", &proxy.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exited = loop {
+        if let Some(status) = proxy.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the proxy is still running");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exited.success(), "exit status {exited}");
+    assert!(
+        TcpStream::connect(proxy.addr).is_err(),
+        "the listener is closed"
+    );
+}
