@@ -230,8 +230,8 @@ async fn run() -> Result<(), String> {
 ///
 /// hyper's HTTP/1.1 server directly, rather than `axum::serve` (which also speaks cleartext
 /// HTTP/2 and detects the version on every connection): about 5 KiB less per open connection
-/// and a few microseconds less per request (`docs/performance.md`). Each request gets axum's
-/// `ConnectInfo` (the per-IP limits need the peer address), every socket `TCP_NODELAY`, and a
+/// and a few microseconds less per request (`docs/performance.md`). Each request gets its peer
+/// address as [`perishable::client_ip::PeerAddr`] (for the per-IP limits), every socket `TCP_NODELAY`, and a
 /// request's headers must arrive within 30 s.
 async fn serve_http1(
     listener: tokio::net::TcpListener,
@@ -260,8 +260,10 @@ async fn serve_http1(
         let service =
             app.clone()
                 .map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    // Perishable's own extension (what axum's `ConnectInfo` is copied
+                    // into otherwise): one less per request.
                     req.extensions_mut()
-                        .insert(axum::extract::ConnectInfo(peer));
+                        .insert(perishable::client_ip::PeerAddr(peer));
                     req.map(axum::body::Body::new)
                 });
         // The timer turns on hyper's 30 s limit for reading a request's headers (a client

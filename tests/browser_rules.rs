@@ -191,6 +191,13 @@ async fn requests_from_another_origin_are_refused() {
         .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["access-control-allow-origin"], APP);
+    let exposed = header_list(response.headers(), "access-control-expose-headers");
+    assert!(exposed.contains(&"x-request-id".to_owned()), "{exposed:?}");
+    assert!(
+        header_list(response.headers(), "vary").contains(&"origin".to_owned()),
+        "{:?}",
+        response.headers()
+    );
     assert_eq!(proxy.mock.requests().len(), 1);
 }
 
@@ -238,8 +245,26 @@ async fn requests_without_origin_are_unaffected() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
+    // Not a browser's request: no CORS headers, but the `Vary` that keeps a shared cache from
+    // handing this answer to a page.
+    let headers = response.headers();
+    assert!(
+        !headers
+            .keys()
+            .any(|name| name.as_str().starts_with("access-control-")),
+        "{headers:?}"
+    );
+    let vary = header_list(headers, "vary");
+    for wanted in [
+        "origin",
+        "access-control-request-method",
+        "access-control-request-headers",
+    ] {
+        assert!(vary.contains(&wanted.to_owned()), "{vary:?}");
+    }
     let response = proxy.http.get(proxy.url("/health")).send().await.unwrap();
     assert_eq!(response.status(), 200);
+    assert!(header_list(response.headers(), "vary").contains(&"origin".to_owned()));
     assert_eq!(proxy.mock.requests().len(), 1);
 }
 

@@ -99,7 +99,7 @@ pub fn run_perishable(upstream: &str, gates: bool) {
             _ => perishable::router_from(&perishable),
         };
         // As the example proxy serves it: hyper's HTTP/1.1 server (with its timer, for the
-        // header read timeout), ConnectInfo, TCP_NODELAY.
+        // header read timeout), the peer address, TCP_NODELAY.
         loop {
             let Ok((tcp, peer)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -108,7 +108,7 @@ pub fn run_perishable(upstream: &str, gates: bool) {
             let _ = tcp.set_nodelay(true);
             let service = app.clone().map_request(move |mut req: Request<Incoming>| {
                 req.extensions_mut()
-                    .insert(axum::extract::ConnectInfo(peer));
+                    .insert(perishable::client_ip::PeerAddr(peer));
                 req.map(axum::body::Body::new)
             });
             tokio::spawn(async move {

@@ -28,8 +28,9 @@
 //!    [`PeerAddr`] for the per-IP limit, and axum's `OriginalUri` (the path before `nest`
 //!    stripped its prefix) into [`OriginalUri`] for DPoP `htu`;
 //! 2. the origin check: a present, disallowed `Origin` gets `403 origin_not_allowed`;
-//! 3. CORS (tower-http): preflights answered here, before any authentication, for allowed
-//!    origins only;
+//! 3. CORS (tower-http's, [`cors_layer`]): preflights answered here, before any
+//!    authentication, for allowed origins only; requests without `Origin` (not from a browser)
+//!    skip it and get only its `Vary` header;
 //! 4. the route:
 //!
 //! | route | layers | service |
@@ -42,56 +43,24 @@
 //! | any method `/openai/{path}` | verify, rate limit per fingerprint | upstream (streamed) |
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
-use axum::routing::{any_service, get_service, post_service};
-use http::header::{self, HeaderName, HeaderValue};
-use http::{Method, Request};
+use axum::routing::{get_service, post_service};
+use http::Request;
+use http::header;
 use perishable_core::client_ip::PeerAddr;
 use perishable_core::dpop::OriginalUri;
 use perishable_core::{ConfigError, Perishable};
 use tower::ServiceBuilder;
 use tower::util::MapRequestLayer;
-use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
+mod cors;
+mod dispatch;
+
+pub use cors::{CORS_ALLOWED_HEADERS, CORS_EXPOSED_HEADERS, cors_layer};
 pub use perishable_core::Config;
-
-/// Request headers a browser may send cross-origin: the PROTOCOL's four, and those the official
-/// OpenAI JavaScript SDK adds, so it works unchanged from a page.
-pub const CORS_ALLOWED_HEADERS: [&str; 19] = [
-    "authorization",
-    "content-type",
-    "dpop",
-    "x-perishable-fingerprint",
-    "accept",
-    "openai-organization",
-    "openai-project",
-    "openai-beta",
-    "x-stainless-arch",
-    "x-stainless-lang",
-    "x-stainless-os",
-    "x-stainless-package-version",
-    "x-stainless-runtime",
-    "x-stainless-runtime-version",
-    "x-stainless-retry-count",
-    "x-stainless-timeout",
-    "x-stainless-async",
-    "x-stainless-helper-method",
-    "x-stainless-poll-helper",
-];
-
-/// Response headers a page may read: the refusal details and the upstream's request id.
-pub const CORS_EXPOSED_HEADERS: [&str; 6] = [
-    "retry-after",
-    "ratelimit",
-    "ratelimit-policy",
-    "www-authenticate",
-    "x-request-id",
-    "openai-processing-ms",
-];
 
 /// The browser client: a dependency-free ES module, served at `GET /client.js`.
 pub const CLIENT_JS: &str = include_str!("../client/perishable.js");
@@ -161,9 +130,7 @@ where
             .layer(perishable.verify_layer())
             .layer(perishable.rate_limit_layer())
     };
-    let upstream = authenticated().service(perishable.upstream_service());
-
-    Router::new()
+    let routes = Router::new()
         .route("/health", get_service(sessions.clone()))
         .route("/challenge", get_service(sessions.clone()))
         .route("/client.js", axum::routing::get(client_js))
@@ -180,26 +147,25 @@ where
             "/session/refresh",
             post_service(authenticated().service(sessions)),
         )
-        .route("/openai", any_service(upstream.clone()))
-        .route("/openai/", any_service(upstream.clone()))
-        .route("/openai/{*path}", any_service(upstream))
         .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        // One layer for the whole stack: axum boxes each route once per `layer` call, and
-        // clones every box on every request.
-        .layer(
-            ServiceBuilder::new()
-                .layer(SetSensitiveRequestHeadersLayer::new([
-                    header::AUTHORIZATION,
-                    header::COOKIE,
-                    perishable_core::dpop::DPOP_HEADER,
-                    perishable_core::fingerprint::FINGERPRINT_HEADER,
-                ]))
-                .layer(perishable.observe_layer())
-                .layer(MapRequestLayer::new(peer_addr::<axum::body::Body>))
-                .layer(perishable.origin_layer())
-                .layer(cors_layer(perishable)),
-        )
+        .method_not_allowed_fallback(method_not_allowed);
+    let proxy = authenticated().service(perishable.upstream_service());
+
+    // The outer layers wrap one service, built once, that every path reaches: axum clones a
+    // route's whole stack per request, and the proxy path skips a second routing step.
+    let app = ServiceBuilder::new()
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+            header::COOKIE,
+            perishable_core::dpop::DPOP_HEADER,
+            perishable_core::fingerprint::FINGERPRINT_HEADER,
+        ]))
+        .layer(perishable.observe_layer())
+        .layer(MapRequestLayer::new(peer_addr::<axum::body::Body>))
+        .layer(perishable.origin_layer())
+        .layer(cors::BrowserCorsLayer::new(cors_layer(perishable)))
+        .service(dispatch::Dispatch::new(proxy, routes));
+    Router::new().fallback_service(app)
 }
 
 async fn not_found() -> http::Response<axum::body::Body> {
@@ -240,25 +206,4 @@ fn peer_addr<B>(mut req: Request<B>) -> Request<B> {
         req.extensions_mut().insert(OriginalUri(uri));
     }
     req
-}
-
-/// tower-http's CORS layer for `cors.allowed_origins` (and `server.public_url`'s origin).
-pub fn cors_layer(perishable: &Perishable) -> CorsLayer {
-    let policy = perishable.origin_policy();
-    let origins = if policy.is_any() {
-        AllowOrigin::any()
-    } else {
-        AllowOrigin::list(
-            policy
-                .origins()
-                .iter()
-                .filter_map(|o| HeaderValue::from_str(o).ok()),
-        )
-    };
-    CorsLayer::new()
-        .allow_origin(origins)
-        .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
-        .allow_headers(CORS_ALLOWED_HEADERS.map(HeaderName::from_static))
-        .expose_headers(CORS_EXPOSED_HEADERS.map(HeaderName::from_static))
-        .max_age(Duration::from_secs(600))
 }

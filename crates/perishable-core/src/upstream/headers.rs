@@ -25,37 +25,44 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name) || name == header::UPGRADE
 }
 
-/// Header names listed in `Connection` (they are hop-by-hop too).
-fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
-        .collect()
+/// Whether `name` is listed in a `Connection` header (then it is hop-by-hop too). `connection`
+/// is `None` when there is no `Connection` header, the usual case: nothing to look at.
+fn connection_lists(connection: Option<&HeaderMap>, name: &HeaderName) -> bool {
+    connection.is_some_and(|headers| {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|listed| listed.trim().eq_ignore_ascii_case(name.as_str()))
+    })
 }
 
-/// Removes every header whose name `goes`. Names are compared while scanning, not hashed; only
-/// what goes is looked up again.
-fn remove_where(headers: &mut HeaderMap, goes: impl Fn(&HeaderName) -> bool) {
-    let drop: Vec<HeaderName> = headers.keys().filter(|name| goes(name)).cloned().collect();
-    for name in drop {
+/// Removes every header whose name `goes`, and `Connection` last (until then `goes` can read
+/// what it lists). Names are compared while scanning, not hashed, and nothing is collected:
+/// each pass finds the next name to remove (a handful at most).
+fn remove_where(headers: &mut HeaderMap, goes: impl Fn(&HeaderMap, &HeaderName) -> bool) {
+    while let Some(name) = headers
+        .keys()
+        .find(|name| *name != header::CONNECTION && goes(headers, name))
+        .cloned()
+    {
         headers.remove(name);
     }
+    headers.remove(header::CONNECTION);
 }
 
 /// Turns the client's headers into the ones to send upstream, in place (no copy of what stays).
 pub(crate) fn prepare_request_headers(headers: &mut HeaderMap, authorization: &HeaderValue) {
-    let listed = connection_listed(headers);
-    remove_where(headers, |name| {
+    let listing = headers.contains_key(header::CONNECTION);
+    remove_where(headers, |all, name| {
         is_hop_by_hop(name)
             || name == header::COOKIE
             || name == DPOP
             || name == crate::fingerprint::FINGERPRINT_HEADER
             || name == header::HOST
             || name == header::CONTENT_LENGTH
-            || listed.contains(name)
+            || connection_lists(listing.then_some(all), name)
     });
     // Replaces every client `Authorization`.
     headers.insert(header::AUTHORIZATION, authorization.clone());
@@ -63,9 +70,11 @@ pub(crate) fn prepare_request_headers(headers: &mut HeaderMap, authorization: &H
 
 /// Strips the upstream response's headers in place.
 pub(crate) fn strip_response_headers(headers: &mut HeaderMap) {
-    let listed = connection_listed(headers);
-    remove_where(headers, |name| {
-        is_hop_by_hop(name) || name == header::SET_COOKIE || listed.contains(name)
+    let listing = headers.contains_key(header::CONNECTION);
+    remove_where(headers, |all, name| {
+        is_hop_by_hop(name)
+            || name == header::SET_COOKIE
+            || connection_lists(listing.then_some(all), name)
     });
 }
 

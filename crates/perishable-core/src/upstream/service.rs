@@ -41,6 +41,8 @@ struct Inner {
     client: UpstreamClient,
     /// `upstream.base_url` (normalized by the config); each request appends `/{path}?{query}`.
     base_url: String,
+    /// Where `{path}` starts in the path of an upstream URI.
+    path_start: usize,
     authorization: HeaderValue,
     allow_list: AllowList,
     allowed_models: Vec<String>,
@@ -92,6 +94,9 @@ impl UpstreamService {
             inner: Arc::new(Inner {
                 client,
                 base_url: config.upstream_base_url().to_owned(),
+                path_start: http::Uri::try_from(config.upstream_base_url())
+                    .map_or(0, |base| base.path().trim_end_matches('/').len())
+                    + 1,
                 authorization,
                 allow_list,
                 allowed_models: u.allowed_models.clone(),
@@ -154,19 +159,24 @@ struct Peek<'a> {
     stream: Option<bool>,
 }
 
-fn upstream_path<B>(req: &Request<B>) -> Option<String> {
+/// The `{path}` to forward: the [`UpstreamPath`] extension, or what follows `/openai/` in the
+/// URI (empty when there is none, which no allow-list admits).
+fn upstream_path<B>(req: &Request<B>) -> &str {
     if let Some(UpstreamPath(path)) = req.extensions().get::<UpstreamPath>() {
-        return Some(path.trim_start_matches('/').to_owned());
+        return path.trim_start_matches('/');
     }
+    const PREFIX: &str = "/openai/";
     let path = req.uri().path();
-    path.find("/openai/")
-        .map(|i| path[i + "/openai/".len()..].to_owned())
+    match path.strip_prefix(PREFIX) {
+        Some(rest) => rest,
+        None => memchr::memmem::find(path.as_bytes(), PREFIX.as_bytes())
+            .map_or("", |i| &path[i + PREFIX.len()..]),
+    }
 }
 
 /// A request checked, read and admitted, ready to go upstream.
 struct Prepared {
     request: Request<Full<Bytes>>,
-    path: String,
     hide_usage: bool,
     admitted: Admitted,
 }
@@ -183,16 +193,15 @@ impl Inner {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let path = upstream_path(&req).unwrap_or_default();
-        if !this.allow_list.allows(&path) {
+        let path = upstream_path(&req);
+        if !this.allow_list.allows(path) {
             return Err(Error::new(
                 ErrorCode::PathNotAllowed,
                 format!("the path {path:?} is not allowed through this proxy"),
             ));
         }
-        let (parts, body) = req.into_parts();
-        let declared = parts
-            .headers
+        let declared = req
+            .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
@@ -202,18 +211,23 @@ impl Inner {
                 format!("the request body is over {} bytes", this.max_body_bytes),
             ));
         }
-        let uri = this.upstream_uri(&path, parts.uri.query())?;
+        let uri = this.upstream_uri(path, req.uri().query())?;
+        let (parts, body) = req.into_parts();
         let http::request::Parts {
             method, headers, ..
         } = parts;
         Ok(this
             .clone()
-            .read_and_admit(path, method, uri, headers, session, body))
+            .read_and_admit(method, uri, headers, session, body))
+    }
+
+    /// The `{path}` part of an upstream URI made by [`upstream_uri`](Self::upstream_uri).
+    fn path_of<'u>(&self, uri: &'u http::Uri) -> &'u str {
+        uri.path().get(self.path_start..).unwrap_or_default()
     }
 
     async fn read_and_admit<B>(
         self: Arc<Self>,
-        path: String,
         method: http::Method,
         uri: http::Uri,
         headers: http::HeaderMap,
@@ -232,12 +246,13 @@ impl Inner {
         ))
         .await?;
 
+        let path = self.path_of(&uri);
         let mut streaming = false;
         let mentions_stream =
             !body.is_empty() && memchr::memmem::find(&body, b"\"stream\"").is_some();
         // The budget's inspection parses the body anyway (and learns `stream` from it): parse
         // here only for the model allow-list, or when the budget will not look.
-        let budget_parses = !body.is_empty() && self.budget.wants_body(&path, mentions_stream);
+        let budget_parses = !body.is_empty() && self.budget.wants_body(path, mentions_stream);
         if !body.is_empty()
             && (!self.allowed_models.is_empty() || (mentions_stream && !budget_parses))
         {
@@ -278,7 +293,7 @@ impl Inner {
             }
         }
         let inspected = if budget_parses {
-            self.budget.inspect(&path, body)
+            self.budget.inspect(path, body)
         } else {
             Inspected {
                 body,
@@ -309,7 +324,6 @@ impl Inner {
         *request.headers_mut() = headers;
         Ok(Prepared {
             request,
-            path,
             hide_usage,
             admitted,
         })
@@ -318,10 +332,12 @@ impl Inner {
     async fn send(self: Arc<Self>, prepared: Prepared) -> Result<Response<Body>, Error> {
         let Prepared {
             request: upstream_req,
-            path,
             hide_usage,
             admitted,
         } = prepared;
+        // For the logs (a clone shares the URI's bytes).
+        let uri = upstream_req.uri().clone();
+        let path = self.path_of(&uri);
         let started = tokio::time::Instant::now();
         let response = match tokio::time::timeout(
             self.first_byte_timeout,
