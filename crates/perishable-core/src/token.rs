@@ -343,8 +343,10 @@ pub struct TokenCodec {
 #[derive(Default)]
 struct VerifiedCache {
     capacity: usize,
-    /// Read on every request, written on a miss: an `RwLock` keeps hits parallel.
-    entries: std::sync::RwLock<HashMap<Box<str>, Verified>>,
+    /// Read on every request, written on a miss: an `RwLock` keeps hits parallel. Hashed by
+    /// foldhash (randomly seeded; a token is a few hundred bytes, which SipHash spends a
+    /// microsecond on); only tokens that verified are ever inserted.
+    entries: std::sync::RwLock<HashMap<Box<str>, Verified, foldhash::fast::RandomState>>,
     leeway: u64,
 }
 

@@ -16,9 +16,21 @@
 //!   events are passed on as soon as they arrive; only an event cut across two network frames
 //!   waits for its end (an SSE client cannot use half an event anyway).
 
+use std::sync::LazyLock;
+
 use bytes::{Bytes, BytesMut};
-use memchr::memmem;
+use memchr::memmem::{Finder, FinderRev};
 use serde::Deserialize;
+
+/// The searchers, built once: building one costs more than a short search.
+static EVENT_END: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\n"));
+static USAGE_KEY: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(b"\"usage\":"));
+static USAGE_OBJECT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\":{"));
+static NO_CHOICES: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"choices\":[]"));
+static USAGE_NULL_BEFORE: LazyLock<Finder<'static>> =
+    LazyLock::new(|| Finder::new(b",\"usage\":null"));
+static USAGE_NULL_AFTER: LazyLock<Finder<'static>> =
+    LazyLock::new(|| Finder::new(b"\"usage\":null,"));
 
 /// Tokens one response used, as the upstream reported them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -43,7 +55,7 @@ struct RawUsage {
 
 /// Parses the object that follows the last `"usage":` in `bytes`, if it is one.
 fn parse_last_usage(bytes: &[u8]) -> Option<Usage> {
-    let at = memmem::rfind(bytes, b"\"usage\":")?;
+    let at = USAGE_KEY.rfind(bytes)?;
     let rest = &bytes[at + b"\"usage\":".len()..];
     let start = rest.iter().position(|b| !b.is_ascii_whitespace())?;
     if rest[start] != b'{' {
@@ -131,7 +143,7 @@ impl UsageTap {
                     let end = if straddles {
                         Some(1)
                     } else {
-                        memmem::find(rest, b"\n\n").map(|end| end + 2)
+                        EVENT_END.find(rest).map(|end| end + 2)
                     };
                     match end {
                         Some(end) => {
@@ -146,7 +158,7 @@ impl UsageTap {
                         }
                     }
                 }
-                while let Some(end) = memmem::find(rest, b"\n\n") {
+                while let Some(end) = EVENT_END.find(rest) {
                     let (event, after) = rest.split_at(end + 2);
                     self.read_event(event);
                     rest = after;
@@ -160,7 +172,7 @@ impl UsageTap {
             TapMode::EventsHidingUsage => {
                 self.carry.extend_from_slice(&data);
                 let mut out = BytesMut::new();
-                while let Some(end) = memmem::find(&self.carry, b"\n\n") {
+                while let Some(end) = EVENT_END.find(&self.carry) {
                     let event = self.carry.split_to(end + 2);
                     if self.read_event(&event) && is_usage_only(&event) {
                         continue;
@@ -207,7 +219,7 @@ impl UsageTap {
 
     /// Reads usage from one event; `true` when it carried a usage object.
     fn read_event(&mut self, event: &[u8]) -> bool {
-        if memmem::find(event, b"\"usage\":{").is_none() {
+        if USAGE_OBJECT.find(event).is_none() {
             return false;
         }
         match parse_last_usage(event) {
@@ -222,15 +234,15 @@ impl UsageTap {
 
 /// The usage-only chunk of a chat completion: no choices, only usage.
 fn is_usage_only(event: &[u8]) -> bool {
-    memmem::find(event, b"\"choices\":[]").is_some()
+    NO_CHOICES.find(event).is_some()
 }
 
 /// Copies `event` into `out` without its `"usage":null` member.
 fn strip_usage_null(event: &[u8], out: &mut BytesMut) {
     let mut rest = event;
     loop {
-        let comma_before = memmem::find(rest, b",\"usage\":null");
-        let comma_after = memmem::find(rest, b"\"usage\":null,");
+        let comma_before = USAGE_NULL_BEFORE.find(rest);
+        let comma_after = USAGE_NULL_AFTER.find(rest);
         match (comma_before, comma_after) {
             (Some(i), _) => {
                 out.extend_from_slice(&rest[..i]);
