@@ -54,7 +54,6 @@ use perishable_core::dpop::OriginalUri;
 use perishable_core::{ConfigError, Perishable};
 use tower::ServiceBuilder;
 use tower::util::MapRequestLayer;
-use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 mod cors;
 mod dispatch;
@@ -154,12 +153,6 @@ where
     // The outer layers wrap one service, built once, that every path reaches: axum clones a
     // route's whole stack per request, and the proxy path skips a second routing step.
     let app = ServiceBuilder::new()
-        .layer(SetSensitiveRequestHeadersLayer::new([
-            header::AUTHORIZATION,
-            header::COOKIE,
-            perishable_core::dpop::DPOP_HEADER,
-            perishable_core::fingerprint::FINGERPRINT_HEADER,
-        ]))
         .layer(perishable.observe_layer())
         .layer(MapRequestLayer::new(peer_addr::<axum::body::Body>))
         .layer(perishable.origin_layer())

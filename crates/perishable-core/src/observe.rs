@@ -5,8 +5,11 @@
 //! `perishable.request` with the fields `route`, `method`, `status`, `latency_us`, `session_id`
 //! (filled in by the verification or mint), `upstream_status` and `upstream_first_byte_us`
 //! (filled in by the upstream Service). It never records the token, the fingerprint or any
-//! header: mark `Authorization`, `DPoP` and `X-Perishable-Fingerprint` sensitive if another
-//! layer logs headers (the axum router does). It emits no per-chunk events.
+//! header, and it marks the request's credentials sensitive ([`SENSITIVE_HEADERS`]: their
+//! `Debug` then prints `Sensitive`) for any layer inside it that logs headers. Mark them in a
+//! layer of your own too if one outside it logs them (tower-http's
+//! `SetSensitiveRequestHeadersLayer`, as `examples/embed.rs` does). It emits no per-chunk
+//! events.
 //!
 //! Metrics, through the [`metrics`] facade (the embedding app installs the exporter):
 //!
@@ -31,11 +34,31 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request, Response};
 use tower::{Layer, Service};
 
 use crate::audit::{Audit, AuditEvent};
 use crate::error::Refusal;
+
+/// The request headers [`Observe`] marks sensitive: `Authorization`, `Cookie`, `DPoP` and
+/// `X-Perishable-Fingerprint`.
+pub const SENSITIVE_HEADERS: [HeaderName; 4] = [
+    header::AUTHORIZATION,
+    header::COOKIE,
+    crate::dpop::DPOP_HEADER,
+    crate::fingerprint::FINGERPRINT_HEADER,
+];
+
+/// Marks [`SENSITIVE_HEADERS`] sensitive, in one pass over the headers (what tower-http's
+/// `SetSensitiveRequestHeadersLayer` does with a hashed lookup per name).
+fn mark_sensitive(headers: &mut HeaderMap) {
+    for (name, value) in headers.iter_mut() {
+        if SENSITIVE_HEADERS.contains(name) {
+            value.set_sensitive(true);
+        }
+    }
+}
 
 /// The route label of a request; see the [module docs](self).
 pub fn route_label<B>(req: &Request<B>) -> &'static str {
@@ -103,7 +126,8 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        mark_sensitive(req.headers_mut());
         let route = route_label(&req);
         let span = tracing::info_span!(
             "perishable.request",
@@ -218,5 +242,55 @@ fn status_label(status: u16) -> &'static str {
         3 => "3xx",
         4 => "4xx",
         _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use tower::{ServiceBuilder, ServiceExt, service_fn};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn credentials_are_marked_sensitive_for_the_layers_inside() {
+        let app = ServiceBuilder::new()
+            .layer(ObserveLayer::default())
+            .service(service_fn(|req: Request<()>| async move {
+                let marked: Vec<(String, bool)> = req
+                    .headers()
+                    .iter()
+                    .map(|(name, value)| (name.to_string(), value.is_sensitive()))
+                    .collect();
+                Ok::<_, Infallible>(Response::new(marked))
+            }));
+        let req = Request::post("/openai/chat/completions")
+            .header("authorization", "Bearer a")
+            .header("authorization", "Bearer b")
+            .header("cookie", "c=1")
+            .header("dpop", "proof")
+            .header("x-perishable-fingerprint", "device")
+            .header("content-type", "application/json")
+            .header("user-agent", "sdk")
+            .body(())
+            .unwrap();
+        let marked = app.oneshot(req).await.unwrap().into_body();
+        let sensitive: Vec<&str> = marked
+            .iter()
+            .filter(|(_, s)| *s)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert_eq!(
+            sensitive,
+            [
+                "authorization",
+                "authorization",
+                "cookie",
+                "dpop",
+                "x-perishable-fingerprint"
+            ]
+        );
+        assert_eq!(marked.len(), 7);
     }
 }

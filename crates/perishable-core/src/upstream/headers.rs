@@ -3,7 +3,8 @@
 //! Upstream: the client's headers minus `Authorization`, `Cookie`, `DPoP`,
 //! `X-Perishable-Fingerprint`, `Host`, `Content-Length` (recomputed) and every hop-by-hop header
 //! (`Connection`, `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`, and
-//! each header `Connection` names), plus `Authorization: Bearer <server key>`.
+//! each header `Connection` names), plus `Authorization: Bearer <server key>` and the upstream's
+//! `Host`.
 //! Back to the client: the upstream's headers minus hop-by-hop ones and `Set-Cookie`.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -53,7 +54,12 @@ fn remove_where(headers: &mut HeaderMap, goes: impl Fn(&HeaderMap, &HeaderName) 
 }
 
 /// Turns the client's headers into the ones to send upstream, in place (no copy of what stays).
-pub(crate) fn prepare_request_headers(headers: &mut HeaderMap, authorization: &HeaderValue) {
+/// `host` replaces the client's `Host` when given (otherwise the HTTP client sets it).
+pub(crate) fn prepare_request_headers(
+    headers: &mut HeaderMap,
+    authorization: &HeaderValue,
+    host: Option<&HeaderValue>,
+) {
     let listing = headers.contains_key(header::CONNECTION);
     remove_where(headers, |all, name| {
         is_hop_by_hop(name)
@@ -66,6 +72,9 @@ pub(crate) fn prepare_request_headers(headers: &mut HeaderMap, authorization: &H
     });
     // Replaces every client `Authorization`.
     headers.insert(header::AUTHORIZATION, authorization.clone());
+    if let Some(host) = host {
+        headers.insert(header::HOST, host.clone());
+    }
 }
 
 /// Strips the upstream response's headers in place.
@@ -102,7 +111,11 @@ mod tests {
             client.append(k, v.parse().unwrap());
         }
         let mut out = client;
-        prepare_request_headers(&mut out, &HeaderValue::from_static("Bearer sk-server"));
+        prepare_request_headers(
+            &mut out,
+            &HeaderValue::from_static("Bearer sk-server"),
+            None,
+        );
         assert_eq!(out["authorization"], "Bearer sk-server");
         assert_eq!(out.get_all("authorization").iter().count(), 1);
         assert_eq!(out["content-type"], "application/json");
@@ -120,6 +133,19 @@ mod tests {
         ] {
             assert!(!out.contains_key(gone), "{gone}");
         }
+    }
+
+    #[test]
+    fn the_upstream_host_replaces_the_clients() {
+        let mut headers = HeaderMap::new();
+        headers.insert("host", "proxy.example".parse().unwrap());
+        let host = HeaderValue::from_static("127.0.0.1:11434");
+        prepare_request_headers(
+            &mut headers,
+            &HeaderValue::from_static("Bearer k"),
+            Some(&host),
+        );
+        assert_eq!(headers.get_all("host").iter().collect::<Vec<_>>(), [&host]);
     }
 
     #[test]

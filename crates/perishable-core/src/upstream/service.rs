@@ -44,6 +44,10 @@ struct Inner {
     /// Where `{path}` starts in the path of an upstream URI.
     path_start: usize,
     authorization: HeaderValue,
+    /// The `Host` header for a cleartext upstream (always HTTP/1.1), made once instead of by
+    /// the client on every request. `None` for `https`, where HTTP/2 may carry the authority
+    /// in `:authority` instead.
+    host: Option<HeaderValue>,
     allow_list: AllowList,
     allowed_models: Vec<String>,
     max_body_bytes: usize,
@@ -94,9 +98,21 @@ impl UpstreamService {
                 key: "upstream.allowed_paths",
                 reason,
             })?;
+        let host = http::Uri::try_from(config.upstream_base_url())
+            .ok()
+            .filter(|base| base.scheme() == Some(&http::uri::Scheme::HTTP))
+            .and_then(|base| {
+                let host = base.host()?;
+                let value = match base.port_u16() {
+                    Some(port) if port != 80 => format!("{host}:{port}"),
+                    _ => host.to_owned(),
+                };
+                HeaderValue::try_from(value).ok()
+            });
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
+                host,
                 base_url: config.upstream_base_url().to_owned(),
                 path_start: http::Uri::try_from(config.upstream_base_url())
                     .map_or(0, |base| base.path().trim_end_matches('/').len())
@@ -314,7 +330,7 @@ impl Inner {
         let body = inspected.body;
 
         let mut headers = headers;
-        prepare_request_headers(&mut headers, &self.authorization);
+        prepare_request_headers(&mut headers, &self.authorization, self.host.as_ref());
         if streaming {
             headers.insert(
                 header::ACCEPT_ENCODING,
