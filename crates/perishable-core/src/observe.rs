@@ -31,11 +31,13 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::LazyLock;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request, Response};
+use metrics::{Key, Label, Level, Metadata};
 use tower::{Layer, Service};
 
 use crate::audit::{Audit, AuditEvent};
@@ -62,8 +64,13 @@ fn mark_sensitive(headers: &mut HeaderMap) {
 
 /// The route label of a request; see the [module docs](self).
 pub fn route_label<B>(req: &Request<B>) -> &'static str {
+    static OPENAI: LazyLock<memchr::memmem::Finder<'static>> =
+        LazyLock::new(|| memchr::memmem::Finder::new(b"/openai/"));
     let path = req.uri().path().trim_end_matches('/');
-    if path.contains("/openai/") || path.ends_with("/openai") {
+    if path.starts_with("/openai/")
+        || path.ends_with("/openai")
+        || OPENAI.find(path.as_bytes()).is_some()
+    {
         "openai"
     } else if path.ends_with("/session/refresh") {
         "refresh"
@@ -193,14 +200,24 @@ where
             let elapsed = this.started.elapsed();
             this.span.record("status", status);
             this.span.record("latency_us", elapsed.as_micros() as u64);
-            metrics::counter!(
-                "perishable_requests_total",
-                "route" => route,
-                "status" => status_label(status),
-            )
-            .increment(1);
-            metrics::histogram!("perishable_request_duration_seconds", "route" => route)
-                .record(elapsed.as_secs_f64());
+            let (request_labels, route_labels) = labels(route, status);
+            metrics::with_recorder(|recorder| {
+                recorder
+                    .register_counter(
+                        &Key::from_static_parts("perishable_requests_total", request_labels),
+                        &METADATA,
+                    )
+                    .increment(1);
+                recorder
+                    .register_histogram(
+                        &Key::from_static_parts(
+                            "perishable_request_duration_seconds",
+                            route_labels,
+                        ),
+                        &METADATA,
+                    )
+                    .record(elapsed.as_secs_f64());
+            });
             if let Some(Refusal { code, session_id }) = response.extensions().get::<Refusal>() {
                 metrics::counter!("perishable_refusals_total", "code" => code.as_str())
                     .increment(1);
@@ -213,6 +230,65 @@ where
         }
         Poll::Ready(result)
     }
+}
+
+/// The metadata of the request metrics (what `metrics::counter!` would make).
+static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+/// Every route label.
+const ROUTES: [&str; 8] = [
+    "openai",
+    "refresh",
+    "mint",
+    "revoke",
+    "challenge",
+    "health",
+    "client",
+    "other",
+];
+
+/// Every status label.
+const STATUSES: [&str; 19] = [
+    "200", "204", "304", "400", "401", "403", "404", "405", "413", "429", "500", "502", "503",
+    "504", "1xx", "2xx", "3xx", "4xx", "5xx",
+];
+
+/// The `[route, status]` and `[route]` labels of the request metrics, for every route and
+/// status, made once: a key over static labels allocates nothing per request (the
+/// `metrics::counter!` macro builds a vector of labels when their values are not literals).
+static LABELS: LazyLock<(Box<[[Label; 2]]>, Box<[[Label; 1]]>)> = LazyLock::new(|| {
+    let pairs = ROUTES
+        .iter()
+        .flat_map(|route| {
+            STATUSES.iter().map(|status| {
+                [
+                    Label::from_static_parts("route", route),
+                    Label::from_static_parts("status", status),
+                ]
+            })
+        })
+        .collect();
+    let routes = ROUTES
+        .iter()
+        .map(|route| [Label::from_static_parts("route", route)])
+        .collect();
+    (pairs, routes)
+});
+
+/// The labels of `route` (one of [`route_label`]'s) and `status`.
+fn labels(route: &str, status: u16) -> (&'static [Label], &'static [Label]) {
+    let label = status_label(status);
+    let r = ROUTES
+        .iter()
+        .position(|r| *r == route)
+        .unwrap_or(ROUTES.len() - 1);
+    let s = STATUSES
+        .iter()
+        .position(|s| *s == label)
+        .unwrap_or(STATUSES.len() - 1);
+    let (pairs, routes) = &*LABELS;
+    (&pairs[r * STATUSES.len() + s], &routes[r])
 }
 
 /// Status codes as static label values (no allocation per request).
@@ -252,6 +328,32 @@ mod tests {
     use tower::{ServiceBuilder, ServiceExt, service_fn};
 
     use super::*;
+
+    #[test]
+    fn every_route_and_status_has_its_labels() {
+        let pairs = |labels: &[Label]| -> Vec<(String, String)> {
+            labels
+                .iter()
+                .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                .collect()
+        };
+        for route in ROUTES {
+            for (status, label) in [(200, "200"), (429, "429"), (418, "4xx"), (599, "5xx")] {
+                let (both, alone) = labels(route, status);
+                assert_eq!(
+                    pairs(both),
+                    [
+                        ("route".to_owned(), route.to_owned()),
+                        ("status".to_owned(), label.to_owned())
+                    ]
+                );
+                assert_eq!(pairs(alone), [("route".to_owned(), route.to_owned())]);
+            }
+        }
+        for status in STATUSES {
+            assert!(STATUSES.contains(&status_label(status.parse().unwrap_or(150))));
+        }
+    }
 
     #[tokio::test]
     async fn credentials_are_marked_sensitive_for_the_layers_inside() {

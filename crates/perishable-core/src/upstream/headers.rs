@@ -1,7 +1,8 @@
 //! Which headers cross the proxy, both ways.
 //!
 //! Upstream: the client's headers minus `Authorization`, `Cookie`, `DPoP`,
-//! `X-Perishable-Fingerprint`, `Host`, `Content-Length` (recomputed) and every hop-by-hop header
+//! `X-Perishable-Fingerprint`, `Host`, `Content-Length` (unless the body kept its length) and every
+//! hop-by-hop header
 //! (`Connection`, `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`, and
 //! each header `Connection` names), plus `Authorization: Bearer <server key>` and the upstream's
 //! `Host`.
@@ -42,35 +43,49 @@ fn connection_lists(connection: Option<&HeaderMap>, name: &HeaderName) -> bool {
 /// Removes every header whose name `goes`, and `Connection` last (until then `goes` can read
 /// what it lists). Names are compared while scanning, not hashed, and nothing is collected:
 /// each pass finds the next name to remove (a handful at most).
-fn remove_where(headers: &mut HeaderMap, goes: impl Fn(&HeaderMap, &HeaderName) -> bool) {
+fn remove_where(headers: &mut HeaderMap, goes: impl Fn(Option<&HeaderMap>, &HeaderName) -> bool) {
+    let listing = headers.keys().any(|name| name == header::CONNECTION);
     while let Some(name) = headers
         .keys()
-        .find(|name| *name != header::CONNECTION && goes(headers, name))
+        .find(|name| *name != header::CONNECTION && goes(listing.then_some(headers), name))
         .cloned()
     {
         headers.remove(name);
     }
-    headers.remove(header::CONNECTION);
+    if listing {
+        headers.remove(header::CONNECTION);
+    }
+}
+
+/// Whether the client's `Content-Length` is one value, `len` exactly (then it can stay).
+fn declares(headers: &HeaderMap, len: usize) -> bool {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    match (values.next(), values.next()) {
+        (Some(value), None) => value.as_bytes() == itoa::Buffer::new().format(len).as_bytes(),
+        _ => false,
+    }
 }
 
 /// Turns the client's headers into the ones to send upstream, in place (no copy of what stays).
-/// `host` replaces the client's `Host` when given (otherwise the HTTP client sets it).
+/// `host` replaces the client's `Host` when given (otherwise the HTTP client sets it);
+/// `Content-Length` stays when it is `body_len` already (otherwise the HTTP client sets it).
 pub(crate) fn prepare_request_headers(
     headers: &mut HeaderMap,
     authorization: &HeaderValue,
     host: Option<&HeaderValue>,
+    body_len: usize,
 ) {
-    let listing = headers.contains_key(header::CONNECTION);
-    remove_where(headers, |all, name| {
+    let keep_length = declares(headers, body_len);
+    remove_where(headers, |connection, name| {
         is_hop_by_hop(name)
             || name == header::COOKIE
             || name == DPOP
             || name == crate::fingerprint::FINGERPRINT_HEADER
-            || name == header::HOST
-            || name == header::CONTENT_LENGTH
-            || connection_lists(listing.then_some(all), name)
+            || (name == header::HOST && host.is_none())
+            || (name == header::CONTENT_LENGTH && !keep_length)
+            || connection_lists(connection, name)
     });
-    // Replaces every client `Authorization`.
+    // `insert` replaces every value in place: no removal first.
     headers.insert(header::AUTHORIZATION, authorization.clone());
     if let Some(host) = host {
         headers.insert(header::HOST, host.clone());
@@ -79,11 +94,8 @@ pub(crate) fn prepare_request_headers(
 
 /// Strips the upstream response's headers in place.
 pub(crate) fn strip_response_headers(headers: &mut HeaderMap) {
-    let listing = headers.contains_key(header::CONNECTION);
-    remove_where(headers, |all, name| {
-        is_hop_by_hop(name)
-            || name == header::SET_COOKIE
-            || connection_lists(listing.then_some(all), name)
+    remove_where(headers, |connection, name| {
+        is_hop_by_hop(name) || name == header::SET_COOKIE || connection_lists(connection, name)
     });
 }
 
@@ -111,10 +123,12 @@ mod tests {
             client.append(k, v.parse().unwrap());
         }
         let mut out = client;
+        // The body was rewritten (12 bytes now): its old length goes.
         prepare_request_headers(
             &mut out,
             &HeaderValue::from_static("Bearer sk-server"),
             None,
+            12,
         );
         assert_eq!(out["authorization"], "Bearer sk-server");
         assert_eq!(out.get_all("authorization").iter().count(), 1);
@@ -136,6 +150,28 @@ mod tests {
     }
 
     #[test]
+    fn a_length_that_still_holds_stays() {
+        let auth = HeaderValue::from_static("Bearer k");
+        let mut headers = HeaderMap::new();
+        headers.insert("content-length", "10".parse().unwrap());
+        prepare_request_headers(&mut headers, &auth, None, 10);
+        assert_eq!(headers["content-length"], "10");
+        // Two values, even equal ones, or another length: the client recomputes it.
+        for (values, len) in [
+            (&["10", "10"][..], 10),
+            (&["010"][..], 10),
+            (&["9"][..], 10),
+        ] {
+            let mut headers = HeaderMap::new();
+            for v in values {
+                headers.append("content-length", v.parse().unwrap());
+            }
+            prepare_request_headers(&mut headers, &auth, None, len);
+            assert!(!headers.contains_key("content-length"), "{values:?}");
+        }
+    }
+
+    #[test]
     fn the_upstream_host_replaces_the_clients() {
         let mut headers = HeaderMap::new();
         headers.insert("host", "proxy.example".parse().unwrap());
@@ -144,6 +180,7 @@ mod tests {
             &mut headers,
             &HeaderValue::from_static("Bearer k"),
             Some(&host),
+            0,
         );
         assert_eq!(headers.get_all("host").iter().collect::<Vec<_>>(), [&host]);
     }

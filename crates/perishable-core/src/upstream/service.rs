@@ -330,7 +330,12 @@ impl Inner {
         let body = inspected.body;
 
         let mut headers = headers;
-        prepare_request_headers(&mut headers, &self.authorization, self.host.as_ref());
+        prepare_request_headers(
+            &mut headers,
+            &self.authorization,
+            self.host.as_ref(),
+            body.len(),
+        );
         if streaming {
             headers.insert(
                 header::ACCEPT_ENCODING,
@@ -403,21 +408,17 @@ impl Inner {
 
         let (mut parts, body) = response.into_parts();
         strip_response_headers(&mut parts.headers);
-        let is_event_stream = parts
+        let content_type = parts
             .headers
             .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
+            .map(HeaderValue::as_bytes);
+        let is_event_stream = content_type.is_some_and(|v| v.starts_with(b"text/event-stream"));
+        let is_json = content_type.is_some_and(|v| v.starts_with(b"application/json"));
         if is_event_stream {
             parts
                 .headers
                 .insert(X_ACCEL_BUFFERING.clone(), HeaderValue::from_static("no"));
         }
-        let is_json = parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/json"));
         let failed = !status.is_success();
         let tap = match (failed, is_event_stream, is_json) {
             (true, _, _) => None,
