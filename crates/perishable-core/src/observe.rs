@@ -254,10 +254,13 @@ const STATUSES: [&str; 19] = [
     "504", "1xx", "2xx", "3xx", "4xx", "5xx",
 ];
 
+/// `[route, status]` pairs, route-major, and `[route]` alone.
+type LabelTable = (Box<[[Label; 2]]>, Box<[[Label; 1]]>);
+
 /// The `[route, status]` and `[route]` labels of the request metrics, for every route and
 /// status, made once: a key over static labels allocates nothing per request (the
 /// `metrics::counter!` macro builds a vector of labels when their values are not literals).
-static LABELS: LazyLock<(Box<[[Label; 2]]>, Box<[[Label; 1]]>)> = LazyLock::new(|| {
+static LABELS: LazyLock<LabelTable> = LazyLock::new(|| {
     let pairs = ROUTES
         .iter()
         .flat_map(|route| {

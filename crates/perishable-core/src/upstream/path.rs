@@ -9,6 +9,8 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathPattern {
     segments: Vec<Segment>,
+    /// The whole pattern, when it has no `*`: a path equal to it matches.
+    exact: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,8 +33,9 @@ impl PathPattern {
                 s if is_safe_segment(s) => Ok(Segment::Exact(s.to_owned())),
                 _ => Err(format!("{pattern:?} has an invalid segment {s:?}")),
             })
-            .collect::<Result<_, _>>()?;
-        Ok(Self { segments })
+            .collect::<Result<Vec<_>, _>>()?;
+        let exact = (!segments.contains(&Segment::Any)).then(|| trimmed.to_owned());
+        Ok(Self { segments, exact })
     }
 
     /// Whether `path` (without leading slash) matches.
@@ -85,9 +88,14 @@ impl AllowList {
 
     /// Whether `path` (without leading slash) may pass.
     pub fn allows(&self, path: &str) -> bool {
-        !path.is_empty()
-            && path.split('/').all(is_safe_segment)
-            && self.patterns.iter().any(|p| p.matches(path))
+        // A path equal to a pattern without `*` passes: its segments were checked as the
+        // pattern's. Only the others are split.
+        self.patterns
+            .iter()
+            .any(|p| p.exact.as_deref() == Some(path))
+            || (!path.is_empty()
+                && path.split('/').all(is_safe_segment)
+                && self.patterns.iter().any(|p| p.matches(path)))
     }
 }
 
