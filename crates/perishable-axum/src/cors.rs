@@ -10,6 +10,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -83,12 +84,15 @@ pub fn cors_layer(perishable: &Perishable) -> CorsLayer {
 /// [module docs](self).
 #[derive(Clone, Debug)]
 pub(crate) struct BrowserCorsLayer {
-    cors: CorsLayer,
+    /// Shared: axum clones the whole stack per request, and a `CorsLayer` clone allocates.
+    cors: Arc<CorsLayer>,
 }
 
 impl BrowserCorsLayer {
     pub(crate) fn new(cors: CorsLayer) -> Self {
-        Self { cors }
+        Self {
+            cors: Arc::new(cors),
+        }
     }
 }
 
@@ -107,7 +111,7 @@ impl<S> Layer<S> for BrowserCorsLayer {
 #[derive(Clone, Debug)]
 pub(crate) struct BrowserCors<S> {
     inner: S,
-    cors: CorsLayer,
+    cors: Arc<CorsLayer>,
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for BrowserCors<S>

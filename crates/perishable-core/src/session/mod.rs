@@ -677,12 +677,17 @@ fn presented_token(headers: &HeaderMap) -> Result<(Scheme, &str), Error> {
             "the Authorization header is malformed",
         )
     };
-    let value = headers.get(AUTHORIZATION).ok_or_else(missing)?;
-    let value = value.to_str().map_err(|_| malformed())?;
-    let (scheme, token) = value.split_once(' ').ok_or_else(malformed)?;
-    let scheme = if scheme.eq_ignore_ascii_case("bearer") {
+    let value = headers.get(AUTHORIZATION).ok_or_else(missing)?.as_bytes();
+    // Split at the first space; only the token must be text (the scheme is compared as bytes).
+    let space = memchr::memchr(b' ', value).ok_or_else(malformed)?;
+    let (scheme, token) = (&value[..space], &value[space + 1..]);
+    if !token.is_ascii() {
+        return Err(malformed());
+    }
+    let token = std::str::from_utf8(token).map_err(|_| malformed())?;
+    let scheme = if scheme.eq_ignore_ascii_case(b"bearer") {
         Scheme::Bearer
-    } else if scheme.eq_ignore_ascii_case("dpop") {
+    } else if scheme.eq_ignore_ascii_case(b"dpop") {
         Scheme::Dpop
     } else {
         return Err(Error::new(

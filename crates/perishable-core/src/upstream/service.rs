@@ -14,7 +14,7 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response};
 use http_body_util::Full;
 
-use super::body::{Accounting, UpstreamBody};
+use super::body::{Accounting, Settle, UpstreamBody};
 use super::client::{Chain, UpstreamClient};
 use super::headers::{prepare_request_headers, strip_response_headers};
 use super::path::AllowList;
@@ -427,18 +427,12 @@ impl Inner {
             (false, false, true) => Some(TapMode::Json),
             _ => None,
         };
-        let budget = self.budget.clone();
-        let on_done = Box::new(move |usage: Option<super::Usage>, _completed: bool| {
-            metrics::histogram!("perishable_upstream_duration_seconds")
-                .record(started.elapsed().as_secs_f64());
-            if let Some(u) = usage {
-                metrics::counter!("perishable_tokens_total", "kind" => "prompt")
-                    .increment(u.prompt_tokens);
-                metrics::counter!("perishable_tokens_total", "kind" => "completion")
-                    .increment(u.completion_tokens);
-            }
-            budget.settle(admitted, usage, failed);
-        });
+        let on_done = Settle {
+            budget: self.budget.clone(),
+            admitted,
+            started,
+            failed,
+        };
         let accounting = Accounting::new(tap, on_done);
         if hide_usage && tap == Some(TapMode::EventsHidingUsage) {
             // The body is rewritten: its length changes.
