@@ -92,8 +92,12 @@ pin_project_lite::pin_project! {
     pub struct UpstreamBody {
         #[pin]
         inner: hyper::body::Incoming,
+        // Armed when the body starts waiting for the upstream, not on every frame: a body whose
+        // frames are all there when read (a JSON answer) never touches the timer.
         #[pin]
-        idle: Sleep,
+        idle: Option<Sleep>,
+        // A frame came since the timer was armed: arm it again before waiting.
+        rearm: bool,
         timeout: Duration,
         done: bool,
         accounting: Option<Box<Accounting>>,
@@ -108,7 +112,8 @@ impl UpstreamBody {
     ) -> Self {
         Self {
             inner,
-            idle: tokio::time::sleep(timeout),
+            idle: None,
+            rearm: true,
             timeout,
             done: false,
             accounting: Some(Box::new(accounting)),
@@ -131,7 +136,7 @@ impl http_body::Body for UpstreamBody {
         loop {
             match this.inner.as_mut().poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    this.idle.as_mut().reset(Instant::now() + *this.timeout);
+                    *this.rearm = true;
                     let data = match frame.into_data() {
                         Ok(data) => data,
                         Err(frame) => return Poll::Ready(Some(Ok(frame))),
@@ -179,7 +184,17 @@ impl http_body::Body for UpstreamBody {
                     return Poll::Ready(tail.map(|b| Ok(Frame::data(b))));
                 }
                 Poll::Pending => {
-                    return match this.idle.as_mut().poll(cx) {
+                    if std::mem::take(this.rearm) {
+                        let deadline = Instant::now() + *this.timeout;
+                        match this.idle.as_mut().as_pin_mut() {
+                            Some(idle) => idle.reset(deadline),
+                            None => this.idle.set(Some(tokio::time::sleep_until(deadline))),
+                        }
+                    }
+                    let Some(idle) = this.idle.as_mut().as_pin_mut() else {
+                        return Poll::Pending;
+                    };
+                    return match idle.poll(cx) {
                         Poll::Ready(()) => {
                             *this.done = true;
                             tracing::warn!(
