@@ -25,13 +25,16 @@
 //!    sensitive, then one `perishable.request` span with request and refusal metrics, and
 //!    refusals sent to the audit hook ([`perishable_core::observe`]);
 //! 1. the peer address and original URI: axum's `ConnectInfo<SocketAddr>` copied into
-//!    [`PeerAddr`] for the per-IP limit, and axum's `OriginalUri` (the path before `nest`
-//!    stripped its prefix) into [`OriginalUri`] for DPoP `htu`;
+//!    [`PeerAddr`] for the per-IP limit (unless the server put a `PeerAddr` there itself), and,
+//!    on requests with a DPoP proof, axum's `OriginalUri` (the path before `nest` stripped its
+//!    prefix) into [`OriginalUri`] for the proof's `htu`;
 //! 2. the origin check: a present, disallowed `Origin` gets `403 origin_not_allowed`;
 //! 3. CORS (tower-http's, [`cors_layer`]): preflights answered here, before any
 //!    authentication, for allowed origins only; requests without `Origin` (not from a browser)
 //!    skip it and get only its `Vary` header;
-//! 4. the route:
+//! 4. the route: `/openai` and everything under it straight to the proxy stack, every other
+//!    path through an inner router of the session routes (these layers wrap one service, the
+//!    router's fallback, so axum sets no `MatchedPath`):
 //!
 //! | route | layers | service |
 //! |---|---|---|
@@ -40,7 +43,7 @@
 //! | `GET /client.js` | | the browser client module ([`CLIENT_JS`]), cacheable |
 //! | `POST /session` | mint limit per client IP | mint |
 //! | `POST /session/refresh`, `DELETE /session` | verify, rate limit per fingerprint | refresh, revoke |
-//! | any method `/openai/{path}` | verify, rate limit per fingerprint | upstream (streamed) |
+//! | any method, `/openai` and `/openai/{path}` | verify, rate limit per fingerprint | upstream (streamed) |
 
 use std::net::SocketAddr;
 
