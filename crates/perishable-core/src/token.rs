@@ -346,12 +346,12 @@ struct VerifiedCache {
     /// Read on every request, written on a miss: an `RwLock` keeps hits parallel. Hashed by
     /// foldhash (randomly seeded; a token is a few hundred bytes, which SipHash spends a
     /// microsecond on); only tokens that verified are ever inserted.
-    entries: std::sync::RwLock<HashMap<Box<str>, Verified, foldhash::fast::RandomState>>,
+    entries: std::sync::RwLock<HashMap<Box<[u8]>, Verified, foldhash::fast::RandomState>>,
     leeway: u64,
 }
 
 impl VerifiedCache {
-    fn get(&self, token: &str, now: u64) -> Option<Verified> {
+    fn get(&self, token: &[u8], now: u64) -> Option<Verified> {
         if self.capacity == 0 {
             return None;
         }
@@ -380,7 +380,7 @@ impl VerifiedCache {
                 entries.clear();
             }
         }
-        entries.insert(token.into(), verified.clone());
+        entries.insert(token.as_bytes().into(), verified.clone());
     }
 }
 
@@ -457,15 +457,20 @@ impl TokenCodec {
     /// Revocation, fingerprint and User-Agent are checked by the caller. The claims are shared
     /// with the cache (a hit copies nothing).
     pub fn verify(&self, token: &str) -> Result<Arc<Claims>, Error> {
-        self.verify_cached(token).map(|v| v.claims)
+        self.verify_cached(token.as_bytes()).map(|v| v.claims)
     }
 
     /// [`verify`](Self::verify), with the cache entry's memo of matched header values.
-    pub(crate) fn verify_cached(&self, token: &str) -> Result<Verified, Error> {
+    /// The token is looked up in the cache as bytes; only a miss checks it is text.
+    pub(crate) fn verify_cached(&self, token: &[u8]) -> Result<Verified, Error> {
         let now = jsonwebtoken::get_current_timestamp();
         if let Some(verified) = self.cache.get(token, now) {
             return Ok(verified);
         }
+        let token = std::str::from_utf8(token)
+            .ok()
+            .filter(|t| t.is_ascii())
+            .ok_or_else(|| Error::new(ErrorCode::InvalidToken, "the session token is malformed"))?;
         let verified = Verified {
             claims: Arc::new(self.verify_uncached(token)?),
             matched: Arc::default(),

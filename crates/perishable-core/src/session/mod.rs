@@ -519,7 +519,8 @@ impl Sessions {
                 let expected = Expected {
                     htm: req.method().as_str(),
                     htu: htu.as_htu(),
-                    access_token: Some(token),
+                    // Verified above, so text.
+                    access_token: std::str::from_utf8(token).ok(),
                     jkt: Some(&cnf.jkt),
                 };
                 let verified = self.inner.dpop.verify(proof, &expected, now)?;
@@ -664,7 +665,10 @@ fn single_dpop_header(headers: &HeaderMap) -> Result<Option<&str>, Error> {
 }
 
 /// The token of `Authorization: Bearer <token>` or `Authorization: DPoP <token>`.
-fn presented_token(headers: &HeaderMap) -> Result<(Scheme, &str), Error> {
+/// The scheme and token of `Authorization`. The token stays bytes: the verified-token cache is
+/// looked up with them, and only a token not seen before is checked as text (by
+/// [`TokenCodec`](crate::token::TokenCodec)).
+fn presented_token(headers: &HeaderMap) -> Result<(Scheme, &[u8]), Error> {
     let missing = || {
         Error::new(
             ErrorCode::MissingToken,
@@ -681,10 +685,6 @@ fn presented_token(headers: &HeaderMap) -> Result<(Scheme, &str), Error> {
     // Split at the first space; only the token must be text (the scheme is compared as bytes).
     let space = memchr::memchr(b' ', value).ok_or_else(malformed)?;
     let (scheme, token) = (&value[..space], &value[space + 1..]);
-    if !token.is_ascii() {
-        return Err(malformed());
-    }
-    let token = std::str::from_utf8(token).map_err(|_| malformed())?;
     let scheme = if scheme.eq_ignore_ascii_case(b"bearer") {
         Scheme::Bearer
     } else if scheme.eq_ignore_ascii_case(b"dpop") {
@@ -695,7 +695,7 @@ fn presented_token(headers: &HeaderMap) -> Result<(Scheme, &str), Error> {
             "the Authorization scheme must be Bearer or DPoP",
         ));
     };
-    let token = token.trim();
+    let token = token.trim_ascii();
     if token.is_empty() {
         return Err(missing());
     }

@@ -107,7 +107,7 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+    use http::header::{AUTHORIZATION, HeaderValue, WWW_AUTHENTICATE};
     use http::{Request, Response, StatusCode};
     use http_body_util::BodyExt;
     use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
@@ -206,6 +206,34 @@ mod tests {
         let response = svc.oneshot(authed("not.a.jwt", FINGERPRINT)).await.unwrap();
         assert_unauthorized(response, "invalid_token").await;
         assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_token_that_is_not_ascii_is_invalid_even_after_a_cached_one() {
+        let perishable = perishable();
+        let session = mint(&perishable).await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = app(perishable.sessions().clone(), calls.clone());
+        // The real token first: it is in the verified cache now.
+        let response = svc
+            .clone()
+            .oneshot(authed(&session.token, FINGERPRINT))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        // A lone obs-text byte, and the same letter as UTF-8.
+        for tail in [&b"\xe9"[..], "\u{e9}".as_bytes()] {
+            let mut value = format!("Bearer {}", session.token).into_bytes();
+            value.extend_from_slice(tail);
+            let req = Request::post("/openai/chat/completions")
+                .header(AUTHORIZATION, HeaderValue::from_bytes(&value).unwrap())
+                .header(FINGERPRINT_HEADER, FINGERPRINT)
+                .body(Body::empty())
+                .unwrap();
+            let response = svc.clone().oneshot(req).await.unwrap();
+            assert_unauthorized(response, "invalid_token").await;
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
