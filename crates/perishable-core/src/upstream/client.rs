@@ -8,11 +8,12 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_rustls::HttpsConnectorBuilder;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::connect::Connector;
 use crate::config::{Config, ConfigError};
 
 /// The rustls crate this client is built on, for [`UpstreamClient::with_tls_config`].
@@ -33,6 +34,8 @@ const POOL_IDLE: Duration = Duration::from_secs(90);
 /// - TLS by rustls on aws-lc-rs, certificates checked by the platform's verifier
 ///   (`rustls-platform-verifier`: the system trust store), or by the rustls `ClientConfig` you
 ///   pass to [`UpstreamClient::with_tls_config`] (a private CA, client certificates).
+/// - A pooled cleartext connection is the TCP stream alone (hyper-rustls's stream type would
+///   carry a rustls connection's 1.1 KiB inline even without TLS).
 /// - `TCP_NODELAY` on every connection, `upstream.connect_timeout_ms` for each connect, idle
 ///   connections kept 90 s. Proxy environment variables (`HTTPS_PROXY`, ...) are not read.
 ///
@@ -57,7 +60,7 @@ const POOL_IDLE: Duration = Duration::from_secs(90);
 /// [`UpstreamService::with_client`]: super::UpstreamService::with_client
 #[derive(Clone)]
 pub struct UpstreamClient {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: Client<Connector, Full<Bytes>>,
 }
 
 impl fmt::Debug for UpstreamClient {
@@ -117,7 +120,7 @@ impl UpstreamClient {
             .pool_idle_timeout(POOL_IDLE)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .build(https);
+            .build(Connector(https));
         Self { client }
     }
 

@@ -44,6 +44,7 @@
 
 mod body;
 mod client;
+mod connect;
 mod headers;
 mod path;
 mod service;
