@@ -651,11 +651,37 @@ async fn rate_scenario(
     out
 }
 
+/// Where [`stream_scenario`] keeps the direct streams measured beside `target`.
+fn paired_direct(target: &str) -> String {
+    format!("direct beside {target}")
+}
+
+/// Streaming. Each target streams in its own slice, beside a set of direct streams started at
+/// the same time (half a stagger apart): the direct call uses neither the proxies' core nor
+/// any proxy, so each target is compared with a baseline measured in its own window, and a
+/// stall of the machine lands on both (in alternating slices, one target's window could hold
+/// a stall its baseline's missed). Proxies never stream at the same time as each other, so
+/// none waits for another on their shared core. The `direct` row is every paired run together.
 async fn stream_scenario(targets: &[Target], settings: &Settings) -> BTreeMap<String, StreamRun> {
     let mut out: BTreeMap<String, StreamRun> = BTreeMap::new();
+    let Some(direct) = targets.iter().find(|t| t.name == "direct").cloned() else {
+        return out;
+    };
+    let others: Vec<Target> = targets
+        .iter()
+        .filter(|t| t.name != "direct")
+        .cloned()
+        .collect();
     for round in 0..settings.rounds.max(2) {
-        for t in rotated(targets, round) {
-            let run = client::streams(&t, settings.streams, 64, 20).await;
+        for t in rotated(&others, round) {
+            let (base, run) = tokio::join!(
+                client::streams_phased(&direct, settings.streams, 64, 20, 0.0),
+                client::streams_phased(&t, settings.streams, 64, 20, 0.5),
+            );
+            out.entry("direct".to_owned())
+                .or_default()
+                .merge(base.clone());
+            out.entry(paired_direct(&t.name)).or_default().merge(base);
             out.entry(t.name.clone()).or_default().merge(run);
         }
     }
@@ -712,12 +738,17 @@ fn stream_rows(measured: &BTreeMap<String, StreamRun>, order: &[String]) -> Valu
             Dist::new(r.transit.clone()),
         )
     };
-    let direct = measured.get("direct").map(d).unwrap_or_default();
+    let all_direct = measured.get("direct").map(d).unwrap_or_default();
     let mut rows = serde_json::Map::new();
     for name in order {
         let Some(r) = measured.get(name) else {
             continue;
         };
+        // Each target against the direct streams measured beside it.
+        let direct = measured
+            .get(&paired_direct(name))
+            .map(d)
+            .unwrap_or_else(|| all_direct.clone());
         let (ttfb, gaps, jitter, transit) = d(r);
         rows.insert(
             name.clone(),

@@ -377,7 +377,7 @@ pub async fn fixed_rate(
 }
 
 /// What streaming readers measured.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct StreamRun {
     /// Request sent to first content chunk, ns.
     pub ttfb: Vec<i64>,
@@ -511,9 +511,24 @@ pub async fn one_stream(
 /// are spread evenly over one interval, so time to first byte measures one request, not a
 /// burst of `conc` arriving together.
 pub async fn streams(target: &Target, conc: usize, n: usize, interval_ms: u64) -> StreamRun {
+    streams_phased(target, conc, n, interval_ms, 0.0).await
+}
+
+/// [`streams`], with every start shifted by `phase` (0 to 1) of the stagger between two
+/// streams: targets measured at once, each with its own phase, never have their chunks due at
+/// the same instant.
+pub async fn streams_phased(
+    target: &Target,
+    conc: usize,
+    n: usize,
+    interval_ms: u64,
+    phase: f64,
+) -> StreamRun {
     let mut tasks = tokio::task::JoinSet::new();
     let stagger = Duration::from_millis(interval_ms.max(1)) / conc.max(1) as u32;
-    let start = tokio::time::Instant::now() + Duration::from_millis(5);
+    let start = tokio::time::Instant::now()
+        + Duration::from_millis(5)
+        + stagger.mul_f64(phase.clamp(0.0, 1.0));
     for i in 0..conc {
         let mut heads = Heads::new(target, i, "chat/completions");
         heads.prefill(1);
