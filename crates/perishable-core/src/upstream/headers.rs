@@ -28,16 +28,19 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 /// Whether `name` is listed in a `Connection` header (then it is hop-by-hop too). `connection`
-/// is `None` when there is no `Connection` header, the usual case: nothing to look at.
+/// is `None` when there is no `Connection` header: nothing to look at, and nothing is called.
+#[inline]
 fn connection_lists(connection: Option<&HeaderMap>, name: &HeaderName) -> bool {
-    connection.is_some_and(|headers| {
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|listed| listed.trim().eq_ignore_ascii_case(name.as_str()))
-    })
+    connection.is_some_and(|headers| listed_in(headers, name))
+}
+
+fn listed_in(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|listed| listed.trim().eq_ignore_ascii_case(name.as_str()))
 }
 
 /// Removes every header whose name `goes`, and `Connection` last (until then `goes` can read

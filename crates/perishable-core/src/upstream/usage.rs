@@ -19,12 +19,12 @@
 use std::sync::LazyLock;
 
 use bytes::{Bytes, BytesMut};
-use memchr::memmem::{Finder, FinderRev};
+use memchr::memmem::Finder;
 use serde::Deserialize;
 
 /// The searchers, built once: building one costs more than a short search.
 static EVENT_END: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\n"));
-static USAGE_KEY: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(b"\"usage\":"));
+static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\":"));
 static USAGE_OBJECT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\":{"));
 static NO_CHOICES: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"choices\":[]"));
 static USAGE_NULL_BEFORE: LazyLock<Finder<'static>> =
@@ -55,7 +55,8 @@ struct RawUsage {
 
 /// Parses the object that follows the last `"usage":` in `bytes`, if it is one.
 fn parse_last_usage(bytes: &[u8]) -> Option<Usage> {
-    let at = USAGE_KEY.rfind(bytes)?;
+    // The last match, found forwards: the forward search is vectorized, the reverse one is not.
+    let at = USAGE_KEY.find_iter(bytes).last()?;
     let rest = &bytes[at + b"\"usage\":".len()..];
     let start = rest.iter().position(|b| !b.is_ascii_whitespace())?;
     if rest[start] != b'{' {
