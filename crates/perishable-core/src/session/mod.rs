@@ -516,11 +516,14 @@ impl Sessions {
                     )
                 })?;
                 let htu = self.expected_htu(req)?;
+                // Verified above, so text; were it not, refuse rather than skip the `ath` check.
+                let token = std::str::from_utf8(token).map_err(|_| {
+                    Error::new(ErrorCode::InvalidToken, "the session token is malformed")
+                })?;
                 let expected = Expected {
                     htm: req.method().as_str(),
                     htu: htu.as_htu(),
-                    // Verified above, so text.
-                    access_token: std::str::from_utf8(token).ok(),
+                    access_token: Some(token),
                     jkt: Some(&cnf.jkt),
                 };
                 let verified = self.inner.dpop.verify(proof, &expected, now)?;
