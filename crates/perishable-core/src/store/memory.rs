@@ -1,5 +1,6 @@
 //! [`MemoryStore`]: the default store, in this process's memory.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -176,7 +177,21 @@ impl MemoryStore {
 }
 
 fn decide(limiter: &Limiter<String>, key: &str) -> RateDecision {
-    match Limiter::check(limiter, &key.to_owned()) {
+    thread_local! {
+        /// The key as the limiter's `String`, in a buffer each thread reuses: no allocation
+        /// per decision (the limiter copies a key only the first time it sees it).
+        static KEY: RefCell<String> = const { RefCell::new(String::new()) };
+    }
+    let checked = KEY.with(|buffer| match buffer.try_borrow_mut() {
+        Ok(mut buffer) => {
+            buffer.clear();
+            buffer.push_str(key);
+            Limiter::check(limiter, &buffer)
+        }
+        // Not reached (a decision makes no other), but never a panic.
+        Err(_) => Limiter::check(limiter, &key.to_owned()),
+    });
+    match checked {
         Ok(remaining) => RateDecision {
             allowed: true,
             remaining,
