@@ -98,8 +98,9 @@ impl UpstreamService {
                 key: "upstream.allowed_paths",
                 reason,
             })?;
-        let host = http::Uri::try_from(config.upstream_base_url())
-            .ok()
+        let base = http::Uri::try_from(config.upstream_base_url()).ok();
+        let host = base
+            .as_ref()
             .filter(|base| base.scheme() == Some(&http::uri::Scheme::HTTP))
             .and_then(|base| {
                 let host = base.host()?;
@@ -109,14 +110,16 @@ impl UpstreamService {
                 };
                 HeaderValue::try_from(value).ok()
             });
+        let path_start = base
+            .as_ref()
+            .map_or(0, |base| base.path().trim_end_matches('/').len())
+            + 1;
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
                 host,
                 base_url: config.upstream_base_url().to_owned(),
-                path_start: http::Uri::try_from(config.upstream_base_url())
-                    .map_or(0, |base| base.path().trim_end_matches('/').len())
-                    + 1,
+                path_start,
                 authorization,
                 allow_list,
                 allowed_models: u.allowed_models.clone(),
