@@ -24,9 +24,9 @@ pub(crate) struct Settle {
 }
 
 impl Settle {
-    /// `completed`: whether the body ended normally (`false`: the client went away or the
-    /// upstream broke off); the budget settles the same either way, with what was seen.
-    fn run(self, usage: Option<Usage>, _completed: bool) {
+    /// Whether the body ended normally or not (the client went away, the upstream broke off),
+    /// the budget settles the same way, with the usage seen.
+    fn run(self, usage: Option<Usage>) {
         metrics::histogram!("perishable_upstream_duration_seconds")
             .record(self.started.elapsed().as_secs_f64());
         if let Some(u) = usage {
@@ -53,7 +53,7 @@ impl Accounting {
         }
     }
 
-    fn done(&mut self, completed: bool) {
+    fn done(&mut self) {
         if let Some(on_done) = self.on_done.take() {
             // A JSON body's usage is read from its tail: finish the tap if the end was missed.
             if let Some(tap) = self.tap.as_mut()
@@ -61,7 +61,7 @@ impl Accounting {
             {
                 let _ = tap.finish();
             }
-            on_done.run(self.tap.as_ref().and_then(UsageTap::usage), completed);
+            on_done.run(self.tap.as_ref().and_then(UsageTap::usage));
         }
     }
 }
@@ -77,7 +77,7 @@ impl std::fmt::Debug for Accounting {
 impl Drop for Accounting {
     fn drop(&mut self) {
         // Dropped before the end: the client went away (or the body was discarded).
-        self.done(false);
+        self.done();
     }
 }
 
@@ -152,7 +152,7 @@ impl http_body::Body for UpstreamBody {
                     // finish the response without waiting for the upstream connection to say so.
                     if this.inner.is_end_stream() {
                         *this.done = true;
-                        let tail = finish(this.accounting, true);
+                        let tail = finish(this.accounting);
                         let out = match (out, tail) {
                             (Some(out), Some(tail)) => {
                                 let mut joined = BytesMut::with_capacity(out.len() + tail.len());
@@ -174,13 +174,13 @@ impl http_body::Body for UpstreamBody {
                     *this.done = true;
                     tracing::warn!(error = %super::client::Chain(&e), "the upstream response broke off");
                     if let Some(mut accounting) = this.accounting.take() {
-                        accounting.done(false);
+                        accounting.done();
                     }
                     return Poll::Ready(Some(Err(e.into())));
                 }
                 Poll::Ready(None) => {
                     *this.done = true;
-                    let tail = finish(this.accounting, true);
+                    let tail = finish(this.accounting);
                     return Poll::Ready(tail.map(|b| Ok(Frame::data(b))));
                 }
                 Poll::Pending => {
@@ -201,7 +201,7 @@ impl http_body::Body for UpstreamBody {
                                 idle_timeout_ms = this.timeout.as_millis() as u64,
                                 "the upstream went silent; ending the response"
                             );
-                            let tail = finish(this.accounting, false);
+                            let tail = finish(this.accounting);
                             Poll::Ready(tail.map(|b| Ok(Frame::data(b))))
                         }
                         Poll::Pending => Poll::Pending,
@@ -230,9 +230,9 @@ impl http_body::Body for UpstreamBody {
 }
 
 /// Ends the accounting: flushes what the tap held back and runs the end hook.
-fn finish(accounting: &mut Option<Box<Accounting>>, completed: bool) -> Option<Bytes> {
+fn finish(accounting: &mut Option<Box<Accounting>>) -> Option<Bytes> {
     let mut accounting = accounting.take()?;
     let tail = accounting.tap.as_mut().and_then(UsageTap::finish);
-    accounting.done(completed);
+    accounting.done();
     tail
 }

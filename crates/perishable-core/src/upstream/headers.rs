@@ -21,20 +21,12 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
-static DPOP: HeaderName = HeaderName::from_static("dpop");
-
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name) || name == header::UPGRADE
 }
 
-/// Whether `name` is listed in a `Connection` header (then it is hop-by-hop too). `connection`
-/// is `None` when there is no `Connection` header: nothing to look at, and nothing is called.
-#[inline]
-fn connection_lists(connection: Option<&HeaderMap>, name: &HeaderName) -> bool {
-    connection.is_some_and(|headers| listed_in(headers, name))
-}
-
-fn listed_in(headers: &HeaderMap, name: &HeaderName) -> bool {
+/// Whether `name` is listed in a `Connection` header (then it is hop-by-hop too).
+fn listed_in_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
     headers
         .get_all(header::CONNECTION)
         .iter()
@@ -43,14 +35,18 @@ fn listed_in(headers: &HeaderMap, name: &HeaderName) -> bool {
         .any(|listed| listed.trim().eq_ignore_ascii_case(name.as_str()))
 }
 
-/// Removes every header whose name `goes`, and `Connection` last (until then `goes` can read
-/// what it lists). Names are compared while scanning, not hashed, and nothing is collected:
-/// each pass finds the next name to remove (a handful at most).
-fn remove_where(headers: &mut HeaderMap, goes: impl Fn(Option<&HeaderMap>, &HeaderName) -> bool) {
+/// Removes every header whose name `goes`, every header `Connection` lists, and `Connection`
+/// itself last (until then its list can be read). Names are compared while scanning, not
+/// hashed, and nothing is collected: each pass finds the next name to remove (a handful at
+/// most). Without a `Connection` header, the usual case, no list is read.
+fn remove_where(headers: &mut HeaderMap, goes: impl Fn(&HeaderName) -> bool) {
     let listing = headers.keys().any(|name| name == header::CONNECTION);
     while let Some(name) = headers
         .keys()
-        .find(|name| *name != header::CONNECTION && goes(listing.then_some(headers), name))
+        .find(|name| {
+            *name != header::CONNECTION
+                && (goes(name) || (listing && listed_in_connection(headers, name)))
+        })
         .cloned()
     {
         headers.remove(name);
@@ -79,14 +75,13 @@ pub(crate) fn prepare_request_headers(
     body_len: usize,
 ) {
     let keep_length = declares(headers, body_len);
-    remove_where(headers, |connection, name| {
+    remove_where(headers, |name| {
         is_hop_by_hop(name)
             || name == header::COOKIE
-            || name == DPOP
+            || name == crate::dpop::DPOP_HEADER
             || name == crate::fingerprint::FINGERPRINT_HEADER
             || (name == header::HOST && host.is_none())
             || (name == header::CONTENT_LENGTH && !keep_length)
-            || connection_lists(connection, name)
     });
     // `insert` replaces every value in place: no removal first.
     headers.insert(header::AUTHORIZATION, authorization.clone());
@@ -97,8 +92,8 @@ pub(crate) fn prepare_request_headers(
 
 /// Strips the upstream response's headers in place.
 pub(crate) fn strip_response_headers(headers: &mut HeaderMap) {
-    remove_where(headers, |connection, name| {
-        is_hop_by_hop(name) || name == header::SET_COOKIE || connection_lists(connection, name)
+    remove_where(headers, |name| {
+        is_hop_by_hop(name) || name == header::SET_COOKIE
     });
 }
 
