@@ -163,7 +163,8 @@ async fn metrics_count_requests_refusals_sessions_tokens_and_upstream() {
         .deterministic(true)
         .stream_deltas(6)
         .chunk_interval(Duration::from_millis(5));
-    let proxy = Proxy::start_with(options, |c| c).await;
+    // A budget makes every call metered: the proxy then asks streams for their usage.
+    let proxy = Proxy::start_with(options, |c| c.budget_tokens_per_window(1_000_000)).await;
     let fp = "device-metrics-01";
     let session = proxy.mint(fp).await; // GET /challenge, POST /session
 

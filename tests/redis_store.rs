@@ -1,6 +1,7 @@
 //! Two Perishable routers on two ports sharing one real `redis-server`: limits, revocations,
 //! caps and replay caches hold across both; Redis stopping and coming back; GCRA on Redis agrees
-//! with governor in memory.
+//! with governor in memory; token buckets on `RedisStore` directly (refill, no double spend,
+//! all or nothing, settling, atomicity, expiry).
 //!
 //! Each test starts its own `redis-server` on a free port and stops it. Without the binary the
 //! tests print that they were skipped, and fail when `CI` is set (`.ci/run` installs it).
@@ -17,7 +18,7 @@ use common::*;
 use perishable::config::OnUnavailable;
 use perishable::dpop::DpopSigner;
 use perishable::mock::{MockOptions, MockUpstream};
-use perishable::store::{MemoryStore, RatePolicy, RedisStore, Store};
+use perishable::store::{Bucket, MemoryStore, RatePolicy, RedisStore, Reservation, Store};
 use perishable::{ConfigBuilder, SessionObject};
 use serde_json::{Value, json};
 
@@ -324,4 +325,258 @@ async fn redis_gcra_agrees_with_governor() {
             "{store:?} still blocked"
         );
     }
+}
+
+// Token buckets on `RedisStore` directly. Exact answers come from buckets whose refill over a
+// test's run is far below one token (1000 per day: one token per 86.4 s); where time matters,
+// bounds have a second or more of slack, and sleeps only give lower bounds.
+
+/// A store on `redis` under the prefix `tb`.
+fn bucket_store(redis: &Redis) -> RedisStore {
+    RedisStore::new(&redis.url(), "tb", Duration::from_secs(2)).unwrap()
+}
+
+async fn take(store: &RedisStore, buckets: &[Bucket], amount: u64) -> Reservation {
+    store.reserve_tokens(buckets, amount).await.unwrap()
+}
+
+/// The `(bucket, available, retry_after_secs)` of a refusal.
+async fn refused(store: &RedisStore, buckets: &[Bucket], amount: u64) -> (usize, u64, u64) {
+    match take(store, buckets, amount).await {
+        Reservation::Exhausted {
+            bucket,
+            available,
+            retry_after_secs,
+        } => (bucket, available, retry_after_secs),
+        other => panic!("{amount} from {buckets:?}: {other:?}"),
+    }
+}
+
+/// A bucket of 1000 tokens per day (one per 86.4 s).
+fn daily(key: &str) -> Bucket {
+    Bucket::new(key, 1000, 86_400)
+}
+
+/// Sends one command to `redis` over RESP and returns the first line of its reply.
+fn redis_command(redis: &Redis, args: &[&str]) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+    let mut request = format!("*{}\r\n", args.len());
+    for arg in args {
+        request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+    }
+    conn.write_all(request.as_bytes()).unwrap();
+    let mut reply = Vec::new();
+    let mut byte = [0u8; 1];
+    while !reply.ends_with(b"\r\n") {
+        conn.read_exact(&mut byte).unwrap();
+        reply.push(byte[0]);
+    }
+    String::from_utf8(reply).unwrap().trim_end().to_owned()
+}
+
+#[tokio::test]
+async fn redis_bucket_admits_up_to_capacity_then_refuses() {
+    let Some(redis) = Redis::start() else { return };
+    let store = bucket_store(&redis);
+    let a = [daily("a")];
+    assert_eq!(take(&store, &a, 400).await, Reservation::Reserved);
+    assert_eq!(take(&store, &a, 400).await, Reservation::Reserved);
+    let (bucket, available, retry) = refused(&store, &a, 201).await;
+    assert_eq!((bucket, available), (0, 200));
+    // One token more: 86.4 s, rounded up (less what passed since).
+    assert!((80..=87).contains(&retry), "{retry}");
+    assert_eq!(take(&store, &a, 200).await, Reservation::Reserved);
+    assert_eq!(refused(&store, &a, 1).await.1, 0);
+    // Another key is another bucket.
+    assert_eq!(
+        take(&store, &[daily("b")], 1000).await,
+        Reservation::Reserved
+    );
+}
+
+#[tokio::test]
+async fn redis_bucket_refills_continuously() {
+    let Some(redis) = Redis::start() else { return };
+    let store = bucket_store(&redis);
+    // 1000 per 4 s: 250 a second.
+    let a = [Bucket::new("a", 1000, 4)];
+    assert_eq!(take(&store, &a, 1000).await, Reservation::Reserved);
+    let (_, _, retry) = refused(&store, &a, 1000).await;
+    assert!((3..=4).contains(&retry), "{retry}");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    // Half the window: at least half back; not all of it, unless 4 s went by. More than the
+    // capacity is never taken, so this only reads the level.
+    let (_, available, _) = refused(&store, &a, 1001).await;
+    assert!((500..1000).contains(&available), "{available}");
+    assert_eq!(take(&store, &a, 500).await, Reservation::Reserved);
+}
+
+#[tokio::test]
+async fn redis_bucket_has_no_double_spend_across_a_window_boundary() {
+    let Some(redis) = Redis::start() else { return };
+    let store = bucket_store(&redis);
+    // 1000 per 4 s. Wait for the last 300 ms of a 4 s fixed window (aligned to the epoch, as
+    // the old counters were), spend it all there, and try again just after the boundary.
+    let a = [Bucket::new("a", 1000, 4)];
+    let ms_in_window = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+            % 4000
+    };
+    while ms_in_window() < 3700 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(take(&store, &a, 1000).await, Reservation::Reserved);
+    while ms_in_window() >= 3700 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A fixed window would start over here; the bucket only holds what refilled since.
+    let (_, available, retry) = refused(&store, &a, 1000).await;
+    assert!(available < 1000 && retry >= 1, "{available} {retry}");
+    assert_eq!(take(&store, &a, available).await, Reservation::Reserved);
+}
+
+#[tokio::test]
+async fn redis_buckets_are_all_or_nothing() {
+    let Some(redis) = Redis::start() else { return };
+    let store = bucket_store(&redis);
+    let (a, b) = (daily("a"), Bucket::new("b", 100, 86_400));
+    assert_eq!(
+        take(&store, std::slice::from_ref(&b), 80).await,
+        Reservation::Reserved
+    );
+    let both = [a.clone(), b];
+    // b holds 20 of the 50 asked: refused, with b named, and nothing taken from a.
+    let (bucket, available, retry) = refused(&store, &both, 50).await;
+    assert_eq!((bucket, available), (1, 20));
+    // 30 tokens at 100 per day: 25 920 s.
+    assert!((25_900..=25_920).contains(&retry), "{retry}");
+    assert_eq!(take(&store, &[a], 1000).await, Reservation::Reserved);
+    // When every bucket holds enough, each is taken from.
+    let (c, d) = (daily("c"), daily("d"));
+    assert_eq!(
+        take(&store, &[c.clone(), d.clone()], 600).await,
+        Reservation::Reserved
+    );
+    assert_eq!(refused(&store, &[c], 401).await.1, 400);
+    assert_eq!(refused(&store, &[d], 401).await.1, 400);
+}
+
+#[tokio::test]
+async fn redis_bucket_retry_after_is_rounded_up() {
+    let Some(redis) = Redis::start() else { return };
+    let store = bucket_store(&redis);
+    // 100 tokens per 199 s: one every 1.99 s. Emptied, one token is 1.99 s away: said 2
+    // (1 were it rounded down), with 0.99 s of slack for the time between the two calls.
+    let a = [Bucket::new("a", 100, 199)];
+    assert_eq!(take(&store, &a, 100).await, Reservation::Reserved);
+    assert_eq!(refused(&store, &a, 1).await, (0, 0, 2));
+    // The whole capacity from empty: the window (less what passed since).
+    let (_, _, retry) = refused(&store, &a, 100).await;
+    assert!((197..=199).contains(&retry), "{retry}");
+}
+
+#[tokio::test]
+async fn redis_settle_gives_back_up_to_capacity() {
+    let Some(redis) = Redis::start() else { return };
+    let store = bucket_store(&redis);
+    let a = [daily("a")];
+    assert_eq!(take(&store, &a, 600).await, Reservation::Reserved);
+    store.settle_tokens(&a, 200).await.unwrap();
+    assert_eq!(refused(&store, &a, 601).await.1, 600);
+    store.settle_tokens(&a, 10_000).await.unwrap();
+    // Full again: the key is gone (a missing bucket is a full one), and no more than full.
+    assert_eq!(redis_command(&redis, &["EXISTS", "tb:budget:a"]), ":0");
+    assert_eq!(refused(&store, &a, 1001).await.1, 1000);
+    assert_eq!(take(&store, &a, 1000).await, Reservation::Reserved);
+    assert_eq!(refused(&store, &a, 1).await.1, 0);
+}
+
+#[tokio::test]
+async fn redis_settle_below_zero_is_a_debt_that_refills() {
+    let Some(redis) = Redis::start() else { return };
+    let store = bucket_store(&redis);
+    let a = [daily("a")];
+    assert_eq!(take(&store, &a, 1000).await, Reservation::Reserved);
+    store.settle_tokens(&a, -500).await.unwrap();
+    let (_, available, retry) = refused(&store, &a, 1).await;
+    assert_eq!(available, 0);
+    // 501 tokens at 86.4 s each: 43 286.4 s, said 43 287 (less what passed since).
+    assert!((43_280..=43_287).contains(&retry), "{retry}");
+    // A debt on a fast bucket: 1000 per 2 s, emptied and 1000 in debt: 2 s to pay it back.
+    let fast = [Bucket::new("fast", 1000, 2)];
+    assert_eq!(take(&store, &fast, 1000).await, Reservation::Reserved);
+    store.settle_tokens(&fast, -1000).await.unwrap();
+    let (_, available, retry) = refused(&store, &fast, 1).await;
+    assert_eq!(available, 0);
+    assert!((2..=3).contains(&retry), "{retry}");
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_eq!(take(&store, &fast, 1).await, Reservation::Reserved);
+}
+
+#[tokio::test]
+async fn redis_amount_above_capacity_is_always_exhausted() {
+    let Some(redis) = Redis::start() else { return };
+    let store = bucket_store(&redis);
+    let a = [Bucket::new("a", 100, 86_400)];
+    assert_eq!(refused(&store, &a, 101).await, (0, 100, 1));
+    assert_eq!(refused(&store, &a, u64::MAX).await, (0, 100, 1));
+    assert_eq!(take(&store, &a, 50).await, Reservation::Reserved);
+    // Half empty: the retry is the time to full (43 200 s), finite.
+    let (_, available, retry) = refused(&store, &a, 101).await;
+    assert_eq!(available, 50);
+    assert!((43_190..=43_200).contains(&retry), "{retry}");
+    store.settle_tokens(&a, i64::MIN).await.unwrap();
+    let (_, available, retry) = refused(&store, &a, u64::MAX).await;
+    assert_eq!(available, 0);
+    assert_eq!(retry, 1 << 32, "a huge debt still has a finite answer");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_concurrent_reservations_never_overspend() {
+    let Some(redis) = Redis::start() else { return };
+    // Several stores (connections), as several instances would have.
+    let stores: Vec<RedisStore> = (0..4).map(|_| bucket_store(&redis)).collect();
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let store = stores[i % stores.len()].clone();
+            tokio::spawn(async move {
+                store
+                    .reserve_tokens(&[Bucket::new("shared", 1000, 86_400)], 100)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut passed = 0;
+    for task in tasks {
+        if task.await.unwrap() == Reservation::Reserved {
+            passed += 1;
+        }
+    }
+    assert_eq!(passed, 10);
+}
+
+#[tokio::test]
+async fn redis_bucket_keys_expire() {
+    let Some(redis) = Redis::start() else { return };
+    let store = bucket_store(&redis);
+    // 1000 per 60 s, half taken: full again in 30 s; kept 1 s more.
+    assert_eq!(
+        take(&store, &[Bucket::new("a", 1000, 60)], 500).await,
+        Reservation::Reserved
+    );
+    let pttl: i64 = redis_command(&redis, &["PTTL", "tb:budget:a"])[1..]
+        .parse()
+        .unwrap();
+    assert!(pttl > 0 && pttl <= 31_000, "{pttl}");
+    // A refusal writes nothing; an untouched bucket has no key.
+    assert!(matches!(
+        take(&store, &[Bucket::new("b", 10, 60)], 11).await,
+        Reservation::Exhausted { .. }
+    ));
+    assert_eq!(redis_command(&redis, &["EXISTS", "tb:budget:b"]), ":0");
 }

@@ -101,7 +101,8 @@ fn last_received(mock: &MockUpstream) -> perishable::mock::RecordedRequest {
 
 #[tokio::test]
 async fn hidden_usage_leaves_the_stream_byte_identical() {
-    let proxy = Proxy::start_with(mock_options(), |c| c).await;
+    // A budget makes the calls metered: the proxy then asks streams for their usage.
+    let proxy = Proxy::start_with(mock_options(), |c| c.budget_tokens_per_window(1_000_000)).await;
     let token = proxy.mint(FP).await.token;
 
     for (path, body, expected_events) in [

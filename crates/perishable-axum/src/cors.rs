@@ -21,16 +21,17 @@ use tower::{Layer, Service};
 use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
 
 /// Request headers a browser may send cross-origin: the PROTOCOL's four, and those the official
-/// OpenAI JavaScript SDK adds, so it works unchanged from a page.
-pub const CORS_ALLOWED_HEADERS: [&str; 19] = [
+/// OpenAI JavaScript SDK adds that the proxy forwards, so it works unchanged from a page. Never
+/// `OpenAI-Organization` or `OpenAI-Project`: the proxy does not forward a client's choice of who
+/// is billed. `upstream.forward_headers` are allowed too (see [`cors_layer`]).
+pub const CORS_ALLOWED_HEADERS: [&str; 18] = [
     "authorization",
     "content-type",
     "dpop",
     "x-perishable-fingerprint",
     "accept",
-    "openai-organization",
-    "openai-project",
     "openai-beta",
+    "idempotency-key",
     "x-stainless-arch",
     "x-stainless-lang",
     "x-stainless-os",
@@ -75,7 +76,20 @@ pub fn cors_layer(perishable: &Perishable) -> CorsLayer {
     CorsLayer::new()
         .allow_origin(origins)
         .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
-        .allow_headers(CORS_ALLOWED_HEADERS.map(HeaderName::from_static))
+        .allow_headers(
+            CORS_ALLOWED_HEADERS
+                .map(HeaderName::from_static)
+                .into_iter()
+                .chain(
+                    perishable
+                        .config()
+                        .upstream()
+                        .forward_headers
+                        .iter()
+                        .filter_map(|name| HeaderName::try_from(name.as_str()).ok()),
+                )
+                .collect::<Vec<_>>(),
+        )
         .expose_headers(CORS_EXPOSED_HEADERS.map(HeaderName::from_static))
         .max_age(Duration::from_secs(600))
 }

@@ -112,16 +112,32 @@ impl http_body::Body for Body {
     }
 }
 
-/// Reads a request body of at most `limit` bytes: `413 body_too_large` past it (`what` names the
-/// body in the message), `400 invalid_json` when it cannot be read. A body in one frame (the
+/// Reads a request body of at most `limit` bytes within `deadline` (`server.body_timeout_ms`):
+/// `413 body_too_large` past the limit, `408 body_timeout` past the deadline (`what` names the
+/// body in the messages), `400 invalid_json` when it cannot be read. A body in one frame (the
 /// common case) comes back without a copy.
-pub(crate) async fn read_limited<B>(body: B, limit: usize, what: &str) -> Result<Bytes, Error>
+///
+/// The deadline covers the whole body, not each read: a client that trickles a byte every
+/// second would otherwise hold a connection (and a task) forever.
+pub(crate) async fn read_limited<B>(
+    body: B,
+    limit: usize,
+    deadline: std::time::Duration,
+    what: &str,
+) -> Result<Bytes, Error>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
     use http_body_util::BodyExt;
-    match http_body_util::Limited::new(body, limit).collect().await {
+    let read = http_body_util::Limited::new(body, limit).collect();
+    let Ok(result) = tokio::time::timeout(deadline, read).await else {
+        return Err(Error::new(
+            ErrorCode::BodyTimeout,
+            format!("{what} did not arrive within {} ms", deadline.as_millis()),
+        ));
+    };
+    match result {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Error::new(
             ErrorCode::BodyTooLarge,

@@ -1,77 +1,46 @@
-//! Token budgets, the completion-token cap, and the concurrent-stream cap.
+//! Token budgets and the concurrent-stream cap (see "Budgets" in `docs/protocol.md`).
 //!
-//! Rate limits count requests, but the bill counts tokens. With `budget.tokens_per_window` set,
-//! each client (its DPoP key when bound, else its fingerprint; or each session, with
-//! `budget.scope = "session"`) may spend that many tokens per fixed window of
-//! `budget.window_secs`:
+//! Rate limits count requests, but the bill counts tokens. A budget is a token bucket: it holds
+//! at most `tokens_per_window` tokens and refills continuously, that many per `window_secs`, so
+//! no client can spend twice its budget across a window boundary. Three scopes, each optional,
+//! are checked and reserved together, atomically, in the [`Store`]:
 //!
-//! 1. **Reserve** before forwarding. The request's token ceiling is reserved atomically in the
-//!    [`Store`]: its prompt (estimated at one token per 4 bytes of body) plus its completion
-//!    ceiling (`max_completion_tokens` / `max_tokens` / `max_output_tokens` after the cap below,
-//!    else `budget.default_reserve_tokens`).
-//!    - A client whose window is spent (tokens used and reserved at or over the limit) gets
-//!      `429 budget_exhausted` with `Retry-After` (the end of the window), before anything
-//!      reaches the upstream.
-//!    - Reservations count at once, so concurrent requests cannot all slip under the limit. At
-//!      most one request's usage can go past it.
-//! 2. **Settle** against the real usage when the response ends: the proxy reads `usage` from
-//!    the response as it streams past ([`crate::upstream`]'s usage tap).
-//!    - A stream cut before its usage arrives is charged the whole reservation.
-//!    - An upstream error (no usage, status 400 and up), or no answer at all, is refunded.
+//! | scope | key | capacity |
+//! |---|---|---|
+//! | the client | its DPoP key when bound, else its fingerprint (`budget.scope = "session"`: each session) | `budget.tokens_per_window` |
+//! | the client IP | the IP limits count against ([`crate::client_ip`]) | `budget.per_ip_tokens_per_window` |
+//! | the deployment | one bucket for everyone | `budget.global_tokens_per_window` |
 //!
-//! Streamed chat completions only report usage when asked. With `budget.include_usage` (the
-//! default), the proxy adds `stream_options.include_usage` to streamed chat and text completions
-//! that lack it. It then removes the extra usage chunk (and the `"usage":null` members) before
-//! they reach the client, which gets the same bytes it would have got without it.
+//! A fingerprint or a DPoP key is whatever the client says it is; the IP and global buckets bound
+//! what any number of invented clients can spend.
 //!
-//! `budget.max_completion_tokens` caps each request's output. A larger `max_completion_tokens` /
-//! `max_tokens` / `max_output_tokens` is lowered to the cap, and a request without one gets one
-//! (`max_completion_tokens` for chat completions, `max_tokens` for completions,
-//! `max_output_tokens` for responses).
+//! 1. **Reserve** before forwarding what the call can cost at most (the request model of
+//!    [`crate::upstream`] computes it: the completion ceiling times the choices, plus the
+//!    prompt). The call passes when every bucket holds that much; otherwise nothing is taken and
+//!    it gets `429 budget_exhausted` with `Retry-After` (when the short bucket will hold enough),
+//!    before anything reaches the upstream. A call that could cost more than a bucket's whole
+//!    capacity is refused the same way: it could never be covered.
+//! 2. **Settle** when the response ends, on the usage the upstream reported: the unused part of
+//!    the reservation goes back to every bucket; usage beyond it (the prompt estimate was low) is
+//!    taken too, and may leave a bucket in debt. Concurrent calls therefore overshoot a budget by
+//!    at most the difference between one call's reservation and its real usage.
+//!    - A response whose usage could not be read keeps its whole reservation.
+//!    - An upstream error (status 400 and up, no usage), or no answer at all, is refunded.
 //!
 //! `budget.max_concurrent_streams` caps the streamed responses one session may have open at once
 //! (`429 rate_limited`). The slot is freed when the stream ends or the client goes away.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use serde_json::Value;
-
 use crate::config::{BudgetConfig, BudgetScope, OnUnavailable};
 use crate::error::{Error, ErrorCode, RateLimitInfo};
-use crate::store::{Reservation, Store, log_failure};
+use crate::store::{Bucket, Reservation, Store, log_failure};
 use crate::upstream::Usage;
 use crate::verify::VerifiedSession;
 
-/// What the proxy learnt from (and did to) a request body.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Inspected {
-    /// The body to send upstream (rewritten when a cap or `include_usage` was applied).
-    pub(crate) body: Bytes,
-    /// `"stream": true`.
-    pub(crate) streaming: bool,
-    /// The proxy added `include_usage`: the usage chunk must be hidden from the client.
-    pub(crate) hide_usage: bool,
-    /// The completion ceiling after the cap, if the body names one.
-    pub(crate) ceiling: Option<u64>,
-    /// Whether the body parsed as a JSON object.
-    pub(crate) json: bool,
-}
-
-/// The field that caps output tokens, per endpoint.
-fn cap_field(path: &str) -> Option<&'static str> {
-    match path {
-        "chat/completions" => Some("max_completion_tokens"),
-        "completions" => Some("max_tokens"),
-        "responses" => Some("max_output_tokens"),
-        _ => None,
-    }
-}
-
-const CEILING_FIELDS: [&str; 3] = ["max_completion_tokens", "max_tokens", "max_output_tokens"];
-
-/// Budget, cap and stream-cap policy, over the shared [`Store`].
+/// Budget and stream-cap policy, over the shared [`Store`].
 #[derive(Debug, Clone)]
 pub struct Budget {
     inner: Arc<Inner>,
@@ -87,11 +56,23 @@ struct Inner {
 /// What [`Budget::admit`] took, to give back or settle when the response ends.
 #[derive(Debug, Default)]
 pub(crate) struct Admitted {
-    /// (budget key, window, tokens reserved).
-    reservation: Option<(String, u64, u64)>,
+    /// The buckets the tokens were reserved in.
+    buckets: Vec<Bucket>,
+    /// Tokens reserved in each of them (0: none).
+    reserved: u64,
     /// The session whose stream slot was taken.
     stream: Option<String>,
 }
+
+impl Admitted {
+    /// Tokens reserved for the call (0 when no budget applied).
+    pub(crate) fn reserved(&self) -> u64 {
+        self.reserved
+    }
+}
+
+/// The name of a scope, in messages and in the `RateLimit-Policy` header.
+const SCOPE_NAMES: [&str; 3] = ["tokens", "tokens_ip", "tokens_global"];
 
 impl Budget {
     /// The `[budget]` policy, keeping its state in `store`.
@@ -105,122 +86,73 @@ impl Budget {
         }
     }
 
-    /// Whether the body of a request to `path` must be parsed: a budget or cap applies, or a
-    /// stream may need `include_usage`.
-    pub(crate) fn wants_body(&self, path: &str, mentions_stream: bool) -> bool {
+    /// Whether any budget applies (so calls must be metered).
+    pub(crate) fn meters(&self) -> bool {
         let c = &self.inner.config;
-        cap_field(path).is_some()
-            && (c.tokens_per_window > 0
-                || c.max_completion_tokens > 0
-                || (mentions_stream && (c.include_usage || c.max_concurrent_streams > 0)))
+        c.tokens_per_window > 0
+            || c.per_ip_tokens_per_window > 0
+            || c.global_tokens_per_window > 0
+            || c.max_completion_tokens > 0
+            || c.max_concurrent_streams > 0
     }
 
-    /// Parses a JSON body and applies the completion cap and `include_usage`.
-    pub(crate) fn inspect(&self, path: &str, body: Bytes) -> Inspected {
-        let Ok(Value::Object(mut object)) = serde_json::from_slice::<Value>(&body) else {
-            return Inspected {
-                body,
-                ..Inspected::default()
-            };
-        };
+    /// The buckets a call of `session` from `ip` draws on, with the scope of each.
+    fn buckets(
+        &self,
+        session: Option<&VerifiedSession>,
+        ip: Option<IpAddr>,
+    ) -> (Vec<Bucket>, Vec<&'static str>) {
         let c = &self.inner.config;
-        let streaming = object.get("stream").and_then(Value::as_bool) == Some(true);
-        let mut changed = false;
-
-        if c.max_completion_tokens > 0
-            && let Some(field) = cap_field(path)
+        let mut buckets = Vec::with_capacity(3);
+        let mut scopes = Vec::with_capacity(3);
+        if c.tokens_per_window > 0
+            && let Some(session) = session
         {
-            let mut present = false;
-            for name in CEILING_FIELDS {
-                if let Some(v) = object.get_mut(name) {
-                    present = true;
-                    if v.as_u64().is_none_or(|n| n > c.max_completion_tokens) {
-                        *v = Value::from(c.max_completion_tokens);
-                        changed = true;
-                    }
-                }
-            }
-            if !present {
-                object.insert(field.to_owned(), Value::from(c.max_completion_tokens));
-                changed = true;
-            }
+            let claims = &session.claims;
+            let key = match (c.scope, &claims.cnf) {
+                (BudgetScope::Session, _) => format!("sid:{}", claims.jti),
+                (BudgetScope::Client, Some(cnf)) => format!("jkt:{}", cnf.jkt),
+                (BudgetScope::Client, None) => format!("fp:{}", claims.fp),
+            };
+            buckets.push(Bucket::new(key, c.tokens_per_window, c.window_secs));
+            scopes.push(SCOPE_NAMES[0]);
         }
-        let ceiling = CEILING_FIELDS
-            .iter()
-            .filter_map(|name| object.get(*name).and_then(Value::as_u64))
-            .max();
-
-        let mut hide_usage = false;
-        if streaming && c.include_usage && matches!(path, "chat/completions" | "completions") {
-            let asked = object
-                .get("stream_options")
-                .and_then(|o| o.get("include_usage"))
-                .and_then(Value::as_bool)
-                == Some(true);
-            if !asked {
-                match object.get_mut("stream_options") {
-                    Some(Value::Object(options)) => {
-                        options.insert("include_usage".to_owned(), Value::Bool(true));
-                    }
-                    _ => {
-                        object.insert(
-                            "stream_options".to_owned(),
-                            serde_json::json!({ "include_usage": true }),
-                        );
-                    }
-                }
-                hide_usage = true;
-                changed = true;
-            }
+        if c.per_ip_tokens_per_window > 0 {
+            // A request with no known peer shares one bucket with every other such request.
+            let key = match ip {
+                Some(ip) => format!("ip:{ip}"),
+                None => "ip:unknown".to_owned(),
+            };
+            buckets.push(Bucket::new(key, c.per_ip_tokens_per_window, c.window_secs));
+            scopes.push(SCOPE_NAMES[1]);
         }
-        let body = if changed {
-            Bytes::from(
-                serde_json::to_vec(&Value::Object(object)).unwrap_or_else(|_| body.to_vec()),
-            )
-        } else {
-            body
-        };
-        Inspected {
-            body,
-            streaming,
-            hide_usage,
-            ceiling,
-            json: true,
+        if c.global_tokens_per_window > 0 {
+            buckets.push(Bucket::new(
+                "global".to_owned(),
+                c.global_tokens_per_window,
+                c.window_secs,
+            ));
+            scopes.push(SCOPE_NAMES[2]);
         }
+        (buckets, scopes)
     }
 
-    fn key(&self, session: &VerifiedSession) -> String {
-        let claims = &session.claims;
-        match (self.inner.config.scope, &claims.cnf) {
-            (BudgetScope::Session, _) => format!("sid:{}", claims.jti),
-            (BudgetScope::Client, Some(cnf)) => format!("jkt:{}", cnf.jkt),
-            (BudgetScope::Client, None) => format!("fp:{}", claims.fp),
-        }
-    }
-
-    /// Whether [`admit`](Self::admit) has anything to take for this request (a stream slot or a
-    /// token reservation); when not, the caller skips it.
-    pub(crate) fn admits(&self, session: Option<&VerifiedSession>, inspected: &Inspected) -> bool {
-        let c = &self.inner.config;
-        session.is_some()
-            && ((inspected.streaming && c.max_concurrent_streams > 0)
-                || (c.tokens_per_window > 0 && inspected.json))
-    }
-
-    /// Takes the stream slot and reserves the tokens of a request, or refuses it.
+    /// Takes the stream slot and reserves `reserve` tokens at every scope, or refuses.
     pub(crate) async fn admit(
         &self,
         session: Option<&VerifiedSession>,
-        inspected: &Inspected,
+        ip: Option<IpAddr>,
+        streaming: bool,
+        reserve: u64,
     ) -> Result<Admitted, Error> {
-        let Some(session) = session else {
-            return Ok(Admitted::default());
-        };
         let c = &self.inner.config;
         let store = &self.inner.store;
         let mut admitted = Admitted::default();
 
-        if inspected.streaming && c.max_concurrent_streams > 0 {
+        if streaming
+            && c.max_concurrent_streams > 0
+            && let Some(session) = session
+        {
             let jti = &session.claims.jti;
             match store
                 .acquire_stream(jti, c.max_concurrent_streams, session.claims.exp)
@@ -250,75 +182,87 @@ impl Budget {
             }
         }
 
-        if c.tokens_per_window > 0 && inspected.json {
-            let key = self.key(session);
-            let prompt_estimate = (inspected.body.len() as u64).div_ceil(4);
-            let amount = prompt_estimate + inspected.ceiling.unwrap_or(c.default_reserve_tokens);
-            match store
-                .reserve_tokens(&key, amount, c.tokens_per_window, c.window_secs)
-                .await
-            {
-                Ok(Reservation::Reserved { window }) => {
-                    admitted.reservation = Some((key, window, amount));
-                }
-                Ok(Reservation::Exhausted {
+        let (buckets, scopes) = self.buckets(session, ip);
+        if reserve == 0 || buckets.is_empty() {
+            return Ok(admitted);
+        }
+        if let Some((i, bucket)) = buckets
+            .iter()
+            .enumerate()
+            .find(|(_, b)| reserve > b.capacity)
+        {
+            let error = exhausted(
+                scopes[i],
+                bucket,
+                format!(
+                    "this call can cost up to {reserve} tokens, more than the whole {} budget of {} tokens: lower max_tokens or n",
+                    scopes[i], bucket.capacity
+                ),
+                bucket.window_secs,
+            );
+            self.release(admitted);
+            return Err(error);
+        }
+        match store.reserve_tokens(&buckets, reserve).await {
+            Ok(Reservation::Reserved) => {
+                admitted.buckets = buckets;
+                admitted.reserved = reserve;
+                Ok(admitted)
+            }
+            Ok(Reservation::Exhausted {
+                bucket,
+                available,
+                retry_after_secs,
+            }) => {
+                let i = bucket.min(buckets.len() - 1);
+                let error = exhausted(
+                    scopes[i],
+                    &buckets[i],
+                    format!(
+                        "token budget exhausted ({}): {available} of {} tokens left, and this call can cost up to {reserve}",
+                        scopes[i], buckets[i].capacity
+                    ),
                     retry_after_secs,
-                    used,
-                }) => {
-                    self.release(admitted);
-                    return Err(Error::new(
-                        ErrorCode::BudgetExhausted,
-                        format!(
-                            "token budget exhausted: {used} of {} tokens used in this {} s window",
-                            c.tokens_per_window, c.window_secs
-                        ),
-                    )
-                    .with_rate_limit(RateLimitInfo {
-                        policy: "tokens",
-                        quota: u32::try_from(c.tokens_per_window).unwrap_or(u32::MAX),
-                        window_secs: c.window_secs,
-                        remaining: 0,
-                        retry_after: Duration::from_secs(retry_after_secs),
-                    }));
-                }
-                Err(e) if self.inner.fail_open => {
-                    log_failure("reserve_tokens", &e, "skipped the token budget (fail open)");
-                }
-                Err(e) => {
-                    self.release(admitted);
-                    return Err(crate::store::refuse("reserve_tokens", &e));
-                }
+                );
+                self.release(admitted);
+                Err(error)
+            }
+            Err(e) if self.inner.fail_open => {
+                log_failure("reserve_tokens", &e, "skipped the token budget (fail open)");
+                Ok(admitted)
+            }
+            Err(e) => {
+                self.release(admitted);
+                Err(crate::store::refuse("reserve_tokens", &e))
             }
         }
-        Ok(admitted)
     }
 
     /// Settles a finished request: the real usage when known, a refund when the upstream
     /// failed, the whole reservation otherwise; and frees the stream slot.
     pub(crate) fn settle(&self, admitted: Admitted, usage: Option<Usage>, upstream_failed: bool) {
         let Admitted {
-            reservation,
+            buckets,
+            reserved,
             stream,
         } = admitted;
-        let delta = reservation.as_ref().and_then(|(_, _, reserved)| {
-            let reserved = i64::try_from(*reserved).unwrap_or(i64::MAX);
-            match (usage, upstream_failed) {
-                (Some(u), _) => Some(i64::try_from(u.total_tokens).unwrap_or(i64::MAX) - reserved),
-                (None, true) => Some(-reserved),
-                (None, false) => None,
-            }
-        });
-        if delta.is_none() && stream.is_none() {
+        let reserved = i64::try_from(reserved).unwrap_or(i64::MAX);
+        // What goes back to the buckets: the unused part, or (negative) what was used beyond.
+        let refund = match (usage, upstream_failed) {
+            _ if buckets.is_empty() => None,
+            (Some(u), _) => Some(reserved - i64::try_from(u.total_tokens).unwrap_or(i64::MAX)),
+            (None, true) => Some(reserved),
+            (None, false) => None,
+        }
+        .filter(|delta| *delta != 0);
+        if refund.is_none() && stream.is_none() {
             return;
         }
         let this = self.clone();
         let work = async move {
             let store = &this.inner.store;
-            if let (Some((key, window, _)), Some(delta)) = (&reservation, delta)
-                && delta != 0
-                && let Err(e) = store
-                    .settle_tokens(key, *window, this.inner.config.window_secs, delta)
-                    .await
+            if let Some(delta) = refund
+                && let Err(e) = store.settle_tokens(&buckets, delta).await
             {
                 log_failure("settle_tokens", &e, "the reservation stands");
             }
@@ -340,6 +284,22 @@ impl Budget {
     }
 }
 
+/// `429 budget_exhausted` for the bucket of `scope`.
+fn exhausted(
+    scope: &'static str,
+    bucket: &Bucket,
+    message: String,
+    retry_after_secs: u64,
+) -> Error {
+    Error::new(ErrorCode::BudgetExhausted, message).with_rate_limit(RateLimitInfo {
+        policy: scope,
+        quota: u32::try_from(bucket.capacity).unwrap_or(u32::MAX),
+        window_secs: bucket.window_secs,
+        remaining: 0,
+        retry_after: Duration::from_secs(retry_after_secs.max(1)),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,99 +309,152 @@ mod tests {
         Budget::new(config, Arc::new(MemoryStore::new()), OnUnavailable::Closed)
     }
 
-    fn json(b: &Bytes) -> Value {
-        serde_json::from_slice(b).unwrap()
+    fn session(fp: &str) -> VerifiedSession {
+        VerifiedSession {
+            claims: std::sync::Arc::new(crate::token::Claims {
+                iss: "i".into(),
+                aud: "a".into(),
+                jti: format!("jti-{fp}"),
+                iat: 0,
+                nbf: 0,
+                exp: u64::MAX / 2,
+                auth_time: 0,
+                fp: fp.into(),
+                ua: None,
+                cnf: None,
+            }),
+        }
     }
 
-    #[test]
-    fn cap_lowers_or_adds_the_ceiling() {
-        let b = budget(BudgetConfig {
-            max_completion_tokens: 100,
-            ..BudgetConfig::default()
-        });
-        let i = b.inspect(
-            "chat/completions",
-            Bytes::from_static(br#"{"model":"m","max_tokens":5000}"#),
-        );
-        assert_eq!(json(&i.body)["max_tokens"], 100);
-        assert_eq!(i.ceiling, Some(100));
-        let i = b.inspect("chat/completions", Bytes::from_static(br#"{"model":"m"}"#));
-        assert_eq!(json(&i.body)["max_completion_tokens"], 100);
-        let i = b.inspect("responses", Bytes::from_static(br#"{"model":"m"}"#));
-        assert_eq!(json(&i.body)["max_output_tokens"], 100);
-        let small = br#"{"model":"m","max_tokens":5}"#;
-        let i = b.inspect("completions", Bytes::from_static(small));
-        assert_eq!(&i.body[..], small, "an untouched body keeps its bytes");
+    fn usage(total: u64) -> Option<Usage> {
+        Some(Usage {
+            prompt_tokens: total / 2,
+            completion_tokens: total - total / 2,
+            total_tokens: total,
+        })
     }
 
-    #[test]
-    fn include_usage_is_added_only_when_missing() {
-        let b = budget(BudgetConfig::default());
-        let i = b.inspect(
-            "chat/completions",
-            Bytes::from_static(br#"{"model":"m","stream":true}"#),
-        );
-        assert!(i.hide_usage && i.streaming);
-        assert_eq!(json(&i.body)["stream_options"]["include_usage"], true);
-        let asked = br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#;
-        let i = b.inspect("chat/completions", Bytes::from_static(asked));
-        assert!(!i.hide_usage);
-        assert_eq!(&i.body[..], asked);
-        let i = b.inspect(
-            "embeddings",
-            Bytes::from_static(br#"{"model":"m","stream":true}"#),
-        );
-        assert!(!i.hide_usage);
+    async fn settled() {
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
     }
 
     #[tokio::test]
     async fn reservations_block_once_spent_and_settle() {
         let b = budget(BudgetConfig {
             tokens_per_window: 100,
-            default_reserve_tokens: 60,
+            window_secs: 86_400,
             ..BudgetConfig::default()
         });
-        let session = VerifiedSession {
-            claims: std::sync::Arc::new(crate::token::Claims {
-                iss: "i".into(),
-                aud: "a".into(),
-                jti: "j".into(),
-                iat: 0,
-                nbf: 0,
-                exp: u64::MAX / 2,
-                auth_time: 0,
-                fp: "fp".into(),
-                ua: None,
-                cnf: None,
-            }),
-        };
-        let i = b.inspect("chat/completions", Bytes::from_static(br#"{"model":"m"}"#));
-        let first = b.admit(Some(&session), &i).await.unwrap();
-        let second = b.admit(Some(&session), &i).await.unwrap();
-        // 2 x (4 + 60) = 128 reserved: spent.
-        let refused = b.admit(Some(&session), &i).await.unwrap_err();
+        let s = session("fp");
+        let first = b.admit(Some(&s), None, false, 60).await.unwrap();
+        let refused = b.admit(Some(&s), None, false, 60).await.unwrap_err();
         assert_eq!(refused.code(), ErrorCode::BudgetExhausted);
-        // Settling to the real usage (10 each) frees the rest.
-        b.settle(
-            first,
-            Some(Usage {
-                prompt_tokens: 5,
-                completion_tokens: 5,
-                total_tokens: 10,
-            }),
-            false,
+        // Settling to the real usage (10) gives back the rest.
+        b.settle(first, usage(10), false);
+        settled().await;
+        assert!(b.admit(Some(&s), None, false, 60).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_call_larger_than_the_budget_is_refused_outright() {
+        let b = budget(BudgetConfig {
+            tokens_per_window: 100,
+            ..BudgetConfig::default()
+        });
+        let refused = b
+            .admit(Some(&session("fp")), None, false, 101)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), ErrorCode::BudgetExhausted);
+    }
+
+    #[tokio::test]
+    async fn the_ip_and_global_scopes_bound_invented_clients() {
+        let ip: IpAddr = "203.0.113.7".parse().unwrap();
+        let b = budget(BudgetConfig {
+            tokens_per_window: 1_000,
+            per_ip_tokens_per_window: 150,
+            window_secs: 86_400,
+            ..BudgetConfig::default()
+        });
+        // Each new fingerprint has a fresh client budget, but the IP's is shared.
+        assert!(
+            b.admit(Some(&session("a")), Some(ip), false, 100)
+                .await
+                .is_ok()
         );
-        b.settle(
-            second,
-            Some(Usage {
-                prompt_tokens: 5,
-                completion_tokens: 5,
-                total_tokens: 10,
-            }),
-            false,
+        let refused = b
+            .admit(Some(&session("b")), Some(ip), false, 100)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), ErrorCode::BudgetExhausted);
+        // Another IP is not affected.
+        let other: IpAddr = "198.51.100.1".parse().unwrap();
+        assert!(
+            b.admit(Some(&session("b")), Some(other), false, 100)
+                .await
+                .is_ok()
         );
-        tokio::task::yield_now().await;
-        tokio::task::yield_now().await;
-        assert!(b.admit(Some(&session), &i).await.is_ok());
+
+        let b = budget(BudgetConfig {
+            global_tokens_per_window: 250,
+            window_secs: 86_400,
+            ..BudgetConfig::default()
+        });
+        for i in 0..2 {
+            let ip: IpAddr = format!("192.0.2.{i}").parse().unwrap();
+            assert!(
+                b.admit(Some(&session(&format!("c{i}"))), Some(ip), false, 100)
+                    .await
+                    .is_ok()
+            );
+        }
+        assert!(
+            b.admit(None, None, false, 100).await.is_err(),
+            "global bucket spent"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refusal_at_one_scope_takes_nothing_at_the_others() {
+        let ip: IpAddr = "203.0.113.7".parse().unwrap();
+        let b = budget(BudgetConfig {
+            tokens_per_window: 100,
+            per_ip_tokens_per_window: 1_000,
+            window_secs: 86_400,
+            ..BudgetConfig::default()
+        });
+        let s = session("a");
+        assert!(b.admit(Some(&s), Some(ip), false, 100).await.is_ok());
+        // The client bucket is empty: refused, and the IP bucket keeps its 900.
+        for _ in 0..5 {
+            assert!(b.admit(Some(&s), Some(ip), false, 100).await.is_err());
+        }
+        for i in 0..9 {
+            let fresh = session(&format!("f{i}"));
+            assert!(
+                b.admit(Some(&fresh), Some(ip), false, 100).await.is_ok(),
+                "{i}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_call_is_refunded_and_an_unread_one_stands() {
+        let b = budget(BudgetConfig {
+            tokens_per_window: 100,
+            window_secs: 86_400,
+            ..BudgetConfig::default()
+        });
+        let s = session("fp");
+        let a = b.admit(Some(&s), None, false, 100).await.unwrap();
+        b.release(a);
+        settled().await;
+        let a = b.admit(Some(&s), None, false, 100).await.unwrap();
+        b.settle(a, None, false);
+        settled().await;
+        assert!(b.admit(Some(&s), None, false, 1).await.is_err());
     }
 }

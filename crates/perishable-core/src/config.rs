@@ -131,6 +131,12 @@ pub struct UpstreamConfig {
     pub first_byte_timeout_ms: u64,
     /// Longest silence between two chunks of a response body; the stream then ends.
     pub idle_timeout_ms: u64,
+    /// Client headers forwarded upstream beyond the built-in list (`Content-Type`, `Accept`,
+    /// `User-Agent`, `OpenAI-Beta`, `Idempotency-Key`, `X-Stainless-*`). Credentials and the
+    /// headers an upstream trusts for billing or client identity can never be listed.
+    pub forward_headers: Vec<String>,
+    /// Static headers the server sends upstream on every call, e.g. `OpenAI-Project`.
+    pub headers: std::collections::BTreeMap<String, String>,
 }
 
 /// The default `upstream.allowed_paths`: inference endpoints only, no admin-grade ones.
@@ -155,6 +161,8 @@ impl Default for UpstreamConfig {
             connect_timeout_ms: 5_000,
             first_byte_timeout_ms: 60_000,
             idle_timeout_ms: 60_000,
+            forward_headers: Vec::new(),
+            headers: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -300,13 +308,26 @@ pub struct CorsConfig {
 }
 
 /// `[server]`: how the service is reached.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     /// The URL clients see for the router's mount point; used for DPoP `htu` and same-origin checks.
     pub public_url: Option<String>,
     /// CIDRs of reverse proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpNet>,
+    /// The whole request body must arrive within this many milliseconds (else
+    /// `408 body_timeout`), on every route that reads one.
+    pub body_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            public_url: None,
+            trusted_proxies: Vec::new(),
+            body_timeout_ms: 30_000,
+        }
+    }
 }
 
 /// Whose tokens a budget counts.
@@ -338,6 +359,10 @@ pub struct BudgetConfig {
     pub scope: BudgetScope,
     /// Completion tokens reserved for a request that names no ceiling.
     pub default_reserve_tokens: u64,
+    /// Tokens per client IP per window, whatever sessions the IP holds; 0: no per-IP budget.
+    pub per_ip_tokens_per_window: u64,
+    /// Tokens per window for the whole deployment; 0: no global budget.
+    pub global_tokens_per_window: u64,
 }
 
 impl Default for BudgetConfig {
@@ -350,6 +375,8 @@ impl Default for BudgetConfig {
             max_concurrent_streams: 0,
             scope: BudgetScope::Client,
             default_reserve_tokens: 4096,
+            per_ip_tokens_per_window: 0,
+            global_tokens_per_window: 0,
         }
     }
 }
@@ -506,6 +533,12 @@ impl ConfigBuilder {
         budget_scope => budget.scope: BudgetScope;
         /// `budget.default_reserve_tokens`.
         budget_default_reserve_tokens => budget.default_reserve_tokens: u64;
+        /// `budget.per_ip_tokens_per_window` (0: no per-IP budget).
+        budget_per_ip_tokens_per_window => budget.per_ip_tokens_per_window: u64;
+        /// `budget.global_tokens_per_window` (0: no global budget).
+        budget_global_tokens_per_window => budget.global_tokens_per_window: u64;
+        /// `server.body_timeout_ms`.
+        server_body_timeout_ms => server.body_timeout_ms: u64;
         /// `store.url`.
         store_url => store.url: impl Into<String> => Into::into;
         /// `store.on_unavailable`.
@@ -555,6 +588,21 @@ impl ConfigBuilder {
             secret: None,
             private_key_pem: Some(private_key_pem.into()),
         });
+        self
+    }
+
+    /// `upstream.forward_headers`: extra client headers to forward upstream.
+    pub fn upstream_forward_headers<I: IntoIterator<Item = S>, S: Into<String>>(
+        mut self,
+        names: I,
+    ) -> Self {
+        self.upstream.forward_headers = names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Adds one `upstream.headers` entry: a static header sent upstream on every call.
+    pub fn upstream_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.upstream.headers.insert(name.into(), value.into());
         self
     }
 
@@ -658,7 +706,16 @@ impl ConfigBuilder {
                 "must be above 0",
             ));
         }
+        for name in &u.forward_headers {
+            crate::upstream::forwarded_header_name(name)
+                .map_err(|reason| ConfigError::invalid("upstream.forward_headers", reason))?;
+        }
+        for (name, value) in &u.headers {
+            crate::upstream::static_header(name, value)
+                .map_err(|reason| ConfigError::invalid("upstream.headers", reason))?;
+        }
         for (key, v) in [
+            ("server.body_timeout_ms", self.server.body_timeout_ms),
             ("upstream.connect_timeout_ms", u.connect_timeout_ms),
             ("upstream.first_byte_timeout_ms", u.first_byte_timeout_ms),
             ("upstream.idle_timeout_ms", u.idle_timeout_ms),

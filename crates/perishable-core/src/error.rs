@@ -30,8 +30,12 @@ use http::{Response, StatusCode};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ErrorCode {
-    /// 400: the body is not the JSON the route expects.
+    /// 400: the body is not the JSON the route expects (or not JSON that the strict parser of
+    /// metered calls accepts).
     InvalidJson,
+    /// 400: a member of a metered call has a value the proxy cannot meter (a ceiling that is not
+    /// a non-negative integer, a `stream` that is not a boolean, ...).
+    InvalidParameter,
     /// 400: `POST /session` without a fingerprint.
     MissingFingerprint,
     /// 400: a fingerprint that is not 8 to 512 printable ASCII characters.
@@ -62,8 +66,12 @@ pub enum ErrorCode {
     PathNotAllowed,
     /// 403: the requested model is not on the allow-list.
     ModelNotAllowed,
+    /// 408: the request body did not arrive within `server.body_timeout_ms`.
+    BodyTimeout,
     /// 413: the request body is over the limit.
     BodyTooLarge,
+    /// 415: a metered call's body is not `application/json`, or comes with `Content-Encoding`.
+    UnsupportedMediaType,
     /// 429: the client is over its rate limit.
     RateLimited,
     /// 429: the fingerprint (or key) has too many live sessions.
@@ -83,6 +91,7 @@ impl ErrorCode {
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::InvalidJson => "invalid_json",
+            Self::InvalidParameter => "invalid_parameter",
             Self::MissingFingerprint => "missing_fingerprint",
             Self::InvalidFingerprint => "invalid_fingerprint",
             Self::InsufficientEntropy => "insufficient_entropy",
@@ -98,7 +107,9 @@ impl ErrorCode {
             Self::OriginNotAllowed => "origin_not_allowed",
             Self::PathNotAllowed => "path_not_allowed",
             Self::ModelNotAllowed => "model_not_allowed",
+            Self::BodyTimeout => "body_timeout",
             Self::BodyTooLarge => "body_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
             Self::RateLimited => "rate_limited",
             Self::TooManySessions => "too_many_sessions",
             Self::BudgetExhausted => "budget_exhausted",
@@ -112,6 +123,7 @@ impl ErrorCode {
     pub const fn status(self) -> StatusCode {
         match self {
             Self::InvalidJson
+            | Self::InvalidParameter
             | Self::MissingFingerprint
             | Self::InvalidFingerprint
             | Self::InsufficientEntropy
@@ -127,7 +139,9 @@ impl ErrorCode {
             Self::OriginNotAllowed | Self::PathNotAllowed | Self::ModelNotAllowed => {
                 StatusCode::FORBIDDEN
             }
+            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::RateLimited | Self::TooManySessions | Self::BudgetExhausted => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -140,7 +154,10 @@ impl ErrorCode {
     /// The OpenAI error `type` the PROTOCOL gives this code.
     pub const fn error_type(self) -> &'static str {
         match self.status() {
-            StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => "invalid_request_error",
+            StatusCode::BAD_REQUEST
+            | StatusCode::REQUEST_TIMEOUT
+            | StatusCode::PAYLOAD_TOO_LARGE
+            | StatusCode::UNSUPPORTED_MEDIA_TYPE => "invalid_request_error",
             StatusCode::UNAUTHORIZED => "authentication_error",
             StatusCode::FORBIDDEN => "permission_error",
             StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",

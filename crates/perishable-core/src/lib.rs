@@ -61,6 +61,7 @@ pub mod error;
 pub mod expiring;
 pub mod fingerprint;
 mod future;
+pub(crate) mod json;
 pub mod observe;
 pub mod origin;
 mod perishable;

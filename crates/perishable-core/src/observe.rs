@@ -249,9 +249,9 @@ const ROUTES: [&str; 8] = [
 ];
 
 /// Every status label.
-const STATUSES: [&str; 19] = [
-    "200", "204", "304", "400", "401", "403", "404", "405", "413", "429", "500", "502", "503",
-    "504", "1xx", "2xx", "3xx", "4xx", "5xx",
+const STATUSES: [&str; 21] = [
+    "200", "204", "304", "400", "401", "403", "404", "405", "408", "413", "415", "429", "500",
+    "502", "503", "504", "1xx", "2xx", "3xx", "4xx", "5xx",
 ];
 
 /// `[route, status]` pairs, route-major, and `[route]` alone.
@@ -292,8 +292,8 @@ fn labels(route: &str, status: u16) -> (&'static [Label], &'static [Label]) {
 
 /// The status codes with a label of their own, in the order of [`STATUSES`]; every other
 /// status is labelled by its class.
-const EXACT_STATUSES: [u16; 14] = [
-    200, 204, 304, 400, 401, 403, 404, 405, 413, 429, 500, 502, 503, 504,
+const EXACT_STATUSES: [u16; 16] = [
+    200, 204, 304, 400, 401, 403, 404, 405, 408, 413, 415, 429, 500, 502, 503, 504,
 ];
 
 /// Where `status`'s label is in [`STATUSES`].

@@ -131,6 +131,8 @@ struct Inner {
     fail_open: bool,
     /// `server.public_url` without a trailing slash: DPoP `htu` is this plus the request path.
     public_url: Option<String>,
+    /// `server.body_timeout_ms`: the mint body must arrive within it.
+    body_timeout: std::time::Duration,
 }
 
 /// How the token was presented.
@@ -185,8 +187,14 @@ impl Sessions {
                     .public_url
                     .as_deref()
                     .map(|u| u.trim_end_matches('/').to_owned()),
+                body_timeout: std::time::Duration::from_millis(config.server().body_timeout_ms),
             }),
         }
+    }
+
+    /// How long a request body may take to arrive (`server.body_timeout_ms`).
+    pub(crate) fn body_timeout(&self) -> std::time::Duration {
+        self.inner.body_timeout
     }
 
     /// The token codec (to sign or inspect tokens yourself).

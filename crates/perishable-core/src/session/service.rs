@@ -114,8 +114,13 @@ where
     if path.ends_with("/session") && method == Method::POST {
         let (parts, body) = req.into_parts();
         let head = Request::from_parts(parts, ());
-        let body =
-            crate::body::read_limited(body, MAX_MINT_BODY_BYTES, "the session request").await?;
+        let body = crate::body::read_limited(
+            body,
+            MAX_MINT_BODY_BYTES,
+            sessions.body_timeout(),
+            "the session request",
+        )
+        .await?;
         return Ok(json(StatusCode::OK, &sessions.mint(&head, &body).await?));
     }
     Ok(not_found())

@@ -15,7 +15,7 @@
 //! | used proof-of-work challenges | [`Store::insert_once`] on [`Set::PowUsed`] | at the challenge's expiry |
 //! | seen DPoP proofs | [`Store::insert_once`] on [`Set::DpopSeen`] | past the proof's `iat` window |
 //! | live sessions per fingerprint / key | [`Store::admit_session`], release, replace | at each session's `exp` |
-//! | token budgets | [`Store::reserve_tokens`], [`Store::settle_tokens`] | with the budget window |
+//! | token budgets | [`Store::reserve_tokens`], [`Store::settle_tokens`] on [`Bucket`]s: token buckets refilled continuously, several taken from at once or none | when the bucket is full again (a missing bucket is a full one) |
 //! | concurrent streams per session | [`Store::acquire_stream`], [`Store::release_stream`] | with the session |
 //!
 //! When the store fails (Redis down, or slower than `store.timeout_ms`), the policy
@@ -133,20 +133,53 @@ pub enum Admission {
     },
 }
 
+/// One token budget a call draws on: a token bucket of `capacity` tokens that refills
+/// continuously, `capacity` tokens per `window_secs`.
+///
+/// A bucket is named by its `key` alone: calls that name the same key share one level (pass the
+/// same `capacity` and `window_secs` each time).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct Bucket {
+    /// The bucket's name in store keys (the store adds its own prefix), e.g.
+    /// `client:fp:<hash>`, `ip:203.0.113.7`, `global`.
+    pub key: String,
+    /// Tokens the bucket holds when full (`budget.tokens_per_window` and friends). At least 1.
+    pub capacity: u64,
+    /// Seconds to refill from empty to full. At least 1.
+    pub window_secs: u64,
+}
+
+impl Bucket {
+    /// A bucket named `key` of `capacity` tokens refilled over `window_secs`, both raised to at
+    /// least 1.
+    pub fn new(key: impl Into<String>, capacity: u64, window_secs: u64) -> Self {
+        Self {
+            key: key.into(),
+            capacity: capacity.max(1),
+            window_secs: window_secs.max(1),
+        }
+    }
+}
+
 /// The answer to [`Store::reserve_tokens`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Reservation {
-    /// Reserved in this window (pass it to [`Store::settle_tokens`]).
-    Reserved {
-        /// The window the tokens were reserved in (Unix seconds / window length).
-        window: u64,
-    },
-    /// The budget is spent until the window ends, this many seconds from now.
+    /// `amount` was taken from every bucket.
+    Reserved,
+    /// Nothing was taken: bucket `bucket` (an index into the slice) holds less than `amount`.
+    /// When several do, the one that takes longest to hold it.
     Exhausted {
-        /// Seconds until the next window (at least 1).
+        /// The index in the slice passed to [`Store::reserve_tokens`] of the bucket that is
+        /// short.
+        bucket: usize,
+        /// Tokens that bucket holds now, rounded down (0 when in debt).
+        available: u64,
+        /// Whole seconds until it will hold `amount`, rounded up: at least 1, and at most
+        /// `window_secs` when `amount <= capacity` and the bucket is not in debt. A bucket never
+        /// holds more than its capacity: when `amount > capacity`, the seconds until it is full.
         retry_after_secs: u64,
-        /// Tokens used (and reserved) in this window.
-        used: u64,
     },
 }
 
@@ -198,25 +231,33 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         exp: u64,
     ) -> StoreFuture<'a, ()>;
 
-    /// Reserves `amount` tokens of `key`'s budget of `limit` per fixed window of `window_secs`
-    /// (aligned to the Unix epoch), if any of it is left: a request is admitted while the tokens
-    /// used and reserved stay under the limit.
+    /// Takes `amount` tokens from every bucket in `buckets` at once, or from none.
+    ///
+    /// A bucket refills continuously at `capacity / window_secs` tokens per second up to
+    /// `capacity` (a bucket never seen is full). The reservation passes when every bucket holds
+    /// at least `amount` tokens, so an `amount` above a bucket's capacity never passes. Atomic:
+    /// concurrent reservations never both take tokens that only one could have. No buckets: the
+    /// reservation passes.
+    ///
+    /// **Breaking change** (intended, before 1.0): this replaced a fixed-window counter,
+    /// `reserve_tokens(key, amount, limit, window_secs) -> Reservation::{Reserved { window },
+    /// Exhausted { retry_after_secs, used }}`, which let a client spend its budget twice around a
+    /// window boundary. Implementations of [`Store`] outside this crate must move to buckets.
     fn reserve_tokens<'a>(
         &'a self,
-        key: &'a str,
+        buckets: &'a [Bucket],
         amount: u64,
-        limit: u64,
-        window_secs: u64,
     ) -> StoreFuture<'a, Reservation>;
 
-    /// Corrects a reservation made in `window` by `delta` tokens (real usage minus reserved).
-    fn settle_tokens<'a>(
-        &'a self,
-        key: &'a str,
-        window: u64,
-        window_secs: u64,
-        delta: i64,
-    ) -> StoreFuture<'a, ()>;
+    /// Settles a reservation made with [`reserve_tokens`](Self::reserve_tokens) on the same
+    /// buckets: adds `delta` tokens to every bucket. Positive: the unused part of the
+    /// reservation given back, never above capacity. Negative: usage beyond the reservation,
+    /// which may take a bucket below zero — a debt that refills like anything else.
+    ///
+    /// **Breaking change** (intended, before 1.0), with [`reserve_tokens`](Self::reserve_tokens):
+    /// this was `settle_tokens(key, window, window_secs, delta)`, whose `delta` counted tokens
+    /// *used*: the opposite sign of today's.
+    fn settle_tokens<'a>(&'a self, buckets: &'a [Bucket], delta: i64) -> StoreFuture<'a, ()>;
 
     /// Takes one of `max` concurrent-stream slots of `session` (held at most until `exp`).
     /// `false` when all are taken.

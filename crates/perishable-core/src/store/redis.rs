@@ -11,10 +11,13 @@
 //! | `<p>:rlb:<policy>:<client>` | block marker | after the block duration |
 //! | `<p>:revoked:<jti>`, `<p>:pow:<challenge>`, `<p>:dpop:<jkt.jti>` | `SET NX` marker | with the token, challenge or proof window |
 //! | `<p>:caps:fp:<hash>`, `<p>:caps:jkt:<thumbprint>` | sorted set of live sessions, scored by `exp` | with its newest session |
+//! | `<p>:budget:<bucket>` (e.g. `<p>:budget:fp:<hash>`) | token bucket: hash `{tokens, ms}`, the level (a float, `%.17g`; negative: a debt) at Unix ms `ms` on Redis's clock | 1 s after it is full again (a missing key is a full bucket; a full one is deleted) |
+//! | `<p>:streams:<jti>` | open-stream counter | with the session |
 //!
-//! Rate limiting and cap admission are Lua scripts: one round trip, atomic, on Redis's clock
-//! (`TIME`), so instances with drifting clocks still agree. Redis Cluster is not supported (the
-//! cap script touches keys in several slots); use a single primary (with replicas for failover).
+//! Rate limiting, cap admission and token buckets are Lua scripts: one round trip, atomic, on
+//! Redis's clock (`TIME`), so instances with drifting clocks still agree. Redis Cluster is not
+//! supported (the cap and budget scripts touch keys in several slots); use a single primary (with
+//! replicas for failover).
 
 use std::fmt;
 use std::sync::Arc;
@@ -25,7 +28,7 @@ use redis::{AsyncCommands, Script};
 use tokio::sync::OnceCell;
 
 use super::{
-    Admission, RateDecision, RateLimiter, RatePolicy, Reservation, Set, Store, StoreError,
+    Admission, Bucket, RateDecision, RateLimiter, RatePolicy, Reservation, Set, Store, StoreError,
     StoreFuture,
 };
 use crate::config::{ConfigError, StoreConfig};
@@ -97,21 +100,121 @@ end
 return 1
 ";
 
-/// Reserves `ARGV[1]` tokens of the budget `KEYS[1]` (limit `ARGV[2]`, window `ARGV[3]` s, on
-/// Redis's clock) if any is left. Returns `{1, window}` or `{0, retry_after_secs, used}`.
-const RESERVE: &str = r"
-local amount, limit, len = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local now = tonumber(redis.call('TIME')[1])
-local window = math.floor(now / len)
-local key = KEYS[1] .. ':' .. window
-local used = tonumber(redis.call('GET', key) or '0')
-if used >= limit then
-  return {0, len - now % len, used}
+/// The shared start of the token-bucket scripts: `now` (Unix ms, Redis's clock), `level(i)`
+/// and `put(i, tokens)` for bucket `KEYS[i]`, whose capacity is `ARGV[2i]` and refill time
+/// `ARGV[2i+1]` s. The same arithmetic as the memory store's (`memory.rs`, `Buckets`), in f64.
+macro_rules! bucket_lua {
+    () => {
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function params(i)
+  local cap = tonumber(ARGV[2 * i])
+  local secs = tonumber(ARGV[2 * i + 1])
+  if cap < 1 then cap = 1 end
+  if secs < 1 then secs = 1 end
+  return cap, secs
 end
-redis.call('INCRBY', key, amount)
-redis.call('EXPIREAT', key, (window + 1) * len + 60)
-return {1, window}
-";
+-- The tokens bucket i holds now: a missing key is a full bucket.
+local function level(i)
+  local cap, secs = params(i)
+  local v = redis.call('HMGET', KEYS[i], 'tokens', 'ms')
+  if not v[1] or not v[2] then return cap end
+  local elapsed = now - tonumber(v[2])
+  if elapsed < 0 then elapsed = 0 end
+  local tokens = tonumber(v[1]) + elapsed * cap / (secs * 1000)
+  if tokens > cap then tokens = cap end
+  return tokens
+end
+-- Records bucket i at `tokens` now: deleted when full, else kept until 1 s after it is full.
+local function put(i, tokens)
+  local cap, secs = params(i)
+  if tokens >= cap then
+    redis.call('DEL', KEYS[i])
+    return
+  end
+  redis.call('HSET', KEYS[i], 'tokens', string.format('%.17g', tokens), 'ms', string.format('%d', now))
+  local ttl = math.ceil((cap - tokens) * (secs * 1000) / cap) + 1000
+  if ttl > 1099511627776 then ttl = 1099511627776 end
+  redis.call('PEXPIRE', KEYS[i], string.format('%d', ttl))
+end
+-- The index of the last key before i equal to KEYS[i], or nil.
+local function earlier(i)
+  for k = i - 1, 1, -1 do
+    if KEYS[k] == KEYS[i] then return k end
+  end
+  return nil
+end
+-- Whether a key after i equals KEYS[i].
+local function later(i)
+  for k = i + 1, #KEYS do
+    if KEYS[k] == KEYS[i] then return true end
+  end
+  return false
+end
+-- Each bucket's level after change(i, tokens), a key named twice seeing its earlier change.
+local function levels_after(change)
+  local after = {}
+  for i = 1, #KEYS do
+    local j = earlier(i)
+    local tokens
+    if j then tokens = after[j] else tokens = level(i) end
+    after[i] = change(i, tokens)
+  end
+  return after
+end
+local function put_all(after)
+  for i = 1, #KEYS do
+    if not later(i) then put(i, after[i]) end
+  end
+end
+"
+    };
+}
+
+/// Takes `ARGV[1]` tokens from every bucket in `KEYS` or from none (see `bucket_lua`). Returns
+/// `{1}`, or `{0, index (0-based), tokens available, retry_after_secs}` for the short bucket
+/// that takes longest to hold the amount.
+const RESERVE: &str = concat!(
+    bucket_lua!(),
+    r"
+local amount = tonumber(ARGV[1])
+local short = nil
+local after = levels_after(function(i, tokens)
+  if tokens >= amount then return tokens - amount end
+  local cap, secs = params(i)
+  local target = amount
+  if target > cap then target = cap end
+  local retry = math.ceil((target - tokens) * secs / cap)
+  if retry < 1 then retry = 1 end
+  if retry > 4294967296 then retry = 4294967296 end
+  if not short or retry > short[3] then
+    local available = 0
+    if tokens > 0 then available = math.floor(tokens) end
+    short = {i - 1, available, retry}
+  end
+  return tokens
+end)
+if short then return {0, short[1], short[2], short[3]} end
+put_all(after)
+return {1}
+"
+);
+
+/// Adds `ARGV[1]` tokens to every bucket in `KEYS` (see `bucket_lua`), never above capacity.
+const SETTLE: &str = concat!(
+    bucket_lua!(),
+    r"
+local delta = tonumber(ARGV[1])
+put_all(levels_after(function(i, tokens)
+  local cap = params(i)
+  tokens = tokens + delta
+  if tokens > cap then tokens = cap end
+  return tokens
+end))
+return 1
+"
+);
 
 /// Takes a stream slot of session `KEYS[1]` (max `ARGV[1]`, held until `ARGV[2]` at most).
 const ACQUIRE: &str = r"
@@ -119,6 +222,12 @@ local open = tonumber(redis.call('GET', KEYS[1]) or '0')
 if open >= tonumber(ARGV[1]) then return 0 end
 redis.call('INCR', KEYS[1])
 redis.call('EXPIREAT', KEYS[1], tonumber(ARGV[2]) + 1)
+return 1
+";
+
+/// Gives back a stream slot of session `KEYS[1]`.
+const RELEASE: &str = r"
+if tonumber(redis.call('GET', KEYS[1]) or '0') > 0 then redis.call('DECR', KEYS[1]) end
 return 1
 ";
 
@@ -139,7 +248,9 @@ struct Inner {
     admit: Script,
     replace: Script,
     reserve: Script,
+    settle: Script,
     acquire: Script,
+    release: Script,
 }
 
 impl fmt::Debug for RedisStore {
@@ -170,7 +281,9 @@ impl RedisStore {
                 admit: Script::new(ADMIT),
                 replace: Script::new(REPLACE),
                 reserve: Script::new(RESERVE),
+                settle: Script::new(SETTLE),
                 acquire: Script::new(ACQUIRE),
+                release: Script::new(RELEASE),
             }),
         })
     }
@@ -187,6 +300,17 @@ impl RedisStore {
 impl Inner {
     fn key(&self, kind: &str, id: &str) -> String {
         format!("{}:{kind}:{id}", self.prefix)
+    }
+
+    /// Adds each bucket's key (`KEYS[i]`) and its capacity and refill time (`ARGV[2i]`,
+    /// `ARGV[2i+1]`, after the amount or delta in `ARGV[1]`) to a bucket script's call.
+    fn bucket_keys(&self, call: &mut redis::ScriptInvocation<'_>, buckets: &[Bucket]) {
+        for bucket in buckets {
+            // Redis Cluster (unsupported) would need a call's keys in one slot: a hash tag.
+            call.key(self.key("budget", &bucket.key))
+                .arg(bucket.capacity.max(1))
+                .arg(bucket.window_secs.max(1));
+        }
     }
 
     /// Runs `op` on the connection, within the timeout.
@@ -386,53 +510,46 @@ impl Store for RedisStore {
 
     fn reserve_tokens<'a>(
         &'a self,
-        key: &'a str,
+        buckets: &'a [Bucket],
         amount: u64,
-        limit: u64,
-        window_secs: u64,
     ) -> StoreFuture<'a, Reservation> {
         Box::pin(async move {
-            let key = self.inner.key("budget", key);
-            let reply: Vec<u64> = self
+            if buckets.is_empty() {
+                return Ok(Reservation::Reserved);
+            }
+            let reply: Vec<i64> = self
                 .inner
                 .run(|mut conn| async move {
-                    self.inner
-                        .reserve
-                        .key(key)
-                        .arg(amount)
-                        .arg(limit)
-                        .arg(window_secs.max(1))
-                        .invoke_async(&mut conn)
-                        .await
+                    let mut call = self.inner.reserve.prepare_invoke();
+                    call.arg(amount);
+                    self.inner.bucket_keys(&mut call, buckets);
+                    call.invoke_async(&mut conn).await
                 })
                 .await?;
+            let count = |n: i64| u64::try_from(n).unwrap_or(0);
             Ok(match reply.as_slice() {
-                [1, window, ..] => Reservation::Reserved { window: *window },
-                [_, retry, used, ..] => Reservation::Exhausted {
-                    retry_after_secs: (*retry).max(1),
-                    used: *used,
+                [1] => Reservation::Reserved,
+                [0, bucket, available, retry] => Reservation::Exhausted {
+                    bucket: usize::try_from(*bucket).unwrap_or(0),
+                    available: count(*available),
+                    retry_after_secs: count(*retry).max(1),
                 },
                 _ => return Err(StoreError::Unavailable("unexpected reply".to_owned())),
             })
         })
     }
 
-    fn settle_tokens<'a>(
-        &'a self,
-        key: &'a str,
-        window: u64,
-        _window_secs: u64,
-        delta: i64,
-    ) -> StoreFuture<'a, ()> {
+    fn settle_tokens<'a>(&'a self, buckets: &'a [Bucket], delta: i64) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let key = format!("{}:{window}", self.inner.key("budget", key));
+            if buckets.is_empty() || delta == 0 {
+                return Ok(());
+            }
             self.inner
                 .run(|mut conn| async move {
-                    // Only an existing window is corrected (it may have expired meanwhile).
-                    let script = Script::new(
-                        "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('INCRBY', KEYS[1], ARGV[1]) end return 1",
-                    );
-                    script.key(key).arg(delta).invoke_async::<i64>(&mut conn).await.map(|_| ())
+                    let mut call = self.inner.settle.prepare_invoke();
+                    call.arg(delta);
+                    self.inner.bucket_keys(&mut call, buckets);
+                    call.invoke_async::<i64>(&mut conn).await.map(|_| ())
                 })
                 .await
         })
@@ -462,10 +579,12 @@ impl Store for RedisStore {
             let key = self.inner.key("streams", session);
             self.inner
                 .run(|mut conn| async move {
-                    let script = Script::new(
-                        "if tonumber(redis.call('GET', KEYS[1]) or '0') > 0 then redis.call('DECR', KEYS[1]) end return 1",
-                    );
-                    script.key(key).invoke_async::<i64>(&mut conn).await.map(|_| ())
+                    self.inner
+                        .release
+                        .key(key)
+                        .invoke_async::<i64>(&mut conn)
+                        .await
+                        .map(|_| ())
                 })
                 .await
         })

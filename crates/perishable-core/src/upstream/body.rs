@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use super::usage::{TapMode, Usage, UsageTap};
+use super::usage::{Encoding, TapMode, Usage, UsageTap};
 use crate::body::BoxError;
 use crate::budget::{Admitted, Budget};
 
@@ -21,6 +21,11 @@ pub(crate) struct Settle {
     pub(crate) started: Instant,
     /// The upstream answered with an error status.
     pub(crate) failed: bool,
+    /// The call was reserved against a budget and its endpoint reports usage: usage that
+    /// cannot be read is counted and logged.
+    pub(crate) expects_usage: bool,
+    /// The metric label of the endpoint (a fixed string).
+    pub(crate) route: &'static str,
 }
 
 impl Settle {
@@ -34,6 +39,12 @@ impl Settle {
                 .increment(u.prompt_tokens);
             metrics::counter!("perishable_tokens_total", "kind" => "completion")
                 .increment(u.completion_tokens);
+        } else if self.expects_usage && !self.failed {
+            metrics::counter!("perishable_usage_unread_total", "route" => self.route).increment(1);
+            tracing::warn!(
+                route = self.route,
+                "the response's usage could not be read; its whole reservation stands"
+            );
         }
         self.budget.settle(self.admitted, usage, self.failed);
     }
@@ -46,11 +57,22 @@ pub(crate) struct Accounting {
 }
 
 impl Accounting {
-    pub(crate) fn new(mode: Option<TapMode>, on_done: Settle) -> Self {
+    pub(crate) fn new(mode: Option<TapMode>, encoding: Encoding, on_done: Settle) -> Self {
         Self {
-            tap: mode.map(UsageTap::new),
+            tap: mode.map(|mode| UsageTap::new(mode, encoding)),
             on_done: Some(on_done),
         }
+    }
+
+    /// Whether the client's body differs from the upstream's (its length and, when decoded,
+    /// its `Content-Encoding` no longer hold).
+    pub(crate) fn rewrites(&self) -> bool {
+        self.tap.as_ref().is_some_and(UsageTap::rewrites)
+    }
+
+    /// Whether the client gets the body decoded.
+    pub(crate) fn decodes_for_client(&self) -> bool {
+        self.tap.as_ref().is_some_and(UsageTap::decodes_for_client)
     }
 
     fn done(&mut self) {

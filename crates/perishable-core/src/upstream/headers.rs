@@ -1,16 +1,53 @@
-//! Which headers cross the proxy, both ways.
+//! Which headers cross the proxy, both ways (see "Forwarding rules" in `docs/protocol.md`).
 //!
-//! Upstream: the client's headers minus `Authorization`, `Cookie`, `DPoP`,
-//! `X-Perishable-Fingerprint`, `Host`, `Content-Length` (unless the body kept its length) and every
-//! hop-by-hop header
-//! (`Connection`, `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`, and
-//! each header `Connection` names), plus `Authorization: Bearer <server key>` and the upstream's
-//! `Host`.
-//! Back to the client: the upstream's headers minus hop-by-hop ones and `Set-Cookie`.
+//! Upstream, by allow-list: of the client's headers only `Content-Type`, `Accept`, `User-Agent`,
+//! `OpenAI-Beta`, `Idempotency-Key`, `X-Stainless-*` and the names in
+//! `upstream.forward_headers` pass, plus `Content-Length` when the body kept its length. An
+//! upstream trusts more than the body: `OpenAI-Organization` and `OpenAI-Project` pick who is
+//! billed, `X-Forwarded-For` and `Forwarded` who the end user is, `api-key` and `x-api-key` are
+//! credentials to some providers. None of those can be forwarded, not even by listing them.
+//! Then the server's own: `Authorization: Bearer <server key>` (none for a keyless upstream),
+//! the static `upstream.headers`, `Accept-Encoding: identity` (so every response can be
+//! metered) and, for a cleartext upstream, its `Host`.
+//!
+//! Back to the client: the upstream's headers minus hop-by-hop ones (and each header
+//! `Connection` names) and `Set-Cookie`.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-static HOP_BY_HOP: [HeaderName; 8] = [
+/// Client headers always forwarded (besides `X-Stainless-*`): what the official SDKs send that
+/// an upstream may need.
+static FORWARDED: [HeaderName; 5] = [
+    header::CONTENT_TYPE,
+    header::ACCEPT,
+    header::USER_AGENT,
+    HeaderName::from_static("openai-beta"),
+    HeaderName::from_static("idempotency-key"),
+];
+
+/// The prefix of the SDKs' telemetry headers (`X-Stainless-Lang`, `X-Stainless-Retry-Count`, ...).
+const STAINLESS: &str = "x-stainless-";
+
+/// Headers that neither `upstream.forward_headers` nor `upstream.headers` may name: credentials,
+/// what an upstream trusts about billing or the client, and what the proxy itself sets.
+const NEVER_FORWARDED: [&str; 14] = [
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "openai-organization",
+    "openai-project",
+    "forwarded",
+    "x-real-ip",
+    "api-key",
+    "x-api-key",
+    "dpop",
+    "x-perishable-fingerprint",
+    "host",
+    "content-length",
+    "accept-encoding",
+];
+
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
@@ -19,40 +56,107 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name) || name == header::UPGRADE
+    HOP_BY_HOP.contains(name)
 }
 
-/// Whether `name` is listed in a `Connection` header (then it is hop-by-hop too).
-fn listed_in_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|listed| listed.trim().eq_ignore_ascii_case(name.as_str()))
-}
-
-/// Removes every header whose name `goes`, every header `Connection` lists, and `Connection`
-/// itself last (until then its list can be read). Names are compared while scanning, not
-/// hashed, and nothing is collected: each pass finds the next name to remove (a handful at
-/// most). Without a `Connection` header, the usual case, no list is read.
-fn remove_where(headers: &mut HeaderMap, goes: impl Fn(&HeaderName) -> bool) {
-    let listing = headers.keys().any(|name| name == header::CONNECTION);
-    while let Some(name) = headers
-        .keys()
-        .find(|name| {
-            *name != header::CONNECTION
-                && (goes(name) || (listing && listed_in_connection(headers, name)))
-        })
-        .cloned()
-    {
-        headers.remove(name);
+/// Why `name` may never be forwarded, if it may not.
+fn refused(name: &HeaderName) -> Option<&'static str> {
+    let n = name.as_str();
+    if NEVER_FORWARDED.contains(&n) || n.starts_with("x-forwarded-") {
+        Some("is a credential or a header the upstream trusts, and is never forwarded")
+    } else if is_hop_by_hop(name) || n == "content-encoding" {
+        Some("is set by the proxy itself")
+    } else {
+        None
     }
-    if listing {
-        headers.remove(header::CONNECTION);
+}
+
+/// Validates one `upstream.forward_headers` entry.
+pub(crate) fn forwarded_header_name(name: &str) -> Result<HeaderName, String> {
+    let parsed =
+        HeaderName::try_from(name).map_err(|_| format!("{name:?} is not a header name"))?;
+    match refused(&parsed) {
+        Some(reason) => Err(format!("{name:?} {reason}")),
+        None => Ok(parsed),
+    }
+}
+
+/// Validates one `upstream.headers` entry.
+pub(crate) fn static_header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), String> {
+    let parsed =
+        HeaderName::try_from(name).map_err(|_| format!("{name:?} is not a header name"))?;
+    // A static header is the server's own, so billing headers (`OpenAI-Project`) are what it is
+    // for; credentials and what the proxy sets itself are still refused.
+    let billing = matches!(parsed.as_str(), "openai-organization" | "openai-project");
+    if !billing && let Some(reason) = refused(&parsed) {
+        return Err(format!("{name:?} {reason}"));
+    }
+    let mut value = HeaderValue::try_from(value)
+        .map_err(|_| format!("the value of {name:?} is not a valid header value"))?;
+    value.set_sensitive(true);
+    Ok((parsed, value))
+}
+
+/// What the proxy sends upstream besides the client's body: built once from the config.
+#[derive(Debug, Clone)]
+pub(crate) struct UpstreamHeaders {
+    /// `Authorization: Bearer <server key>`; `None` for a keyless upstream.
+    pub(crate) authorization: Option<HeaderValue>,
+    /// The `Host` header for a cleartext upstream (always HTTP/1.1), made once instead of by
+    /// the client on every request. `None` for `https`, where HTTP/2 may carry the authority
+    /// in `:authority` instead.
+    pub(crate) host: Option<HeaderValue>,
+    /// `upstream.forward_headers`.
+    pub(crate) forward: Vec<HeaderName>,
+    /// `upstream.headers`.
+    pub(crate) fixed: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl UpstreamHeaders {
+    fn forwards(&self, name: &HeaderName) -> bool {
+        FORWARDED.contains(name)
+            || name.as_str().starts_with(STAINLESS)
+            || self.forward.contains(name)
+    }
+
+    /// The headers to send upstream, from the client's: the allowed ones moved over (no copy
+    /// of their values), then the server's own. `Content-Length` stays when it is `body_len`
+    /// already (otherwise the HTTP client sets it).
+    pub(crate) fn prepare(&self, client: &mut HeaderMap, body_len: usize) -> HeaderMap {
+        let keep_length = declares(client, body_len);
+        let mut out = HeaderMap::with_capacity(client.len() + 4 + self.fixed.len());
+        let mut current: Option<HeaderName> = None;
+        for (name, value) in client.drain() {
+            // `drain` names a header once, then yields its further values with `None`.
+            if let Some(name) = name {
+                current = Some(name);
+            }
+            let Some(name) = current.as_ref() else {
+                continue;
+            };
+            let listed = (keep_length && name == header::CONTENT_LENGTH) || self.forwards(name);
+            if listed && !is_hop_by_hop(name) {
+                out.append(name.clone(), value);
+            }
+        }
+        if let Some(authorization) = &self.authorization {
+            out.insert(header::AUTHORIZATION, authorization.clone());
+        }
+        for (name, value) in &self.fixed {
+            out.insert(name.clone(), value.clone());
+        }
+        out.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        if let Some(host) = &self.host {
+            out.insert(header::HOST, host.clone());
+        }
+        out
     }
 }
 
@@ -65,46 +169,69 @@ fn declares(headers: &HeaderMap, len: usize) -> bool {
     }
 }
 
-/// Turns the client's headers into the ones to send upstream, in place (no copy of what stays).
-/// `host` replaces the client's `Host` when given (otherwise the HTTP client sets it);
-/// `Content-Length` stays when it is `body_len` already (otherwise the HTTP client sets it).
-pub(crate) fn prepare_request_headers(
-    headers: &mut HeaderMap,
-    authorization: &HeaderValue,
-    host: Option<&HeaderValue>,
-    body_len: usize,
-) {
-    let keep_length = declares(headers, body_len);
-    remove_where(headers, |name| {
-        is_hop_by_hop(name)
-            || name == header::COOKIE
-            || name == crate::dpop::DPOP_HEADER
-            || name == crate::fingerprint::FINGERPRINT_HEADER
-            || (name == header::HOST && host.is_none())
-            || (name == header::CONTENT_LENGTH && !keep_length)
-    });
-    // `insert` replaces every value in place: no removal first.
-    headers.insert(header::AUTHORIZATION, authorization.clone());
-    if let Some(host) = host {
-        headers.insert(header::HOST, host.clone());
-    }
+/// Whether `name` is listed in a `Connection` header (then it is hop-by-hop too).
+fn listed_in_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|listed| listed.trim().eq_ignore_ascii_case(name.as_str()))
 }
 
-/// Strips the upstream response's headers in place.
+/// Strips the upstream response's headers in place: hop-by-hop ones, every header `Connection`
+/// lists, and `Set-Cookie`. Names are compared while scanning, and nothing is collected: each
+/// pass finds the next name to remove (a handful at most). Without a `Connection` header, the
+/// usual case, no list is read.
 pub(crate) fn strip_response_headers(headers: &mut HeaderMap) {
-    remove_where(headers, |name| {
-        is_hop_by_hop(name) || name == header::SET_COOKIE
-    });
+    let listing = headers.contains_key(header::CONNECTION);
+    while let Some(name) = headers
+        .keys()
+        .find(|name| {
+            *name != header::CONNECTION
+                && (is_hop_by_hop(name)
+                    || *name == header::SET_COOKIE
+                    || (listing && listed_in_connection(headers, name)))
+        })
+        .cloned()
+    {
+        headers.remove(name);
+    }
+    if listing {
+        headers.remove(header::CONNECTION);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn upstream(forward: &[&str], fixed: &[(&str, &str)]) -> UpstreamHeaders {
+        UpstreamHeaders {
+            authorization: Some(HeaderValue::from_static("Bearer sk-server")),
+            host: None,
+            forward: forward
+                .iter()
+                .map(|n| forwarded_header_name(n).unwrap())
+                .collect(),
+            fixed: fixed
+                .iter()
+                .map(|(n, v)| static_header(n, v).unwrap())
+                .collect(),
+        }
+    }
+
+    fn client(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (k, v) in pairs {
+            headers.append(HeaderName::try_from(*k).unwrap(), v.parse().unwrap());
+        }
+        headers
+    }
+
     #[test]
-    fn client_secrets_never_go_upstream() {
-        let mut client = HeaderMap::new();
-        for (k, v) in [
+    fn only_listed_client_headers_go_upstream() {
+        let mut headers = client(&[
             ("authorization", "Bearer session-token"),
             ("cookie", "a=b"),
             ("dpop", "proof"),
@@ -115,45 +242,109 @@ mod tests {
             ("keep-alive", "timeout=5"),
             ("transfer-encoding", "chunked"),
             ("content-length", "10"),
+            ("openai-organization", "org-victim"),
+            ("openai-project", "proj_victim"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-host", "evil.example"),
+            ("forwarded", "for=1.2.3.4"),
+            ("x-real-ip", "1.2.3.4"),
+            ("api-key", "sk-other"),
+            ("x-api-key", "sk-other"),
+            ("accept-encoding", "gzip, deflate"),
+            ("origin", "https://app.example"),
+            ("referer", "https://app.example/page"),
             ("content-type", "application/json"),
+            ("accept", "application/json"),
+            ("user-agent", "OpenAI/Python 1.0"),
+            ("openai-beta", "assistants=v2"),
+            ("idempotency-key", "stainless-python-retry-1"),
             ("x-stainless-lang", "python"),
-        ] {
-            client.append(k, v.parse().unwrap());
-        }
-        let mut out = client;
+            ("x-stainless-retry-count", "0"),
+        ]);
         // The body was rewritten (12 bytes now): its old length goes.
-        prepare_request_headers(
-            &mut out,
-            &HeaderValue::from_static("Bearer sk-server"),
-            None,
-            12,
+        let out = upstream(&[], &[]).prepare(&mut headers, 12);
+        let mut names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "accept",
+                "accept-encoding",
+                "authorization",
+                "content-type",
+                "idempotency-key",
+                "openai-beta",
+                "user-agent",
+                "x-stainless-lang",
+                "x-stainless-retry-count",
+            ]
         );
         assert_eq!(out["authorization"], "Bearer sk-server");
         assert_eq!(out.get_all("authorization").iter().count(), 1);
-        assert_eq!(out["content-type"], "application/json");
-        assert_eq!(out["x-stainless-lang"], "python");
-        for gone in [
+        assert_eq!(out["accept-encoding"], "identity");
+    }
+
+    #[test]
+    fn forward_headers_and_static_headers_are_added() {
+        let mut headers = client(&[("x-trace-id", "t1"), ("x-other", "o")]);
+        let out = upstream(&["x-trace-id"], &[("OpenAI-Project", "proj_server")])
+            .prepare(&mut headers, 0);
+        assert_eq!(out["x-trace-id"], "t1");
+        assert!(!out.contains_key("x-other"));
+        assert_eq!(out["openai-project"], "proj_server");
+
+        // A client's own OpenAI-Project never replaces or joins the server's.
+        let mut headers = client(&[("openai-project", "proj_client")]);
+        let out = upstream(&[], &[("OpenAI-Project", "proj_server")]).prepare(&mut headers, 0);
+        let values: Vec<_> = out.get_all("openai-project").iter().collect();
+        assert_eq!(values, ["proj_server"]);
+    }
+
+    #[test]
+    fn credentials_and_trusted_headers_cannot_be_listed() {
+        for name in [
+            "Authorization",
+            "OpenAI-Organization",
+            "openai-project",
+            "X-Forwarded-For",
+            "x-forwarded-proto",
+            "Forwarded",
+            "X-Real-IP",
+            "api-key",
+            "X-Api-Key",
             "cookie",
             "dpop",
             "x-perishable-fingerprint",
             "host",
             "connection",
-            "x-hop",
-            "keep-alive",
             "transfer-encoding",
-            "content-length",
+            "accept-encoding",
+            "not a name",
         ] {
-            assert!(!out.contains_key(gone), "{gone}");
+            assert!(forwarded_header_name(name).is_err(), "{name}");
         }
+        assert!(forwarded_header_name("X-Trace-Id").is_ok());
+        for name in ["authorization", "x-api-key", "host", "accept-encoding"] {
+            assert!(static_header(name, "v").is_err(), "{name}");
+        }
+        assert!(static_header("OpenAI-Organization", "org-1").is_ok());
+        assert!(static_header("x-tenant", "bad\nvalue").is_err());
+    }
+
+    #[test]
+    fn a_keyless_upstream_gets_no_authorization() {
+        let mut upstream = upstream(&[], &[]);
+        upstream.authorization = None;
+        let mut headers = client(&[("authorization", "Bearer session-token")]);
+        let out = upstream.prepare(&mut headers, 0);
+        assert!(!out.contains_key("authorization"));
     }
 
     #[test]
     fn a_length_that_still_holds_stays() {
-        let auth = HeaderValue::from_static("Bearer k");
-        let mut headers = HeaderMap::new();
-        headers.insert("content-length", "10".parse().unwrap());
-        prepare_request_headers(&mut headers, &auth, None, 10);
-        assert_eq!(headers["content-length"], "10");
+        let mut headers = client(&[("content-length", "10")]);
+        let out = upstream(&[], &[]).prepare(&mut headers, 10);
+        assert_eq!(out["content-length"], "10");
         // Two values, even equal ones, or another length: the client recomputes it.
         for (values, len) in [
             (&["10", "10"][..], 10),
@@ -164,23 +355,19 @@ mod tests {
             for v in values {
                 headers.append("content-length", v.parse().unwrap());
             }
-            prepare_request_headers(&mut headers, &auth, None, len);
-            assert!(!headers.contains_key("content-length"), "{values:?}");
+            let out = upstream(&[], &[]).prepare(&mut headers, len);
+            assert!(!out.contains_key("content-length"), "{values:?}");
         }
     }
 
     #[test]
     fn the_upstream_host_replaces_the_clients() {
-        let mut headers = HeaderMap::new();
-        headers.insert("host", "proxy.example".parse().unwrap());
+        let mut headers = client(&[("host", "proxy.example")]);
+        let mut upstream = upstream(&[], &[]);
         let host = HeaderValue::from_static("127.0.0.1:11434");
-        prepare_request_headers(
-            &mut headers,
-            &HeaderValue::from_static("Bearer k"),
-            Some(&host),
-            0,
-        );
-        assert_eq!(headers.get_all("host").iter().collect::<Vec<_>>(), [&host]);
+        upstream.host = Some(host.clone());
+        let out = upstream.prepare(&mut headers, 0);
+        assert_eq!(out.get_all("host").iter().collect::<Vec<_>>(), [&host]);
     }
 
     #[test]

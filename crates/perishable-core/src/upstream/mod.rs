@@ -7,16 +7,19 @@
 //!    that, from whatever follows the first `/openai/` in the request path.
 //! 2. Refuses paths off the allow-list (`403 path_not_allowed`; see [`AllowList`]) before
 //!    anything else: they never reach the upstream.
-//! 3. Reads the body up to `upstream.max_body_bytes` (`413 body_too_large`), and when
-//!    `upstream.allowed_models` is set, refuses a JSON body naming another model
-//!    (`403 model_not_allowed`).
-//! 4. Sends method, path, query and body upstream on one pooled connection pool, with the
-//!    client's headers minus credentials and hop-by-hop ones, plus `Authorization: Bearer <key>`.
-//!    Redirects are never followed (the key must not go anywhere else). Streaming requests ask for
-//!    an uncompressed answer.
-//! 5. Applies the `[budget]` rules ([`crate::budget`]): the completion cap, `include_usage` on
-//!    streamed completions, the concurrent-stream cap and the token reservation
-//!    (`429 budget_exhausted`, `429 rate_limited`).
+//! 3. Reads the body up to `upstream.max_body_bytes` (`413 body_too_large`) within
+//!    `server.body_timeout_ms` (`408 body_timeout`).
+//! 4. When a cost gate applies (a budget, the completion or stream cap, a model allow-list), the
+//!    call is metered: its body is parsed once, strictly, into the request model that every
+//!    check reads (`upstream/request.rs`: `415`, `400 invalid_json`, `400 invalid_parameter`,
+//!    `403 model_not_allowed`), the completion cap and `include_usage` are applied as edits in
+//!    place, and the call's worst-case cost is reserved at every budget scope
+//!    ([`crate::budget`]: `429 budget_exhausted`, `429 rate_limited` for the stream cap).
+//! 5. Sends method, path, query and body upstream on one pooled connection pool, with the
+//!    client's headers by allow-list (`upstream/headers.rs`), plus the server's own
+//!    `Authorization: Bearer <key>` (none for a keyless upstream), `upstream.headers` and
+//!    `Accept-Encoding: identity`. Redirects are never followed (the key must not go anywhere
+//!    else).
 //! 6. Returns the upstream's status, headers (minus hop-by-hop and `Set-Cookie`) and body, each
 //!    chunk passed on as it arrives; event streams get `X-Accel-Buffering: no`. A usage tap
 //!    (`upstream/usage.rs`) reads the response's `usage` as it passes, to settle the reservation and count
@@ -47,11 +50,14 @@ mod client;
 mod connect;
 mod headers;
 mod path;
+mod request;
 mod service;
+mod sse;
 mod usage;
 
 pub use body::UpstreamBody;
 pub use client::{UpstreamClient, rustls};
+pub(crate) use headers::{forwarded_header_name, static_header};
 pub use path::{AllowList, PathPattern};
 pub use service::{UpstreamPath, UpstreamService};
 pub use usage::Usage;

@@ -1,6 +1,5 @@
 //! [`UpstreamService`]: the forwarding Service itself; see the [module docs](super).
 
-use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -16,11 +15,15 @@ use http_body_util::Full;
 
 use super::body::{Accounting, Settle, UpstreamBody};
 use super::client::{Chain, UpstreamClient};
-use super::headers::{prepare_request_headers, strip_response_headers};
+use super::headers::{
+    UpstreamHeaders, forwarded_header_name, static_header, strip_response_headers,
+};
 use super::path::AllowList;
-use super::usage::TapMode;
+use super::request::{Endpoint, Metered, RequestPolicy};
+use super::usage::{Encoding, TapMode};
 use crate::body::{Body, BoxError};
-use crate::budget::{Admitted, Budget, Inspected};
+use crate::budget::{Admitted, Budget};
+use crate::client_ip::ClientIpResolver;
 use crate::config::{Config, ConfigError};
 use crate::error::{Error, ErrorCode};
 use crate::store::{MemoryStore, Store};
@@ -43,22 +46,21 @@ struct Inner {
     base_url: String,
     /// Where `{path}` starts in the path of an upstream URI.
     path_start: usize,
-    authorization: HeaderValue,
-    /// The `Host` header for a cleartext upstream (always HTTP/1.1), made once instead of by
-    /// the client on every request. `None` for `https`, where HTTP/2 may carry the authority
-    /// in `:authority` instead.
-    host: Option<HeaderValue>,
+    /// What the proxy sends upstream of its own, and which client headers it forwards.
+    headers: UpstreamHeaders,
     allow_list: AllowList,
-    allowed_models: Vec<String>,
+    /// Whether a cost gate applies (a budget, the completion or stream cap, a model
+    /// allow-list): then every call's body is read by the request model.
+    metered: bool,
+    policy: RequestPolicy,
     max_body_bytes: usize,
+    body_timeout: Duration,
     first_byte_timeout: Duration,
     idle_timeout: Duration,
     budget: Budget,
+    /// Which IP a call counts against for the per-IP budget.
+    client_ip: ClientIpResolver,
 }
-
-/// Finds `"stream"` in a request body (built once: building costs more than searching).
-static STREAM_KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
-    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"stream\""));
 
 static X_ACCEL_BUFFERING: header::HeaderName = header::HeaderName::from_static("x-accel-buffering");
 
@@ -82,22 +84,34 @@ impl UpstreamService {
         store: Arc<dyn Store>,
     ) -> Result<Self, ConfigError> {
         let u = config.upstream();
-        let key = u.api_key.as_ref().ok_or(ConfigError::Missing {
-            key: "upstream.api_key",
-        })?;
-        let mut authorization =
-            HeaderValue::try_from(format!("Bearer {}", key.expose())).map_err(|_| {
-                ConfigError::Invalid {
-                    key: "upstream.api_key",
-                    reason: "contains characters not allowed in a header".to_owned(),
+        let authorization =
+            match u.api_key.as_ref().filter(|k| !k.expose().is_empty()) {
+                None => None,
+                Some(key) => {
+                    let mut value = HeaderValue::try_from(format!("Bearer {}", key.expose()))
+                        .map_err(|_| ConfigError::Invalid {
+                            key: "upstream.api_key",
+                            reason: "contains characters not allowed in a header".to_owned(),
+                        })?;
+                    value.set_sensitive(true);
+                    Some(value)
                 }
-            })?;
-        authorization.set_sensitive(true);
+            };
+        let invalid = |key: &'static str| move |reason| ConfigError::Invalid { key, reason };
         let allow_list =
-            AllowList::new(&u.allowed_paths).map_err(|reason| ConfigError::Invalid {
-                key: "upstream.allowed_paths",
-                reason,
-            })?;
+            AllowList::new(&u.allowed_paths).map_err(invalid("upstream.allowed_paths"))?;
+        let forward = u
+            .forward_headers
+            .iter()
+            .map(|name| forwarded_header_name(name))
+            .collect::<Result<_, _>>()
+            .map_err(invalid("upstream.forward_headers"))?;
+        let fixed = u
+            .headers
+            .iter()
+            .map(|(name, value)| static_header(name, value))
+            .collect::<Result<_, _>>()
+            .map_err(invalid("upstream.headers"))?;
         let base = http::Uri::try_from(config.upstream_base_url()).ok();
         let host = base
             .as_ref()
@@ -114,23 +128,31 @@ impl UpstreamService {
             .as_ref()
             .map_or(0, |base| base.path().trim_end_matches('/').len())
             + 1;
+        let budget = Budget::new(
+            config.budget().clone(),
+            store,
+            config.store().on_unavailable,
+        );
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
-                host,
                 base_url: config.upstream_base_url().to_owned(),
                 path_start,
-                authorization,
+                headers: UpstreamHeaders {
+                    authorization,
+                    host,
+                    forward,
+                    fixed,
+                },
                 allow_list,
-                allowed_models: u.allowed_models.clone(),
+                metered: budget.meters() || !u.allowed_models.is_empty(),
+                policy: RequestPolicy::new(u.allowed_models.clone(), config.budget()),
                 max_body_bytes: u.max_body_bytes,
+                body_timeout: Duration::from_millis(config.server().body_timeout_ms),
                 first_byte_timeout: Duration::from_millis(u.first_byte_timeout_ms),
                 idle_timeout: Duration::from_millis(u.idle_timeout_ms),
-                budget: Budget::new(
-                    config.budget().clone(),
-                    store,
-                    config.store().on_unavailable,
-                ),
+                budget,
+                client_ip: ClientIpResolver::new(config.server().trusted_proxies.clone()),
             }),
         })
     }
@@ -171,15 +193,6 @@ where
             })
         }))
     }
-}
-
-/// The fields of a request body the proxy looks at.
-#[derive(serde::Deserialize)]
-struct Peek<'a> {
-    #[serde(borrow, default)]
-    model: Option<Cow<'a, str>>,
-    #[serde(default)]
-    stream: Option<bool>,
 }
 
 /// The `{path}` to forward: the [`UpstreamPath`] extension, or what follows `/openai/` in the
@@ -234,14 +247,22 @@ impl Inner {
                 format!("the request body is over {} bytes", this.max_body_bytes),
             ));
         }
+        if this.metered {
+            this.policy.check_head(req.method(), req.headers())?;
+        }
         let uri = this.upstream_uri(path, req.uri().query())?;
+        let ip = if this.metered {
+            this.client_ip.resolve(&req)
+        } else {
+            None
+        };
         let (parts, body) = req.into_parts();
         let http::request::Parts {
             method, headers, ..
         } = parts;
         Ok(this
             .clone()
-            .read_and_admit(method, uri, headers, session, body))
+            .read_and_admit(method, uri, headers, session, ip, body))
     }
 
     /// The `{path}` part of an upstream URI made by [`upstream_uri`](Self::upstream_uri).
@@ -253,8 +274,9 @@ impl Inner {
         self: Arc<Self>,
         method: http::Method,
         uri: http::Uri,
-        headers: http::HeaderMap,
+        mut headers: http::HeaderMap,
         session: Option<VerifiedSession>,
+        ip: Option<std::net::IpAddr>,
         body: B,
     ) -> Result<Prepared, Error>
     where
@@ -265,86 +287,33 @@ impl Inner {
         let body = Box::pin(crate::body::read_limited(
             body,
             self.max_body_bytes,
+            self.body_timeout,
             "the request body",
         ))
         .await?;
 
-        let path = self.path_of(&uri);
-        let mut streaming = false;
-        let mentions_stream = !body.is_empty() && STREAM_KEY.find(&body).is_some();
-        // The budget's inspection parses the body anyway (and learns `stream` from it): parse
-        // here only for the model allow-list, or when the budget will not look.
-        let budget_parses = !body.is_empty() && self.budget.wants_body(path, mentions_stream);
-        if !body.is_empty()
-            && (!self.allowed_models.is_empty() || (mentions_stream && !budget_parses))
-        {
-            // A struct refuses duplicate keys, so a second "model" cannot slip past the check;
-            // serde also reads structs from arrays, so the body must open as an object.
-            let object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-            let peeked = if object {
-                serde_json::from_slice::<Peek<'_>>(&body).ok()
-            } else {
-                None
-            };
-            match peeked.ok_or(()) {
-                Ok(peek) => {
-                    streaming = peek.stream == Some(true);
-                    if !self.allowed_models.is_empty() {
-                        let allowed = peek
-                            .model
-                            .as_deref()
-                            .is_some_and(|m| self.allowed_models.iter().any(|a| a == m));
-                        if !allowed {
-                            return Err(Error::new(
-                                ErrorCode::ModelNotAllowed,
-                                match peek.model {
-                                    Some(m) => format!("the model {m:?} is not allowed"),
-                                    None => "the request must name an allowed model".into(),
-                                },
-                            ));
-                        }
-                    }
-                }
-                Err(_) if !self.allowed_models.is_empty() => {
-                    return Err(Error::new(
-                        ErrorCode::InvalidJson,
-                        "the request body must be a JSON object naming an allowed model",
-                    ));
-                }
-                Err(_) => {}
-            }
-        }
-        let inspected = if budget_parses {
-            self.budget.inspect(path, body)
+        let metered = if self.metered {
+            let endpoint = Endpoint::of(self.path_of(&uri));
+            self.policy.meter(endpoint, &method, &headers, body)?
         } else {
-            Inspected {
+            Metered {
                 body,
-                streaming,
-                ..Inspected::default()
+                ..Metered::default()
             }
         };
-        let streaming = inspected.streaming;
-        let admitted = if self.budget.admits(session.as_ref(), &inspected) {
-            Box::pin(self.budget.admit(session.as_ref(), &inspected)).await?
+        let admitted = if self.metered {
+            Box::pin(
+                self.budget
+                    .admit(session.as_ref(), ip, metered.streaming, metered.reserve),
+            )
+            .await?
         } else {
             Admitted::default()
         };
-        let hide_usage = inspected.hide_usage;
-        let body = inspected.body;
-
-        let mut headers = headers;
-        prepare_request_headers(
-            &mut headers,
-            &self.authorization,
-            self.host.as_ref(),
-            body.len(),
-        );
-        if streaming {
-            headers.insert(
-                header::ACCEPT_ENCODING,
-                HeaderValue::from_static("identity"),
-            );
-        }
+        let Metered {
+            body, hide_usage, ..
+        } = metered;
+        let headers = self.headers.prepare(&mut headers, body.len());
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = method;
         *request.uri_mut() = uri;
@@ -430,16 +399,23 @@ impl Inner {
             (false, false, true) => Some(TapMode::Json),
             _ => None,
         };
+        let encoding = Encoding::of(parts.headers.get(header::CONTENT_ENCODING));
+        let endpoint = Endpoint::of(path);
         let on_done = Settle {
             budget: self.budget.clone(),
+            expects_usage: admitted.reserved() > 0 && endpoint.reports_usage(),
+            route: endpoint.label(path),
             admitted,
             started,
             failed,
         };
-        let accounting = Accounting::new(tap, on_done);
-        if hide_usage && tap == Some(TapMode::EventsHidingUsage) {
+        let accounting = Accounting::new(tap, encoding, on_done);
+        if accounting.rewrites() {
             // The body is rewritten: its length changes.
             parts.headers.remove(header::CONTENT_LENGTH);
+        }
+        if accounting.decodes_for_client() {
+            parts.headers.remove(header::CONTENT_ENCODING);
         }
         Ok(Response::from_parts(
             parts,
@@ -710,11 +686,16 @@ mod tests {
             r#"{"model":["gpt-4o-mini"]}"#,
         ] {
             let got = send(svc.clone(), post("/openai/chat/completions", body)).await;
+            let code = if body.contains('[') && !body.starts_with('[') {
+                "invalid_parameter"
+            } else {
+                "invalid_json"
+            };
             assert_eq!(
                 got,
                 (
                     StatusCode::BAD_REQUEST,
-                    "invalid_json".to_owned(),
+                    code.to_owned(),
                     "invalid_request_error".to_owned()
                 ),
                 "{body}"

@@ -268,6 +268,7 @@ impl EventParser {
 
     /// Bytes currently held: the incomplete event (or the first bytes of a BOM, at most 2).
     /// Never more than `max_event_bytes` for an event.
+    #[cfg(test)]
     pub(crate) fn held(&self) -> usize {
         self.buf.len()
     }

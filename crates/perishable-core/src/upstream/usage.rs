@@ -1,36 +1,40 @@
-//! Usage accounting: reading `usage` from responses as they stream past.
+//! Usage accounting: reading `usage` from responses as they stream past, and hiding what the
+//! proxy's own `include_usage` added (see "Metered calls" in `docs/protocol.md`).
 //!
-//! A [`UsageTap`] sits in the response body. It never delays a chunk the client can use:
+//! A [`UsageTap`] sits in the response body. What it reads is the JSON, never its spelling: any
+//! spacing, any key order, escapes in keys, one line or many.
 //!
-//! - **JSON responses** pass through untouched. The tap keeps the last 8 KiB and, at the end,
-//!   parses the last `"usage":{…}` object in it (OpenAI puts `usage` at the end of completions,
-//!   embeddings and responses).
-//! - **Event streams** pass through untouched too. The tap copies each frame aside, splits it
-//!   into events at blank lines, and parses only the events that mention `"usage":{` (the final
-//!   chunk of a chat completion with `stream_options.include_usage`, or `response.completed`).
-//! - **Event streams whose usage the proxy asked for** (the client did not) are rewritten:
-//!   - the usage-only event (`"choices":[]` with a `usage` object) is dropped;
-//!   - the `"usage":null` member that OpenAI then adds to every other chunk is removed.
+//! - **JSON responses** pass through untouched. The tap scans them incrementally for the
+//!   top-level `usage` member ([`crate::json::MemberFinder`]), with bounded memory whatever the
+//!   body's size and wherever `usage` sits (chat and text completions, embeddings, the
+//!   Responses API).
+//! - **Event streams** pass through untouched too. The tap parses them per the WHATWG rules
+//!   (`upstream/sse.rs`: LF, CR or CRLF line ends, several `data:` lines, comments, other
+//!   fields, any split) and reads `usage` from the events that can carry it: a data object with a
+//!   top-level `usage` object (chat and text completions with `include_usage`, on a chunk of its
+//!   own, on the final choice chunk, or on every chunk as vLLM's `continuous_usage_stats` does:
+//!   the last one wins), or a `response` object with a `usage` object (the Responses API's
+//!   `response.completed`). Only events whose data mentions `usage` (or escapes a letter of it)
+//!   are parsed.
+//! - **Event streams whose usage the proxy asked for** (the client did not) are rewritten, event
+//!   by event, each complete event passed on at once:
+//!   - the usage-only event (`choices` an empty array, `usage` an object) is dropped;
+//!   - the top-level `usage` member of every other event (`"usage": null`, or a usage object on
+//!     a choice chunk) is removed, with exactly one separating comma, whatever the spacing;
+//!   - every other byte passes unchanged.
+//! - **A compressed response** (an upstream that ignored `Accept-Encoding: identity`): gzip and
+//!   deflate are decoded for the reader, in bounded steps. The client gets the bytes as sent,
+//!   except when usage must be hidden: then it gets the decoded, rewritten events (the service
+//!   drops `Content-Encoding`). Other encodings cannot be read: the usage counts as unread.
 //!
-//!   So the client gets the same bytes it would have got without `include_usage`. Complete
-//!   events are passed on as soon as they arrive; only an event cut across two network frames
-//!   waits for its end (an SSE client cannot use half an event anyway).
-
-use std::sync::LazyLock;
+//! When a response's usage cannot be read, the reservation stands; the caller counts
+//! `perishable_usage_unread_total` and logs a warning.
 
 use bytes::{Bytes, BytesMut};
-use memchr::memmem::Finder;
 use serde::Deserialize;
 
-/// The searchers, built once: building one costs more than a short search.
-static EVENT_END: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\n"));
-static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\":"));
-static USAGE_OBJECT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\":{"));
-static NO_CHOICES: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"choices\":[]"));
-static USAGE_NULL_BEFORE: LazyLock<Finder<'static>> =
-    LazyLock::new(|| Finder::new(b",\"usage\":null"));
-static USAGE_NULL_AFTER: LazyLock<Finder<'static>> =
-    LazyLock::new(|| Finder::new(b"\"usage\":null,"));
+use super::sse::{Event, EventParser, Segment};
+use crate::json::{self, Kind, MemberFinder, Mode};
 
 /// Tokens one response used, as the upstream reported them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -53,30 +57,26 @@ struct RawUsage {
     total_tokens: Option<u64>,
 }
 
-/// Parses the object that follows the last `"usage":` in `bytes`, if it is one.
-fn parse_last_usage(bytes: &[u8]) -> Option<Usage> {
-    // The last match, found forwards: the forward search is vectorized, the reverse one is not.
-    let at = USAGE_KEY.find_iter(bytes).last()?;
-    let rest = &bytes[at + b"\"usage\":".len()..];
-    let start = rest.iter().position(|b| !b.is_ascii_whitespace())?;
-    if rest[start] != b'{' {
-        return None;
+impl Usage {
+    /// A usage object (`{"prompt_tokens": …}` or the Responses API's `{"input_tokens": …}`).
+    fn parse(raw: &[u8]) -> Option<Self> {
+        let raw: RawUsage = serde_json::from_slice(raw).ok()?;
+        let prompt = raw.prompt_tokens.unwrap_or(0);
+        let completion = raw.completion_tokens.unwrap_or(0);
+        Some(Self {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: raw
+                .total_tokens
+                .unwrap_or(prompt.saturating_add(completion)),
+        })
     }
-    let mut values = serde_json::Deserializer::from_slice(&rest[start..]).into_iter::<RawUsage>();
-    let raw = values.next()?.ok()?;
-    let prompt = raw.prompt_tokens.unwrap_or(0);
-    let completion = raw.completion_tokens.unwrap_or(0);
-    Some(Usage {
-        prompt_tokens: prompt,
-        completion_tokens: completion,
-        total_tokens: raw.total_tokens.unwrap_or(prompt + completion),
-    })
 }
 
 /// What the tap does with the body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum TapMode {
-    /// A JSON body: read `usage` at the end.
+    /// A JSON body: find its top-level `usage`.
     Json,
     /// An event stream: read `usage` from the events that carry it.
     Events,
@@ -84,29 +84,84 @@ pub(crate) enum TapMode {
     EventsHidingUsage,
 }
 
-/// The largest partial event or JSON tail kept aside.
-const MAX_CARRY: usize = 1024 * 1024;
-const JSON_TAIL: usize = 8 * 1024;
+/// How the upstream encoded the body (`Content-Encoding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Encoding {
+    Identity,
+    Gzip,
+    Deflate,
+    /// Anything else (`br`, `zstd`, ...): the usage cannot be read.
+    Unknown,
+}
+
+impl Encoding {
+    /// The encoding a `Content-Encoding` header names.
+    pub(crate) fn of(header: Option<&http::HeaderValue>) -> Self {
+        let Some(value) = header.and_then(|v| v.to_str().ok()) else {
+            return Self::Identity;
+        };
+        let value = value.trim();
+        if value.is_empty() || value.eq_ignore_ascii_case("identity") {
+            Self::Identity
+        } else if value.eq_ignore_ascii_case("gzip") || value.eq_ignore_ascii_case("x-gzip") {
+            Self::Gzip
+        } else if value.eq_ignore_ascii_case("deflate") {
+            Self::Deflate
+        } else {
+            Self::Unknown
+        }
+    }
+}
+
+/// The largest event held back while hiding, and the largest usage value kept.
+const MAX_EVENT: usize = 1024 * 1024;
+const MAX_USAGE_VALUE: usize = 64 * 1024;
+/// Compressed input is decoded this many bytes at a time, so one step's output stays bounded
+/// (deflate expands at most about 1032 times).
+const DECODE_STEP: usize = 512;
+/// Past this many decoded bytes, a compressed body is no longer read (a decompression bomb costs
+/// the reader nothing more; the reservation stands).
+const MAX_DECODED: u64 = 256 * 1024 * 1024;
 
 /// Reads usage from a response body as it passes; see the [module docs](self).
-#[derive(Debug)]
 pub(crate) struct UsageTap {
     mode: TapMode,
-    /// Events mode: the start of an event not yet complete. JSON mode: the body's tail before
-    /// `last` (at most `JSON_TAIL` bytes).
-    carry: BytesMut,
-    /// JSON mode: the last frame, shared with the client's copy (a one-frame body, the common
-    /// case, is never copied).
-    last: Option<Bytes>,
+    decoder: Option<Decoder>,
+    /// The encoding cannot be decoded: nothing is read.
+    opaque: bool,
+    json: Option<MemberFinder>,
+    events: Option<EventParser>,
+    /// Segments completed by the latest piece (kept to reuse its allocation).
+    segments: Vec<Segment>,
+    /// An event was just dropped: an LF that completes its CRLF goes with it.
+    dropped: bool,
     usage: Option<Usage>,
 }
 
+impl std::fmt::Debug for UsageTap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UsageTap")
+            .field("mode", &self.mode)
+            .field("usage", &self.usage)
+            .finish_non_exhaustive()
+    }
+}
+
 impl UsageTap {
-    pub(crate) fn new(mode: TapMode) -> Self {
+    pub(crate) fn new(mode: TapMode, encoding: Encoding) -> Self {
+        let decoder = match encoding {
+            Encoding::Gzip => Some(Decoder::gzip()),
+            Encoding::Deflate => Some(Decoder::deflate()),
+            Encoding::Identity | Encoding::Unknown => None,
+        };
         Self {
             mode,
-            carry: BytesMut::new(),
-            last: None,
+            decoder,
+            opaque: encoding == Encoding::Unknown,
+            json: (mode == TapMode::Json).then(|| MemberFinder::new("usage", MAX_USAGE_VALUE)),
+            events: (mode != TapMode::Json).then(|| EventParser::new(MAX_EVENT)),
+            segments: Vec::new(),
+            dropped: false,
             usage: None,
         }
     }
@@ -116,148 +171,267 @@ impl UsageTap {
         self.usage
     }
 
-    /// Whether the tap drops events (the client's body is not the upstream's).
+    /// Whether the client's body is not the upstream's: events are dropped or rewritten (and,
+    /// for a compressed stream, decoded).
     pub(crate) fn rewrites(&self) -> bool {
-        self.mode == TapMode::EventsHidingUsage
+        self.mode == TapMode::EventsHidingUsage && !self.opaque
+    }
+
+    /// Whether the client gets decoded bytes (the service then drops `Content-Encoding`).
+    pub(crate) fn decodes_for_client(&self) -> bool {
+        self.rewrites() && self.decoder.is_some()
     }
 
     /// Takes one data frame; returns what to send the client now (`None`: nothing yet).
     pub(crate) fn frame(&mut self, data: Bytes) -> Option<Bytes> {
+        if self.opaque {
+            return Some(data);
+        }
+        let plain = match self.decoder.as_mut() {
+            None => data.clone(),
+            Some(decoder) => match decoder.decode(&data) {
+                Some(plain) => plain,
+                None => {
+                    // Undecodable: read nothing more, and pass the rest on as it came.
+                    self.opaque = true;
+                    self.decoder = None;
+                    return Some(data);
+                }
+            },
+        };
         match self.mode {
             TapMode::Json => {
-                if let Some(older) = self.last.replace(data.clone()) {
-                    self.carry.extend_from_slice(&older);
-                    if self.carry.len() > JSON_TAIL {
-                        let cut = self.carry.len() - JSON_TAIL;
-                        let _ = self.carry.split_to(cut);
-                    }
+                if let Some(finder) = self.json.as_mut() {
+                    finder.feed(&plain);
                 }
                 Some(data)
             }
             TapMode::Events => {
-                // Whole events are read in place; only a cut event is copied aside.
-                let mut rest: &[u8] = &data;
-                if !self.carry.is_empty() {
-                    // The blank line may straddle the two frames.
-                    let straddles =
-                        self.carry.last() == Some(&b'\n') && rest.first() == Some(&b'\n');
-                    let end = if straddles {
-                        Some(1)
-                    } else {
-                        EVENT_END.find(rest).map(|end| end + 2)
-                    };
-                    match end {
-                        Some(end) => {
-                            self.carry.extend_from_slice(&rest[..end]);
-                            let event = self.carry.split();
-                            self.read_event(&event);
-                            rest = &rest[end..];
-                        }
-                        None => {
-                            self.carry.extend_from_slice(rest);
-                            rest = &[];
-                        }
+                self.parse(&plain);
+                for segment in std::mem::take(&mut self.segments) {
+                    if let Segment::Event(event) = segment {
+                        self.read_event(&event);
                     }
-                }
-                while let Some(end) = EVENT_END.find(rest) {
-                    let (event, after) = rest.split_at(end + 2);
-                    self.read_event(event);
-                    rest = after;
-                }
-                self.carry.extend_from_slice(rest);
-                if self.carry.len() > MAX_CARRY {
-                    self.carry.clear();
                 }
                 Some(data)
             }
             TapMode::EventsHidingUsage => {
-                self.carry.extend_from_slice(&data);
-                let mut out = BytesMut::new();
-                while let Some(end) = EVENT_END.find(&self.carry) {
-                    let event = self.carry.split_to(end + 2);
-                    if self.read_event(&event) && is_usage_only(&event) {
-                        continue;
-                    }
-                    strip_usage_null(&event, &mut out);
-                }
-                if self.carry.len() > MAX_CARRY {
-                    // Not an event stream after all: pass it on as is.
-                    out.extend_from_slice(&self.carry.split());
-                }
-                (!out.is_empty()).then(|| out.freeze())
+                self.parse(&plain);
+                self.hide()
             }
         }
     }
 
     /// The body ended: returns what is left to send the client.
     pub(crate) fn finish(&mut self) -> Option<Bytes> {
+        if self.opaque {
+            return None;
+        }
         match self.mode {
             TapMode::Json => {
-                if self.usage.is_none() {
-                    let last = self.last.take().unwrap_or_default();
-                    self.usage = if self.carry.is_empty() {
-                        parse_last_usage(&last)
-                    } else {
-                        self.carry.extend_from_slice(&last);
-                        parse_last_usage(&self.carry)
-                    };
+                if let Some(finder) = self.json.take()
+                    && let Some(value) = finder.value()
+                {
+                    self.usage = Usage::parse(value).or(self.usage);
                 }
-                self.carry.clear();
-                self.last = None;
                 None
             }
             TapMode::Events => {
-                let rest = self.carry.split();
-                self.read_event(&rest);
+                if let Some(parser) = self.events.as_mut() {
+                    parser.finish(&mut self.segments);
+                }
+                self.segments.clear();
                 None
             }
             TapMode::EventsHidingUsage => {
-                let rest = self.carry.split();
-                (!rest.is_empty()).then(|| rest.freeze())
+                if let Some(parser) = self.events.as_mut() {
+                    parser.finish(&mut self.segments);
+                }
+                self.hide()
             }
         }
     }
 
-    /// Reads usage from one event; `true` when it carried a usage object.
-    fn read_event(&mut self, event: &[u8]) -> bool {
-        if USAGE_OBJECT.find(event).is_none() {
-            return false;
+    fn parse(&mut self, plain: &Bytes) {
+        if let Some(parser) = self.events.as_mut() {
+            parser.feed(plain, &mut self.segments);
         }
-        match parse_last_usage(event) {
-            Some(usage) => {
-                self.usage = Some(usage);
-                true
+    }
+
+    /// Passes on the segments completed so far, without what the injection added.
+    fn hide(&mut self) -> Option<Bytes> {
+        let mut out = BytesMut::new();
+        let mut single: Option<Bytes> = None;
+        for segment in std::mem::take(&mut self.segments) {
+            let kept = match segment {
+                Segment::Event(event) => {
+                    let kept = self.hide_event(&event);
+                    self.dropped = kept.is_none();
+                    kept
+                }
+                Segment::Other(bytes) => {
+                    let dropped = std::mem::take(&mut self.dropped);
+                    if dropped && bytes.first() == Some(&b'\n') {
+                        Some(bytes.slice(1..))
+                    } else {
+                        Some(bytes)
+                    }
+                }
+            };
+            let Some(kept) = kept.filter(|b| !b.is_empty()) else {
+                continue;
+            };
+            // The usual case, one event per frame, is passed on without a copy.
+            match single.take() {
+                None if out.is_empty() => single = Some(kept),
+                previous => {
+                    if let Some(previous) = previous {
+                        out.extend_from_slice(&previous);
+                    }
+                    out.extend_from_slice(&kept);
+                }
             }
-            None => false,
         }
+        single.or_else(|| (!out.is_empty()).then(|| out.freeze()))
+    }
+
+    /// One event as the client gets it: `None` to drop it.
+    fn hide_event(&mut self, event: &Event) -> Option<Bytes> {
+        let Some(object) = self.read_event(event) else {
+            return Some(event.raw.clone());
+        };
+        let Some(index) = object.members.iter().rposition(|m| m.key == "usage") else {
+            return Some(event.raw.clone());
+        };
+        let usage = &object.members[index];
+        let no_choices = object.get("choices").is_some_and(|choices| {
+            choices.kind == Kind::Array
+                && event
+                    .data
+                    .get(choices.value.clone())
+                    .and_then(|raw| raw.get(1..raw.len().saturating_sub(1)))
+                    .is_some_and(|inside| inside.iter().all(u8::is_ascii_whitespace))
+        });
+        if usage.kind == Kind::Object && no_choices {
+            return None;
+        }
+        let edit = json::remove_member(&object, index);
+        Some(event.raw_without(edit.range))
+    }
+
+    /// Reads usage from one event; returns its data object when it may carry usage.
+    fn read_event(&mut self, event: &Event) -> Option<json::Object> {
+        if !mentions_usage(&event.data) {
+            return None;
+        }
+        let object = json::parse_object(&event.data, Mode::Lenient).ok()?;
+        if let Some(usage) = object.get("usage")
+            && usage.kind == Kind::Object
+            && let Some(parsed) = event.data.get(usage.value.clone()).and_then(Usage::parse)
+        {
+            self.usage = Some(parsed);
+        } else if let Some(response) = object.get("response")
+            && response.kind == Kind::Object
+            && let Some(raw) = event.data.get(response.value.clone())
+            && let Ok(inner) = json::parse_object(raw, Mode::Lenient)
+            && let Some(usage) = inner.get("usage")
+            && usage.kind == Kind::Object
+            && let Some(parsed) = raw.get(usage.value.clone()).and_then(Usage::parse)
+        {
+            self.usage = Some(parsed);
+        }
+        Some(object)
     }
 }
 
-/// The usage-only chunk of a chat completion: no choices, only usage.
-fn is_usage_only(event: &[u8]) -> bool {
-    NO_CHOICES.find(event).is_some()
+/// Whether `data` could hold a member named `usage`: it contains the word, or a `\u00XX` escape
+/// of one of its letters (a key may spell any letter that way). Never wrong the other way: data
+/// this refuses cannot name `usage`.
+fn mentions_usage(data: &[u8]) -> bool {
+    if memchr::memmem::find(data, b"usage").is_some() {
+        return true;
+    }
+    memchr::memmem::find_iter(data, b"\\u00").any(|at| {
+        let hex = data.get(at + 4..at + 6).unwrap_or_default();
+        let lower = hex.to_ascii_lowercase();
+        matches!(&lower[..], b"75" | b"73" | b"61" | b"67" | b"65")
+    })
 }
 
-/// Copies `event` into `out` without its `"usage":null` member.
-fn strip_usage_null(event: &[u8], out: &mut BytesMut) {
-    let mut rest = event;
-    loop {
-        let comma_before = USAGE_NULL_BEFORE.find(rest);
-        let comma_after = USAGE_NULL_AFTER.find(rest);
-        match (comma_before, comma_after) {
-            (Some(i), _) => {
-                out.extend_from_slice(&rest[..i]);
-                rest = &rest[i + b",\"usage\":null".len()..];
-            }
-            (None, Some(i)) => {
-                out.extend_from_slice(&rest[..i]);
-                rest = &rest[i + b"\"usage\":null,".len()..];
-            }
-            (None, None) => {
-                out.extend_from_slice(rest);
-                return;
-            }
+/// A gzip or deflate decoder that yields its output in bounded steps.
+struct Decoder {
+    kind: DecoderKind,
+    decoded: u64,
+}
+
+enum DecoderKind {
+    Gzip(flate2::write::GzDecoder<Vec<u8>>),
+    /// HTTP's `deflate` is zlib-wrapped, though some servers send raw deflate: decided from the
+    /// first two bytes.
+    Deflate(Option<DeflateKind>),
+}
+
+enum DeflateKind {
+    Zlib(flate2::write::ZlibDecoder<Vec<u8>>),
+    Raw(flate2::write::DeflateDecoder<Vec<u8>>),
+}
+
+impl Decoder {
+    fn gzip() -> Self {
+        Self {
+            kind: DecoderKind::Gzip(flate2::write::GzDecoder::new(Vec::new())),
+            decoded: 0,
         }
+    }
+
+    fn deflate() -> Self {
+        Self {
+            kind: DecoderKind::Deflate(None),
+            decoded: 0,
+        }
+    }
+
+    /// Decodes one piece; `None` when it cannot be decoded (or decodes to too much).
+    fn decode(&mut self, input: &[u8]) -> Option<Bytes> {
+        use std::io::Write;
+        let mut out = BytesMut::new();
+        for step in input.chunks(DECODE_STEP) {
+            let sink = match &mut self.kind {
+                DecoderKind::Gzip(d) => {
+                    d.write_all(step).ok()?;
+                    d.get_mut()
+                }
+                DecoderKind::Deflate(kind) => {
+                    let d = kind.get_or_insert_with(|| {
+                        let zlib = step.len() >= 2
+                            && step[0] & 0x0f == 8
+                            && (u16::from(step[0]) << 8 | u16::from(step[1])) % 31 == 0;
+                        if zlib {
+                            DeflateKind::Zlib(flate2::write::ZlibDecoder::new(Vec::new()))
+                        } else {
+                            DeflateKind::Raw(flate2::write::DeflateDecoder::new(Vec::new()))
+                        }
+                    });
+                    match d {
+                        DeflateKind::Zlib(d) => {
+                            d.write_all(step).ok()?;
+                            d.get_mut()
+                        }
+                        DeflateKind::Raw(d) => {
+                            d.write_all(step).ok()?;
+                            d.get_mut()
+                        }
+                    }
+                }
+            };
+            self.decoded += sink.len() as u64;
+            if self.decoded > MAX_DECODED {
+                return None;
+            }
+            out.extend_from_slice(sink);
+            sink.clear();
+        }
+        Some(out.freeze())
     }
 }
 
@@ -265,105 +439,143 @@ fn strip_usage_null(event: &[u8], out: &mut BytesMut) {
 mod tests {
     use super::*;
 
-    fn run(tap: &mut UsageTap, frames: &[&str]) -> String {
+    fn run(tap: &mut UsageTap, frames: &[&[u8]]) -> Vec<u8> {
         let mut out = Vec::new();
         for f in frames {
-            if let Some(b) = tap.frame(Bytes::copy_from_slice(f.as_bytes())) {
+            if let Some(b) = tap.frame(Bytes::copy_from_slice(f)) {
                 out.extend_from_slice(&b);
             }
         }
         if let Some(b) = tap.finish() {
             out.extend_from_slice(&b);
         }
-        String::from_utf8(out).unwrap()
+        out
     }
 
-    const WITH_USAGE: [&str; 4] = [
-        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n",
-        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n",
-        "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\n\n",
-        "data: [DONE]\n\n",
-    ];
-    const WITHOUT_USAGE: &str = "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\ndata: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n";
+    fn tap(mode: TapMode) -> UsageTap {
+        UsageTap::new(mode, Encoding::Identity)
+    }
+
+    const FIVE: Usage = Usage {
+        prompt_tokens: 3,
+        completion_tokens: 2,
+        total_tokens: 5,
+    };
 
     #[test]
-    fn hiding_usage_gives_the_bytes_without_it() {
-        let mut tap = UsageTap::new(TapMode::EventsHidingUsage);
-        assert_eq!(run(&mut tap, &WITH_USAGE), WITHOUT_USAGE);
-        assert_eq!(tap.usage().unwrap().total_tokens, 5);
+    fn any_spelling_of_usage_is_read_and_hidden() {
+        for (with, without) in [
+            // OpenAI's compact spelling.
+            (
+                "data: {\"id\":\"c\",\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\ndata: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\n\ndata: [DONE]\n\n",
+                "data: {\"id\":\"c\",\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\ndata: [DONE]\n\n",
+            ),
+            // Python's json.dumps, CRLF line ends.
+            (
+                "data: {\"id\": \"c\", \"choices\": [{\"delta\": {\"content\": \"Hi\"}}], \"usage\": null}\r\n\r\ndata: {\"id\": \"c\", \"choices\": [], \"usage\": {\"prompt_tokens\": 3, \"completion_tokens\": 2, \"total_tokens\": 5}}\r\n\r\ndata: [DONE]\r\n\r\n",
+                "data: {\"id\": \"c\", \"choices\": [{\"delta\": {\"content\": \"Hi\"}}]}\r\n\r\ndata: [DONE]\r\n\r\n",
+            ),
+            // The usage member first, CR line ends.
+            (
+                "data: {\"usage\": null, \"choices\": [{\"delta\": {}}]}\r\rdata: {\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2},\"choices\":[ ]}\r\r",
+                "data: {\"choices\": [{\"delta\": {}}]}\r\r",
+            ),
+            // Usage on the final choice chunk, an escaped key.
+            (
+                "data: {\"choices\":[{\"finish_reason\":\"stop\"}],\"\\u0075sage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\n\n",
+                "data: {\"choices\":[{\"finish_reason\":\"stop\"}]}\n\n",
+            ),
+        ] {
+            let mut t = tap(TapMode::EventsHidingUsage);
+            let out = run(&mut t, &[with.as_bytes()]);
+            assert_eq!(String::from_utf8(out).unwrap(), without, "{with}");
+            assert_eq!(t.usage(), Some(FIVE), "{with}");
+            // Every split reads and hides the same.
+            for cut in 0..=with.len() {
+                let mut t = tap(TapMode::EventsHidingUsage);
+                let out = run(&mut t, &[&with.as_bytes()[..cut], &with.as_bytes()[cut..]]);
+                assert_eq!(
+                    String::from_utf8(out).unwrap(),
+                    without,
+                    "cut {cut}: {with}"
+                );
+                assert_eq!(t.usage(), Some(FIVE));
+                let mut t = tap(TapMode::Events);
+                let out = run(&mut t, &[&with.as_bytes()[..cut], &with.as_bytes()[cut..]]);
+                assert_eq!(out, with.as_bytes(), "observing changes nothing");
+                assert_eq!(t.usage(), Some(FIVE));
+            }
+        }
     }
 
     #[test]
-    fn events_split_across_frames_are_rejoined() {
-        let all: String = WITH_USAGE.concat();
-        let frames: Vec<&str> = vec![&all[..7], &all[7..100], &all[100..230], &all[230..]];
-        let mut tap = UsageTap::new(TapMode::EventsHidingUsage);
-        assert_eq!(run(&mut tap, &frames), WITHOUT_USAGE);
-        let mut tap = UsageTap::new(TapMode::Events);
-        assert_eq!(run(&mut tap, &frames), all, "observing changes nothing");
-        assert_eq!(
-            tap.usage(),
-            Some(Usage {
-                prompt_tokens: 3,
-                completion_tokens: 2,
-                total_tokens: 5
-            })
+    fn pretty_events_over_several_data_lines() {
+        let with = "data: {\n data:   \"choices\": [],\ndata:   \"usage\": {\"prompt_tokens\": 3,\ndata: \"completion_tokens\": 2}\ndata: }\n\n";
+        let mut t = tap(TapMode::Events);
+        run(&mut t, &[with.as_bytes()]);
+        assert_eq!(t.usage(), Some(FIVE));
+    }
+
+    #[test]
+    fn responses_api_completed_event() {
+        let mut t = tap(TapMode::Events);
+        run(
+            &mut t,
+            &[b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"usage\":null}}\n\nevent: response.completed\ndata: {\"type\": \"response.completed\", \"response\": {\"usage\": {\"input_tokens\": 3, \"output_tokens\": 2}}}\n\n"],
         );
+        assert_eq!(t.usage(), Some(FIVE));
     }
 
     #[test]
     fn complete_events_are_not_held_back() {
-        let mut tap = UsageTap::new(TapMode::EventsHidingUsage);
-        let first = tap.frame(Bytes::from_static(WITH_USAGE[0].as_bytes()));
-        assert!(first.is_some(), "a complete event goes out at once");
-        let partial = tap.frame(Bytes::from_static(b"data: {\"id\""));
+        let mut t = tap(TapMode::EventsHidingUsage);
+        let first = t.frame(Bytes::from_static(
+            b"data: {\"choices\":[{}],\"usage\":null}\r\n\r\n",
+        ));
+        assert_eq!(
+            first.as_deref(),
+            Some(&b"data: {\"choices\":[{}]}\r\n\r\n"[..])
+        );
+        let partial = t.frame(Bytes::from_static(b"data: {\"id\""));
         assert!(partial.is_none(), "half an event waits for its end");
     }
 
     #[test]
-    fn json_usage_at_the_end_and_responses_api_names() {
-        let mut tap = UsageTap::new(TapMode::Json);
+    fn json_usage_anywhere_in_a_large_body() {
         let body = format!(
-            "{{\"object\":\"list\",\"data\":[{}],\"usage\":{{\"prompt_tokens\":7,\"total_tokens\":7}}}}",
-            vec!["1.0"; 5000].join(",")
+            "{{\"id\": \"x\", \"usage\": {{\"prompt_tokens\": 3, \"completion_tokens\": 2}}, \"metadata\": {{\"padding\": \"{}\"}}}}",
+            "x".repeat(100_000)
         );
-        let out = run(&mut tap, &[&body[..9000], &body[9000..]]);
-        assert_eq!(out, body);
-        assert_eq!(tap.usage().unwrap().total_tokens, 7);
-
-        let mut tap = UsageTap::new(TapMode::Events);
-        run(
-            &mut tap,
-            &[
-                "event: response.completed\ndata: {\"response\":{\"usage\":{\"input_tokens\":4,\"output_tokens\":6}}}\n\n",
-            ],
-        );
-        assert_eq!(tap.usage().unwrap().total_tokens, 10);
+        let mut t = tap(TapMode::Json);
+        let frames: Vec<&[u8]> = body.as_bytes().chunks(1000).collect();
+        let out = run(&mut t, &frames);
+        assert_eq!(out, body.as_bytes());
+        assert_eq!(t.usage(), Some(FIVE));
     }
 
     #[test]
-    fn every_two_frame_split_reads_the_same_usage() {
-        let all: String = WITH_USAGE.concat();
-        let five = Some(Usage {
-            prompt_tokens: 3,
-            completion_tokens: 2,
-            total_tokens: 5,
-        });
-        for cut in 0..=all.len() {
-            let frames = [&all[..cut], &all[cut..]];
-            let mut tap = UsageTap::new(TapMode::Events);
-            assert_eq!(run(&mut tap, &frames), all, "cut at {cut}");
-            assert_eq!(tap.usage(), five, "events, cut at {cut}");
-            let mut tap = UsageTap::new(TapMode::EventsHidingUsage);
-            assert_eq!(run(&mut tap, &frames), WITHOUT_USAGE, "cut at {cut}");
-            assert_eq!(tap.usage(), five, "hiding, cut at {cut}");
-        }
-        let json =
-            r#"{"id":"x","usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
-        for cut in 0..=json.len() {
-            let mut tap = UsageTap::new(TapMode::Json);
-            assert_eq!(run(&mut tap, &[&json[..cut], &json[cut..]]), json);
-            assert_eq!(tap.usage(), five, "json, cut at {cut}");
-        }
+    fn gzip_is_decoded_for_the_reader_and_passed_on_as_sent() {
+        use std::io::Write;
+        let body = br#"{"object":"list","usage":{"prompt_tokens":3,"completion_tokens":2}}"#;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder.write_all(body).unwrap();
+        let gz = encoder.finish().unwrap();
+        let mut t = UsageTap::new(TapMode::Json, Encoding::Gzip);
+        let frames: Vec<&[u8]> = gz.chunks(7).collect();
+        assert_eq!(run(&mut t, &frames), gz);
+        assert_eq!(t.usage(), Some(FIVE));
+        // An encoding it cannot read: untouched, no usage.
+        let mut t = UsageTap::new(TapMode::EventsHidingUsage, Encoding::Unknown);
+        assert_eq!(run(&mut t, &[b"abc"]), b"abc");
+        assert_eq!(t.usage(), None);
+    }
+
+    #[test]
+    fn a_usage_free_event_is_not_parsed_but_an_escaped_one_is() {
+        assert!(!mentions_usage(
+            br#"{"choices":[{"delta":{"content":"caf\u00e9"}}]}"#
+        ));
+        assert!(mentions_usage(br#"{"\u0075sage":null}"#));
+        assert!(mentions_usage(br#"{"u\u0073age":null}"#));
     }
 }

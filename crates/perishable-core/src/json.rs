@@ -1,0 +1,1140 @@
+//! One strict reading of a JSON body, byte-exact edits to it, and an incremental search of a
+//! response body for one top-level member.
+//!
+//! The proxy meters what clients spend, so every decision it takes about a request body (is it
+//! streaming, how many tokens may it ask for) must be about the same document the upstream will
+//! read. Two parsers that disagree about a body are a way around the meter: a body with two
+//! `"stream"` keys, a number one parser reads as infinity, a lone surrogate one parser replaces
+//! and another refuses. So a request body is parsed once, here, by [`parse_object`] in
+//! [`Mode::Strict`], which refuses everything Python's `json` and Go's `encoding/json` (what
+//! upstreams are written in) might read differently from each other or from us; every check
+//! reads that one parse, and whatever it refuses is answered 400 and never forwarded.
+//!
+//! The parse only records where the top-level members are (byte ranges), it builds no tree: the
+//! checks that need a member's value read it from its range. When the proxy must change the body
+//! (add `"stream_options"`, lower `max_tokens`), it does not re-serialize: [`insert_member`],
+//! [`replace_value`] and [`remove_member`] describe a replacement of a byte range and [`apply`]
+//! performs it, so every other byte (key order, number spelling, escapes, whitespace) reaches the
+//! upstream as the client sent it.
+//!
+//! Response bodies come from the upstream, may be of any size and arrive in pieces; the proxy
+//! needs only their top-level `usage` member. [`MemberFinder`] follows the document's structure
+//! piece by piece with a few counters and flags, and keeps only the bytes of the member it looks
+//! for, up to a bound.
+//!
+//! Nothing here recurses on the input's nesting: an adversarial body of a million `[` costs a
+//! counter, not a stack frame each.
+
+// Wired into the request path by the modules that use it; until then nothing outside the tests
+// calls it. `expect` (not `allow`) so the attribute goes once something does.
+#![cfg_attr(
+    not(test),
+    expect(dead_code, reason = "used by the metering code once it is wired in")
+)]
+
+use std::ops::Range;
+
+use bytes::Bytes;
+use memchr::{memchr, memchr2};
+
+/// Deepest nesting a request body may have (objects and arrays), counted with the top level
+/// object as depth 1.
+///
+/// Real chat requests nest a handful of levels (messages, content parts, tool schemas); 64 leaves
+/// room for deep JSON schemas while keeping any parser behind us far from its own limits.
+pub(crate) const MAX_DEPTH: usize = 64;
+
+/// Deepest nesting accepted in [`Mode::Lenient`]: the upstream is trusted, but a bound still
+/// keeps the parser's explicit stack a fixed size.
+const LENIENT_MAX_DEPTH: usize = 512;
+
+/// What a value is, from its first byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// `{ ... }`
+    Object,
+    /// `[ ... ]`
+    Array,
+    /// `"..."`
+    String,
+    /// A number (in [`Mode::Lenient`] also `NaN`, `Infinity` and `-Infinity`).
+    Number,
+    /// `true` or `false`.
+    Bool,
+    /// `null`.
+    Null,
+}
+
+/// How strictly [`parse_object`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Request bodies: RFC 8259 and nothing else, plus the refusals that keep every upstream
+    /// parser reading the same document we read (see [`parse_object`]).
+    Strict,
+    /// Upstream responses (trusted, may be Python-written): additionally accepts the literals
+    /// `NaN`, `Infinity`, `-Infinity` as numbers, numbers out of f64 range, lone surrogate
+    /// escapes, duplicate keys (all kept in `members`), and nesting up to 512.
+    Lenient,
+}
+
+/// One member of the top-level object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Member {
+    /// The key, decoded (escapes resolved). In [`Mode::Lenient`] a lone surrogate escape decodes
+    /// to U+FFFD, as a `String` cannot hold it.
+    pub(crate) key: String,
+    /// The key's string token, quotes included (byte offsets into the parsed slice).
+    pub(crate) key_span: Range<usize>,
+    /// The value, from its first to its last byte (end exclusive, so `&bytes[value]` is the
+    /// value's text).
+    pub(crate) value: Range<usize>,
+    /// What the value is.
+    pub(crate) kind: Kind,
+}
+
+/// The top-level object of a document: where its members are, not what they hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Object {
+    /// Top-level members in document order.
+    pub(crate) members: Vec<Member>,
+    /// Offset of the opening `{`.
+    pub(crate) open: usize,
+    /// Offset of the closing `}`.
+    pub(crate) close: usize,
+}
+
+impl Object {
+    /// The member named `key`.
+    ///
+    /// A Strict parse has no duplicate top-level keys. A Lenient one may, and then this is the
+    /// LAST member with that key, the one Python's `json` and Go's `encoding/json` keep.
+    pub(crate) fn get(&self, key: &str) -> Option<&Member> {
+        self.members.iter().rev().find(|member| member.key == key)
+    }
+}
+
+/// Why a body was refused. The messages are shown to API clients, so they name at most a key and
+/// a byte offset, never a piece of the body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum JsonError {
+    /// The body is not UTF-8 (RFC 8259 section 8.1), or it is UTF-16/32 (a NUL byte among the
+    /// first four, which ASCII text in those encodings always has). `at` is the first bad byte.
+    #[error("the body is not valid UTF-8 (byte {at})")]
+    NotUtf8 {
+        /// Offset of the first byte that is not UTF-8.
+        at: usize,
+    },
+    /// The body starts with a byte order mark (UTF-8 `EF BB BF`, or a UTF-16/32 one). Python
+    /// skips a UTF-8 one, Go refuses it: refused here so nobody has to guess.
+    #[error("the body starts with a byte order mark")]
+    ByteOrderMark,
+    /// Not JSON: an unexpected byte (or the end of the input) at `at`.
+    #[error("the body is not valid JSON (byte {at})")]
+    Syntax {
+        /// Offset of the unexpected byte, or the input's length when it ended too early.
+        at: usize,
+    },
+    /// A `\u` escape of half a surrogate pair without its other half: Python keeps it, Go
+    /// replaces it with U+FFFD, many others refuse the body.
+    #[error("the body has an unpaired surrogate escape (byte {at})")]
+    LoneSurrogate {
+        /// Offset of the escape's backslash.
+        at: usize,
+    },
+    /// A number with a fraction or exponent beyond f64 range (`1e400`): Python reads infinity,
+    /// Go refuses.
+    #[error("the body has a number out of range (byte {at})")]
+    NumberOutOfRange {
+        /// Offset of the number's first byte.
+        at: usize,
+    },
+    /// Objects and arrays nested deeper than [`MAX_DEPTH`] (512 in [`Mode::Lenient`]).
+    #[error("nesting deeper than 64")]
+    TooDeep,
+    /// The document is valid JSON but not an object.
+    #[error("the body is not a JSON object")]
+    NotAnObject,
+    /// The top-level object has this key twice (Strict only): which one counts is up to each
+    /// parser.
+    #[error("duplicate key {}", shown_key(.0))]
+    DuplicateKey(String),
+}
+
+/// A key as an error message may show it: quoted, escaped, and cut at 64 characters, so a
+/// client cannot make the proxy echo a megabyte or a control character.
+fn shown_key(key: &str) -> String {
+    const SHOWN: usize = 64;
+    let mut shown: String = key.chars().take(SHOWN).collect();
+    let cut = shown.len() < key.len();
+    shown = format!("{shown:?}");
+    if cut {
+        shown.push_str("...");
+    }
+    shown
+}
+
+/// Parses `bytes` as exactly one JSON object (optional whitespace around it: space, `\t`, `\n`,
+/// `\r` only), recording where its top-level members are.
+///
+/// In [`Mode::Strict`] (request bodies) it refuses, beyond RFC 8259's grammar:
+///
+/// - anything but UTF-8, and any byte order mark: Python decodes UTF-16/32 and skips a UTF-8 BOM
+///   where Go refuses;
+/// - a lone surrogate escape (`"\ud800"`): each parser does something else with it;
+/// - a number with a fraction or an exponent whose f64 value is not finite (`1e400`): Python
+///   reads infinity, Go refuses. Integers of any length pass: Python reads them exactly;
+/// - nesting deeper than [`MAX_DEPTH`];
+/// - a key twice in the top-level object (compared decoded, so `"a"` and `"\u0061"` are the
+///   same key): Python and Go keep the last, other readers the first, and the top-level keys
+///   are what the proxy checks. Deeper duplicates are left alone.
+///
+/// The body is read in one pass with no allocation but the top-level keys; nesting is followed
+/// with a counter and a bit stack, never with recursion.
+pub(crate) fn parse_object(bytes: &[u8], mode: Mode) -> Result<Object, JsonError> {
+    let text = check_encoding(bytes)?;
+    let parser = Parser {
+        bytes,
+        text,
+        lenient: mode == Mode::Lenient,
+        max_depth: match mode {
+            Mode::Strict => MAX_DEPTH,
+            Mode::Lenient => LENIENT_MAX_DEPTH,
+        },
+    };
+    let start = parser.skip_ws(0);
+    match bytes.get(start) {
+        Some(b'{') => {
+            let object = parser.top_object(start)?;
+            if mode == Mode::Strict {
+                check_duplicates(&object.members)?;
+            }
+            Ok(object)
+        }
+        Some(_) => {
+            // Valid JSON that is not an object gets its own answer; invalid JSON its syntax
+            // error.
+            let (end, _) = parser.value(start, 0)?;
+            parser.expect_end(end)?;
+            Err(JsonError::NotAnObject)
+        }
+        None => Err(JsonError::Syntax { at: start }),
+    }
+}
+
+/// Refuses byte order marks and text that is not UTF-8, once, up front: the parser after it can
+/// treat the body as a `str` and never look at multi-byte sequences again.
+fn check_encoding(bytes: &[u8]) -> Result<&str, JsonError> {
+    const BOMS: [&[u8]; 5] = [
+        &[0xEF, 0xBB, 0xBF],       // UTF-8
+        &[0x00, 0x00, 0xFE, 0xFF], // UTF-32BE
+        &[0xFF, 0xFE, 0x00, 0x00], // UTF-32LE (before UTF-16LE, its prefix)
+        &[0xFE, 0xFF],             // UTF-16BE
+        &[0xFF, 0xFE],             // UTF-16LE
+    ];
+    if BOMS.iter().any(|bom| bytes.starts_with(bom)) {
+        return Err(JsonError::ByteOrderMark);
+    }
+    // JSON text starts with an ASCII character; in UTF-16 or UTF-32 that comes with a NUL byte
+    // among the first four (RFC 4627 section 3). NUL is valid UTF-8, so say it here.
+    if let Some(at) = memchr(0, bytes.get(..4).unwrap_or(bytes)) {
+        return Err(JsonError::NotUtf8 { at });
+    }
+    std::str::from_utf8(bytes).map_err(|error| JsonError::NotUtf8 {
+        at: error.valid_up_to(),
+    })
+}
+
+/// Refuses a key present twice among `members`. Few members (the usual case) are compared pairwise;
+/// many are sorted, so a body of a hundred thousand keys costs `n log n`, not `n²`.
+fn check_duplicates(members: &[Member]) -> Result<(), JsonError> {
+    const PAIRWISE: usize = 16;
+    let duplicate = |key: &str| Err(JsonError::DuplicateKey(key.to_owned()));
+    if members.len() <= PAIRWISE {
+        for (i, member) in members.iter().enumerate() {
+            if members
+                .iter()
+                .skip(i + 1)
+                .any(|other| other.key == member.key)
+            {
+                return duplicate(&member.key);
+            }
+        }
+        return Ok(());
+    }
+    let mut keys: Vec<&str> = members.iter().map(|member| member.key.as_str()).collect();
+    keys.sort_unstable();
+    match keys.windows(2).find(|pair| pair.first() == pair.last()) {
+        Some(pair) => duplicate(pair.first().copied().unwrap_or_default()),
+        None => Ok(()),
+    }
+}
+
+/// One parse of one body.
+struct Parser<'a> {
+    bytes: &'a [u8],
+    /// The same bytes, known to be UTF-8: decoded keys are slices of it.
+    text: &'a str,
+    lenient: bool,
+    max_depth: usize,
+}
+
+/// Which open containers are objects (bit set) and which arrays, by depth: enough for 512 levels
+/// in a fixed 64 bytes.
+struct Nesting([u64; LENIENT_MAX_DEPTH / 64]);
+
+impl Nesting {
+    fn set(&mut self, depth: usize, object: bool) {
+        if let Some(word) = self.0.get_mut(depth / 64) {
+            let bit = 1u64 << (depth % 64);
+            if object {
+                *word |= bit;
+            } else {
+                *word &= !bit;
+            }
+        }
+    }
+
+    fn is_object(&self, depth: usize) -> bool {
+        self.0
+            .get(depth / 64)
+            .is_some_and(|word| word & (1u64 << (depth % 64)) != 0)
+    }
+}
+
+impl Parser<'_> {
+    /// The offset of the first non-whitespace byte at or after `i`.
+    #[inline]
+    fn skip_ws(&self, mut i: usize) -> usize {
+        while let Some(&byte) = self.bytes.get(i) {
+            if !matches!(byte, b' ' | b'\n' | b'\r' | b'\t') {
+                break;
+            }
+            i += 1;
+        }
+        i
+    }
+
+    /// Only whitespace may follow the document.
+    fn expect_end(&self, end: usize) -> Result<(), JsonError> {
+        let end = self.skip_ws(end);
+        if end == self.bytes.len() {
+            Ok(())
+        } else {
+            Err(JsonError::Syntax { at: end })
+        }
+    }
+
+    /// The top-level object, whose `{` is at `open`.
+    fn top_object(&self, open: usize) -> Result<Object, JsonError> {
+        let mut members = Vec::new();
+        let mut i = self.skip_ws(open + 1);
+        if self.bytes.get(i) == Some(&b'}') {
+            self.expect_end(i + 1)?;
+            return Ok(Object {
+                members,
+                open,
+                close: i,
+            });
+        }
+        loop {
+            if self.bytes.get(i) != Some(&b'"') {
+                return Err(JsonError::Syntax { at: i });
+            }
+            let (key_end, escaped) = self.string(i + 1)?;
+            let key_span = i..key_end;
+            let key = self.decode_key(i + 1..key_end - 1, escaped)?;
+            let value_start = self.colon(key_end)?;
+            let (value_end, kind) = self.value(value_start, 1)?;
+            members.push(Member {
+                key,
+                key_span,
+                value: value_start..value_end,
+                kind,
+            });
+            i = self.skip_ws(value_end);
+            match self.bytes.get(i) {
+                Some(b',') => i = self.skip_ws(i + 1),
+                Some(b'}') => {
+                    self.expect_end(i + 1)?;
+                    return Ok(Object {
+                        members,
+                        open,
+                        close: i,
+                    });
+                }
+                _ => return Err(JsonError::Syntax { at: i }),
+            }
+        }
+    }
+
+    /// After a key ending at `i`: whitespace, `:`, whitespace; returns where the value starts.
+    #[inline]
+    fn colon(&self, i: usize) -> Result<usize, JsonError> {
+        let i = self.skip_ws(i);
+        if self.bytes.get(i) != Some(&b':') {
+            return Err(JsonError::Syntax { at: i });
+        }
+        Ok(self.skip_ws(i + 1))
+    }
+
+    /// The key whose body (between the quotes) is `body`, decoded.
+    fn decode_key(&self, body: Range<usize>, escaped: bool) -> Result<String, JsonError> {
+        let at = body.start;
+        let Some(raw) = self.text.get(body) else {
+            return Err(JsonError::Syntax { at });
+        };
+        if !escaped {
+            return Ok(raw.to_owned());
+        }
+        let mut out = Vec::with_capacity(raw.len());
+        if !unescape(raw.as_bytes(), &mut out, true) {
+            return Err(JsonError::Syntax { at });
+        }
+        String::from_utf8(out).map_err(|_| JsonError::Syntax { at })
+    }
+
+    /// One complete value starting at `start` (its first byte, not whitespace), inside `base`
+    /// open containers. Returns the offset just past it and its kind.
+    ///
+    /// Nested containers are followed iteratively: `depth` counts them and `nesting` remembers
+    /// which are objects, so the input's nesting never becomes the call stack's.
+    fn value(&self, start: usize, base: usize) -> Result<(usize, Kind), JsonError> {
+        let bytes = self.bytes;
+        let mut nesting = Nesting([0; LENIENT_MAX_DEPTH / 64]);
+        let mut depth = base;
+        let mut i = start;
+        let kind = match bytes.get(start) {
+            Some(b'{') => Kind::Object,
+            Some(b'[') => Kind::Array,
+            Some(b'"') => Kind::String,
+            Some(b't' | b'f') => Kind::Bool,
+            Some(b'n') => Kind::Null,
+            _ => Kind::Number,
+        };
+        'value: loop {
+            // A value starts at `i`.
+            match bytes.get(i) {
+                Some(b'"') => i = self.string(i + 1)?.0,
+                Some(b'{') => {
+                    depth += 1;
+                    if depth > self.max_depth {
+                        return Err(JsonError::TooDeep);
+                    }
+                    nesting.set(depth - 1, true);
+                    i = self.skip_ws(i + 1);
+                    match bytes.get(i) {
+                        Some(b'}') => {
+                            i += 1;
+                            depth -= 1;
+                        }
+                        Some(b'"') => {
+                            i = self.colon(self.string(i + 1)?.0)?;
+                            continue 'value;
+                        }
+                        _ => return Err(JsonError::Syntax { at: i }),
+                    }
+                }
+                Some(b'[') => {
+                    depth += 1;
+                    if depth > self.max_depth {
+                        return Err(JsonError::TooDeep);
+                    }
+                    nesting.set(depth - 1, false);
+                    i = self.skip_ws(i + 1);
+                    if bytes.get(i) == Some(&b']') {
+                        i += 1;
+                        depth -= 1;
+                    } else {
+                        continue 'value;
+                    }
+                }
+                Some(b'-' | b'0'..=b'9') => i = self.number(i)?,
+                Some(b't') => i = self.literal(i, b"true")?,
+                Some(b'f') => i = self.literal(i, b"false")?,
+                Some(b'n') => i = self.literal(i, b"null")?,
+                Some(b'N') if self.lenient => i = self.literal(i, b"NaN")?,
+                Some(b'I') if self.lenient => i = self.literal(i, b"Infinity")?,
+                _ => return Err(JsonError::Syntax { at: i }),
+            }
+            // A value ended at `i`: close containers until one continues.
+            loop {
+                if depth == base {
+                    return Ok((i, kind));
+                }
+                i = self.skip_ws(i);
+                let object = nesting.is_object(depth - 1);
+                match bytes.get(i) {
+                    Some(b',') => {
+                        i = self.skip_ws(i + 1);
+                        if object {
+                            if bytes.get(i) != Some(&b'"') {
+                                return Err(JsonError::Syntax { at: i });
+                            }
+                            i = self.colon(self.string(i + 1)?.0)?;
+                        }
+                        continue 'value;
+                    }
+                    Some(b'}') if object => {
+                        i += 1;
+                        depth -= 1;
+                    }
+                    Some(b']') if !object => {
+                        i += 1;
+                        depth -= 1;
+                    }
+                    _ => return Err(JsonError::Syntax { at: i }),
+                }
+            }
+        }
+    }
+
+    /// Exactly `literal` at `i`; returns the offset past it.
+    #[inline]
+    fn literal(&self, i: usize, literal: &[u8]) -> Result<usize, JsonError> {
+        if self.bytes.get(i..i + literal.len()) == Some(literal) {
+            Ok(i + literal.len())
+        } else {
+            Err(JsonError::Syntax { at: i })
+        }
+    }
+
+    /// A string whose body starts at `i` (just past the opening quote). Returns the offset past
+    /// the closing quote, and whether the string has escapes.
+    ///
+    /// memchr jumps to the next quote or backslash; the bytes jumped over are then checked for
+    /// control characters in a loop the compiler vectorizes (no early exit), so a long string
+    /// costs two fast passes instead of one byte-by-byte walk.
+    #[inline]
+    fn string(&self, mut i: usize) -> Result<(usize, bool), JsonError> {
+        let bytes = self.bytes;
+        let mut escaped = false;
+        loop {
+            let rest = bytes.get(i..).unwrap_or_default();
+            let Some(found) = memchr2(b'"', b'\\', rest) else {
+                return Err(JsonError::Syntax {
+                    at: control_char(rest).map_or(bytes.len(), |at| i + at),
+                });
+            };
+            if let Some(at) = control_char(rest.get(..found).unwrap_or_default()) {
+                return Err(JsonError::Syntax { at: i + at });
+            }
+            i += found;
+            if bytes.get(i) == Some(&b'"') {
+                return Ok((i + 1, escaped));
+            }
+            escaped = true;
+            i = self.escape(i)?;
+        }
+    }
+
+    /// The escape whose backslash is at `i`; returns the offset past it.
+    fn escape(&self, i: usize) -> Result<usize, JsonError> {
+        match self.bytes.get(i + 1) {
+            Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => Ok(i + 2),
+            Some(b'u') => {
+                let unit = hex4(self.bytes, i + 2)?;
+                let lone = if (0xD800..0xDC00).contains(&unit) {
+                    // A high surrogate counts only with a low one right after it.
+                    let low = if self.bytes.get(i + 6..i + 8) == Some(b"\\u".as_slice()) {
+                        Some(hex4(self.bytes, i + 8)?)
+                    } else {
+                        None
+                    };
+                    match low {
+                        Some(low) if (0xDC00..0xE000).contains(&low) => return Ok(i + 12),
+                        _ => true,
+                    }
+                } else {
+                    (0xDC00..0xE000).contains(&unit)
+                };
+                if lone && !self.lenient {
+                    return Err(JsonError::LoneSurrogate { at: i });
+                }
+                Ok(i + 6)
+            }
+            _ => Err(JsonError::Syntax { at: i + 1 }),
+        }
+    }
+
+    /// A number starting at `start` (RFC 8259 grammar exactly); returns the offset past it.
+    fn number(&self, start: usize) -> Result<usize, JsonError> {
+        let bytes = self.bytes;
+        let digit = |i: usize| bytes.get(i).is_some_and(u8::is_ascii_digit);
+        let mut i = start;
+        if bytes.get(i) == Some(&b'-') {
+            i += 1;
+            if self.lenient && bytes.get(i) == Some(&b'I') {
+                return self.literal(i, b"Infinity");
+            }
+        }
+        let int_start = i;
+        match bytes.get(i) {
+            // No leading zeros: after a `0` comes the fraction, the exponent, or the end.
+            Some(b'0') => i += 1,
+            Some(b'1'..=b'9') => {
+                while digit(i) {
+                    i += 1;
+                }
+            }
+            _ => return Err(JsonError::Syntax { at: i }),
+        }
+        let int_digits = i - int_start;
+        let mut fraction = false;
+        if bytes.get(i) == Some(&b'.') {
+            i += 1;
+            if !digit(i) {
+                return Err(JsonError::Syntax { at: i });
+            }
+            while digit(i) {
+                i += 1;
+            }
+            fraction = true;
+        }
+        let mut exponent: Option<i64> = None;
+        if matches!(bytes.get(i), Some(b'e' | b'E')) {
+            i += 1;
+            let negative = bytes.get(i) == Some(&b'-');
+            if matches!(bytes.get(i), Some(b'+' | b'-')) {
+                i += 1;
+            }
+            if !digit(i) {
+                return Err(JsonError::Syntax { at: i });
+            }
+            let mut value: i64 = 0;
+            while let Some(&d) = bytes.get(i).filter(|d| d.is_ascii_digit()) {
+                value = value.saturating_mul(10).saturating_add(i64::from(d - b'0'));
+                i += 1;
+            }
+            exponent = Some(if negative { -value } else { value });
+        }
+        if self.lenient || !(fraction || exponent.is_some()) {
+            // Integers are read exactly by Python whatever their length.
+            return Ok(i);
+        }
+        // The value is below 10^(int_digits + exponent): when that is at most 10^308 it is
+        // finite for sure, and the exact check (a float parse) is only for the rare rest.
+        let magnitude = i64::try_from(int_digits)
+            .unwrap_or(i64::MAX)
+            .saturating_add(exponent.unwrap_or(0));
+        if magnitude > 308 {
+            let finite = self
+                .text
+                .get(start..i)
+                .and_then(|number| number.parse::<f64>().ok())
+                .is_some_and(f64::is_finite);
+            if !finite {
+                return Err(JsonError::NumberOutOfRange { at: start });
+            }
+        }
+        Ok(i)
+    }
+}
+
+/// The offset of the first byte below 0x20 in `bytes`, which a JSON string may not hold raw.
+///
+/// The fast answer (none) comes from an OR-reduction without early exit, which the compiler
+/// vectorizes; only when there is one is it looked for byte by byte.
+#[inline]
+fn control_char(bytes: &[u8]) -> Option<usize> {
+    let any = bytes.iter().fold(false, |any, &byte| any | (byte < 0x20));
+    if any {
+        bytes.iter().position(|&byte| byte < 0x20)
+    } else {
+        None
+    }
+}
+
+/// The four hex digits at `i`, as a UTF-16 code unit.
+fn hex4(bytes: &[u8], i: usize) -> Result<u32, JsonError> {
+    let mut unit = 0;
+    for at in i..i + 4 {
+        let digit = bytes
+            .get(at)
+            .and_then(|&byte| char::from(byte).to_digit(16))
+            .ok_or(JsonError::Syntax { at })?;
+        unit = unit * 16 + digit;
+    }
+    Ok(unit)
+}
+
+/// Appends the decoded text of the string body `raw` (between the quotes) to `out`, as UTF-8.
+/// Returns `false` on a malformed escape, or on a lone surrogate unless `replace_lone` (which
+/// decodes it to U+FFFD).
+fn unescape(raw: &[u8], out: &mut Vec<u8>, replace_lone: bool) -> bool {
+    let mut i = 0;
+    while let Some(found) = memchr(b'\\', raw.get(i..).unwrap_or_default()) {
+        out.extend_from_slice(raw.get(i..i + found).unwrap_or_default());
+        i += found;
+        let decoded = match raw.get(i + 1) {
+            Some(b'"') => '"',
+            Some(b'\\') => '\\',
+            Some(b'/') => '/',
+            Some(b'b') => '\u{8}',
+            Some(b'f') => '\u{c}',
+            Some(b'n') => '\n',
+            Some(b'r') => '\r',
+            Some(b't') => '\t',
+            Some(b'u') => {
+                let Ok(unit) = hex4(raw, i + 2) else {
+                    return false;
+                };
+                let low = if (0xD800..0xDC00).contains(&unit)
+                    && raw.get(i + 6..i + 8) == Some(b"\\u".as_slice())
+                {
+                    hex4(raw, i + 8)
+                        .ok()
+                        .filter(|low| (0xDC00..0xE000).contains(low))
+                } else {
+                    None
+                };
+                let decoded = match low {
+                    Some(low) => {
+                        i += 6;
+                        char::from_u32(0x10000 + ((unit - 0xD800) << 10) + (low - 0xDC00))
+                    }
+                    None => char::from_u32(unit),
+                };
+                match decoded {
+                    Some(decoded) => {
+                        i += 4;
+                        decoded
+                    }
+                    None if replace_lone => {
+                        i += 4;
+                        char::REPLACEMENT_CHARACTER
+                    }
+                    None => return false,
+                }
+            }
+            _ => return false,
+        };
+        i += 2;
+        out.extend_from_slice(decoded.encode_utf8(&mut [0; 4]).as_bytes());
+    }
+    out.extend_from_slice(raw.get(i..).unwrap_or_default());
+    true
+}
+
+/// One replacement of a byte range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Edit {
+    /// The bytes replaced (empty to insert).
+    pub(crate) range: Range<usize>,
+    /// What replaces them (empty to remove).
+    pub(crate) with: Vec<u8>,
+}
+
+/// Applies non-overlapping edits (in any order: they are sorted by position) to `bytes`,
+/// returning the new body. Returns `bytes` itself (no copy: a `Bytes` clone) when `edits` is
+/// empty.
+///
+/// Edits come from [`insert_member`], [`replace_value`] and [`remove_member`] on a parse of
+/// `bytes`, so they fit; were one to overlap the previous or run past the end, it is clipped
+/// rather than panicking.
+pub(crate) fn apply(bytes: &Bytes, mut edits: Vec<Edit>) -> Bytes {
+    if edits.is_empty() {
+        return bytes.clone();
+    }
+    // Stable: two insertions at one offset keep the order they were given in.
+    edits.sort_by_key(|edit| (edit.range.start, edit.range.end));
+    let added: usize = edits.iter().map(|edit| edit.with.len()).sum();
+    let mut out = Vec::with_capacity(bytes.len() + added);
+    let mut at = 0;
+    for edit in edits {
+        let start = edit.range.start.clamp(at, bytes.len());
+        let end = edit.range.end.clamp(start, bytes.len());
+        out.extend_from_slice(bytes.get(at..start).unwrap_or_default());
+        out.extend_from_slice(&edit.with);
+        at = end;
+    }
+    out.extend_from_slice(bytes.get(at..).unwrap_or_default());
+    Bytes::from(out)
+}
+
+/// An edit that inserts the member `"key":raw_value` as the last member of `object`: right
+/// after the last member's value (with a leading comma), or right before the `}` of an empty
+/// object. Whatever whitespace stood before the `}` stays there. `key` is escaped as needed;
+/// `raw_value` is JSON text inserted as is.
+pub(crate) fn insert_member(object: &Object, key: &str, raw_value: &[u8]) -> Edit {
+    let mut with = Vec::with_capacity(key.len() + raw_value.len() + 4);
+    let at = match object.members.last() {
+        Some(last) => {
+            with.push(b',');
+            last.value.end
+        }
+        None => object.close,
+    };
+    write_string(key, &mut with);
+    with.push(b':');
+    with.extend_from_slice(raw_value);
+    Edit {
+        range: at..at,
+        with,
+    }
+}
+
+/// `text` as a JSON string token: quotes, backslashes and control characters escaped.
+fn write_string(text: &str, out: &mut Vec<u8>) {
+    out.push(b'"');
+    for &byte in text.as_bytes() {
+        match byte {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            0..0x20 => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX.get(usize::from(byte >> 4)).copied().unwrap_or(b'0'));
+                out.push(HEX.get(usize::from(byte & 0xF)).copied().unwrap_or(b'0'));
+            }
+            _ => out.push(byte),
+        }
+    }
+    out.push(b'"');
+}
+
+/// An edit that replaces the value of `member` by `raw_value` (JSON text inserted as is).
+pub(crate) fn replace_value(member: &Member, raw_value: &[u8]) -> Edit {
+    Edit {
+        range: member.value.clone(),
+        with: raw_value.to_vec(),
+    }
+}
+
+/// An edit that removes `object.members[index]` and exactly one separating comma, leaving the
+/// document valid:
+///
+/// - a member that is not the last: from its key's first byte up to the next member's key's
+///   first byte (so `"a": 1, "usage": null, "b": 2` becomes `"a": 1, "b": 2`);
+/// - the last member (not the only one): from the end of the previous member's value to the end
+///   of this member's value (`"a": 1, "usage": null}` becomes `"a": 1}`);
+/// - the only member: from its key's first byte to its value's last byte (`{"usage": null}`
+///   becomes `{}`).
+///
+/// An `index` past the members gives an edit that changes nothing.
+pub(crate) fn remove_member(object: &Object, index: usize) -> Edit {
+    let members = &object.members;
+    let range = match (
+        index.checked_sub(1).and_then(|i| members.get(i)),
+        members.get(index),
+        members.get(index + 1),
+    ) {
+        (_, Some(member), Some(next)) => member.key_span.start..next.key_span.start,
+        (Some(previous), Some(member), None) => previous.value.end..member.value.end,
+        (None, Some(member), None) => member.key_span.start..member.value.end,
+        (_, None, _) => object.close..object.close,
+    };
+    Edit {
+        range,
+        with: Vec::new(),
+    }
+}
+
+/// Where a [`MemberFinder`] is in the top-level object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Before the `{`.
+    Start,
+    /// Just after the `{`: a key or `}`.
+    FirstKey,
+    /// After a `,`: a key.
+    Key,
+    /// Inside a top-level key.
+    InKey,
+    /// After a key: the `:`.
+    Colon,
+    /// After the `:`: a value's first byte.
+    ValueStart,
+    /// Inside a top-level value that is a string.
+    InString,
+    /// Inside a top-level value that is an object or an array (`depth` open containers).
+    Nested,
+    /// Inside a top-level value that is a number or a literal.
+    Scalar,
+    /// After a top-level value: `,` or `}`.
+    AfterValue,
+    /// After the closing `}`: only whitespace.
+    Done,
+}
+
+/// Finds the value of one member of the top-level object of a JSON document that arrives in
+/// pieces, with bounded memory: the captured value is at most `max_value_bytes` (larger:
+/// [`too_large`](Self::too_large) and the capture is dropped). Key comparison is on the decoded
+/// key (so `"\u0075sage"` matches "usage"). When the key occurs more than once at the top level,
+/// the LAST complete occurrence wins. Members of nested objects never match.
+///
+/// It follows only the document's structure (strings, brackets, top-level separators) and does
+/// not validate: a lenient reader of a trusted upstream. Its memory is a few counters and flags,
+/// the raw bytes of the current top-level key (at most six bytes per byte of the key searched,
+/// the longest spelling that can still match), and the capture. Strings are skipped with memchr.
+#[derive(Debug)]
+pub(crate) struct MemberFinder {
+    key: &'static str,
+    max_value_bytes: usize,
+    step: Step,
+    /// Open containers inside the current top-level value ([`Step::Nested`]).
+    depth: usize,
+    /// Inside a string nested in the current top-level value.
+    in_string: bool,
+    /// The last byte seen was a backslash inside a string: the next byte is escaped.
+    escape: bool,
+    /// The raw bytes (escapes unresolved) of the top-level key being read.
+    key_raw: Vec<u8>,
+    /// The key being read is longer than any spelling of `key`.
+    key_overflow: bool,
+    /// Scratch space for decoding an escaped key.
+    decoded: Vec<u8>,
+    /// The current top-level member's key is `key`.
+    matched: bool,
+    /// The bytes of the current occurrence's value so far, while `capturing`.
+    capture: Vec<u8>,
+    capturing: bool,
+    /// The last complete occurrence.
+    found: Option<Vec<u8>>,
+    failed: bool,
+    too_large: bool,
+}
+
+impl MemberFinder {
+    /// A finder of the top-level member `key`, keeping its value up to `max_value_bytes`.
+    pub(crate) fn new(key: &'static str, max_value_bytes: usize) -> Self {
+        Self {
+            key,
+            max_value_bytes,
+            step: Step::Start,
+            depth: 0,
+            in_string: false,
+            escape: false,
+            key_raw: Vec::new(),
+            key_overflow: false,
+            decoded: Vec::new(),
+            matched: false,
+            capture: Vec::new(),
+            capturing: false,
+            found: None,
+            failed: false,
+            too_large: false,
+        }
+    }
+
+    /// Reads the next piece of the document.
+    pub(crate) fn feed(&mut self, piece: &[u8]) {
+        if self.failed {
+            return;
+        }
+        // Where in this piece the capture (if any) resumes.
+        let mut capture_from = 0;
+        let mut i = 0;
+        while i < piece.len() {
+            match self.step {
+                Step::Start
+                | Step::FirstKey
+                | Step::Key
+                | Step::Colon
+                | Step::ValueStart
+                | Step::AfterValue
+                | Step::Done => {
+                    let Some(&byte) = piece.get(i) else { break };
+                    if matches!(byte, b' ' | b'\n' | b'\r' | b'\t') {
+                        i += 1;
+                        continue;
+                    }
+                    if self.step == Step::ValueStart {
+                        if self.matched {
+                            self.capture.clear();
+                            self.capturing = true;
+                            capture_from = i;
+                        }
+                        self.step = match byte {
+                            b'"' => Step::InString,
+                            b'{' | b'[' => {
+                                self.depth = 1;
+                                self.in_string = false;
+                                Step::Nested
+                            }
+                            b',' | b'}' | b']' | b':' => return self.fail(),
+                            _ => Step::Scalar,
+                        };
+                        i += 1;
+                        continue;
+                    }
+                    self.step = match (self.step, byte) {
+                        (Step::Start, b'{') => Step::FirstKey,
+                        (Step::FirstKey | Step::Key, b'"') => {
+                            self.key_raw.clear();
+                            self.key_overflow = false;
+                            Step::InKey
+                        }
+                        (Step::FirstKey, b'}') | (Step::AfterValue, b'}') => Step::Done,
+                        (Step::Colon, b':') => Step::ValueStart,
+                        (Step::AfterValue, b',') => Step::Key,
+                        _ => return self.fail(),
+                    };
+                    i += 1;
+                }
+                Step::InKey => {
+                    let (end, closed) = self.string_end(piece, i);
+                    let raw = piece.get(i..end).unwrap_or_default();
+                    if self.key_raw.len() + raw.len() <= self.key.len() * 6 {
+                        self.key_raw.extend_from_slice(raw);
+                    } else {
+                        self.key_overflow = true;
+                    }
+                    if closed {
+                        self.matched = self.key_matches();
+                        self.step = Step::Colon;
+                        i = end + 1;
+                    } else {
+                        i = end;
+                    }
+                }
+                Step::InString => {
+                    let (end, closed) = self.string_end(piece, i);
+                    if closed {
+                        i = end + 1;
+                        self.value_end(piece, capture_from, i);
+                    } else {
+                        i = end;
+                    }
+                }
+                Step::Nested => {
+                    if self.in_string {
+                        let (end, closed) = self.string_end(piece, i);
+                        self.in_string = !closed;
+                        i = if closed { end + 1 } else { end };
+                        continue;
+                    }
+                    // Outside strings only brackets and quotes matter.
+                    while let Some(&byte) = piece.get(i) {
+                        i += 1;
+                        match byte {
+                            b'"' => {
+                                self.in_string = true;
+                                break;
+                            }
+                            b'{' | b'[' => self.depth += 1,
+                            b'}' | b']' => {
+                                self.depth -= 1;
+                                if self.depth == 0 {
+                                    self.value_end(piece, capture_from, i);
+                                    break;
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                Step::Scalar => {
+                    let rest = piece.get(i..).unwrap_or_default();
+                    match rest
+                        .iter()
+                        .position(|byte| matches!(byte, b',' | b'}' | b' ' | b'\n' | b'\r' | b'\t'))
+                    {
+                        Some(at) => {
+                            // The delimiter is not part of the value; `AfterValue` reads it.
+                            i += at;
+                            self.value_end(piece, capture_from, i);
+                        }
+                        None => i = piece.len(),
+                    }
+                }
+            }
+        }
+        if self.capturing {
+            self.capture_more(piece.get(capture_from..).unwrap_or_default());
+        }
+    }
+
+    /// The raw bytes of the value found so far (complete values only): the last complete
+    /// occurrence of the key. `None` when none has completed, when the last one was too large,
+    /// or when the scan failed.
+    pub(crate) fn value(&self) -> Option<&[u8]> {
+        if self.failed {
+            return None;
+        }
+        self.found.as_deref()
+    }
+
+    /// The input so far is not a JSON object (first non-whitespace byte not `{`), or broke the
+    /// scanner's state machine.
+    pub(crate) fn failed(&self) -> bool {
+        self.failed
+    }
+
+    /// The last occurrence of the key had a value larger than `max_value_bytes`: it was dropped,
+    /// and [`value`](Self::value) is `None` unless a later occurrence completes.
+    pub(crate) fn too_large(&self) -> bool {
+        self.too_large
+    }
+
+    fn fail(&mut self) {
+        self.failed = true;
+        self.capturing = false;
+        self.capture = Vec::new();
+        self.found = None;
+    }
+
+    /// Inside a string, from `i` in `piece`: the offset of the closing quote and `true`, or the
+    /// piece's length and `false` when the string goes on in the next piece (with `escape` set
+    /// when the piece ends on a backslash).
+    fn string_end(&mut self, piece: &[u8], mut i: usize) -> (usize, bool) {
+        if self.escape {
+            if i >= piece.len() {
+                return (piece.len(), false);
+            }
+            self.escape = false;
+            i += 1;
+        }
+        loop {
+            let Some(found) = memchr2(b'"', b'\\', piece.get(i..).unwrap_or_default()) else {
+                return (piece.len(), false);
+            };
+            let at = i + found;
+            if piece.get(at) == Some(&b'"') {
+                return (at, true);
+            }
+            if at + 1 < piece.len() {
+                i = at + 2;
+            } else {
+                self.escape = true;
+                return (piece.len(), false);
+            }
+        }
+    }
+
+    /// Whether the key just read is the one searched, compared decoded.
+    fn key_matches(&mut self) -> bool {
+        if self.key_overflow {
+            return false;
+        }
+        if memchr(b'\\', &self.key_raw).is_none() {
+            return self.key_raw == self.key.as_bytes();
+        }
+        self.decoded.clear();
+        unescape(&self.key_raw, &mut self.decoded, false) && self.decoded == self.key.as_bytes()
+    }
+
+    /// The current top-level value ended just before `end` in `piece`.
+    fn value_end(&mut self, piece: &[u8], capture_from: usize, end: usize) {
+        self.step = Step::AfterValue;
+        if self.capturing {
+            self.capture_more(piece.get(capture_from..end).unwrap_or_default());
+            if self.capturing {
+                self.capturing = false;
+                self.found = Some(std::mem::take(&mut self.capture));
+                self.too_large = false;
+            }
+        }
+    }
+
+    /// Adds `bytes` to the capture, or drops it when it would outgrow the bound.
+    fn capture_more(&mut self, bytes: &[u8]) {
+        if self.capture.len() + bytes.len() > self.max_value_bytes {
+            self.capturing = false;
+            self.capture = Vec::new();
+            self.found = None;
+            self.too_large = true;
+        } else {
+            self.capture.extend_from_slice(bytes);
+        }
+    }
+}

@@ -1,0 +1,720 @@
+//! The request side of a metered call: its body read once, strictly, into the one request model
+//! every check reads, and edited in place (see "Metered calls" in `docs/protocol.md`).
+//!
+//! An upstream that parses JSON differently from the proxy is a way past every check: a body
+//! whose `"str\u0065am": true` the proxy misses streams anyway, a `max_tokens` of `"100000"` that
+//! the proxy reads as absent is read as 100000 by a Python server's lax validation, a lone
+//! surrogate that made the old budget parse give up sent the call through unreserved. So:
+//!
+//! - The body must be `application/json` (UTF-8) without `Content-Encoding`
+//!   (`415 unsupported_media_type`), and is parsed once by the strict parser of
+//!   [`crate::json`]: no BOM, no lone surrogate, no number out of range, nesting at most 64,
+//!   no duplicate top-level key (`400 invalid_json`).
+//! - Every member the proxy acts on must have the one type it can meter: `stream` a boolean,
+//!   ceilings and `n` / `best_of` non-negative (positive) integers spelt as integers, `model` a
+//!   string, `stream_options` an object (`400 invalid_parameter`). A top-level key that differs
+//!   from one of those only in case (`"Stream"`, `"MAX_TOKENS"`) is refused too: Go's
+//!   `encoding/json` (Ollama, among others) matches keys case-insensitively.
+//! - Edits ([`crate::json::Edit`]) change one member and forward every other byte unchanged.
+//!
+//! The reservation bounds what the call can cost: the completion ceiling (the request's, after
+//! the cap; else the cap; else `budget.default_reserve_tokens`) times the number of choices
+//! (`max(n, best_of)`), plus the prompt estimated as one token per 4 bytes of body. Embeddings
+//! and moderations cost their prompt; listing models costs nothing.
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap};
+
+use crate::config::BudgetConfig;
+use crate::error::{Error, ErrorCode};
+use crate::json::{self, Edit, Kind, Member, Mode, Object};
+
+/// What an endpoint bills, by its path under `/openai/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Endpoint {
+    /// Generates: billed for its prompt and up to its ceiling per choice.
+    Generation {
+        /// The member that caps this endpoint's output, inserted when the cap applies and the
+        /// request names none.
+        cap_field: &'static str,
+        /// The members this endpoint reads as its ceiling.
+        ceilings: &'static [&'static str],
+        /// Streams report usage only when asked (`stream_options.include_usage`).
+        usage_on_request: bool,
+    },
+    /// Billed for its input only (embeddings, moderations).
+    Prompt {
+        /// Its answer carries `usage` (embeddings do, moderations do not).
+        reports_usage: bool,
+    },
+    /// Costs nothing (listing and reading models).
+    Free,
+    /// An endpoint the proxy has no model of (allowed by the operator): billed like a
+    /// generation with the default ceiling.
+    Unknown,
+}
+
+impl Endpoint {
+    /// The endpoint of `path` (the `{path}` of `/openai/{path}`).
+    pub(crate) fn of(path: &str) -> Self {
+        match path {
+            "chat/completions" => Self::Generation {
+                cap_field: "max_completion_tokens",
+                ceilings: &["max_completion_tokens", "max_tokens"],
+                usage_on_request: true,
+            },
+            "completions" => Self::Generation {
+                cap_field: "max_tokens",
+                ceilings: &["max_tokens"],
+                usage_on_request: true,
+            },
+            "responses" => Self::Generation {
+                cap_field: "max_output_tokens",
+                ceilings: &["max_output_tokens"],
+                usage_on_request: false,
+            },
+            "embeddings" => Self::Prompt {
+                reports_usage: true,
+            },
+            "moderations" => Self::Prompt {
+                reports_usage: false,
+            },
+            "models" => Self::Free,
+            _ if path.starts_with("models/") => Self::Free,
+            _ => Self::Unknown,
+        }
+    }
+}
+
+impl Endpoint {
+    /// Whether a successful answer carries `usage` (moderations do not; listing models costs
+    /// nothing).
+    pub(crate) fn reports_usage(self) -> bool {
+        !matches!(
+            self,
+            Self::Free
+                | Self::Prompt {
+                    reports_usage: false
+                }
+        )
+    }
+
+    /// The endpoint's label in metrics: one of a fixed set, whatever the path.
+    pub(crate) fn label(self, path: &str) -> &'static str {
+        match path {
+            "chat/completions" => "chat/completions",
+            "completions" => "completions",
+            "responses" => "responses",
+            "embeddings" => "embeddings",
+            "moderations" => "moderations",
+            _ if self == Self::Free => "models",
+            _ => "other",
+        }
+    }
+}
+
+/// Every member name that sets a completion ceiling, on any endpoint.
+const CEILING_FIELDS: [&str; 3] = ["max_completion_tokens", "max_tokens", "max_output_tokens"];
+
+/// The top-level members the proxy reads: a key that differs from one of these only in case is
+/// refused, since a case-insensitive upstream would read it as this one.
+const METERED_FIELDS: [&str; 8] = [
+    "model",
+    "stream",
+    "stream_options",
+    "max_completion_tokens",
+    "max_tokens",
+    "max_output_tokens",
+    "n",
+    "best_of",
+];
+
+/// A metered call, read and admitted for forwarding.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Metered {
+    /// The body to send upstream: the client's, edited in place when a cap or
+    /// `include_usage` was applied.
+    pub(crate) body: Bytes,
+    /// `"stream": true`.
+    pub(crate) streaming: bool,
+    /// The proxy added `include_usage`: what it caused must be hidden from the client.
+    pub(crate) hide_usage: bool,
+    /// Tokens to reserve: the most this call can cost.
+    pub(crate) reserve: u64,
+}
+
+/// The request policy: the model allow-list and the `[budget]` rules that read a body.
+#[derive(Debug, Clone)]
+pub(crate) struct RequestPolicy {
+    pub(crate) allowed_models: Vec<String>,
+    pub(crate) max_completion_tokens: u64,
+    pub(crate) default_reserve_tokens: u64,
+    pub(crate) include_usage: bool,
+}
+
+impl RequestPolicy {
+    pub(crate) fn new(allowed_models: Vec<String>, budget: &BudgetConfig) -> Self {
+        Self {
+            allowed_models,
+            max_completion_tokens: budget.max_completion_tokens,
+            default_reserve_tokens: budget.default_reserve_tokens,
+            include_usage: budget.include_usage,
+        }
+    }
+
+    /// Checks the request head of a metered call before its body is read: `415` for a body
+    /// that is not JSON or that is encoded. A request with no body to come (a `GET`) passes.
+    pub(crate) fn check_head(
+        &self,
+        method: &http::Method,
+        headers: &HeaderMap,
+    ) -> Result<(), Error> {
+        if headers.contains_key(header::CONTENT_ENCODING) {
+            return Err(Error::new(
+                ErrorCode::UnsupportedMediaType,
+                "a metered call's body must not have a Content-Encoding",
+            ));
+        }
+        let bodiless = matches!(
+            *method,
+            http::Method::GET | http::Method::HEAD | http::Method::DELETE
+        ) && !headers.contains_key(header::CONTENT_TYPE);
+        if bodiless || is_json(headers) {
+            Ok(())
+        } else {
+            Err(Error::new(
+                ErrorCode::UnsupportedMediaType,
+                "a metered call's body must be application/json (UTF-8)",
+            ))
+        }
+    }
+
+    /// Reads a metered call's body: the model allow-list, the stream flag, the ceiling and the
+    /// choices, then the cap and `include_usage` as edits in place. `endpoint` is where it goes.
+    pub(crate) fn meter(
+        &self,
+        endpoint: Endpoint,
+        method: &http::Method,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<Metered, Error> {
+        if body.is_empty()
+            && matches!(
+                *method,
+                http::Method::GET | http::Method::HEAD | http::Method::DELETE
+            )
+            && !headers.contains_key(header::CONTENT_TYPE)
+        {
+            // Reading (a model, a list): nothing is generated without a body.
+            return Ok(Metered {
+                body,
+                ..Metered::default()
+            });
+        }
+        if !is_json(headers) {
+            return Err(Error::new(
+                ErrorCode::UnsupportedMediaType,
+                "a metered call's body must be application/json (UTF-8)",
+            ));
+        }
+        let object = json::parse_object(&body, Mode::Strict).map_err(|e| {
+            Error::new(
+                ErrorCode::InvalidJson,
+                format!("the request body is not JSON the proxy can meter: {e}"),
+            )
+        })?;
+        let view = View::read(&body, &object)?;
+
+        if !self.allowed_models.is_empty() {
+            let allowed = view
+                .model
+                .as_deref()
+                .is_some_and(|m| self.allowed_models.iter().any(|a| a == m));
+            if !allowed {
+                return Err(Error::new(
+                    ErrorCode::ModelNotAllowed,
+                    match view.model {
+                        Some(m) => format!("the model {m:?} is not allowed"),
+                        None => "the request must name an allowed model".into(),
+                    },
+                ));
+            }
+        }
+
+        let prompt = (body.len() as u64).div_ceil(4);
+        let mut edits = Vec::new();
+        let mut hide_usage = false;
+        let reserve = match endpoint {
+            Endpoint::Free => 0,
+            Endpoint::Prompt { .. } => prompt,
+            Endpoint::Unknown => {
+                let ceiling = view.max_ceiling(&CEILING_FIELDS)?;
+                let ceiling = ceiling.unwrap_or(self.default_reserve_tokens);
+                prompt.saturating_add(ceiling.saturating_mul(view.choices))
+            }
+            Endpoint::Generation {
+                cap_field,
+                ceilings,
+                usage_on_request,
+            } => {
+                // Every ceiling-named member must be an integer, whichever endpoint reads it.
+                view.max_ceiling(&CEILING_FIELDS)?;
+                let mut ceiling = view.max_ceiling(ceilings)?;
+                let cap = self.max_completion_tokens;
+                if cap > 0 {
+                    let mut named = false;
+                    for member in ceilings.iter().filter_map(|name| object.get(name)) {
+                        named = true;
+                        if integer(&body, member)?.is_none_or(|n| n > cap) {
+                            edits.push(json::replace_value(
+                                member,
+                                itoa::Buffer::new().format(cap).as_bytes(),
+                            ));
+                        }
+                    }
+                    if !named {
+                        edits.push(json::insert_member(
+                            &object,
+                            cap_field,
+                            itoa::Buffer::new().format(cap).as_bytes(),
+                        ));
+                    }
+                    ceiling = Some(ceiling.map_or(cap, |c| c.min(cap)));
+                }
+                if view.streaming && usage_on_request && self.include_usage {
+                    hide_usage = include_usage(&body, &object, &mut edits)?;
+                }
+                let ceiling = ceiling.unwrap_or(self.default_reserve_tokens);
+                prompt.saturating_add(ceiling.saturating_mul(view.choices))
+            }
+        };
+        Ok(Metered {
+            body: json::apply(&body, edits),
+            streaming: view.streaming,
+            hide_usage,
+            reserve,
+        })
+    }
+}
+
+/// Whether the body is declared `application/json`, in UTF-8 when a charset is named.
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let mut parts = value.split(';');
+    let essence = parts.next().unwrap_or_default().trim();
+    if !essence.eq_ignore_ascii_case("application/json") {
+        return false;
+    }
+    parts.all(|param| match param.split_once('=') {
+        Some((name, value)) if name.trim().eq_ignore_ascii_case("charset") => {
+            let value = value.trim().trim_matches('"');
+            value.eq_ignore_ascii_case("utf-8") || value.eq_ignore_ascii_case("utf8")
+        }
+        _ => true,
+    })
+}
+
+/// The members of a request body the proxy acts on, each of the one type it can meter.
+struct View<'a> {
+    body: &'a [u8],
+    object: &'a Object,
+    model: Option<String>,
+    streaming: bool,
+    /// `max(n, best_of)`, at least 1.
+    choices: u64,
+}
+
+impl<'a> View<'a> {
+    fn read(body: &'a [u8], object: &'a Object) -> Result<Self, Error> {
+        for member in &object.members {
+            if let Some(field) = folds_to_metered(&member.key) {
+                return Err(invalid_parameter(format!(
+                    "the member {:?} differs from {field:?} only in case; send {field:?}",
+                    member.key
+                )));
+            }
+        }
+        let model = match object.get("model") {
+            None => None,
+            Some(m) if m.kind == Kind::Null => None,
+            Some(m) if m.kind == Kind::String => Some(string(body, m)),
+            Some(_) => return Err(invalid_parameter("model must be a string")),
+        };
+        let streaming = boolean(body, object.get("stream"), "stream")?.unwrap_or(false);
+        let mut choices = 1;
+        for name in ["n", "best_of"] {
+            if let Some(member) = object.get(name) {
+                match integer(body, member)? {
+                    None => {}
+                    Some(0) => return Err(invalid_parameter(format!("{name} must be at least 1"))),
+                    Some(n) => choices = choices.max(n),
+                }
+            }
+        }
+        Ok(Self {
+            body,
+            object,
+            model,
+            streaming,
+            choices,
+        })
+    }
+
+    /// The largest of the ceilings `names` the body sets (`null` sets none).
+    fn max_ceiling(&self, names: &[&str]) -> Result<Option<u64>, Error> {
+        let mut max = None;
+        for member in names.iter().filter_map(|name| self.object.get(name)) {
+            if let Some(n) = integer(self.body, member)? {
+                max = Some(max.map_or(n, |m: u64| m.max(n)));
+            }
+        }
+        Ok(max)
+    }
+}
+
+/// Adds `stream_options.include_usage: true` unless the client asked for it; `true` when added.
+fn include_usage(body: &[u8], object: &Object, edits: &mut Vec<Edit>) -> Result<bool, Error> {
+    const OPTIONS: &[u8] = br#"{"include_usage":true}"#;
+    let Some(options) = object.get("stream_options") else {
+        edits.push(json::insert_member(object, "stream_options", OPTIONS));
+        return Ok(true);
+    };
+    match options.kind {
+        Kind::Null => {
+            edits.push(json::replace_value(options, OPTIONS));
+            Ok(true)
+        }
+        Kind::Object => {
+            let start = options.value.start;
+            let slice = body.get(options.value.clone()).unwrap_or_default();
+            let inner = json::parse_object(slice, Mode::Strict)
+                .map_err(|_| invalid_parameter("stream_options must be an object"))?;
+            for member in &inner.members {
+                if member.key != "include_usage" && member.key.eq_ignore_ascii_case("include_usage")
+                {
+                    return Err(invalid_parameter(format!(
+                        "the member {:?} differs from \"include_usage\" only in case",
+                        member.key
+                    )));
+                }
+            }
+            let asked = boolean(
+                slice,
+                inner.get("include_usage"),
+                "stream_options.include_usage",
+            )?;
+            if asked == Some(true) {
+                return Ok(false);
+            }
+            let edit = match inner.get("include_usage") {
+                Some(member) => json::replace_value(member, b"true"),
+                None => json::insert_member(&inner, "include_usage", b"true"),
+            };
+            edits.push(Edit {
+                range: edit.range.start + start..edit.range.end + start,
+                with: edit.with,
+            });
+            Ok(true)
+        }
+        _ => Err(invalid_parameter("stream_options must be an object")),
+    }
+}
+
+/// The metered field `key` differs from only in case (Go's `encoding/json` folding), if any.
+fn folds_to_metered(key: &str) -> Option<&'static str> {
+    if key.len() > 32 {
+        return None;
+    }
+    let folded: String = key
+        .chars()
+        .flat_map(char::to_lowercase)
+        .map(|c| match c {
+            // Go's simple folding maps these to ASCII letters too.
+            '\u{017f}' => 's',
+            '\u{212a}' => 'k',
+            c => c,
+        })
+        .collect();
+    METERED_FIELDS
+        .iter()
+        .find(|field| **field == folded && **field != key)
+        .copied()
+}
+
+fn invalid_parameter(message: impl Into<std::borrow::Cow<'static, str>>) -> Error {
+    Error::new(ErrorCode::InvalidParameter, message)
+}
+
+/// A string member's value, decoded (the parser validated it).
+fn string(body: &[u8], member: &Member) -> String {
+    body.get(member.value.clone())
+        .and_then(|raw| serde_json::from_slice::<String>(raw).ok())
+        .unwrap_or_default()
+}
+
+/// A boolean member: `true`, `false`, or `null` / absent (`None`); anything else is refused,
+/// since a lax upstream reads `"true"`, `1` or `"yes"` as true.
+fn boolean(body: &[u8], member: Option<&Member>, name: &str) -> Result<Option<bool>, Error> {
+    let Some(member) = member else {
+        return Ok(None);
+    };
+    match (member.kind, body.get(member.value.clone())) {
+        (Kind::Null, _) => Ok(None),
+        (Kind::Bool, Some(raw)) => Ok(Some(raw == b"true")),
+        _ => Err(invalid_parameter(format!("{name} must be true or false"))),
+    }
+}
+
+/// A non-negative integer member, spelt as one (`100`, not `100.0`, `1e2` or `"100"`, which lax
+/// upstreams read as 100 too); `null` is `None`.
+fn integer(body: &[u8], member: &Member) -> Result<Option<u64>, Error> {
+    let refuse = || invalid_parameter(format!("{} must be a non-negative integer", member.key));
+    match member.kind {
+        Kind::Null => Ok(None),
+        Kind::Number => {
+            let raw = body.get(member.value.clone()).ok_or_else(refuse)?;
+            if !raw.iter().all(u8::is_ascii_digit) {
+                return Err(refuse());
+            }
+            std::str::from_utf8(raw)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .map(Some)
+                .ok_or_else(refuse)
+        }
+        _ => Err(refuse()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(cap: u64) -> RequestPolicy {
+        RequestPolicy {
+            allowed_models: Vec::new(),
+            max_completion_tokens: cap,
+            default_reserve_tokens: 100,
+            include_usage: true,
+        }
+    }
+
+    fn json_headers() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        h
+    }
+
+    fn meter(policy: &RequestPolicy, path: &str, body: &str) -> Result<Metered, Error> {
+        policy.meter(
+            Endpoint::of(path),
+            &http::Method::POST,
+            &json_headers(),
+            Bytes::copy_from_slice(body.as_bytes()),
+        )
+    }
+
+    fn code(result: Result<Metered, Error>) -> ErrorCode {
+        result
+            .err()
+            .map(|e| e.code())
+            .unwrap_or(ErrorCode::RateLimited)
+    }
+
+    #[test]
+    fn bodies_the_strict_parser_refuses_are_invalid_json() {
+        let p = policy(0);
+        for body in [
+            "{\"model\":\"m\",\"messages\":[{\"content\":\"hi \\ud800\"}]}",
+            "{\"model\":\"m\",\"temperature\":1e400}",
+            "\u{feff}{\"model\":\"m\"}",
+            "{\"model\":\"m\",\"model\":\"n\"}",
+            "[\"m\"]",
+            "",
+            "{\"model\":\"m\"",
+        ] {
+            assert_eq!(
+                code(meter(&p, "chat/completions", body)),
+                ErrorCode::InvalidJson,
+                "{body}"
+            );
+        }
+        let deep = format!("{{\"x\":{}{}}}", "[".repeat(70), "]".repeat(70));
+        assert_eq!(
+            code(meter(&p, "chat/completions", &deep)),
+            ErrorCode::InvalidJson
+        );
+    }
+
+    #[test]
+    fn members_of_the_wrong_type_are_invalid_parameters() {
+        let p = policy(0);
+        for body in [
+            r#"{"max_tokens":100000.0}"#,
+            r#"{"max_tokens":"100000"}"#,
+            r#"{"max_tokens":-1}"#,
+            r#"{"max_tokens":1e5}"#,
+            r#"{"max_completion_tokens":true}"#,
+            r#"{"max_tokens":18446744073709551616}"#,
+            r#"{"stream":"true"}"#,
+            r#"{"stream":1}"#,
+            r#"{"n":0}"#,
+            r#"{"n":"4"}"#,
+            r#"{"best_of":2.0}"#,
+            r#"{"stream":true,"stream_options":"yes"}"#,
+            r#"{"stream":true,"stream_options":{"include_usage":"no"}}"#,
+            r#"{"model":["m"]}"#,
+            r#"{"Stream":true}"#,
+            r#"{"MAX_TOKENS":100000}"#,
+            "{\"\u{017f}tream\":true}",
+            r#"{"stream":true,"stream_options":{"Include_Usage":false}}"#,
+        ] {
+            assert_eq!(
+                code(meter(&p, "chat/completions", body)),
+                ErrorCode::InvalidParameter,
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_escaped_key_is_the_key() {
+        let p = policy(0);
+        let m = meter(&p, "chat/completions", r#"{"str\u0065am":true}"#).unwrap();
+        assert!(m.streaming);
+        assert!(m.hide_usage);
+    }
+
+    #[test]
+    fn the_reservation_is_ceiling_times_choices_plus_prompt() {
+        let p = policy(0);
+        let body = r#"{"model":"m","max_tokens":50,"n":4}"#;
+        let m = meter(&p, "chat/completions", body).unwrap();
+        assert_eq!(m.reserve, (body.len() as u64).div_ceil(4) + 200);
+        let body = r#"{"model":"m","max_tokens":50,"n":2,"best_of":5}"#;
+        let m = meter(&p, "completions", body).unwrap();
+        assert_eq!(m.reserve, (body.len() as u64).div_ceil(4) + 250);
+        // No ceiling: the default.
+        let body = r#"{"model":"m","n":3}"#;
+        let m = meter(&p, "chat/completions", body).unwrap();
+        assert_eq!(m.reserve, (body.len() as u64).div_ceil(4) + 300);
+        // Embeddings: the prompt only.
+        let body = r#"{"model":"e","input":"hello there"}"#;
+        let m = meter(&p, "embeddings", body).unwrap();
+        assert_eq!(m.reserve, (body.len() as u64).div_ceil(4));
+        // A ceiling another endpoint reads does not lower this one's reservation.
+        let body = r#"{"model":"m","max_output_tokens":1}"#;
+        let m = meter(&p, "chat/completions", body).unwrap();
+        assert_eq!(m.reserve, (body.len() as u64).div_ceil(4) + 100);
+    }
+
+    #[test]
+    fn the_cap_edits_in_place() {
+        let p = policy(64);
+        let body = r#"{ "model" : "m",  "max_tokens" : 100000, "x": 12345678901234567890123 }"#;
+        let m = meter(&p, "chat/completions", body).unwrap();
+        assert_eq!(
+            &m.body[..],
+            br#"{ "model" : "m",  "max_tokens" : 64, "x": 12345678901234567890123 }"#
+        );
+        assert_eq!(m.reserve, (body.len() as u64).div_ceil(4) + 64);
+        // None named: the endpoint's field is added, the rest untouched.
+        let body = r#"{"b":1,"a":2,"max_output_tokens":9}"#;
+        let m = meter(&p, "chat/completions", body).unwrap();
+        assert_eq!(
+            &m.body[..],
+            br#"{"b":1,"a":2,"max_output_tokens":9,"max_completion_tokens":64}"#
+        );
+        // A smaller ceiling stays as sent.
+        let body = r#"{"max_tokens":5}"#;
+        let m = meter(&p, "completions", body).unwrap();
+        assert_eq!(&m.body[..], body.as_bytes());
+    }
+
+    #[test]
+    fn include_usage_is_inserted_in_place() {
+        let p = policy(0);
+        for (body, want) in [
+            (
+                r#"{"stream":true}"#,
+                r#"{"stream":true,"stream_options":{"include_usage":true}}"#,
+            ),
+            (
+                r#"{"stream":true,"stream_options":null}"#,
+                r#"{"stream":true,"stream_options":{"include_usage":true}}"#,
+            ),
+            (
+                r#"{"stream":true,"stream_options":{ }}"#,
+                r#"{"stream":true,"stream_options":{ "include_usage":true}}"#,
+            ),
+            (
+                r#"{"stream":true,"stream_options":{"continuous_usage_stats":true}}"#,
+                r#"{"stream":true,"stream_options":{"continuous_usage_stats":true,"include_usage":true}}"#,
+            ),
+            (
+                r#"{"stream":true,"stream_options":{"include_usage": false}}"#,
+                r#"{"stream":true,"stream_options":{"include_usage": true}}"#,
+            ),
+        ] {
+            let m = meter(&p, "chat/completions", body).unwrap();
+            assert_eq!(std::str::from_utf8(&m.body).unwrap(), want, "{body}");
+            assert!(m.hide_usage, "{body}");
+        }
+        let asked = r#"{"stream":true,"stream_options":{"include_usage":true}}"#;
+        let m = meter(&p, "chat/completions", asked).unwrap();
+        assert!(!m.hide_usage);
+        assert_eq!(&m.body[..], asked.as_bytes());
+        // The Responses API always reports usage: nothing to add.
+        let m = meter(&p, "responses", r#"{"stream":true}"#).unwrap();
+        assert!(!m.hide_usage);
+    }
+
+    #[test]
+    fn the_head_of_a_metered_call_must_announce_plain_json() {
+        let p = policy(0);
+        let mut h = json_headers();
+        assert!(p.check_head(&http::Method::POST, &h).is_ok());
+        h.insert(
+            header::CONTENT_TYPE,
+            "application/json; charset=UTF-8".parse().unwrap(),
+        );
+        assert!(p.check_head(&http::Method::POST, &h).is_ok());
+        for ct in [
+            "text/plain",
+            "application/json; charset=utf-16",
+            "multipart/form-data",
+        ] {
+            h.insert(header::CONTENT_TYPE, ct.parse().unwrap());
+            let e = p.check_head(&http::Method::POST, &h).unwrap_err();
+            assert_eq!(e.code(), ErrorCode::UnsupportedMediaType, "{ct}");
+        }
+        let mut h = json_headers();
+        h.insert(header::CONTENT_ENCODING, "gzip".parse().unwrap());
+        let e = p.check_head(&http::Method::POST, &h).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::UnsupportedMediaType);
+        assert!(p.check_head(&http::Method::GET, &HeaderMap::new()).is_ok());
+        assert!(
+            p.check_head(&http::Method::POST, &HeaderMap::new())
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn the_model_allow_list_reads_the_one_parse() {
+        let mut p = policy(0);
+        p.allowed_models = vec!["gpt-4o-mini".to_owned()];
+        assert!(meter(&p, "chat/completions", r#"{"model":"gpt\u002d4o-mini"}"#).is_ok());
+        for body in [r#"{"model":"gpt-4o"}"#, r#"{}"#, r#"{"model":null}"#] {
+            assert_eq!(
+                code(meter(&p, "chat/completions", body)),
+                ErrorCode::ModelNotAllowed,
+                "{body}"
+            );
+        }
+    }
+}
