@@ -717,4 +717,125 @@ mod tests {
             );
         }
     }
+
+    mod byte_preservation {
+        use proptest::prelude::*;
+        use serde_json::{Map, Value};
+
+        use super::*;
+
+        /// Arbitrary JSON values: unicode strings (escaped when serialized), big and small
+        /// numbers, nesting.
+        fn value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>()
+                    .prop_filter("finite", |f| f.is_finite())
+                    .prop_map(Value::from),
+                ".{0,12}".prop_map(Value::String),
+            ];
+            leaf.prop_recursive(4, 32, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                    prop::collection::vec(("[a-z_]{1,8}", inner), 0..5)
+                        .prop_map(|m| Value::Object(m.into_iter().collect::<Map<_, _>>())),
+                ]
+            })
+        }
+
+        /// A request body: unmetered members (any names but the metered ones), spelt compact
+        /// or pretty.
+        fn body() -> impl Strategy<Value = (Map<String, Value>, bool)> {
+            (
+                prop::collection::vec(("x_[a-z]{1,8}", value()), 0..6),
+                any::<bool>(),
+            )
+                .prop_map(|(m, pretty)| (m.into_iter().collect(), pretty))
+        }
+
+        fn spell(object: &Map<String, Value>, pretty: bool) -> String {
+            let v = Value::Object(object.clone());
+            if pretty {
+                serde_json::to_string_pretty(&v).unwrap()
+            } else {
+                serde_json::to_string(&v).unwrap()
+            }
+        }
+
+        /// `before` and `after` differ in one place only: returns the two middles.
+        fn middles<'a>(before: &'a str, after: &'a str) -> (&'a str, &'a str) {
+            let prefix = before
+                .bytes()
+                .zip(after.bytes())
+                .take_while(|(a, b)| a == b)
+                .count();
+            let max_suffix = before.len().min(after.len()) - prefix;
+            let suffix = before
+                .bytes()
+                .rev()
+                .zip(after.bytes().rev())
+                .take(max_suffix)
+                .take_while(|(a, b)| a == b)
+                .count();
+            (
+                &before[prefix..before.len() - suffix],
+                &after[prefix..after.len() - suffix],
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Adding `include_usage` inserts exactly one member; every other byte stays.
+            #[test]
+            fn include_usage_changes_only_its_member((mut object, pretty) in body()) {
+                object.insert("stream".to_owned(), Value::Bool(true));
+                let sent = spell(&object, pretty);
+                let m = meter(&policy(0), "chat/completions", &sent).unwrap();
+                let got = std::str::from_utf8(&m.body).unwrap();
+                let (removed, added) = middles(&sent, got);
+                prop_assert_eq!(removed, "");
+                prop_assert!(
+                    added.ends_with(r#""stream_options":{"include_usage":true}"#),
+                    "{}", added
+                );
+                prop_assert!(added.trim_start_matches(',').trim() == r#""stream_options":{"include_usage":true}"#, "{}", added);
+            }
+
+            /// Lowering a ceiling replaces exactly its value; every other byte stays.
+            #[test]
+            fn the_cap_changes_only_the_ceiling((mut object, pretty) in body(), ceiling in 65u64..u64::MAX) {
+                object.insert("max_tokens".to_owned(), Value::from(ceiling));
+                let sent = spell(&object, pretty);
+                let m = meter(&policy(64), "chat/completions", &sent).unwrap();
+                let got = std::str::from_utf8(&m.body).unwrap();
+                let sep = if pretty { " " } else { "" };
+                let expected = sent.replacen(
+                    &format!("\"max_tokens\":{sep}{ceiling}"),
+                    &format!("\"max_tokens\":{sep}64"),
+                    1,
+                );
+                prop_assert_ne!(&expected, &sent);
+                prop_assert_eq!(got, expected);
+            }
+
+            /// A cap with no ceiling in the body appends the endpoint's member.
+            #[test]
+            fn the_cap_appends_its_member((object, pretty) in body()) {
+                let sent = spell(&object, pretty);
+                let m = meter(&policy(64), "chat/completions", &sent).unwrap();
+                let got = std::str::from_utf8(&m.body).unwrap();
+                let (removed, added) = middles(&sent, got);
+                prop_assert_eq!(removed, "");
+                prop_assert!(
+                    added.trim_start_matches(',').trim() == r#""max_completion_tokens":64"#,
+                    "{}", added
+                );
+                let parsed: Value = serde_json::from_str(got).unwrap();
+                prop_assert_eq!(&parsed["max_completion_tokens"], &Value::from(64));
+            }
+        }
+    }
 }
