@@ -175,17 +175,10 @@ impl RequestPolicy {
                 "a metered call's body must not have a Content-Encoding",
             ));
         }
-        let bodiless = matches!(
-            *method,
-            http::Method::GET | http::Method::HEAD | http::Method::DELETE
-        ) && !headers.contains_key(header::CONTENT_TYPE);
-        if bodiless || is_json(headers) {
+        if reads_only(method, headers) || is_json(headers) {
             Ok(())
         } else {
-            Err(Error::new(
-                ErrorCode::UnsupportedMediaType,
-                "a metered call's body must be application/json (UTF-8)",
-            ))
+            Err(not_json())
         }
     }
 
@@ -198,13 +191,7 @@ impl RequestPolicy {
         headers: &HeaderMap,
         body: Bytes,
     ) -> Result<Metered, Error> {
-        if body.is_empty()
-            && matches!(
-                *method,
-                http::Method::GET | http::Method::HEAD | http::Method::DELETE
-            )
-            && !headers.contains_key(header::CONTENT_TYPE)
-        {
+        if body.is_empty() && reads_only(method, headers) {
             // Reading (a model, a list): nothing is generated without a body.
             return Ok(Metered {
                 body,
@@ -212,10 +199,7 @@ impl RequestPolicy {
             });
         }
         if !is_json(headers) {
-            return Err(Error::new(
-                ErrorCode::UnsupportedMediaType,
-                "a metered call's body must be application/json (UTF-8)",
-            ));
+            return Err(not_json());
         }
         let object = json::parse_object(&body, Mode::Strict).map_err(|e| {
             Error::new(
@@ -295,6 +279,22 @@ impl RequestPolicy {
             reserve,
         })
     }
+}
+
+/// A `GET`, `HEAD` or `DELETE` that declares no body type: it reads, and has no body to meter
+/// (one it sends anyway must still be JSON).
+fn reads_only(method: &http::Method, headers: &HeaderMap) -> bool {
+    matches!(
+        *method,
+        http::Method::GET | http::Method::HEAD | http::Method::DELETE
+    ) && !headers.contains_key(header::CONTENT_TYPE)
+}
+
+fn not_json() -> Error {
+    Error::new(
+        ErrorCode::UnsupportedMediaType,
+        "a metered call's body must be application/json (UTF-8)",
+    )
 }
 
 /// Whether the body is declared `application/json`, in UTF-8 when a charset is named.
