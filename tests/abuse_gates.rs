@@ -85,10 +85,21 @@ async fn expect_error(
     headers
 }
 
-/// `400 invalid_dpop_proof` with `WWW-Authenticate: DPoP ... error="invalid_dpop_proof"`.
+/// On an authenticated request, `401 invalid_dpop_proof` with
+/// `WWW-Authenticate: DPoP ... error="invalid_dpop_proof"` (RFC 9449 section 7.1).
 async fn expect_bad_proof(response: reqwest::Response) {
+    let headers = expect_error(response, 401, "invalid_dpop_proof", "authentication_error").await;
+    expect_dpop_challenge(&headers);
+}
+
+/// On a mint, `400 invalid_dpop_proof`, with the same `WWW-Authenticate: DPoP` challenge.
+async fn expect_bad_mint_proof(response: reqwest::Response) {
     let headers = expect_error(response, 400, "invalid_dpop_proof", "invalid_request_error").await;
-    let challenge = header(&headers, "www-authenticate");
+    expect_dpop_challenge(&headers);
+}
+
+fn expect_dpop_challenge(headers: &reqwest::header::HeaderMap) {
+    let challenge = header(headers, "www-authenticate");
     assert!(challenge.starts_with("DPoP"), "{challenge}");
     assert!(
         challenge.contains(r#"error="invalid_dpop_proof""#),
@@ -373,19 +384,19 @@ async fn mint_proofs_are_checked() {
 
     // Wrong method, wrong URL, stale: refused, and no session is minted.
     let wrong_htm = key.proof("GET", &session_url, None);
-    expect_bad_proof(mint_with_proof(&proxy, FP, Some(&wrong_htm)).await).await;
+    expect_bad_mint_proof(mint_with_proof(&proxy, FP, Some(&wrong_htm)).await).await;
     let wrong_htu = key.proof("POST", &proxy.url("/session/refresh"), None);
-    expect_bad_proof(mint_with_proof(&proxy, FP, Some(&wrong_htu)).await).await;
+    expect_bad_mint_proof(mint_with_proof(&proxy, FP, Some(&wrong_htu)).await).await;
     let other_host = key.proof("POST", "http://evil.example:1234/session", None);
-    expect_bad_proof(mint_with_proof(&proxy, FP, Some(&other_host)).await).await;
+    expect_bad_mint_proof(mint_with_proof(&proxy, FP, Some(&other_host)).await).await;
     let stale = key.sign(&json!({
         "jti": unique_jti("stale-mint"),
         "htm": "POST",
         "htu": session_url,
         "iat": now() - 120,
     }));
-    expect_bad_proof(mint_with_proof(&proxy, FP, Some(&stale)).await).await;
-    expect_bad_proof(mint_with_proof(&proxy, FP, Some("not.a.proof")).await).await;
+    expect_bad_mint_proof(mint_with_proof(&proxy, FP, Some(&stale)).await).await;
+    expect_bad_mint_proof(mint_with_proof(&proxy, FP, Some("not.a.proof")).await).await;
 
     // A good proof works once; the same proof string on a second mint is a replay.
     let proof = key.proof("POST", &session_url, None);
@@ -394,7 +405,8 @@ async fn mint_proofs_are_checked() {
     let session: SessionObject = response.json().await.unwrap();
     assert_eq!(session.token_type, "DPoP");
     assert_eq!(claims_of(&session.token)["cnf"]["jkt"], key.thumbprint());
-    expect_bad_proof(mint_with_proof(&proxy, "device-abuse-gates-2", Some(&proof)).await).await;
+    expect_bad_mint_proof(mint_with_proof(&proxy, "device-abuse-gates-2", Some(&proof)).await)
+        .await;
 
     // Any scheme is fine for the session htu when public_url is unset.
     let https = key.proof("POST", &format!("https://{}/session", proxy.addr), None);
@@ -621,7 +633,7 @@ async fn public_url_is_the_htu_base() {
 
     // The mint proof names the public /session URL; the local one is refused.
     let local = key.proof("POST", &proxy.url("/session"), None);
-    expect_bad_proof(mint_with_proof(&proxy, FP, Some(&local)).await).await;
+    expect_bad_mint_proof(mint_with_proof(&proxy, FP, Some(&local)).await).await;
     let public = key.proof("POST", "https://api.example.com/ai/session", None);
     let response = mint_with_proof(&proxy, FP, Some(&public)).await;
     assert_eq!(response.status(), 200);

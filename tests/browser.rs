@@ -234,10 +234,10 @@ async fn browser_client_in_headless_chromium() {
     assert_eq!(replay["bearer"]["code"], "dpop_required", "{replay}");
     assert_eq!(replay["dpop_without_proof"]["status"], 401, "{replay}");
     assert_eq!(replay["dpop_without_proof"]["code"], "dpop_required");
-    assert_eq!(replay["dpop_foreign_key"]["status"], 400, "{replay}");
+    assert_eq!(replay["dpop_foreign_key"]["status"], 401, "{replay}");
     assert_eq!(replay["dpop_foreign_key"]["code"], "invalid_dpop_proof");
     if !replay["dpop_reused_page_proof"].is_null() {
-        assert_eq!(replay["dpop_reused_page_proof"]["status"], 400, "{replay}");
+        assert_eq!(replay["dpop_reused_page_proof"]["status"], 401, "{replay}");
         assert_eq!(
             replay["dpop_reused_page_proof"]["code"],
             "invalid_dpop_proof"

@@ -188,7 +188,7 @@ async fn pow_solution_and_dpop_proof_work_once_across_instances() {
     };
     assert_eq!(send(&p.a).await.unwrap().status(), 200);
     let replayed = send(&p.b).await.unwrap();
-    assert_eq!(replayed.status(), 400);
+    assert_eq!(replayed.status(), 401, "RFC 9449 section 7.1");
     assert_eq!(error_code(replayed).await, "invalid_dpop_proof");
 }
 

@@ -984,7 +984,8 @@ export async function createClient(options) {
       if (response.body) response.body.cancel().catch(() => {});
       return send(req, fresh);
     }
-    if (response.status === 400 && code === "invalid_dpop_proof") {
+    // RFC 9449 section 7.1: a bad proof on an authenticated request is a 401.
+    if (response.status === 401 && code === "invalid_dpop_proof") {
       // Most likely a clock difference (iat): resynchronise from Date when readable, retry once.
       const before = offset;
       adoptOffset(offsetFromDate(response));

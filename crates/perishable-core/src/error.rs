@@ -210,6 +210,9 @@ pub struct Error {
     rate_limit: Option<RateLimitInfo>,
     retry_after: Option<Duration>,
     session_id: Option<String>,
+    /// The refusal concerns an authenticated request (not a mint): a bad DPoP proof is then
+    /// `401`, as RFC 9449 section 7.1 says, instead of the mint's `400`.
+    authenticating: bool,
 }
 
 /// Put in the extensions of every response Perishable refuses with: lets outer layers count and
@@ -271,7 +274,18 @@ impl Error {
             rate_limit: None,
             retry_after: None,
             session_id: None,
+            authenticating: false,
         }
+    }
+
+    /// Marks a refusal of an authenticated request (a token presented on a proxied call,
+    /// refresh or revoke): `invalid_dpop_proof` then answers `401` with
+    /// `WWW-Authenticate: DPoP error="invalid_dpop_proof"` (RFC 9449 section 7.1), so clients
+    /// treat it as an authentication failure and retry with a fresh proof.
+    #[must_use]
+    pub(crate) fn authenticating(mut self) -> Self {
+        self.authenticating = true;
+        self
     }
 
     /// Names the session the refusal concerns (for the audit hook; never rendered).
@@ -321,12 +335,21 @@ impl Error {
 
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
-        self.code.status()
+        if self.authenticating && self.code == ErrorCode::InvalidDpopProof {
+            StatusCode::UNAUTHORIZED
+        } else {
+            self.code.status()
+        }
     }
 
     /// The JSON body: `{"error":{"message":…,"type":…,"code":…}}`.
     pub fn body(&self) -> Bytes {
-        error_body(&self.message, self.code.error_type(), self.code.as_str())
+        let error_type = if self.status() == StatusCode::UNAUTHORIZED {
+            "authentication_error"
+        } else {
+            self.code.error_type()
+        };
+        error_body(&self.message, error_type, self.code.as_str())
     }
 
     /// Renders the PROTOCOL response: status, JSON body and headers.

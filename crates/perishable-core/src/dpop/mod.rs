@@ -22,8 +22,9 @@
 //!    [`DpopProof::replay_id`] in the [`Store`](crate::store::Store) past the `iat` window, so a
 //!    proof can never come back, on any instance sharing the store.
 //!
-//! A failed proof gets `400 invalid_dpop_proof` with `WWW-Authenticate: DPoP
-//! error="invalid_dpop_proof"`; a bound token without a proof, or sent with the `Bearer`
+//! A failed proof gets `invalid_dpop_proof` with `WWW-Authenticate: DPoP
+//! error="invalid_dpop_proof"`: `401` on an authenticated request (RFC 9449 section 7.1), `400`
+//! on the mint; a bound token without a proof, or sent with the `Bearer`
 //! scheme, gets `401 dpop_required`.
 //!
 //! [`DpopSigner`] is the client side (what the browser client does with WebCrypto), for native

@@ -19,8 +19,8 @@
 //! ([`crate::token::TokenCodec::verify`]), then that its `jti` is not revoked, that the SHA-256
 //! of the `X-Perishable-Fingerprint` header equals `fp`, and that the User-Agent hash equals `ua`
 //! when the token carries one. A key-bound token must come as `Authorization: DPoP <token>` with
-//! a valid proof from its key (`401 dpop_required` without one, `400 invalid_dpop_proof` for a bad
-//! one); a bearer token must come as `Bearer`, and is refused when `session.dpop = "required"`.
+//! a valid proof from its key (`401 dpop_required` without one, `401 invalid_dpop_proof` for a bad
+//! one, as RFC 9449 section 7.1 says; a bad proof on the mint is `400`); a bearer token must come as `Bearer`, and is refused when `session.dpop = "required"`.
 //!
 //! Revocation keeps the `jti` in memory until the token's own `exp`, after which the token is
 //! refused as expired anyway, so the list holds only live entries. It also frees the session's
@@ -39,6 +39,8 @@ use subtle::ConstantTimeEq;
 pub use self::mint::MintRequest;
 pub use self::service::{MAX_MINT_BODY_BYTES, SessionService};
 use crate::audit::{Audit, AuditEvent};
+use futures_util::TryFutureExt;
+
 use crate::config::{Config, DpopMode};
 use crate::dpop::{DPOP_HEADER, DpopVerifier, Expected, Htu, OriginalUri};
 use crate::error::{Error, ErrorCode, RateLimitInfo};
@@ -445,7 +447,7 @@ impl Sessions {
     ) -> Result<Result<VerifiedSession, Error>, PendingVerify> {
         let (claims, dpop_seen) = match self.check_request(req) {
             Ok(checked) => checked,
-            Err(e) => return Ok(Err(e)),
+            Err(e) => return Ok(Err(e.authenticating())),
         };
         // A store that answers from memory decides here; any other gets the rest as a future.
         let store = &self.inner.store;
@@ -460,8 +462,12 @@ impl Sessions {
             None => None,
         };
         match now {
-            Some(decided) => Ok(decided.map(|()| VerifiedSession { claims })),
-            None => Err(Box::pin(finish_verify(store.clone(), claims, dpop_seen))),
+            Some(decided) => Ok(decided
+                .map(|()| VerifiedSession { claims })
+                .map_err(Error::authenticating)),
+            None => Err(Box::pin(
+                finish_verify(store.clone(), claims, dpop_seen).map_err(Error::authenticating),
+            )),
         }
     }
 
