@@ -189,12 +189,12 @@ async function replay(stolen, pageProof) {
   check("replay as DPoP without a proof is 401 dpop_required",
     out.dpop_without_proof.status === 401 && out.dpop_without_proof.code === "dpop_required",
     out.dpop_without_proof);
-  check("replay with another key's proof is 400 invalid_dpop_proof",
-    out.dpop_foreign_key.status === 400 && out.dpop_foreign_key.code === "invalid_dpop_proof",
+  check("replay with another key's proof is 401 invalid_dpop_proof",
+    out.dpop_foreign_key.status === 401 && out.dpop_foreign_key.code === "invalid_dpop_proof",
     out.dpop_foreign_key);
   if (out.dpop_reused_page_proof) {
-    check("replay of the page's own proof is 400 invalid_dpop_proof",
-      out.dpop_reused_page_proof.status === 400 &&
+    check("replay of the page's own proof is 401 invalid_dpop_proof",
+      out.dpop_reused_page_proof.status === 401 &&
         out.dpop_reused_page_proof.code === "invalid_dpop_proof",
       out.dpop_reused_page_proof);
   }
