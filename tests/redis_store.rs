@@ -200,6 +200,8 @@ async fn redis_outage_fails_closed_then_recovers() {
     let p = pair(&redis, |c| c.pow_difficulty(0)).await;
     let s = p.a.mint("device-out-001").await;
     assert_eq!(models(&p.a, &s, "device-out-001").await.status(), 200);
+    let health = p.a.http.get(p.a.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
 
     redis.stop();
     let refused = models(&p.a, &s, "device-out-001").await;
@@ -209,9 +211,14 @@ async fn redis_outage_fails_closed_then_recovers() {
     assert_eq!(body["error"]["type"], "api_error");
     let mint = p.b.mint_response("device-out-002").await;
     assert_eq!(mint.status(), 503, "closed: mints are refused too");
-    // Routes that need no store keep working.
+    // Readiness says so, for the load balancer.
     let health = p.a.http.get(p.a.url("/health")).send().await.unwrap();
-    assert_eq!(health.status(), 200);
+    assert_eq!(health.status(), 503);
+    let body: Value = health.json().await.unwrap();
+    assert_eq!(
+        body,
+        json!({"status": "unavailable", "store": "unreachable"})
+    );
 
     redis.spawn();
     // The connection comes back by itself: no router restart.
@@ -225,6 +232,12 @@ async fn redis_outage_fails_closed_then_recovers() {
     }
     assert!(recovered, "service did not resume after Redis came back");
     assert_eq!(p.b.mint_response("device-out-003").await.status(), 200);
+    let health = p.a.http.get(p.a.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert_eq!(
+        health.json::<Value>().await.unwrap(),
+        json!({"status": "ok"})
+    );
 }
 
 #[tokio::test]
@@ -243,6 +256,9 @@ async fn redis_outage_fail_open_skips_limits_only() {
     // Limits are skipped: a mint (rate limit per IP, session cap; no proof of work) goes through.
     let minted = p.b.mint_response("device-open-02").await;
     assert_eq!(minted.status(), 200, "open: limits are skipped");
+    // Not closed: readiness stays ok.
+    let health = p.b.http.get(p.b.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
     // Revocation checks still fail closed.
     let refused = models(&p.a, &s, "device-open-01").await;
     assert_eq!(refused.status(), 503);

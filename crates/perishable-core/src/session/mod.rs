@@ -199,6 +199,22 @@ impl Sessions {
         self.inner.body_timeout
     }
 
+    /// Readiness, for `GET /health`: `false` while the shared store cannot be reached and the
+    /// failure policy is to refuse (`store.on_unavailable = "closed"`), since every mint and
+    /// every authenticated call would then get `503 store_unavailable`.
+    pub async fn ready(&self) -> bool {
+        if self.inner.fail_open {
+            return true;
+        }
+        match self.inner.store.ping().await {
+            Ok(()) => true,
+            Err(e) => {
+                store::log_failure("ping", &e, "reported unavailable by /health");
+                false
+            }
+        }
+    }
+
     /// The token codec (to sign or inspect tokens yourself).
     pub fn codec(&self) -> &TokenCodec {
         &self.inner.codec

@@ -95,7 +95,14 @@ where
     let path = req.uri().path().trim_end_matches('/');
     let method = req.method().clone();
     if path.ends_with("/health") && method == Method::GET {
-        return Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})));
+        return Ok(if sessions.ready().await {
+            json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+        } else {
+            json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({"status": "unavailable", "store": "unreachable"}),
+            )
+        });
     }
     if path.ends_with("/challenge") && method == Method::GET {
         return Ok(json(StatusCode::OK, &sessions.challenge()));

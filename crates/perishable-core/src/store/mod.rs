@@ -209,6 +209,12 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         None
     }
 
+    /// Whether the store can be reached now, for `GET /health`. The default (a store in this
+    /// process) always can.
+    fn ping(&self) -> StoreFuture<'_, ()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     /// Takes a slot for session `jti` (until `exp`) under every key, unless one already holds
     /// `max` live sessions.
     fn admit_session<'a>(

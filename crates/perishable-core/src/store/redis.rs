@@ -445,6 +445,19 @@ impl Store for RedisStore {
         })
     }
 
+    fn ping(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            self.inner
+                .run(|mut conn| async move {
+                    redis::cmd("PING")
+                        .query_async::<String>(&mut conn)
+                        .await
+                        .map(|_| ())
+                })
+                .await
+        })
+    }
+
     fn admit_session<'a>(
         &'a self,
         keys: &'a [String],
