@@ -1,87 +1,114 @@
-//! Token budgets end to end (the `budget` module docs), on the memory store and on a real
-//! `redis-server`: a budget spent exactly, refused, and allowed again in the next window;
-//! concurrent requests held back by their reservations; a cut stream charged its reservation;
-//! the completion cap; the concurrent-stream cap; and a request whose upstream cannot be
-//! reached (`502 upstream_unavailable`) or does not answer in time (`504 upstream_timeout`)
-//! giving back its token reservation and its stream slot.
+//! Token budgets end to end (the `budget` module docs, "Budgets" in `docs/protocol.md`), on the
+//! memory store and on a real `redis-server`: token buckets spent and refused with their
+//! headers, refilled continuously (no fresh budget at what used to be a window boundary); the
+//! per-client, per-IP and global scopes; concurrent calls held back by their reservations; a cut
+//! stream keeping its reservation; the completion cap; the concurrent-stream cap; and a call
+//! whose upstream cannot be reached (`502`) or does not answer in time (`504`) giving back its
+//! reservation and its stream slot.
+//!
+//! Bucket levels are read through a spying store: reserving one token more than a bucket's
+//! capacity never passes, takes nothing, and answers with what the bucket holds.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
-use std::future::Future;
-use std::panic::AssertUnwindSafe;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
-use futures_util::FutureExt;
+use perishable::config::BudgetScope;
 use perishable::mock::{MockOptions, MockUpstream};
-use perishable::store::{Admission, RateLimiter, RatePolicy, Reservation, Set, Store, StoreFuture};
+use perishable::store::{
+    Admission, Bucket, RateLimiter, RatePolicy, Reservation, Set, Store, StoreFuture,
+};
 use perishable::{ConfigBuilder, Perishable};
 use reqwest::Method;
 use serde_json::{Value, json};
 
 // ---------------------------------------------------------------------------------------------
-// Harness: a spying store, a proxy on it, budget windows.
+// Harness: a spying store, a proxy on it, request bodies and their reservations.
 // ---------------------------------------------------------------------------------------------
 
-/// A [`Store`] that hands every operation to the real one (memory or Redis) and remembers the
-/// budget keys it was asked to reserve under, so a test can read how many tokens the current
-/// window holds once the (spawned) settlement has run; and counts the stream slots given back.
+/// A [`Store`] that hands every operation to the real one (memory or Redis), remembers the
+/// buckets and amounts it was asked to reserve, and counts the stream slots given back.
 #[derive(Debug)]
 struct Spy {
     inner: Arc<dyn Store>,
-    budget_keys: Mutex<Vec<String>>,
+    /// Every bucket a reservation named, in the order first seen.
+    buckets: Mutex<Vec<Bucket>>,
+    /// The amount of every reservation, in order.
+    reservations: Mutex<Vec<u64>>,
     /// Completed `release_stream` calls.
     streams_released: AtomicUsize,
 }
 
 impl Spy {
-    /// Tokens used and reserved in the current window under the one budget key seen so far.
-    async fn used(&self, window_secs: u64) -> u64 {
-        let key = {
-            let keys = self.budget_keys.lock().unwrap();
-            assert_eq!(keys.len(), 1, "one client, one budget key: {keys:?}");
-            keys[0].clone()
-        };
-        // A limit of 0 admits nothing: the store answers with what the window holds and
-        // reserves nothing (`used >= limit`).
+    /// The buckets seen so far whose key starts with `prefix` (`fp:`, `sid:`, `ip:`, `global`).
+    fn buckets(&self, prefix: &str) -> Vec<Bucket> {
+        self.buckets
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|b| b.key.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+
+    /// The one bucket seen whose key starts with `prefix`.
+    fn only(&self, prefix: &str) -> Bucket {
+        let mut found = self.buckets(prefix);
+        assert_eq!(found.len(), 1, "one {prefix} bucket: {found:?}");
+        found.remove(0)
+    }
+
+    /// The amounts reserved so far.
+    fn reservations(&self) -> Vec<u64> {
+        self.reservations.lock().unwrap().clone()
+    }
+
+    /// The whole tokens `bucket` holds now (0 in debt). Reserving more than its capacity never
+    /// passes and takes nothing: the refusal says what the bucket holds.
+    async fn level(&self, bucket: &Bucket) -> u64 {
         match self
             .inner
-            .reserve_tokens(&key, 0, 0, window_secs)
+            .reserve_tokens(std::slice::from_ref(bucket), bucket.capacity + 1)
             .await
             .unwrap()
         {
-            Reservation::Exhausted { used, .. } => used,
-            Reservation::Reserved { .. } => panic!("a limit of 0 admitted a reservation"),
+            Reservation::Exhausted { available, .. } => available,
+            other => panic!("a reservation above capacity passed: {other:?}"),
         }
     }
 
-    /// Waits (up to 1 s: settlement is spawned after the response ends) until the current
-    /// window holds exactly `expected` tokens.
-    async fn wait_used(&self, window_secs: u64, expected: u64, what: &str) {
-        let mut used = 0;
-        for _ in 0..100 {
-            used = self.used(window_secs).await;
-            if used == expected {
+    /// Waits (up to 5 s: settlement is spawned after the response ends) until `bucket`
+    /// holds exactly `expected` tokens.
+    async fn wait_level(&self, bucket: &Bucket, expected: u64, what: &str) {
+        let mut level = 0;
+        for _ in 0..250 {
+            level = self.level(bucket).await;
+            if level == expected {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("{what}: the budget holds {used} tokens, expected {expected}");
+        panic!(
+            "{what}: {} holds {level} tokens, expected {expected}",
+            bucket.key
+        );
     }
 
-    /// Waits (up to 1 s: the slot is given back in a spawned task) until exactly `expected`
+    /// Waits (up to 5 s: the slot is given back in a spawned task) until exactly `expected`
     /// stream slots have been given back to the store.
     async fn wait_streams_released(&self, expected: usize, what: &str) {
         let mut released = 0;
-        for _ in 0..100 {
+        for _ in 0..250 {
             released = self.streams_released.load(Ordering::SeqCst);
             if released == expected {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("{what}: {released} stream slots given back, expected {expected}");
     }
@@ -98,6 +125,14 @@ impl Store for Spy {
 
     fn contains<'a>(&'a self, set: Set, id: &'a str) -> StoreFuture<'a, bool> {
         self.inner.contains(set, id)
+    }
+
+    fn contains_now(&self, set: Set, id: &str) -> Option<bool> {
+        self.inner.contains_now(set, id)
+    }
+
+    fn insert_once_now(&self, set: Set, id: &str, expires_at: u64) -> Option<bool> {
+        self.inner.insert_once_now(set, id, expires_at)
     }
 
     fn admit_session<'a>(
@@ -126,28 +161,23 @@ impl Store for Spy {
 
     fn reserve_tokens<'a>(
         &'a self,
-        key: &'a str,
+        buckets: &'a [Bucket],
         amount: u64,
-        limit: u64,
-        window_secs: u64,
     ) -> StoreFuture<'a, Reservation> {
         {
-            let mut keys = self.budget_keys.lock().unwrap();
-            if !keys.iter().any(|k| k == key) {
-                keys.push(key.to_owned());
+            let mut seen = self.buckets.lock().unwrap();
+            for bucket in buckets {
+                if !seen.iter().any(|b| b.key == bucket.key) {
+                    seen.push(bucket.clone());
+                }
             }
         }
-        self.inner.reserve_tokens(key, amount, limit, window_secs)
+        self.reservations.lock().unwrap().push(amount);
+        self.inner.reserve_tokens(buckets, amount)
     }
 
-    fn settle_tokens<'a>(
-        &'a self,
-        key: &'a str,
-        window: u64,
-        window_secs: u64,
-        delta: i64,
-    ) -> StoreFuture<'a, ()> {
-        self.inner.settle_tokens(key, window, window_secs, delta)
+    fn settle_tokens<'a>(&'a self, buckets: &'a [Bucket], delta: i64) -> StoreFuture<'a, ()> {
+        self.inner.settle_tokens(buckets, delta)
     }
 
     fn acquire_stream<'a>(&'a self, session: &'a str, max: u32, exp: u64) -> StoreFuture<'a, bool> {
@@ -173,7 +203,8 @@ struct Setup {
 static PREFIXES: AtomicUsize = AtomicUsize::new(0);
 
 /// Starts a mock (with `options`) and a proxy in front of it, on the memory store or (with
-/// `store_url`) on Redis under a key prefix of its own.
+/// `store_url`) on Redis under a key prefix of its own. Request rate limits are out of the way
+/// (tests poll and mint more than a browser would).
 async fn start(
     store_url: Option<&str>,
     options: MockOptions,
@@ -182,7 +213,11 @@ async fn start(
     let mock = MockUpstream::start(options.api_key(SERVER_KEY))
         .await
         .unwrap();
-    let mut builder = tweak(config(&mock.base_url()));
+    let mut builder = tweak(
+        config(&mock.base_url())
+            .rate_limit_points(100_000)
+            .rate_limit_mint_per_ip(1_000),
+    );
     if let Some(url) = store_url {
         let prefix = format!(
             "budgets{}x{}",
@@ -196,7 +231,8 @@ async fn start(
     let store = Perishable::new(config.clone()).unwrap().store().clone();
     let spy = Arc::new(Spy {
         inner: store,
-        budget_keys: Mutex::default(),
+        buckets: Mutex::default(),
+        reservations: Mutex::default(),
         streams_released: AtomicUsize::new(0),
     });
     let perishable = Perishable::with_store(config, spy.clone()).unwrap();
@@ -211,48 +247,34 @@ async fn start(
     }
 }
 
-fn now() -> Duration {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap()
-}
-
-/// The fixed budget window we are in (windows are aligned to the Unix epoch).
-fn window_index(window_secs: u64) -> u64 {
-    now().as_secs() / window_secs
-}
-
-/// Sleeps until just after the next window starts.
-async fn sleep_to_next_window(window_secs: u64) {
-    let n = now();
-    let next = Duration::from_secs((n.as_secs() / window_secs + 1) * window_secs);
-    tokio::time::sleep(next - n + Duration::from_millis(30)).await;
-}
-
-/// Runs `attempt`, whose assertions only hold within one budget window. Should a window
-/// boundary pass while it runs (the budget then resets) and an assertion fail, the attempt is
-/// made again (at most 3 times). With `align`, each attempt starts just after a window starts.
-async fn in_one_window<T, F, Fut>(window_secs: u64, align: bool, mut attempt: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = T>,
-{
-    for _ in 0..3 {
-        if align {
-            sleep_to_next_window(window_secs).await;
+/// Declares a test on the memory store and one on Redis, each running `$run` with `$url`
+/// bound to the store URL (`None`: memory).
+macro_rules! on_both_stores {
+    ($memory:ident, $redis:ident, |$url:ident| $run:expr) => {
+        #[tokio::test]
+        async fn $memory() {
+            let $url: Option<String> = None;
+            $run.await;
         }
-        let started = window_index(window_secs);
-        let outcome = AssertUnwindSafe(attempt()).catch_unwind().await;
-        let crossed = window_index(window_secs) != started;
-        match outcome {
-            Ok(value) => return value,
-            Err(panic) if !crossed => std::panic::resume_unwind(panic),
-            Err(_) => eprintln!("a budget window ended during the attempt: trying again"),
+
+        #[cfg(feature = "redis")]
+        #[tokio::test]
+        async fn $redis() {
+            let Some(redis) = Redis::start() else { return };
+            let $url = Some(redis.url());
+            $run.await;
         }
-    }
-    panic!("three attempts in a row crossed a budget window boundary");
+    };
 }
 
-/// A chat completion request naming `max_tokens` (when given).
-fn chat(content: &str, max_tokens: Option<u64>, stream: bool) -> Value {
+/// A window so long that refill during a test is far below one token (capacities here are at
+/// most a few thousand tokens): levels only change by what calls take and give back.
+const LONG_WINDOW: u64 = 10_000_000;
+/// Five words: the mock counts 5 prompt tokens.
+const FIVE_WORDS: &str = "alpha beta gamma delta epsilon";
+
+/// A chat completion body, as the client sends it (compact JSON).
+fn chat_body(content: &str, max_tokens: Option<u64>, stream: bool) -> Vec<u8> {
     let mut body = json!({
         "model": "gpt-4o-mini",
         "messages": [{"role": "user", "content": content}],
@@ -263,32 +285,90 @@ fn chat(content: &str, max_tokens: Option<u64>, stream: bool) -> Value {
     if stream {
         body["stream"] = json!(true);
     }
-    body
+    serde_json::to_vec(&body).unwrap()
 }
 
-async fn send(proxy: &Proxy, token: &str, fp: &str, body: &Value) -> reqwest::Response {
+/// [`chat_body`], streamed, asking for usage itself: the proxy forwards it unchanged and the
+/// client sees the call's real usage.
+fn stream_with_usage(content: &str, max_tokens: u64) -> Vec<u8> {
+    let mut body: Value =
+        serde_json::from_slice(&chat_body(content, Some(max_tokens), true)).unwrap();
+    body["stream_options"] = json!({"include_usage": true});
+    serde_json::to_vec(&body).unwrap()
+}
+
+/// A call's reservation: its completion ceiling plus its prompt, estimated at one token per
+/// 4 bytes of the body the client sent.
+fn reservation(body: &[u8], ceiling: u64) -> u64 {
+    (body.len() as u64).div_ceil(4) + ceiling
+}
+
+/// A non-streamed chat body of `content` whose reservation is exactly `target`: `max_tokens`
+/// is what the prompt estimate leaves (trailing spaces in the content break a tie at a digit
+/// boundary; they are not words).
+fn chat_reserving(content: &str, target: u64) -> Vec<u8> {
+    for pad in 0..4 {
+        let content = format!("{content}{}", " ".repeat(pad));
+        let mut max_tokens = target;
+        for _ in 0..4 {
+            let body = chat_body(&content, Some(max_tokens), false);
+            if reservation(&body, max_tokens) == target {
+                return body;
+            }
+            max_tokens = target - (body.len() as u64).div_ceil(4);
+        }
+    }
+    panic!("no body reserves exactly {target}");
+}
+
+async fn send(proxy: &Proxy, token: &str, fp: &str, body: &[u8]) -> reqwest::Response {
     proxy
         .openai(Method::POST, "chat/completions", token, fp)
-        .json(body)
+        .header("content-type", "application/json")
+        .body(body.to_vec())
         .send()
         .await
         .unwrap()
 }
 
-/// A request's reservation: its prompt estimated at one token per 4 bytes of the body the
-/// proxy sends, plus its completion ceiling.
-fn reservation(body: &Value, ceiling: u64) -> u64 {
-    (serde_json::to_vec(body).unwrap().len() as u64).div_ceil(4) + ceiling
+/// A reqwest client (with the test User-Agent) whose connections come from `ip`, a loopback
+/// address other than 127.0.0.1: another client IP to the proxy.
+fn client_from(ip: Ipv4Addr) -> reqwest::Client {
+    reqwest::Client::builder()
+        .user_agent(UA)
+        .local_address(IpAddr::V4(ip))
+        .build()
+        .unwrap()
 }
 
-/// Asserts a `429 budget_exhausted` with its headers; returns `Retry-After`.
-async fn assert_budget_exhausted(response: reqwest::Response, limit: u64, window: u64) -> u64 {
-    assert_eq!(response.status(), 429, "expected 429 budget_exhausted");
+/// The same proxy, reached from `ip`.
+fn from_ip(proxy: &Proxy, ip: Ipv4Addr) -> Proxy {
+    Proxy {
+        addr: proxy.addr,
+        mock: proxy.mock.clone(),
+        http: client_from(ip),
+    }
+}
+
+/// Another loopback address, for a second client IP (Linux routes all of 127/8 to `lo`).
+const OTHER_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+
+/// Asserts a `429 budget_exhausted` from the bucket of `policy` (`tokens`, `tokens_ip`,
+/// `tokens_global`) with its headers; returns `Retry-After`.
+async fn assert_budget_exhausted(
+    response: reqwest::Response,
+    policy: &str,
+    capacity: u64,
+    window: u64,
+) -> u64 {
+    let status = response.status();
+    let headers = response.headers().clone();
+    let text = response.text().await.unwrap();
+    assert_eq!(status, 429, "expected 429 budget_exhausted: {text}");
     let header = |name: &str| {
-        response
-            .headers()
+        headers
             .get(name)
-            .unwrap_or_else(|| panic!("no {name} header"))
+            .unwrap_or_else(|| panic!("no {name} header: {text}"))
             .to_str()
             .unwrap()
             .to_owned()
@@ -298,14 +378,16 @@ async fn assert_budget_exhausted(response: reqwest::Response, limit: u64, window
         (1..=window).contains(&retry_after),
         "Retry-After {retry_after} is not within the {window} s window"
     );
-    let policy = header("ratelimit-policy");
-    assert!(
-        policy.contains(&format!("q={limit}")) && policy.contains(&format!("w={window}")),
-        "RateLimit-Policy: {policy}"
+    assert_eq!(
+        header("ratelimit-policy"),
+        format!("\"{policy}\";q={capacity};w={window}")
     );
     let ratelimit = header("ratelimit");
-    assert!(ratelimit.contains("r=0"), "RateLimit: {ratelimit}");
-    let body: Value = response.json().await.unwrap();
+    assert!(
+        ratelimit.starts_with(&format!("\"{policy}\";r=0;t=")),
+        "RateLimit: {ratelimit}"
+    );
+    let body: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(body["error"]["code"], "budget_exhausted", "{body}");
     assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
     retry_after
@@ -321,211 +403,764 @@ fn stream_usage(text: &str) -> u64 {
         .unwrap_or_else(|| panic!("no usage in the stream: {text}"))
 }
 
+fn unix_now() -> Duration {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap()
+}
+
 // ---------------------------------------------------------------------------------------------
-// A budget spent exactly, refused, allowed again in the next window.
+// A budget spent and refused, with its headers; nothing refused reaches the upstream.
 // ---------------------------------------------------------------------------------------------
 
-/// Budget window, seconds.
-const W: u64 = 3;
-/// Tokens per window.
-const LIMIT: u64 = 31;
-/// Five words: the mock counts 5 prompt tokens.
-const FIVE_WORDS: &str = "alpha beta gamma delta epsilon";
-/// The mock answers with 5 deltas: 5 completion tokens.
+/// The mock answers with 5 deltas: with [`FIVE_WORDS`], each call really uses 5 + 5 = 10.
 const DELTAS: usize = 5;
-/// So each request really uses 5 + 5 = 10 tokens.
 const USAGE: u64 = 10;
 
-/// The arithmetic. Each request reserves ceil(body/4) + 20 (`max_tokens: 20`) ≈ 47 tokens, more
-/// than the whole budget of 31, and really uses 10. A request is admitted while the window's
-/// used + reserved tokens are under 31, so once each request is settled to its real usage:
+/// Each call reserves R = ceil(body/4) + 20 and really uses 10, against a bucket of
+/// C = R + 35. A call passes while the bucket holds R; each leaves 10 spent once settled:
 ///
-/// | request | window before | admitted | window after settlement |
+/// | call | bucket before | admitted | bucket after settlement |
 /// |---|---|---|---|
-/// | 1 | 0  | yes | 10 |
-/// | 2 | 10 | yes | 20 |
-/// | 3 | 20 | yes | 30 |
-/// | 4 | 30 | yes | 40 |
-/// | 5 | 40 | no: `429 budget_exhausted` | 40 |
+/// | 1 | R + 35 | yes | R + 25 |
+/// | 2 | R + 25 | yes | R + 15 |
+/// | 3 | R + 15 | yes | R + 5 |
+/// | 4 | R + 5 | yes | R - 5 |
+/// | 5 | R - 5 | no: `429 budget_exhausted`, nothing taken | R - 5 |
 ///
-/// Without settlement the second would already be refused (47 ≥ 31); settled to the completion
-/// alone (5 each) seven would pass.
-async fn budget_spent_exactly(store_url: Option<String>, stream: bool) {
-    let fp = "device-budget-exact";
-    let body = chat(FIVE_WORDS, Some(20), stream);
-    assert!(
-        reservation(&body, 20) >= LIMIT,
-        "one reservation fills the budget"
-    );
-    let (setup, token, retry_after) = in_one_window(W, true, || {
-        let store_url = store_url.clone();
-        let body = body.clone();
-        async move {
-            let setup = start(
-                store_url.as_deref(),
-                MockOptions::new()
-                    .stream_deltas(DELTAS)
-                    .chunk_interval(Duration::from_millis(5)),
-                |c| c.budget_tokens_per_window(LIMIT).budget_window_secs(W),
-            )
-            .await;
-            let proxy = &setup.proxy;
-            let token = proxy.mint(fp).await.token;
-            for i in 1..=4 {
-                let response = send(proxy, &token, fp, &body).await;
-                assert_eq!(response.status(), 200, "request {i} is within the budget");
-                // Read to the end: a stream settles when it ends.
-                let text = response.text().await.unwrap();
-                if stream {
-                    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
-                }
-                setup
-                    .spy
-                    .wait_used(W, USAGE * i, &format!("after request {i}"))
-                    .await;
-            }
-            assert_eq!(proxy.mock.requests().len(), 4);
+/// Without settlement the second call would be refused; settled to its completion alone,
+/// seven would pass.
+async fn budget_spent_and_refused(store_url: Option<String>, stream: bool) {
+    let fp = "device-budget-spent";
+    let body = chat_body(FIVE_WORDS, Some(20), stream);
+    let r = reservation(&body, 20);
+    let capacity = r + 3 * USAGE + 5;
+    let setup = start(
+        store_url.as_deref(),
+        MockOptions::new()
+            .stream_deltas(DELTAS)
+            .chunk_interval(Duration::from_millis(5)),
+        |c| {
+            c.budget_tokens_per_window(capacity)
+                .budget_window_secs(LONG_WINDOW)
+        },
+    )
+    .await;
+    let proxy = &setup.proxy;
+    let token = proxy.mint(fp).await.token;
 
-            let refused = send(proxy, &token, fp, &body).await;
-            let retry_after = assert_budget_exhausted(refused, LIMIT, W).await;
-            assert_eq!(
-                proxy.mock.requests().len(),
-                4,
-                "the refused request never reached the upstream"
-            );
-            assert_eq!(setup.spy.used(W).await, 40, "a refusal reserves nothing");
-            (setup, token, retry_after)
+    for i in 1..=4 {
+        let response = send(proxy, &token, fp, &body).await;
+        assert_eq!(response.status(), 200, "call {i} is within the budget");
+        // Read to the end: a stream settles when it ends.
+        let text = response.text().await.unwrap();
+        if stream {
+            assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
         }
+        let bucket = setup.spy.only("fp:");
+        assert_eq!(
+            (bucket.capacity, bucket.window_secs),
+            (capacity, LONG_WINDOW)
+        );
+        setup
+            .spy
+            .wait_level(&bucket, capacity - USAGE * i, &format!("after call {i}"))
+            .await;
+    }
+    assert_eq!(setup.spy.reservations(), vec![r; 4], "each call reserved R");
+    assert_eq!(proxy.mock.requests().len(), 4);
+
+    let refused = send(proxy, &token, fp, &body).await;
+    assert_budget_exhausted(refused, "tokens", capacity, LONG_WINDOW).await;
+    assert_eq!(
+        proxy.mock.requests().len(),
+        4,
+        "the refused call never reached the upstream"
+    );
+    let bucket = setup.spy.only("fp:");
+    assert_eq!(
+        setup.spy.level(&bucket).await,
+        capacity - 4 * USAGE,
+        "a refusal takes nothing"
+    );
+    assert_eq!(setup.spy.buckets("").len(), 1, "only the client's bucket");
+}
+
+on_both_stores!(
+    budget_spent_and_refused_non_streamed_memory,
+    budget_spent_and_refused_non_streamed_redis,
+    |url| budget_spent_and_refused(url, false)
+);
+on_both_stores!(
+    budget_spent_and_refused_streamed_memory,
+    budget_spent_and_refused_streamed_redis,
+    |url| budget_spent_and_refused(url, true)
+);
+
+/// A call that could cost more than the whole bucket is refused at once, whatever the bucket
+/// holds, and never reaches the upstream.
+async fn a_call_over_capacity_is_refused_at_once(store_url: Option<String>) {
+    let fp = "device-budget-over";
+    let body = chat_body(FIVE_WORDS, Some(500), false);
+    let capacity = reservation(&body, 500) - 1;
+    let setup = start(store_url.as_deref(), MockOptions::new(), |c| {
+        c.budget_tokens_per_window(capacity)
+            .budget_window_secs(LONG_WINDOW)
     })
     .await;
-
-    // Retry-After points at the end of the window: then the budget is whole again.
-    tokio::time::sleep(Duration::from_secs(retry_after) + Duration::from_millis(100)).await;
     let proxy = &setup.proxy;
-    let again = send(proxy, &token, fp, &body).await;
-    assert_eq!(again.status(), 200, "a new window, a new budget");
-    again.text().await.unwrap();
-    assert_eq!(proxy.mock.requests().len(), 5);
-    setup.spy.wait_used(W, USAGE, "in the next window").await;
+    let token = proxy.mint(fp).await.token;
+    let refused = send(proxy, &token, fp, &body).await;
+    assert_budget_exhausted(refused, "tokens", capacity, LONG_WINDOW).await;
+    assert!(proxy.mock.requests().is_empty());
+    // The bucket is full, and still refuses it.
+    let refused = send(proxy, &token, fp, &body).await;
+    assert_budget_exhausted(refused, "tokens", capacity, LONG_WINDOW).await;
+    assert!(proxy.mock.requests().is_empty());
+    // A call that fits passes.
+    let fits = send(proxy, &token, fp, &chat_body(FIVE_WORDS, Some(10), false)).await;
+    assert_eq!(fits.status(), 200);
 }
 
-#[tokio::test]
-async fn budget_spent_exactly_non_streamed_memory() {
-    budget_spent_exactly(None, false).await;
-}
-
-#[tokio::test]
-async fn budget_spent_exactly_streamed_memory() {
-    budget_spent_exactly(None, true).await;
-}
-
-#[cfg(feature = "redis")]
-#[tokio::test]
-async fn budget_spent_exactly_non_streamed_redis() {
-    let Some(redis) = Redis::start() else { return };
-    budget_spent_exactly(Some(redis.url()), false).await;
-}
-
-#[cfg(feature = "redis")]
-#[tokio::test]
-async fn budget_spent_exactly_streamed_redis() {
-    let Some(redis) = Redis::start() else { return };
-    budget_spent_exactly(Some(redis.url()), true).await;
-}
+on_both_stores!(
+    a_call_over_capacity_is_refused_at_once_memory,
+    a_call_over_capacity_is_refused_at_once_redis,
+    |url| a_call_over_capacity_is_refused_at_once(url)
+);
 
 // ---------------------------------------------------------------------------------------------
-// Concurrent requests cannot all slip under the limit.
+// Continuous refill: calls pass again, and no fresh budget at a former window boundary.
 // ---------------------------------------------------------------------------------------------
 
-/// Eight streamed requests at once, each reserving R = ceil(body/4) + 10 tokens and really
-/// using 10 + 10 = 20, against a budget of R + 2 that one reservation nearly fills. The
-/// reservations count at once, so while the (slow) streams run, the first two are admitted
-/// (0 and R are under R + 2) and the rest refused (2R is not). Whatever the timing, the spec's
-/// bound holds: the real usage goes past the budget by one request's usage at most. Without
-/// reservations all eight would pass: 160 tokens against a bound of R + 22 ≈ 70.
+/// A bucket of 300 tokens refilled over 3 s (100 tokens a second). One call reserves exactly
+/// 280 and really uses 280 (1 prompt word + 279 deltas): the bucket is left with 20. The same
+/// call right after is refused, with a `Retry-After` within the window; polled, it passes
+/// again once the bucket has refilled, which cannot take less than (280 - 20) / 100 = 2.6 s.
+async fn refill_admits_calls_again(store_url: Option<String>) {
+    const CAPACITY: u64 = 300;
+    const WINDOW: u64 = 3;
+    const CALL: u64 = 280;
+    let fp = "device-budget-refill";
+    let body = chat_reserving("hi", CALL);
+    let setup = start(
+        store_url.as_deref(),
+        MockOptions::new().stream_deltas(CALL as usize - 1),
+        |c| {
+            c.budget_tokens_per_window(CAPACITY)
+                .budget_window_secs(WINDOW)
+        },
+    )
+    .await;
+    let proxy = &setup.proxy;
+    let token = proxy.mint(fp).await.token;
+
+    // Before the reservation: the bucket cannot refill faster than from here.
+    let spent = Instant::now();
+    let first = send(proxy, &token, fp, &body).await;
+    assert_eq!(first.status(), 200);
+    let reply: Value = first.json().await.unwrap();
+    assert_eq!(
+        reply["usage"]["total_tokens"], CALL,
+        "usage equals the reservation"
+    );
+
+    let refused = send(proxy, &token, fp, &body).await;
+    assert_budget_exhausted(refused, "tokens", CAPACITY, WINDOW).await;
+    assert_eq!(proxy.mock.requests().len(), 1);
+
+    // Poll (generously: up to 20 s) until the bucket has refilled enough.
+    let mut admitted = false;
+    for _ in 0..200 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let response = send(proxy, &token, fp, &body).await;
+        match response.status().as_u16() {
+            200 => {
+                response.bytes().await.unwrap();
+                admitted = true;
+                break;
+            }
+            429 => assert_eq!(error_code(response).await, "budget_exhausted"),
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(admitted, "the bucket never refilled");
+    let waited = spent.elapsed();
+    assert!(
+        waited >= Duration::from_millis(2500),
+        "refilled 260 tokens in {waited:?}: faster than 100 tokens a second"
+    );
+    assert_eq!(
+        proxy.mock.requests().len(),
+        2,
+        "refusals never went upstream"
+    );
+}
+
+on_both_stores!(
+    refill_admits_calls_again_memory,
+    refill_admits_calls_again_redis,
+    |url| refill_admits_calls_again(url)
+);
+
+/// The old budgets counted in fixed windows aligned to the Unix epoch, so a client could
+/// spend its budget just before a boundary and a whole fresh one just after. A bucket of
+/// 1000 tokens refilled over 10 s is spent whole 1.5 s before such a boundary (one call
+/// reserving and using exactly 1000). Just after the boundary the bucket holds only what
+/// refilled since (100 tokens a second): a call reserving the whole budget is refused, a
+/// small call within the refill passes.
+async fn no_double_spend_across_a_former_window_boundary(store_url: Option<String>) {
+    const CAPACITY: u64 = 1000;
+    const WINDOW: u64 = 10;
+    let fp = "device-budget-boundary";
+    let spend = chat_reserving("hi", CAPACITY);
+    let small = chat_body("hi", Some(10), false);
+    let small_reservation = reservation(&small, 10);
+    // Half a second after the boundary the bucket holds at least 50 tokens.
+    assert!(small_reservation <= 50);
+
+    for attempt in 1..=3 {
+        let setup = start(
+            store_url.as_deref(),
+            MockOptions::new().stream_deltas(CAPACITY as usize - 1),
+            |c| {
+                c.budget_tokens_per_window(CAPACITY)
+                    .budget_window_secs(WINDOW)
+            },
+        )
+        .await;
+        let proxy = &setup.proxy;
+        let token = proxy.mint(fp).await.token;
+
+        // 1.5 s before the next boundary of the old fixed windows.
+        let window_ms = WINDOW * 1000;
+        let phase = (unix_now().as_millis() % u128::from(window_ms)) as u64;
+        let target = window_ms - 1500;
+        let wait = (target + window_ms - phase) % window_ms;
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        let window = unix_now().as_secs() / WINDOW;
+        let before_spend = Instant::now();
+
+        let response = send(proxy, &token, fp, &spend).await;
+        assert_eq!(response.status(), 200);
+        let reply: Value = response.json().await.unwrap();
+        assert_eq!(reply["usage"]["total_tokens"], CAPACITY);
+        if unix_now().as_secs() / WINDOW != window {
+            eprintln!("attempt {attempt}: the spend ended after the boundary; trying again");
+            continue;
+        }
+
+        // Half a second into the next window, where the old budget would be whole again.
+        let now = unix_now();
+        let next = Duration::from_secs((now.as_secs() / WINDOW + 1) * WINDOW);
+        tokio::time::sleep(next - now + Duration::from_millis(500)).await;
+
+        let client = setup.spy.only("fp:");
+        let level = setup.spy.level(&client).await;
+        let elapsed = before_spend.elapsed().as_secs_f64();
+        let refilled_at_most = (elapsed * (CAPACITY / WINDOW) as f64).ceil() as u64 + 1;
+        assert!(
+            level <= refilled_at_most,
+            "{level} tokens {elapsed:.2} s after spending all {CAPACITY}"
+        );
+        assert!(
+            level < CAPACITY / 2,
+            "no fresh budget at the boundary: {level}"
+        );
+
+        let whole = send(proxy, &token, fp, &spend).await;
+        let retry_after = assert_budget_exhausted(whole, "tokens", CAPACITY, WINDOW).await;
+        assert!(
+            retry_after > 1,
+            "Retry-After {retry_after}: the bucket is far from full"
+        );
+
+        let within = send(proxy, &token, fp, &small).await;
+        assert_eq!(within.status(), 200, "a call within the refill passes");
+        within.bytes().await.unwrap();
+        assert_eq!(proxy.mock.requests().len(), 2);
+        return;
+    }
+    panic!("three attempts in a row could not spend before the boundary");
+}
+
+on_both_stores!(
+    no_double_spend_across_a_former_window_boundary_memory,
+    no_double_spend_across_a_former_window_boundary_redis,
+    |url| no_double_spend_across_a_former_window_boundary(url)
+);
+
+// ---------------------------------------------------------------------------------------------
+// Scopes: per client (or per session), per IP, global.
+// ---------------------------------------------------------------------------------------------
+
+/// With the default scope, two sessions of one fingerprint draw on one bucket; with
+/// `budget.scope = "session"` each has its own. The bucket fits one call (R + 5; the call
+/// uses 10).
+async fn client_and_session_scopes(store_url: Option<String>) {
+    let fp = "device-budget-scope";
+    let body = chat_body(FIVE_WORDS, Some(20), false);
+    let capacity = reservation(&body, 20) + 5;
+    for scope in [BudgetScope::Client, BudgetScope::Session] {
+        let setup = start(
+            store_url.as_deref(),
+            MockOptions::new().stream_deltas(DELTAS),
+            |c| {
+                c.budget_tokens_per_window(capacity)
+                    .budget_window_secs(LONG_WINDOW)
+                    .budget_scope(scope)
+            },
+        )
+        .await;
+        let proxy = &setup.proxy;
+        let first = proxy.mint(fp).await.token;
+        let second = proxy.mint(fp).await.token;
+        let response = send(proxy, &first, fp, &body).await;
+        assert_eq!(response.status(), 200, "{scope:?}");
+        response.bytes().await.unwrap();
+        let prefix = match scope {
+            BudgetScope::Client => "fp:",
+            _ => "sid:",
+        };
+        let bucket = setup.spy.only(prefix);
+        setup
+            .spy
+            .wait_level(&bucket, capacity - USAGE, &format!("{scope:?}"))
+            .await;
+
+        let other_session = send(proxy, &second, fp, &body).await;
+        match scope {
+            BudgetScope::Client => {
+                assert_budget_exhausted(other_session, "tokens", capacity, LONG_WINDOW).await;
+                assert_eq!(proxy.mock.requests().len(), 1);
+            }
+            _ => {
+                assert_eq!(other_session.status(), 200, "a session budget of its own");
+                other_session.bytes().await.unwrap();
+                assert_eq!(setup.spy.buckets("sid:").len(), 2);
+            }
+        }
+    }
+}
+
+on_both_stores!(
+    client_and_session_scopes_memory,
+    client_and_session_scopes_redis,
+    |url| client_and_session_scopes(url)
+);
+
+/// Two fingerprints from 127.0.0.1 share `per_ip_tokens_per_window` (R + 15: two calls of
+/// the first one fit, each using 10), though each has a large client budget of its own; a
+/// client from another IP is not affected.
+async fn per_ip_budget_is_shared(store_url: Option<String>) {
+    const CLIENT: u64 = 100_000;
+    let body = chat_body(FIVE_WORDS, Some(20), false);
+    let capacity = reservation(&body, 20) + USAGE + 5;
+    let setup = start(
+        store_url.as_deref(),
+        MockOptions::new().stream_deltas(DELTAS),
+        |c| {
+            c.budget_tokens_per_window(CLIENT)
+                .budget_per_ip_tokens_per_window(capacity)
+                .budget_window_secs(LONG_WINDOW)
+        },
+    )
+    .await;
+    let proxy = &setup.proxy;
+    let a = proxy.mint("device-ip-a").await.token;
+    let b = proxy.mint("device-ip-b").await.token;
+    for i in 1..=2 {
+        let response = send(proxy, &a, "device-ip-a", &body).await;
+        assert_eq!(response.status(), 200, "call {i} of a");
+        response.bytes().await.unwrap();
+        let ip = setup.spy.only("ip:");
+        assert_eq!(ip.key, "ip:127.0.0.1");
+        setup
+            .spy
+            .wait_level(&ip, capacity - USAGE * i, &format!("after call {i}"))
+            .await;
+    }
+    let refused = send(proxy, &b, "device-ip-b", &body).await;
+    assert_budget_exhausted(refused, "tokens_ip", capacity, LONG_WINDOW).await;
+    assert_eq!(proxy.mock.requests().len(), 2);
+
+    // Nothing was taken from b's own bucket (all or nothing), a's holds what a spent.
+    let clients = setup.spy.buckets("fp:");
+    assert_eq!(clients.len(), 2, "{clients:?}");
+    let mut levels = Vec::new();
+    for bucket in &clients {
+        levels.push(setup.spy.level(bucket).await);
+    }
+    levels.sort_unstable();
+    assert_eq!(levels, [CLIENT - 2 * USAGE, CLIENT]);
+
+    if cfg!(target_os = "linux") {
+        let elsewhere = from_ip(proxy, OTHER_IP);
+        let c = elsewhere.mint("device-ip-c").await.token;
+        let response = send(&elsewhere, &c, "device-ip-c", &body).await;
+        assert_eq!(response.status(), 200, "another IP has its own bucket");
+        response.bytes().await.unwrap();
+        assert_eq!(setup.spy.buckets("ip:").len(), 2);
+    }
+}
+
+on_both_stores!(
+    per_ip_budget_is_shared_memory,
+    per_ip_budget_is_shared_redis,
+    |url| per_ip_budget_is_shared(url)
+);
+
+/// One global bucket (R + 15) for every client, whatever its fingerprint or IP.
+async fn global_budget_is_shared(store_url: Option<String>) {
+    let body = chat_body(FIVE_WORDS, Some(20), false);
+    let capacity = reservation(&body, 20) + USAGE + 5;
+    let setup = start(
+        store_url.as_deref(),
+        MockOptions::new().stream_deltas(DELTAS),
+        |c| {
+            c.budget_global_tokens_per_window(capacity)
+                .budget_window_secs(LONG_WINDOW)
+        },
+    )
+    .await;
+    let proxy = &setup.proxy;
+    let a = proxy.mint("device-global-a").await.token;
+    for i in 1..=2 {
+        let response = send(proxy, &a, "device-global-a", &body).await;
+        assert_eq!(response.status(), 200, "call {i}");
+        response.bytes().await.unwrap();
+        let global = setup.spy.only("global");
+        setup
+            .spy
+            .wait_level(&global, capacity - USAGE * i, &format!("after call {i}"))
+            .await;
+    }
+    let b = proxy.mint("device-global-b").await.token;
+    let refused = send(proxy, &b, "device-global-b", &body).await;
+    assert_budget_exhausted(refused, "tokens_global", capacity, LONG_WINDOW).await;
+    if cfg!(target_os = "linux") {
+        let elsewhere = from_ip(proxy, OTHER_IP);
+        let c = elsewhere.mint("device-global-c").await.token;
+        let refused = send(&elsewhere, &c, "device-global-c", &body).await;
+        assert_budget_exhausted(refused, "tokens_global", capacity, LONG_WINDOW).await;
+    }
+    assert_eq!(proxy.mock.requests().len(), 2);
+    assert_eq!(setup.spy.buckets("").len(), 1, "only the global bucket");
+}
+
+on_both_stores!(
+    global_budget_is_shared_memory,
+    global_budget_is_shared_redis,
+    |url| global_budget_is_shared(url)
+);
+
+// ---------------------------------------------------------------------------------------------
+// Concurrency: reservations hold calls back.
+// ---------------------------------------------------------------------------------------------
+
+/// Eight streamed calls at once, each reserving R = ceil(body/4) + 10 and really using
+/// 10 + 10 = 20, against a bucket of R + 2 that one reservation nearly fills. While the (slow)
+/// streams run, the reservations count: the first is admitted and the rest refused. Whatever
+/// the timing, the real usage stays within the budget plus one call's usage. Without
+/// reservations all eight would pass: 160 tokens.
 async fn concurrent_requests_are_held_back(store_url: Option<String>) {
-    const WINDOW: u64 = 3600;
     let fp = "device-budget-race";
     let ten_words = "one two three four five six seven eight nine ten";
-    // The client asks for usage itself, so the proxy sends its body unchanged (R is exact) and
-    // the client sees each request's real usage.
-    let mut body = chat(ten_words, Some(10), true);
-    body["stream_options"] = json!({"include_usage": true});
+    let body = stream_with_usage(ten_words, 10);
     let one_usage = 20;
-    let limit = reservation(&body, 10) + 2;
-    assert!(8 * one_usage > limit + one_usage);
+    let capacity = reservation(&body, 10) + 2;
+    assert!(8 * one_usage > capacity + one_usage);
 
-    in_one_window(WINDOW, false, || {
-        let store_url = store_url.clone();
-        let body = body.clone();
-        async move {
-            let setup = start(
-                store_url.as_deref(),
-                MockOptions::new()
-                    .stream_deltas(10)
-                    .chunk_interval(Duration::from_millis(50)),
-                |c| c.budget_tokens_per_window(limit),
-            )
-            .await;
-            let proxy = &setup.proxy;
-            let token = proxy.mint(fp).await.token;
-            let outcomes = futures_util::future::join_all((0..8).map(|_| async {
-                let response = send(proxy, &token, fp, &body).await;
-                let status = response.status().as_u16();
-                (status, response.text().await.unwrap())
-            }))
-            .await;
-
-            let mut admitted = 0;
-            let mut real_usage = 0;
-            for (status, text) in &outcomes {
-                match status {
-                    200 => {
-                        admitted += 1;
-                        let usage = stream_usage(text);
-                        assert_eq!(usage, one_usage, "the mock's usage: 10 words + 10 deltas");
-                        real_usage += usage;
-                    }
-                    429 => {
-                        let error: Value = serde_json::from_str(text).unwrap();
-                        assert_eq!(error["error"]["code"], "budget_exhausted", "{text}");
-                    }
-                    other => panic!("unexpected {other}: {text}"),
-                }
-            }
-            assert!(admitted >= 1, "the first request is within the budget");
-            assert!(
-                admitted < 8,
-                "the reservations held some back: {outcomes:?}"
-            );
-            assert_eq!(
-                proxy.mock.requests().len(),
-                admitted as usize,
-                "only admitted requests reach the upstream"
-            );
-            assert!(
-                real_usage <= limit + one_usage,
-                "{admitted} requests used {real_usage} tokens of a budget of {limit}"
-            );
-            setup
-                .spy
-                .wait_used(WINDOW, real_usage, "after the streams settled")
-                .await;
-        }
-    })
+    let setup = start(
+        store_url.as_deref(),
+        MockOptions::new()
+            .stream_deltas(10)
+            .chunk_interval(Duration::from_millis(50)),
+        |c| {
+            c.budget_tokens_per_window(capacity)
+                .budget_window_secs(LONG_WINDOW)
+        },
+    )
     .await;
+    let proxy = &setup.proxy;
+    let token = proxy.mint(fp).await.token;
+    let outcomes = futures_util::future::join_all((0..8).map(|_| async {
+        let response = send(proxy, &token, fp, &body).await;
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap())
+    }))
+    .await;
+
+    let mut admitted = 0;
+    let mut real_usage = 0;
+    for (status, text) in &outcomes {
+        match status {
+            200 => {
+                admitted += 1;
+                let usage = stream_usage(text);
+                assert_eq!(usage, one_usage, "the mock's usage: 10 words + 10 deltas");
+                real_usage += usage;
+            }
+            429 => {
+                let error: Value = serde_json::from_str(text).unwrap();
+                assert_eq!(error["error"]["code"], "budget_exhausted", "{text}");
+            }
+            other => panic!("unexpected {other}: {text}"),
+        }
+    }
+    assert!(admitted >= 1, "the first call is within the budget");
+    assert!(
+        admitted < 8,
+        "the reservations held some back: {outcomes:?}"
+    );
+    assert_eq!(
+        proxy.mock.requests().len(),
+        admitted as usize,
+        "only admitted calls reach the upstream"
+    );
+    assert!(
+        real_usage <= capacity + one_usage,
+        "{admitted} calls used {real_usage} tokens of a budget of {capacity}"
+    );
+    let bucket = setup.spy.only("fp:");
+    setup
+        .spy
+        .wait_level(&bucket, capacity - real_usage, "after the streams settled")
+        .await;
+}
+
+on_both_stores!(
+    concurrent_requests_are_held_back_memory,
+    concurrent_requests_are_held_back_redis,
+    |url| concurrent_requests_are_held_back(url)
+);
+
+/// The scope a concurrency test spends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// `budget.tokens_per_window`: one session.
+    Client,
+    /// `budget.per_ip_tokens_per_window`: eight fingerprints from 127.0.0.1.
+    Ip,
+    /// `budget.global_tokens_per_window`: eight fingerprints, from two IPs on Linux.
+    Global,
+}
+
+impl Scope {
+    fn policy(self) -> &'static str {
+        match self {
+            Self::Client => "tokens",
+            Self::Ip => "tokens_ip",
+            Self::Global => "tokens_global",
+        }
+    }
+
+    fn prefix(self) -> &'static str {
+        match self {
+            Self::Client => "fp:",
+            Self::Ip => "ip:",
+            Self::Global => "global",
+        }
+    }
+
+    fn configure(self, c: ConfigBuilder, capacity: u64) -> ConfigBuilder {
+        let c = c.budget_window_secs(LONG_WINDOW);
+        match self {
+            Self::Client => c.budget_tokens_per_window(capacity),
+            Self::Ip => c.budget_per_ip_tokens_per_window(capacity),
+            Self::Global => c.budget_global_tokens_per_window(capacity),
+        }
+    }
+}
+
+/// What 40 concurrent calls at one scope did.
+struct Spent {
+    capacity: u64,
+    reservation: u64,
+    admitted: u64,
+    /// The usage of each admitted call, as its client saw it.
+    usage: Vec<u64>,
+}
+
+/// Fires 40 streamed calls at once (asking for usage themselves, so each client sees what
+/// its call really used) from the sessions of `scope`, against a bucket of `capacity`
+/// (computed from the body's reservation by `capacity_of`). Checks every answer is a 200 or a
+/// `429 budget_exhausted` from that scope's bucket, that only admitted calls reached the
+/// upstream, and waits for the bucket to settle.
+async fn forty_at_once(
+    store_url: Option<&str>,
+    scope: Scope,
+    body: &[u8],
+    ceiling: u64,
+    options: MockOptions,
+    capacity_of: impl FnOnce(u64) -> u64,
+) -> Spent {
+    let r = reservation(body, ceiling);
+    let capacity = capacity_of(r);
+    let setup = start(store_url, options, |c| scope.configure(c, capacity)).await;
+    let proxy = &setup.proxy;
+    let elsewhere = from_ip(proxy, OTHER_IP);
+    let mut sessions = Vec::new();
+    let count = if scope == Scope::Client { 1 } else { 8 };
+    for i in 0..count {
+        let fp = format!("device-forty-{i}");
+        let via = if scope == Scope::Global && i % 2 == 1 && cfg!(target_os = "linux") {
+            &elsewhere
+        } else {
+            proxy
+        };
+        let token = via.mint(&fp).await.token;
+        sessions.push((via, token, fp));
+    }
+
+    let outcomes = futures_util::future::join_all((0..40).map(|i| {
+        let (via, token, fp) = &sessions[i % sessions.len()];
+        async move {
+            let response = send(via, token, fp, body).await;
+            let status = response.status().as_u16();
+            let policy = response
+                .headers()
+                .get("ratelimit-policy")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (status, policy, response.text().await.unwrap())
+        }
+    }))
+    .await;
+
+    let mut usage = Vec::new();
+    for (status, policy, text) in &outcomes {
+        match status {
+            200 => usage.push(stream_usage(text)),
+            429 => {
+                let error: Value = serde_json::from_str(text).unwrap();
+                assert_eq!(error["error"]["code"], "budget_exhausted", "{text}");
+                assert_eq!(
+                    policy.as_deref(),
+                    Some(format!("\"{}\";q={capacity};w={LONG_WINDOW}", scope.policy()).as_str())
+                );
+            }
+            other => panic!("unexpected {other}: {text}"),
+        }
+    }
+    let admitted = usage.len() as u64;
+    assert!(
+        admitted >= 1,
+        "{scope:?}: the first call is within the budget"
+    );
+    assert!(admitted < 40, "{scope:?}: the reservations held some back");
+    assert_eq!(
+        proxy.mock.requests().len() as u64,
+        admitted,
+        "{scope:?}: only admitted calls reach the upstream"
+    );
+    let bucket = setup.spy.only(scope.prefix());
+    let spent: u64 = usage.iter().sum();
+    setup
+        .spy
+        .wait_level(
+            &bucket,
+            capacity.saturating_sub(spent),
+            &format!("{scope:?} after settlement"),
+        )
+        .await;
+    Spent {
+        capacity,
+        reservation: r,
+        admitted,
+        usage,
+    }
+}
+
+/// 40 concurrent calls at each scope, each reserving R = ceil(body/4) + 30 and really using
+/// 5 + 5 = 10, against a bucket of 2R + 7: the total really spent stays within the budget
+/// plus one call's difference between its reservation and its usage, and the bucket ends
+/// holding exactly the budget minus what was spent. Without reservations all 40 would pass
+/// (400 tokens).
+async fn forty_concurrent_calls_stay_within_the_budget(store_url: Option<String>, scope: Scope) {
+    let body = stream_with_usage(FIVE_WORDS, 30);
+    let spent = forty_at_once(
+        store_url.as_deref(),
+        scope,
+        &body,
+        30,
+        MockOptions::new()
+            .stream_deltas(DELTAS)
+            .chunk_interval(Duration::from_millis(20)),
+        |r| 2 * r + 7,
+    )
+    .await;
+    assert!(spent.usage.iter().all(|u| *u == USAGE), "{:?}", spent.usage);
+    let total = spent.admitted * USAGE;
+    assert!(40 * USAGE > spent.capacity + spent.reservation);
+    assert!(
+        total <= spent.capacity + (spent.reservation - USAGE),
+        "{scope:?}: {} calls spent {total} of a budget of {}",
+        spent.admitted,
+        spent.capacity
+    );
+}
+
+on_both_stores!(
+    forty_concurrent_calls_stay_within_the_client_budget_memory,
+    forty_concurrent_calls_stay_within_the_client_budget_redis,
+    |url| forty_concurrent_calls_stay_within_the_budget(url, Scope::Client)
+);
+on_both_stores!(
+    forty_concurrent_calls_stay_within_the_ip_budget_memory,
+    forty_concurrent_calls_stay_within_the_ip_budget_redis,
+    |url| forty_concurrent_calls_stay_within_the_budget(url, Scope::Ip)
+);
+on_both_stores!(
+    forty_concurrent_calls_stay_within_the_global_budget_memory,
+    forty_concurrent_calls_stay_within_the_global_budget_redis,
+    |url| forty_concurrent_calls_stay_within_the_budget(url, Scope::Global)
+);
+
+/// The documented bound when the prompt estimate is low: 200 one-letter words (`"a a a …"`,
+/// 2 bytes a token, as a real tokenizer counts them too) are estimated at about half their
+/// real count. Each call reserves R = ceil(body/4) + 5 and really uses U = 200 + 5, more than
+/// R. Each admitted call overshoots by at most its own difference U − R (docs/protocol.md,
+/// "Budgets"): 40 slow streams at once against a bucket of 1000 spend at most
+/// 1000 + admitted × (U − R), and no more calls are admitted than the bucket covers.
+async fn underestimated_concurrent_calls_overshoot_by_their_own_difference(
+    store_url: Option<String>,
+) {
+    let content = "a ".repeat(200);
+    let body = stream_with_usage(content.trim_end(), 5);
+    let spent = forty_at_once(
+        store_url.as_deref(),
+        Scope::Client,
+        &body,
+        5,
+        MockOptions::new()
+            .stream_deltas(5)
+            .chunk_interval(Duration::from_millis(100)),
+        |_| 1000,
+    )
+    .await;
+    let usage = spent.usage[0];
+    assert!(
+        usage > spent.reservation,
+        "the estimate is low: {usage} > {}",
+        spent.reservation
+    );
+    let total: u64 = spent.usage.iter().sum();
+    let admitted = spent.admitted;
+    assert_eq!(
+        admitted,
+        spent.capacity / spent.reservation,
+        "exactly the calls the bucket covers are admitted"
+    );
+    assert!(
+        total <= spent.capacity + admitted * (usage - spent.reservation),
+        "{admitted} calls each reserving {} spent {total} of a budget of {}: over by more \
+         than their own {} tokens each",
+        spent.reservation,
+        spent.capacity,
+        usage - spent.reservation
+    );
 }
 
 #[tokio::test]
-async fn concurrent_requests_are_held_back_memory() {
-    concurrent_requests_are_held_back(None).await;
-}
-
-#[cfg(feature = "redis")]
-#[tokio::test]
-async fn concurrent_requests_are_held_back_redis() {
-    let Some(redis) = Redis::start() else { return };
-    concurrent_requests_are_held_back(Some(redis.url())).await;
+async fn underestimated_concurrent_calls_overshoot_by_their_own_difference_memory() {
+    underestimated_concurrent_calls_overshoot_by_their_own_difference(None).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -533,160 +1168,179 @@ async fn concurrent_requests_are_held_back_redis() {
 // ---------------------------------------------------------------------------------------------
 
 /// A slow stream reserving Rc = ceil(body/4) + 100 is cut after its first chunk, before its
-/// usage arrives: it stays charged Rc. The budget is Rc + 60, and each following request
-/// really uses 5 + 10 = 15, so they pass at Rc, Rc + 15, Rc + 30 and Rc + 45, and the fifth
-/// (at Rc + 60) is refused. Had the cut stream been refunded, or settled to any usage it might
-/// have had (at most 5 + 10), at least 13 would pass.
+/// usage arrives: it stays charged Rc. The bucket is Rc + Rf + 45, where each follow-up
+/// reserves Rf and really uses 5 + 10 = 15: four follow-ups pass (at Rf + 45, Rf + 30,
+/// Rf + 15 and Rf left) and the fifth is refused. Had the cut stream been refunded, or
+/// settled to any usage it might have had (at most 5 + 10), at least ten would pass.
 async fn cut_stream_keeps_its_reservation(store_url: Option<String>) {
-    const WINDOW: u64 = 3600;
     let fp = "device-budget-cut";
-    let mut cut_body = chat(FIVE_WORDS, Some(100), true);
-    cut_body["stream_options"] = json!({"include_usage": true});
+    let cut_body = stream_with_usage(FIVE_WORDS, 100);
     let cut_reservation = reservation(&cut_body, 100);
-    let limit = cut_reservation + 60;
-    let follow_up = chat(FIVE_WORDS, Some(10), false);
+    let follow_up = chat_body(FIVE_WORDS, Some(10), false);
+    let follow_reservation = reservation(&follow_up, 10);
+    let capacity = cut_reservation + follow_reservation + 45;
 
-    in_one_window(WINDOW, false, || {
-        let store_url = store_url.clone();
-        let cut_body = cut_body.clone();
-        let follow_up = follow_up.clone();
-        async move {
-            let setup = start(
-                store_url.as_deref(),
-                MockOptions::new()
-                    .stream_deltas(10)
-                    .chunk_interval(Duration::from_millis(100)),
-                |c| c.budget_tokens_per_window(limit),
+    let setup = start(
+        store_url.as_deref(),
+        MockOptions::new()
+            .stream_deltas(10)
+            .chunk_interval(Duration::from_millis(100)),
+        |c| {
+            c.budget_tokens_per_window(capacity)
+                .budget_window_secs(LONG_WINDOW)
+        },
+    )
+    .await;
+    let proxy = &setup.proxy;
+    let token = proxy.mint(fp).await.token;
+
+    let mut cut = send(proxy, &token, fp, &cut_body).await;
+    assert_eq!(cut.status(), 200);
+    let first = cut.chunk().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "), "{first:?}");
+    drop(cut);
+    // The proxy notices on its next write and cancels the upstream request.
+    for _ in 0..500 {
+        if proxy.mock.active_streams() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(proxy.mock.active_streams(), 0, "the upstream was cancelled");
+    assert_eq!(proxy.mock.completed_streams(), 0);
+    let bucket = setup.spy.only("fp:");
+    // Give a (wrong) settlement time to happen, then check the reservation stands.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    setup
+        .spy
+        .wait_level(&bucket, capacity - cut_reservation, "after the cut stream")
+        .await;
+
+    for i in 1..=4 {
+        let response = send(proxy, &token, fp, &follow_up).await;
+        assert_eq!(response.status(), 200, "follow-up {i}");
+        response.bytes().await.unwrap();
+        setup
+            .spy
+            .wait_level(
+                &bucket,
+                capacity - cut_reservation - 15 * i,
+                &format!("after follow-up {i}"),
             )
             .await;
-            let proxy = &setup.proxy;
-            let token = proxy.mint(fp).await.token;
-
-            let mut cut = send(proxy, &token, fp, &cut_body).await;
-            assert_eq!(cut.status(), 200);
-            let first = cut.chunk().await.unwrap().unwrap();
-            assert!(first.starts_with(b"data: "), "{first:?}");
-            drop(cut);
-            // The proxy notices on its next write and cancels the upstream request.
-            for _ in 0..500 {
-                if proxy.mock.active_streams() == 0 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            assert_eq!(proxy.mock.active_streams(), 0, "the upstream was cancelled");
-            assert_eq!(proxy.mock.completed_streams(), 0);
-            setup
-                .spy
-                .wait_used(WINDOW, cut_reservation, "after the cut stream")
-                .await;
-
-            for i in 1..=4 {
-                let response = send(proxy, &token, fp, &follow_up).await;
-                assert_eq!(response.status(), 200, "follow-up {i}");
-                response.text().await.unwrap();
-                setup
-                    .spy
-                    .wait_used(
-                        WINDOW,
-                        cut_reservation + 15 * i,
-                        &format!("after follow-up {i}"),
-                    )
-                    .await;
-            }
-            let refused = send(proxy, &token, fp, &follow_up).await;
-            assert_budget_exhausted(refused, limit, WINDOW).await;
-            assert_eq!(proxy.mock.requests().len(), 5);
-        }
-    })
-    .await;
+    }
+    let refused = send(proxy, &token, fp, &follow_up).await;
+    assert_budget_exhausted(refused, "tokens", capacity, LONG_WINDOW).await;
+    assert_eq!(proxy.mock.requests().len(), 5);
 }
 
-#[tokio::test]
-async fn cut_stream_keeps_its_reservation_memory() {
-    cut_stream_keeps_its_reservation(None).await;
-}
-
-#[cfg(feature = "redis")]
-#[tokio::test]
-async fn cut_stream_keeps_its_reservation_redis() {
-    let Some(redis) = Redis::start() else { return };
-    cut_stream_keeps_its_reservation(Some(redis.url())).await;
-}
+on_both_stores!(
+    cut_stream_keeps_its_reservation_memory,
+    cut_stream_keeps_its_reservation_redis,
+    |url| cut_stream_keeps_its_reservation(url)
+);
 
 // ---------------------------------------------------------------------------------------------
 // The completion cap.
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn completion_cap_lowers_or_adds_the_ceiling() {
-    let proxy = Proxy::start_with(MockOptions::new(), |c| c.budget_max_completion_tokens(50)).await;
+/// `budget.max_completion_tokens = 50`: a ceiling above it is lowered, none is added; either
+/// way the call reserves its prompt plus 50, not its own ceiling or the default 4096.
+async fn completion_cap_lowers_or_adds_the_ceiling(store_url: Option<String>) {
+    const CAP: u64 = 50;
+    let setup = start(store_url.as_deref(), MockOptions::new(), |c| {
+        c.budget_max_completion_tokens(CAP)
+            .budget_tokens_per_window(100_000)
+            .budget_window_secs(LONG_WINDOW)
+    })
+    .await;
+    let proxy = &setup.proxy;
     let fp = "device-budget-cap";
     let token = proxy.mint(fp).await.token;
-    // Sends `body` to `path` and returns the body the upstream received.
-    let upstream_body = |path: &'static str, body: Value| {
+    // Sends `body` to `path`; returns the body the upstream received and what was reserved.
+    let upstream_body = |path: &'static str, body: Vec<u8>| {
         let proxy = &proxy;
         let token = &token;
+        let spy = &setup.spy;
         async move {
             let before = proxy.mock.requests().len();
             let response = proxy
                 .openai(Method::POST, path, token, fp)
-                .json(&body)
+                .header("content-type", "application/json")
+                .body(body)
                 .send()
                 .await
                 .unwrap();
-            assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+            assert_eq!(response.status(), 200);
             response.bytes().await.unwrap();
             let requests = proxy.mock.requests();
             assert_eq!(requests.len(), before + 1);
-            requests.last().unwrap().clone()
+            let reserved = *spy.reservations().last().unwrap();
+            (requests.last().unwrap().clone(), reserved)
         }
     };
 
-    let over = upstream_body("chat/completions", chat("hi", Some(5000), false)).await;
+    let body = chat_body("hi", Some(5000), false);
+    let (over, reserved) = upstream_body("chat/completions", body.clone()).await;
     let sent = over.body_json().unwrap();
-    assert_eq!(sent["max_tokens"], 50, "{sent}");
+    assert_eq!(sent["max_tokens"], CAP, "{sent}");
     assert!(sent.get("max_completion_tokens").is_none(), "{sent}");
+    assert_eq!(reserved, reservation(&body, CAP));
 
-    let over = upstream_body(
-        "chat/completions",
-        json!({"model": "gpt-4o-mini", "max_completion_tokens": 5000,
-               "messages": [{"role": "user", "content": "hi"}]}),
+    let body = serde_json::to_vec(
+        &json!({"model": "gpt-4o-mini", "max_completion_tokens": 5000,
+        "messages": [{"role": "user", "content": "hi"}]}),
     )
-    .await;
-    assert_eq!(over.body_json().unwrap()["max_completion_tokens"], 50);
+    .unwrap();
+    let (over, reserved) = upstream_body("chat/completions", body.clone()).await;
+    assert_eq!(over.body_json().unwrap()["max_completion_tokens"], CAP);
+    assert_eq!(reserved, reservation(&body, CAP));
 
-    let none = upstream_body("chat/completions", chat("hi", None, false)).await;
+    let body = chat_body("hi", None, false);
+    let (none, reserved) = upstream_body("chat/completions", body.clone()).await;
     let sent = none.body_json().unwrap();
-    assert_eq!(sent["max_completion_tokens"], 50, "{sent}");
+    assert_eq!(sent["max_completion_tokens"], CAP, "{sent}");
     assert!(sent.get("max_tokens").is_none(), "{sent}");
+    assert_eq!(
+        reserved,
+        reservation(&body, CAP),
+        "the cap, not the default 4096"
+    );
 
     // Streamed too.
-    let none = upstream_body("chat/completions", chat("hi", None, true)).await;
-    assert_eq!(none.body_json().unwrap()["max_completion_tokens"], 50);
+    let body = chat_body("hi", None, true);
+    let (none, reserved) = upstream_body("chat/completions", body.clone()).await;
+    assert_eq!(none.body_json().unwrap()["max_completion_tokens"], CAP);
+    assert_eq!(reserved, reservation(&body, CAP));
 
     // Legacy completions get `max_tokens`.
-    let none = upstream_body(
-        "completions",
-        json!({"model": "gpt-3.5-turbo-instruct", "prompt": "hi"}),
-    )
-    .await;
-    assert_eq!(none.body_json().unwrap()["max_tokens"], 50);
+    let body =
+        serde_json::to_vec(&json!({"model": "gpt-3.5-turbo-instruct", "prompt": "hi"})).unwrap();
+    let (none, reserved) = upstream_body("completions", body.clone()).await;
+    assert_eq!(none.body_json().unwrap()["max_tokens"], CAP);
+    assert_eq!(reserved, reservation(&body, CAP));
 
-    // Under the cap: the body passes byte for byte.
-    let under = chat("hi", Some(10), false);
-    let received = upstream_body("chat/completions", under.clone()).await;
-    assert_eq!(received.body, serde_json::to_vec(&under).unwrap());
+    // Under the cap: the body passes byte for byte, and reserves its own ceiling.
+    let under = chat_body("hi", Some(10), false);
+    let (received, reserved) = upstream_body("chat/completions", under.clone()).await;
+    assert_eq!(received.body, under);
+    assert_eq!(reserved, reservation(&under, 10));
 }
+
+on_both_stores!(
+    completion_cap_lowers_or_adds_the_ceiling_memory,
+    completion_cap_lowers_or_adds_the_ceiling_redis,
+    |url| completion_cap_lowers_or_adds_the_ceiling(url)
+);
 
 // ---------------------------------------------------------------------------------------------
 // The concurrent-stream cap.
 // ---------------------------------------------------------------------------------------------
 
-/// Polls (up to 2 s) until a new stream on the session is admitted; returns its body.
+/// Polls (up to 5 s) until a new stream on the session is admitted; returns its body.
 async fn stream_when_free(proxy: &Proxy, token: &str, fp: &str) -> String {
-    let body = chat("hello", None, true);
-    for _ in 0..100 {
+    let body = chat_body("hello", None, true);
+    for _ in 0..250 {
         let response = send(proxy, token, fp, &body).await;
         match response.status().as_u16() {
             200 => return response.text().await.unwrap(),
@@ -710,7 +1364,7 @@ async fn concurrent_stream_cap(store_url: Option<String>) {
     let proxy = &setup.proxy;
     let fp = "device-stream-cap";
     let token = proxy.mint(fp).await.token;
-    let stream = chat("hello", None, true);
+    let stream = chat_body("hello", None, true);
 
     let mut first = send(proxy, &token, fp, &stream).await;
     assert_eq!(first.status(), 200);
@@ -729,8 +1383,8 @@ async fn concurrent_stream_cap(store_url: Option<String>) {
         "the refused stream never left"
     );
 
-    // Only streams count: a plain request passes meanwhile.
-    let plain = send(proxy, &token, fp, &chat("hello", None, false)).await;
+    // Only streams count: a plain call passes meanwhile.
+    let plain = send(proxy, &token, fp, &chat_body("hello", None, false)).await;
     assert_eq!(plain.status(), 200);
     plain.text().await.unwrap();
     // The cap is per session: another session may stream.
@@ -755,20 +1409,14 @@ async fn concurrent_stream_cap(store_url: Option<String>) {
     stream_when_free(proxy, &token, fp).await;
 }
 
-#[tokio::test]
-async fn concurrent_stream_cap_memory() {
-    concurrent_stream_cap(None).await;
-}
-
-#[cfg(feature = "redis")]
-#[tokio::test]
-async fn concurrent_stream_cap_redis() {
-    let Some(redis) = Redis::start() else { return };
-    concurrent_stream_cap(Some(redis.url())).await;
-}
+on_both_stores!(
+    concurrent_stream_cap_memory,
+    concurrent_stream_cap_redis,
+    |url| concurrent_stream_cap(url)
+);
 
 // ---------------------------------------------------------------------------------------------
-// An upstream that fails gives back what the request took.
+// An upstream that fails gives back what the call took.
 // ---------------------------------------------------------------------------------------------
 
 /// How the upstream fails.
@@ -799,8 +1447,8 @@ impl Failure {
         match self {
             Self::Unreachable => (closed_upstream(), None),
             Self::Silent => {
-                let (base_url, accepted) = silent_base_url().await;
-                (base_url, Some(accepted))
+                let (addr, accepted) = silent_upstream().await;
+                (format!("http://{addr}/v1"), Some(accepted))
             }
         }
     }
@@ -812,12 +1460,6 @@ fn closed_upstream() -> String {
     let addr = listener.local_addr().unwrap();
     drop(listener);
     format!("http://{addr}/v1")
-}
-
-/// [`silent_upstream`] as a base URL.
-async fn silent_base_url() -> (String, Arc<AtomicUsize>) {
-    let (addr, accepted) = silent_upstream().await;
-    (format!("http://{addr}/v1"), accepted)
 }
 
 /// Asserts the `status` and error `code` a failed upstream gives the client.
@@ -832,28 +1474,23 @@ async fn assert_upstream_error(response: reqwest::Response, error: (u16, &str), 
     );
 }
 
-/// Requests in a row against a failing upstream.
+/// Calls in a row against a failing upstream.
 const FAILED_REQUESTS: usize = 3;
 
-/// Each request reserves ceil(body/4) + 600 tokens against a budget of 600: one reservation
-/// fills it, so were a failed request's reservation kept (until the window ends), the next
-/// request would get `429 budget_exhausted`. Nothing was spent, so each failure gives the
-/// reservation back and every request gets the upstream's error.
+/// Each call reserves ceil(body/4) + 600 against a bucket of exactly that: one reservation
+/// empties it, so were a failed call's reservation kept, the next call would get
+/// `429 budget_exhausted`. Nothing was spent, so each failure gives the reservation back (the
+/// bucket is full again) and every call gets the upstream's error.
 async fn failed_upstream_gives_back_its_reservation(store_url: Option<String>, failure: Failure) {
-    const WINDOW: u64 = 3600;
-    const LIMIT: u64 = 600;
     let fp = "device-budget-failed-upstream";
-    let body = chat(FIVE_WORDS, Some(600), false);
-    assert!(
-        reservation(&body, 600) >= LIMIT,
-        "one reservation fills the budget"
-    );
+    let body = chat_body(FIVE_WORDS, Some(600), false);
+    let capacity = reservation(&body, 600);
     let (base_url, accepted) = failure.upstream().await;
     let setup = start(store_url.as_deref(), MockOptions::new(), |c| {
         c.upstream_base_url(base_url)
             .upstream_first_byte_timeout_ms(FIRST_BYTE_TIMEOUT_MS)
-            .budget_tokens_per_window(LIMIT)
-            .budget_window_secs(WINDOW)
+            .budget_tokens_per_window(capacity)
+            .budget_window_secs(LONG_WINDOW)
     })
     .await;
     let proxy = &setup.proxy;
@@ -861,45 +1498,34 @@ async fn failed_upstream_gives_back_its_reservation(store_url: Option<String>, f
 
     for i in 1..=FAILED_REQUESTS {
         let response = send(proxy, &token, fp, &body).await;
-        let what = format!("request {i} (never 429 budget_exhausted)");
+        let what = format!("call {i} (never 429 budget_exhausted)");
         assert_upstream_error(response, failure.error(), &what).await;
-        // Released in a spawned task: wait for it before the next request.
+        // Given back in a spawned task: wait for it before the next call.
+        let bucket = setup.spy.only("fp:");
         setup
             .spy
-            .wait_used(WINDOW, 0, &format!("after failed request {i}"))
+            .wait_level(&bucket, capacity, &format!("after failed call {i}"))
             .await;
         if let Some(accepted) = &accepted {
             assert!(
                 accepted.load(Ordering::SeqCst) >= i,
-                "request {i} reached the silent upstream"
+                "call {i} reached the silent upstream"
             );
         }
     }
+    assert_eq!(setup.spy.reservations(), vec![capacity; FAILED_REQUESTS]);
 }
 
-#[tokio::test]
-async fn unreachable_upstream_gives_back_its_reservation_memory() {
-    failed_upstream_gives_back_its_reservation(None, Failure::Unreachable).await;
-}
-
-#[tokio::test]
-async fn silent_upstream_gives_back_its_reservation_memory() {
-    failed_upstream_gives_back_its_reservation(None, Failure::Silent).await;
-}
-
-#[cfg(feature = "redis")]
-#[tokio::test]
-async fn unreachable_upstream_gives_back_its_reservation_redis() {
-    let Some(redis) = Redis::start() else { return };
-    failed_upstream_gives_back_its_reservation(Some(redis.url()), Failure::Unreachable).await;
-}
-
-#[cfg(feature = "redis")]
-#[tokio::test]
-async fn silent_upstream_gives_back_its_reservation_redis() {
-    let Some(redis) = Redis::start() else { return };
-    failed_upstream_gives_back_its_reservation(Some(redis.url()), Failure::Silent).await;
-}
+on_both_stores!(
+    unreachable_upstream_gives_back_its_reservation_memory,
+    unreachable_upstream_gives_back_its_reservation_redis,
+    |url| failed_upstream_gives_back_its_reservation(url, Failure::Unreachable)
+);
+on_both_stores!(
+    silent_upstream_gives_back_its_reservation_memory,
+    silent_upstream_gives_back_its_reservation_redis,
+    |url| failed_upstream_gives_back_its_reservation(url, Failure::Silent)
+);
 
 /// One stream per session (`budget.max_concurrent_streams = 1`): were a failed stream's slot
 /// kept (until the session ends), the next stream would get `429 rate_limited`. Each failure
@@ -915,7 +1541,7 @@ async fn failed_stream_gives_back_its_slot(store_url: Option<String>, failure: F
     .await;
     let proxy = &setup.proxy;
     let token = proxy.mint(fp).await.token;
-    let stream = chat("hello", None, true);
+    let stream = chat_body("hello", None, true);
 
     for i in 1..=FAILED_REQUESTS {
         let response = send(proxy, &token, fp, &stream).await;
@@ -934,26 +1560,13 @@ async fn failed_stream_gives_back_its_slot(store_url: Option<String>, failure: F
     }
 }
 
-#[tokio::test]
-async fn unreachable_upstream_gives_back_its_stream_slot_memory() {
-    failed_stream_gives_back_its_slot(None, Failure::Unreachable).await;
-}
-
-#[tokio::test]
-async fn silent_upstream_gives_back_its_stream_slot_memory() {
-    failed_stream_gives_back_its_slot(None, Failure::Silent).await;
-}
-
-#[cfg(feature = "redis")]
-#[tokio::test]
-async fn unreachable_upstream_gives_back_its_stream_slot_redis() {
-    let Some(redis) = Redis::start() else { return };
-    failed_stream_gives_back_its_slot(Some(redis.url()), Failure::Unreachable).await;
-}
-
-#[cfg(feature = "redis")]
-#[tokio::test]
-async fn silent_upstream_gives_back_its_stream_slot_redis() {
-    let Some(redis) = Redis::start() else { return };
-    failed_stream_gives_back_its_slot(Some(redis.url()), Failure::Silent).await;
-}
+on_both_stores!(
+    unreachable_upstream_gives_back_its_stream_slot_memory,
+    unreachable_upstream_gives_back_its_stream_slot_redis,
+    |url| failed_stream_gives_back_its_slot(url, Failure::Unreachable)
+);
+on_both_stores!(
+    silent_upstream_gives_back_its_stream_slot_memory,
+    silent_upstream_gives_back_its_stream_slot_redis,
+    |url| failed_stream_gives_back_its_slot(url, Failure::Silent)
+);

@@ -22,8 +22,9 @@
 //!    capacity is refused the same way: it could never be covered.
 //! 2. **Settle** when the response ends, on the usage the upstream reported: the unused part of
 //!    the reservation goes back to every bucket; usage beyond it (the prompt estimate was low) is
-//!    taken too, and may leave a bucket in debt. Concurrent calls therefore overshoot a budget by
-//!    at most the difference between one call's reservation and its real usage.
+//!    taken too, and may leave a bucket in debt. However many run at once, each call therefore
+//!    overshoots a budget by at most its own difference between real usage and reservation
+//!    (`tests/budgets.rs` checks 40 at once at every scope, and with a low prompt estimate).
 //!    - A response whose usage could not be read keeps its whole reservation.
 //!    - An upstream error (status 400 and up, no usage), or no answer at all, is refunded.
 //!
