@@ -6,8 +6,9 @@
 //!
 //! Configuration: defaults < the config file (`--config FILE`, or `./perishable.toml` when present)
 //! < environment (`OPENAI_API_KEY`, `OPENAI_BASE_URL`, `PORT`, `PERISHABLE_JWT_SECRET`,
-//! `PERISHABLE_STORE_URL`) < flags. With no API key anywhere it starts the built-in mock
-//! upstream on loopback and proxies to it, so the demo works offline.
+//! `PERISHABLE_STORE_URL`) < flags. With neither an API key nor a base URL anywhere it starts the
+//! built-in mock upstream on loopback and proxies to it, so the demo works offline. A base URL
+//! without a key is a keyless upstream (a local Ollama or vLLM).
 //!
 //! `GET /` serves a demo page: a chat box that streams through the proxy with the browser client
 //! (`/client.js`). With no `cors.allowed_origins` and no `server.public_url` configured, the
@@ -43,7 +44,8 @@ OPTIONS:
 ENVIRONMENT:
     OPENAI_API_KEY, OPENAI_BASE_URL, PORT, PERISHABLE_JWT_SECRET, PERISHABLE_STORE_URL,
     PERISHABLE_METRICS_ADDR
-    With no API key, a built-in mock upstream is served so the demo works offline.";
+    With neither an API key nor a base URL, a built-in mock upstream is served so the demo works
+    offline; a base URL without a key is a keyless upstream (a local Ollama or vLLM).";
 
 struct Args {
     config: Option<PathBuf>,
@@ -173,14 +175,19 @@ async fn run() -> Result<(), String> {
         tracing::info!("metrics in Prometheus format at http://{addr}/metrics");
     }
 
-    if !builder.has_upstream_api_key() {
+    // The mock only when neither a key nor a base URL is given: a base URL alone is a keyless
+    // upstream (a local Ollama or vLLM), forwarded to without Authorization.
+    let base_url_given = args.upstream.is_some()
+        || std::env::var("OPENAI_BASE_URL").is_ok_and(|v| !v.is_empty())
+        || builder.has_upstream_base_url();
+    if !builder.has_upstream_api_key() && !base_url_given {
         let key = format!("sk-mock-{}", std::process::id());
         let mock = MockUpstream::start(MockOptions::new().api_key(key.clone()).record(false))
             .await
             .map_err(|e| format!("cannot start the mock upstream: {e}"))?;
         tracing::warn!(
             mock = %mock.base_url(),
-            "no OPENAI_API_KEY: serving the built-in mock upstream (set OPENAI_API_KEY to use a real one)"
+            "no OPENAI_API_KEY and no OPENAI_BASE_URL: serving the built-in mock upstream (set OPENAI_API_KEY to use OpenAI, or OPENAI_BASE_URL for a keyless upstream)"
         );
         builder = builder
             .upstream_base_url(mock.base_url())

@@ -28,16 +28,29 @@ struct Example {
     addr: SocketAddr,
 }
 
+/// The example proxy's command, with none of the PROTOCOL environment variables set.
+fn command(extra_args: &[&str]) -> Command {
+    let mut command = Command::new(example_binary());
+    command
+        .args(["--host", "127.0.0.1", "--port", "0"])
+        .args(extra_args)
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL")
+        .env_remove("PORT")
+        .env_remove("PERISHABLE_STORE_URL")
+        .env_remove("PERISHABLE_JWT_SECRET")
+        .env("RUST_LOG", "warn")
+        .current_dir(std::env::temp_dir());
+    command
+}
+
 impl Example {
     fn start() -> Self {
-        let mut child = Command::new(example_binary())
-            .args(["--host", "127.0.0.1", "--port", "0"])
-            .env_remove("OPENAI_API_KEY")
-            .env_remove("OPENAI_BASE_URL")
-            .env_remove("PORT")
-            .env_remove("PERISHABLE_STORE_URL")
-            .env("RUST_LOG", "warn")
-            .current_dir(std::env::temp_dir())
+        Self::spawn(command(&[]))
+    }
+
+    fn spawn(mut command: Command) -> Self {
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -126,4 +139,91 @@ fn ctrl_c_stops_the_proxy() {
         TcpStream::connect(proxy.addr).is_err(),
         "the listener is closed"
     );
+}
+
+/// A base URL without a key is a keyless upstream (a local Ollama or vLLM): calls are forwarded
+/// to it without `Authorization`, and the built-in mock is not started.
+#[test]
+fn a_base_url_without_a_key_is_a_keyless_upstream() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mock = runtime
+        .block_on(perishable::mock::MockUpstream::start(
+            perishable::mock::MockOptions::new(),
+        ))
+        .unwrap();
+    let config =
+        std::env::temp_dir().join(format!("perishable-keyless-{}.toml", std::process::id()));
+    std::fs::write(
+        &config,
+        "[pow]\ndifficulty = 0\n[session]\nmin_entropy_score = 0\n",
+    )
+    .unwrap();
+    let mut command = command(&["--config", config.to_str().unwrap()]);
+    command.env("OPENAI_BASE_URL", mock.base_url());
+    let proxy = Example::spawn(command);
+
+    runtime.block_on(async {
+        let http = reqwest::Client::builder()
+            .user_agent("keyless-test/1.0")
+            .build()
+            .unwrap();
+        let base = format!("http://{}", proxy.addr);
+        let session: serde_json::Value = http
+            .post(format!("{base}/session"))
+            .json(&serde_json::json!({"fingerprint": "device-keyless-1"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let token = session["token"].as_str().expect("a session token");
+        let models = http
+            .get(format!("{base}/openai/models"))
+            .bearer_auth(token)
+            .header("x-perishable-fingerprint", "device-keyless-1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(models.status(), 200);
+    });
+    let received = mock.requests();
+    assert_eq!(received.len(), 1, "the call reached the keyless upstream");
+    assert_eq!(received[0].path_and_query, "/v1/models");
+    assert!(
+        received[0].header("authorization").is_none(),
+        "no Authorization is sent to a keyless upstream"
+    );
+    let _ = std::fs::remove_file(config);
+}
+
+/// An invalid base URL is refused at start, with the key named, mock or not.
+#[test]
+fn an_invalid_base_url_is_refused() {
+    let output = command(&[])
+        .env("OPENAI_BASE_URL", "not a url")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("upstream.base_url") && stderr.contains("absolute http or https URL"),
+        "{stderr}"
+    );
+}
+
+/// OpenAI without a key is a mistake, and the message says how to fix it.
+#[test]
+fn openai_without_a_key_names_the_variable() {
+    let output = command(&[])
+        .env("OPENAI_BASE_URL", "https://api.openai.com/v1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("OPENAI_API_KEY"), "{stderr}");
 }

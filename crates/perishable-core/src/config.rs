@@ -76,7 +76,7 @@ impl From<String> for Secret {
 #[non_exhaustive]
 pub enum ConfigError {
     /// A required key is missing.
-    #[error("{key} is required")]
+    #[error("{key} is required{}", env_hint(key))]
     Missing {
         /// The key, as in the file (`upstream.api_key`).
         key: &'static str,
@@ -102,6 +102,17 @@ pub enum ConfigError {
     },
 }
 
+/// The environment variable that sets `key`, for the message of a missing key.
+fn env_hint(key: &str) -> &'static str {
+    match key {
+        "upstream.api_key" => {
+            " (set OPENAI_API_KEY, or point upstream.base_url / OPENAI_BASE_URL at a keyless upstream such as a local Ollama or vLLM)"
+        }
+        "session.jwt_secret" => " (set PERISHABLE_JWT_SECRET)",
+        _ => "",
+    }
+}
+
 impl ConfigError {
     fn invalid(key: &'static str, reason: impl Into<String>) -> Self {
         Self::Invalid {
@@ -117,7 +128,9 @@ impl ConfigError {
 pub struct UpstreamConfig {
     /// Base URL of the OpenAI-compatible API, e.g. `https://api.openai.com/v1`.
     pub base_url: String,
-    /// The server's API key, sent upstream as `Authorization: Bearer <key>`. Required.
+    /// The server's API key, sent upstream as `Authorization: Bearer <key>`. Required for
+    /// OpenAI itself; without one, calls go to a keyless upstream (a local Ollama or vLLM)
+    /// without `Authorization`.
     pub api_key: Option<Secret>,
     /// Paths under `/openai/` that may pass. `*` matches exactly one path segment.
     pub allowed_paths: Vec<String>,
@@ -642,9 +655,18 @@ impl ConfigBuilder {
         self
     }
 
-    /// Whether an upstream API key is set (the example proxy starts its mock when it is not).
+    /// Whether an upstream API key is set.
     pub fn has_upstream_api_key(&self) -> bool {
-        self.upstream.api_key.is_some()
+        self.upstream
+            .api_key
+            .as_ref()
+            .is_some_and(|k| !k.0.is_empty())
+    }
+
+    /// Whether `upstream.base_url` was set to something other than the default (OpenAI's). The
+    /// example proxy serves its mock only when neither this nor a key is set.
+    pub fn has_upstream_base_url(&self) -> bool {
+        self.upstream.base_url != UpstreamConfig::default().base_url
     }
 
     /// `cors.allowed_origins` as set so far.
@@ -660,8 +682,15 @@ impl ConfigBuilder {
     /// Validates every key and builds the [`Config`].
     pub fn build(self) -> Result<Config, ConfigError> {
         let u = &self.upstream;
-        let parsed = url::Url::parse(u.base_url.trim_end_matches('/'))
-            .map_err(|e| ConfigError::invalid("upstream.base_url", e.to_string()))?;
+        let parsed = url::Url::parse(u.base_url.trim_end_matches('/')).map_err(|e| {
+            ConfigError::invalid(
+                "upstream.base_url",
+                format!(
+                    "{:?} is not an absolute http or https URL ({e}), e.g. https://api.openai.com/v1",
+                    u.base_url
+                ),
+            )
+        })?;
         // Normalized (lower-case scheme and host, IDNA, default port dropped, path encoded), so
         // that a request URI is this and the client's already-valid path, joined.
         let base_url = parsed.as_str().trim_end_matches('/').to_owned();
@@ -677,24 +706,22 @@ impl ConfigBuilder {
                 "must not have a query or fragment",
             ));
         }
-        match &u.api_key {
-            None => {
-                return Err(ConfigError::Missing {
-                    key: "upstream.api_key",
-                });
-            }
-            Some(k) if k.0.is_empty() => {
-                return Err(ConfigError::Missing {
-                    key: "upstream.api_key",
-                });
-            }
-            Some(k) if http::HeaderValue::try_from(format!("Bearer {}", k.0)).is_err() => {
-                return Err(ConfigError::invalid(
-                    "upstream.api_key",
-                    "contains characters not allowed in a header",
-                ));
-            }
-            Some(_) => {}
+        // A keyless upstream (a local Ollama or vLLM) is forwarded to without `Authorization`;
+        // OpenAI itself never is, so a missing key there is a mistake to report now.
+        let key_missing = u.api_key.as_ref().is_none_or(|k| k.0.is_empty());
+        if key_missing && parsed.host_str() == Some("api.openai.com") {
+            return Err(ConfigError::Missing {
+                key: "upstream.api_key",
+            });
+        }
+        if let Some(k) = &u.api_key
+            && !k.0.is_empty()
+            && http::HeaderValue::try_from(format!("Bearer {}", k.0)).is_err()
+        {
+            return Err(ConfigError::invalid(
+                "upstream.api_key",
+                "contains characters not allowed in a header",
+            ));
         }
         for p in &u.allowed_paths {
             crate::upstream::PathPattern::parse(p)
