@@ -90,18 +90,20 @@ pub(crate) struct DataLine {
 impl Event {
     /// `raw` with the bytes of `data[range]` removed, line by line.
     ///
-    /// For each data line, the part of its value that falls in `range` is cut; everything else
-    /// is kept: the `data:` prefixes, the line ends, other fields and comments. The `\n`s that
-    /// join data lines are not bytes of any value, so they stay: the result is a well-formed
-    /// event whose data is
-    ///
-    /// `data[..range.start]` + one `\n` per `\n` of `data[range]` + `data[range.end..]`.
+    /// For each data line, the part of its value that falls in `range` is cut. A data line whose
+    /// whole value falls in `range` together with one of the `\n`s that join it to its
+    /// neighbours goes entirely (its `data:` prefix and its line end too), and takes that `\n`
+    /// with it: this is how a member printed on lines of its own (pretty-printed JSON over
+    /// several `data:` lines) is removed as if it had never been written. Everything else is
+    /// kept: other fields, comments, the line ends of kept lines. The result is a well-formed
+    /// event whose data is `data[..range.start]` + the `\n`s of `data[range]` that no removed
+    /// line took + `data[range.end..]`.
     ///
     /// Since `\n` is JSON whitespace, deleting a whole JSON member (with its comma) leaves valid
-    /// JSON. A data line cut down to nothing stays as an empty `data:` line. When a cut removes
-    /// the start of a value written without the optional space (`data:x y`) and what is left
-    /// starts with a space, a space is put after the colon so the remaining space is not taken
-    /// for the optional one.
+    /// JSON. A data line cut down to nothing whose joining `\n`s are not in `range` stays as an
+    /// empty `data:` line. When a cut removes the start of a value written without the optional
+    /// space (`data:x y`) and what is left starts with a space, a space is put after the colon
+    /// so the remaining space is not taken for the optional one.
     ///
     /// `range` is clamped to `data`; an empty range gives `raw` back unchanged.
     pub(crate) fn raw_without(&self, range: Range<usize>) -> Bytes {
@@ -121,9 +123,26 @@ impl Event {
         let mut out = Vec::with_capacity(raw.len());
         // Raw bytes up to here are already in `out` (or cut).
         let mut copied = 0;
-        for line in &self.data_lines {
+        // Whether the `\n` joining the current line to the previous one is still in the data
+        // (a removed line takes one with it).
+        let mut joined_before = true;
+        let last = self.data_lines.len().saturating_sub(1);
+        for (i, line) in self.data_lines.iter().enumerate() {
             let len = line.value.end.checked_sub(line.value.start)?;
             let line_end = line.offset + len;
+            let whole = start <= line.offset && line_end <= end;
+            let newline_before = i > 0 && joined_before && start < line.offset;
+            let newline_after = i < last && line_end < end;
+            if whole && (newline_before || newline_after) {
+                let (from, to) = self.line_bounds(line)?;
+                out.extend_from_slice(raw.get(copied..from)?);
+                copied = to;
+                // The `\n` before goes with the line when it is in the range; else the one after
+                // does, and the next line is then no longer joined to anything before it.
+                joined_before = newline_before;
+                continue;
+            }
+            joined_before = true;
             let cut_from = start.clamp(line.offset, line_end);
             let cut_to = end.clamp(cut_from, line_end);
             if cut_from == cut_to {
@@ -149,6 +168,27 @@ impl Event {
         }
         out.extend_from_slice(raw.get(copied..)?);
         Some(out)
+    }
+
+    /// Where a data line starts (its `data` field name) and ends (after its line end) in `raw`.
+    fn line_bounds(&self, line: &DataLine) -> Option<(usize, usize)> {
+        let raw: &[u8] = &self.raw;
+        let colon = if raw.get(line.value.start.checked_sub(1)?) == Some(&b':') {
+            line.value.start - 1
+        } else {
+            // `data: value`: the optional space sits between the colon and the value.
+            line.value.start.checked_sub(2)?
+        };
+        let from = colon.checked_sub(b"data".len())?;
+        if raw.get(from..=colon)? != b"data:" {
+            return None;
+        }
+        let to = match raw.get(line.value.end) {
+            Some(b'\r') if raw.get(line.value.end + 1) == Some(&b'\n') => line.value.end + 2,
+            Some(b'\r' | b'\n') => line.value.end + 1,
+            _ => return None,
+        };
+        Some((from, to))
     }
 }
 
@@ -831,12 +871,14 @@ mod tests {
         let start = data.find("\"usage\"").unwrap();
         let end = data.find("\"x\"").unwrap();
         let cut = event.raw_without(start..end);
+        // The middle line is wholly in the range, with the newline before it: it goes, and
+        // takes that newline; the comment between stays.
         assert_eq!(
             &cut[..],
-            b"event: chunk\r\ndata: {\"id\":1,\r\n: between\r\ndata: \r\ndata: \"x\":2}\r\n\r\n"
+            b"event: chunk\r\ndata: {\"id\":1,\r\n: between\r\ndata: \"x\":2}\r\n\r\n"
         );
         let again = events(&parse(&cut))[0].clone();
-        assert_eq!(again.data, b"{\"id\":1,\n\n\"x\":2}");
+        assert_eq!(again.data, b"{\"id\":1,\n\"x\":2}");
         assert_eq!(again.event_type.as_deref(), Some("chunk"));
         let json: serde_json::Value = serde_json::from_slice(&again.data).unwrap();
         assert_eq!(json, serde_json::json!({"id": 1, "x": 2}));
@@ -845,7 +887,8 @@ mod tests {
         assert_eq!(event.raw_without(500..900), event.raw);
         assert_eq!(
             event.raw_without(0..900),
-            Bytes::from_static(b"event: chunk\r\ndata: \r\n: between\r\ndata: \r\ndata: \r\n\r\n")
+            // All of it: two lines go with the two joining newlines, one stays empty.
+            Bytes::from_static(b"event: chunk\r\n: between\r\ndata: \r\n\r\n")
         );
     }
 
@@ -1073,6 +1116,48 @@ mod tests {
         }
     }
 
+    /// What `raw_without` leaves of the data of `lines` (joined with `\n`) without
+    /// `start..end`, computed on the data alone: a line wholly in the range with a joining
+    /// newline in it goes with one such newline (the one before it first); other lines lose
+    /// what of their value is in the range, and the other newlines in the range stay.
+    fn model_cut(lines: &[String], start: usize, end: usize) -> Vec<u8> {
+        let mut out: Vec<u8> = Vec::new();
+        let mut offset = 0;
+        let mut joined_before = true;
+        let last = lines.len() - 1;
+        // Whether the newline that joins line i to line i - 1 is kept.
+        let mut keep_newline_before = false;
+        for (i, line) in lines.iter().enumerate() {
+            let line_end = offset + line.len();
+            let whole = start <= offset && line_end <= end;
+            let before = i > 0 && joined_before && start < offset;
+            let after = i < last && line_end < end;
+            if i > 0 && keep_newline_before {
+                out.push(b'\n');
+            }
+            if whole && (before || after) {
+                // The newline before goes with the line, else the one after does.
+                if before && i > 0 && keep_newline_before {
+                    out.pop();
+                }
+                keep_newline_before = before;
+                joined_before = before;
+            } else {
+                let bytes = line.as_bytes();
+                for (k, byte) in bytes.iter().enumerate() {
+                    let at = offset + k;
+                    if at < start || at >= end {
+                        out.push(*byte);
+                    }
+                }
+                keep_newline_before = true;
+                joined_before = true;
+            }
+            offset = line_end + 1;
+        }
+        out
+    }
+
     /// A JSON value for a generated member.
     fn json_value() -> impl Strategy<Value = serde_json::Value> {
         prop_oneof![
@@ -1139,12 +1224,10 @@ mod tests {
             let data = lines.join("\n").into_bytes();
             prop_assert_eq!(&event.data, &data);
 
-            // Any range: the data loses it, all but its newlines.
+            // Any range: the data loses it, all but the newlines no removed line took.
             let (a, b) = (range.0.index(data.len() + 1), range.1.index(data.len() + 1));
             let (start, end) = (a.min(b), a.max(b));
-            let mut want = data[..start].to_vec();
-            want.extend(data[start..end].iter().filter(|&&b| b == b'\n'));
-            want.extend_from_slice(&data[end..]);
+            let want = model_cut(&lines, start, end);
             let cut = event.raw_without(start..end);
             let reparsed = parse(&cut);
             prop_assert_eq!(reparsed.len(), 1);

@@ -316,7 +316,7 @@ impl UsageTap {
             return None;
         }
         let edit = json::remove_member(&object, index);
-        Some(event.raw_without(edit.range))
+        Some(event.raw_without(whole_lines(&event.data, edit.range)))
     }
 
     /// Reads usage from one event; returns its data object when it may carry usage.
@@ -341,6 +341,28 @@ impl UsageTap {
             self.usage = Some(parsed);
         }
         Some(object)
+    }
+}
+
+/// `range` (a member and its comma), widened to whole lines when the member sits on lines of its
+/// own, as pretty-printed JSON over several `data:` lines puts it: from the start of its first
+/// line to the start of the line after it. The event then loses those lines entirely
+/// ([`Event::raw_without`]), as if they had never been written, instead of keeping them empty.
+fn whole_lines(data: &[u8], range: std::ops::Range<usize>) -> std::ops::Range<usize> {
+    let line_start = |at: usize| {
+        data.get(..at)
+            .and_then(|before| memchr::memrchr(b'\n', before))
+            .map_or(0, |newline| newline + 1)
+    };
+    let blank = |r: std::ops::Range<usize>| {
+        data.get(r)
+            .is_some_and(|bytes| bytes.iter().all(u8::is_ascii_whitespace))
+    };
+    let (from, to) = (line_start(range.start), line_start(range.end));
+    if from > 0 && to > range.start && blank(from..range.start) && blank(to..range.end) {
+        from..to
+    } else {
+        range
     }
 }
 
@@ -397,8 +419,11 @@ impl Decoder {
         let mut out = BytesMut::new();
         for step in input.chunks(DECODE_STEP) {
             let sink = match &mut self.kind {
+                // `flush` hands over what this step decoded: without it the decoder keeps the
+                // output until the next write, one frame late (or never, for the last).
                 DecoderKind::Gzip(d) => {
                     d.write_all(step).ok()?;
+                    d.flush().ok()?;
                     d.get_mut()
                 }
                 DecoderKind::Deflate(kind) => {
@@ -415,10 +440,12 @@ impl Decoder {
                     match d {
                         DeflateKind::Zlib(d) => {
                             d.write_all(step).ok()?;
+                            d.flush().ok()?;
                             d.get_mut()
                         }
                         DeflateKind::Raw(d) => {
                             d.write_all(step).ok()?;
+                            d.flush().ok()?;
                             d.get_mut()
                         }
                     }
@@ -505,6 +532,31 @@ mod tests {
                 assert_eq!(out, with.as_bytes(), "observing changes nothing");
                 assert_eq!(t.usage(), Some(FIVE));
             }
+        }
+    }
+
+    #[test]
+    fn pretty_events_lose_the_usage_lines_entirely() {
+        for (with, without) in [
+            // A member in the middle, on a line of its own.
+            (
+                "data: {\ndata:   \"usage\": null,\ndata:   \"choices\": [1]\ndata: }\n\n",
+                "data: {\ndata:   \"choices\": [1]\ndata: }\n\n",
+            ),
+            // The last member, its comma on the line before, CRLF line ends.
+            (
+                "data: {\r\ndata:   \"choices\": [1],\r\ndata:   \"usage\": null\r\ndata: }\r\n\r\n",
+                "data: {\r\ndata:   \"choices\": [1]\r\ndata: }\r\n\r\n",
+            ),
+            // A usage object over several lines, on a choice chunk.
+            (
+                "data: {\ndata:   \"choices\": [1],\ndata:   \"usage\": {\ndata:     \"prompt_tokens\": 3,\ndata:     \"completion_tokens\": 2\ndata:   },\ndata:   \"id\": \"x\"\ndata: }\n\n",
+                "data: {\ndata:   \"choices\": [1],\ndata:   \"id\": \"x\"\ndata: }\n\n",
+            ),
+        ] {
+            let mut t = tap(TapMode::EventsHidingUsage);
+            let out = run(&mut t, &[with.as_bytes()]);
+            assert_eq!(String::from_utf8(out).unwrap(), without, "{with}");
         }
     }
 
