@@ -630,3 +630,48 @@ async fn upstream_errors_pass_through_unchanged() {
     assert_eq!(body["error"]["param"], "model", "{body}");
     assert_eq!(proxy.mock.requests().len(), 1);
 }
+
+/// The tower stack of the README mounted with axum's `nest_service`, which strips the mount
+/// point: the upstream service forwards what is left of the path.
+#[tokio::test]
+async fn the_upstream_service_works_under_nest_service() {
+    use tower::ServiceBuilder;
+    let mock = perishable::mock::MockUpstream::start(MockOptions::new().api_key(SERVER_KEY))
+        .await
+        .unwrap();
+    let perishable =
+        perishable::Perishable::new(config(&mock.base_url()).build().unwrap()).unwrap();
+    let proxy = ServiceBuilder::new()
+        .layer(perishable.verify_layer())
+        .layer(perishable.rate_limit_layer())
+        .service(perishable.upstream_service());
+    let app = axum::Router::new()
+        .route_service("/challenge", perishable.session_service())
+        .route_service("/session", perishable.session_service())
+        .nest_service("/openai", proxy);
+    let addr = serve(app).await;
+    let proxy = Proxy {
+        addr,
+        mock,
+        http: client(),
+    };
+    let token = proxy.mint(FP).await.token;
+    for path in ["models", "chat/completions"] {
+        let request = if path == "models" {
+            proxy.openai(Method::GET, path, &token, FP)
+        } else {
+            proxy.openai(Method::POST, path, &token, FP).json(
+                &json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}),
+            )
+        };
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+    }
+    let paths: Vec<String> = proxy
+        .mock
+        .requests()
+        .iter()
+        .map(|r| r.path_and_query.clone())
+        .collect();
+    assert_eq!(paths, ["/v1/models", "/v1/chat/completions"]);
+}

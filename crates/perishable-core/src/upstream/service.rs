@@ -195,8 +195,10 @@ where
     }
 }
 
-/// The `{path}` to forward: the [`UpstreamPath`] extension, or what follows `/openai/` in the
-/// URI (empty when there is none, which no allow-list admits).
+/// The `{path}` to forward: the [`UpstreamPath`] extension; else what follows the first
+/// `/openai/` in the URI (the service serves `/openai/*` itself, at the root or under a prefix a
+/// router left in the path); else the whole path, as a router that strips its mount point leaves
+/// it (`nest_service("/openai", upstream)` in axum sees `/chat/completions`).
 fn upstream_path<B>(req: &Request<B>) -> &str {
     if let Some(UpstreamPath(path)) = req.extensions().get::<UpstreamPath>() {
         return path.trim_start_matches('/');
@@ -205,8 +207,10 @@ fn upstream_path<B>(req: &Request<B>) -> &str {
     let path = req.uri().path();
     match path.strip_prefix(PREFIX) {
         Some(rest) => rest,
-        None => memchr::memmem::find(path.as_bytes(), PREFIX.as_bytes())
-            .map_or("", |i| &path[i + PREFIX.len()..]),
+        None => match memchr::memmem::find(path.as_bytes(), PREFIX.as_bytes()) {
+            Some(i) => &path[i + PREFIX.len()..],
+            None => path.trim_start_matches('/'),
+        },
     }
 }
 
@@ -233,7 +237,11 @@ impl Inner {
         if !this.allow_list.allows(path) {
             return Err(Error::new(
                 ErrorCode::PathNotAllowed,
-                format!("the path {path:?} is not allowed through this proxy"),
+                format!(
+                    "the path {path:?} is not allowed through this proxy (the upstream service \
+                     forwards what follows /openai/ in the request path, or the whole path where \
+                     a router stripped its mount point, as axum's nest_service does)"
+                ),
             ));
         }
         let declared = req
@@ -571,6 +579,31 @@ mod tests {
         assert_eq!(
             (status, code.as_str()),
             (StatusCode::BAD_GATEWAY, "upstream_unavailable")
+        );
+    }
+
+    /// Mounted where a router stripped the mount point (axum's `nest_service("/openai", ..)`):
+    /// the whole path is the upstream path.
+    #[tokio::test]
+    async fn a_stripped_mount_point_leaves_the_upstream_path() {
+        let svc = service(builder());
+        for path in ["/chat/completions", "/models", "/ai/openai/models"] {
+            let req = Request::get(path).body(Body::empty()).unwrap();
+            let (status, code, _) = send(svc.clone(), req).await;
+            assert_eq!(
+                (status, code.as_str()),
+                (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
+                "{path} passes the allow-list"
+            );
+        }
+        let req = Request::get("/files").body(Body::empty()).unwrap();
+        let response = svc.oneshot(req).await.unwrap();
+        assert_eq!(response.status(), StatusCode::FORBIDDEN);
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(
+            text.contains("nest_service"),
+            "the refusal says how to mount: {text}"
         );
     }
 
