@@ -6,7 +6,7 @@ mod common;
 
 use std::io::Read;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,25 @@ use axum::serve::ListenerExt;
 use perishable::mock::{MockOptions, MockUpstream};
 use serde_json::Value;
 
-const CHROMIUM: &str = "/usr/bin/chromium";
+/// Chromium, found the usual ways: `CHROME_PATH` (or `CHROMIUM`), then `chromium`,
+/// `chromium-browser`, `google-chrome` and `google-chrome-stable` on the `PATH`.
+fn chromium() -> Option<PathBuf> {
+    for var in ["CHROME_PATH", "CHROMIUM"] {
+        if let Some(path) = std::env::var_os(var).filter(|p| !p.is_empty()) {
+            return Some(PathBuf::from(path));
+        }
+    }
+    let dirs = std::env::var_os("PATH").unwrap_or_default();
+    [
+        "chromium",
+        "chromium-browser",
+        "google-chrome",
+        "google-chrome-stable",
+    ]
+    .iter()
+    .flat_map(|name| std::env::split_paths(&dirs).map(move |dir| dir.join(name)))
+    .find(|candidate| candidate.is_file())
+}
 /// How long the browser script may run.
 const TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -30,10 +48,16 @@ fn node() -> String {
 
 /// Chromium, Node and the npm packages; `Err` says what is missing.
 fn prerequisites() -> Result<(), String> {
-    if !Path::new(CHROMIUM).exists() {
-        return Err(format!(
-            "{CHROMIUM} is missing (apt-get install -y chromium)"
-        ));
+    match chromium() {
+        Some(path) if path.exists() => {}
+        Some(path) => return Err(format!("{} is missing", path.display())),
+        None => {
+            return Err(
+                "no Chromium: set CHROME_PATH, or put chromium or google-chrome on the PATH \
+                 (apt-get install -y chromium)"
+                    .to_owned(),
+            );
+        }
     }
     let modules = repo().join("tests/browser/node_modules");
     for package in ["playwright-core", "esbuild", "openai"] {
@@ -156,7 +180,7 @@ async fn browser_client_in_headless_chromium() {
         .arg(&script)
         .arg(&url)
         .env("SCREENSHOT", &screenshot)
-        .env("CHROMIUM", CHROMIUM);
+        .env("CHROMIUM", chromium().unwrap_or_default());
     let output = tokio::task::spawn_blocking(move || run_with_timeout(command, TIMEOUT))
         .await
         .unwrap()
