@@ -18,8 +18,12 @@
 //! - [`verify`]: the Layer that checks token, fingerprint and User-Agent.
 //! - [`rate_limit`]: the per-client Layer on governor.
 //! - [`origin`]: the `Origin` check.
-//! - [`upstream`]: the streaming forwarding Service, and its usage accounting.
-//! - [`budget`]: token budgets (reserve, then settle on the real usage), the completion cap and
+//! - [`upstream`]: the streaming forwarding Service: the request model of metered calls (one
+//!   strict parse, edits in place), headers by allow-list, and the usage accounting.
+//! - `json` (internal): the strict JSON parser of metered bodies, and the incremental search of
+//!   a response for its `usage`.
+//! - [`budget`]: token budgets as token buckets at three scopes (reserve the worst case, then
+//!   settle on the real usage), the completion cap and
 //!   the concurrent-stream cap.
 //! - [`client_ip`]: which IP a request counts against.
 //! - [`store`]: shared state (rate limits, revocations, caps, replay caches): in memory, or on
