@@ -143,6 +143,8 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info,perishable=info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal, never in a log file or a collector.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run().await {
         Ok(()) => ExitCode::SUCCESS,
@@ -222,7 +224,8 @@ async fn run() -> Result<(), String> {
     let app = axum::Router::new()
         .route("/", axum::routing::get(demo_page))
         .merge(perishable::try_router::<()>(config).map_err(|e| e.to_string())?);
-    tracing::info!(%upstream, "perishable-proxy listening on http://{local}");
+    // One line on stdout, for people and scripts; the log says where calls go.
+    tracing::info!(%upstream, "forwarding /openai to the upstream");
     println!("perishable-proxy listening on http://{local}");
 
     serve_http1(listener, app, async {
