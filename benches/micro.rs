@@ -71,7 +71,7 @@ fn config_with_cache(algorithm: Algorithm, dpop: DpopMode, cache: bool) -> Confi
         builder = builder.session_verified_cache_size(0);
     }
     if algorithm == Algorithm::HS256 {
-        builder = builder.jwt_secret(SECRET);
+        builder = builder.session_jwt_secret(SECRET);
     }
     builder.build().unwrap()
 }

@@ -210,7 +210,7 @@ async fn run() -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {host}:{port}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
 
-    if builder.allowed_origins().is_empty() && builder.public_url().is_none() {
+    if !builder.has_cors_allowed_origins() && !builder.has_server_public_url() {
         let own = [
             format!("http://127.0.0.1:{}", local.port()),
             format!("http://localhost:{}", local.port()),

@@ -239,7 +239,7 @@ async fn start_from(
     let config = tweak(
         base.upstream_base_url(mock.base_url())
             .upstream_api_key(SERVER_KEY)
-            .jwt_secret(SECRET)
+            .session_jwt_secret(SECRET)
             .pow_difficulty(8),
     )
     .build()
@@ -1014,7 +1014,7 @@ async fn forged_challenges_are_refused() {
 
     // A challenge from another server (another signing secret), solved correctly.
     let elsewhere = Proxy::start_with(MockOptions::new(), |c| {
-        c.jwt_secret("another-secret-another-secret-another!")
+        c.session_jwt_secret("another-secret-another-secret-another!")
     })
     .await;
     let foreign = fresh_challenge(&elsewhere).await;

@@ -622,7 +622,7 @@ async fn forged_challenges_are_refused() {
     let proxy = start().await;
     // From another server (another secret).
     let stranger = Proxy::start_with(MockOptions::new(), |c| {
-        c.jwt_secret("a-completely-different-secret-of-32+bytes")
+        c.session_jwt_secret("a-completely-different-secret-of-32+bytes")
     })
     .await;
     let foreign = stranger.solved_pow().await;

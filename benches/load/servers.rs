@@ -62,7 +62,7 @@ pub fn run_perishable(upstream: &str, gates: bool) {
     let mut builder = perishable::Config::builder()
         .upstream_base_url(upstream)
         .upstream_api_key(SERVER_KEY)
-        .jwt_secret(SECRET)
+        .session_jwt_secret(SECRET)
         .pow_difficulty(8)
         .session_ttl_secs(3600)
         .session_max_per_fingerprint(1_000)

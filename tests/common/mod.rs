@@ -60,7 +60,7 @@ pub fn config(base_url: &str) -> ConfigBuilder {
     Config::builder()
         .upstream_base_url(base_url)
         .upstream_api_key(SERVER_KEY)
-        .jwt_secret(SECRET)
+        .session_jwt_secret(SECRET)
         .pow_difficulty(8)
 }
 

@@ -9,7 +9,7 @@
 //!
 //! let config = Config::builder()
 //!     .upstream_api_key("sk-test")
-//!     .jwt_secret("an-example-secret-of-at-least-32-bytes!")
+//!     .session_jwt_secret("an-example-secret-of-at-least-32-bytes!")
 //!     .rate_limit_points(20)
 //!     .cors_allowed_origins(["https://app.example.com"])
 //!     .build()?;
@@ -497,7 +497,7 @@ impl ConfigBuilder {
         /// `session.max_lifetime_secs`.
         session_max_lifetime_secs => session.max_lifetime_secs: u64;
         /// `session.jwt_secret`: the HS256 signing secret, at least 32 bytes.
-        jwt_secret => session.jwt_secret: impl Into<Secret> => |v: _| Some(Into::into(v));
+        session_jwt_secret => session.jwt_secret: impl Into<Secret> => |v: _| Some(Into::into(v));
         /// `session.algorithm`.
         session_algorithm => session.algorithm: Algorithm;
         /// `session.issuer`.
@@ -669,12 +669,33 @@ impl ConfigBuilder {
         self.upstream.base_url != UpstreamConfig::default().base_url
     }
 
+    /// `session.jwt_secret`: the old name of [`session_jwt_secret`](Self::session_jwt_secret).
+    #[deprecated(
+        since = "0.2.0",
+        note = "use `session_jwt_secret`, named like every other setter"
+    )]
+    pub fn jwt_secret(self, secret: impl Into<Secret>) -> Self {
+        self.session_jwt_secret(secret)
+    }
+
+    /// Whether `cors.allowed_origins` lists any origin so far.
+    pub fn has_cors_allowed_origins(&self) -> bool {
+        !self.cors.allowed_origins.is_empty()
+    }
+
+    /// Whether `server.public_url` is set so far.
+    pub fn has_server_public_url(&self) -> bool {
+        self.server.public_url.is_some()
+    }
+
     /// `cors.allowed_origins` as set so far.
+    #[deprecated(since = "0.2.0", note = "use `has_cors_allowed_origins`")]
     pub fn allowed_origins(&self) -> &[String] {
         &self.cors.allowed_origins
     }
 
     /// `server.public_url` as set so far.
+    #[deprecated(since = "0.2.0", note = "use `has_server_public_url`")]
     pub fn public_url(&self) -> Option<&str> {
         self.server.public_url.as_deref()
     }
@@ -1033,7 +1054,7 @@ mod tests {
     fn base() -> ConfigBuilder {
         Config::builder()
             .upstream_api_key("sk-test")
-            .jwt_secret(SECRET)
+            .session_jwt_secret(SECRET)
     }
 
     fn invalid_key(builder: ConfigBuilder) -> &'static str {
@@ -1056,7 +1077,7 @@ mod tests {
     fn errors_name_the_key() {
         assert_eq!(invalid_key(Config::builder()), "upstream.api_key");
         assert_eq!(
-            invalid_key(base().jwt_secret("short")),
+            invalid_key(base().session_jwt_secret("short")),
             "session.jwt_secret"
         );
         assert_eq!(

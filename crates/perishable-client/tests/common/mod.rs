@@ -49,7 +49,7 @@ pub fn config(upstream: &str) -> ConfigBuilder {
     Config::builder()
         .upstream_base_url(upstream)
         .upstream_api_key(SERVER_KEY)
-        .jwt_secret(SECRET)
+        .session_jwt_secret(SECRET)
         .pow_difficulty(8)
         .session_dpop(DpopMode::Required)
         .session_min_entropy_score(0)
