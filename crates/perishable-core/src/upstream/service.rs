@@ -84,19 +84,26 @@ impl UpstreamService {
         store: Arc<dyn Store>,
     ) -> Result<Self, ConfigError> {
         let u = config.upstream();
-        let authorization =
-            match u.api_key.as_ref().filter(|k| !k.expose().is_empty()) {
-                None => None,
-                Some(key) => {
-                    let mut value = HeaderValue::try_from(format!("Bearer {}", key.expose()))
-                        .map_err(|_| ConfigError::Invalid {
+        let authorization = match u.api_key.as_ref().filter(|k| !k.expose().is_empty()) {
+            None => {
+                tracing::info!(
+                    upstream = %config.upstream_base_url(),
+                    "no upstream key: calls are forwarded without Authorization (a keyless upstream)"
+                );
+                None
+            }
+            Some(key) => {
+                let mut value =
+                    HeaderValue::try_from(format!("Bearer {}", key.expose())).map_err(|_| {
+                        ConfigError::Invalid {
                             key: "upstream.api_key",
                             reason: "contains characters not allowed in a header".to_owned(),
-                        })?;
-                    value.set_sensitive(true);
-                    Some(value)
-                }
-            };
+                        }
+                    })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+        };
         let invalid = |key: &'static str| move |reason| ConfigError::Invalid { key, reason };
         let allow_list =
             AllowList::new(&u.allowed_paths).map_err(invalid("upstream.allowed_paths"))?;
