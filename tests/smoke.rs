@@ -32,3 +32,24 @@ async fn mint_and_complete() {
         format!("Bearer {SERVER_KEY}")
     );
 }
+
+/// The configuration file of `docs/protocol.md`, as written there (with a signing secret long
+/// enough in place of its `"..."`), loads: every key it names is a key of `Config`.
+#[test]
+fn the_protocol_configuration_file_loads() {
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/protocol.md"),
+    )
+    .unwrap();
+    let section = doc.split_once("## Configuration").unwrap().1;
+    let start = section.find("```toml\n").unwrap() + "```toml\n".len();
+    let len = section[start..].find("```").unwrap();
+    let toml = section[start..start + len].replace(
+        r#"jwt_secret = "...""#,
+        r#"jwt_secret = "a-signing-secret-of-at-least-32-bytes""#,
+    );
+    let config = perishable::Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.mint().policies, [["pow", "entropy"]]);
+    assert!(!config.realtime().enabled);
+    assert_eq!(config.server().body_timeout_ms, 30_000);
+}

@@ -376,6 +376,8 @@ pub struct BudgetConfig {
     pub per_ip_tokens_per_window: u64,
     /// Tokens per window for the whole deployment; 0: no global budget.
     pub global_tokens_per_window: u64,
+    /// `[budget.tiers.NAME]`: per-tier budgets, for an identity gate's tier claim.
+    pub tiers: std::collections::BTreeMap<String, TierConfig>,
 }
 
 impl Default for BudgetConfig {
@@ -390,6 +392,7 @@ impl Default for BudgetConfig {
             default_reserve_tokens: 4096,
             per_ip_tokens_per_window: 0,
             global_tokens_per_window: 0,
+            tiers: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -446,6 +449,147 @@ impl Default for StoreConfig {
     }
 }
 
+/// `[budget.tiers.NAME]`: the budget of one tier of users (selected by the identity gate's
+/// `mint.oidc.tier_claim`, a later version's gate). Parsed and kept; no gate selects a tier yet.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TierConfig {
+    /// Tokens per client per window for this tier.
+    pub tokens_per_window: Option<u64>,
+    /// The completion cap for this tier.
+    pub max_completion_tokens: Option<u64>,
+    /// Requests per window per client for this tier.
+    pub points: Option<u32>,
+}
+
+/// `[mint]`: which evidence a mint must show (see "Mint policies and gates" in
+/// `docs/protocol.md`).
+///
+/// `policies` lists alternatives, each a set of gates that must all pass. This version verifies
+/// the `pow` and `entropy` gates; a policy naming another gate (`captcha`, `oidc`, `app_attest`,
+/// `play_integrity`) is refused at build time rather than silently not checked. Their sections
+/// are parsed, so a configuration file written for them loads.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MintConfig {
+    /// Alternatives, each a set of gates that must all pass. Default `[["pow", "entropy"]]`.
+    pub policies: Vec<Vec<String>>,
+    /// `[mint.captcha]`.
+    pub captcha: CaptchaConfig,
+    /// `[mint.oidc]`.
+    pub oidc: OidcConfig,
+    /// `[mint.app_attest]`.
+    pub app_attest: AppAttestConfig,
+    /// `[mint.play_integrity]`.
+    pub play_integrity: PlayIntegrityConfig,
+}
+
+impl Default for MintConfig {
+    fn default() -> Self {
+        Self {
+            policies: vec![vec!["pow".to_owned(), "entropy".to_owned()]],
+            captcha: CaptchaConfig::default(),
+            oidc: OidcConfig::default(),
+            app_attest: AppAttestConfig::default(),
+            play_integrity: PlayIntegrityConfig::default(),
+        }
+    }
+}
+
+/// The mint gates this version knows, and those it verifies.
+const GATES: [&str; 6] = [
+    "pow",
+    "entropy",
+    "captcha",
+    "oidc",
+    "app_attest",
+    "play_integrity",
+];
+const VERIFIED_GATES: [&str; 2] = ["pow", "entropy"];
+
+/// `[mint.captcha]` (the `captcha` gate of a later version).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CaptchaConfig {
+    /// `turnstile`, `hcaptcha` or `recaptcha`.
+    pub provider: String,
+    /// The siteverify secret; better: `PERISHABLE_CAPTCHA_SECRET`.
+    pub secret: Option<Secret>,
+    /// The siteverify URL; empty: the provider's.
+    pub verify_url: String,
+    /// Accepted hostnames; empty: any.
+    pub hostnames: Vec<String>,
+    /// Lowest reCAPTCHA v3 score.
+    pub min_score: Option<f64>,
+}
+
+/// `[mint.oidc]` (the `oidc` gate of a later version).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OidcConfig {
+    /// The issuer (`iss`).
+    pub issuer: String,
+    /// The JWKS URL; empty: from discovery.
+    pub jwks_url: String,
+    /// The audience (`aud`).
+    pub audience: String,
+    /// Accepted algorithms.
+    pub algorithms: Vec<String>,
+    /// The claim that names the user's tier.
+    pub tier_claim: String,
+}
+
+/// `[mint.app_attest]` (the `app_attest` gate of a later version).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AppAttestConfig {
+    /// `TEAMID.bundle.id` values.
+    pub app_ids: Vec<String>,
+    /// Accept development attestations.
+    pub development: bool,
+    /// The root CA; empty: Apple's App Attest root.
+    pub root_ca_pem: String,
+}
+
+/// `[mint.play_integrity]` (the `play_integrity` gate of a later version).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlayIntegrityConfig {
+    /// Accepted package names.
+    pub package_names: Vec<String>,
+    /// The decryption key from the Play Console (base64).
+    pub decryption_key: Option<Secret>,
+    /// The verification key from the Play Console (base64 DER).
+    pub verification_key: Option<Secret>,
+    /// Accepted signing-certificate digests.
+    pub certificate_sha256: Vec<String>,
+    /// The device verdict required.
+    pub device_verdict: String,
+}
+
+/// `[realtime]`: the Realtime WebSocket route (`docs/protocol.md`, "Realtime"). This version does
+/// not serve it: `enabled = true` is refused at build time.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RealtimeConfig {
+    /// Serve `GET /openai/realtime`.
+    pub enabled: bool,
+    /// Most Realtime connections per session.
+    pub max_connections_per_session: u32,
+    /// Longest Realtime connection, in seconds.
+    pub max_duration_secs: u64,
+}
+
+impl Default for RealtimeConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            max_connections_per_session: 1,
+            max_duration_secs: 1800,
+        }
+    }
+}
+
 /// The configuration file shape, and a builder with one method per key.
 ///
 /// Deserialize it from a file (TOML or JSON), change keys with the setters, apply the
@@ -462,6 +606,8 @@ pub struct ConfigBuilder {
     server: ServerConfig,
     budget: BudgetConfig,
     store: StoreConfig,
+    mint: MintConfig,
+    realtime: RealtimeConfig,
 }
 
 macro_rules! setters {
@@ -604,6 +750,20 @@ impl ConfigBuilder {
         self
     }
 
+    /// `mint.policies`: alternatives, each a set of gates that must all pass.
+    pub fn mint_policies<P, G, S>(mut self, policies: P) -> Self
+    where
+        P: IntoIterator<Item = G>,
+        G: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.mint.policies = policies
+            .into_iter()
+            .map(|gates| gates.into_iter().map(Into::into).collect())
+            .collect();
+        self
+    }
+
     /// `upstream.forward_headers`: extra client headers to forward upstream.
     pub fn upstream_forward_headers<I: IntoIterator<Item = S>, S: Into<String>>(
         mut self,
@@ -635,7 +795,8 @@ impl ConfigBuilder {
     }
 
     /// Applies the PROTOCOL environment variables: `OPENAI_API_KEY`, `OPENAI_BASE_URL`,
-    /// `PERISHABLE_JWT_SECRET`, `PERISHABLE_STORE_URL` (`PORT` belongs to the server, not here).
+    /// `PERISHABLE_JWT_SECRET`, `PERISHABLE_STORE_URL`, `PERISHABLE_CAPTCHA_SECRET` (`PORT`
+    /// belongs to the server, not here).
     ///
     /// Empty values are ignored. `lookup` is usually `|k| std::env::var(k).ok()`.
     pub fn apply_env(mut self, lookup: impl Fn(&str) -> Option<String>) -> Self {
@@ -648,6 +809,9 @@ impl ConfigBuilder {
         }
         if let Some(v) = get("PERISHABLE_JWT_SECRET") {
             self.session.jwt_secret = Some(Secret(v));
+        }
+        if let Some(v) = get("PERISHABLE_CAPTCHA_SECRET") {
+            self.mint.captcha.secret = Some(Secret(v));
         }
         if let Some(v) = get("PERISHABLE_STORE_URL") {
             self.store.url = v;
@@ -700,8 +864,59 @@ impl ConfigBuilder {
         self.server.public_url.as_deref()
     }
 
+    /// Checks `mint.policies` and applies them to the gates this version verifies: a single
+    /// alternative of `pow` and `entropy` gates. A gate the policy leaves out is switched off
+    /// (`pow.difficulty = 0`, `session.min_entropy_score = 0`), as the protocol's default
+    /// `[["pow", "entropy"]]` is version 1's behaviour.
+    fn apply_mint_policies(&mut self) -> Result<(), ConfigError> {
+        const KEY: &str = "mint.policies";
+        let policies = &self.mint.policies;
+        if policies.is_empty() || policies.iter().any(Vec::is_empty) {
+            return Err(ConfigError::invalid(
+                KEY,
+                "list at least one policy, each with at least one gate",
+            ));
+        }
+        for gate in policies.iter().flatten() {
+            if !GATES.contains(&gate.as_str()) {
+                return Err(ConfigError::invalid(
+                    KEY,
+                    format!("{gate:?} is not a gate (one of {GATES:?})"),
+                ));
+            }
+            if !VERIFIED_GATES.contains(&gate.as_str()) {
+                return Err(ConfigError::invalid(
+                    KEY,
+                    format!(
+                        "the {gate:?} gate is not available in this version: only \"pow\" and \"entropy\" are verified"
+                    ),
+                ));
+            }
+        }
+        let [policy] = policies.as_slice() else {
+            return Err(ConfigError::invalid(
+                KEY,
+                "alternatives of the pow and entropy gates are not available in this version: list one policy",
+            ));
+        };
+        if !policy.iter().any(|g| g == "pow") {
+            self.pow.difficulty = 0;
+        }
+        if !policy.iter().any(|g| g == "entropy") {
+            self.session.min_entropy_score = 0;
+        }
+        Ok(())
+    }
+
     /// Validates every key and builds the [`Config`].
-    pub fn build(self) -> Result<Config, ConfigError> {
+    pub fn build(mut self) -> Result<Config, ConfigError> {
+        self.apply_mint_policies()?;
+        if self.realtime.enabled {
+            return Err(ConfigError::invalid(
+                "realtime.enabled",
+                "the Realtime route is not available in this version",
+            ));
+        }
         let u = &self.upstream;
         let parsed = url::Url::parse(u.base_url.trim_end_matches('/')).map_err(|e| {
             ConfigError::invalid(
@@ -987,6 +1202,16 @@ impl Config {
         &self.inner.store
     }
 
+    /// `[mint]`.
+    pub fn mint(&self) -> &MintConfig {
+        &self.inner.mint
+    }
+
+    /// `[realtime]`.
+    pub fn realtime(&self) -> &RealtimeConfig {
+        &self.inner.realtime
+    }
+
     /// The origin (`scheme://host[:port]`) of `server.public_url`, when set.
     pub fn public_origin(&self) -> Option<&str> {
         self.public_origin.as_deref()
@@ -1047,6 +1272,69 @@ impl<'de> Deserialize<'de> for Config {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn mint_policies_of_the_verified_gates_apply_and_others_are_refused() {
+        let base = || Config::builder().upstream_api_key("sk-test");
+        let c = base().build().unwrap();
+        assert_eq!(c.mint().policies, [["pow", "entropy"]]);
+        assert_eq!(c.pow().difficulty, 16);
+        assert_eq!(c.session().min_entropy_score, 50);
+        // A policy without a gate switches it off.
+        let c = base().mint_policies([["pow"]]).build().unwrap();
+        assert_eq!(c.session().min_entropy_score, 0);
+        assert_eq!(c.pow().difficulty, 16);
+        let c = base().mint_policies([["entropy"]]).build().unwrap();
+        assert_eq!(c.pow().difficulty, 0);
+        // Gates this version does not verify are refused, never silently skipped.
+        for policies in [
+            vec![vec!["oidc"]],
+            vec![vec!["captcha", "pow"]],
+            vec![vec!["pow"], vec!["entropy"]],
+            vec![vec!["nonsense"]],
+            vec![vec![]],
+            vec![],
+        ] {
+            let e = base().mint_policies(policies.clone()).build().unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    ConfigError::Invalid {
+                        key: "mint.policies",
+                        ..
+                    }
+                ),
+                "{policies:?}: {e}"
+            );
+        }
+        let e = Config::from_toml_str("[upstream]\napi_key = \"sk\"\n[realtime]\nenabled = true\n")
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    key: "realtime.enabled",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_captcha_secret_comes_from_the_environment() {
+        let b = Config::builder()
+            .apply_env(|k| (k == "PERISHABLE_CAPTCHA_SECRET").then(|| "0x-secret".to_owned()));
+        let c = b.upstream_api_key("sk").build().unwrap();
+        assert_eq!(
+            c.mint().captcha.secret.as_ref().map(Secret::expose),
+            Some("0x-secret")
+        );
+        assert!(
+            !format!("{c:?}").contains("0x-secret"),
+            "secrets stay out of Debug"
+        );
+    }
     use super::*;
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
