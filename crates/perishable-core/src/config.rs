@@ -1202,6 +1202,20 @@ impl Config {
         &self.inner.store
     }
 
+    /// Whether no signing key was configured, so a random one signs: tokens then do not survive
+    /// a restart or verify on another instance. A warning is logged too; this is for an app that
+    /// installs no `tracing` subscriber, or wants to refuse to start.
+    ///
+    /// ```
+    /// let config = perishable_core::Config::builder().upstream_api_key("sk-test").build()?;
+    /// assert!(config.has_random_signing_key());
+    /// # Ok::<(), perishable_core::ConfigError>(())
+    /// ```
+    pub fn has_random_signing_key(&self) -> bool {
+        let s = &self.inner.session;
+        s.jwt_secret.is_none() && s.keys.is_empty()
+    }
+
     /// `[mint]`.
     pub fn mint(&self) -> &MintConfig {
         &self.inner.mint
