@@ -60,9 +60,11 @@ use tower::util::MapRequestLayer;
 
 mod cors;
 mod dispatch;
+mod serve;
 
 pub use cors::{CORS_ALLOWED_HEADERS, CORS_EXPOSED_HEADERS, cors_layer};
 pub use perishable_core::Config;
+pub use serve::serve;
 
 /// The browser client: a dependency-free ES module, served at `GET /client.js`.
 pub const CLIENT_JS: &str = include_str!("../client/perishable.js");

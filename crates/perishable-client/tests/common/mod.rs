@@ -15,9 +15,9 @@ use axum::serve::ListenerExt;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use perishable::config::DpopMode;
-use perishable::mock::{MockOptions, MockUpstream};
 use perishable::{Config, ConfigBuilder};
 use perishable_client::{Client, ClientBuilder, Interaction};
+use perishable_mock::{MockOptions, MockUpstream};
 use serde_json::Value;
 
 pub const SECRET: &str = "test-secret-test-secret-test-secret!";

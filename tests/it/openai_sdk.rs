@@ -1,15 +1,11 @@
 //! End to end with the official `openai` Python package: `tests/python/sdk_client.py` mints a
 //! session over HTTP (challenge, proof of work, entropy) and then uses `openai.OpenAI` through
 //! the proxy: a streamed chat completion, embeddings, the models list and two refusals.
-#![allow(clippy::unwrap_used)]
-mod common;
-
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
-use perishable::mock::MockOptions;
+use crate::support::*;
+use perishable_mock::MockOptions;
 use serde_json::Value;
 
 /// The prompt the script sends; the mock echoes it back.
@@ -17,41 +13,19 @@ const PROMPT: &str = "Hello from the official OpenAI Python SDK";
 /// The User-Agent the script sets on the SDK and on its own session requests.
 const SDK_UA: &str = "perishable-sdk-test/1.0";
 
-fn python() -> String {
-    std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned())
-}
-
-/// Whether `import openai` works; `Err` explains why not.
-fn openai_installed() -> Result<(), String> {
-    match Command::new(python())
-        .args(["-c", "import openai"])
-        .output()
-    {
-        Ok(out) if out.status.success() => Ok(()),
-        Ok(out) => Err(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
-        Err(e) => Err(format!("cannot run {}: {e}", python())),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    perishable_missing_openai,
+    ignore = "needs the openai Python package (python3 -m pip install openai)"
+)]
 async fn official_python_sdk_through_the_proxy() {
-    if let Err(why) = openai_installed() {
-        if std::env::var_os("CI").is_some() {
-            panic!(
-                "the openai Python package is required in CI (python3 -m pip install openai): {why}"
-            );
-        }
-        println!("skipped: the openai Python package is not installed (pip install openai)");
-        return;
-    }
-
     let proxy = Proxy::start_with(
         MockOptions::new().chunk_interval(Duration::from_millis(5)),
         |c| c,
     )
     .await;
     let url = proxy.url("");
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/sdk_client.py");
+    let script = crate::support::repo().join("tests/python/sdk_client.py");
 
     let output = tokio::time::timeout(
         Duration::from_secs(120),

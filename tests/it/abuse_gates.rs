@@ -1,18 +1,15 @@
 //! Abuse gates over real sockets: DPoP key binding, proof of work, session caps and client IP.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::support::*;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use common::*;
 use perishable::config::DpopMode;
 use perishable::dpop::DpopSigner;
-use perishable::mock::{MockOptions, MockUpstream};
 use perishable::{ConfigBuilder, SessionObject};
+use perishable_mock::{MockOptions, MockUpstream};
 use reqwest::Method;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};

@@ -8,22 +8,19 @@
 //!
 //! Bucket levels are read through a spying store: reserving one token more than a bucket's
 //! capacity never passes, takes nothing, and answers with what the bucket holds.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::*;
+use crate::support::*;
 use perishable::config::BudgetScope;
-use perishable::mock::{MockOptions, MockUpstream};
 use perishable::store::{
     Admission, Bucket, RateLimiter, RatePolicy, Reservation, Set, Store, StoreFuture,
 };
 use perishable::{ConfigBuilder, Perishable};
+use perishable_mock::{MockOptions, MockUpstream};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -245,26 +242,6 @@ async fn start(
         },
         spy,
     }
-}
-
-/// Declares a test on the memory store and one on Redis, each running `$run` with `$url`
-/// bound to the store URL (`None`: memory).
-macro_rules! on_both_stores {
-    ($memory:ident, $redis:ident, |$url:ident| $run:expr) => {
-        #[tokio::test]
-        async fn $memory() {
-            let $url: Option<String> = None;
-            $run.await;
-        }
-
-        #[cfg(feature = "redis")]
-        #[tokio::test]
-        async fn $redis() {
-            let Some(redis) = Redis::start() else { return };
-            let $url = Some(redis.url());
-            $run.await;
-        }
-    };
 }
 
 /// A window so long that refill during a test is far below one token (capacities here are at

@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used)]
 //! End-to-end tests of the upstream client over TLS, on real 127.0.0.1 sockets: the mock
 //! upstream is served over rustls with a self-signed rcgen certificate, and an
 //! [`UpstreamService`] built on an [`UpstreamClient`] forwards chat completions to it (plain and
@@ -9,13 +8,11 @@
 //!
 //! Most tests drive the `UpstreamService` directly with `tower::ServiceExt::oneshot`; the last
 //! one goes through the whole router, built with `Perishable::with_client`, over HTTP.
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::{SERVER_KEY, config};
 use bytes::Bytes;
-use common::{SERVER_KEY, config};
 use http::{Request, Response, StatusCode, Version, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -23,10 +20,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use perishable::Body;
-use perishable::mock::{MockOptions, MockUpstream};
 use perishable::store::MemoryStore;
 use perishable::upstream::rustls::{self, RootCertStore, pki_types};
 use perishable::upstream::{UpstreamClient, UpstreamService};
+use perishable_mock::{MockOptions, MockUpstream};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -370,11 +367,11 @@ async fn the_router_forwards_to_an_https_upstream_through_a_given_client() {
     let client = UpstreamClient::with_tls_config(&config, trusting(&cert));
     let perishable =
         perishable::Perishable::with_client(config, Arc::new(MemoryStore::new()), client).unwrap();
-    let addr = common::serve(perishable::router_from(&perishable)).await;
-    let proxy = common::Proxy {
+    let addr = crate::support::serve(perishable::router_from(&perishable)).await;
+    let proxy = crate::support::Proxy {
         addr,
         mock: MockUpstream::new(MockOptions::new()),
-        http: common::client(),
+        http: crate::support::client(),
     };
     let session = proxy.mint("device-tls-router").await;
     let response = proxy

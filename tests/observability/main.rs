@@ -1,22 +1,26 @@
 //! Observability end to end (the `observe` and `audit` module docs): the metrics through a
 //! test recorder, the `perishable.request` span and every log line free of secrets and
 //! fingerprints, and the audit hook.
+
 #![allow(clippy::unwrap_used)]
 
-mod common;
+// The shared harness; this binary uses part of it.
+#[allow(unused_macros, unused_imports)]
+#[path = "../it/support.rs"]
+mod support;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use common::*;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use perishable::audit::AuditEvent;
 use perishable::dpop::DpopSigner;
-use perishable::mock::{MockOptions, MockUpstream};
 use perishable::{ErrorCode, Perishable, SessionObject};
+use perishable_mock::{MockOptions, MockUpstream};
 use reqwest::Method;
 use serde_json::{Value, json};
+use support::*;
 use tracing_subscriber::fmt::format::FmtSpan;
 
 /// The tests here share the global recorder and subscriber: they run one at a time, each on a

@@ -1,11 +1,9 @@
-//! Tests of the mock OpenAI-compatible upstream (`perishable::mock`).
-#![cfg(feature = "mock")]
-#![allow(clippy::unwrap_used)]
+//! Tests of the mock OpenAI-compatible upstream (`perishable_mock`).
 
 use std::time::Duration;
 
 use base64::Engine as _;
-use perishable::mock::{MockOptions, MockUpstream};
+use perishable_mock::{MockOptions, MockUpstream};
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
 

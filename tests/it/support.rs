@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::serve::ListenerExt;
-use perishable::mock::{MockOptions, MockUpstream};
 use perishable::{Config, ConfigBuilder, SessionObject};
+use perishable_mock::{MockOptions, MockUpstream};
 use serde_json::{Value, json};
 
 /// The signing secret every test config uses (tests forge tokens with it).
@@ -204,20 +204,9 @@ pub struct Redis {
 }
 
 impl Redis {
-    /// Starts one, or returns `None` (after saying so) when the binary is missing.
-    pub fn start() -> Option<Self> {
-        if Command::new("redis-server")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "redis-server is required in CI (apt-get install -y redis-server)"
-            );
-            eprintln!("skipped: redis-server is not installed (apt-get install redis-server)");
-            return None;
-        }
+    /// Starts one on a free port. Tests that call this are marked
+    /// `#[cfg_attr(perishable_missing_redis, ignore = "...")]` (see `tests/build.rs`).
+    pub fn start() -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -225,7 +214,7 @@ impl Redis {
             .port();
         let mut redis = Self { port, child: None };
         redis.spawn();
-        Some(redis)
+        redis
     }
 
     pub fn spawn(&mut self) {
@@ -235,7 +224,9 @@ impl Redis {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap();
+            .unwrap_or_else(|e| {
+                panic!("cannot start redis-server (apt-get install redis-server): {e}")
+            });
         self.child = Some(child);
         // Wait until it accepts connections.
         for _ in 0..200 {
@@ -264,3 +255,38 @@ impl Drop for Redis {
         self.stop();
     }
 }
+
+/// The repository's root directory.
+pub fn repo() -> std::path::PathBuf {
+    let tests = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    tests.parent().unwrap_or(tests).to_path_buf()
+}
+
+/// The Python interpreter the SDK tests run: `$PYTHON`, else `python3`.
+pub fn python() -> String {
+    std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned())
+}
+
+/// Declares a test on the memory store and one on Redis, each running `$run` with `$url`
+/// bound to the store URL (`None`: memory).
+macro_rules! on_both_stores {
+    ($memory:ident, $redis:ident, |$url:ident| $run:expr) => {
+        #[tokio::test]
+        async fn $memory() {
+            let $url: Option<String> = None;
+            $run.await;
+        }
+
+        #[tokio::test]
+        #[cfg_attr(
+            perishable_missing_redis,
+            ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+        )]
+        async fn $redis() {
+            let redis = $crate::support::Redis::start();
+            let $url = Some(redis.url());
+            $run.await;
+        }
+    };
+}
+pub(crate) use on_both_stores;

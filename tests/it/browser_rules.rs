@@ -1,11 +1,8 @@
-#![allow(clippy::unwrap_used)]
 //! End-to-end tests of the PROTOCOL "Browser rules": CORS preflights answered before any
 //! authentication for the configured origins only, and `403 origin_not_allowed` for a present,
 //! disallowed `Origin`.
-mod common;
-
-use common::*;
-use perishable::mock::MockOptions;
+use crate::support::*;
+use perishable_mock::MockOptions;
 use reqwest::Method;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};

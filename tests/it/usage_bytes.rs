@@ -2,15 +2,12 @@
 //! which asks the upstream for usage and hides it, is byte for byte the stream the upstream
 //! sends a client that did not ask; a client that asked gets the usage chunk; with the option
 //! off nothing is injected; and events still arrive one by one.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::Bytes;
-use common::*;
-use perishable::mock::{MockOptions, MockUpstream};
+use perishable_mock::{MockOptions, MockUpstream};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -95,7 +92,7 @@ fn single_event_chunks(chunks: &[Bytes]) -> usize {
 }
 
 /// The body the mock received last (the proxy's request, sent after the direct one).
-fn last_received(mock: &MockUpstream) -> perishable::mock::RecordedRequest {
+fn last_received(mock: &MockUpstream) -> perishable_mock::RecordedRequest {
     mock.requests().last().unwrap().clone()
 }
 

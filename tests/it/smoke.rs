@@ -1,7 +1,5 @@
 //! Smoke test: mint a session and complete a chat through the proxy.
-#![allow(clippy::unwrap_used)]
-mod common;
-use common::*;
+use crate::support::*;
 
 #[tokio::test]
 async fn mint_and_complete() {
@@ -37,10 +35,7 @@ async fn mint_and_complete() {
 /// enough in place of its `"..."`), loads: every key it names is a key of `Config`.
 #[test]
 fn the_protocol_configuration_file_loads() {
-    let doc = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/protocol.md"),
-    )
-    .unwrap();
+    let doc = std::fs::read_to_string(crate::support::repo().join("docs/protocol.md")).unwrap();
     let section = doc.split_once("## Configuration").unwrap().1;
     let start = section.find("```toml\n").unwrap() + "```toml\n".len();
     let len = section[start..].find("```").unwrap();

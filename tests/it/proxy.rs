@@ -1,15 +1,12 @@
-#![allow(clippy::unwrap_used)]
 //! End-to-end tests of `/openai/{path}` forwarding over real 127.0.0.1 sockets: which headers
 //! cross the proxy, the path and model allow-lists, the body limit, streaming without
 //! buffering, cancellation, and the upstream failure modes (PROTOCOL "Forwarding rules").
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::*;
-use perishable::mock::MockOptions;
+use crate::support::*;
+use perishable_mock::MockOptions;
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -636,7 +633,7 @@ async fn upstream_errors_pass_through_unchanged() {
 #[tokio::test]
 async fn the_upstream_service_works_under_nest_service() {
     use tower::ServiceBuilder;
-    let mock = perishable::mock::MockUpstream::start(MockOptions::new().api_key(SERVER_KEY))
+    let mock = perishable_mock::MockUpstream::start(MockOptions::new().api_key(SERVER_KEY))
         .await
         .unwrap();
     let perishable =

@@ -1,16 +1,13 @@
-#![allow(clippy::unwrap_used)]
 //! End-to-end tests of sessions: minting, the token's shape, every refusal on authenticated
 //! requests and on `POST /session`, refresh, revocation, rate limits and `/health`, each
 //! checked for status, `error.code` and `error.type` as the PROTOCOL gives them.
-mod common;
-
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::support::*;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use common::*;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use perishable::mock::MockOptions;
+use perishable_mock::MockOptions;
 use reqwest::Method;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};

@@ -34,7 +34,7 @@
 //! # Example
 //!
 //! ```
-//! use perishable::mock::{MockOptions, MockUpstream};
+//! use perishable_mock::{MockOptions, MockUpstream};
 //! use std::time::Duration;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -65,7 +65,7 @@
 //! on the chunk that finishes the choice:
 //!
 //! ```
-//! use perishable::mock::{JsonStyle, LineEnding, MockOptions, MockUpstream, UsagePlacement};
+//! use perishable_mock::{JsonStyle, LineEnding, MockOptions, MockUpstream, UsagePlacement};
 //! use std::time::Duration;
 //!
 //! # #[tokio::main(flavor = "current_thread")]

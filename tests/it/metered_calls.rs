@@ -13,18 +13,15 @@
 //! - edits in place: every byte the proxy does not own reaches the upstream as sent;
 //! - headers upstream by allow-list, and the CORS preflight that goes with it;
 //! - the body deadline against a client trickling its body (`408 body_timeout`).
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use perishable::ConfigBuilder;
-use perishable::mock::MockOptions;
+use perishable_mock::MockOptions;
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -63,26 +60,6 @@ async fn start(
         }
     })
     .await
-}
-
-/// Declares a test on the memory store and one on Redis, each running `$run` with `$url`
-/// bound to the store URL (`None`: memory).
-macro_rules! on_both_stores {
-    ($memory:ident, $redis:ident, |$url:ident| $run:expr) => {
-        #[tokio::test]
-        async fn $memory() {
-            let $url: Option<String> = None;
-            $run.await;
-        }
-
-        #[cfg(feature = "redis")]
-        #[tokio::test]
-        async fn $redis() {
-            let Some(redis) = Redis::start() else { return };
-            let $url = Some(redis.url());
-            $run.await;
-        }
-    };
 }
 
 /// `POST /openai/{path}` with `body` as is, declared `content_type` (none: no header) and

@@ -1,9 +1,6 @@
 //! End to end in real headless Chromium: `tests/browser/run.mjs` drives the demo page and the
 //! browser client (`/client.js`) through a proxy, streams with the official `openai` npm SDK,
 //! replays the page's token from Node, tries a disallowed origin, and saves a screenshot.
-#![allow(clippy::unwrap_used)]
-mod common;
-
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,7 +10,7 @@ use std::time::{Duration, Instant};
 use axum::response::Html;
 use axum::routing::get;
 use axum::serve::ListenerExt;
-use perishable::mock::{MockOptions, MockUpstream};
+use perishable_mock::{MockOptions, MockUpstream};
 use serde_json::Value;
 
 /// Chromium, found the usual ways: `CHROME_PATH` (or `CHROMIUM`), then `chromium`,
@@ -39,7 +36,7 @@ fn chromium() -> Option<PathBuf> {
 const TIMEOUT: Duration = Duration::from_secs(180);
 
 fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    crate::support::repo()
 }
 
 fn node() -> String {
@@ -135,23 +132,23 @@ fn run_with_timeout(mut command: Command, timeout: Duration) -> Result<Output, S
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    perishable_missing_browser,
+    ignore = "needs Chromium, Node.js >= 20 and `npm ci --prefix tests/browser`"
+)]
 async fn browser_client_in_headless_chromium() {
     if let Err(why) = prerequisites() {
-        if std::env::var_os("CI").is_some() {
-            panic!(
-                "the browser test needs Chromium, Node and the npm packages in CI \
-                 (apt-get install -y chromium; npm ci --prefix tests/browser): {why}"
-            );
-        }
-        println!("skipped: {why}");
-        return;
+        panic!(
+            "the browser test needs Chromium, Node and the npm packages \
+             (apt-get install -y chromium; npm ci --prefix tests/browser): {why}"
+        );
     }
 
     // A mock upstream slow enough (40 ms between chunks) that incremental arrival shows.
     let mock = MockUpstream::start(
         MockOptions::new()
             .chunk_interval(Duration::from_millis(40))
-            .api_key(common::SERVER_KEY),
+            .api_key(crate::support::SERVER_KEY),
     )
     .await
     .unwrap();
@@ -159,7 +156,7 @@ async fn browser_client_in_headless_chromium() {
     let port = listener.local_addr().unwrap().port();
     let url = format!("http://127.0.0.1:{port}");
     // The default 16-bit proof of work, as a real deployment would ask of the browser.
-    let config = common::config(&mock.base_url())
+    let config = crate::support::config(&mock.base_url())
         .pow_difficulty(16)
         .cors_allowed_origins([url.clone()])
         .build()
@@ -167,7 +164,7 @@ async fn browser_client_in_headless_chromium() {
     let app = axum::Router::new()
         .route(
             "/",
-            get(|| async { Html(include_str!("../examples/demo/index.html")) }),
+            get(|| async { Html(include_str!("../../examples/demo/index.html")) }),
         )
         .merge(perishable::router(config));
     serve(listener, app);
@@ -304,7 +301,7 @@ async fn browser_client_in_headless_chromium() {
     for request in &seen {
         assert_eq!(
             request.header("authorization"),
-            Some(format!("Bearer {}", common::SERVER_KEY).as_str())
+            Some(format!("Bearer {}", crate::support::SERVER_KEY).as_str())
         );
         for name in ["dpop", "x-perishable-fingerprint", "cookie"] {
             assert!(

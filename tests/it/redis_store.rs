@@ -4,22 +4,19 @@
 //! all or nothing, settling, atomicity, expiry).
 //!
 //! Each test starts its own `redis-server` on a free port and stops it. Without the binary the
-//! tests print that they were skipped, and fail when `CI` is set (`.ci/run` installs it).
-#![cfg(feature = "redis")]
-#![allow(clippy::unwrap_used)]
-
-mod common;
+//! tests are ignored, with the reason in cargo's output, and fail when `CI` is set (`.ci/run`
+//! installs it): see `tests/build.rs`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use perishable::config::OnUnavailable;
 use perishable::dpop::DpopSigner;
-use perishable::mock::{MockOptions, MockUpstream};
 use perishable::store::{Bucket, MemoryStore, RatePolicy, RedisStore, Reservation, Store};
 use perishable::{ConfigBuilder, SessionObject};
+use perishable_mock::{MockOptions, MockUpstream};
 use serde_json::{Value, json};
 
 /// Two proxies in front of one mock, sharing the Redis at `url`.
@@ -45,7 +42,7 @@ async fn pair(redis: &Redis, tweak: impl Fn(ConfigBuilder) -> ConfigBuilder) -> 
     let prefix = format!("t{}", perishable::token::hash_b64(redis.url().as_bytes()));
     let config = || {
         tweak(
-            common::config(&mock.base_url())
+            crate::support::config(&mock.base_url())
                 .store_url(redis.url())
                 .store_key_prefix(prefix.clone())
                 .store_timeout_ms(300),
@@ -66,8 +63,12 @@ async fn models(proxy: &Proxy, session: &SessionObject, fp: &str) -> reqwest::Re
 }
 
 #[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
 async fn rate_limit_holds_across_instances() {
-    let Some(redis) = Redis::start() else { return };
+    let redis = Redis::start();
     let p = pair(&redis, |c| {
         c.rate_limit_points(3)
             .rate_limit_duration_secs(60)
@@ -89,8 +90,12 @@ async fn rate_limit_holds_across_instances() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
 async fn revocation_holds_across_instances() {
-    let Some(redis) = Redis::start() else { return };
+    let redis = Redis::start();
     let p = pair(&redis, |c| c).await;
     let s = p.a.mint("device-rv-0001").await;
     assert_eq!(models(&p.b, &s, "device-rv-0001").await.status(), 200);
@@ -109,8 +114,12 @@ async fn revocation_holds_across_instances() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
 async fn session_cap_counts_across_instances() {
-    let Some(redis) = Redis::start() else { return };
+    let redis = Redis::start();
     let p = pair(&redis, |c| c.session_max_per_fingerprint(2)).await;
     p.a.mint("device-cap-001").await;
     p.b.mint("device-cap-001").await;
@@ -123,8 +132,12 @@ async fn session_cap_counts_across_instances() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
 async fn pow_solution_and_dpop_proof_work_once_across_instances() {
-    let Some(redis) = Redis::start() else { return };
+    let redis = Redis::start();
     // Both instances answer as one public URL, so a proof names the same htu for both.
     const PUBLIC: &str = "https://ai.perishable.test";
     let p = pair(&redis, |c| c.server_public_url(PUBLIC)).await;
@@ -193,10 +206,12 @@ async fn pow_solution_and_dpop_proof_work_once_across_instances() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
 async fn redis_outage_fails_closed_then_recovers() {
-    let Some(mut redis) = Redis::start() else {
-        return;
-    };
+    let mut redis = Redis::start();
     let p = pair(&redis, |c| c.pow_difficulty(0)).await;
     let s = p.a.mint("device-out-001").await;
     assert_eq!(models(&p.a, &s, "device-out-001").await.status(), 200);
@@ -241,10 +256,12 @@ async fn redis_outage_fails_closed_then_recovers() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
 async fn redis_outage_fail_open_skips_limits_only() {
-    let Some(mut redis) = Redis::start() else {
-        return;
-    };
+    let mut redis = Redis::start();
     let p = pair(&redis, |c| {
         c.pow_difficulty(0)
             .store_on_unavailable(OnUnavailable::Open)
@@ -294,8 +311,12 @@ async fn run_pattern(store: Arc<dyn Store>, steps: &[Option<u64>]) -> Vec<bool> 
 }
 
 #[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
 async fn redis_gcra_agrees_with_governor() {
-    let Some(redis) = Redis::start() else { return };
+    let redis = Redis::start();
     // 4 per 2 s: a burst of 4, then one every 500 ms. After 1.2 s, two are back (the third
     // would be at 1.5 s), with margins on both sides for a noisy machine.
     let steps = [
@@ -392,8 +413,12 @@ fn redis_command(redis: &Redis, args: &[&str]) -> String {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
 async fn redis_bucket_admits_up_to_capacity_then_refuses() {
-    let Some(redis) = Redis::start() else { return };
+    let redis = Redis::start();
     let store = bucket_store(&redis);
     let a = [daily("a")];
     assert_eq!(take(&store, &a, 400).await, Reservation::Reserved);
@@ -412,8 +437,12 @@ async fn redis_bucket_admits_up_to_capacity_then_refuses() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
 async fn redis_bucket_refills_continuously() {
-    let Some(redis) = Redis::start() else { return };
+    let redis = Redis::start();
     let store = bucket_store(&redis);
     // 1000 per 4 s: 250 a second.
     let a = [Bucket::new("a", 1000, 4)];
@@ -429,8 +458,12 @@ async fn redis_bucket_refills_continuously() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
 async fn redis_bucket_has_no_double_spend_across_a_window_boundary() {
-    let Some(redis) = Redis::start() else { return };
+    let redis = Redis::start();
     let store = bucket_store(&redis);
     // 1000 per 4 s. Wait for the last 300 ms of a 4 s fixed window (aligned to the epoch, as
     // the old counters were), spend it all there, and try again just after the boundary.
@@ -456,8 +489,12 @@ async fn redis_bucket_has_no_double_spend_across_a_window_boundary() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
 async fn redis_buckets_are_all_or_nothing() {
-    let Some(redis) = Redis::start() else { return };
+    let redis = Redis::start();
     let store = bucket_store(&redis);
     let (a, b) = (daily("a"), Bucket::new("b", 100, 86_400));
     assert_eq!(
@@ -482,8 +519,12 @@ async fn redis_buckets_are_all_or_nothing() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
 async fn redis_bucket_retry_after_is_rounded_up() {
-    let Some(redis) = Redis::start() else { return };
+    let redis = Redis::start();
     let store = bucket_store(&redis);
     // 100 tokens per 199 s: one every 1.99 s. Emptied, one token is 1.99 s away: said 2
     // (1 were it rounded down), with 0.99 s of slack for the time between the two calls.
@@ -496,8 +537,12 @@ async fn redis_bucket_retry_after_is_rounded_up() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
 async fn redis_settle_gives_back_up_to_capacity() {
-    let Some(redis) = Redis::start() else { return };
+    let redis = Redis::start();
     let store = bucket_store(&redis);
     let a = [daily("a")];
     assert_eq!(take(&store, &a, 600).await, Reservation::Reserved);
@@ -512,8 +557,12 @@ async fn redis_settle_gives_back_up_to_capacity() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
 async fn redis_settle_below_zero_is_a_debt_that_refills() {
-    let Some(redis) = Redis::start() else { return };
+    let redis = Redis::start();
     let store = bucket_store(&redis);
     let a = [daily("a")];
     assert_eq!(take(&store, &a, 1000).await, Reservation::Reserved);
@@ -534,8 +583,12 @@ async fn redis_settle_below_zero_is_a_debt_that_refills() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
 async fn redis_amount_above_capacity_is_always_exhausted() {
-    let Some(redis) = Redis::start() else { return };
+    let redis = Redis::start();
     let store = bucket_store(&redis);
     let a = [Bucket::new("a", 100, 86_400)];
     assert_eq!(refused(&store, &a, 101).await, (0, 100, 1));
@@ -552,8 +605,12 @@ async fn redis_amount_above_capacity_is_always_exhausted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
 async fn redis_concurrent_reservations_never_overspend() {
-    let Some(redis) = Redis::start() else { return };
+    let redis = Redis::start();
     // Several stores (connections), as several instances would have.
     let stores: Vec<RedisStore> = (0..4).map(|_| bucket_store(&redis)).collect();
     let tasks: Vec<_> = (0..40)
@@ -577,8 +634,12 @@ async fn redis_concurrent_reservations_never_overspend() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
 async fn redis_bucket_keys_expire() {
-    let Some(redis) = Redis::start() else { return };
+    let redis = Redis::start();
     let store = bucket_store(&redis);
     // 1000 per 60 s, half taken: full again in 30 s; kept 1 s more.
     assert_eq!(
