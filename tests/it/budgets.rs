@@ -10,191 +10,25 @@
 //! capacity never passes, takes nothing, and answers with what the bucket holds.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::support::*;
 use perishable::config::BudgetScope;
-use perishable::store::{
-    Admission, Bucket, RateLimiter, RatePolicy, Reservation, Set, Store, StoreFuture,
-};
 use perishable::{ConfigBuilder, Perishable};
 use perishable_mock::{MockOptions, MockUpstream};
 use reqwest::Method;
 use serde_json::{Value, json};
 
 // ---------------------------------------------------------------------------------------------
-// Harness: a spying store, a proxy on it, request bodies and their reservations.
+// Harness: a proxy on a recording store (`support::RecordingStore`), request bodies and their reservations.
 // ---------------------------------------------------------------------------------------------
-
-/// A [`Store`] that hands every operation to the real one (memory or Redis), remembers the
-/// buckets and amounts it was asked to reserve, and counts the stream slots given back.
-#[derive(Debug)]
-struct Spy {
-    inner: Arc<dyn Store>,
-    /// Every bucket a reservation named, in the order first seen.
-    buckets: Mutex<Vec<Bucket>>,
-    /// The amount of every reservation, in order.
-    reservations: Mutex<Vec<u64>>,
-    /// Completed `release_stream` calls.
-    streams_released: AtomicUsize,
-}
-
-impl Spy {
-    /// The buckets seen so far whose key starts with `prefix` (`fp:`, `sid:`, `ip:`, `global`).
-    fn buckets(&self, prefix: &str) -> Vec<Bucket> {
-        self.buckets
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|b| b.key.starts_with(prefix))
-            .cloned()
-            .collect()
-    }
-
-    /// The one bucket seen whose key starts with `prefix`.
-    fn only(&self, prefix: &str) -> Bucket {
-        let mut found = self.buckets(prefix);
-        assert_eq!(found.len(), 1, "one {prefix} bucket: {found:?}");
-        found.remove(0)
-    }
-
-    /// The amounts reserved so far.
-    fn reservations(&self) -> Vec<u64> {
-        self.reservations.lock().unwrap().clone()
-    }
-
-    /// The whole tokens `bucket` holds now (0 in debt). Reserving more than its capacity never
-    /// passes and takes nothing: the refusal says what the bucket holds.
-    async fn level(&self, bucket: &Bucket) -> u64 {
-        match self
-            .inner
-            .reserve_tokens(std::slice::from_ref(bucket), bucket.capacity + 1)
-            .await
-            .unwrap()
-        {
-            Reservation::Exhausted { available, .. } => available,
-            other => panic!("a reservation above capacity passed: {other:?}"),
-        }
-    }
-
-    /// Waits (up to 5 s: settlement is spawned after the response ends) until `bucket`
-    /// holds exactly `expected` tokens.
-    async fn wait_level(&self, bucket: &Bucket, expected: u64, what: &str) {
-        let mut level = 0;
-        for _ in 0..250 {
-            level = self.level(bucket).await;
-            if level == expected {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!(
-            "{what}: {} holds {level} tokens, expected {expected}",
-            bucket.key
-        );
-    }
-
-    /// Waits (up to 5 s: the slot is given back in a spawned task) until exactly `expected`
-    /// stream slots have been given back to the store.
-    async fn wait_streams_released(&self, expected: usize, what: &str) {
-        let mut released = 0;
-        for _ in 0..250 {
-            released = self.streams_released.load(Ordering::SeqCst);
-            if released == expected {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("{what}: {released} stream slots given back, expected {expected}");
-    }
-}
-
-impl Store for Spy {
-    fn rate_limiter(&self, policy: RatePolicy) -> Arc<dyn RateLimiter> {
-        self.inner.rate_limiter(policy)
-    }
-
-    fn insert_once<'a>(&'a self, set: Set, id: &'a str, expires_at: u64) -> StoreFuture<'a, bool> {
-        self.inner.insert_once(set, id, expires_at)
-    }
-
-    fn contains<'a>(&'a self, set: Set, id: &'a str) -> StoreFuture<'a, bool> {
-        self.inner.contains(set, id)
-    }
-
-    fn contains_now(&self, set: Set, id: &str) -> Option<bool> {
-        self.inner.contains_now(set, id)
-    }
-
-    fn insert_once_now(&self, set: Set, id: &str, expires_at: u64) -> Option<bool> {
-        self.inner.insert_once_now(set, id, expires_at)
-    }
-
-    fn admit_session<'a>(
-        &'a self,
-        keys: &'a [String],
-        jti: &'a str,
-        exp: u64,
-        max: u32,
-    ) -> StoreFuture<'a, Admission> {
-        self.inner.admit_session(keys, jti, exp, max)
-    }
-
-    fn release_session<'a>(&'a self, keys: &'a [String], jti: &'a str) -> StoreFuture<'a, ()> {
-        self.inner.release_session(keys, jti)
-    }
-
-    fn replace_session<'a>(
-        &'a self,
-        keys: &'a [String],
-        old: &'a str,
-        new: &'a str,
-        exp: u64,
-    ) -> StoreFuture<'a, ()> {
-        self.inner.replace_session(keys, old, new, exp)
-    }
-
-    fn reserve_tokens<'a>(
-        &'a self,
-        buckets: &'a [Bucket],
-        amount: u64,
-    ) -> StoreFuture<'a, Reservation> {
-        {
-            let mut seen = self.buckets.lock().unwrap();
-            for bucket in buckets {
-                if !seen.iter().any(|b| b.key == bucket.key) {
-                    seen.push(bucket.clone());
-                }
-            }
-        }
-        self.reservations.lock().unwrap().push(amount);
-        self.inner.reserve_tokens(buckets, amount)
-    }
-
-    fn settle_tokens<'a>(&'a self, buckets: &'a [Bucket], delta: i64) -> StoreFuture<'a, ()> {
-        self.inner.settle_tokens(buckets, delta)
-    }
-
-    fn acquire_stream<'a>(&'a self, session: &'a str, max: u32, exp: u64) -> StoreFuture<'a, bool> {
-        self.inner.acquire_stream(session, max, exp)
-    }
-
-    fn release_stream<'a>(&'a self, session: &'a str) -> StoreFuture<'a, ()> {
-        Box::pin(async move {
-            // Counted once the store has freed the slot, so a waiter may rely on it.
-            let released = self.inner.release_stream(session).await;
-            self.streams_released.fetch_add(1, Ordering::SeqCst);
-            released
-        })
-    }
-}
 
 /// A proxy whose store is spied on.
 struct Setup {
     proxy: Proxy,
-    spy: Arc<Spy>,
+    spy: Arc<RecordingStore>,
 }
 
 static PREFIXES: AtomicUsize = AtomicUsize::new(0);
@@ -226,12 +60,7 @@ async fn start(
     let config = builder.build().unwrap();
     // The store `store.url` names, built as the library builds it, behind the spy.
     let store = Perishable::new(config.clone()).unwrap().store().clone();
-    let spy = Arc::new(Spy {
-        inner: store,
-        buckets: Mutex::default(),
-        reservations: Mutex::default(),
-        streams_released: AtomicUsize::new(0),
-    });
+    let spy = Arc::new(RecordingStore::new(store));
     let perishable = Perishable::with_store(config, spy.clone()).unwrap();
     let addr = serve(perishable::router_from(&perishable)).await;
     Setup {
@@ -442,7 +271,7 @@ async fn budget_spent_and_refused(store_url: Option<String>, stream: bool) {
             .wait_level(&bucket, capacity - USAGE * i, &format!("after call {i}"))
             .await;
     }
-    assert_eq!(setup.spy.reservations(), vec![r; 4], "each call reserved R");
+    assert_eq!(setup.spy.tried(), vec![r; 4], "each call reserved R");
     assert_eq!(proxy.mock.requests().len(), 4);
 
     let refused = send(proxy, &token, fp, &body).await;
@@ -1252,7 +1081,7 @@ async fn completion_cap_lowers_or_adds_the_ceiling(store_url: Option<String>) {
             response.bytes().await.unwrap();
             let requests = proxy.mock.requests();
             assert_eq!(requests.len(), before + 1);
-            let reserved = *spy.reservations().last().unwrap();
+            let reserved = *spy.tried().last().unwrap();
             (requests.last().unwrap().clone(), reserved)
         }
     };
@@ -1490,7 +1319,7 @@ async fn failed_upstream_gives_back_its_reservation(store_url: Option<String>, f
             );
         }
     }
-    assert_eq!(setup.spy.reservations(), vec![capacity; FAILED_REQUESTS]);
+    assert_eq!(setup.spy.tried(), vec![capacity; FAILED_REQUESTS]);
 }
 
 on_both_stores!(

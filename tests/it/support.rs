@@ -3,12 +3,15 @@
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
 use axum::serve::ListenerExt;
+use perishable::store::{
+    Admission, Bucket, RateLimiter, RatePolicy, Reservation, Set, Store, StoreFuture,
+};
 use perishable::{Config, ConfigBuilder, SessionObject};
 use perishable_mock::{MockOptions, MockUpstream};
 use serde_json::{Value, json};
@@ -290,3 +293,266 @@ macro_rules! on_both_stores {
     };
 }
 pub(crate) use on_both_stores;
+
+/// A [`Store`](perishable::store::Store) that hands every operation to a real one (memory or
+/// Redis) and records what the proxy asked of the budget: every bucket named, every reservation
+/// tried and passed, every settlement, and the stream slots given back.
+#[derive(Debug)]
+pub struct RecordingStore {
+    inner: Arc<dyn Store>,
+    /// Every bucket a reservation named, in the order first seen.
+    buckets: Mutex<Vec<Bucket>>,
+    /// The amount of every reservation tried, in order.
+    tried: Mutex<Vec<u64>>,
+    /// The amount of every reservation that passed, in order.
+    reserved: Mutex<Vec<u64>>,
+    /// The delta of every settlement, in order.
+    settled: Mutex<Vec<i64>>,
+    /// Completed `release_stream` calls.
+    streams_released: AtomicUsize,
+}
+
+/// How many reservations and settlements a [`RecordingStore`] had recorded at some point.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Mark {
+    pub reserved: usize,
+    pub settled: usize,
+}
+
+/// How long to wait for what the proxy does after a response ends (settling, giving back a
+/// stream slot: spawned tasks).
+const AFTERWARDS: Duration = Duration::from_secs(5);
+
+impl RecordingStore {
+    pub fn new(inner: Arc<dyn Store>) -> Self {
+        Self {
+            inner,
+            buckets: Mutex::default(),
+            tried: Mutex::default(),
+            reserved: Mutex::default(),
+            settled: Mutex::default(),
+            streams_released: AtomicUsize::new(0),
+        }
+    }
+
+    /// On a fresh [`MemoryStore`](perishable::store::MemoryStore).
+    pub fn in_memory() -> Self {
+        Self::new(Arc::new(perishable::store::MemoryStore::new()))
+    }
+
+    /// The buckets seen so far whose key starts with `prefix` (`fp:`, `sid:`, `ip:`, `global`).
+    pub fn buckets(&self, prefix: &str) -> Vec<Bucket> {
+        self.buckets
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|b| b.key.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+
+    /// The one bucket seen whose key starts with `prefix`.
+    pub fn only(&self, prefix: &str) -> Bucket {
+        let mut found = self.buckets(prefix);
+        assert_eq!(found.len(), 1, "one {prefix} bucket: {found:?}");
+        found.remove(0)
+    }
+
+    /// The amounts of the reservations tried so far, passed or not.
+    pub fn tried(&self) -> Vec<u64> {
+        self.tried.lock().unwrap().clone()
+    }
+
+    /// The amounts of the reservations that passed so far.
+    pub fn reserved(&self) -> Vec<u64> {
+        self.reserved.lock().unwrap().clone()
+    }
+
+    /// The settlements made so far.
+    pub fn settled(&self) -> Vec<i64> {
+        self.settled.lock().unwrap().clone()
+    }
+
+    /// Where the records stand now.
+    pub fn mark(&self) -> Mark {
+        Mark {
+            reserved: self.reserved.lock().unwrap().len(),
+            settled: self.settled.lock().unwrap().len(),
+        }
+    }
+
+    /// The whole tokens `bucket` holds now (0 in debt). Reserving more than its capacity never
+    /// passes and takes nothing: the refusal says what the bucket holds.
+    pub async fn level(&self, bucket: &Bucket) -> u64 {
+        match self
+            .inner
+            .reserve_tokens(std::slice::from_ref(bucket), bucket.capacity + 1)
+            .await
+            .unwrap()
+        {
+            Reservation::Exhausted { available, .. } => available,
+            other => panic!("a reservation above capacity passed: {other:?}"),
+        }
+    }
+
+    /// Waits (settlement is spawned after the response ends) until `bucket` holds exactly
+    /// `expected` tokens.
+    pub async fn wait_level(&self, bucket: &Bucket, expected: u64, what: &str) {
+        let deadline = tokio::time::Instant::now() + AFTERWARDS;
+        loop {
+            let level = self.level(bucket).await;
+            if level == expected {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: {} holds {level} tokens, expected {expected}",
+                bucket.key
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits (the slot is given back in a spawned task) until exactly `expected` stream slots
+    /// have been given back to the store.
+    pub async fn wait_streams_released(&self, expected: usize, what: &str) {
+        let deadline = tokio::time::Instant::now() + AFTERWARDS;
+        loop {
+            let released = self.streams_released.load(Ordering::SeqCst);
+            if released == expected {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: {released} stream slots given back, expected {expected}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until `count` settlements have been made since `mark`; returns them.
+    pub async fn settlements_since(&self, mark: Mark, count: usize, what: &str) -> Vec<i64> {
+        let deadline = tokio::time::Instant::now() + AFTERWARDS;
+        loop {
+            let settled = self.settled();
+            if settled.len() >= mark.settled + count {
+                return settled[mark.settled..].to_vec();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: {} settlement(s) since the call, expected {count}: the usage was not \
+                 read (the reservation stands)",
+                settled.len() - mark.settled
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The usage the proxy read for the one call made since `mark`: its reservation minus what
+    /// its settlement gave back.
+    pub async fn usage_since(&self, mark: Mark, what: &str) -> u64 {
+        let reserved = self.reserved();
+        assert_eq!(
+            reserved.len(),
+            mark.reserved + 1,
+            "{what}: one reservation per call"
+        );
+        let reserved = reserved[mark.reserved];
+        let delta = self.settlements_since(mark, 1, what).await[0];
+        u64::try_from(i64::try_from(reserved).unwrap() - delta).unwrap()
+    }
+}
+
+impl Store for RecordingStore {
+    fn rate_limiter(&self, policy: RatePolicy) -> Arc<dyn RateLimiter> {
+        self.inner.rate_limiter(policy)
+    }
+
+    fn insert_once<'a>(&'a self, set: Set, id: &'a str, expires_at: u64) -> StoreFuture<'a, bool> {
+        self.inner.insert_once(set, id, expires_at)
+    }
+
+    fn contains<'a>(&'a self, set: Set, id: &'a str) -> StoreFuture<'a, bool> {
+        self.inner.contains(set, id)
+    }
+
+    fn contains_now(&self, set: Set, id: &str) -> Option<bool> {
+        self.inner.contains_now(set, id)
+    }
+
+    fn insert_once_now(&self, set: Set, id: &str, expires_at: u64) -> Option<bool> {
+        self.inner.insert_once_now(set, id, expires_at)
+    }
+
+    fn ping(&self) -> StoreFuture<'_, ()> {
+        self.inner.ping()
+    }
+
+    fn admit_session<'a>(
+        &'a self,
+        keys: &'a [String],
+        jti: &'a str,
+        exp: u64,
+        max: u32,
+    ) -> StoreFuture<'a, Admission> {
+        self.inner.admit_session(keys, jti, exp, max)
+    }
+
+    fn release_session<'a>(&'a self, keys: &'a [String], jti: &'a str) -> StoreFuture<'a, ()> {
+        self.inner.release_session(keys, jti)
+    }
+
+    fn replace_session<'a>(
+        &'a self,
+        keys: &'a [String],
+        old: &'a str,
+        new: &'a str,
+        exp: u64,
+    ) -> StoreFuture<'a, ()> {
+        self.inner.replace_session(keys, old, new, exp)
+    }
+
+    fn reserve_tokens<'a>(
+        &'a self,
+        buckets: &'a [Bucket],
+        amount: u64,
+    ) -> StoreFuture<'a, Reservation> {
+        {
+            let mut seen = self.buckets.lock().unwrap();
+            for bucket in buckets {
+                if !seen.iter().any(|b| b.key == bucket.key) {
+                    seen.push(bucket.clone());
+                }
+            }
+        }
+        self.tried.lock().unwrap().push(amount);
+        Box::pin(async move {
+            let answer = self.inner.reserve_tokens(buckets, amount).await;
+            if matches!(answer, Ok(Reservation::Reserved)) {
+                self.reserved.lock().unwrap().push(amount);
+            }
+            answer
+        })
+    }
+
+    fn settle_tokens<'a>(&'a self, buckets: &'a [Bucket], delta: i64) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let done = self.inner.settle_tokens(buckets, delta).await;
+            self.settled.lock().unwrap().push(delta);
+            done
+        })
+    }
+
+    fn acquire_stream<'a>(&'a self, session: &'a str, max: u32, exp: u64) -> StoreFuture<'a, bool> {
+        self.inner.acquire_stream(session, max, exp)
+    }
+
+    fn release_stream<'a>(&'a self, session: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            // Counted once the store has freed the slot, so a waiter may rely on it.
+            let released = self.inner.release_stream(session).await;
+            self.streams_released.fetch_add(1, Ordering::SeqCst);
+            released
+        })
+    }
+}

@@ -2,7 +2,7 @@
 //! when the proxy asked for it ("Metered calls" in `docs/protocol.md`).
 //!
 //! Every call here is metered (a token budget applies). What the proxy read is observed through
-//! the budget: a [`Ledger`] store records each reservation and each settlement, and the usage
+//! the budget: a [`RecordingStore`] store records each reservation and each settlement, and the usage
 //! read is `reserved - delta`. Requests name a ceiling far above what the mock uses, so a usage
 //! that was not read (no settlement at all) cannot pass for one that was.
 //!
@@ -33,9 +33,6 @@ use axum::response::Response;
 use bytes::Bytes;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use perishable::Perishable;
-use perishable::store::{
-    Admission, Bucket, MemoryStore, RateLimiter, RatePolicy, Reservation, Set, Store, StoreFuture,
-};
 use perishable_mock::{Gzip, JsonStyle, LineEnding, MockOptions, MockUpstream, UsagePlacement};
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -61,158 +58,8 @@ const PLACEMENTS: [UsagePlacement; 3] = [
 ];
 
 // ---------------------------------------------------------------------------------------------
-// Harness: a store that records reservations and settlements, a proxy on it.
+// Harness: a proxy on a store that records reservations and settlements.
 // ---------------------------------------------------------------------------------------------
-
-/// A [`Store`] that hands everything to a [`MemoryStore`] and records every reservation taken
-/// and every settlement made.
-#[derive(Debug)]
-struct Ledger {
-    inner: MemoryStore,
-    reserved: Mutex<Vec<u64>>,
-    settled: Mutex<Vec<i64>>,
-}
-
-/// How many reservations and settlements a [`Ledger`] had recorded at some point.
-#[derive(Debug, Clone, Copy, Default)]
-struct Mark {
-    reserved: usize,
-    settled: usize,
-}
-
-impl Ledger {
-    fn new() -> Self {
-        Self {
-            inner: MemoryStore::new(),
-            reserved: Mutex::default(),
-            settled: Mutex::default(),
-        }
-    }
-
-    fn mark(&self) -> Mark {
-        Mark {
-            reserved: self.reserved.lock().unwrap().len(),
-            settled: self.settled.lock().unwrap().len(),
-        }
-    }
-
-    fn reserved(&self) -> Vec<u64> {
-        self.reserved.lock().unwrap().clone()
-    }
-
-    fn settled(&self) -> Vec<i64> {
-        self.settled.lock().unwrap().clone()
-    }
-
-    /// Waits (settlement is spawned when the body ends) until `count` settlements have been
-    /// made since `mark`; returns them.
-    async fn settlements_since(&self, mark: Mark, count: usize, what: &str) -> Vec<i64> {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            let settled = self.settled();
-            if settled.len() >= mark.settled + count {
-                return settled[mark.settled..].to_vec();
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{what}: {} settlement(s) since the call, expected {count}: the usage was not \
-                 read (the reservation stands)",
-                settled.len() - mark.settled
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    /// The usage the proxy read for the one call made since `mark`: its reservation minus what
-    /// its settlement gave back.
-    async fn usage_since(&self, mark: Mark, what: &str) -> u64 {
-        let reserved = self.reserved();
-        assert_eq!(
-            reserved.len(),
-            mark.reserved + 1,
-            "{what}: one reservation per call"
-        );
-        let reserved = reserved[mark.reserved];
-        let delta = self.settlements_since(mark, 1, what).await[0];
-        u64::try_from(i64::try_from(reserved).unwrap() - delta).unwrap()
-    }
-}
-
-impl Store for Ledger {
-    fn rate_limiter(&self, policy: RatePolicy) -> Arc<dyn RateLimiter> {
-        self.inner.rate_limiter(policy)
-    }
-
-    fn insert_once<'a>(&'a self, set: Set, id: &'a str, expires_at: u64) -> StoreFuture<'a, bool> {
-        self.inner.insert_once(set, id, expires_at)
-    }
-
-    fn contains<'a>(&'a self, set: Set, id: &'a str) -> StoreFuture<'a, bool> {
-        self.inner.contains(set, id)
-    }
-
-    fn contains_now(&self, set: Set, id: &str) -> Option<bool> {
-        self.inner.contains_now(set, id)
-    }
-
-    fn insert_once_now(&self, set: Set, id: &str, expires_at: u64) -> Option<bool> {
-        self.inner.insert_once_now(set, id, expires_at)
-    }
-
-    fn admit_session<'a>(
-        &'a self,
-        keys: &'a [String],
-        jti: &'a str,
-        exp: u64,
-        max: u32,
-    ) -> StoreFuture<'a, Admission> {
-        self.inner.admit_session(keys, jti, exp, max)
-    }
-
-    fn release_session<'a>(&'a self, keys: &'a [String], jti: &'a str) -> StoreFuture<'a, ()> {
-        self.inner.release_session(keys, jti)
-    }
-
-    fn replace_session<'a>(
-        &'a self,
-        keys: &'a [String],
-        old: &'a str,
-        new: &'a str,
-        exp: u64,
-    ) -> StoreFuture<'a, ()> {
-        self.inner.replace_session(keys, old, new, exp)
-    }
-
-    fn reserve_tokens<'a>(
-        &'a self,
-        buckets: &'a [Bucket],
-        amount: u64,
-    ) -> StoreFuture<'a, Reservation> {
-        Box::pin(async move {
-            let answer = self.inner.reserve_tokens(buckets, amount).await;
-            if matches!(answer, Ok(Reservation::Reserved)) {
-                self.reserved.lock().unwrap().push(amount);
-            }
-            answer
-        })
-    }
-
-    fn settle_tokens<'a>(&'a self, buckets: &'a [Bucket], delta: i64) -> StoreFuture<'a, ()> {
-        Box::pin(async move {
-            let done = self.inner.settle_tokens(buckets, delta).await;
-            self.settled.lock().unwrap().push(delta);
-            done
-        })
-    }
-
-    fn acquire_stream<'a>(&'a self, session: &'a str, max: u32, exp: u64) -> StoreFuture<'a, bool> {
-        self.inner.acquire_stream(session, max, exp)
-    }
-
-    fn release_stream<'a>(&'a self, session: &'a str) -> StoreFuture<'a, ()> {
-        self.inner.release_stream(session)
-    }
-}
 
 /// A response, read to its end.
 #[derive(Debug)]
@@ -243,10 +90,10 @@ impl Reply {
     }
 }
 
-/// A proxy in front of an upstream, on a [`Ledger`], with a session minted.
+/// A proxy in front of an upstream, on a [`RecordingStore`], with a session minted.
 struct Harness {
     proxy: Proxy,
-    ledger: Arc<Ledger>,
+    ledger: Arc<RecordingStore>,
     token: String,
     /// The ledger before the latest call.
     mark: Mark,
@@ -272,7 +119,7 @@ impl Harness {
             .rate_limit_points(1_000_000)
             .build()
             .unwrap();
-        let ledger = Arc::new(Ledger::new());
+        let ledger = Arc::new(RecordingStore::in_memory());
         let perishable = Perishable::with_store(config, ledger.clone()).unwrap();
         let addr = serve(perishable::router_from(&perishable)).await;
         let proxy = Proxy {
