@@ -1,12 +1,10 @@
 //! End to end with the official `openai` Python package: `tests/python/sdk_client.py` mints a
 //! session over HTTP (challenge, proof of work, entropy) and then uses `openai.OpenAI` through
 //! the proxy: a streamed chat completion, embeddings, the models list and two refusals.
-use std::process::Command;
 use std::time::Duration;
 
 use crate::support::*;
 use perishable_mock::MockOptions;
-use serde_json::Value;
 
 /// The prompt the script sends; the mock echoes it back.
 const PROMPT: &str = "Hello from the official OpenAI Python SDK";
@@ -25,37 +23,7 @@ async fn official_python_sdk_through_the_proxy() {
     )
     .await;
     let url = proxy.url("");
-    let script = crate::support::repo().join("tests/python/sdk_client.py");
-
-    let output = tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::task::spawn_blocking(move || {
-            Command::new(python())
-                .arg(&script)
-                .arg(&url)
-                .env("SDK_PROMPT", PROMPT)
-                .env("PYTHONUNBUFFERED", "1")
-                .output()
-        }),
-    )
-    .await
-    .expect("the SDK script did not finish within 120 s")
-    .unwrap()
-    .expect("cannot run the SDK script");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "sdk_client.py failed ({}):\nstdout: {stdout}\nstderr: {stderr}",
-        output.status
-    );
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or_else(|| panic!("sdk_client.py printed nothing; stderr: {stderr}"));
-    let result: Value = serde_json::from_str(line)
-        .unwrap_or_else(|e| panic!("sdk_client.py printed {line:?}, not JSON: {e}"));
+    let result = run_sdk_script("sdk_client.py", url, PROMPT).await;
     println!("sdk_client.py: {result}");
 
     // (a) Streaming: several chunks whose deltas add up to the mock's reply.

@@ -556,3 +556,39 @@ impl Store for RecordingStore {
         })
     }
 }
+
+/// Runs `tests/python/{script}` with the proxy's URL and `SDK_PROMPT=prompt` (120 s at most),
+/// and returns the JSON object on the last line it printed.
+pub async fn run_sdk_script(script: &str, url: String, prompt: &str) -> Value {
+    let path = repo().join("tests/python").join(script);
+    let prompt = prompt.to_owned();
+    let output = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::task::spawn_blocking(move || {
+            Command::new(python())
+                .arg(&path)
+                .arg(&url)
+                .env("SDK_PROMPT", prompt)
+                .env("PYTHONUNBUFFERED", "1")
+                .output()
+        }),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{script} did not finish within 120 s"))
+    .unwrap()
+    .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{script} failed ({}):\nstdout: {stdout}\nstderr: {stderr}",
+        output.status
+    );
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_else(|| panic!("{script} printed nothing; stderr: {stderr}"));
+    serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("{script} printed {line:?}, not JSON: {e}"))
+}

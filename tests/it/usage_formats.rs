@@ -20,7 +20,6 @@
 
 use std::convert::Infallible;
 use std::io::Read;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -779,40 +778,6 @@ async fn gzipped_streams_are_decoded_only_to_hide_usage() {
 /// The prompt of every SDK call; the mock echoes it.
 const SDK_PROMPT: &str = "Hello from the \"SDK\" in every format";
 
-/// Runs `tests/python/sdk_formats.py` against the proxy; returns its JSON line.
-async fn run_sdk_script(url: String) -> Value {
-    let script = crate::support::repo().join("tests/python/sdk_formats.py");
-    let output = tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::task::spawn_blocking(move || {
-            Command::new(python())
-                .arg(&script)
-                .arg(&url)
-                .env("SDK_PROMPT", SDK_PROMPT)
-                .env("PYTHONUNBUFFERED", "1")
-                .output()
-        }),
-    )
-    .await
-    .expect("the SDK script did not finish within 120 s")
-    .unwrap()
-    .expect("cannot run the SDK script");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "sdk_formats.py failed ({}):\nstdout: {stdout}\nstderr: {stderr}",
-        output.status
-    );
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or_else(|| panic!("sdk_formats.py printed nothing; stderr: {stderr}"));
-    serde_json::from_str(line)
-        .unwrap_or_else(|e| panic!("sdk_formats.py printed {line:?}, not JSON: {e}"))
-}
-
 /// A mock that spells its answers some way: JSON style, line ends, usage placement, gzip.
 type SdkForm = (JsonStyle, LineEnding, UsagePlacement, Gzip);
 
@@ -887,7 +852,7 @@ async fn official_python_sdk_in(forms: &[SdkForm]) {
         h.mock().clear();
 
         let mark = h.ledger.mark();
-        let result = run_sdk_script(h.proxy.url("")).await;
+        let result = run_sdk_script("sdk_formats.py", h.proxy.url(""), SDK_PROMPT).await;
         println!("sdk_formats.py ({what}): {result}");
 
         // Streamed chat without usage: no usage-only chunk, no usage member, the whole text.
