@@ -219,3 +219,55 @@ fn openai_without_a_key_names_the_variable() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("OPENAI_API_KEY"), "{stderr}");
 }
+
+/// `rediss://`: the store over TLS. The server's certificate is checked against the platform's
+/// roots, or the file `SSL_CERT_FILE` names: trusted, the proxy is ready and mints (a session
+/// slot taken on the Redis); not trusted, `/health` says the store is unreachable.
+#[test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
+fn a_rediss_store_is_reached_over_tls() {
+    let redis = crate::support::Redis::start_tls();
+    let config =
+        std::env::temp_dir().join(format!("perishable-rediss-{}.toml", std::process::id()));
+    std::fs::write(
+        &config,
+        "[pow]\ndifficulty = 0\n[session]\nmin_entropy_score = 0\n",
+    )
+    .unwrap();
+    let start = |trust: bool| {
+        let mut command = command(&["--config", config.to_str().unwrap()]);
+        command.env("PERISHABLE_STORE_URL", redis.url());
+        if trust {
+            command.env("SSL_CERT_FILE", redis.ca_pem());
+        } else {
+            command.env_remove("SSL_CERT_FILE");
+        }
+        Example::spawn(command)
+    };
+
+    let trusted = start(true);
+    let health = trusted.health();
+    assert!(health.starts_with("HTTP/1.1 200 OK"), "{health}");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let minted = runtime.block_on(async {
+        reqwest::Client::new()
+            .post(format!("http://{}/session", trusted.addr))
+            .json(&serde_json::json!({"fingerprint": "device-rediss-1"}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(minted, 200, "a mint takes a session slot on the Redis");
+
+    let untrusted = start(false);
+    let health = untrusted.health();
+    assert!(
+        health.starts_with("HTTP/1.1 503") && health.contains("unreachable"),
+        "a certificate the platform does not trust must not be accepted: {health}"
+    );
+    let _ = std::fs::remove_file(config);
+}

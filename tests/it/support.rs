@@ -204,6 +204,8 @@ pub async fn error_code(response: reqwest::Response) -> String {
 pub struct Redis {
     pub port: u16,
     child: Option<Child>,
+    /// For a TLS-only server: the directory with its certificates (`ca.pem` is the root).
+    tls: Option<std::path::PathBuf>,
 }
 
 impl Redis {
@@ -215,14 +217,74 @@ impl Redis {
             .local_addr()
             .unwrap()
             .port();
-        let mut redis = Self { port, child: None };
+        let mut redis = Self {
+            port,
+            child: None,
+            tls: None,
+        };
         redis.spawn();
         redis
     }
 
+    /// Starts one that speaks only TLS (`rediss://`), with a certificate for `localhost` and
+    /// `127.0.0.1` issued by a fresh test CA, whose certificate is [`Redis::ca_pem`].
+    pub fn start_tls() -> Self {
+        static SERVERS: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "perishable-redis-tls-{}-{}",
+            std::process::id(),
+            SERVERS.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "perishable test CA");
+        let ca =
+            rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().unwrap()).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let server = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.join("server.pem"), server.pem()).unwrap();
+        std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = Self {
+            port,
+            child: None,
+            tls: Some(dir),
+        };
+        redis.spawn();
+        redis
+    }
+
+    /// The test CA of a server from [`Redis::start_tls`].
+    pub fn ca_pem(&self) -> std::path::PathBuf {
+        self.tls.as_ref().expect("a TLS server").join("ca.pem")
+    }
+
     pub fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let mut command = Command::new("redis-server");
+        match &self.tls {
+            None => command.args(["--port", &self.port.to_string()]),
+            Some(dir) => command
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(dir.join("server.pem"))
+                .arg("--tls-key-file")
+                .arg(dir.join("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(dir.join("ca.pem"))
+                .args(["--tls-auth-clients", "no"]),
+        };
+        let child = command
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -248,14 +310,21 @@ impl Redis {
         }
     }
 
+    /// `redis://127.0.0.1:PORT/`, or `rediss://localhost:PORT/` for a TLS server.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        match self.tls {
+            None => format!("redis://127.0.0.1:{}/", self.port),
+            Some(_) => format!("rediss://localhost:{}/", self.port),
+        }
     }
 }
 
 impl Drop for Redis {
     fn drop(&mut self) {
         self.stop();
+        if let Some(dir) = &self.tls {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
