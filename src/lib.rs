@@ -1,3 +1,4 @@
+#![cfg_attr(docsrs, feature(doc_cfg))]
 //! Perishable lets browser and mobile apps call OpenAI-compatible LLM APIs (OpenAI, OpenRouter,
 //! Ollama, vLLM, ...) without ever holding the real API key.
 //!

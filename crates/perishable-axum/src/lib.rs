@@ -1,3 +1,4 @@
+#![cfg_attr(docsrs, feature(doc_cfg))]
 //! The Perishable routes for axum: one [`Router`] to nest anywhere.
 //!
 //! ```no_run

@@ -1,3 +1,4 @@
+#![cfg_attr(docsrs, feature(doc_cfg))]
 //! Tower layers and services for Perishable: let browser and mobile apps call an
 //! OpenAI-compatible API without ever holding the API key.
 //!

@@ -1,3 +1,4 @@
+#![cfg_attr(docsrs, feature(doc_cfg))]
 //! A mock OpenAI-compatible upstream that speaks the real OpenAI wire format.
 //!
 //! [`MockUpstream`] answers these routes with bodies shaped like the real OpenAI API
