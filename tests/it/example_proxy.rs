@@ -2,19 +2,14 @@
 //! over HTTP/1.1, closes a connection whose request headers trickle in for more than 30 s, and
 //! on Ctrl-C (SIGINT) stops taking connections and exits.
 //!
-//! It runs `examples/perishable-proxy.rs` as built by `cargo test` for these tests (the `bin`
-//! target in `tests/Cargo.toml`), so the binary is never stale.
+//! It runs the binary `cargo test --workspace` builds beside the tests: after changing the
+//! example, run the whole suite (or `cargo build --example perishable-proxy`) so the binary is
+//! not stale.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// `examples/perishable-proxy.rs`, built by `cargo test` as this package's binary.
-fn example_binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_perishable-proxy"))
-}
 
 /// The example proxy on a free port, with the built-in mock upstream; kills it when dropped.
 struct Example {
@@ -24,7 +19,7 @@ struct Example {
 
 /// The example proxy's command, with none of the PROTOCOL environment variables set.
 fn command(extra_args: &[&str]) -> Command {
-    let mut command = Command::new(example_binary());
+    let mut command = Command::new(crate::support::example_binary());
     command
         .args(["--host", "127.0.0.1", "--port", "0"])
         .args(extra_args)

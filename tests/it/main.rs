@@ -15,6 +15,7 @@ mod abuse_gates;
 mod browser;
 mod browser_rules;
 mod budgets;
+mod client;
 mod example_proxy;
 mod metered_calls;
 mod mock_upstream;

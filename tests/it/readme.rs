@@ -3,8 +3,8 @@
 //! SDK snippet in the same environment, against the built-in mock upstream.
 //!
 //! Two things are substituted, and only these: `cargo run --example perishable-proxy -- ARGS` runs
-//! the example binary that `cargo test` builds from the same source (`tests/Cargo.toml`; a nested
-//! `cargo run` would wait on this build's lock), and the port is a free one instead of 8081 (tests run in parallel).
+//! the example binary that `cargo test --workspace` builds (a nested `cargo run` would wait on
+//! this build's lock; `.ci/readme-path` runs the `cargo run` command itself), and the port is a free one instead of 8081 (tests run in parallel).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -12,11 +12,6 @@ use std::time::Duration;
 
 fn repo() -> PathBuf {
     crate::support::repo()
-}
-
-/// `examples/perishable-proxy.rs`, built by `cargo test` as this package's binary.
-fn example_binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_perishable-proxy"))
 }
 
 /// The first fenced block of `language` after the heading `heading`.
@@ -40,7 +35,7 @@ fn block(readme: &str, heading: &str, language: &str) -> String {
     ignore = "needs bash, curl and the openai Python package (apt-get install curl; python3 -m pip install openai)"
 )]
 fn the_curl_walkthrough_and_the_python_snippet_run_as_written() {
-    let binary = example_binary();
+    let binary = crate::support::example_binary();
 
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
     let shell = block(&readme, "### Try it with curl", "sh");

@@ -661,3 +661,21 @@ pub async fn run_sdk_script(script: &str, url: String, prompt: &str) -> Value {
     serde_json::from_str(line)
         .unwrap_or_else(|e| panic!("{script} printed {line:?}, not JSON: {e}"))
 }
+
+/// The example proxy as `cargo test --workspace` builds it beside the tests
+/// (`target/<profile>/examples/perishable-proxy`, from `examples/perishable-proxy.rs`).
+pub fn example_binary() -> std::path::PathBuf {
+    let mut dir = std::env::current_exe().unwrap();
+    dir.pop(); // the test binary
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let binary = dir.join("examples").join("perishable-proxy");
+    assert!(
+        binary.exists(),
+        "{} is missing: run the whole suite (cargo test --workspace), or \
+         cargo build --example perishable-proxy first",
+        binary.display()
+    );
+    binary
+}

@@ -1,13 +1,12 @@
 //! The client against the real Perishable router and a mock upstream, over 127.0.0.1 sockets:
 //! proof of work at 8 bits, DPoP required.
-#![allow(clippy::unwrap_used, missing_docs)]
 
-mod common;
+mod harness;
 
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use common::*;
+use harness::*;
 use perishable_client::{Client, DpopKey, Error, Interaction, TokenType};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -587,7 +586,6 @@ async fn send_re_mints_once_after_a_revoked_session() {
     assert!(front.seen().iter().all(|s| s.headers["user-agent"] == UA));
 }
 
-#[cfg(feature = "middleware")]
 #[tokio::test]
 async fn the_middleware_authenticates_calls_under_the_base_url() {
     let (front, _server) = Front::start(Refusal {

@@ -11,46 +11,23 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::serve::ListenerExt;
+
+pub use crate::support::{SERVER_KEY, error_code, serve};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use perishable::ConfigBuilder;
 use perishable::config::DpopMode;
-use perishable::{Config, ConfigBuilder};
 use perishable_client::{Client, ClientBuilder, Interaction};
 use perishable_mock::{MockOptions, MockUpstream};
 use serde_json::Value;
 
-pub const SECRET: &str = "test-secret-test-secret-test-secret!";
-pub const SERVER_KEY: &str = "sk-server-key-never-leaks";
 pub const UA: &str = "perishable-client-tests/1.0";
 pub const FP: &str = "install-0b7d-4c55-9a39-3be1d2f0c8aa";
-
-/// Serves `app` on 127.0.0.1:0 with connect info (the router reads the peer address).
-pub async fn serve(app: Router) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-        .unwrap();
-    });
-    addr
-}
 
 /// The test config: proof of work at 8 bits, DPoP required, the entropy gate off, mint limits
 /// out of the way.
 pub fn config(upstream: &str) -> ConfigBuilder {
-    Config::builder()
-        .upstream_base_url(upstream)
-        .upstream_api_key(SERVER_KEY)
-        .session_jwt_secret(SECRET)
-        .pow_difficulty(8)
+    crate::support::config(upstream)
         .session_dpop(DpopMode::Required)
         .session_min_entropy_score(0)
         .rate_limit_mint_per_ip(1000)
@@ -94,15 +71,6 @@ impl Server {
 pub fn claims(token: &str) -> Value {
     let payload = token.split('.').nth(1).unwrap();
     serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
-}
-
-/// The OpenAI-shape error code of a response.
-pub async fn error_code(response: reqwest::Response) -> String {
-    let body: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
-    body["error"]["code"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned()
 }
 
 /// Samples recorded from a (simulated) hand: a jittered, curved trace with varied timing, as
