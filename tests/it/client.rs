@@ -628,3 +628,93 @@ async fn the_middleware_authenticates_calls_under_the_base_url() {
         2
     );
 }
+
+/// The client against the example proxy as a user runs it (its own process, a config file
+/// with the default 16-bit proof of work, DPoP required and the entropy gate on), in front of
+/// the mock upstream: it mints with a proof of work, the recorded samples and a DPoP key, and
+/// streams a chat completion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mints_and_streams_through_the_example_proxy() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let mock = perishable_mock::MockUpstream::start(
+        perishable_mock::MockOptions::new()
+            .api_key(SERVER_KEY)
+            .chunk_interval(Duration::from_millis(2)),
+    )
+    .await
+    .unwrap();
+    let config = std::env::temp_dir().join(format!(
+        "perishable-client-example-{}.toml",
+        std::process::id()
+    ));
+    std::fs::write(&config, "[session]\ndpop = \"required\"\n").unwrap();
+    let mut child = Command::new(crate::support::example_binary())
+        .args(["--host", "127.0.0.1", "--port", "0", "--config"])
+        .arg(&config)
+        .env("OPENAI_API_KEY", SERVER_KEY)
+        .env("OPENAI_BASE_URL", mock.base_url())
+        .env_remove("PORT")
+        .env_remove("PERISHABLE_STORE_URL")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = child.stdout.take().unwrap();
+    let child = Kill(child);
+    let addr = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| {
+                l.strip_prefix("perishable-proxy listening on ")
+                    .map(str::to_owned)
+            })
+            .expect("the proxy says where it listens")
+    })
+    .await
+    .unwrap();
+
+    let client = Client::builder(addr)
+        .fingerprint(FP)
+        .user_agent(UA)
+        .interaction(recorded_trace())
+        .build()
+        .unwrap();
+    let session = client.session().await.unwrap();
+    assert_eq!(session.token_type(), TokenType::Dpop);
+    assert_eq!(
+        claims(session.token())["cnf"]["jkt"],
+        client.dpop_key().unwrap().thumbprint()
+    );
+    let response = client
+        .send(
+            client
+                .request(Method::POST, "chat/completions")
+                .await
+                .unwrap()
+                .header("content-type", "application/json")
+                .body(chat(true)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.text().await.unwrap();
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    let last = mock.requests().pop().unwrap();
+    assert_eq!(
+        last.header("authorization"),
+        Some(format!("Bearer {SERVER_KEY}").as_str())
+    );
+    drop(child);
+    let _ = std::fs::remove_file(config);
+}
