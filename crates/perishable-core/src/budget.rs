@@ -38,8 +38,8 @@ use std::time::Duration;
 use crate::config::{BudgetConfig, BudgetScope, OnUnavailable};
 use crate::error::{Error, ErrorCode, RateLimitInfo};
 use crate::store::{Bucket, Reservation, Store, log_failure};
-use crate::upstream::Usage;
-use crate::verify::VerifiedSession;
+use crate::token::VerifiedSession;
+use crate::usage::Usage;
 
 /// Budget and stream-cap policy, over the shared [`Store`].
 #[derive(Debug, Clone)]

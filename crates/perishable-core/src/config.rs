@@ -32,9 +32,10 @@ use std::fmt;
 use std::time::Duration;
 
 pub use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use crate::token::{Algorithm, KeySet};
+use base64::Engine as _;
+use sha2::{Digest, Sha256};
 
 /// A secret string: the upstream key or a signing secret. `Debug` shows `Secret(**redacted**)`.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
@@ -191,6 +192,16 @@ pub enum DpopMode {
     Optional,
     /// Every session must be key-bound.
     Required,
+}
+
+/// Signing algorithm for session tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+pub enum Algorithm {
+    /// HMAC-SHA256 with a shared secret (default).
+    #[default]
+    HS256,
+    /// Ed25519 signatures: instances that only verify need only the public key.
+    EdDSA,
 }
 
 /// One signing key in `[[session.keys]]`, for rotation.
@@ -960,7 +971,7 @@ impl ConfigBuilder {
             ));
         }
         for p in &u.allowed_paths {
-            crate::upstream::PathPattern::parse(p)
+            crate::path::PathPattern::parse(p)
                 .map_err(|reason| ConfigError::invalid("upstream.allowed_paths", reason))?;
         }
         if u.max_body_bytes == 0 {
@@ -970,11 +981,11 @@ impl ConfigBuilder {
             ));
         }
         for name in &u.forward_headers {
-            crate::upstream::forwarded_header_name(name)
+            crate::header_rules::forwarded_header_name(name)
                 .map_err(|reason| ConfigError::invalid("upstream.forward_headers", reason))?;
         }
         for (name, value) in &u.headers {
-            crate::upstream::static_header(name, value)
+            crate::header_rules::static_header(name, value)
                 .map_err(|reason| ConfigError::invalid("upstream.headers", reason))?;
         }
         for (key, v) in [
@@ -1025,7 +1036,7 @@ impl ConfigBuilder {
                 "must be above 0",
             ));
         }
-        let keys = KeySet::from_config(s)?;
+        validate_keys(s)?;
 
         let r = &self.rate_limit;
         if r.points == 0 {
@@ -1113,11 +1124,109 @@ impl ConfigBuilder {
 
         Ok(Config {
             base_url,
-            keys,
             public_origin,
             inner: self,
         })
     }
+}
+
+/// The shortest HS256 secret, in bytes.
+const MIN_SECRET_BYTES: usize = 32;
+
+/// Checks the keys of `[session]` as data (lengths, formats, kids): the runtime decodes them
+/// ([`KeySet`](crate::token::KeySet)), and makes a random one when none is given.
+fn validate_keys(session: &SessionConfig) -> Result<(), ConfigError> {
+    let mut kids = Vec::new();
+    for entry in &session.keys {
+        if entry.kid.is_empty() || entry.kid.len() > 64 {
+            return Err(ConfigError::invalid(
+                "session.keys",
+                "every key needs a kid of 1 to 64 characters",
+            ));
+        }
+        match (session.algorithm, &entry.secret, &entry.private_key_pem) {
+            (Algorithm::HS256, Some(secret), None) => {
+                check_secret_length(secret.expose().as_bytes(), "session.keys")?;
+            }
+            (Algorithm::EdDSA, None, Some(pem)) => {
+                ed25519_pkcs8_der(pem.expose(), "session.keys")?;
+            }
+            (Algorithm::HS256, _, _) => {
+                return Err(ConfigError::invalid(
+                    "session.keys",
+                    format!("key {:?}: HS256 keys take `secret` only", entry.kid),
+                ));
+            }
+            (Algorithm::EdDSA, _, _) => {
+                return Err(ConfigError::invalid(
+                    "session.keys",
+                    format!(
+                        "key {:?}: EdDSA keys take `private_key_pem` only",
+                        entry.kid
+                    ),
+                ));
+            }
+        }
+        kids.push(entry.kid.clone());
+    }
+    if let Some(secret) = &session.jwt_secret {
+        if session.algorithm != Algorithm::HS256 {
+            return Err(ConfigError::invalid(
+                "session.jwt_secret",
+                "is an HS256 secret; with algorithm = \"EdDSA\" use session.keys",
+            ));
+        }
+        let bytes = secret.expose().as_bytes();
+        check_secret_length(bytes, "session.jwt_secret")?;
+        kids.push(kid_for(bytes));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for kid in kids {
+        if !seen.insert(kid.clone()) {
+            return Err(ConfigError::invalid(
+                "session.keys",
+                format!("kid {kid:?} is used twice"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_secret_length(secret: &[u8], key: &'static str) -> Result<(), ConfigError> {
+    if secret.len() < MIN_SECRET_BYTES {
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "must be at least {MIN_SECRET_BYTES} bytes (got {})",
+                secret.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The `kid` of a secret configured without one (`session.jwt_secret`, a generated key): the
+/// same secret gets the same `kid` on every instance.
+pub(crate) fn kid_for(secret: &[u8]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(b"perishable kid v1\0");
+    hasher.update(secret);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&hasher.finalize()[..9])
+}
+
+/// The DER of an Ed25519 PKCS#8 PEM private key, checked to be one.
+pub(crate) fn ed25519_pkcs8_der(pem: &str, key: &'static str) -> Result<Vec<u8>, ConfigError> {
+    let body: String = pem
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with("-----") && !l.is_empty())
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .map_err(|_| ConfigError::invalid(key, "is not a PEM document"))?;
+    aws_lc_rs::signature::Ed25519KeyPair::from_pkcs8(&der)
+        .map_err(|_| ConfigError::invalid(key, "is not an Ed25519 PKCS#8 private key"))?;
+    Ok(der)
 }
 
 fn is_origin(s: &str) -> bool {
@@ -1135,7 +1244,6 @@ pub struct Config {
     inner: ConfigBuilder,
     /// `upstream.base_url`, normalized, without a trailing slash.
     base_url: String,
-    keys: KeySet,
     /// The origin of `server.public_url`, when set.
     public_origin: Option<String>,
 }
@@ -1202,9 +1310,10 @@ impl Config {
         &self.inner.store
     }
 
-    /// Whether no signing key was configured, so a random one signs: tokens then do not survive
-    /// a restart or verify on another instance. A warning is logged too; this is for an app that
-    /// installs no `tracing` subscriber, or wants to refuse to start.
+    /// Whether no signing key was configured, so the runtime ([`Perishable`](crate::Perishable))
+    /// signs with a random one: tokens then do not survive a restart or verify on another
+    /// instance. The runtime logs a warning too; this is for an app that installs no `tracing`
+    /// subscriber, or wants to refuse to start.
     ///
     /// ```
     /// let config = perishable_core::Config::builder().upstream_api_key("sk-test").build()?;
@@ -1229,11 +1338,6 @@ impl Config {
     /// The origin (`scheme://host[:port]`) of `server.public_url`, when set.
     pub fn public_origin(&self) -> Option<&str> {
         self.public_origin.as_deref()
-    }
-
-    /// The signing and verification keys.
-    pub(crate) fn keys(&self) -> &KeySet {
-        &self.keys
     }
 
     pub(crate) fn ttl(&self) -> Duration {
@@ -1286,6 +1390,21 @@ impl<'de> Deserialize<'de> for Config {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn short_secrets_are_refused() {
+        let built = Config::builder()
+            .upstream_api_key("sk-test")
+            .session_jwt_secret("too-short")
+            .build();
+        assert!(matches!(
+            built,
+            Err(ConfigError::Invalid {
+                key: "session.jwt_secret",
+                ..
+            })
+        ));
+    }
 
     #[test]
     fn mint_policies_of_the_verified_gates_apply_and_others_are_refused() {

@@ -13,7 +13,7 @@
 //! - [`perishable`](Perishable): the runtime state built from a config; hands out every layer.
 //! - [`session`]: minting, verification, refresh and revocation, and their tower Service.
 //! - [`token`]: JWT claims, signing keys and rotation.
-//! - [`fingerprint`], [`entropy`], [`pow`], [`dpop`], [`caps`]: the gates a mint must pass, and
+//! - [`fingerprint`], [`entropy`], [`pow`], [`dpop`]: the gates a mint must pass, and
 //!   DPoP key binding for every request after it.
 //! - [`verify`]: the Layer that checks token, fingerprint and User-Agent.
 //! - [`rate_limit`]: the per-client Layer on governor.
@@ -56,18 +56,19 @@
 pub mod audit;
 pub mod body;
 pub mod budget;
-pub mod caps;
 pub mod client_ip;
+mod clock;
 pub mod config;
 pub mod dpop;
 pub mod entropy;
 pub mod error;
-pub mod expiring;
 pub mod fingerprint;
 mod future;
+mod header_rules;
 pub(crate) mod json;
 pub mod observe;
 pub mod origin;
+pub(crate) mod path;
 mod perishable;
 pub mod pow;
 pub mod rate_limit;
@@ -75,6 +76,7 @@ pub mod session;
 pub mod store;
 pub mod token;
 pub mod upstream;
+pub(crate) mod usage;
 pub mod verify;
 
 pub use body::Body;
@@ -83,4 +85,4 @@ pub use error::{Error, ErrorCode};
 pub use future::ResponseFuture;
 pub use perishable::Perishable;
 pub use session::{SessionObject, Sessions};
-pub use verify::VerifiedSession;
+pub use token::VerifiedSession;

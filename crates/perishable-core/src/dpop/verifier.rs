@@ -255,7 +255,7 @@ mod tests {
     const URL: &str = "https://api.example.com/ai/openai/models";
 
     fn now() -> u64 {
-        crate::session::unix_now()
+        crate::clock::unix_now()
     }
 
     fn expected<'a>(token: Option<&'a str>, jkt: Option<&'a str>) -> Expected<'a> {

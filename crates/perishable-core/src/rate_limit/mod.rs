@@ -46,10 +46,9 @@
 
 mod key;
 mod layer;
-mod limiter;
 mod service;
 
+pub use crate::store::Limiter;
 pub use key::{ClientIpKey, FingerprintKey, KeyExtractor};
 pub use layer::RateLimitLayer;
-pub use limiter::Limiter;
 pub use service::{RateLimit, RateLimitFuture};

@@ -123,7 +123,7 @@ fn refusal<B, ResBody: From<Bytes>>(
     let policy = limiter.policy();
     let session = req
         .extensions()
-        .get::<crate::verify::VerifiedSession>()
+        .get::<crate::token::VerifiedSession>()
         .map(|s| s.session_id().to_owned());
     let refusal = Error::rate_limited(RateLimitInfo {
         policy: policy.name,
@@ -157,7 +157,7 @@ mod tests {
     use crate::rate_limit::{FingerprintKey, Limiter, RateLimitLayer};
     use crate::store::{MemoryStore, RateDecision, RatePolicy, Store, StoreError, StoreFuture};
     use crate::token::Claims;
-    use crate::verify::VerifiedSession;
+    use crate::token::VerifiedSession;
 
     /// Keys on the `x-client` header; refuses requests without one as `missing_token`.
     #[derive(Debug, Clone)]

@@ -13,7 +13,7 @@
 //! With a `DPoP` header (and `session.dpop` not `off`) the proof is verified ([`crate::dpop`])
 //! and the session is bound to its key (`cnf.jkt`, `token_type` `DPoP`); with
 //! `session.dpop = "required"` a mint without one gets `401 dpop_required`. Last, the session cap
-//! ([`crate::caps`]; `429 too_many_sessions`) must have room for the fingerprint (and key).
+//! (in the [`Store`]; `429 too_many_sessions`) must have room for the fingerprint (and key).
 //!
 //! Verification (used by [`crate::verify::VerifyLayer`]) checks the token
 //! ([`crate::token::TokenCodec::verify`]), then that its `jti` is not revoked, that the SHA-256
@@ -39,6 +39,7 @@ use subtle::ConstantTimeEq;
 pub use self::mint::MintRequest;
 pub use self::service::{MAX_MINT_BODY_BYTES, SessionService};
 use crate::audit::{Audit, AuditEvent};
+use crate::clock::unix_now;
 use futures_util::TryFutureExt;
 
 use crate::config::{Config, DpopMode};
@@ -47,8 +48,7 @@ use crate::error::{Error, ErrorCode, RateLimitInfo};
 use crate::fingerprint::{self, FINGERPRINT_HEADER};
 use crate::pow::{Challenge, ProofOfWork};
 use crate::store::{self, Admission, Set, Store, StoreError, log_failure};
-use crate::token::{Claims, Confirmation, TokenCodec, hash_b64, new_jti};
-use crate::verify::VerifiedSession;
+use crate::token::{Claims, Confirmation, KeySet, TokenCodec, VerifiedSession, hash_b64, new_jti};
 
 /// The rest of a verification that waits for the store: the revocation lookup and the DPoP
 /// replay record.
@@ -144,19 +144,11 @@ enum Scheme {
     Dpop,
 }
 
-/// Now, in Unix seconds.
-pub(crate) fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 impl Sessions {
-    /// The engine for this configuration, keeping its state in `store`, and reporting to
-    /// `audit`.
-    pub fn new(config: &Config, store: Arc<dyn Store>, audit: Audit) -> Self {
+    /// The engine for this configuration, signing with `keys` (decoded from it by the runtime),
+    /// keeping its state in `store`, and reporting to `audit`.
+    pub(crate) fn new(config: &Config, keys: KeySet, store: Arc<dyn Store>, audit: Audit) -> Self {
         let s = config.session();
-        let keys = config.keys().clone();
         let pow = ProofOfWork::new(
             *keys.derived_secret(),
             config.pow().difficulty,

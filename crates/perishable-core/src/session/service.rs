@@ -12,7 +12,7 @@ use http::{Method, Request, Response, StatusCode};
 use super::Sessions;
 use crate::body::{Body, BoxError};
 use crate::error::Error;
-use crate::verify::VerifiedSession;
+use crate::token::VerifiedSession;
 
 /// Largest `POST /session` body: 512 pointer samples and 512 key times fit with room to spare.
 pub const MAX_MINT_BODY_BYTES: usize = 64 * 1024;

@@ -45,19 +45,14 @@
 //! # Ok(()) }
 //! ```
 
-mod body;
 mod client;
 mod connect;
 mod headers;
-mod path;
 mod request;
 mod service;
-mod sse;
-mod usage;
 
-pub use body::UpstreamBody;
+pub use crate::body::UpstreamBody;
+pub use crate::path::{AllowList, PathPattern};
+pub use crate::usage::Usage;
 pub use client::{UpstreamClient, rustls};
-pub(crate) use headers::{forwarded_header_name, static_header};
-pub use path::{AllowList, PathPattern};
 pub use service::{UpstreamPath, UpstreamService};
-pub use usage::Usage;

@@ -13,21 +13,19 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response};
 use http_body_util::Full;
 
-use super::body::{Accounting, Settle, UpstreamBody};
-use super::client::{Chain, UpstreamClient};
-use super::headers::{
-    UpstreamHeaders, forwarded_header_name, static_header, strip_response_headers,
-};
-use super::path::AllowList;
+use super::client::UpstreamClient;
+use super::headers::{UpstreamHeaders, strip_response_headers};
 use super::request::{Endpoint, Metered, RequestPolicy};
-use super::usage::{Encoding, TapMode};
-use crate::body::{Body, BoxError};
+use crate::body::{Accounting, Body, BoxError, Settle, UpstreamBody};
 use crate::budget::{Admitted, Budget};
 use crate::client_ip::ClientIpResolver;
 use crate::config::{Config, ConfigError};
-use crate::error::{Error, ErrorCode};
+use crate::error::{Chain, Error, ErrorCode};
+use crate::header_rules::{forwarded_header_name, static_header};
+use crate::path::AllowList;
 use crate::store::{MemoryStore, Store};
-use crate::verify::VerifiedSession;
+use crate::token::VerifiedSession;
+use crate::usage::{Encoding, TapMode};
 
 /// The `{path}` of `/openai/{path}`, set by a router that already matched it.
 #[derive(Debug, Clone, PartialEq, Eq)]

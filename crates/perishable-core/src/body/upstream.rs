@@ -8,9 +8,9 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use super::usage::{Encoding, TapMode, Usage, UsageTap};
-use crate::body::BoxError;
+use super::BoxError;
 use crate::budget::{Admitted, Budget};
+use crate::usage::{Encoding, TapMode, Usage, UsageTap};
 
 /// What is done once a response body is done (a value, not a boxed closure: one allocation
 /// less per request): the upstream metrics, and the budget settled with the usage seen.
@@ -194,7 +194,7 @@ impl http_body::Body for UpstreamBody {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     *this.done = true;
-                    tracing::warn!(error = %super::client::Chain(&e), "the upstream response broke off");
+                    tracing::warn!(error = %crate::error::Chain(&e), "the upstream response broke off");
                     if let Some(mut accounting) = this.accounting.take() {
                         accounting.done();
                     }
