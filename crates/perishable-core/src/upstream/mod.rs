@@ -49,6 +49,7 @@ mod client;
 mod connect;
 mod headers;
 mod request;
+mod response;
 mod service;
 
 pub use crate::body::UpstreamBody;

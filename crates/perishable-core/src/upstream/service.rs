@@ -14,9 +14,10 @@ use http::{Request, Response};
 use http_body_util::Full;
 
 use super::client::UpstreamClient;
-use super::headers::{UpstreamHeaders, strip_response_headers};
+use super::headers::UpstreamHeaders;
 use super::request::{Endpoint, Metered, RequestPolicy};
-use crate::body::{Accounting, Body, BoxError, Settle, UpstreamBody};
+use super::response::{Answered, client_response};
+use crate::body::{Body, BoxError};
 use crate::budget::{Admitted, Budget};
 use crate::client_ip::ClientIpResolver;
 use crate::config::{Config, ConfigError};
@@ -25,7 +26,6 @@ use crate::header_rules::{forwarded_header_name, static_header};
 use crate::path::AllowList;
 use crate::store::{MemoryStore, Store};
 use crate::token::VerifiedSession;
-use crate::usage::{Encoding, TapMode};
 
 /// The `{path}` of `/openai/{path}`, set by a router that already matched it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,8 +59,6 @@ struct Inner {
     /// Which IP a call counts against for the per-IP budget.
     client_ip: ClientIpResolver,
 }
-
-static X_ACCEL_BUFFERING: header::HeaderName = header::HeaderName::from_static("x-accel-buffering");
 
 impl UpstreamService {
     /// A service for the `[upstream]` and `[budget]` sections of `config`, with its own
@@ -391,48 +389,16 @@ impl Inner {
             "upstream answered"
         );
 
-        let (mut parts, body) = response.into_parts();
-        strip_response_headers(&mut parts.headers);
-        let content_type = parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .map(HeaderValue::as_bytes);
-        let is_event_stream = content_type.is_some_and(|v| v.starts_with(b"text/event-stream"));
-        let is_json = content_type.is_some_and(|v| v.starts_with(b"application/json"));
-        if is_event_stream {
-            parts
-                .headers
-                .insert(X_ACCEL_BUFFERING.clone(), HeaderValue::from_static("no"));
-        }
-        let failed = !status.is_success();
-        let tap = match (failed, is_event_stream, is_json) {
-            (true, _, _) => None,
-            (false, true, _) if hide_usage => Some(TapMode::EventsHidingUsage),
-            (false, true, _) => Some(TapMode::Events),
-            (false, false, true) => Some(TapMode::Json),
-            _ => None,
-        };
-        let encoding = Encoding::of(parts.headers.get(header::CONTENT_ENCODING));
-        let endpoint = Endpoint::of(path);
-        let on_done = Settle {
-            budget: self.budget.clone(),
-            expects_usage: admitted.reserved() > 0 && endpoint.reports_usage(),
-            route: endpoint.label(path),
-            admitted,
-            started,
-            failed,
-        };
-        let accounting = Accounting::new(tap, encoding, on_done);
-        if accounting.rewrites() {
-            // The body is rewritten: its length changes.
-            parts.headers.remove(header::CONTENT_LENGTH);
-        }
-        if accounting.decodes_for_client() {
-            parts.headers.remove(header::CONTENT_ENCODING);
-        }
-        Ok(Response::from_parts(
-            parts,
-            Body::upstream(UpstreamBody::new(body, self.idle_timeout, accounting)),
+        Ok(client_response(
+            response,
+            Answered {
+                path,
+                hide_usage,
+                budget: self.budget.clone(),
+                admitted,
+                started,
+                idle_timeout: self.idle_timeout,
+            },
         ))
     }
 
