@@ -54,7 +54,7 @@ use http::Request;
 use http::header;
 use perishable_core::client_ip::PeerAddr;
 use perishable_core::dpop::OriginalUri;
-use perishable_core::{ConfigError, Perishable};
+use perishable_core::{ConfigError, Perishable, Route};
 use tower::ServiceBuilder;
 use tower::util::MapRequestLayer;
 
@@ -132,12 +132,14 @@ where
             .layer(perishable.verify_layer())
             .layer(perishable.rate_limit_layer())
     };
+    // The session routes of the route table; the proxy route is the dispatch's. Mint and revoke
+    // share a path, so one method router serves both.
     let routes = Router::new()
-        .route("/health", get_service(sessions.clone()))
-        .route("/challenge", get_service(sessions.clone()))
-        .route("/client.js", axum::routing::get(client_js))
+        .route(Route::Health.path(), get_service(sessions.clone()))
+        .route(Route::Challenge.path(), get_service(sessions.clone()))
+        .route(Route::ClientJs.path(), axum::routing::get(client_js))
         .route(
-            "/session",
+            Route::Mint.path(),
             post_service(
                 ServiceBuilder::new()
                     .layer(perishable.mint_limit_layer())
@@ -146,7 +148,7 @@ where
             .delete_service(authenticated().service(sessions.clone())),
         )
         .route(
-            "/session/refresh",
+            Route::Refresh.path(),
             post_service(authenticated().service(sessions)),
         )
         .fallback(not_found)
@@ -202,4 +204,48 @@ fn peer_addr<B>(mut req: Request<B>) -> Request<B> {
         req.extensions_mut().insert(OriginalUri(uri));
     }
     req
+}
+
+#[cfg(test)]
+mod tests {
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// Every route of the table reaches a service: none answers the router's own 404 or 405.
+    #[tokio::test]
+    async fn the_router_serves_every_route_of_the_table() {
+        let config = Config::builder()
+            .upstream_api_key("sk-test")
+            .build()
+            .unwrap();
+        let app: Router = router(config);
+        for route in Route::ALL {
+            let method = route.method().cloned().unwrap_or(http::Method::PATCH);
+            let path = match route {
+                Route::Proxy => "/openai/models",
+                _ => route.path(),
+            };
+            let request = Request::builder()
+                .method(method.clone())
+                .uri(path)
+                .body(axum::body::Body::empty())
+                .unwrap();
+            let response = app.clone().oneshot(request).await.unwrap();
+            let status = response.status().as_u16();
+            assert!(
+                status != 404 && status != 405,
+                "{route:?}: {method} {path} answered {status}"
+            );
+        }
+        let request = Request::get("/session")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), 405);
+        let request = Request::get("/nowhere")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        assert_eq!(app.oneshot(request).await.unwrap().status(), 404);
+    }
 }

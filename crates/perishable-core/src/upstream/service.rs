@@ -206,7 +206,7 @@ fn upstream_path<B>(req: &Request<B>) -> &str {
     if let Some(UpstreamPath(path)) = req.extensions().get::<UpstreamPath>() {
         return path.trim_start_matches('/');
     }
-    const PREFIX: &str = "/openai/";
+    const PREFIX: &str = crate::route::PROXY_PREFIX;
     let path = req.uri().path();
     match path.strip_prefix(PREFIX) {
         Some(rest) => rest,
