@@ -226,7 +226,7 @@ pub struct Refusal {
 }
 
 /// The OpenAI error shape: `{"error":{"message":…,"type":…,"code":…}}`.
-pub fn error_body(message: &str, error_type: &str, code: &str) -> Bytes {
+pub(crate) fn error_body(message: &str, error_type: &str, code: &str) -> Bytes {
     #[derive(serde::Serialize)]
     struct Envelope<'a> {
         error: Inner<'a>,

@@ -61,3 +61,77 @@ impl<F, B> std::fmt::Debug for ResponseFuture<F, B> {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
 }
+
+/// Declares a named future around a future type that stays private: its shape (`Either`s,
+/// boxes) can change without changing the public API. tower-http's `opaque_future!`.
+macro_rules! opaque_future {
+    ($(#[$m:meta])* pub type $name:ident<$($param:ident),+> = $actual:ty;) => {
+        pin_project_lite::pin_project! {
+            $(#[$m])*
+            pub struct $name<$($param),+> {
+                #[pin]
+                future: $actual,
+            }
+        }
+
+        impl<$($param),+> $name<$($param),+> {
+            pub(crate) fn new(future: $actual) -> Self {
+                Self { future }
+            }
+        }
+
+        impl<$($param),+> std::fmt::Debug for $name<$($param),+> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($name)).finish_non_exhaustive()
+            }
+        }
+
+        impl<$($param),+> std::future::Future for $name<$($param),+>
+        where
+            $actual: std::future::Future,
+        {
+            type Output = <$actual as std::future::Future>::Output;
+
+            fn poll(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Self::Output> {
+                self.project().future.poll(cx)
+            }
+        }
+    };
+    ($(#[$m:meta])* pub type $name:ident = $actual:ty;) => {
+        pin_project_lite::pin_project! {
+            $(#[$m])*
+            pub struct $name {
+                #[pin]
+                future: $actual,
+            }
+        }
+
+        impl $name {
+            pub(crate) fn new(future: $actual) -> Self {
+                Self { future }
+            }
+        }
+
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($name)).finish_non_exhaustive()
+            }
+        }
+
+        impl std::future::Future for $name {
+            type Output = <$actual as std::future::Future>::Output;
+
+            fn poll(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Self::Output> {
+                self.project().future.poll(cx)
+            }
+        }
+    };
+}
+
+pub(crate) use opaque_future;

@@ -65,7 +65,7 @@ fn mark_sensitive(headers: &mut HeaderMap) {
 }
 
 /// The route label of a request: its [`Route`]'s, or `other` when no route serves it.
-pub fn route_label<B>(req: &Request<B>) -> &'static str {
+pub(crate) fn route_label<B>(req: &Request<B>) -> &'static str {
     Route::of(req.method(), req.uri().path()).map_or("other", Route::label)
 }
 

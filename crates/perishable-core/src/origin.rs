@@ -28,7 +28,7 @@ use http::{Request, Response};
 use tower::{Layer, Service};
 
 use crate::error::{Error, ErrorCode};
-use crate::future::ResponseFuture;
+pub use crate::future::ResponseFuture;
 
 /// Which origins may call.
 #[derive(Debug, Clone, Default)]

@@ -28,12 +28,11 @@ use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use crate::config::Algorithm;
-use crate::config::{ConfigError, SessionConfig, ed25519_pkcs8_der, kid_for};
+use crate::config::{Algorithm, ConfigError, SessionConfig, ed25519_pkcs8_der, kid_for};
 use crate::error::{Error, ErrorCode};
 
 /// The token's `typ` header.
-pub const TOKEN_TYPE: &str = "at+jwt";
+pub(crate) const TOKEN_TYPE: &str = "at+jwt";
 
 /// The `cnf` claim of a key-bound session (RFC 7800).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,7 +93,7 @@ impl VerifiedSession {
 ///
 /// On the hot path (every request hashes its fingerprint and User-Agent): aws-lc's SHA-256
 /// uses the CPU's SHA extensions where there are some.
-pub fn hash_b64(data: &[u8]) -> String {
+pub(crate) fn hash_b64(data: &[u8]) -> String {
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
     URL_SAFE_NO_PAD.encode(digest.as_ref())
 }
@@ -116,7 +115,7 @@ pub(crate) fn new_jti() -> String {
 
 /// The signing key and every verification key, with the `Validation` built once.
 #[derive(Clone)]
-pub struct KeySet {
+pub(crate) struct KeySet {
     inner: Arc<KeySetInner>,
 }
 
@@ -260,12 +259,13 @@ impl KeySet {
     }
 
     /// Whether the signing key was generated at start-up rather than configured.
-    pub fn is_generated(&self) -> bool {
+    pub(crate) fn is_generated(&self) -> bool {
         self.inner.generated
     }
 
     /// The `kid` tokens are signed with.
-    pub fn signing_kid(&self) -> &str {
+    #[cfg(test)]
+    pub(crate) fn signing_kid(&self) -> &str {
         &self.inner.signing_kid
     }
 
@@ -282,7 +282,7 @@ fn jwt_algorithm(algorithm: Algorithm) -> jsonwebtoken::Algorithm {
     }
 }
 
-/// Signs and verifies session tokens with a [`KeySet`] and the `[session]` rules.
+/// Signs and verifies session tokens with the configured keys and the `[session]` rules.
 #[derive(Clone)]
 pub struct TokenCodec {
     keys: KeySet,
@@ -359,12 +359,13 @@ impl fmt::Debug for TokenCodec {
 impl TokenCodec {
     /// A codec for these keys, issuer, audience and leeway, caching up to 10,000 verified
     /// tokens.
-    pub fn new(keys: KeySet, issuer: &str, audience: &str, leeway_secs: u64) -> Self {
+    #[cfg(test)]
+    pub(crate) fn new(keys: KeySet, issuer: &str, audience: &str, leeway_secs: u64) -> Self {
         Self::with_cache(keys, issuer, audience, leeway_secs, 10_000)
     }
 
     /// Like [`new`](Self::new), caching up to `cache_size` verified tokens (0: no cache).
-    pub fn with_cache(
+    pub(crate) fn with_cache(
         keys: KeySet,
         issuer: &str,
         audience: &str,

@@ -12,7 +12,7 @@ use http_body::{Frame, SizeHint};
 use crate::error::{Error, ErrorCode};
 mod upstream;
 
-pub use upstream::UpstreamBody;
+pub(crate) use upstream::UpstreamBody;
 pub(crate) use upstream::{Accounting, Settle};
 
 /// Errors a body can yield (only an upstream stream can fail).

@@ -111,7 +111,7 @@ pin_project_lite::pin_project! {
     /// the upstream response, which closes the upstream connection: that is how a client that goes
     /// away cancels the upstream request.
     #[derive(Debug)]
-    pub struct UpstreamBody {
+    pub(crate) struct UpstreamBody {
         #[pin]
         inner: hyper::body::Incoming,
         // Armed when the body starts waiting for the upstream, not on every frame: a body whose

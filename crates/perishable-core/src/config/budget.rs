@@ -7,6 +7,7 @@ use super::ConfigError;
 /// Whose tokens a budget counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum BudgetScope {
     /// The client: its DPoP key when bound, else its fingerprint (across its sessions).
     #[default]
@@ -15,9 +16,11 @@ pub enum BudgetScope {
     Session,
 }
 
-/// `[budget]`: token budgets, the completion cap and the stream cap; see [`crate::budget`].
+/// `[budget]`: token budgets, the completion cap and the stream cap; see "Budgets" in
+/// [`docs/protocol.md`](https://github.com/perishable-rs/perishable/blob/main/docs/protocol.md#budgets).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct BudgetConfig {
     /// Tokens per client per window; 0: no budget.
     pub tokens_per_window: u64,
@@ -62,6 +65,7 @@ impl Default for BudgetConfig {
 /// `mint.oidc.tier_claim`, a later version's gate). Parsed and kept; no gate selects a tier yet.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct TierConfig {
     /// Tokens per client per window for this tier.
     pub tokens_per_window: Option<u64>,

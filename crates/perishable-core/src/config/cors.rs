@@ -7,6 +7,7 @@ use super::ConfigError;
 /// `[cors]`: which browser origins may call.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct CorsConfig {
     /// Exact origins (`https://app.example.com`), or `["*"]` for any (then no credentials).
     pub allowed_origins: Vec<String>,

@@ -13,6 +13,7 @@ use super::{ConfigError, Secret};
 /// are parsed, so a configuration file written for them loads.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct MintConfig {
     /// Alternatives, each a set of gates that must all pass. Default `[["pow", "entropy"]]`.
     pub policies: Vec<Vec<String>>,
@@ -52,6 +53,7 @@ const VERIFIED_GATES: [&str; 2] = ["pow", "entropy"];
 /// `[mint.captcha]` (the `captcha` gate of a later version).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct CaptchaConfig {
     /// `turnstile`, `hcaptcha` or `recaptcha`.
     pub provider: String,
@@ -68,6 +70,7 @@ pub struct CaptchaConfig {
 /// `[mint.oidc]` (the `oidc` gate of a later version).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct OidcConfig {
     /// The issuer (`iss`).
     pub issuer: String,
@@ -84,6 +87,7 @@ pub struct OidcConfig {
 /// `[mint.app_attest]` (the `app_attest` gate of a later version).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct AppAttestConfig {
     /// `TEAMID.bundle.id` values.
     pub app_ids: Vec<String>,
@@ -96,6 +100,7 @@ pub struct AppAttestConfig {
 /// `[mint.play_integrity]` (the `play_integrity` gate of a later version).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct PlayIntegrityConfig {
     /// Accepted package names.
     pub package_names: Vec<String>,

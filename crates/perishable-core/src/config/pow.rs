@@ -7,6 +7,7 @@ use super::ConfigError;
 /// `[pow]`: proof of work on minting.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct PowConfig {
     /// Leading zero bits of `SHA-256(challenge + nonce)`; 0 switches proof of work off.
     pub difficulty: u8,

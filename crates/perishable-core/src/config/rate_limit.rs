@@ -7,6 +7,7 @@ use super::ConfigError;
 /// `[rate_limit]`: per-client request limits.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct RateLimitConfig {
     /// Requests per window per client (the burst).
     pub points: u32,

@@ -8,6 +8,7 @@ use super::ConfigError;
 /// not serve it: `enabled = true` is refused at build time.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct RealtimeConfig {
     /// Serve `GET /openai/realtime`.
     pub enabled: bool,

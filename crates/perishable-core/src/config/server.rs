@@ -8,6 +8,7 @@ use super::IpNet;
 /// `[server]`: how the service is reached.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct ServerConfig {
     /// The URL clients see for the router's mount point; used for DPoP `htu` and same-origin checks.
     pub public_url: Option<String>,

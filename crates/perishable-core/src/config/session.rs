@@ -11,6 +11,7 @@ use super::{ConfigError, Secret};
 /// How strongly sessions are bound to a client-held key (RFC 9449 DPoP).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum DpopMode {
     /// DPoP headers are ignored; every session is a bearer session.
     Off,
@@ -23,6 +24,7 @@ pub enum DpopMode {
 
 /// Signing algorithm for session tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[non_exhaustive]
 pub enum Algorithm {
     /// HMAC-SHA256 with a shared secret (default).
     #[default]
@@ -34,6 +36,7 @@ pub enum Algorithm {
 /// One signing key in `[[session.keys]]`, for rotation.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct SigningKeyConfig {
     /// The key id put in the token header (`kid`).
     pub kid: String,
@@ -54,6 +57,7 @@ impl fmt::Debug for SigningKeyConfig {
 /// `[session]`: how sessions are minted and checked.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct SessionConfig {
     /// Lifetime of one token, in seconds.
     pub ttl_secs: u64,

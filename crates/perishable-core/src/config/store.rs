@@ -9,6 +9,7 @@ use super::ConfigError;
 /// What to do when the shared store cannot be reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum OnUnavailable {
     /// Refuse with `503 store_unavailable`.
     #[default]
@@ -20,6 +21,7 @@ pub enum OnUnavailable {
 /// `[store]`: where shared state lives.
 #[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct StoreConfig {
     /// `memory` (the default, one instance) or `redis://[:password@]host:port[/db]` (cargo
     /// feature `redis`). May hold a password: `Debug` shows only its scheme.

@@ -7,6 +7,7 @@ use super::{ConfigError, Secret};
 /// `[upstream]`: where requests go and what may pass.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct UpstreamConfig {
     /// Base URL of the OpenAI-compatible API, e.g. `https://api.openai.com/v1`.
     pub base_url: String,

@@ -21,13 +21,13 @@ use crate::token::{Claims, Confirmation, hash_b64, new_jti};
 
 /// A validated `POST /session` body.
 #[derive(Debug, Clone, PartialEq)]
-pub struct MintRequest {
+pub(crate) struct MintRequest {
     /// The client's fingerprint (validated).
-    pub fingerprint: String,
+    pub(crate) fingerprint: String,
     /// Interaction samples (within limits).
-    pub entropy: Entropy,
+    pub(crate) entropy: Entropy,
     /// The proof of work, when given.
-    pub pow: Option<PowSolution>,
+    pub(crate) pow: Option<PowSolution>,
 }
 
 fn invalid_json(message: impl Into<std::borrow::Cow<'static, str>>) -> Error {
@@ -36,7 +36,7 @@ fn invalid_json(message: impl Into<std::borrow::Cow<'static, str>>) -> Error {
 
 impl MintRequest {
     /// Parses and validates a body.
-    pub fn parse(body: &[u8]) -> Result<Self, Error> {
+    pub(crate) fn parse(body: &[u8]) -> Result<Self, Error> {
         // Each field is kept as JSON first, so a wrong type gets its own error code.
         let mut raw: Map<String, Value> = serde_json::from_slice(body).map_err(|e| {
             invalid_json(format!(

@@ -36,8 +36,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-pub use self::mint::MintRequest;
-pub use self::service::{MAX_MINT_BODY_BYTES, SessionService};
+pub use self::service::{SessionFuture, SessionService};
 use crate::audit::Audit;
 use crate::clock::unix_now;
 use crate::config::{Config, DpopMode};

@@ -16,7 +16,7 @@ use crate::route::Route;
 use crate::token::VerifiedSession;
 
 /// Largest `POST /session` body: 512 pointer samples and 512 key times fit with room to spare.
-pub const MAX_MINT_BODY_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_MINT_BODY_BYTES: usize = 64 * 1024;
 
 /// Serves `GET /health`, `GET /challenge`, `POST /session`, `POST /session/refresh` and
 /// `DELETE /session`: the session routes of the [`Route`] table, on the path below the mount
@@ -50,6 +50,11 @@ impl SessionService {
     }
 }
 
+crate::future::opaque_future! {
+    /// The response future of [`SessionService`].
+    pub type SessionFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+}
+
 fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     let body = serde_json::to_vec(value).unwrap_or_default();
     let mut response = Response::new(Body::full(body));
@@ -74,7 +79,7 @@ where
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+    type Future = SessionFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
@@ -82,10 +87,10 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let sessions = self.sessions.clone();
-        Box::pin(async move {
+        SessionFuture::new(Box::pin(async move {
             let result = handle(&sessions, req).await;
             Ok(result.unwrap_or_else(Error::into_response))
-        })
+        }))
     }
 }
 

@@ -3,10 +3,11 @@
 //!
 //! What it does, in order (PROTOCOL "Forwarding rules"):
 //!
-//! 1. Takes `{path}` from the [`UpstreamPath`] extension (the axum router sets it) or, failing
-//!    that, from whatever follows the first `/openai/` in the request path.
-//! 2. Refuses paths off the allow-list (`403 path_not_allowed`; see [`AllowList`]) before
-//!    anything else: they never reach the upstream.
+//! 1. Takes `{path}` from the [`UpstreamPath`] extension (a router of your own may set it) or,
+//!    failing that, from whatever follows the first `/openai/` in the request path.
+//! 2. Refuses paths off the allow-list (`403 path_not_allowed`: `*` matches one segment; empty,
+//!    `.`, `..` and percent-encoded separators never match) before anything else: they never
+//!    reach the upstream.
 //! 3. Reads the body up to `upstream.max_body_bytes` (`413 body_too_large`) within
 //!    `server.body_timeout_ms` (`408 body_timeout`).
 //! 4. When a cost gate applies (a budget, the completion or stream cap, a model allow-list), the
@@ -14,7 +15,7 @@
 //!    check reads (`upstream/request.rs`: `415`, `400 invalid_json`, `400 invalid_parameter`,
 //!    `403 model_not_allowed`), the completion cap and `include_usage` are applied as edits in
 //!    place, and the call's worst-case cost is reserved at every budget scope
-//!    ([`crate::budget`]: `429 budget_exhausted`, `429 rate_limited` for the stream cap).
+//!    ("Budgets" in `docs/protocol.md`: `429 budget_exhausted`, `429 rate_limited` for the stream cap).
 //! 5. Sends method, path, query and body upstream on one pooled connection pool, with the
 //!    client's headers by allow-list (`upstream/headers.rs`), plus the server's own
 //!    `Authorization: Bearer <key>` (none for a keyless upstream), `upstream.headers` and
@@ -52,8 +53,5 @@ mod request;
 mod response;
 mod service;
 
-pub use crate::body::UpstreamBody;
-pub use crate::path::{AllowList, PathPattern};
-pub use crate::usage::Usage;
 pub use client::{UpstreamClient, rustls};
-pub use service::{UpstreamPath, UpstreamService};
+pub use service::{UpstreamFuture, UpstreamPath, UpstreamService};

@@ -168,7 +168,7 @@ where
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+    type Future = UpstreamFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
@@ -185,7 +185,7 @@ where
             Ok(read) => Either::Left(read.and_then(move |prepared| inner.send(prepared))),
             Err(error) => Either::Right(std::future::ready(Err(error))),
         };
-        Box::pin(forward.map(move |result| {
+        UpstreamFuture::new(Box::pin(forward.map(move |result| {
             Ok(match result {
                 Ok(response) => response,
                 Err(error) => match session_id {
@@ -194,8 +194,13 @@ where
                 }
                 .into_response(),
             })
-        }))
+        })))
     }
+}
+
+crate::future::opaque_future! {
+    /// The response future of [`UpstreamService`]: the upstream's response, or a refusal.
+    pub type UpstreamFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 }
 
 /// The `{path}` to forward: the [`UpstreamPath`] extension; else what follows the first

@@ -39,13 +39,13 @@ pub(crate) use tap::{Encoding, TapMode, UsageTap};
 
 /// Tokens one response used, as the upstream reported them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Usage {
+pub(crate) struct Usage {
     /// Prompt (input) tokens.
-    pub prompt_tokens: u64,
+    pub(crate) prompt_tokens: u64,
     /// Completion (output) tokens.
-    pub completion_tokens: u64,
+    pub(crate) completion_tokens: u64,
     /// All tokens counted against the budget.
-    pub total_tokens: u64,
+    pub(crate) total_tokens: u64,
 }
 
 #[derive(Deserialize)]
