@@ -32,9 +32,10 @@
 //! 3. CORS (tower-http's, [`cors_layer`]): preflights answered here, before any
 //!    authentication, for allowed origins only; requests without `Origin` (not from a browser)
 //!    skip it and get only its `Vary` header;
-//! 4. the route: `/openai` and everything under it straight to the proxy stack, every other
-//!    path through an inner router of the session routes (these layers wrap one service, the
-//!    router's fallback, so axum sets no `MatchedPath`):
+//! 4. the route, from the one route table [`Route`]: `/openai` and
+//!    everything under it straight to the proxy stack, every other path through an inner router
+//!    of the session routes (these layers wrap one service, the router's fallback, so axum sets
+//!    no `MatchedPath`):
 //!
 //! | route | layers | service |
 //! |---|---|---|
@@ -96,7 +97,9 @@ async fn client_js(headers: http::HeaderMap) -> axum::response::Response {
         .into_response()
 }
 
-/// The PROTOCOL routes for `config`, ready to nest.
+/// The routes of [`docs/protocol.md`][routes] for `config`, ready to nest.
+///
+/// [routes]: https://github.com/perishable-rs/perishable/blob/main/docs/protocol.md#routes
 ///
 /// # Panics
 ///
@@ -120,7 +123,7 @@ where
     Ok(router_from(&Perishable::new(config)?))
 }
 
-/// The PROTOCOL routes over an existing [`Perishable`] (to share its state with your own
+/// The protocol routes over an existing [`Perishable`] (to share its state with your own
 /// routes or layers).
 pub fn router_from<S>(perishable: &Perishable) -> Router<S>
 where

@@ -32,7 +32,7 @@ use serde::Deserialize;
 /// Most pointer samples, and most key times, one request may carry.
 pub(crate) const MAX_SAMPLES: usize = 512;
 
-/// The raw interaction samples of `POST /session` (`entropy` in the PROTOCOL).
+/// The raw interaction samples of `POST /session` (`entropy` in `docs/protocol.md`).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct Entropy {

@@ -17,7 +17,7 @@
 //! |---|---|---|
 //! | `perishable_requests_total` | counter | `route`, `status` |
 //! | `perishable_request_duration_seconds` | histogram | `route` (until the response head) |
-//! | `perishable_refusals_total` | counter | `code` (the PROTOCOL code) |
+//! | `perishable_refusals_total` | counter | `code` (the protocol code) |
 //! | `perishable_sessions_total` | counter | `event`: `minted`, `refreshed`, `revoked` |
 //! | `perishable_upstream_first_byte_seconds` | histogram | |
 //! | `perishable_upstream_duration_seconds` | histogram | (until the response body ends) |

@@ -12,7 +12,10 @@ use super::{
 /// The configuration file shape, and a builder with one method per key.
 ///
 /// Deserialize it from a file (TOML or JSON), change keys with the setters, apply the
-/// PROTOCOL environment variables with [`ConfigBuilder::apply_env`], then [`build`](Self::build).
+/// environment variables of [`docs/protocol.md`][env] with [`ConfigBuilder::apply_env`], then
+/// [`build`](Self::build).
+///
+/// [env]: https://github.com/perishable-rs/perishable/blob/main/docs/protocol.md#environment-variables-and-precedence
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[must_use]
@@ -213,7 +216,7 @@ impl ConfigBuilder {
         self
     }
 
-    /// Applies the PROTOCOL environment variables: `OPENAI_API_KEY`, `OPENAI_BASE_URL`,
+    /// Applies the protocol environment variables: `OPENAI_API_KEY`, `OPENAI_BASE_URL`,
     /// `PERISHABLE_JWT_SECRET`, `PERISHABLE_STORE_URL`, `PERISHABLE_CAPTCHA_SECRET` (`PORT`
     /// belongs to the server, not here).
     ///
@@ -310,13 +313,13 @@ impl ConfigBuilder {
 }
 
 impl ConfigBuilder {
-    /// Parses the PROTOCOL file shape in TOML, without validating it yet.
+    /// Parses the protocol file shape in TOML, without validating it yet.
     #[cfg(feature = "toml")]
     pub fn from_toml_str(toml: &str) -> Result<Self, ConfigError> {
         toml::from_str(toml).map_err(|e| ConfigError::Parse(e.to_string()))
     }
 
-    /// Parses the PROTOCOL file shape in JSON, without validating it yet.
+    /// Parses the protocol file shape in JSON, without validating it yet.
     pub fn from_json_str(json: &str) -> Result<Self, ConfigError> {
         serde_json::from_str(json).map_err(|e| ConfigError::Parse(e.to_string()))
     }

@@ -1,4 +1,7 @@
-//! Configuration: the PROTOCOL file shape, a builder with a method per key, and validation.
+//! Configuration: the file shape of [`docs/protocol.md`][configuration], a builder with a
+//! method per key, and validation.
+//!
+//! [configuration]: https://github.com/perishable-rs/perishable/blob/main/docs/protocol.md#configuration
 //!
 //! [`ConfigBuilder`] *is* the file shape: it deserializes from TOML or JSON, every setter changes
 //! one key, and [`ConfigBuilder::build`] validates everything at once into a [`Config`]. Invalid
@@ -15,7 +18,7 @@
 //!     .build()?;
 //! assert_eq!(config.rate_limit().points, 20);
 //!
-//! // The same from the PROTOCOL file shape.
+//! // The same from the protocol file shape.
 //! let config = Config::from_toml_str(r#"
 //!     [upstream]
 //!     api_key = "sk-test"
@@ -161,13 +164,13 @@ impl Config {
         ConfigBuilder::default()
     }
 
-    /// Parses and validates the PROTOCOL file shape in TOML.
+    /// Parses and validates the protocol file shape in TOML.
     #[cfg(feature = "toml")]
     pub fn from_toml_str(toml: &str) -> Result<Self, ConfigError> {
         ConfigBuilder::from_toml_str(toml)?.build()
     }
 
-    /// Parses and validates the PROTOCOL file shape in JSON.
+    /// Parses and validates the protocol file shape in JSON.
     pub fn from_json_str(json: &str) -> Result<Self, ConfigError> {
         ConfigBuilder::from_json_str(json)?.build()
     }

@@ -1,4 +1,5 @@
-//! Per-client rate limiting on governor (GCRA), with block duration and PROTOCOL headers.
+//! Per-client rate limiting on governor (GCRA), with block duration and the headers of
+//! [`docs/protocol.md`](https://github.com/perishable-rs/perishable/blob/main/docs/protocol.md).
 //!
 //! [`RateLimitLayer`] asks a [`KeyExtractor`] for the request's key, then its
 //! [`RateLimiter`](crate::store::RateLimiter) (from the [`Store`](crate::store::Store):

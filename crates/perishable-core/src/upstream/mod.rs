@@ -1,7 +1,7 @@
 //! The upstream Service: forwards `/openai/{path}` to the OpenAI-compatible API with the
 //! server's key, and streams the answer back chunk by chunk.
 //!
-//! What it does, in order (PROTOCOL "Forwarding rules"):
+//! What it does, in order ("Forwarding rules" in [`docs/protocol.md`][forwarding]):
 //!
 //! 1. Takes `{path}` from the [`UpstreamPath`] extension (a router of your own may set it) or,
 //!    failing that, from whatever follows the first `/openai/` in the request path.
@@ -45,6 +45,8 @@
 //! println!("{}", response.status());
 //! # Ok(()) }
 //! ```
+//!
+//! [forwarding]: https://github.com/perishable-rs/perishable/blob/main/docs/protocol.md#forwarding-rules
 
 mod client;
 mod connect;

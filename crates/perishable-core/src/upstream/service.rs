@@ -713,7 +713,7 @@ mod tests {
     }
 
     /// serde lets a struct deserialize from a JSON array (`[model, stream]`), so an array body
-    /// naming an allowed model passes the check and is forwarded, though the PROTOCOL and the
+    /// naming an allowed model passes the check and is forwarded, though the protocol and the
     /// refusal message ask for a JSON object.
     #[tokio::test]
     async fn an_array_body_is_not_an_object_naming_a_model() {

@@ -173,7 +173,7 @@ mod tests {
         String::from_utf8(bytes.to_vec()).unwrap()
     }
 
-    /// Asserts a PROTOCOL 401 with `code` and a `WWW-Authenticate` header.
+    /// Asserts a 401 of the protocol with `code` and a `WWW-Authenticate` header.
     async fn assert_unauthorized(response: Response<Body>, code: &str) {
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
         assert!(
