@@ -36,3 +36,28 @@ fn is_origin(s: &str) -> bool {
         Err(_) => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_are_exact_or_the_wildcard() {
+        let origins = |list: &[&str]| CorsConfig {
+            allowed_origins: list.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        assert!(
+            origins(&["https://app.example.com", "http://localhost:5173", "*"])
+                .validate()
+                .is_ok()
+        );
+        for bad in [
+            "https://app.example.com/path",
+            "app.example.com",
+            "",
+            "*.example.com",
+        ] {
+            assert!(origins(&[bad]).validate().is_err(), "{bad}");
+        }
+    }
+}

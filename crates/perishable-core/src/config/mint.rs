@@ -162,3 +162,44 @@ impl MintConfig {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, ConfigError};
+
+    #[test]
+    fn mint_policies_of_the_verified_gates_apply_and_others_are_refused() {
+        let base = || Config::builder().upstream_api_key("sk-test");
+        let c = base().build().unwrap();
+        assert_eq!(c.mint().policies, [["pow", "entropy"]]);
+        assert_eq!(c.pow().difficulty, 16);
+        assert_eq!(c.session().min_entropy_score, 50);
+        // A policy without a gate switches it off.
+        let c = base().mint_policies([["pow"]]).build().unwrap();
+        assert_eq!(c.session().min_entropy_score, 0);
+        assert_eq!(c.pow().difficulty, 16);
+        let c = base().mint_policies([["entropy"]]).build().unwrap();
+        assert_eq!(c.pow().difficulty, 0);
+        // Gates this version does not verify are refused, never silently skipped.
+        for policies in [
+            vec![vec!["oidc"]],
+            vec![vec!["captcha", "pow"]],
+            vec![vec!["pow"], vec!["entropy"]],
+            vec![vec!["nonsense"]],
+            vec![vec![]],
+            vec![],
+        ] {
+            let e = base().mint_policies(policies.clone()).build().unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    ConfigError::Invalid {
+                        key: "mint.policies",
+                        ..
+                    }
+                ),
+                "{policies:?}: {e}"
+            );
+        }
+    }
+}

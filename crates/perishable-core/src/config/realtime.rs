@@ -40,3 +40,31 @@ impl RealtimeConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_realtime_route_is_refused_in_this_version() {
+        assert!(RealtimeConfig::default().validate().is_ok());
+        let enabled = RealtimeConfig {
+            enabled: true,
+            ..RealtimeConfig::default()
+        };
+        assert!(matches!(
+            enabled.validate(),
+            Err(ConfigError::Invalid {
+                key: "realtime.enabled",
+                ..
+            })
+        ));
+        #[cfg(feature = "toml")]
+        assert!(
+            crate::Config::from_toml_str(
+                "[upstream]\napi_key = \"sk\"\n[realtime]\nenabled = true\n"
+            )
+            .is_err()
+        );
+    }
+}

@@ -54,3 +54,39 @@ impl ServerConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_public_origin_comes_from_public_url() {
+        assert_eq!(ServerConfig::default().validate().unwrap(), None);
+        let config = ServerConfig {
+            public_url: Some("https://API.example.com:443/ai/".to_owned()),
+            ..ServerConfig::default()
+        };
+        assert_eq!(
+            config.validate().unwrap().as_deref(),
+            Some("https://api.example.com")
+        );
+        for bad in ["ftp://example.com", "not a url", "file:///tmp"] {
+            let config = ServerConfig {
+                public_url: Some(bad.to_owned()),
+                ..ServerConfig::default()
+            };
+            assert!(config.validate().is_err(), "{bad}");
+        }
+        let config = ServerConfig {
+            body_timeout_ms: 0,
+            ..ServerConfig::default()
+        };
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::Invalid {
+                key: "server.body_timeout_ms",
+                ..
+            })
+        ));
+    }
+}

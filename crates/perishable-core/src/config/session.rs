@@ -253,3 +253,95 @@ pub(crate) fn ed25519_pkcs8_der(pem: &str, key: &'static str) -> Result<Vec<u8>,
         .map_err(|_| ConfigError::invalid(key, "is not an Ed25519 PKCS#8 private key"))?;
     Ok(der)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(config: SessionConfig) -> Option<&'static str> {
+        match config.validate() {
+            Ok(()) => None,
+            Err(ConfigError::Invalid { key, .. }) => Some(key),
+            Err(other) => panic!("{other}"),
+        }
+    }
+
+    fn hmac(kid: &str, secret: &str) -> SigningKeyConfig {
+        SigningKeyConfig {
+            kid: kid.to_owned(),
+            secret: Some(Secret::new(secret)),
+            private_key_pem: None,
+        }
+    }
+
+    const LONG: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn short_secrets_are_refused() {
+        let config = SessionConfig {
+            jwt_secret: Some(Secret::new("too-short")),
+            ..SessionConfig::default()
+        };
+        assert_eq!(key(config), Some("session.jwt_secret"));
+        let config = SessionConfig {
+            keys: vec![hmac("old", "too-short")],
+            ..SessionConfig::default()
+        };
+        assert_eq!(key(config), Some("session.keys"));
+    }
+
+    #[test]
+    fn keys_are_checked_as_data() {
+        // No key at all is valid: the runtime makes a random one.
+        assert_eq!(key(SessionConfig::default()), None);
+        // A kid used twice, including the one derived from jwt_secret.
+        let config = SessionConfig {
+            keys: vec![hmac("a", LONG), hmac("a", LONG)],
+            ..SessionConfig::default()
+        };
+        assert_eq!(key(config), Some("session.keys"));
+        let config = SessionConfig {
+            jwt_secret: Some(Secret::new(LONG)),
+            keys: vec![hmac(&kid_for(LONG.as_bytes()), LONG)],
+            ..SessionConfig::default()
+        };
+        assert_eq!(key(config), Some("session.keys"));
+        // The material must fit the algorithm.
+        let config = SessionConfig {
+            algorithm: Algorithm::EdDSA,
+            keys: vec![hmac("a", LONG)],
+            ..SessionConfig::default()
+        };
+        assert_eq!(key(config), Some("session.keys"));
+        let config = SessionConfig {
+            algorithm: Algorithm::EdDSA,
+            jwt_secret: Some(Secret::new(LONG)),
+            ..SessionConfig::default()
+        };
+        assert_eq!(key(config), Some("session.jwt_secret"));
+        let config = SessionConfig {
+            algorithm: Algorithm::EdDSA,
+            keys: vec![SigningKeyConfig {
+                kid: "ed".to_owned(),
+                secret: None,
+                private_key_pem: Some(Secret::new(
+                    "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----",
+                )),
+            }],
+            ..SessionConfig::default()
+        };
+        assert_eq!(key(config), Some("session.keys"));
+        let config = SessionConfig {
+            keys: vec![hmac("", LONG)],
+            ..SessionConfig::default()
+        };
+        assert_eq!(key(config), Some("session.keys"));
+    }
+
+    #[test]
+    fn the_kid_of_a_secret_is_stable_and_short() {
+        assert_eq!(kid_for(b"secret"), kid_for(b"secret"));
+        assert_ne!(kid_for(b"secret"), kid_for(b"other"));
+        assert_eq!(kid_for(b"secret").len(), 12);
+    }
+}

@@ -90,3 +90,53 @@ impl StoreConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(config: StoreConfig) -> Option<&'static str> {
+        match config.validate() {
+            Ok(()) => None,
+            Err(ConfigError::Invalid { key, .. }) => Some(key),
+            Err(other) => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn the_store_url_prefix_and_timeout_are_checked() {
+        assert_eq!(key(StoreConfig::default()), None);
+        let url = |url: &str| StoreConfig {
+            url: url.to_owned(),
+            ..StoreConfig::default()
+        };
+        assert_eq!(key(url("postgres://db")), Some("store.url"));
+        #[cfg(feature = "redis")]
+        assert_eq!(key(url("redis://127.0.0.1:6379/0")), None);
+        #[cfg(not(feature = "redis"))]
+        assert_eq!(key(url("redis://127.0.0.1:6379/0")), Some("store.url"));
+        let prefix = StoreConfig {
+            key_prefix: "two words".to_owned(),
+            ..StoreConfig::default()
+        };
+        assert_eq!(key(prefix), Some("store.key_prefix"));
+        let timeout = StoreConfig {
+            timeout_ms: 0,
+            ..StoreConfig::default()
+        };
+        assert_eq!(key(timeout), Some("store.timeout_ms"));
+    }
+
+    #[test]
+    fn a_password_in_the_url_stays_out_of_debug() {
+        let config = url_config("redis://:hunter2@cache:6379");
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    fn url_config(url: &str) -> StoreConfig {
+        StoreConfig {
+            url: url.to_owned(),
+            ..StoreConfig::default()
+        }
+    }
+}

@@ -22,9 +22,10 @@
 //!    `Accept-Encoding: identity`. Redirects are never followed (the key must not go anywhere
 //!    else).
 //! 6. Returns the upstream's status, headers (minus hop-by-hop and `Set-Cookie`) and body, each
-//!    chunk passed on as it arrives; event streams get `X-Accel-Buffering: no`. A usage tap
-//!    (`upstream/usage.rs`) reads the response's `usage` as it passes, to settle the reservation and count
-//!    tokens, and hides the usage chunk the proxy asked for on the client's behalf.
+//!    chunk passed on as it arrives (`upstream/response.rs`); event streams get
+//!    `X-Accel-Buffering: no`. A usage tap (`usage/tap.rs`) reads the response's `usage` as it
+//!    passes, to settle the reservation and count tokens, and hides the usage chunk the proxy
+//!    asked for on the client's behalf.
 //!
 //! Timeouts: `connect_timeout_ms` for the connection (then `502 upstream_unavailable`),
 //! `first_byte_timeout_ms` for the response headers (then `504 upstream_timeout`), and
