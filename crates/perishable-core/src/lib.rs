@@ -36,7 +36,8 @@
 //! 9. The middleware, each a Layer, a Service and a named future: [`origin`] (the `Origin`
 //!    check), [`observe`] (the request span and metrics), [`session`] (the engine: minting,
 //!    verification, refresh, revocation; and its Service), [`verify`] (the session check in
-//!    front of a service), [`rate_limit`] (per client, on the store's limiter), [`upstream`]
+//!    front of a service: the one middleware that uses another, the session engine),
+//!    [`rate_limit`] (per client, on the store's limiter), [`upstream`]
 //!    (the streaming forwarding Service: one strict parse of a metered body, headers by
 //!    allow-list, the usage tap).
 //! 10. [`Perishable`]: the runtime state built from a config; decodes the keys and hands out
