@@ -20,7 +20,8 @@
 //!    incremental search of a response for its `usage`), `path` (path patterns and the
 //!    allow-list), `header_rules` (which headers may never cross), [`client_ip`] (which IP a
 //!    request counts against), [`entropy`] (the server-side interaction score), [`Route`] (the
-//!    route table), `future` (the shared refusal-or-inner future).
+//!    route table), `future` (the shared refusal-or-inner future), `macros` (`opaque_future!`
+//!    for named futures, `define_inner_service_accessors!`).
 //! 2. `usage` (the `Usage` of a response, the tap that reads it, the event-stream parser) and
 //!    [`audit`] (the audit hook).
 //! 3. [`config`]: the configuration as validated data, one file per section.
@@ -140,6 +141,7 @@ pub mod fingerprint;
 mod future;
 mod header_rules;
 pub(crate) mod json;
+mod macros;
 pub mod observe;
 pub mod origin;
 pub(crate) mod path;

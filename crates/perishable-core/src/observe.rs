@@ -100,6 +100,10 @@ pub struct Observe<S> {
     audit: Audit,
 }
 
+impl<S> Observe<S> {
+    crate::macros::define_inner_service_accessors!();
+}
+
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Observe<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,

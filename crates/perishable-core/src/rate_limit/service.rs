@@ -38,20 +38,7 @@ impl<S, X: KeyExtractor> RateLimit<S, X> {
         }
     }
 
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Unwraps the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    crate::macros::define_inner_service_accessors!();
 }
 
 impl<S, X, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S, X>
@@ -118,7 +105,7 @@ type Decided<F, ResBody, E> = Either<
     Pin<Box<dyn Future<Output = Result<Response<ResBody>, E>> + Send>>,
 >;
 
-crate::future::opaque_future! {
+crate::macros::opaque_future! {
     /// The response future of [`RateLimit`]: a refusal, or the inner service's answer.
     pub type RateLimitFuture<F, ResBody, E> = Decided<F, ResBody, E>;
 }

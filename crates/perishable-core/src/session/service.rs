@@ -50,7 +50,7 @@ impl SessionService {
     }
 }
 
-crate::future::opaque_future! {
+crate::macros::opaque_future! {
     /// The response future of [`SessionService`].
     pub type SessionFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 }

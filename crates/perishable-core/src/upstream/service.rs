@@ -198,7 +198,7 @@ where
     }
 }
 
-crate::future::opaque_future! {
+crate::macros::opaque_future! {
     /// The response future of [`UpstreamService`]: the upstream's response, or a refusal.
     pub type UpstreamFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 }

@@ -28,20 +28,7 @@ impl<S> Verify<S> {
         VerifyLayer::new(sessions)
     }
 
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Unwraps the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    crate::macros::define_inner_service_accessors!();
 }
 
 /// What [`VerifyFuture`] holds: a refusal, the inner service's future (the session was checked
@@ -51,7 +38,7 @@ type Checked<F, ResBody, E> = Either<
     Pin<Box<dyn Future<Output = Result<Response<ResBody>, E>> + Send>>,
 >;
 
-crate::future::opaque_future! {
+crate::macros::opaque_future! {
     /// The response future of [`Verify`]: a refusal, or the inner service's answer.
     pub type VerifyFuture<F, ResBody, E> = Checked<F, ResBody, E>;
 }
