@@ -33,13 +33,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use http::{Request, Response};
-use perishable::config::DpopMode;
+use perishable::config::{Algorithm, DpopMode};
 use perishable::dpop::{DpopSigner, DpopVerifier, Expected, Htu};
 use perishable::entropy::Entropy;
+use perishable::fingerprint;
 use perishable::pow::{PowSolution, ProofOfWork};
-use perishable::rate_limit::Limiter;
-use perishable::store::{MemoryStore, RatePolicy, Store};
-use perishable::token::{Algorithm, Claims, hash_b64};
+use perishable::store::{Limiter, MemoryStore, RatePolicy, Store};
+use perishable::token::Claims;
 use perishable::{Body, Config, Perishable};
 use tower::{ServiceBuilder, ServiceExt, service_fn};
 
@@ -91,8 +91,8 @@ fn token(p: &Perishable, jkt: Option<String>) -> String {
         nbf: now,
         exp: now + 3600,
         auth_time: now,
-        fp: hash_b64(FINGERPRINT.as_bytes()),
-        ua: Some(hash_b64(UA.as_bytes())),
+        fp: fingerprint::hash(FINGERPRINT),
+        ua: Some(fingerprint::hash(UA)),
         cnf: jkt.map(|jkt| perishable::token::Confirmation { jkt }),
     };
     p.sessions().codec().sign(&claims).unwrap()
@@ -169,13 +169,10 @@ fn dpop_verification(c: &mut Criterion) {
 }
 
 fn fingerprint_check(c: &mut Criterion) {
-    let fp = hash_b64(FINGERPRINT.as_bytes());
-    assert!(perishable::fingerprint::matches(
-        FINGERPRINT.as_bytes(),
-        &fp
-    ));
+    let fp = fingerprint::hash(FINGERPRINT);
+    assert!(fingerprint::matches(FINGERPRINT.as_bytes(), &fp));
     c.bench_function("fingerprint/matches", |b| {
-        b.iter(|| perishable::fingerprint::matches(FINGERPRINT.as_bytes(), &fp))
+        b.iter(|| fingerprint::matches(FINGERPRINT.as_bytes(), &fp))
     });
 }
 
@@ -193,7 +190,7 @@ fn rate_limit(c: &mut Criterion) {
     let _guard = rt.enter();
     let mut group = c.benchmark_group("rate_limit");
     let limiter = Limiter::<String>::new(policy());
-    let key = hash_b64(FINGERPRINT.as_bytes());
+    let key = fingerprint::hash(FINGERPRINT);
     group.bench_function("limiter_check", |b| b.iter(|| limiter.check(&key).unwrap()));
     let store = MemoryStore::new();
     let dyn_limiter = store.rate_limiter(policy());
@@ -202,7 +199,7 @@ fn rate_limit(c: &mut Criterion) {
     });
     // Many clients: 10,000 distinct keys, cycled.
     let keys: Vec<String> = (0..10_000)
-        .map(|i| hash_b64(format!("device-{i}").as_bytes()))
+        .map(|i| fingerprint::hash(&format!("device-{i}")))
         .collect();
     let mut i = 0;
     group.bench_function("limiter_check_10k_keys", |b| {

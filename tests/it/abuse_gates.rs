@@ -260,7 +260,7 @@ fn leading_zero_bits(challenge: &str, nonce: &str) -> u32 {
         .chain_update(challenge.as_bytes())
         .chain_update(nonce.as_bytes())
         .finalize();
-    perishable::pow::leading_zero_bits(&digest)
+    u128::from_be_bytes(digest[..16].try_into().unwrap()).leading_zeros()
 }
 
 async fn fresh_challenge(proxy: &Proxy) -> Value {

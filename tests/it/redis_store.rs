@@ -39,7 +39,7 @@ async fn pair(redis: &Redis, tweak: impl Fn(ConfigBuilder) -> ConfigBuilder) -> 
         .await
         .unwrap();
     // A fresh prefix per test: tests share nothing even on one server.
-    let prefix = format!("t{}", perishable::token::hash_b64(redis.url().as_bytes()));
+    let prefix = format!("t{}", perishable::fingerprint::hash(&redis.url()));
     let config = || {
         tweak(
             crate::support::config(&mock.base_url())

@@ -153,7 +153,8 @@ fn wrong_nonce(challenge: &str, difficulty: u8) -> String {
                 .chain_update(challenge.as_bytes())
                 .chain_update(nonce.as_bytes())
                 .finalize();
-            perishable::pow::leading_zero_bits(&digest) < u32::from(difficulty)
+            u128::from_be_bytes(digest[..16].try_into().unwrap()).leading_zeros()
+                < u32::from(difficulty)
         })
         .unwrap()
 }

@@ -446,7 +446,7 @@ async fn no_secret_or_fingerprint_in_spans_or_logs() {
         ("a fingerprint".into(), "wrong-00000".into()),
         (
             "a fingerprint hash".into(),
-            perishable::token::hash_b64(fp.as_bytes()),
+            perishable::fingerprint::hash(fp),
         ),
     ];
     for (what, jwt) in [

@@ -20,7 +20,7 @@ use perishable_core::Perishable;
 use tower::{Layer, Service};
 use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
 
-/// Request headers a browser may send cross-origin: the PROTOCOL's four, and those the official
+/// Request headers a browser may send cross-origin: the protocol's four, and those the official
 /// OpenAI JavaScript SDK adds that the proxy forwards, so it works unchanged from a page. Never
 /// `OpenAI-Organization` or `OpenAI-Project`: the proxy does not forward a client's choice of who
 /// is billed. `upstream.forward_headers` are allowed too (see [`cors_layer`]).

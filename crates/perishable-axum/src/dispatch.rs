@@ -1,6 +1,7 @@
 //! The split between the proxy and the other routes, behind the router's outer layers.
 //!
-//! `/openai` and everything under `/openai/` go straight to the authenticated upstream stack
+//! `/openai` and everything under `/openai/` ([`Route::Proxy`]) go straight to the authenticated
+//! upstream stack
 //! (verify, rate limit, upstream): the hot path pays for one prefix test instead of a second
 //! trip through axum's routing, boxing and response mapping. Every other path goes to an axum
 //! [`Router`] of the session routes, which answers unknown paths and methods itself.
@@ -15,13 +16,8 @@ use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
 use http::Request;
+use perishable_core::Route;
 use tower::Service;
-
-/// Whether `path` is the proxy's: `/openai` or under `/openai/`.
-fn is_proxied(path: &str) -> bool {
-    path.strip_prefix("/openai")
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-}
 
 /// Sends proxy paths to `proxy`, the rest to `routes`; see the [module docs](self).
 #[derive(Clone, Debug)]
@@ -52,7 +48,7 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        if is_proxied(req.uri().path()) {
+        if Route::is_proxied(req.uri().path()) {
             DispatchFuture::Proxy {
                 future: self.proxy.call(req),
             }
@@ -88,33 +84,6 @@ where
                 Poll::Ready(Ok(response.map(Body::new)))
             }
             DispatchProj::Routes { future } => future.poll(cx),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_proxied;
-
-    #[test]
-    fn the_proxy_owns_openai_and_below_only() {
-        for path in [
-            "/openai",
-            "/openai/",
-            "/openai/chat/completions",
-            "/openai//x",
-        ] {
-            assert!(is_proxied(path), "{path}");
-        }
-        for path in [
-            "/",
-            "/openaix",
-            "/openai-x/y",
-            "/session",
-            "/x/openai/y",
-            "",
-        ] {
-            assert!(!is_proxied(path), "{path}");
         }
     }
 }

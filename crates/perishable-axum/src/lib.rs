@@ -33,9 +33,10 @@
 //! 3. CORS (tower-http's, [`cors_layer`]): preflights answered here, before any
 //!    authentication, for allowed origins only; requests without `Origin` (not from a browser)
 //!    skip it and get only its `Vary` header;
-//! 4. the route: `/openai` and everything under it straight to the proxy stack, every other
-//!    path through an inner router of the session routes (these layers wrap one service, the
-//!    router's fallback, so axum sets no `MatchedPath`):
+//! 4. the route, from the one route table [`Route`]: `/openai` and
+//!    everything under it straight to the proxy stack, every other path through an inner router
+//!    of the session routes (these layers wrap one service, the router's fallback, so axum sets
+//!    no `MatchedPath`):
 //!
 //! | route | layers | service |
 //! |---|---|---|
@@ -55,7 +56,7 @@ use http::Request;
 use http::header;
 use perishable_core::client_ip::PeerAddr;
 use perishable_core::dpop::OriginalUri;
-use perishable_core::{ConfigError, Perishable};
+use perishable_core::{ConfigError, Perishable, Route};
 use tower::ServiceBuilder;
 use tower::util::MapRequestLayer;
 
@@ -99,7 +100,9 @@ async fn client_js(headers: http::HeaderMap) -> axum::response::Response {
         .into_response()
 }
 
-/// The PROTOCOL routes for `config`, ready to nest.
+/// The routes of [`docs/protocol.md`][routes] for `config`, ready to nest.
+///
+/// [routes]: https://github.com/perishable-rs/perishable/blob/main/docs/protocol.md#routes
 ///
 /// # Panics
 ///
@@ -123,7 +126,7 @@ where
     Ok(router_from(&Perishable::new(config)?))
 }
 
-/// The PROTOCOL routes over an existing [`Perishable`] (to share its state with your own
+/// The protocol routes over an existing [`Perishable`] (to share its state with your own
 /// routes or layers).
 pub fn router_from<S>(perishable: &Perishable) -> Router<S>
 where
@@ -135,12 +138,14 @@ where
             .layer(perishable.verify_layer())
             .layer(perishable.rate_limit_layer())
     };
+    // The session routes of the route table; the proxy route is the dispatch's. Mint and revoke
+    // share a path, so one method router serves both.
     let routes = Router::new()
-        .route("/health", get_service(sessions.clone()))
-        .route("/challenge", get_service(sessions.clone()))
-        .route("/client.js", axum::routing::get(client_js))
+        .route(Route::Health.path(), get_service(sessions.clone()))
+        .route(Route::Challenge.path(), get_service(sessions.clone()))
+        .route(Route::ClientJs.path(), axum::routing::get(client_js))
         .route(
-            "/session",
+            Route::Mint.path(),
             post_service(
                 ServiceBuilder::new()
                     .layer(perishable.mint_limit_layer())
@@ -149,7 +154,7 @@ where
             .delete_service(authenticated().service(sessions.clone())),
         )
         .route(
-            "/session/refresh",
+            Route::Refresh.path(),
             post_service(authenticated().service(sessions)),
         )
         .fallback(not_found)
@@ -205,4 +210,48 @@ fn peer_addr<B>(mut req: Request<B>) -> Request<B> {
         req.extensions_mut().insert(OriginalUri(uri));
     }
     req
+}
+
+#[cfg(test)]
+mod tests {
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// Every route of the table reaches a service: none answers the router's own 404 or 405.
+    #[tokio::test]
+    async fn the_router_serves_every_route_of_the_table() {
+        let config = Config::builder()
+            .upstream_api_key("sk-test")
+            .build()
+            .unwrap();
+        let app: Router = router(config);
+        for route in Route::ALL {
+            let method = route.method().cloned().unwrap_or(http::Method::PATCH);
+            let path = match route {
+                Route::Proxy => "/openai/models",
+                _ => route.path(),
+            };
+            let request = Request::builder()
+                .method(method.clone())
+                .uri(path)
+                .body(axum::body::Body::empty())
+                .unwrap();
+            let response = app.clone().oneshot(request).await.unwrap();
+            let status = response.status().as_u16();
+            assert!(
+                status != 404 && status != 405,
+                "{route:?}: {method} {path} answered {status}"
+            );
+        }
+        let request = Request::get("/session")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), 405);
+        let request = Request::get("/nowhere")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        assert_eq!(app.oneshot(request).await.unwrap().status(), 404);
+    }
 }

@@ -52,9 +52,9 @@ pub enum AuditEvent {
         /// The session id.
         session_id: String,
     },
-    /// A request was refused with a PROTOCOL error.
+    /// A request was refused with an error of the protocol.
     Refused {
-        /// The PROTOCOL code.
+        /// The protocol code.
         code: ErrorCode,
         /// The route (`mint`, `openai`, ...).
         route: &'static str,

@@ -38,12 +38,12 @@ use std::time::Duration;
 use crate::config::{BudgetConfig, BudgetScope, OnUnavailable};
 use crate::error::{Error, ErrorCode, RateLimitInfo};
 use crate::store::{Bucket, Reservation, Store, log_failure};
-use crate::upstream::Usage;
-use crate::verify::VerifiedSession;
+use crate::token::VerifiedSession;
+use crate::usage::Usage;
 
 /// Budget and stream-cap policy, over the shared [`Store`].
 #[derive(Debug, Clone)]
-pub struct Budget {
+pub(crate) struct Budget {
     inner: Arc<Inner>,
 }
 
@@ -77,7 +77,11 @@ const SCOPE_NAMES: [&str; 3] = ["tokens", "tokens_ip", "tokens_global"];
 
 impl Budget {
     /// The `[budget]` policy, keeping its state in `store`.
-    pub fn new(config: BudgetConfig, store: Arc<dyn Store>, on_unavailable: OnUnavailable) -> Self {
+    pub(crate) fn new(
+        config: BudgetConfig,
+        store: Arc<dyn Store>,
+        on_unavailable: OnUnavailable,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 store,

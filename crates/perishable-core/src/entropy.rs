@@ -30,9 +30,9 @@
 use serde::Deserialize;
 
 /// Most pointer samples, and most key times, one request may carry.
-pub const MAX_SAMPLES: usize = 512;
+pub(crate) const MAX_SAMPLES: usize = 512;
 
-/// The raw interaction samples of `POST /session` (`entropy` in the PROTOCOL).
+/// The raw interaction samples of `POST /session` (`entropy` in `docs/protocol.md`).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct Entropy {
@@ -45,7 +45,7 @@ pub struct Entropy {
 }
 
 impl Entropy {
-    /// Whether the sample counts are within [`MAX_SAMPLES`].
+    /// Whether the sample counts are within the limit (512 pointer samples, 512 key times).
     pub fn within_limits(&self) -> bool {
         self.pointer.len() <= MAX_SAMPLES && self.keys.len() <= MAX_SAMPLES
     }

@@ -1,8 +1,8 @@
 //! The one error type every Perishable refusal goes through.
 //!
-//! [`Error`] carries a PROTOCOL [`ErrorCode`], a human-readable message and the extra headers some
-//! codes need (`Retry-After` and the rate-limit headers on 429, `WWW-Authenticate` on 401). It
-//! renders as the OpenAI error shape, so the official SDKs raise their usual exception types:
+//! [`Error`] carries an [`ErrorCode`] of [`docs/protocol.md`][errors], a human-readable message
+//! and the extra headers some codes need (`Retry-After` and the rate-limit headers on 429,
+//! `WWW-Authenticate` on 401). It renders as the OpenAI error shape, so the official SDKs raise their usual exception types:
 //!
 //! ```json
 //! { "error": { "message": "human readable", "type": "authentication_error", "code": "token_expired" } }
@@ -18,6 +18,8 @@
 //!     Error::new(ErrorCode::PathNotAllowed, "files is not an allowed path").into_response();
 //! assert_eq!(response.status(), 403);
 //! ```
+//!
+//! [errors]: https://github.com/perishable-rs/perishable/blob/main/docs/protocol.md#errors
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -26,7 +28,7 @@ use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
 
-/// Every error code of the PROTOCOL, with its status and OpenAI error `type`.
+/// Every error code of the protocol, with its status and OpenAI error `type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ErrorCode {
@@ -87,7 +89,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    /// The PROTOCOL `code` string.
+    /// The protocol `code` string.
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::InvalidJson => "invalid_json",
@@ -119,7 +121,7 @@ impl ErrorCode {
         }
     }
 
-    /// The HTTP status the PROTOCOL gives this code.
+    /// The HTTP status the protocol gives this code.
     pub const fn status(self) -> StatusCode {
         match self {
             Self::InvalidJson
@@ -151,7 +153,7 @@ impl ErrorCode {
         }
     }
 
-    /// The OpenAI error `type` the PROTOCOL gives this code.
+    /// The OpenAI error `type` the protocol gives this code.
     pub const fn error_type(self) -> &'static str {
         match self.status() {
             StatusCode::BAD_REQUEST
@@ -199,7 +201,7 @@ impl RateLimitInfo {
     }
 }
 
-/// A refusal: a PROTOCOL [`ErrorCode`] with a message and the headers it needs.
+/// A refusal: an [`ErrorCode`] of the protocol with a message and the headers it needs.
 ///
 /// The message is for humans and never holds a secret, a token or a fingerprint.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -219,14 +221,14 @@ pub struct Error {
 /// audit refusals (upstream errors passed through carry none).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
-    /// The PROTOCOL code.
+    /// The protocol code.
     pub code: ErrorCode,
     /// The session, when the refusal came after it was verified.
     pub session_id: Option<String>,
 }
 
 /// The OpenAI error shape: `{"error":{"message":…,"type":…,"code":…}}`.
-pub fn error_body(message: &str, error_type: &str, code: &str) -> Bytes {
+pub(crate) fn error_body(message: &str, error_type: &str, code: &str) -> Bytes {
     #[derive(serde::Serialize)]
     struct Envelope<'a> {
         error: Inner<'a>,
@@ -247,7 +249,7 @@ pub fn error_body(message: &str, error_type: &str, code: &str) -> Bytes {
     Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
 }
 
-/// A response in the OpenAI error shape for what is not a PROTOCOL refusal (an unknown route,
+/// A response in the OpenAI error shape for what is not a refusal of the protocol (an unknown route,
 /// a method a route does not take), with type `invalid_request_error`.
 pub fn other_error_response<B: From<Bytes>>(
     status: StatusCode,
@@ -323,7 +325,7 @@ impl Error {
         self
     }
 
-    /// The PROTOCOL code.
+    /// The protocol code.
     pub fn code(&self) -> ErrorCode {
         self.code
     }
@@ -352,7 +354,7 @@ impl Error {
         error_body(&self.message, error_type, self.code.as_str())
     }
 
-    /// Renders the PROTOCOL response: status, JSON body and headers.
+    /// Renders the protocol response: status, JSON body and headers.
     pub fn into_response<B: From<Bytes>>(self) -> Response<B> {
         let mut response = Response::new(B::from(self.body()));
         *response.status_mut() = self.status();
@@ -409,6 +411,21 @@ impl Error {
             ))
             .unwrap_or_else(|_| HeaderValue::from_static("Bearer realm=\"perishable\"")),
         }
+    }
+}
+
+/// An error with its sources, for logs (hyper's top-level errors say little on their own).
+pub(crate) struct Chain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
     }
 }
 

@@ -22,11 +22,11 @@ use crate::error::{Error, ErrorCode};
 pub const FINGERPRINT_HEADER: HeaderName = HeaderName::from_static("x-perishable-fingerprint");
 
 /// Shortest fingerprint.
-pub const MIN_LEN: usize = 8;
+pub(crate) const MIN_LEN: usize = 8;
 /// Longest fingerprint.
-pub const MAX_LEN: usize = 512;
+pub(crate) const MAX_LEN: usize = 512;
 
-/// Checks the PROTOCOL shape: 8 to 512 printable ASCII characters.
+/// Checks the protocol shape: 8 to 512 printable ASCII characters.
 pub fn validate(fingerprint: &str) -> Result<(), Error> {
     let len = fingerprint.len();
     if !(MIN_LEN..=MAX_LEN).contains(&len) {

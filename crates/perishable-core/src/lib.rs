@@ -5,32 +5,107 @@
 //! The service that embeds this keeps the key. Clients mint short-lived session tokens (JWT)
 //! bound to their device fingerprint after showing human interaction (and solving a proof of
 //! work); every proxied call is checked, rate limited per client, and streamed through byte for
-//! byte. The wire contract is the Perishable PROTOCOL; `perishable-axum` wires these pieces into
-//! its routes, and the `perishable` crate re-exports both.
+//! byte. The wire contract is the Perishable protocol, [`docs/protocol.md`][protocol];
+//! `perishable-axum` wires these pieces into its routes, and the `perishable` crate re-exports
+//! both.
+//!
+//! [protocol]: https://github.com/perishable-rs/perishable/blob/main/docs/protocol.md
 //!
 //! # Layout
 //!
-//! - [`config`]: the PROTOCOL configuration shape, its builder and validation.
-//! - [`perishable`](Perishable): the runtime state built from a config; hands out every layer.
-//! - [`session`]: minting, verification, refresh and revocation, and their tower Service.
-//! - [`token`]: JWT claims, signing keys and rotation.
-//! - [`fingerprint`], [`entropy`], [`pow`], [`dpop`], [`caps`]: the gates a mint must pass, and
-//!   DPoP key binding for every request after it.
-//! - [`verify`]: the Layer that checks token, fingerprint and User-Agent.
-//! - [`rate_limit`]: the per-client Layer on governor.
-//! - [`origin`]: the `Origin` check.
-//! - [`upstream`]: the streaming forwarding Service: the request model of metered calls (one
-//!   strict parse, edits in place), headers by allow-list, and the usage accounting.
-//! - `json` (internal): the strict JSON parser of metered bodies, and the incremental search of
-//!   a response for its `usage`.
-//! - [`budget`]: token budgets as token buckets at three scopes (reserve the worst case, then
-//!   settle on the real usage), the completion cap and
-//!   the concurrent-stream cap.
-//! - [`client_ip`]: which IP a request counts against.
-//! - [`store`]: shared state (rate limits, revocations, caps, replay caches): in memory, or on
-//!   Redis (feature `redis`) for several instances.
-//! - [`error`]: the one error type, rendered in the OpenAI error shape.
-//! - [`observe`]: the request span and metrics; [`audit`]: the audit hook.
+//! The modules form a one-way graph (`.ci/module-graph.py` checks it), listed here bottom-up:
+//! each uses only modules above it in this list.
+//!
+//! 1. Leaves, which use no other module: `clock` (Unix time), [`error`] (the one error type,
+//!    rendered in the OpenAI error shape), `json` (the strict parser of metered bodies and the
+//!    incremental search of a response for its `usage`), `path` (path patterns and the
+//!    allow-list), `header_rules` (which headers may never cross), [`client_ip`] (which IP a
+//!    request counts against), [`entropy`] (the server-side interaction score), [`Route`] (the
+//!    route table), `future` (the shared refusal-or-inner future), `macros` (`opaque_future!`
+//!    for named futures, `define_inner_service_accessors!`).
+//! 2. `usage` (the `Usage` of a response, the tap that reads it, the event-stream parser) and
+//!    [`audit`] (the audit hook).
+//! 3. [`config`]: the configuration as validated data, one file per section.
+//! 4. [`token`]: claims, the keys decoded from the config, signing and verification.
+//! 5. [`store`]: shared state (rate limits, revocations, caps, replay caches, budgets) in memory
+//!    (`store/memory/`: the limiter, the session caps, the expiring sets) or on Redis (feature
+//!    `redis`).
+//! 6. [`fingerprint`], [`pow`], [`dpop`]: the device binding, the proof of work, and DPoP (RFC
+//!    9449) key binding.
+//! 7. `budget`: token budgets at three scopes (reserve the worst case, settle on the real
+//!    usage) and the concurrent-stream cap.
+//! 8. [`Body`]: a whole buffer or a streamed upstream body, with its end-of-body settlement.
+//! 9. The middleware, each a Layer, a Service and a named future: [`origin`] (the `Origin`
+//!    check), [`observe`] (the request span and metrics), [`session`] (the engine: minting,
+//!    verification, refresh, revocation; and its Service), [`verify`] (the session check in
+//!    front of a service: the one middleware that uses another, the session engine),
+//!    [`rate_limit`] (per client, on the store's limiter), [`upstream`]
+//!    (the streaming forwarding Service: one strict parse of a metered body, headers by
+//!    allow-list, the usage tap).
+//! 10. [`Perishable`]: the runtime state built from a config; decodes the keys and hands out
+//!     every layer.
+//!
+//! # Public API
+//!
+//! The whole public surface, by module:
+//!
+//! - root: [`Perishable`], [`Config`], [`ConfigBuilder`], [`ConfigError`], [`Secret`],
+//!   [`Error`], [`ErrorCode`], [`Body`], [`BoxError`], [`Route`], [`Sessions`],
+//!   [`SessionObject`], [`VerifiedSession`].
+//! - [`config`] module: the sections [`UpstreamConfig`](config::UpstreamConfig),
+//!   [`SessionConfig`](config::SessionConfig) (with [`SigningKeyConfig`](config::SigningKeyConfig),
+//!   [`Algorithm`](config::Algorithm), [`DpopMode`](config::DpopMode)),
+//!   [`RateLimitConfig`](config::RateLimitConfig), [`PowConfig`](config::PowConfig),
+//!   [`CorsConfig`](config::CorsConfig), [`ServerConfig`](config::ServerConfig),
+//!   [`BudgetConfig`](config::BudgetConfig) (with [`BudgetScope`](config::BudgetScope),
+//!   [`TierConfig`](config::TierConfig)), [`StoreConfig`](config::StoreConfig) (with
+//!   [`OnUnavailable`](config::OnUnavailable)), [`MintConfig`](config::MintConfig) (with
+//!   [`CaptchaConfig`](config::CaptchaConfig), [`OidcConfig`](config::OidcConfig),
+//!   [`AppAttestConfig`](config::AppAttestConfig),
+//!   [`PlayIntegrityConfig`](config::PlayIntegrityConfig)),
+//!   [`RealtimeConfig`](config::RealtimeConfig);
+//!   [`DEFAULT_ALLOWED_PATHS`](config::DEFAULT_ALLOWED_PATHS),
+//!   [`IpNet`](config::IpNet).
+//! - [`error`] module: [`RateLimitInfo`](error::RateLimitInfo), [`Refusal`](error::Refusal),
+//!   [`other_error_response`](error::other_error_response).
+//! - [`audit`] module: [`Audit`](audit::Audit), [`AuditEvent`](audit::AuditEvent),
+//!   [`AuditAlreadySet`](audit::AuditAlreadySet).
+//! - [`client_ip`] module: [`PeerAddr`](client_ip::PeerAddr),
+//!   [`ClientIpResolver`](client_ip::ClientIpResolver).
+//! - [`entropy`] module: [`Entropy`](entropy::Entropy), [`score`](entropy::score).
+//! - [`fingerprint`] module: [`FINGERPRINT_HEADER`](fingerprint::FINGERPRINT_HEADER),
+//!   [`validate`](fingerprint::validate), [`hash`](fingerprint::hash),
+//!   [`matches`](fingerprint::matches).
+//! - [`pow`] module: [`ProofOfWork`](pow::ProofOfWork), [`Challenge`](pow::Challenge),
+//!   [`PowSolution`](pow::PowSolution), [`solve`](pow::solve).
+//! - [`dpop`] module: [`DpopSigner`](dpop::DpopSigner), [`DpopVerifier`](dpop::DpopVerifier),
+//!   [`Expected`](dpop::Expected), [`Htu`](dpop::Htu), [`DpopProof`](dpop::DpopProof),
+//!   [`OriginalUri`](dpop::OriginalUri), [`DPOP_HEADER`](dpop::DPOP_HEADER).
+//! - [`token`] module: [`Claims`](token::Claims), [`Confirmation`](token::Confirmation),
+//!   [`TokenCodec`](token::TokenCodec).
+//! - [`store`] module: the [`Store`](store::Store) trait and its types ([`Set`](store::Set),
+//!   [`Admission`](store::Admission), [`Bucket`](store::Bucket),
+//!   [`Reservation`](store::Reservation), [`StoreError`](store::StoreError),
+//!   [`StoreFuture`](store::StoreFuture)), the [`RateLimiter`](store::RateLimiter) trait
+//!   ([`RatePolicy`](store::RatePolicy), [`RateDecision`](store::RateDecision)),
+//!   [`MemoryStore`](store::MemoryStore), [`Limiter`](store::Limiter), `RedisStore` (feature
+//!   `redis`).
+//! - [`origin`] module: [`OriginLayer`](origin::OriginLayer), [`OriginCheck`](origin::OriginCheck),
+//!   [`ResponseFuture`](origin::ResponseFuture), [`OriginPolicy`](origin::OriginPolicy).
+//! - [`observe`] module: [`ObserveLayer`](observe::ObserveLayer), [`Observe`](observe::Observe),
+//!   [`ObserveFuture`](observe::ObserveFuture), [`SENSITIVE_HEADERS`](observe::SENSITIVE_HEADERS).
+//! - [`session`] module: [`SessionService`](session::SessionService),
+//!   [`SessionFuture`](session::SessionFuture).
+//! - [`verify`] module: [`VerifyLayer`](verify::VerifyLayer), [`Verify`](verify::Verify),
+//!   [`VerifyFuture`](verify::VerifyFuture).
+//! - [`rate_limit`] module: [`RateLimitLayer`](rate_limit::RateLimitLayer),
+//!   [`RateLimit`](rate_limit::RateLimit), [`RateLimitFuture`](rate_limit::RateLimitFuture), the
+//!   [`KeyExtractor`](rate_limit::KeyExtractor) trait,
+//!   [`FingerprintKey`](rate_limit::FingerprintKey),
+//!   [`ClientIpKey`](rate_limit::ClientIpKey).
+//! - [`upstream`] module: [`UpstreamService`](upstream::UpstreamService),
+//!   [`UpstreamFuture`](upstream::UpstreamFuture), [`UpstreamPath`](upstream::UpstreamPath),
+//!   [`UpstreamClient`](upstream::UpstreamClient), [`rustls`](mod@upstream::rustls) (re-exported).
 //!
 //! # Example
 //!
@@ -55,33 +130,37 @@
 //! ```
 
 pub mod audit;
-pub mod body;
-pub mod budget;
-pub mod caps;
+mod body;
+pub(crate) mod budget;
 pub mod client_ip;
+mod clock;
 pub mod config;
 pub mod dpop;
 pub mod entropy;
 pub mod error;
-pub mod expiring;
 pub mod fingerprint;
 mod future;
+mod header_rules;
 pub(crate) mod json;
+mod macros;
 pub mod observe;
 pub mod origin;
+pub(crate) mod path;
 mod perishable;
 pub mod pow;
 pub mod rate_limit;
+mod route;
 pub mod session;
 pub mod store;
 pub mod token;
 pub mod upstream;
+pub(crate) mod usage;
 pub mod verify;
 
-pub use body::Body;
+pub use body::{Body, BoxError};
 pub use config::{Config, ConfigBuilder, ConfigError, Secret};
 pub use error::{Error, ErrorCode};
-pub use future::ResponseFuture;
 pub use perishable::Perishable;
+pub use route::Route;
 pub use session::{SessionObject, Sessions};
-pub use verify::VerifiedSession;
+pub use token::VerifiedSession;

@@ -17,7 +17,7 @@
 //! |---|---|---|
 //! | `perishable_requests_total` | counter | `route`, `status` |
 //! | `perishable_request_duration_seconds` | histogram | `route` (until the response head) |
-//! | `perishable_refusals_total` | counter | `code` (the PROTOCOL code) |
+//! | `perishable_refusals_total` | counter | `code` (the protocol code) |
 //! | `perishable_sessions_total` | counter | `event`: `minted`, `refreshed`, `revoked` |
 //! | `perishable_upstream_first_byte_seconds` | histogram | |
 //! | `perishable_upstream_duration_seconds` | histogram | (until the response body ends) |
@@ -26,8 +26,9 @@
 //! | `perishable_rate_limiter_keys` | gauge | `policy` (in-memory limiter, at each prune) |
 //! | `perishable_store_errors_total` | counter | `op` |
 //!
-//! Routes are labelled from the end of the path, so the labels stay few whatever the mount
-//! point: `health`, `challenge`, `mint`, `refresh`, `revoke`, `client`, `openai`, `other`.
+//! Routes are labelled from the route table ([`Route::label`], on the path below the mount
+//! point), so the labels stay few: `health`, `challenge`, `mint`, `refresh`, `revoke`,
+//! `client`, `openai`, and `other` for a request no route serves.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -36,12 +37,13 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderName};
-use http::{Method, Request, Response};
+use http::{Request, Response};
 use metrics::{Key, Label, Level, Metadata};
 use tower::{Layer, Service};
 
 use crate::audit::{Audit, AuditEvent};
 use crate::error::Refusal;
+use crate::route::Route;
 
 /// The request headers [`Observe`] marks sensitive: `Authorization`, `Cookie`, `DPoP` and
 /// `X-Perishable-Fingerprint`.
@@ -62,32 +64,9 @@ fn mark_sensitive(headers: &mut HeaderMap) {
     }
 }
 
-/// The route label of a request; see the [module docs](self).
-pub fn route_label<B>(req: &Request<B>) -> &'static str {
-    static OPENAI: LazyLock<memchr::memmem::Finder<'static>> =
-        LazyLock::new(|| memchr::memmem::Finder::new(b"/openai/"));
-    let path = req.uri().path().trim_end_matches('/');
-    if path.starts_with("/openai/")
-        || path.ends_with("/openai")
-        || OPENAI.find(path.as_bytes()).is_some()
-    {
-        "openai"
-    } else if path.ends_with("/session/refresh") {
-        "refresh"
-    } else if path.ends_with("/session") {
-        match *req.method() {
-            Method::DELETE => "revoke",
-            _ => "mint",
-        }
-    } else if path.ends_with("/challenge") {
-        "challenge"
-    } else if path.ends_with("/health") {
-        "health"
-    } else if path.ends_with("/client.js") {
-        "client"
-    } else {
-        "other"
-    }
+/// The route label of a request: its [`Route`]'s, or `other` when no route serves it.
+pub(crate) fn route_label<B>(req: &Request<B>) -> &'static str {
+    Route::of(req.method(), req.uri().path()).map_or("other", Route::label)
 }
 
 /// Applies [`Observe`]; see the [module docs](self).
@@ -119,6 +98,10 @@ impl<S> Layer<S> for ObserveLayer {
 pub struct Observe<S> {
     inner: S,
     audit: Audit,
+}
+
+impl<S> Observe<S> {
+    crate::macros::define_inner_service_accessors!();
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Observe<S>
@@ -236,17 +219,16 @@ where
 static METADATA: Metadata<'static> =
     Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
 
-/// Every route label.
-const ROUTES: [&str; 8] = [
-    "openai",
-    "refresh",
-    "mint",
-    "revoke",
-    "challenge",
-    "health",
-    "client",
-    "other",
-];
+/// Every route label: each route's, then `other` (a request no route serves).
+const ROUTES: [&str; Route::ALL.len() + 1] = {
+    let mut labels = ["other"; Route::ALL.len() + 1];
+    let mut i = 0;
+    while i < Route::ALL.len() {
+        labels[i] = Route::ALL[i].label();
+        i += 1;
+    }
+    labels
+};
 
 /// Every status label.
 const STATUSES: [&str; 21] = [

@@ -28,7 +28,7 @@ use http::{Request, Response};
 use tower::{Layer, Service};
 
 use crate::error::{Error, ErrorCode};
-use crate::future::ResponseFuture;
+pub use crate::future::ResponseFuture;
 
 /// Which origins may call.
 #[derive(Debug, Clone, Default)]
@@ -100,15 +100,7 @@ pub struct OriginCheck<S> {
 }
 
 impl<S> OriginCheck<S> {
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// Unwraps the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    crate::macros::define_inner_service_accessors!();
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for OriginCheck<S>

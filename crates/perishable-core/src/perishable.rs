@@ -12,6 +12,7 @@ use crate::origin::{OriginLayer, OriginPolicy};
 use crate::rate_limit::{ClientIpKey, FingerprintKey, RateLimitLayer};
 use crate::session::{SessionService, Sessions};
 use crate::store::{RateLimiter, RatePolicy, Store};
+use crate::token::KeySet;
 use crate::upstream::{UpstreamClient, UpstreamService};
 use crate::verify::VerifyLayer;
 
@@ -84,7 +85,15 @@ impl Perishable {
     ) -> Result<Self, ConfigError> {
         let upstream = UpstreamService::with_client(&config, client, store.clone())?;
         let audit = Audit::default();
-        let sessions = Sessions::new(&config, store.clone(), audit.clone());
+        // The keys are decoded here, once per runtime; the config holds them as validated data.
+        let keys = KeySet::from_config(config.session())?;
+        if keys.is_generated() {
+            tracing::warn!(
+                "no signing key configured (session.jwt_secret / PERISHABLE_JWT_SECRET): using a \
+                 random one; tokens will not survive a restart or verify on other instances"
+            );
+        }
+        let sessions = Sessions::new(&config, keys, store.clone(), audit.clone());
         let r = config.rate_limit();
         let session_limiter = store.rate_limiter(RatePolicy {
             name: "session",

@@ -55,7 +55,7 @@ pub struct PowSolution {
 }
 
 /// Longest nonce accepted.
-pub const MAX_NONCE_LEN: usize = 128;
+pub(crate) const MAX_NONCE_LEN: usize = 128;
 const PAYLOAD_LEN: usize = 16 + 8 + 1;
 
 /// Issues and checks challenges; see the [module docs](self). Stateless: replays are the
@@ -157,7 +157,7 @@ impl ProofOfWork {
 }
 
 /// Leading zero bits of a digest.
-pub fn leading_zero_bits(digest: &[u8]) -> u32 {
+pub(crate) fn leading_zero_bits(digest: &[u8]) -> u32 {
     let mut bits = 0;
     for byte in digest {
         if *byte == 0 {

@@ -28,30 +28,11 @@ use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::{ConfigError, SessionConfig};
+use crate::config::{Algorithm, ConfigError, SessionConfig, ed25519_pkcs8_der, kid_for};
 use crate::error::{Error, ErrorCode};
 
 /// The token's `typ` header.
-pub const TOKEN_TYPE: &str = "at+jwt";
-
-/// Signing algorithm for session tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-pub enum Algorithm {
-    /// HMAC-SHA256 with a shared secret (default).
-    #[default]
-    HS256,
-    /// Ed25519 signatures: instances that only verify need only the public key.
-    EdDSA,
-}
-
-impl Algorithm {
-    fn jwt(self) -> jsonwebtoken::Algorithm {
-        match self {
-            Self::HS256 => jsonwebtoken::Algorithm::HS256,
-            Self::EdDSA => jsonwebtoken::Algorithm::EdDSA,
-        }
-    }
-}
+pub(crate) const TOKEN_TYPE: &str = "at+jwt";
 
 /// The `cnf` claim of a key-bound session (RFC 7800).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,11 +69,31 @@ pub struct Claims {
     pub cnf: Option<Confirmation>,
 }
 
+/// The claims of a request's verified session, which [`VerifyLayer`](crate::verify::VerifyLayer)
+/// puts in the request extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedSession {
+    /// The token's claims (shared with the verified-token cache).
+    pub claims: Arc<Claims>,
+}
+
+impl VerifiedSession {
+    /// The session id (`jti`).
+    pub fn session_id(&self) -> &str {
+        &self.claims.jti
+    }
+
+    /// The fingerprint hash (`fp`), the default rate-limit key.
+    pub fn fingerprint_hash(&self) -> &str {
+        &self.claims.fp
+    }
+}
+
 /// base64url (no padding) SHA-256 of `data`: how fingerprints and User-Agents are put in claims.
 ///
 /// On the hot path (every request hashes its fingerprint and User-Agent): aws-lc's SHA-256
 /// uses the CPU's SHA extensions where there are some.
-pub fn hash_b64(data: &[u8]) -> String {
+pub(crate) fn hash_b64(data: &[u8]) -> String {
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
     URL_SAFE_NO_PAD.encode(digest.as_ref())
 }
@@ -114,7 +115,7 @@ pub(crate) fn new_jti() -> String {
 
 /// The signing key and every verification key, with the `Validation` built once.
 #[derive(Clone)]
-pub struct KeySet {
+pub(crate) struct KeySet {
     inner: Arc<KeySetInner>,
 }
 
@@ -141,8 +142,6 @@ impl fmt::Debug for KeySet {
     }
 }
 
-const MIN_SECRET_BYTES: usize = 32;
-
 struct Loaded {
     kid: String,
     encoding: EncodingKey,
@@ -150,29 +149,13 @@ struct Loaded {
     material: Vec<u8>,
 }
 
-fn kid_for(secret: &[u8]) -> String {
-    let mut hasher = Sha256::new();
-    hasher.update(b"perishable kid v1\0");
-    hasher.update(secret);
-    URL_SAFE_NO_PAD.encode(&hasher.finalize()[..9])
-}
-
-fn hmac_key(kid: String, secret: &[u8], key: &'static str) -> Result<Loaded, ConfigError> {
-    if secret.len() < MIN_SECRET_BYTES {
-        return Err(ConfigError::Invalid {
-            key,
-            reason: format!(
-                "must be at least {MIN_SECRET_BYTES} bytes (got {})",
-                secret.len()
-            ),
-        });
-    }
-    Ok(Loaded {
+fn hmac_key(kid: String, secret: &[u8]) -> Loaded {
+    Loaded {
         kid,
         encoding: EncodingKey::from_secret(secret),
         decoding: DecodingKey::from_secret(secret),
         material: secret.to_vec(),
-    })
+    }
 }
 
 fn ed25519_from_pkcs8(kid: String, der: &[u8], key: &'static str) -> Result<Loaded, ConfigError> {
@@ -190,81 +173,41 @@ fn ed25519_from_pkcs8(kid: String, der: &[u8], key: &'static str) -> Result<Load
     })
 }
 
-fn ed25519_from_pem(kid: String, pem: &str, key: &'static str) -> Result<Loaded, ConfigError> {
-    let body: String = pem
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.starts_with("-----") && !l.is_empty())
-        .collect();
-    let der = base64::engine::general_purpose::STANDARD
-        .decode(body)
-        .map_err(|_| ConfigError::Invalid {
-            key,
-            reason: "is not a PEM document".to_owned(),
-        })?;
-    ed25519_from_pkcs8(kid, &der, key)
-}
-
 impl KeySet {
-    /// Loads the keys of `[session]`, or makes a random one when none is given.
+    /// Decodes the keys of a validated `[session]`, or makes a random one when none is given
+    /// (the runtime warns about it; see [`is_generated`](Self::is_generated)).
     pub(crate) fn from_config(session: &SessionConfig) -> Result<Self, ConfigError> {
         let mut loaded = Vec::new();
         for entry in &session.keys {
-            if entry.kid.is_empty() || entry.kid.len() > 64 {
-                return Err(ConfigError::Invalid {
-                    key: "session.keys",
-                    reason: "every key needs a kid of 1 to 64 characters".to_owned(),
-                });
-            }
+            // `[session]` was validated: each entry has the material its algorithm takes.
             let key = match (session.algorithm, &entry.secret, &entry.private_key_pem) {
-                (Algorithm::HS256, Some(secret), None) => hmac_key(
-                    entry.kid.clone(),
-                    secret.expose().as_bytes(),
-                    "session.keys",
-                )?,
-                (Algorithm::EdDSA, None, Some(pem)) => {
-                    ed25519_from_pem(entry.kid.clone(), pem.expose(), "session.keys")?
+                (Algorithm::HS256, Some(secret), _) => {
+                    hmac_key(entry.kid.clone(), secret.expose().as_bytes())
                 }
-                (Algorithm::HS256, _, _) => {
+                (_, _, Some(pem)) => {
+                    let der = ed25519_pkcs8_der(pem.expose(), "session.keys")?;
+                    ed25519_from_pkcs8(entry.kid.clone(), &der, "session.keys")?
+                }
+                (_, _, None) => {
                     return Err(ConfigError::Invalid {
                         key: "session.keys",
-                        reason: format!("key {:?}: HS256 keys take `secret` only", entry.kid),
-                    });
-                }
-                (Algorithm::EdDSA, _, _) => {
-                    return Err(ConfigError::Invalid {
-                        key: "session.keys",
-                        reason: format!(
-                            "key {:?}: EdDSA keys take `private_key_pem` only",
-                            entry.kid
-                        ),
+                        reason: format!("key {:?} has no key material", entry.kid),
                     });
                 }
             };
             loaded.push(key);
         }
         if let Some(secret) = &session.jwt_secret {
-            if session.algorithm != Algorithm::HS256 {
-                return Err(ConfigError::Invalid {
-                    key: "session.jwt_secret",
-                    reason: "is an HS256 secret; with algorithm = \"EdDSA\" use session.keys"
-                        .to_owned(),
-                });
-            }
             let bytes = secret.expose().as_bytes();
-            loaded.push(hmac_key(kid_for(bytes), bytes, "session.jwt_secret")?);
+            loaded.push(hmac_key(kid_for(bytes), bytes));
         }
         let mut generated = false;
         if loaded.is_empty() {
             generated = true;
-            tracing::warn!(
-                "no signing key configured (session.jwt_secret / PERISHABLE_JWT_SECRET): using a \
-                 random one; tokens will not survive a restart or verify on other instances"
-            );
             let key = match session.algorithm {
                 Algorithm::HS256 => {
                     let secret = random_bytes::<32>();
-                    hmac_key(kid_for(&secret), &secret, "session.jwt_secret")?
+                    hmac_key(kid_for(&secret), &secret)
                 }
                 Algorithm::EdDSA => {
                     let rng = aws_lc_rs::rand::SystemRandom::new();
@@ -316,12 +259,13 @@ impl KeySet {
     }
 
     /// Whether the signing key was generated at start-up rather than configured.
-    pub fn is_generated(&self) -> bool {
+    pub(crate) fn is_generated(&self) -> bool {
         self.inner.generated
     }
 
     /// The `kid` tokens are signed with.
-    pub fn signing_kid(&self) -> &str {
+    #[cfg(test)]
+    pub(crate) fn signing_kid(&self) -> &str {
         &self.inner.signing_kid
     }
 
@@ -331,7 +275,14 @@ impl KeySet {
     }
 }
 
-/// Signs and verifies session tokens with a [`KeySet`] and the `[session]` rules.
+fn jwt_algorithm(algorithm: Algorithm) -> jsonwebtoken::Algorithm {
+    match algorithm {
+        Algorithm::HS256 => jsonwebtoken::Algorithm::HS256,
+        Algorithm::EdDSA => jsonwebtoken::Algorithm::EdDSA,
+    }
+}
+
+/// Signs and verifies session tokens with the configured keys and the `[session]` rules.
 #[derive(Clone)]
 pub struct TokenCodec {
     keys: KeySet,
@@ -408,19 +359,20 @@ impl fmt::Debug for TokenCodec {
 impl TokenCodec {
     /// A codec for these keys, issuer, audience and leeway, caching up to 10,000 verified
     /// tokens.
-    pub fn new(keys: KeySet, issuer: &str, audience: &str, leeway_secs: u64) -> Self {
+    #[cfg(test)]
+    pub(crate) fn new(keys: KeySet, issuer: &str, audience: &str, leeway_secs: u64) -> Self {
         Self::with_cache(keys, issuer, audience, leeway_secs, 10_000)
     }
 
     /// Like [`new`](Self::new), caching up to `cache_size` verified tokens (0: no cache).
-    pub fn with_cache(
+    pub(crate) fn with_cache(
         keys: KeySet,
         issuer: &str,
         audience: &str,
         leeway_secs: u64,
         cache_size: usize,
     ) -> Self {
-        let mut validation = Validation::new(keys.inner.algorithm.jwt());
+        let mut validation = Validation::new(jwt_algorithm(keys.inner.algorithm));
         validation.set_issuer(&[issuer]);
         validation.set_audience(&[audience]);
         validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "iat", "jti"]);
@@ -440,7 +392,7 @@ impl TokenCodec {
 
     /// Signs `claims` with the newest key.
     pub fn sign(&self, claims: &Claims) -> Result<String, Error> {
-        let mut header = Header::new(self.keys.inner.algorithm.jwt());
+        let mut header = Header::new(jwt_algorithm(self.keys.inner.algorithm));
         header.typ = Some(TOKEN_TYPE.to_owned());
         header.kid = Some(self.keys.inner.signing_kid.clone());
         jsonwebtoken::encode(&header, claims, &self.keys.inner.signing).map_err(|e| {
@@ -484,7 +436,7 @@ impl TokenCodec {
         let invalid = |why: &'static str| Error::new(ErrorCode::InvalidToken, why);
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| invalid("the session token is malformed"))?;
-        if header.alg != self.keys.inner.algorithm.jwt() {
+        if header.alg != jwt_algorithm(self.keys.inner.algorithm) {
             return Err(invalid(
                 "the session token uses an algorithm that is not accepted",
             ));
@@ -664,16 +616,5 @@ mod tests {
             codec.verify(&forged).unwrap_err().code(),
             ErrorCode::InvalidToken
         );
-    }
-
-    #[test]
-    fn short_secrets_are_refused() {
-        assert!(matches!(
-            KeySet::from_config(&session("too-short")),
-            Err(ConfigError::Invalid {
-                key: "session.jwt_secret",
-                ..
-            })
-        ));
     }
 }

@@ -55,7 +55,8 @@ mod signer;
 mod verifier;
 
 pub use signer::DpopSigner;
-pub use verifier::{DpopProof, DpopVerifier, Expected, Htu, MAX_PROOF_BYTES, thumbprint};
+pub(crate) use verifier::thumbprint;
+pub use verifier::{DpopProof, DpopVerifier, Expected, Htu};
 
 /// The `DPoP` request header.
 pub const DPOP_HEADER: http::HeaderName = http::HeaderName::from_static("dpop");

@@ -100,7 +100,7 @@ impl DpopSigner {
     /// A proof for `htm` and `htu`, with `ath` when `access_token` is given, `iat` now and a
     /// random `jti`.
     pub fn proof(&self, htm: &str, htu: &str, access_token: Option<&str>) -> String {
-        let iat = crate::session::unix_now();
+        let iat = crate::clock::unix_now();
         let mut claims = json!({
             "jti": crate::token::new_jti(),
             "htm": htm,

@@ -12,7 +12,7 @@ use crate::error::{Error, ErrorCode};
 use crate::token::hash_b64;
 
 /// Longest proof accepted.
-pub const MAX_PROOF_BYTES: usize = 8 * 1024;
+pub(crate) const MAX_PROOF_BYTES: usize = 8 * 1024;
 const MAX_JTI_LEN: usize = 256;
 
 /// Where the proof's `htu` must point.
@@ -94,7 +94,7 @@ fn validation(alg: jsonwebtoken::Algorithm) -> Validation {
 }
 
 /// RFC 7638 thumbprint (SHA-256, base64url) of a public EC P-256 or OKP Ed25519 JWK.
-pub fn thumbprint(jwk: &Value) -> Option<String> {
+pub(crate) fn thumbprint(jwk: &Value) -> Option<String> {
     let s = |k: &str| jwk.get(k).and_then(Value::as_str);
     let q = |v: &str| serde_json::to_string(v).ok();
     let canonical = match (s("kty")?, s("crv")?) {
@@ -255,7 +255,7 @@ mod tests {
     const URL: &str = "https://api.example.com/ai/openai/models";
 
     fn now() -> u64 {
-        crate::session::unix_now()
+        crate::clock::unix_now()
     }
 
     fn expected<'a>(token: Option<&'a str>, jkt: Option<&'a str>) -> Expected<'a> {

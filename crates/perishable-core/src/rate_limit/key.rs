@@ -7,7 +7,7 @@ use http::Request;
 
 use crate::client_ip::ClientIpResolver;
 use crate::error::{Error, ErrorCode};
-use crate::verify::VerifiedSession;
+use crate::token::VerifiedSession;
 
 /// Picks the rate-limit key of a request. Returning an error refuses the request with it.
 pub trait KeyExtractor: Clone + Send + Sync + 'static {

@@ -1,8 +1,9 @@
-//! Per-client rate limiting on governor (GCRA), with block duration and PROTOCOL headers.
+//! Per-client rate limiting on governor (GCRA), with block duration and the headers of
+//! [`docs/protocol.md`](https://github.com/perishable-rs/perishable/blob/main/docs/protocol.md).
 //!
 //! [`RateLimitLayer`] asks a [`KeyExtractor`] for the request's key, then its
 //! [`RateLimiter`](crate::store::RateLimiter) (from the [`Store`](crate::store::Store):
-//! [`Limiter`] on governor in memory, a GCRA script on Redis):
+//! [`Limiter`](crate::store::Limiter) on governor in memory, a GCRA script on Redis):
 //! `points` requests are allowed per `duration_secs` window (as a burst, replenished evenly),
 //! and a client that goes over is refused for `block_duration_secs` with `429 rate_limited`,
 //! `Retry-After` and the IETF draft `RateLimit-Policy` / `RateLimit` headers.
@@ -19,9 +20,9 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use perishable_core::rate_limit::{ClientIpKey, Limiter, RateLimitLayer};
+//! use perishable_core::rate_limit::{ClientIpKey, RateLimitLayer};
 //! use perishable_core::client_ip::{ClientIpResolver, PeerAddr};
-//! use perishable_core::store::RatePolicy;
+//! use perishable_core::store::{Limiter, RatePolicy};
 //! use tower::{ServiceBuilder, ServiceExt, service_fn};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -46,10 +47,8 @@
 
 mod key;
 mod layer;
-mod limiter;
 mod service;
 
 pub use key::{ClientIpKey, FingerprintKey, KeyExtractor};
 pub use layer::RateLimitLayer;
-pub use limiter::Limiter;
 pub use service::{RateLimit, RateLimitFuture};

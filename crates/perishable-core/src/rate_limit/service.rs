@@ -38,20 +38,7 @@ impl<S, X: KeyExtractor> RateLimit<S, X> {
         }
     }
 
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Unwraps the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    crate::macros::define_inner_service_accessors!();
 }
 
 impl<S, X, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S, X>
@@ -73,18 +60,22 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let key = match self.extractor.extract(&req) {
             Ok(key) => key,
-            Err(error) => return Either::Left(Either::Left(ready(Ok(error.into_response())))),
+            Err(error) => {
+                return RateLimitFuture::new(Either::Left(Either::Left(ready(Ok(
+                    error.into_response()
+                )))));
+            }
         };
         // A limiter in memory decides at once: call the inner service, which was polled ready.
         if let Some(decision) = self.limiter.check_now(&key) {
             return if decision.allowed {
-                Either::Left(Either::Right(self.inner.call(req)))
+                RateLimitFuture::new(Either::Left(Either::Right(self.inner.call(req))))
             } else {
-                Either::Left(Either::Left(ready(Ok(refusal(
+                RateLimitFuture::new(Either::Left(Either::Left(ready(Ok(refusal(
                     &*self.limiter,
                     &req,
                     decision,
-                )))))
+                ))))))
             };
         }
         // The clone that was polled ready goes into the future (tower's "be careful when
@@ -93,7 +84,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let limiter = self.limiter.clone();
         let on_unavailable = self.on_unavailable;
-        Either::Right(Box::pin(async move {
+        RateLimitFuture::new(Either::Right(Box::pin(async move {
             match limiter.check(&key).await {
                 Ok(decision) if decision.allowed => inner.call(req).await,
                 Ok(decision) => Ok(refusal(&*limiter, &req, decision)),
@@ -103,16 +94,21 @@ where
                 }
                 Err(e) => Ok(crate::store::refuse("rate_limit", &e).into_response()),
             }
-        }))
+        })))
     }
 }
 
-/// The response future of [`RateLimit`]: a refusal, the inner service's future (a limiter in
-/// memory decided at once), or, when the store must be waited for, a boxed future doing the rest.
-pub type RateLimitFuture<F, ResBody, E> = Either<
+/// What [`RateLimitFuture`] holds: a refusal, the inner service's future (a limiter in memory
+/// decided at once), or, when the store must be waited for, a boxed future doing the rest.
+type Decided<F, ResBody, E> = Either<
     Either<Ready<Result<Response<ResBody>, E>>, F>,
     Pin<Box<dyn Future<Output = Result<Response<ResBody>, E>> + Send>>,
 >;
+
+crate::macros::opaque_future! {
+    /// The response future of [`RateLimit`]: a refusal, or the inner service's answer.
+    pub type RateLimitFuture<F, ResBody, E> = Decided<F, ResBody, E>;
+}
 
 /// The `429 rate_limited` answer for `decision`.
 fn refusal<B, ResBody: From<Bytes>>(
@@ -123,7 +119,7 @@ fn refusal<B, ResBody: From<Bytes>>(
     let policy = limiter.policy();
     let session = req
         .extensions()
-        .get::<crate::verify::VerifiedSession>()
+        .get::<crate::token::VerifiedSession>()
         .map(|s| s.session_id().to_owned());
     let refusal = Error::rate_limited(RateLimitInfo {
         policy: policy.name,
@@ -154,10 +150,11 @@ mod tests {
     use crate::Body;
     use crate::error::ErrorCode;
     use crate::error::Refusal;
-    use crate::rate_limit::{FingerprintKey, Limiter, RateLimitLayer};
+    use crate::rate_limit::{FingerprintKey, RateLimitLayer};
+    use crate::store::Limiter;
     use crate::store::{MemoryStore, RateDecision, RatePolicy, Store, StoreError, StoreFuture};
     use crate::token::Claims;
-    use crate::verify::VerifiedSession;
+    use crate::token::VerifiedSession;
 
     /// Keys on the `x-client` header; refuses requests without one as `missing_token`.
     #[derive(Debug, Clone)]

@@ -1,21 +1,33 @@
-//! Parsing the `POST /session` body into a [`MintRequest`], with a PROTOCOL code for each fault.
+//! Minting (`POST /session`): the body parsed into a [`MintRequest`] (a `docs/protocol.md`
+//! code for each fault), the synchronous checks (entropy, proof of work, DPoP proof), then the
+//! store (the session cap, the replay records) and the signed token.
 
+use http::Request;
+use http::header::USER_AGENT;
 use serde_json::{Map, Value};
 
+use super::request::{expected_htu, single_dpop_header};
+use super::{SessionObject, Sessions, cap_keys};
+use crate::audit::AuditEvent;
+use crate::clock::unix_now;
+use crate::config::DpopMode;
+use crate::dpop::Expected;
 use crate::entropy::{Entropy, MAX_SAMPLES};
-use crate::error::{Error, ErrorCode};
+use crate::error::{Error, ErrorCode, RateLimitInfo};
 use crate::fingerprint;
 use crate::pow::PowSolution;
+use crate::store::{self, Admission, Set, StoreError, log_failure};
+use crate::token::{Claims, Confirmation, hash_b64, new_jti};
 
 /// A validated `POST /session` body.
 #[derive(Debug, Clone, PartialEq)]
-pub struct MintRequest {
+pub(crate) struct MintRequest {
     /// The client's fingerprint (validated).
-    pub fingerprint: String,
+    pub(crate) fingerprint: String,
     /// Interaction samples (within limits).
-    pub entropy: Entropy,
+    pub(crate) entropy: Entropy,
     /// The proof of work, when given.
-    pub pow: Option<PowSolution>,
+    pub(crate) pow: Option<PowSolution>,
 }
 
 fn invalid_json(message: impl Into<std::borrow::Cow<'static, str>>) -> Error {
@@ -24,7 +36,7 @@ fn invalid_json(message: impl Into<std::borrow::Cow<'static, str>>) -> Error {
 
 impl MintRequest {
     /// Parses and validates a body.
-    pub fn parse(body: &[u8]) -> Result<Self, Error> {
+    pub(crate) fn parse(body: &[u8]) -> Result<Self, Error> {
         // Each field is kept as JSON first, so a wrong type gets its own error code.
         let mut raw: Map<String, Value> = serde_json::from_slice(body).map_err(|e| {
             invalid_json(format!(
@@ -91,9 +103,266 @@ impl ClassifyMessage for serde_json::Error {
     }
 }
 
+impl Sessions {
+    /// Mints a session from a `POST /session` request (its head, and its body already read).
+    pub async fn mint(&self, req: &Request<()>, body: &[u8]) -> Result<SessionObject, Error> {
+        let pending = self.check_mint(req, body)?;
+        self.finish_mint(pending).await
+    }
+
+    /// The synchronous checks of a mint: body, entropy, proof of work, DPoP proof.
+    fn check_mint(&self, req: &Request<()>, body: &[u8]) -> Result<PendingMint, Error> {
+        let request = MintRequest::parse(body)?;
+        let score = crate::entropy::score(&request.entropy);
+        if score < self.inner.min_entropy_score {
+            return Err(Error::new(
+                ErrorCode::InsufficientEntropy,
+                format!(
+                    "not enough interaction to mint a session (score {score}, needs {})",
+                    self.inner.min_entropy_score
+                ),
+            ));
+        }
+        let now = unix_now();
+        let pow = &self.inner.pow;
+        let pow_used = match (pow.enabled(), request.pow) {
+            (false, _) => None,
+            (true, solution) => {
+                let until = pow.check(solution.as_ref(), now)?;
+                solution.map(|s| (s.challenge, until))
+            }
+        };
+        // With DPoP off, DPoP headers are not even parsed.
+        let presented = match self.inner.dpop_mode {
+            DpopMode::Off => None,
+            _ => single_dpop_header(req.headers())?,
+        };
+        let (cnf, dpop_seen) = match (self.inner.dpop_mode, presented) {
+            (DpopMode::Off, _) | (DpopMode::Optional, None) => (None, None),
+            (_, Some(proof)) => {
+                let htu = expected_htu(self.inner.public_url.as_deref(), req)?;
+                let expected = Expected {
+                    htm: req.method().as_str(),
+                    htu: htu.as_htu(),
+                    access_token: None,
+                    jkt: None,
+                };
+                let verified = self.inner.dpop.verify(proof, &expected, now)?;
+                let seen = (
+                    verified.replay_id(),
+                    self.inner.dpop.replay_until(&verified),
+                );
+                (Some(Confirmation { jkt: verified.jkt }), Some(seen))
+            }
+            (DpopMode::Required, None) => {
+                return Err(Error::new(
+                    ErrorCode::DpopRequired,
+                    "this service requires key-bound sessions: send a DPoP proof",
+                ));
+            }
+        };
+        let claims = Claims {
+            iss: self.inner.issuer.clone(),
+            aud: self.inner.audience.clone(),
+            jti: new_jti(),
+            iat: now,
+            nbf: now,
+            exp: now + self.inner.ttl_secs,
+            auth_time: now,
+            fp: fingerprint::hash(&request.fingerprint),
+            ua: self.inner.bind_user_agent.then(|| {
+                hash_b64(
+                    req.headers()
+                        .get(USER_AGENT)
+                        .map_or(&[][..], |v| v.as_bytes()),
+                )
+            }),
+            cnf,
+        };
+        Ok(PendingMint {
+            claims,
+            pow_used,
+            dpop_seen,
+        })
+    }
+
+    /// The stateful steps of a mint: the cap, then the replay records, then the token.
+    async fn finish_mint(&self, pending: PendingMint) -> Result<SessionObject, Error> {
+        let PendingMint {
+            claims,
+            pow_used,
+            dpop_seen,
+        } = pending;
+        let store = &self.inner.store;
+        let slots = cap_keys(&claims);
+        let admission = match store
+            .admit_session(
+                &slots,
+                &claims.jti,
+                claims.exp,
+                self.inner.max_per_fingerprint,
+            )
+            .await
+        {
+            Ok(admission) => admission,
+            // The cap is a limit, like rate limits: `open` skips it.
+            Err(e) if self.inner.fail_open => {
+                log_failure("admit_session", &e, "skipped the session cap (fail open)");
+                Admission::Admitted
+            }
+            Err(e) => return Err(store::refuse("admit_session", &e)),
+        };
+        if let Admission::Full { retry_after_secs } = admission {
+            return Err(Error::new(
+                ErrorCode::TooManySessions,
+                format!(
+                    "at most {} live sessions per device: revoke one or wait for it to expire",
+                    self.inner.max_per_fingerprint
+                ),
+            )
+            .with_rate_limit(RateLimitInfo {
+                policy: "sessions",
+                quota: self.inner.max_per_fingerprint,
+                window_secs: self.inner.ttl_secs,
+                remaining: 0,
+                retry_after: std::time::Duration::from_secs(retry_after_secs),
+            }));
+        }
+        // The cap had room: only now use up the challenge and the proof.
+        let recorded = async {
+            if let Some((challenge, until)) = &pow_used
+                && !store.insert_once(Set::PowUsed, challenge, *until).await?
+            {
+                return Ok(Some(Error::new(
+                    ErrorCode::PowInvalid,
+                    "the challenge was already used",
+                )));
+            }
+            if let Some((id, until)) = &dpop_seen
+                && !store.insert_once(Set::DpopSeen, id, *until).await?
+            {
+                return Ok(Some(Error::new(
+                    ErrorCode::InvalidDpopProof,
+                    "the DPoP proof was already used (jti)",
+                )));
+            }
+            Ok::<_, StoreError>(None)
+        }
+        .await;
+        let refusal = match recorded {
+            Ok(None) => None,
+            Ok(Some(refusal)) => Some(refusal),
+            Err(e) => Some(store::refuse("insert_once", &e)),
+        };
+        let signed = match refusal {
+            Some(refusal) => Err(refusal),
+            None => self.issue(&claims, claims.iat),
+        };
+        match &signed {
+            Ok(session) => {
+                tracing::Span::current().record("session_id", session.session_id.as_str());
+                metrics::counter!("perishable_sessions_total", "event" => "minted").increment(1);
+                self.inner.audit.emit(|| AuditEvent::Minted {
+                    session_id: session.session_id.clone(),
+                    key_bound: claims.cnf.is_some(),
+                    expires_at: session.expires_at,
+                });
+            }
+            Err(_) => {
+                // Give the slot back; a failure here only delays its release until `exp`.
+                let _ = store.release_session(&slots, &claims.jti).await;
+            }
+        }
+        signed
+    }
+}
+
+/// A mint that passed its synchronous checks.
+struct PendingMint {
+    claims: Claims,
+    /// The challenge to record as used, and until when.
+    pow_used: Option<(String, u64)>,
+    /// The DPoP proof to record as seen, and until when.
+    dpop_seen: Option<(String, u64)>,
+}
+
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{FP, UA, config, mint, sessions};
     use super::*;
+
+    async fn refused(sessions: &Sessions, req: &Request<()>, body: &str) -> ErrorCode {
+        sessions
+            .mint(req, body.as_bytes())
+            .await
+            .unwrap_err()
+            .code()
+    }
+
+    fn head() -> Request<()> {
+        Request::post("/session")
+            .header(USER_AGENT, UA)
+            .body(())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_mint_signs_the_claims_of_the_device() {
+        let sessions = sessions(config());
+        let minted = mint(&sessions).await;
+        assert_eq!(minted.token_type, "Bearer");
+        assert_eq!(minted.expires_in, 600);
+        let claims = sessions.codec().verify(&minted.token).unwrap();
+        assert_eq!(claims.jti, minted.session_id);
+        assert_eq!(claims.fp, fingerprint::hash(FP));
+        assert_eq!(claims.ua, Some(hash_b64(UA.as_bytes())));
+        assert_eq!(claims.auth_time, claims.iat);
+        assert_eq!(claims.cnf, None);
+    }
+
+    #[tokio::test]
+    async fn the_gates_refuse_before_the_store_is_touched() {
+        // Interaction below the threshold: refused, and the device's one slot stays free.
+        let sessions = sessions(
+            config()
+                .session_min_entropy_score(50)
+                .session_max_per_fingerprint(1),
+        );
+        let body = format!(r#"{{"fingerprint":"{FP}"}}"#);
+        assert_eq!(
+            refused(&sessions, &head(), &body).await,
+            ErrorCode::InsufficientEntropy
+        );
+        // Proof of work on, none given.
+        let with_pow = super::super::testing::sessions(config().pow_difficulty(8));
+        assert_eq!(
+            refused(&with_pow, &head(), &body).await,
+            ErrorCode::PowRequired
+        );
+    }
+
+    #[tokio::test]
+    async fn the_session_cap_counts_live_sessions_per_device() {
+        let sessions = sessions(config().session_max_per_fingerprint(2));
+        mint(&sessions).await;
+        mint(&sessions).await;
+        let body = format!(r#"{{"fingerprint":"{FP}"}}"#);
+        let e = sessions.mint(&head(), body.as_bytes()).await.unwrap_err();
+        assert_eq!(e.code(), ErrorCode::TooManySessions);
+        // Another device has its own slots.
+        let other = r#"{"fingerprint":"another-device-2"}"#;
+        assert!(sessions.mint(&head(), other.as_bytes()).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn dpop_required_refuses_a_mint_without_a_proof() {
+        let sessions = sessions(config().session_dpop(DpopMode::Required));
+        let body = format!(r#"{{"fingerprint":"{FP}"}}"#);
+        assert_eq!(
+            refused(&sessions, &head(), &body).await,
+            ErrorCode::DpopRequired
+        );
+    }
 
     fn code(body: &str) -> ErrorCode {
         MintRequest::parse(body.as_bytes()).unwrap_err().code()

@@ -7,18 +7,20 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 
 use super::Sessions;
 use crate::body::{Body, BoxError};
 use crate::error::Error;
-use crate::verify::VerifiedSession;
+use crate::route::Route;
+use crate::token::VerifiedSession;
 
 /// Largest `POST /session` body: 512 pointer samples and 512 key times fit with room to spare.
-pub const MAX_MINT_BODY_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_MINT_BODY_BYTES: usize = 64 * 1024;
 
 /// Serves `GET /health`, `GET /challenge`, `POST /session`, `POST /session/refresh` and
-/// `DELETE /session`, matched on the end of the path, so it works under any prefix.
+/// `DELETE /session`: the session routes of the [`Route`] table, on the path below the mount
+/// point (a router that nests it strips its prefix). Any other request gets `404 not_found`.
 ///
 /// Refresh and revoke use the [`VerifiedSession`] a [`crate::verify::VerifyLayer`] put in the
 /// request extensions, or verify the request themselves when there is none.
@@ -31,7 +33,7 @@ pub const MAX_MINT_BODY_BYTES: usize = 64 * 1024;
 /// let perishable = Perishable::new(Config::builder().upstream_api_key("sk-test").build()?)?;
 /// let response = perishable
 ///     .session_service()
-///     .oneshot(http::Request::get("/ai/challenge").body(Body::empty())?)
+///     .oneshot(http::Request::get("/challenge").body(Body::empty())?)
 ///     .await?;
 /// assert_eq!(response.status(), 200);
 /// # Ok(()) }
@@ -46,6 +48,11 @@ impl SessionService {
     pub fn new(sessions: Sessions) -> Self {
         Self { sessions }
     }
+}
+
+crate::macros::opaque_future! {
+    /// The response future of [`SessionService`].
+    pub type SessionFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 }
 
 fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
@@ -72,7 +79,7 @@ where
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+    type Future = SessionFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
@@ -80,10 +87,10 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let sessions = self.sessions.clone();
-        Box::pin(async move {
+        SessionFuture::new(Box::pin(async move {
             let result = handle(&sessions, req).await;
             Ok(result.unwrap_or_else(Error::into_response))
-        })
+        }))
     }
 }
 
@@ -92,45 +99,41 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let path = req.uri().path().trim_end_matches('/');
-    let method = req.method().clone();
-    if path.ends_with("/health") && method == Method::GET {
-        return Ok(if sessions.ready().await {
+    match Route::of(req.method(), req.uri().path()) {
+        Some(Route::Health) => Ok(if sessions.ready().await {
             json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
         } else {
             json(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &serde_json::json!({"status": "unavailable", "store": "unreachable"}),
             )
-        });
+        }),
+        Some(Route::Challenge) => Ok(json(StatusCode::OK, &sessions.challenge())),
+        Some(Route::Refresh) => {
+            let session = verified(sessions, &req).await?;
+            Ok(json(StatusCode::OK, &sessions.refresh(&session).await?))
+        }
+        Some(Route::Revoke) => {
+            let session = verified(sessions, &req).await?;
+            sessions.revoke(&session).await?;
+            let mut response = Response::new(Body::empty());
+            *response.status_mut() = StatusCode::NO_CONTENT;
+            Ok(response)
+        }
+        Some(Route::Mint) => {
+            let (parts, body) = req.into_parts();
+            let head = Request::from_parts(parts, ());
+            let body = crate::body::read_limited(
+                body,
+                MAX_MINT_BODY_BYTES,
+                sessions.body_timeout(),
+                "the session request",
+            )
+            .await?;
+            Ok(json(StatusCode::OK, &sessions.mint(&head, &body).await?))
+        }
+        _ => Ok(not_found()),
     }
-    if path.ends_with("/challenge") && method == Method::GET {
-        return Ok(json(StatusCode::OK, &sessions.challenge()));
-    }
-    if path.ends_with("/session/refresh") && method == Method::POST {
-        let session = verified(sessions, &req).await?;
-        return Ok(json(StatusCode::OK, &sessions.refresh(&session).await?));
-    }
-    if path.ends_with("/session") && method == Method::DELETE {
-        let session = verified(sessions, &req).await?;
-        sessions.revoke(&session).await?;
-        let mut response = Response::new(Body::empty());
-        *response.status_mut() = StatusCode::NO_CONTENT;
-        return Ok(response);
-    }
-    if path.ends_with("/session") && method == Method::POST {
-        let (parts, body) = req.into_parts();
-        let head = Request::from_parts(parts, ());
-        let body = crate::body::read_limited(
-            body,
-            MAX_MINT_BODY_BYTES,
-            sessions.body_timeout(),
-            "the session request",
-        )
-        .await?;
-        return Ok(json(StatusCode::OK, &sessions.mint(&head, &body).await?));
-    }
-    Ok(not_found())
 }
 
 /// The request's verified session: from a [`crate::verify::VerifyLayer`] in front, or checked

@@ -41,7 +41,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use memory::MemoryStore;
+pub use memory::{Limiter, MemoryStore};
 #[cfg(feature = "redis")]
 pub use redis::RedisStore;
 
@@ -309,7 +309,7 @@ pub(crate) fn log_failure(op: &'static str, error: &StoreError, action: &'static
     use std::sync::atomic::{AtomicU64, Ordering};
     static LAST: AtomicU64 = AtomicU64::new(0);
     metrics::counter!("perishable_store_errors_total", "op" => op).increment(1);
-    let now = crate::session::unix_now();
+    let now = crate::clock::unix_now();
     if LAST.swap(now, Ordering::Relaxed) != now {
         tracing::warn!(target: "perishable::store", op, %error, action, "store operation failed");
     }

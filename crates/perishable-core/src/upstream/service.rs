@@ -13,21 +13,19 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response};
 use http_body_util::Full;
 
-use super::body::{Accounting, Settle, UpstreamBody};
-use super::client::{Chain, UpstreamClient};
-use super::headers::{
-    UpstreamHeaders, forwarded_header_name, static_header, strip_response_headers,
-};
-use super::path::AllowList;
+use super::client::UpstreamClient;
+use super::headers::UpstreamHeaders;
 use super::request::{Endpoint, Metered, RequestPolicy};
-use super::usage::{Encoding, TapMode};
+use super::response::{Answered, client_response};
 use crate::body::{Body, BoxError};
 use crate::budget::{Admitted, Budget};
 use crate::client_ip::ClientIpResolver;
 use crate::config::{Config, ConfigError};
-use crate::error::{Error, ErrorCode};
+use crate::error::{Chain, Error, ErrorCode};
+use crate::header_rules::{forwarded_header_name, static_header};
+use crate::path::AllowList;
 use crate::store::{MemoryStore, Store};
-use crate::verify::VerifiedSession;
+use crate::token::VerifiedSession;
 
 /// The `{path}` of `/openai/{path}`, set by a router that already matched it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,8 +59,6 @@ struct Inner {
     /// Which IP a call counts against for the per-IP budget.
     client_ip: ClientIpResolver,
 }
-
-static X_ACCEL_BUFFERING: header::HeaderName = header::HeaderName::from_static("x-accel-buffering");
 
 impl UpstreamService {
     /// A service for the `[upstream]` and `[budget]` sections of `config`, with its own
@@ -172,7 +168,7 @@ where
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+    type Future = UpstreamFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
@@ -189,7 +185,7 @@ where
             Ok(read) => Either::Left(read.and_then(move |prepared| inner.send(prepared))),
             Err(error) => Either::Right(std::future::ready(Err(error))),
         };
-        Box::pin(forward.map(move |result| {
+        UpstreamFuture::new(Box::pin(forward.map(move |result| {
             Ok(match result {
                 Ok(response) => response,
                 Err(error) => match session_id {
@@ -198,8 +194,13 @@ where
                 }
                 .into_response(),
             })
-        }))
+        })))
     }
+}
+
+crate::macros::opaque_future! {
+    /// The response future of [`UpstreamService`]: the upstream's response, or a refusal.
+    pub type UpstreamFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 }
 
 /// The `{path}` to forward: the [`UpstreamPath`] extension; else what follows the first
@@ -210,7 +211,7 @@ fn upstream_path<B>(req: &Request<B>) -> &str {
     if let Some(UpstreamPath(path)) = req.extensions().get::<UpstreamPath>() {
         return path.trim_start_matches('/');
     }
-    const PREFIX: &str = "/openai/";
+    const PREFIX: &str = crate::route::PROXY_PREFIX;
     let path = req.uri().path();
     match path.strip_prefix(PREFIX) {
         Some(rest) => rest,
@@ -393,48 +394,16 @@ impl Inner {
             "upstream answered"
         );
 
-        let (mut parts, body) = response.into_parts();
-        strip_response_headers(&mut parts.headers);
-        let content_type = parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .map(HeaderValue::as_bytes);
-        let is_event_stream = content_type.is_some_and(|v| v.starts_with(b"text/event-stream"));
-        let is_json = content_type.is_some_and(|v| v.starts_with(b"application/json"));
-        if is_event_stream {
-            parts
-                .headers
-                .insert(X_ACCEL_BUFFERING.clone(), HeaderValue::from_static("no"));
-        }
-        let failed = !status.is_success();
-        let tap = match (failed, is_event_stream, is_json) {
-            (true, _, _) => None,
-            (false, true, _) if hide_usage => Some(TapMode::EventsHidingUsage),
-            (false, true, _) => Some(TapMode::Events),
-            (false, false, true) => Some(TapMode::Json),
-            _ => None,
-        };
-        let encoding = Encoding::of(parts.headers.get(header::CONTENT_ENCODING));
-        let endpoint = Endpoint::of(path);
-        let on_done = Settle {
-            budget: self.budget.clone(),
-            expects_usage: admitted.reserved() > 0 && endpoint.reports_usage(),
-            route: endpoint.label(path),
-            admitted,
-            started,
-            failed,
-        };
-        let accounting = Accounting::new(tap, encoding, on_done);
-        if accounting.rewrites() {
-            // The body is rewritten: its length changes.
-            parts.headers.remove(header::CONTENT_LENGTH);
-        }
-        if accounting.decodes_for_client() {
-            parts.headers.remove(header::CONTENT_ENCODING);
-        }
-        Ok(Response::from_parts(
-            parts,
-            Body::upstream(UpstreamBody::new(body, self.idle_timeout, accounting)),
+        Ok(client_response(
+            response,
+            Answered {
+                path,
+                hide_usage,
+                budget: self.budget.clone(),
+                admitted,
+                started,
+                idle_timeout: self.idle_timeout,
+            },
         ))
     }
 
@@ -744,7 +713,7 @@ mod tests {
     }
 
     /// serde lets a struct deserialize from a JSON array (`[model, stream]`), so an array body
-    /// naming an allowed model passes the check and is forwarded, though the PROTOCOL and the
+    /// naming an allowed model passes the check and is forwarded, though the protocol and the
     /// refusal message ask for a JSON object.
     #[tokio::test]
     async fn an_array_body_is_not_an_object_naming_a_model() {

@@ -1,9 +1,9 @@
 //! Token, fingerprint and User-Agent checks in front of a service.
 //!
-//! [`VerifyLayer`] refuses a request unless every PROTOCOL check on its session holds (see
-//! [`crate::session`] for the list), with the PROTOCOL 401 and `WWW-Authenticate`. A request that
-//! passes carries a [`VerifiedSession`] in its extensions, for later layers (the rate limiter keys
-//! on it) and handlers.
+//! [`VerifyLayer`] refuses a request unless every check of [`docs/protocol.md`][protocol] on its
+//! session holds (see [`crate::session`] for the list), with the protocol's 401 and
+//! `WWW-Authenticate`. A request that passes carries a [`VerifiedSession`](crate::VerifiedSession)
+//! in its extensions, for later layers (the rate limiter keys on it) and handlers.
 //!
 //! ```
 //! use perishable_core::{Body, Config, Perishable, VerifiedSession};
@@ -21,32 +21,11 @@
 //! assert_eq!(refused.status(), 401);
 //! # Ok(()) }
 //! ```
+//!
+//! [protocol]: https://github.com/perishable-rs/perishable/blob/main/docs/protocol.md
 
 mod layer;
 mod service;
 
 pub use layer::VerifyLayer;
 pub use service::{Verify, VerifyFuture};
-
-use std::sync::Arc;
-
-use crate::token::Claims;
-
-/// The claims of a request's verified session, in the request extensions.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VerifiedSession {
-    /// The token's claims (shared with the verified-token cache).
-    pub claims: Arc<Claims>,
-}
-
-impl VerifiedSession {
-    /// The session id (`jti`).
-    pub fn session_id(&self) -> &str {
-        &self.claims.jti
-    }
-
-    /// The fingerprint hash (`fp`), the default rate-limit key.
-    pub fn fingerprint_hash(&self) -> &str {
-        &self.claims.fp
-    }
-}

@@ -28,28 +28,20 @@ impl<S> Verify<S> {
         VerifyLayer::new(sessions)
     }
 
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Unwraps the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    crate::macros::define_inner_service_accessors!();
 }
 
-/// The response future of [`Verify`]: a refusal, the inner service's future (the session was
-/// checked at once), or, when the store must be waited for, a boxed future doing the rest.
-pub type VerifyFuture<F, ResBody, E> = Either<
+/// What [`VerifyFuture`] holds: a refusal, the inner service's future (the session was checked
+/// at once), or, when the store must be waited for, a boxed future doing the rest.
+type Checked<F, ResBody, E> = Either<
     Either<Ready<Result<Response<ResBody>, E>>, F>,
     Pin<Box<dyn Future<Output = Result<Response<ResBody>, E>> + Send>>,
 >;
+
+crate::macros::opaque_future! {
+    /// The response future of [`Verify`]: a refusal, or the inner service's answer.
+    pub type VerifyFuture<F, ResBody, E> = Checked<F, ResBody, E>;
+}
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Verify<S>
 where
@@ -72,18 +64,18 @@ where
             Ok(Ok(session)) => {
                 tracing::Span::current().record("session_id", session.session_id());
                 req.extensions_mut().insert(session);
-                Either::Left(Either::Right(self.inner.call(req)))
+                VerifyFuture::new(Either::Left(Either::Right(self.inner.call(req))))
             }
             Ok(Err(error)) => {
                 tracing::debug!(code = %error.code(), "session refused");
-                Either::Left(Either::Left(ready(Ok(error.into_response()))))
+                VerifyFuture::new(Either::Left(Either::Left(ready(Ok(error.into_response())))))
             }
             Err(pending) => {
                 // The clone that was polled ready goes into the future (tower's "be careful
                 // when cloning inner services").
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
-                Either::Right(Box::pin(async move {
+                VerifyFuture::new(Either::Right(Box::pin(async move {
                     match pending.await {
                         Ok(session) => {
                             tracing::Span::current().record("session_id", session.session_id());
@@ -95,7 +87,7 @@ where
                             Ok(error.into_response())
                         }
                     }
-                }))
+                })))
             }
         }
     }
@@ -168,7 +160,7 @@ mod tests {
         String::from_utf8(bytes.to_vec()).unwrap()
     }
 
-    /// Asserts a PROTOCOL 401 with `code` and a `WWW-Authenticate` header.
+    /// Asserts a 401 of the protocol with `code` and a `WWW-Authenticate` header.
     async fn assert_unauthorized(response: Response<Body>, code: &str) {
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
         assert!(

@@ -7,7 +7,7 @@
 
 /// One allowed path pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PathPattern {
+pub(crate) struct PathPattern {
     segments: Vec<Segment>,
     /// The whole pattern, when it has no `*`: a path equal to it matches.
     exact: Option<String>,
@@ -21,7 +21,7 @@ enum Segment {
 
 impl PathPattern {
     /// Parses a pattern such as `chat/completions` or `models/*`.
-    pub fn parse(pattern: &str) -> Result<Self, String> {
+    pub(crate) fn parse(pattern: &str) -> Result<Self, String> {
         let trimmed = pattern.trim_matches('/');
         if trimmed.is_empty() {
             return Err(format!("{pattern:?} is empty"));
@@ -39,7 +39,7 @@ impl PathPattern {
     }
 
     /// Whether `path` (without leading slash) matches.
-    pub fn matches(&self, path: &str) -> bool {
+    pub(crate) fn matches(&self, path: &str) -> bool {
         let mut parts = path.split('/');
         for segment in &self.segments {
             let Some(part) = parts.next() else {
@@ -71,13 +71,13 @@ fn is_safe_segment(s: &str) -> bool {
 
 /// The allowed paths.
 #[derive(Debug, Clone)]
-pub struct AllowList {
+pub(crate) struct AllowList {
     patterns: Vec<PathPattern>,
 }
 
 impl AllowList {
     /// An allow-list from patterns (already validated by the config).
-    pub fn new<'a>(patterns: impl IntoIterator<Item = &'a String>) -> Result<Self, String> {
+    pub(crate) fn new<'a>(patterns: impl IntoIterator<Item = &'a String>) -> Result<Self, String> {
         Ok(Self {
             patterns: patterns
                 .into_iter()
@@ -87,7 +87,7 @@ impl AllowList {
     }
 
     /// Whether `path` (without leading slash) may pass.
-    pub fn allows(&self, path: &str) -> bool {
+    pub(crate) fn allows(&self, path: &str) -> bool {
         // A path equal to a pattern without `*` passes: its segments were checked as the
         // pattern's. Only the others are split.
         self.patterns

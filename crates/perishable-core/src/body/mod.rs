@@ -10,7 +10,10 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
 use crate::error::{Error, ErrorCode};
-use crate::upstream::UpstreamBody;
+mod upstream;
+
+pub(crate) use upstream::UpstreamBody;
+pub(crate) use upstream::{Accounting, Settle};
 
 /// Errors a body can yield (only an upstream stream can fail).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// Ids with an expiry, safe to share between threads.
 #[derive(Debug, Default)]
-pub struct ExpiringSet {
+pub(crate) struct ExpiringSet {
     /// Read-mostly: every authenticated request reads, only revocations write.
     entries: RwLock<HashMap<String, u64>>,
     /// Lets the hot path skip the lock entirely while the set is empty.
@@ -22,13 +22,14 @@ pub struct ExpiringSet {
 
 impl ExpiringSet {
     /// An empty set.
-    pub fn new() -> Self {
+    #[cfg(test)]
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Adds `id` until `expires_at` (Unix seconds). Returns `false` when it was already present
     /// and unexpired: the caller has seen a replay.
-    pub fn insert(&self, id: &str, expires_at: u64, now: u64) -> bool {
+    pub(crate) fn insert(&self, id: &str, expires_at: u64, now: u64) -> bool {
         let mut entries = self
             .entries
             .write()
@@ -48,7 +49,7 @@ impl ExpiringSet {
     }
 
     /// Whether `id` is present and unexpired.
-    pub fn contains(&self, id: &str, now: u64) -> bool {
+    pub(crate) fn contains(&self, id: &str, now: u64) -> bool {
         if self.len.load(Ordering::Relaxed) == 0 {
             return false;
         }
@@ -60,13 +61,9 @@ impl ExpiringSet {
     }
 
     /// Entries held, live or not yet pruned.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.len.load(Ordering::Relaxed)
-    }
-
-    /// Whether the set holds nothing.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Live sessions per key; see the [module docs](self).
 #[derive(Debug, Default)]
-pub struct SessionCaps {
+pub(crate) struct SessionCaps {
     /// key → live sessions as (jti, exp). Short critical sections only: never held across await.
     live: Mutex<HashMap<String, Vec<(String, u64)>>>,
     last_prune: AtomicU64,
@@ -21,7 +21,8 @@ pub struct SessionCaps {
 
 impl SessionCaps {
     /// Empty caps.
-    pub fn new() -> Self {
+    #[cfg(test)]
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
@@ -42,7 +43,7 @@ impl SessionCaps {
 
     /// Takes a slot under every key for session `jti` until `exp`, unless a key already holds
     /// `max` live sessions: then returns in how many seconds a slot frees up.
-    pub fn admit(
+    pub(crate) fn admit(
         &self,
         keys: &[String],
         jti: &str,
@@ -75,7 +76,7 @@ impl SessionCaps {
     }
 
     /// Frees the slots of session `jti`.
-    pub fn release(&self, keys: &[String], jti: &str) {
+    pub(crate) fn release(&self, keys: &[String], jti: &str) {
         let mut live = self.lock();
         for key in keys {
             if let Some(sessions) = live.get_mut(key) {
@@ -88,7 +89,7 @@ impl SessionCaps {
     }
 
     /// Moves the slots of session `old` to `new`, valid until `exp`.
-    pub fn replace(&self, keys: &[String], old: &str, new: &str, exp: u64) {
+    pub(crate) fn replace(&self, keys: &[String], old: &str, new: &str, exp: u64) {
         let mut live = self.lock();
         for key in keys {
             let sessions = live.entry(key.clone()).or_default();
@@ -98,13 +99,9 @@ impl SessionCaps {
     }
 
     /// Keys with live sessions.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.lock().len()
-    }
-
-    /// Whether no key has a live session.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

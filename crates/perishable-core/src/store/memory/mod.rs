@@ -1,4 +1,16 @@
 //! [`MemoryStore`]: the default store, in this process's memory.
+//!
+//! Its parts: [`Limiter`] (governor's keyed GCRA, for rate limits), [`SessionCaps`] (live
+//! sessions per fingerprint and key) and [`ExpiringSet`] (ids that expire: revocations and
+//! replay caches).
+
+mod caps;
+mod expiring;
+mod limiter;
+
+pub(crate) use caps::SessionCaps;
+pub(crate) use expiring::ExpiringSet;
+pub use limiter::Limiter;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -8,12 +20,9 @@ use std::time::Instant;
 use super::{
     Admission, Bucket, RateDecision, RateLimiter, RatePolicy, Reservation, Set, Store, StoreFuture,
 };
-use crate::caps::SessionCaps;
-use crate::expiring::ExpiringSet;
-use crate::rate_limit::Limiter;
-use crate::session::unix_now;
+use crate::clock::unix_now;
 
-/// State in memory: governor for rate limits, [`ExpiringSet`]s for ids, [`SessionCaps`] for
+/// State in memory: governor for rate limits, `ExpiringSet`s for ids, `SessionCaps` for
 /// live sessions. Every operation completes at once.
 #[derive(Debug, Default)]
 pub struct MemoryStore {

@@ -8,9 +8,9 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use super::usage::{Encoding, TapMode, Usage, UsageTap};
-use crate::body::BoxError;
+use super::BoxError;
 use crate::budget::{Admitted, Budget};
+use crate::usage::{Encoding, TapMode, Usage, UsageTap};
 
 /// What is done once a response body is done (a value, not a boxed closure: one allocation
 /// less per request): the upstream metrics, and the budget settled with the usage seen.
@@ -111,7 +111,7 @@ pin_project_lite::pin_project! {
     /// the upstream response, which closes the upstream connection: that is how a client that goes
     /// away cancels the upstream request.
     #[derive(Debug)]
-    pub struct UpstreamBody {
+    pub(crate) struct UpstreamBody {
         #[pin]
         inner: hyper::body::Incoming,
         // Armed when the body starts waiting for the upstream, not on every frame: a body whose
@@ -194,7 +194,7 @@ impl http_body::Body for UpstreamBody {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     *this.done = true;
-                    tracing::warn!(error = %super::client::Chain(&e), "the upstream response broke off");
+                    tracing::warn!(error = %crate::error::Chain(&e), "the upstream response broke off");
                     if let Some(mut accounting) = this.accounting.take() {
                         accounting.done();
                     }

@@ -1,0 +1,89 @@
+//! `[budget]`: token budgets, the completion cap and the stream cap.
+
+use serde::Deserialize;
+
+use super::ConfigError;
+
+/// Whose tokens a budget counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum BudgetScope {
+    /// The client: its DPoP key when bound, else its fingerprint (across its sessions).
+    #[default]
+    Client,
+    /// Each session on its own.
+    Session,
+}
+
+/// `[budget]`: token budgets, the completion cap and the stream cap; see "Budgets" in
+/// [`docs/protocol.md`](https://github.com/perishable-rs/perishable/blob/main/docs/protocol.md#budgets).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct BudgetConfig {
+    /// Tokens per client per window; 0: no budget.
+    pub tokens_per_window: u64,
+    /// The budget window, in seconds.
+    pub window_secs: u64,
+    /// Cap on a request's `max_tokens` / `max_completion_tokens`; 0: none.
+    pub max_completion_tokens: u64,
+    /// Ask streamed chat completions for usage.
+    pub include_usage: bool,
+    /// Concurrent streams per session; 0: no cap.
+    pub max_concurrent_streams: u32,
+    /// Whose tokens the budget counts.
+    pub scope: BudgetScope,
+    /// Completion tokens reserved for a request that names no ceiling.
+    pub default_reserve_tokens: u64,
+    /// Tokens per client IP per window, whatever sessions the IP holds; 0: no per-IP budget.
+    pub per_ip_tokens_per_window: u64,
+    /// Tokens per window for the whole deployment; 0: no global budget.
+    pub global_tokens_per_window: u64,
+    /// `[budget.tiers.NAME]`: per-tier budgets, for an identity gate's tier claim.
+    pub tiers: std::collections::BTreeMap<String, TierConfig>,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        Self {
+            tokens_per_window: 0,
+            window_secs: 3600,
+            max_completion_tokens: 0,
+            include_usage: true,
+            max_concurrent_streams: 0,
+            scope: BudgetScope::Client,
+            default_reserve_tokens: 4096,
+            per_ip_tokens_per_window: 0,
+            global_tokens_per_window: 0,
+            tiers: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+/// `[budget.tiers.NAME]`: the budget of one tier of users (selected by the identity gate's
+/// `mint.oidc.tier_claim`, a later version's gate). Parsed and kept; no gate selects a tier yet.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TierConfig {
+    /// Tokens per client per window for this tier.
+    pub tokens_per_window: Option<u64>,
+    /// The completion cap for this tier.
+    pub max_completion_tokens: Option<u64>,
+    /// Requests per window per client for this tier.
+    pub points: Option<u32>,
+}
+
+impl BudgetConfig {
+    /// Checks every key of the section.
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.window_secs == 0 {
+            return Err(ConfigError::invalid(
+                "budget.window_secs",
+                "must be above 0",
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,429 @@
+//! Configuration: the file shape of [`docs/protocol.md`][configuration], a builder with a
+//! method per key, and validation.
+//!
+//! [configuration]: https://github.com/perishable-rs/perishable/blob/main/docs/protocol.md#configuration
+//!
+//! [`ConfigBuilder`] *is* the file shape: it deserializes from TOML or JSON, every setter changes
+//! one key, and [`ConfigBuilder::build`] validates everything at once into a [`Config`]. Invalid
+//! configuration fails there, with a [`ConfigError`] naming the key; nothing is checked later.
+//!
+//! ```
+//! use perishable_core::Config;
+//!
+//! let config = Config::builder()
+//!     .upstream_api_key("sk-test")
+//!     .session_jwt_secret("an-example-secret-of-at-least-32-bytes!")
+//!     .rate_limit_points(20)
+//!     .cors_allowed_origins(["https://app.example.com"])
+//!     .build()?;
+//! assert_eq!(config.rate_limit().points, 20);
+//!
+//! // The same from the protocol file shape.
+//! let config = Config::from_toml_str(r#"
+//!     [upstream]
+//!     api_key = "sk-test"
+//!     [session]
+//!     jwt_secret = "an-example-secret-of-at-least-32-bytes!"
+//! "#)?;
+//! assert_eq!(config.session().ttl_secs, 600);
+//! # Ok::<(), perishable_core::ConfigError>(())
+//! ```
+//!
+//! Secrets ([`Secret`]) never appear in `Debug` output.
+
+mod budget;
+mod builder;
+mod cors;
+mod mint;
+mod pow;
+mod rate_limit;
+mod realtime;
+mod server;
+mod session;
+mod store;
+mod upstream;
+
+use std::fmt;
+use std::time::Duration;
+
+pub use ipnet::IpNet;
+use serde::Deserialize;
+
+pub use budget::{BudgetConfig, BudgetScope, TierConfig};
+pub use builder::ConfigBuilder;
+pub use cors::CorsConfig;
+pub use mint::{AppAttestConfig, CaptchaConfig, MintConfig, OidcConfig, PlayIntegrityConfig};
+pub use pow::PowConfig;
+pub use rate_limit::RateLimitConfig;
+pub use realtime::RealtimeConfig;
+pub use server::ServerConfig;
+pub use session::{Algorithm, DpopMode, SessionConfig, SigningKeyConfig};
+pub(crate) use session::{ed25519_pkcs8_der, kid_for};
+pub use store::{OnUnavailable, StoreConfig};
+pub use upstream::{DEFAULT_ALLOWED_PATHS, UpstreamConfig};
+
+/// A secret string: the upstream key or a signing secret. `Debug` shows `Secret(**redacted**)`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self(secret.into())
+    }
+
+    /// The secret itself. Handle with care: never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(**redacted**)")
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
+/// A configuration that could not be built. Each variant names the offending key.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A required key is missing.
+    #[error("{key} is required{}", env_hint(key))]
+    Missing {
+        /// The key, as in the file (`upstream.api_key`).
+        key: &'static str,
+    },
+    /// A key has a value it cannot take.
+    #[error("{key}: {reason}")]
+    Invalid {
+        /// The key, as in the file.
+        key: &'static str,
+        /// Why the value is refused (never the value itself when it is a secret).
+        reason: String,
+    },
+    /// The file could not be parsed.
+    #[error("cannot parse the configuration: {0}")]
+    Parse(String),
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+}
+
+/// The environment variable that sets `key`, for the message of a missing key.
+fn env_hint(key: &str) -> &'static str {
+    match key {
+        "upstream.api_key" => {
+            " (set OPENAI_API_KEY, or point upstream.base_url / OPENAI_BASE_URL at a keyless upstream such as a local Ollama or vLLM)"
+        }
+        "session.jwt_secret" => " (set PERISHABLE_JWT_SECRET)",
+        _ => "",
+    }
+}
+
+impl ConfigError {
+    fn invalid(key: &'static str, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            key,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A validated configuration. Build it with [`Config::builder`] or from a file.
+#[derive(Debug, Clone)]
+pub struct Config {
+    inner: ConfigBuilder,
+    /// `upstream.base_url`, normalized, without a trailing slash.
+    base_url: String,
+    /// The origin of `server.public_url`, when set.
+    public_origin: Option<String>,
+}
+
+impl Config {
+    /// A builder with every key at its default.
+    pub fn builder() -> ConfigBuilder {
+        ConfigBuilder::default()
+    }
+
+    /// Parses and validates the protocol file shape in TOML.
+    #[cfg(feature = "toml")]
+    pub fn from_toml_str(toml: &str) -> Result<Self, ConfigError> {
+        ConfigBuilder::from_toml_str(toml)?.build()
+    }
+
+    /// Parses and validates the protocol file shape in JSON.
+    pub fn from_json_str(json: &str) -> Result<Self, ConfigError> {
+        ConfigBuilder::from_json_str(json)?.build()
+    }
+
+    /// `[upstream]`.
+    pub fn upstream(&self) -> &UpstreamConfig {
+        &self.inner.upstream
+    }
+
+    /// `upstream.base_url`, normalized as a URL, without a trailing slash.
+    pub fn upstream_base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// `[session]`.
+    pub fn session(&self) -> &SessionConfig {
+        &self.inner.session
+    }
+
+    /// `[rate_limit]`.
+    pub fn rate_limit(&self) -> &RateLimitConfig {
+        &self.inner.rate_limit
+    }
+
+    /// `[pow]`.
+    pub fn pow(&self) -> &PowConfig {
+        &self.inner.pow
+    }
+
+    /// `[cors]`.
+    pub fn cors(&self) -> &CorsConfig {
+        &self.inner.cors
+    }
+
+    /// `[server]`.
+    pub fn server(&self) -> &ServerConfig {
+        &self.inner.server
+    }
+
+    /// `[budget]`.
+    pub fn budget(&self) -> &BudgetConfig {
+        &self.inner.budget
+    }
+
+    /// `[store]`.
+    pub fn store(&self) -> &StoreConfig {
+        &self.inner.store
+    }
+
+    /// Whether no signing key was configured, so the runtime ([`Perishable`](crate::Perishable))
+    /// signs with a random one: tokens then do not survive a restart or verify on another
+    /// instance. The runtime logs a warning too; this is for an app that installs no `tracing`
+    /// subscriber, or wants to refuse to start.
+    ///
+    /// ```
+    /// let config = perishable_core::Config::builder().upstream_api_key("sk-test").build()?;
+    /// assert!(config.has_random_signing_key());
+    /// # Ok::<(), perishable_core::ConfigError>(())
+    /// ```
+    pub fn has_random_signing_key(&self) -> bool {
+        let s = &self.inner.session;
+        s.jwt_secret.is_none() && s.keys.is_empty()
+    }
+
+    /// `[mint]`.
+    pub fn mint(&self) -> &MintConfig {
+        &self.inner.mint
+    }
+
+    /// `[realtime]`.
+    pub fn realtime(&self) -> &RealtimeConfig {
+        &self.inner.realtime
+    }
+
+    /// The origin (`scheme://host[:port]`) of `server.public_url`, when set.
+    pub fn public_origin(&self) -> Option<&str> {
+        self.public_origin.as_deref()
+    }
+
+    pub(crate) fn ttl(&self) -> Duration {
+        Duration::from_secs(self.inner.session.ttl_secs)
+    }
+}
+
+impl<'de> Deserialize<'de> for Config {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        ConfigBuilder::deserialize(deserializer)?
+            .build()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_captcha_secret_comes_from_the_environment() {
+        let b = Config::builder()
+            .apply_env(|k| (k == "PERISHABLE_CAPTCHA_SECRET").then(|| "0x-secret".to_owned()));
+        let c = b.upstream_api_key("sk").build().unwrap();
+        assert_eq!(
+            c.mint().captcha.secret.as_ref().map(Secret::expose),
+            Some("0x-secret")
+        );
+        assert!(
+            !format!("{c:?}").contains("0x-secret"),
+            "secrets stay out of Debug"
+        );
+    }
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn base() -> ConfigBuilder {
+        Config::builder()
+            .upstream_api_key("sk-test")
+            .session_jwt_secret(SECRET)
+    }
+
+    fn invalid_key(builder: ConfigBuilder) -> &'static str {
+        match builder.build() {
+            Err(ConfigError::Invalid { key, .. } | ConfigError::Missing { key }) => key,
+            other => panic!("expected a key error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_build_with_a_key() {
+        let config = base().build().unwrap();
+        assert_eq!(config.upstream_base_url(), "https://api.openai.com/v1");
+        assert_eq!(config.session().ttl_secs, 600);
+        assert_eq!(config.rate_limit().points, 100);
+        assert_eq!(config.upstream().max_body_bytes, 1_048_576);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert_eq!(invalid_key(Config::builder()), "upstream.api_key");
+        assert_eq!(
+            invalid_key(base().session_jwt_secret("short")),
+            "session.jwt_secret"
+        );
+        assert_eq!(
+            invalid_key(base().upstream_base_url("ftp://x")),
+            "upstream.base_url"
+        );
+        assert_eq!(
+            invalid_key(base().rate_limit_points(0)),
+            "rate_limit.points"
+        );
+        assert_eq!(
+            invalid_key(base().upstream_allowed_paths(["files/../x"])),
+            "upstream.allowed_paths"
+        );
+        assert_eq!(
+            invalid_key(base().cors_allowed_origins(["https://a.example/path"])),
+            "cors.allowed_origins"
+        );
+        assert_eq!(
+            invalid_key(base().session_ttl_secs(100).session_max_lifetime_secs(50)),
+            "session.max_lifetime_secs"
+        );
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug() {
+        let builder = base().session_hmac_key("old", "another-secret-of-at-least-32-bytes!!");
+        let config = builder.clone().build().unwrap();
+        for text in [format!("{builder:?}"), format!("{config:?}")] {
+            assert!(!text.contains(SECRET), "{text}");
+            assert!(!text.contains("sk-test"), "{text}");
+            assert!(!text.contains("another-secret"), "{text}");
+        }
+    }
+
+    #[cfg(feature = "toml")]
+    #[test]
+    fn parses_the_protocol_file_shape() {
+        let toml = r#"
+[upstream]
+base_url = "http://127.0.0.1:9/v1/"
+api_key = "sk-file"
+allowed_paths = ["chat/completions", "completions", "embeddings", "models", "models/*", "responses", "moderations"]
+allowed_models = []
+max_body_bytes = 1048576
+connect_timeout_ms = 5000
+first_byte_timeout_ms = 60000
+idle_timeout_ms = 60000
+
+[session]
+ttl_secs = 600
+max_lifetime_secs = 86400
+jwt_secret = "0123456789abcdef0123456789abcdef"
+issuer = "perishable"
+audience = "perishable"
+bind_user_agent = true
+min_entropy_score = 50
+max_per_fingerprint = 5
+dpop = "optional"
+
+[rate_limit]
+points = 100
+duration_secs = 60
+block_duration_secs = 60
+mint_per_ip = 10
+
+[pow]
+difficulty = 16
+
+[cors]
+allowed_origins = []
+
+[server]
+public_url = "https://api.example.com/ai"
+trusted_proxies = ["10.0.0.0/8"]
+
+[budget]
+tokens_per_window = 0
+window_secs = 3600
+max_completion_tokens = 0
+include_usage = true
+max_concurrent_streams = 0
+
+[store]
+url = "memory"
+on_unavailable = "closed"
+"#;
+        let config = Config::from_toml_str(toml).unwrap();
+        assert_eq!(config.upstream_base_url(), "http://127.0.0.1:9/v1");
+        assert_eq!(config.public_origin(), Some("https://api.example.com"));
+        assert_eq!(config.server().trusted_proxies.len(), 1);
+
+        let typo = "[session]\nttl_sec = 5\n";
+        assert!(matches!(
+            ConfigBuilder::from_toml_str(typo),
+            Err(ConfigError::Parse(_))
+        ));
+    }
+
+    #[test]
+    fn env_overrides_the_file() {
+        let builder = ConfigBuilder::from_json_str(r#"{"upstream":{"api_key":"sk-file"}}"#)
+            .unwrap()
+            .apply_env(|k| match k {
+                "OPENAI_API_KEY" => Some("sk-env".to_owned()),
+                "OPENAI_BASE_URL" => Some("http://127.0.0.1:1/v1".to_owned()),
+                "PERISHABLE_JWT_SECRET" => Some(SECRET.to_owned()),
+                _ => None,
+            });
+        let config = builder.build().unwrap();
+        assert_eq!(
+            config.upstream().api_key.as_ref().unwrap().expose(),
+            "sk-env"
+        );
+        assert_eq!(config.upstream_base_url(), "http://127.0.0.1:1/v1");
+    }
+}
