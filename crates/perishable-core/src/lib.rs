@@ -66,6 +66,8 @@ pub mod error;
 pub mod expiring;
 pub mod fingerprint;
 mod future;
+#[allow(dead_code)] // the gates are not wired into minting yet (issue #16)
+pub(crate) mod gate;
 pub(crate) mod json;
 pub mod observe;
 pub mod origin;
