@@ -3,7 +3,10 @@
 //!
 //! - [`oidc`]: an OpenID Connect ID token, verified against the issuer's published keys
 //!   (discovery and a cached JWKS).
+//! - [`captcha`]: a Turnstile, hCaptcha or reCAPTCHA token, redeemed at the provider's
+//!   `siteverify` endpoint.
 //!
 //! Nothing calls them yet; each module says what its gate proves and what it does not.
 
+pub(crate) mod captcha;
 pub(crate) mod oidc;
