@@ -15,7 +15,7 @@ use axum::Router;
 use axum::http::header::{AUTHORIZATION, COOKIE, HeaderName};
 use axum::routing::get;
 use perishable::Config;
-use perishable::mock::{MockOptions, MockUpstream};
+use perishable_mock::{MockOptions, MockUpstream};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 

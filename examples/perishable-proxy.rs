@@ -23,8 +23,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use perishable::mock::{MockOptions, MockUpstream};
 use perishable::{Config, ConfigBuilder};
+use perishable_mock::{MockOptions, MockUpstream};
 
 const USAGE: &str = "\
 perishable-proxy: an OpenAI-compatible proxy that never gives clients the API key
@@ -228,74 +228,12 @@ async fn run() -> Result<(), String> {
     tracing::info!(%upstream, "forwarding /openai to the upstream");
     println!("perishable-proxy listening on http://{local}");
 
-    serve_http1(listener, app, async {
+    // HTTP/1.1 with the peer address on every request (for the per-IP limits), TCP_NODELAY, a
+    // 30 s limit on request headers, and a graceful stop on Ctrl-C.
+    perishable::serve(listener, app, async {
         let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutting down");
     })
     .await;
     Ok(())
-}
-
-/// Serves `app` over HTTP/1.1 until `shutdown`, then lets open requests finish (up to 30 s).
-///
-/// hyper's HTTP/1.1 server directly, rather than `axum::serve` (which also speaks cleartext
-/// HTTP/2 and detects the version on every connection): about 5 KiB less per open connection
-/// and a few microseconds less per request (`docs/performance.md`). Each request gets its peer
-/// address as [`perishable::client_ip::PeerAddr`] (for the per-IP limits), every socket `TCP_NODELAY`, and a
-/// request's headers must arrive within 30 s.
-async fn serve_http1(
-    listener: tokio::net::TcpListener,
-    app: axum::Router,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
-    use hyper_util::rt::TokioIo;
-    use tower::ServiceExt as _;
-
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors, say: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let _ = tcp.set_nodelay(true);
-        let service =
-            app.clone()
-                .map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                    // Perishable's own extension (what axum's `ConnectInfo` is copied
-                    // into otherwise): one less per request.
-                    req.extensions_mut()
-                        .insert(perishable::client_ip::PeerAddr(peer));
-                    req.map(axum::body::Body::new)
-                });
-        // The timer turns on hyper's 30 s limit for reading a request's headers (a client
-        // that trickles them in cannot hold a connection forever).
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .serve_connection(
-                TokioIo::new(tcp),
-                hyper_util::service::TowerToHyperService::new(service),
-            );
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(std::time::Duration::from_secs(30), graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("requests still open after 30 s; closing them");
-    }
 }

@@ -16,8 +16,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use perishable::client_ip::PeerAddr;
-use perishable::mock::{MockOptions, MockUpstream};
 use perishable::{Body, Config, Perishable};
+use perishable_mock::{MockOptions, MockUpstream};
 use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt, service_fn};
 

@@ -1,3 +1,4 @@
+#![cfg_attr(docsrs, feature(doc_cfg))]
 //! Perishable lets browser and mobile apps call OpenAI-compatible LLM APIs (OpenAI, OpenRouter,
 //! Ollama, vLLM, ...) without ever holding the real API key.
 //!
@@ -27,14 +28,14 @@
 //!
 //! # Features
 //!
-//! - `mock` (default): [`mock`], a built-in OpenAI-compatible upstream that streams, used by the
-//!   example proxy when no API key is set and by the tests.
+//! - `redis` (default): shared state on Redis (`store.url = "redis://..."`), for several
+//!   instances behind a load balancer.
+//!
+//! The mock OpenAI-compatible upstream that the example proxy serves when no API key is set is
+//! the separate crate [`perishable-mock`](https://docs.rs/perishable-mock).
 
 pub use perishable_axum::{
-    CORS_ALLOWED_HEADERS, CORS_EXPOSED_HEADERS, cors_layer, router, router_from, try_router,
+    CORS_ALLOWED_HEADERS, CORS_EXPOSED_HEADERS, cors_layer, router, router_from, serve, try_router,
 };
 pub use perishable_core::*;
 pub use {perishable_axum, perishable_core};
-
-#[cfg(feature = "mock")]
-pub mod mock;

@@ -23,7 +23,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use perishable::config::DpopMode;
-use perishable::mock::{MockOptions, MockUpstream};
+use perishable_mock::{MockOptions, MockUpstream};
 use tokio::net::TcpListener;
 use tokio::time::{Instant, Sleep};
 use tower::ServiceExt;
@@ -98,29 +98,8 @@ pub fn run_perishable(upstream: &str, gates: bool) {
             }
             _ => perishable::router_from(&perishable),
         };
-        // As the example proxy serves it: hyper's HTTP/1.1 server (with its timer, for the
-        // header read timeout), the peer address, TCP_NODELAY.
-        loop {
-            let Ok((tcp, peer)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                continue;
-            };
-            let _ = tcp.set_nodelay(true);
-            let service = app.clone().map_request(move |mut req: Request<Incoming>| {
-                req.extensions_mut()
-                    .insert(perishable::client_ip::PeerAddr(peer));
-                req.map(axum::body::Body::new)
-            });
-            tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .serve_connection(
-                        TokioIo::new(tcp),
-                        hyper_util::service::TowerToHyperService::new(service),
-                    )
-                    .await;
-            });
-        }
+        // As the example proxy serves it.
+        perishable::serve(listener, app, std::future::pending()).await;
     });
 }
 
@@ -252,7 +231,7 @@ struct MockState {
 }
 
 /// Starts the mock upstream on `port` (0: a free one) on the current runtime: the built-in
-/// `perishable::mock` (64 deltas 20 ms apart, recording off), plus two instrumented streams
+/// `perishable_mock` (64 deltas 20 ms apart, recording off), plus two instrumented streams
 /// chosen by a marker in the request body, so they work through any OpenAI-compatible proxy:
 ///
 /// - `bench:stamped:N:MS`: N SSE chat-completion chunks MS apart, each carrying

@@ -1,3 +1,4 @@
+#![cfg_attr(docsrs, feature(doc_cfg))]
 //! The Perishable routes for axum: one [`Router`] to nest anywhere.
 //!
 //! ```no_run
@@ -60,9 +61,11 @@ use tower::util::MapRequestLayer;
 
 mod cors;
 mod dispatch;
+mod serve;
 
 pub use cors::{CORS_ALLOWED_HEADERS, CORS_EXPOSED_HEADERS, cors_layer};
 pub use perishable_core::Config;
+pub use serve::serve;
 
 /// The browser client: a dependency-free ES module, served at `GET /client.js`.
 pub const CLIENT_JS: &str = include_str!("../client/perishable.js");

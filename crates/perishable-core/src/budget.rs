@@ -24,7 +24,7 @@
 //!    the reservation goes back to every bucket; usage beyond it (the prompt estimate was low) is
 //!    taken too, and may leave a bucket in debt. However many run at once, each call therefore
 //!    overshoots a budget by at most its own difference between real usage and reservation
-//!    (`tests/budgets.rs` checks 40 at once at every scope, and with a low prompt estimate).
+//!    (`tests/it/budgets.rs` checks 40 at once at every scope, and with a low prompt estimate).
 //!    - A response whose usage could not be read keeps its whole reservation.
 //!    - An upstream error (status 400 and up, no usage), or no answer at all, is refunded.
 //!

@@ -1,3 +1,4 @@
+#![cfg_attr(docsrs, feature(doc_cfg))]
 //! Tower layers and services for Perishable: let browser and mobile apps call an
 //! OpenAI-compatible API without ever holding the API key.
 //!
@@ -64,6 +65,7 @@ pub mod entropy;
 pub mod error;
 pub mod fingerprint;
 mod future;
+pub(crate) mod gate;
 mod header_rules;
 pub(crate) mod json;
 pub mod observe;

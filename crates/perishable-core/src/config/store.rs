@@ -21,8 +21,10 @@ pub enum OnUnavailable {
 #[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
-    /// `memory` (the default, one instance) or `redis://[:password@]host:port[/db]` (cargo
-    /// feature `redis`). May hold a password: `Debug` shows only its scheme.
+    /// `memory` (the default, one instance), `redis://[:password@]host:port[/db]`, or
+    /// `rediss://...` for TLS (cargo feature `redis`). Over TLS the server's certificate is
+    /// checked against the platform's roots, or the PEM file `SSL_CERT_FILE` names. May hold a
+    /// password: `Debug` shows only its scheme.
     pub url: String,
     /// Failure policy.
     pub on_unavailable: OnUnavailable,
@@ -63,10 +65,13 @@ impl StoreConfig {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         let st = self;
         if st.url != "memory" {
-            if !(st.url.starts_with("redis://") || st.url.starts_with("redis+unix://")) {
+            if !["redis://", "rediss://", "redis+unix://"]
+                .iter()
+                .any(|scheme| st.url.starts_with(scheme))
+            {
                 return Err(ConfigError::invalid(
                     "store.url",
-                    "must be \"memory\" or a redis:// URL",
+                    "must be \"memory\", a redis:// URL, or rediss:// for TLS",
                 ));
             }
             if !cfg!(feature = "redis") {

@@ -29,6 +29,8 @@
 //! Implement [`Store`] to keep this state elsewhere, and pass it to
 //! [`Perishable::with_store`](crate::Perishable::with_store).
 
+#[cfg(feature = "test-util")]
+pub mod conformance;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;

@@ -264,8 +264,10 @@ impl fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
-    /// A store on the Redis at `url` (`redis://[:password@]host:port[/db]`, `rediss://` for TLS
-    /// is not built in), with keys under `prefix:` and `timeout` per call. Connects on first use.
+    /// A store on the Redis at `url` (`redis://[:password@]host:port[/db]`, or `rediss://` for
+    /// TLS: rustls, checking the server's certificate against the platform's roots or the PEM
+    /// file `SSL_CERT_FILE` names), with keys under `prefix:` and `timeout` per call. Connects
+    /// on first use.
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self, ConfigError> {
         let client = redis::Client::open(url).map_err(|_| ConfigError::Invalid {
             key: "store.url",

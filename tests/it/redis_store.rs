@@ -1,0 +1,659 @@
+//! Two Perishable routers on two ports sharing one real `redis-server`: limits, revocations,
+//! caps and replay caches hold across both; Redis stopping and coming back; GCRA on Redis agrees
+//! with governor in memory; token buckets on `RedisStore` directly (refill, no double spend,
+//! all or nothing, settling, atomicity, expiry).
+//!
+//! Each test starts its own `redis-server` on a free port and stops it. Without the binary the
+//! tests are ignored, with the reason in cargo's output, and fail when `CI` is set (`.ci/run`
+//! installs it): see `tests/build.rs`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::support::*;
+use perishable::config::OnUnavailable;
+use perishable::dpop::DpopSigner;
+use perishable::store::{Bucket, MemoryStore, RatePolicy, RedisStore, Reservation, Store};
+use perishable::{ConfigBuilder, SessionObject};
+use perishable_mock::{MockOptions, MockUpstream};
+use serde_json::{Value, json};
+
+/// Two proxies in front of one mock, sharing the Redis at `url`.
+struct Pair {
+    a: Proxy,
+    b: Proxy,
+}
+
+async fn proxy_on(mock: &MockUpstream, config: ConfigBuilder) -> Proxy {
+    let addr: SocketAddr = serve(perishable::router(config.build().unwrap())).await;
+    Proxy {
+        addr,
+        mock: mock.clone(),
+        http: client(),
+    }
+}
+
+async fn pair(redis: &Redis, tweak: impl Fn(ConfigBuilder) -> ConfigBuilder) -> Pair {
+    let mock = MockUpstream::start(MockOptions::new().api_key(SERVER_KEY))
+        .await
+        .unwrap();
+    // A fresh prefix per test: tests share nothing even on one server.
+    let prefix = format!("t{}", perishable::token::hash_b64(redis.url().as_bytes()));
+    let config = || {
+        tweak(
+            crate::support::config(&mock.base_url())
+                .store_url(redis.url())
+                .store_key_prefix(prefix.clone())
+                .store_timeout_ms(300),
+        )
+    };
+    Pair {
+        a: proxy_on(&mock, config()).await,
+        b: proxy_on(&mock, config()).await,
+    }
+}
+
+async fn models(proxy: &Proxy, session: &SessionObject, fp: &str) -> reqwest::Response {
+    proxy
+        .openai(reqwest::Method::GET, "models", &session.token, fp)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
+async fn rate_limit_holds_across_instances() {
+    let redis = Redis::start();
+    let p = pair(&redis, |c| {
+        c.rate_limit_points(3)
+            .rate_limit_duration_secs(60)
+            .rate_limit_block_duration_secs(60)
+    })
+    .await;
+    let s = p.a.mint("device-rl-0001").await;
+    assert_eq!(models(&p.a, &s, "device-rl-0001").await.status(), 200);
+    assert_eq!(models(&p.b, &s, "device-rl-0001").await.status(), 200);
+    assert_eq!(models(&p.a, &s, "device-rl-0001").await.status(), 200);
+    // The fourth request, on either instance, is over the shared limit of 3.
+    let refused = models(&p.b, &s, "device-rl-0001").await;
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    assert!(refused.headers().contains_key("ratelimit-policy"));
+    assert_eq!(error_code(refused).await, "rate_limited");
+    // Blocked on the other instance too.
+    assert_eq!(models(&p.a, &s, "device-rl-0001").await.status(), 429);
+}
+
+#[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
+async fn revocation_holds_across_instances() {
+    let redis = Redis::start();
+    let p = pair(&redis, |c| c).await;
+    let s = p.a.mint("device-rv-0001").await;
+    assert_eq!(models(&p.b, &s, "device-rv-0001").await.status(), 200);
+    let revoked =
+        p.a.http
+            .delete(p.a.url("/session"))
+            .bearer_auth(&s.token)
+            .header("x-perishable-fingerprint", "device-rv-0001")
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(revoked.status(), 204);
+    let refused = models(&p.b, &s, "device-rv-0001").await;
+    assert_eq!(refused.status(), 401);
+    assert_eq!(error_code(refused).await, "session_revoked");
+}
+
+#[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
+async fn session_cap_counts_across_instances() {
+    let redis = Redis::start();
+    let p = pair(&redis, |c| c.session_max_per_fingerprint(2)).await;
+    p.a.mint("device-cap-001").await;
+    p.b.mint("device-cap-001").await;
+    let refused = p.a.mint_response("device-cap-001").await;
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    assert_eq!(error_code(refused).await, "too_many_sessions");
+    // Another device is unaffected.
+    p.b.mint("device-cap-002").await;
+}
+
+#[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
+async fn pow_solution_and_dpop_proof_work_once_across_instances() {
+    let redis = Redis::start();
+    // Both instances answer as one public URL, so a proof names the same htu for both.
+    const PUBLIC: &str = "https://ai.perishable.test";
+    let p = pair(&redis, |c| c.server_public_url(PUBLIC)).await;
+
+    // Proof of work: solved once, used on A, replayed on B.
+    let body = json!({
+        "fingerprint": "device-pow-001",
+        "entropy": human_entropy(),
+        "pow": p.a.solved_pow().await,
+    });
+    let first =
+        p.a.http
+            .post(p.a.url("/session"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(first.status(), 200);
+    let replay =
+        p.b.http
+            .post(p.b.url("/session"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(replay.status(), 400);
+    assert_eq!(error_code(replay).await, "pow_invalid");
+
+    // DPoP: a bound session; a proof used on A is refused on B.
+    let key = DpopSigner::generate_es256();
+    let body = json!({
+        "fingerprint": "device-dpop-01",
+        "entropy": human_entropy(),
+        "pow": p.a.solved_pow().await,
+    });
+    let minted: Value =
+        p.a.http
+            .post(p.a.url("/session"))
+            .header(
+                "dpop",
+                key.proof("POST", &format!("{PUBLIC}/session"), None),
+            )
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(minted["token_type"], "DPoP", "{minted}");
+    let token = minted["token"].as_str().unwrap();
+    let proof = key.proof("GET", &format!("{PUBLIC}/openai/models"), Some(token));
+    let send = |proxy: &Proxy| {
+        proxy
+            .http
+            .get(proxy.url("/openai/models"))
+            .header("authorization", format!("DPoP {token}"))
+            .header("dpop", proof.clone())
+            .header("x-perishable-fingerprint", "device-dpop-01")
+            .send()
+    };
+    assert_eq!(send(&p.a).await.unwrap().status(), 200);
+    let replayed = send(&p.b).await.unwrap();
+    assert_eq!(replayed.status(), 401, "RFC 9449 section 7.1");
+    assert_eq!(error_code(replayed).await, "invalid_dpop_proof");
+}
+
+#[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
+async fn redis_outage_fails_closed_then_recovers() {
+    let mut redis = Redis::start();
+    let p = pair(&redis, |c| c.pow_difficulty(0)).await;
+    let s = p.a.mint("device-out-001").await;
+    assert_eq!(models(&p.a, &s, "device-out-001").await.status(), 200);
+    let health = p.a.http.get(p.a.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+
+    redis.stop();
+    let refused = models(&p.a, &s, "device-out-001").await;
+    assert_eq!(refused.status(), 503);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "store_unavailable");
+    assert_eq!(body["error"]["type"], "api_error");
+    let mint = p.b.mint_response("device-out-002").await;
+    assert_eq!(mint.status(), 503, "closed: mints are refused too");
+    // Readiness says so, for the load balancer.
+    let health = p.a.http.get(p.a.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 503);
+    let body: Value = health.json().await.unwrap();
+    assert_eq!(
+        body,
+        json!({"status": "unavailable", "store": "unreachable"})
+    );
+
+    redis.spawn();
+    // The connection comes back by itself: no router restart.
+    let mut recovered = false;
+    for _ in 0..50 {
+        if models(&p.a, &s, "device-out-001").await.status() == 200 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "service did not resume after Redis came back");
+    assert_eq!(p.b.mint_response("device-out-003").await.status(), 200);
+    let health = p.a.http.get(p.a.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert_eq!(
+        health.json::<Value>().await.unwrap(),
+        json!({"status": "ok"})
+    );
+}
+
+#[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
+async fn redis_outage_fail_open_skips_limits_only() {
+    let mut redis = Redis::start();
+    let p = pair(&redis, |c| {
+        c.pow_difficulty(0)
+            .store_on_unavailable(OnUnavailable::Open)
+            .rate_limit_mint_per_ip(100)
+    })
+    .await;
+    let s = p.a.mint("device-open-01").await;
+    redis.stop();
+    // Limits are skipped: a mint (rate limit per IP, session cap; no proof of work) goes through.
+    let minted = p.b.mint_response("device-open-02").await;
+    assert_eq!(minted.status(), 200, "open: limits are skipped");
+    // Not closed: readiness stays ok.
+    let health = p.b.http.get(p.b.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    // Revocation checks still fail closed.
+    let refused = models(&p.a, &s, "device-open-01").await;
+    assert_eq!(refused.status(), 503);
+    assert_eq!(error_code(refused).await, "store_unavailable");
+    redis.spawn();
+    let mut recovered = false;
+    for _ in 0..50 {
+        if models(&p.a, &s, "device-open-01").await.status() == 200 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "service did not resume after Redis came back");
+}
+
+/// Runs `pattern` (true: send now; a number: sleep that many ms) against a limiter.
+async fn run_pattern(store: Arc<dyn Store>, steps: &[Option<u64>]) -> Vec<bool> {
+    let limiter = store.rate_limiter(RatePolicy {
+        name: "agree",
+        points: 4,
+        window: Duration::from_secs(2),
+        block: Duration::ZERO,
+    });
+    let mut out = Vec::new();
+    for step in steps {
+        match step {
+            None => out.push(limiter.check("client").await.unwrap().allowed),
+            Some(ms) => tokio::time::sleep(Duration::from_millis(*ms)).await,
+        }
+    }
+    out
+}
+
+#[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
+async fn redis_gcra_agrees_with_governor() {
+    let redis = Redis::start();
+    // 4 per 2 s: a burst of 4, then one every 500 ms. After 1.2 s, two are back (the third
+    // would be at 1.5 s), with margins on both sides for a noisy machine.
+    let steps = [
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        Some(1200),
+        None,
+        None,
+        None,
+    ];
+    let redis_store: Arc<dyn Store> =
+        Arc::new(RedisStore::new(&redis.url(), "agree", Duration::from_secs(2)).unwrap());
+    let (memory, on_redis) = tokio::join!(
+        run_pattern(Arc::new(MemoryStore::new()), &steps),
+        run_pattern(redis_store, &steps)
+    );
+    let expected = vec![true, true, true, true, false, false, true, true, false];
+    assert_eq!(memory, expected, "governor");
+    assert_eq!(on_redis, expected, "Redis GCRA");
+
+    // And with a block: once over, refused for the block even when a request is free again.
+    let blocked: Arc<dyn Store> =
+        Arc::new(RedisStore::new(&redis.url(), "agree-block", Duration::from_secs(2)).unwrap());
+    for store in [Arc::new(MemoryStore::new()) as Arc<dyn Store>, blocked] {
+        let limiter = store.rate_limiter(RatePolicy {
+            name: "blocked",
+            points: 2,
+            window: Duration::from_millis(200),
+            block: Duration::from_secs(30),
+        });
+        assert!(limiter.check("k").await.unwrap().allowed);
+        assert!(limiter.check("k").await.unwrap().allowed);
+        let refused = limiter.check("k").await.unwrap();
+        assert!(!refused.allowed);
+        assert!(refused.retry_after >= Duration::from_secs(29), "{store:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !limiter.check("k").await.unwrap().allowed,
+            "{store:?} still blocked"
+        );
+    }
+}
+
+// Token buckets on `RedisStore` directly. Exact answers come from buckets whose refill over a
+// test's run is far below one token (1000 per day: one token per 86.4 s); where time matters,
+// bounds have a second or more of slack, and sleeps only give lower bounds.
+
+/// A store on `redis` under the prefix `tb`.
+fn bucket_store(redis: &Redis) -> RedisStore {
+    RedisStore::new(&redis.url(), "tb", Duration::from_secs(2)).unwrap()
+}
+
+async fn take(store: &RedisStore, buckets: &[Bucket], amount: u64) -> Reservation {
+    store.reserve_tokens(buckets, amount).await.unwrap()
+}
+
+/// The `(bucket, available, retry_after_secs)` of a refusal.
+async fn refused(store: &RedisStore, buckets: &[Bucket], amount: u64) -> (usize, u64, u64) {
+    match take(store, buckets, amount).await {
+        Reservation::Exhausted {
+            bucket,
+            available,
+            retry_after_secs,
+        } => (bucket, available, retry_after_secs),
+        other => panic!("{amount} from {buckets:?}: {other:?}"),
+    }
+}
+
+/// A bucket of 1000 tokens per day (one per 86.4 s).
+fn daily(key: &str) -> Bucket {
+    Bucket::new(key, 1000, 86_400)
+}
+
+/// Sends one command to `redis` over RESP and returns the first line of its reply.
+fn redis_command(redis: &Redis, args: &[&str]) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+    let mut request = format!("*{}\r\n", args.len());
+    for arg in args {
+        request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+    }
+    conn.write_all(request.as_bytes()).unwrap();
+    let mut reply = Vec::new();
+    let mut byte = [0u8; 1];
+    while !reply.ends_with(b"\r\n") {
+        conn.read_exact(&mut byte).unwrap();
+        reply.push(byte[0]);
+    }
+    String::from_utf8(reply).unwrap().trim_end().to_owned()
+}
+
+#[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
+async fn redis_bucket_admits_up_to_capacity_then_refuses() {
+    let redis = Redis::start();
+    let store = bucket_store(&redis);
+    let a = [daily("a")];
+    assert_eq!(take(&store, &a, 400).await, Reservation::Reserved);
+    assert_eq!(take(&store, &a, 400).await, Reservation::Reserved);
+    let (bucket, available, retry) = refused(&store, &a, 201).await;
+    assert_eq!((bucket, available), (0, 200));
+    // One token more: 86.4 s, rounded up (less what passed since).
+    assert!((80..=87).contains(&retry), "{retry}");
+    assert_eq!(take(&store, &a, 200).await, Reservation::Reserved);
+    assert_eq!(refused(&store, &a, 1).await.1, 0);
+    // Another key is another bucket.
+    assert_eq!(
+        take(&store, &[daily("b")], 1000).await,
+        Reservation::Reserved
+    );
+}
+
+#[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
+async fn redis_bucket_refills_continuously() {
+    let redis = Redis::start();
+    let store = bucket_store(&redis);
+    // 1000 per 4 s: 250 a second.
+    let a = [Bucket::new("a", 1000, 4)];
+    assert_eq!(take(&store, &a, 1000).await, Reservation::Reserved);
+    let (_, _, retry) = refused(&store, &a, 1000).await;
+    assert!((3..=4).contains(&retry), "{retry}");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    // Half the window: at least half back; not all of it, unless 4 s went by. More than the
+    // capacity is never taken, so this only reads the level.
+    let (_, available, _) = refused(&store, &a, 1001).await;
+    assert!((500..1000).contains(&available), "{available}");
+    assert_eq!(take(&store, &a, 500).await, Reservation::Reserved);
+}
+
+#[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
+async fn redis_bucket_has_no_double_spend_across_a_window_boundary() {
+    let redis = Redis::start();
+    let store = bucket_store(&redis);
+    // 1000 per 4 s. Wait for the last 300 ms of a 4 s fixed window (aligned to the epoch, as
+    // the old counters were), spend it all there, and try again just after the boundary.
+    let a = [Bucket::new("a", 1000, 4)];
+    let ms_in_window = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+            % 4000
+    };
+    while ms_in_window() < 3700 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(take(&store, &a, 1000).await, Reservation::Reserved);
+    while ms_in_window() >= 3700 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A fixed window would start over here; the bucket only holds what refilled since.
+    let (_, available, retry) = refused(&store, &a, 1000).await;
+    assert!(available < 1000 && retry >= 1, "{available} {retry}");
+    assert_eq!(take(&store, &a, available).await, Reservation::Reserved);
+}
+
+#[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
+async fn redis_buckets_are_all_or_nothing() {
+    let redis = Redis::start();
+    let store = bucket_store(&redis);
+    let (a, b) = (daily("a"), Bucket::new("b", 100, 86_400));
+    assert_eq!(
+        take(&store, std::slice::from_ref(&b), 80).await,
+        Reservation::Reserved
+    );
+    let both = [a.clone(), b];
+    // b holds 20 of the 50 asked: refused, with b named, and nothing taken from a.
+    let (bucket, available, retry) = refused(&store, &both, 50).await;
+    assert_eq!((bucket, available), (1, 20));
+    // 30 tokens at 100 per day: 25 920 s.
+    assert!((25_900..=25_920).contains(&retry), "{retry}");
+    assert_eq!(take(&store, &[a], 1000).await, Reservation::Reserved);
+    // When every bucket holds enough, each is taken from.
+    let (c, d) = (daily("c"), daily("d"));
+    assert_eq!(
+        take(&store, &[c.clone(), d.clone()], 600).await,
+        Reservation::Reserved
+    );
+    assert_eq!(refused(&store, &[c], 401).await.1, 400);
+    assert_eq!(refused(&store, &[d], 401).await.1, 400);
+}
+
+#[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
+async fn redis_bucket_retry_after_is_rounded_up() {
+    let redis = Redis::start();
+    let store = bucket_store(&redis);
+    // 100 tokens per 199 s: one every 1.99 s. Emptied, one token is 1.99 s away: said 2
+    // (1 were it rounded down), with 0.99 s of slack for the time between the two calls.
+    let a = [Bucket::new("a", 100, 199)];
+    assert_eq!(take(&store, &a, 100).await, Reservation::Reserved);
+    assert_eq!(refused(&store, &a, 1).await, (0, 0, 2));
+    // The whole capacity from empty: the window (less what passed since).
+    let (_, _, retry) = refused(&store, &a, 100).await;
+    assert!((197..=199).contains(&retry), "{retry}");
+}
+
+#[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
+async fn redis_settle_gives_back_up_to_capacity() {
+    let redis = Redis::start();
+    let store = bucket_store(&redis);
+    let a = [daily("a")];
+    assert_eq!(take(&store, &a, 600).await, Reservation::Reserved);
+    store.settle_tokens(&a, 200).await.unwrap();
+    assert_eq!(refused(&store, &a, 601).await.1, 600);
+    store.settle_tokens(&a, 10_000).await.unwrap();
+    // Full again: the key is gone (a missing bucket is a full one), and no more than full.
+    assert_eq!(redis_command(&redis, &["EXISTS", "tb:budget:a"]), ":0");
+    assert_eq!(refused(&store, &a, 1001).await.1, 1000);
+    assert_eq!(take(&store, &a, 1000).await, Reservation::Reserved);
+    assert_eq!(refused(&store, &a, 1).await.1, 0);
+}
+
+#[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
+async fn redis_settle_below_zero_is_a_debt_that_refills() {
+    let redis = Redis::start();
+    let store = bucket_store(&redis);
+    let a = [daily("a")];
+    assert_eq!(take(&store, &a, 1000).await, Reservation::Reserved);
+    store.settle_tokens(&a, -500).await.unwrap();
+    let (_, available, retry) = refused(&store, &a, 1).await;
+    assert_eq!(available, 0);
+    // 501 tokens at 86.4 s each: 43 286.4 s, said 43 287 (less what passed since).
+    assert!((43_280..=43_287).contains(&retry), "{retry}");
+    // A debt on a fast bucket: 1000 per 2 s, emptied and 1000 in debt: 2 s to pay it back.
+    let fast = [Bucket::new("fast", 1000, 2)];
+    assert_eq!(take(&store, &fast, 1000).await, Reservation::Reserved);
+    store.settle_tokens(&fast, -1000).await.unwrap();
+    let (_, available, retry) = refused(&store, &fast, 1).await;
+    assert_eq!(available, 0);
+    assert!((2..=3).contains(&retry), "{retry}");
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_eq!(take(&store, &fast, 1).await, Reservation::Reserved);
+}
+
+#[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
+async fn redis_amount_above_capacity_is_always_exhausted() {
+    let redis = Redis::start();
+    let store = bucket_store(&redis);
+    let a = [Bucket::new("a", 100, 86_400)];
+    assert_eq!(refused(&store, &a, 101).await, (0, 100, 1));
+    assert_eq!(refused(&store, &a, u64::MAX).await, (0, 100, 1));
+    assert_eq!(take(&store, &a, 50).await, Reservation::Reserved);
+    // Half empty: the retry is the time to full (43 200 s), finite.
+    let (_, available, retry) = refused(&store, &a, 101).await;
+    assert_eq!(available, 50);
+    assert!((43_190..=43_200).contains(&retry), "{retry}");
+    store.settle_tokens(&a, i64::MIN).await.unwrap();
+    let (_, available, retry) = refused(&store, &a, u64::MAX).await;
+    assert_eq!(available, 0);
+    assert_eq!(retry, 1 << 32, "a huge debt still has a finite answer");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
+async fn redis_concurrent_reservations_never_overspend() {
+    let redis = Redis::start();
+    // Several stores (connections), as several instances would have.
+    let stores: Vec<RedisStore> = (0..4).map(|_| bucket_store(&redis)).collect();
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let store = stores[i % stores.len()].clone();
+            tokio::spawn(async move {
+                store
+                    .reserve_tokens(&[Bucket::new("shared", 1000, 86_400)], 100)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut passed = 0;
+    for task in tasks {
+        if task.await.unwrap() == Reservation::Reserved {
+            passed += 1;
+        }
+    }
+    assert_eq!(passed, 10);
+}
+
+#[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
+async fn redis_bucket_keys_expire() {
+    let redis = Redis::start();
+    let store = bucket_store(&redis);
+    // 1000 per 60 s, half taken: full again in 30 s; kept 1 s more.
+    assert_eq!(
+        take(&store, &[Bucket::new("a", 1000, 60)], 500).await,
+        Reservation::Reserved
+    );
+    let pttl: i64 = redis_command(&redis, &["PTTL", "tb:budget:a"])[1..]
+        .parse()
+        .unwrap();
+    assert!(pttl > 0 && pttl <= 31_000, "{pttl}");
+    // A refusal writes nothing; an untouched bucket has no key.
+    assert!(matches!(
+        take(&store, &[Bucket::new("b", 10, 60)], 11).await,
+        Reservation::Exhausted { .. }
+    ));
+    assert_eq!(redis_command(&redis, &["EXISTS", "tb:budget:b"]), ":0");
+}
