@@ -94,6 +94,8 @@ fn token(p: &Perishable, jkt: Option<String>) -> String {
         fp: hash_b64(FINGERPRINT.as_bytes()),
         ua: Some(hash_b64(UA.as_bytes())),
         cnf: jkt.map(|jkt| perishable::token::Confirmation { jkt }),
+        usr: None,
+        tier: None,
     };
     p.sessions().codec().sign(&claims).unwrap()
 }

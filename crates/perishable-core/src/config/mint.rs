@@ -8,9 +8,9 @@ use super::{ConfigError, Secret};
 /// `docs/protocol.md`).
 ///
 /// `policies` lists alternatives, each a set of gates that must all pass. This version verifies
-/// the `pow` and `entropy` gates; a policy naming another gate (`captcha`, `oidc`, `app_attest`,
-/// `play_integrity`) is refused at build time rather than silently not checked. Their sections
-/// are parsed, so a configuration file written for them loads.
+/// the `pow`, `entropy`, `captcha` and `oidc` gates, and gates the app registers; a policy naming
+/// `app_attest` or `play_integrity` is refused at build time rather than silently not checked
+/// (their sections are parsed, so a configuration file written for them loads).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MintConfig {
@@ -38,18 +38,7 @@ impl Default for MintConfig {
     }
 }
 
-/// The mint gates this version knows, and those it verifies.
-const GATES: [&str; 6] = [
-    "pow",
-    "entropy",
-    "captcha",
-    "oidc",
-    "app_attest",
-    "play_integrity",
-];
-const VERIFIED_GATES: [&str; 2] = ["pow", "entropy"];
-
-/// `[mint.captcha]` (the `captcha` gate of a later version).
+/// `[mint.captcha]` (the `captcha` gate).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CaptchaConfig {
@@ -65,7 +54,7 @@ pub struct CaptchaConfig {
     pub min_score: Option<f64>,
 }
 
-/// `[mint.oidc]` (the `oidc` gate of a later version).
+/// `[mint.oidc]` (the `oidc` gate).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OidcConfig {
@@ -109,17 +98,19 @@ pub struct PlayIntegrityConfig {
     pub device_verdict: String,
 }
 
-/// The verified gates a mint policy names.
+/// Which of the built-in `pow` and `entropy` gates the policies name.
 pub(super) struct Gates {
     pub(super) pow: bool,
     pub(super) entropy: bool,
 }
 
 impl MintConfig {
-    /// Checks `mint.policies`: this version verifies a single alternative of `pow` and
-    /// `entropy` gates. Returns which of the two the policy names; the builder switches the other
-    /// off (`pow.difficulty = 0`, `session.min_entropy_score = 0`), as the protocol's default
-    /// `[["pow", "entropy"]]` is version 1's behaviour.
+    /// Checks `mint.policies`: at least one policy, each naming at least one gate, and the
+    /// sections of the built-in gates they name. Returns whether `pow` and `entropy` are named:
+    /// the builder switches a gate no policy names off (`pow.difficulty = 0`,
+    /// `session.min_entropy_score = 0`). A name that is not built in must be a gate the app
+    /// registers ([`PerishableBuilder::gate`](crate::PerishableBuilder::gate)); that is checked
+    /// when the runtime is built.
     pub(super) fn validate(&self) -> Result<Gates, ConfigError> {
         const KEY: &str = "mint.policies";
         let policies = &self.policies;
@@ -129,31 +120,64 @@ impl MintConfig {
                 "list at least one policy, each with at least one gate",
             ));
         }
-        for gate in policies.iter().flatten() {
-            if !GATES.contains(&gate.as_str()) {
+        let named = |gate: &str| policies.iter().flatten().any(|g| g == gate);
+        if let Some(bad) = policies.iter().flatten().find(|g| {
+            g.is_empty()
+                || !g
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        }) {
+            return Err(ConfigError::invalid(
+                KEY,
+                format!("{bad:?} is not a gate name (letters, digits, '_' and '-')"),
+            ));
+        }
+        for gate in ["app_attest", "play_integrity"] {
+            if named(gate) {
                 return Err(ConfigError::invalid(
                     KEY,
-                    format!("{gate:?} is not a gate (one of {GATES:?})"),
-                ));
-            }
-            if !VERIFIED_GATES.contains(&gate.as_str()) {
-                return Err(ConfigError::invalid(
-                    KEY,
-                    format!(
-                        "the {gate:?} gate is not available in this version: only \"pow\" and \"entropy\" are verified"
-                    ),
+                    format!("the {gate:?} gate is not available in this version"),
                 ));
             }
         }
-        let [policy] = policies.as_slice() else {
-            return Err(ConfigError::invalid(
-                KEY,
-                "alternatives of the pow and entropy gates are not available in this version: list one policy",
-            ));
-        };
+        if named("captcha") {
+            let c = &self.captcha;
+            if !["turnstile", "hcaptcha", "recaptcha"].contains(&c.provider.as_str()) {
+                return Err(ConfigError::invalid(
+                    "mint.captcha.provider",
+                    "must be \"turnstile\", \"hcaptcha\" or \"recaptcha\" when a policy names the captcha gate",
+                ));
+            }
+            if c.secret.is_none() {
+                return Err(ConfigError::Missing {
+                    key: "mint.captcha.secret",
+                });
+            }
+            if let Some(score) = c.min_score
+                && !(0.0..=1.0).contains(&score)
+            {
+                return Err(ConfigError::invalid(
+                    "mint.captcha.min_score",
+                    "must be between 0.0 and 1.0",
+                ));
+            }
+        }
+        if named("oidc") {
+            let o = &self.oidc;
+            if o.issuer.is_empty() {
+                return Err(ConfigError::Missing {
+                    key: "mint.oidc.issuer",
+                });
+            }
+            if o.audience.is_empty() {
+                return Err(ConfigError::Missing {
+                    key: "mint.oidc.audience",
+                });
+            }
+        }
         Ok(Gates {
-            pow: policy.iter().any(|g| g == "pow"),
-            entropy: policy.iter().any(|g| g == "entropy"),
+            pow: named("pow"),
+            entropy: named("entropy"),
         })
     }
 }

@@ -137,7 +137,7 @@ fn env_hint(key: &str) -> &'static str {
 }
 
 impl ConfigError {
-    fn invalid(key: &'static str, reason: impl Into<String>) -> Self {
+    pub(crate) fn invalid(key: &'static str, reason: impl Into<String>) -> Self {
         Self::Invalid {
             key,
             reason: reason.into(),
@@ -279,24 +279,34 @@ mod tests {
     }
 
     #[test]
-    fn mint_policies_of_the_verified_gates_apply_and_others_are_refused() {
+    fn mint_policies_name_their_gates_and_need_their_sections() {
         let base = || Config::builder().upstream_api_key("sk-test");
         let c = base().build().unwrap();
         assert_eq!(c.mint().policies, [["pow", "entropy"]]);
         assert_eq!(c.pow().difficulty, 16);
         assert_eq!(c.session().min_entropy_score, 50);
-        // A policy without a gate switches it off.
+        // A gate no policy names is switched off.
         let c = base().mint_policies([["pow"]]).build().unwrap();
         assert_eq!(c.session().min_entropy_score, 0);
         assert_eq!(c.pow().difficulty, 16);
         let c = base().mint_policies([["entropy"]]).build().unwrap();
         assert_eq!(c.pow().difficulty, 0);
-        // Gates this version does not verify are refused, never silently skipped.
+        // Alternatives: a gate named by any of them stays on.
+        let c = base()
+            .mint_policies(vec![vec!["pow"], vec!["entropy"]])
+            .build()
+            .unwrap();
+        assert_eq!(
+            (c.pow().difficulty, c.session().min_entropy_score),
+            (16, 50)
+        );
+        // A name that is not built in may be the app's own gate (checked by the runtime).
+        base().mint_policies([["invitation"]]).build().unwrap();
+        // The gates this version does not verify, and malformed policies, are refused.
         for policies in [
-            vec![vec!["oidc"]],
-            vec![vec!["captcha", "pow"]],
-            vec![vec!["pow"], vec!["entropy"]],
-            vec![vec!["nonsense"]],
+            vec![vec!["app_attest"]],
+            vec![vec!["play_integrity", "pow"]],
+            vec![vec!["not a name"]],
             vec![vec![]],
             vec![],
         ] {
@@ -312,6 +322,31 @@ mod tests {
                 "{policies:?}: {e}"
             );
         }
+        // A policy naming a gate needs that gate's section.
+        let e = base().mint_policies([["oidc"]]).build().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Missing {
+                    key: "mint.oidc.issuer"
+                }
+            ),
+            "{e}"
+        );
+        let e = base()
+            .mint_policies([["captcha", "pow"]])
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    key: "mint.captcha.provider",
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let e = Config::from_toml_str("[upstream]\napi_key = \"sk\"\n[realtime]\nenabled = true\n")
             .unwrap_err();
         assert!(

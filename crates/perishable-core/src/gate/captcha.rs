@@ -317,21 +317,25 @@ impl CaptchaVerifier {
         if token.len() > MAX_TOKEN_LEN {
             return Err(CaptchaError::TooLong);
         }
-        let mut form = url::form_urlencoded::Serializer::new(String::new());
-        form.append_pair("secret", self.secret.expose());
-        form.append_pair("response", token);
-        if let Some(ip) = client_ip {
-            form.append_pair("remoteip", &ip.to_string());
-        }
-        if self.provider == Provider::Turnstile {
-            // Lets a retried siteverify of the same token succeed at Cloudflare; we do not
-            // retry, but it costs nothing and keeps the request as Cloudflare documents it.
-            form.append_pair("idempotency_key", &idempotency_key()?);
-        }
+        // The serializer is not `Send`: done with before the first await.
+        let form = {
+            let mut form = url::form_urlencoded::Serializer::new(String::new());
+            form.append_pair("secret", self.secret.expose());
+            form.append_pair("response", token);
+            if let Some(ip) = client_ip {
+                form.append_pair("remoteip", &ip.to_string());
+            }
+            if self.provider == Provider::Turnstile {
+                // Lets a retried siteverify of the same token succeed at Cloudflare; we do not
+                // retry, but it costs nothing and keeps the request as Cloudflare documents it.
+                form.append_pair("idempotency_key", &idempotency_key()?);
+            }
+            form.finish()
+        };
         let request = Request::post(self.url.clone())
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
             .header(header::ACCEPT, "application/json")
-            .body(Full::new(Bytes::from(form.finish())))
+            .body(Full::new(Bytes::from(form)))
             .map_err(|e| CaptchaError::Unavailable(format!("cannot build the request: {e}")))?;
 
         let started = Instant::now();
