@@ -1,6 +1,5 @@
 //! `mint.policies`: alternatives of gates, evaluated lazily, each gate at most once per mint.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,8 +25,8 @@ enum Kind {
     Entropy,
     Pow,
     Custom(Arc<dyn Gate>),
-    Captcha(CaptchaVerifier),
-    Oidc(OidcVerifier),
+    Captcha(Box<CaptchaVerifier>),
+    Oidc(Box<OidcVerifier>),
 }
 
 impl std::fmt::Debug for Kind {
@@ -68,6 +67,8 @@ pub(crate) struct Policies {
     gates: Vec<Entry>,
     /// Each alternative: indices into `gates`, cheapest first.
     alternatives: Vec<Vec<usize>>,
+    /// Each alternative's name: its gates as configured, joined with `+`.
+    labels: Vec<String>,
 }
 
 /// What the built-in `pow` and `entropy` gates read, from the mint.
@@ -82,7 +83,7 @@ pub(crate) struct Builtins<'a> {
 /// A mint that passed a policy.
 #[derive(Debug)]
 pub(crate) struct Passed {
-    /// The policy that passed, its gates joined with `+` (`"pow+entropy"`).
+    /// The policy that passed: its gates as configured, joined with `+` (`"pow+entropy"`).
     pub(crate) policy: String,
     /// What its gates established.
     pub(crate) facts: Facts,
@@ -97,7 +98,9 @@ impl Policies {
         let mint = config.mint();
         let mut gates: Vec<Entry> = Vec::new();
         let mut alternatives = Vec::new();
+        let mut labels = Vec::new();
         for policy in &mint.policies {
+            labels.push(policy.join("+"));
             let mut indices = Vec::new();
             for name in policy {
                 let index = match gates.iter().position(|g| &g.name == name) {
@@ -106,8 +109,8 @@ impl Policies {
                         let kind = match name.as_str() {
                             "pow" => Kind::Pow,
                             "entropy" => Kind::Entropy,
-                            "captcha" => Kind::Captcha(captcha(config)?),
-                            "oidc" => Kind::Oidc(oidc(config)?),
+                            "captcha" => Kind::Captcha(Box::new(captcha(config)?)),
+                            "oidc" => Kind::Oidc(Box::new(oidc(config)?)),
                             "app_attest" | "play_integrity" => {
                                 return Err(ConfigError::invalid(
                                     KEY,
@@ -144,6 +147,7 @@ impl Policies {
         Ok(Self {
             gates,
             alternatives,
+            labels,
         })
     }
 
@@ -157,14 +161,15 @@ impl Policies {
         evidence: &Evidence<'_>,
         builtins: &Builtins<'_>,
     ) -> Result<Passed, Error> {
-        let mut outcomes: HashMap<usize, Result<Facts, Error>> = HashMap::new();
+        // Each gate's outcome, by index: computed once per mint.
+        let mut outcomes: Vec<Option<Result<Facts, Error>>> = vec![None; self.gates.len()];
         let mut pow_used = None;
         let mut refusals: Vec<Error> = Vec::new();
-        for alternative in &self.alternatives {
+        for (alternative, label) in self.alternatives.iter().zip(&self.labels) {
             let mut facts = Facts::default();
             let mut failed = None;
             for &index in alternative {
-                if !outcomes.contains_key(&index) {
+                if outcomes[index].is_none() {
                     let entry = &self.gates[index];
                     let outcome = self.run(entry, evidence, builtins, &mut pow_used).await;
                     metrics::counter!(
@@ -173,9 +178,9 @@ impl Policies {
                         "outcome" => if outcome.is_ok() { "passed" } else { "refused" }
                     )
                     .increment(1);
-                    outcomes.insert(index, outcome);
+                    outcomes[index] = Some(outcome);
                 }
-                match &outcomes[&index] {
+                match outcomes[index].as_ref().expect("computed above") {
                     Ok(found) => {
                         facts.user = facts.user.or_else(|| found.user.clone());
                         facts.tier = facts.tier.or_else(|| found.tier.clone());
@@ -188,11 +193,7 @@ impl Policies {
             }
             match failed {
                 None => {
-                    let policy = alternative
-                        .iter()
-                        .map(|&i| self.gates[i].name.as_str())
-                        .collect::<Vec<_>>()
-                        .join("+");
+                    let policy = label.clone();
                     let pow_used = alternative
                         .iter()
                         .any(|&i| matches!(self.gates[i].kind, Kind::Pow))

@@ -219,10 +219,8 @@ mod testing {
 
     use super::{SessionObject, Sessions};
     use crate::audit::Audit;
-    use crate::client_ip::ClientIpResolver;
     use crate::config::{Config, ConfigBuilder};
     use crate::fingerprint::FINGERPRINT_HEADER;
-    use crate::gate::Policies;
     use crate::store::MemoryStore;
     use crate::token::KeySet;
 
