@@ -94,6 +94,8 @@ fn token(p: &Perishable, jkt: Option<String>) -> String {
         fp: fingerprint::hash(FINGERPRINT),
         ua: Some(fingerprint::hash(UA)),
         cnf: jkt.map(|jkt| perishable::token::Confirmation { jkt }),
+        usr: None,
+        tier: None,
     };
     p.sessions().codec().sign(&claims).unwrap()
 }

@@ -38,11 +38,11 @@ pub use perishable_axum::{
     CORS_ALLOWED_HEADERS, CORS_EXPOSED_HEADERS, cors_layer, router, router_from, serve, try_router,
 };
 pub use perishable_core::{
-    Body, BoxError, Config, ConfigBuilder, ConfigError, Error, ErrorCode, Perishable, Route,
-    Secret, SessionObject, Sessions, VerifiedSession,
+    Body, BoxError, Config, ConfigBuilder, ConfigError, Error, ErrorCode, Perishable,
+    PerishableBuilder, Route, Secret, SessionObject, Sessions, VerifiedSession,
 };
 pub use perishable_core::{
-    audit, client_ip, config, dpop, entropy, error, fingerprint, observe, origin, pow, rate_limit,
-    session, store, token, upstream, verify,
+    audit, client_ip, config, dpop, entropy, error, fingerprint, gate, observe, origin, pow,
+    rate_limit, session, store, token, upstream, verify,
 };
 pub use {perishable_axum, perishable_core};

@@ -17,6 +17,7 @@ mod browser_rules;
 mod budgets;
 mod client;
 mod example_proxy;
+mod gates;
 mod metered_calls;
 mod mock_upstream;
 mod openai_sdk;

@@ -532,6 +532,8 @@ async fn audit_hook_receives_session_events_and_refusals() {
                 session_id: first.session_id.clone(),
                 key_bound: false,
                 expires_at: first.expires_at,
+                policy: "pow+entropy".to_owned(),
+                user: false,
             },
             AuditEvent::Refused {
                 code: ErrorCode::PathNotAllowed,

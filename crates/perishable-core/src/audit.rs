@@ -37,6 +37,10 @@ pub enum AuditEvent {
         key_bound: bool,
         /// When its token expires (Unix seconds).
         expires_at: u64,
+        /// The mint policy that passed: its gates joined with `+` (`"pow+entropy"`, `"oidc"`).
+        policy: String,
+        /// Whether an identity gate named a user (the session carries `usr`).
+        user: bool,
     },
     /// A session was refreshed: the old token is revoked, a new one issued.
     Refreshed {

@@ -95,6 +95,9 @@ impl Budget {
     pub(crate) fn meters(&self) -> bool {
         let c = &self.inner.config;
         c.tokens_per_window > 0
+            || c.tiers
+                .values()
+                .any(|t| t.tokens_per_window.is_some_and(|n| n > 0))
             || c.per_ip_tokens_per_window > 0
             || c.global_tokens_per_window > 0
             || c.max_completion_tokens > 0
@@ -110,17 +113,27 @@ impl Budget {
         let c = &self.inner.config;
         let mut buckets = Vec::with_capacity(3);
         let mut scopes = Vec::with_capacity(3);
-        if c.tokens_per_window > 0
-            && let Some(session) = session
-        {
+        if let Some(session) = session {
             let claims = &session.claims;
-            let key = match (c.scope, &claims.cnf) {
-                (BudgetScope::Session, _) => format!("sid:{}", claims.jti),
-                (BudgetScope::Client, Some(cnf)) => format!("jkt:{}", cnf.jkt),
-                (BudgetScope::Client, None) => format!("fp:{}", claims.fp),
-            };
-            buckets.push(Bucket::new(key, c.tokens_per_window, c.window_secs));
-            scopes.push(SCOPE_NAMES[0]);
+            // A user's tier (`budget.tiers.NAME`) sets its own budget; else the default one.
+            let capacity = claims
+                .tier
+                .as_ref()
+                .and_then(|tier| c.tiers.get(tier))
+                .and_then(|tier| tier.tokens_per_window)
+                .unwrap_or(c.tokens_per_window);
+            if capacity > 0 {
+                // The client: the user when an identity gate named one, else the DPoP key, else
+                // the fingerprint (`budget.scope = "client"`).
+                let key = match (c.scope, &claims.usr, &claims.cnf) {
+                    (BudgetScope::Session, _, _) => format!("sid:{}", claims.jti),
+                    (BudgetScope::Client, Some(user), _) => format!("usr:{user}"),
+                    (BudgetScope::Client, None, Some(cnf)) => format!("jkt:{}", cnf.jkt),
+                    (BudgetScope::Client, None, None) => format!("fp:{}", claims.fp),
+                };
+                buckets.push(Bucket::new(key, capacity, c.window_secs));
+                scopes.push(SCOPE_NAMES[0]);
+            }
         }
         if c.per_ip_tokens_per_window > 0 {
             // A request with no known peer shares one bucket with every other such request.
@@ -327,6 +340,8 @@ mod tests {
                 fp: fp.into(),
                 ua: None,
                 cnf: None,
+                usr: None,
+                tier: None,
             }),
         }
     }

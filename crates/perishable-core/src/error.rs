@@ -50,6 +50,16 @@ pub enum ErrorCode {
     PowInvalid,
     /// 400: the DPoP proof is malformed or does not verify.
     InvalidDpopProof,
+    /// 400: a mint policy needs a captcha and the mint request has none (`"captcha"`).
+    CaptchaRequired,
+    /// 400: the captcha provider refused the token (failed, expired, replayed, wrong hostname,
+    /// low score).
+    CaptchaInvalid,
+    /// 400: a mint policy needs a platform attestation and the request has none
+    /// (`"attestation"`).
+    AttestationRequired,
+    /// 400: the attestation or assertion does not verify.
+    AttestationInvalid,
     /// 401: no session token.
     MissingToken,
     /// 401: the token does not verify (signature, algorithm, claims, format).
@@ -62,6 +72,11 @@ pub enum ErrorCode {
     SessionRevoked,
     /// 401: the token is key-bound and the request carries no DPoP proof.
     DpopRequired,
+    /// 401: a mint policy needs the user's OpenID Connect ID token and the request has none
+    /// (`"id_token"`).
+    IdTokenRequired,
+    /// 401: the ID token does not verify (signature, algorithm, `iss`, `aud`, `exp`, `nbf`).
+    InvalidIdToken,
     /// 403: the request's `Origin` is not allowed.
     OriginNotAllowed,
     /// 403: the upstream path is not on the allow-list.
@@ -100,6 +115,12 @@ impl ErrorCode {
             Self::PowRequired => "pow_required",
             Self::PowInvalid => "pow_invalid",
             Self::InvalidDpopProof => "invalid_dpop_proof",
+            Self::CaptchaRequired => "captcha_required",
+            Self::CaptchaInvalid => "captcha_invalid",
+            Self::AttestationRequired => "attestation_required",
+            Self::AttestationInvalid => "attestation_invalid",
+            Self::IdTokenRequired => "id_token_required",
+            Self::InvalidIdToken => "invalid_id_token",
             Self::MissingToken => "missing_token",
             Self::InvalidToken => "invalid_token",
             Self::TokenExpired => "token_expired",
@@ -131,13 +152,19 @@ impl ErrorCode {
             | Self::InsufficientEntropy
             | Self::PowRequired
             | Self::PowInvalid
-            | Self::InvalidDpopProof => StatusCode::BAD_REQUEST,
+            | Self::InvalidDpopProof
+            | Self::CaptchaRequired
+            | Self::CaptchaInvalid
+            | Self::AttestationRequired
+            | Self::AttestationInvalid => StatusCode::BAD_REQUEST,
             Self::MissingToken
             | Self::InvalidToken
             | Self::TokenExpired
             | Self::FingerprintMismatch
             | Self::SessionRevoked
-            | Self::DpopRequired => StatusCode::UNAUTHORIZED,
+            | Self::DpopRequired
+            | Self::IdTokenRequired
+            | Self::InvalidIdToken => StatusCode::UNAUTHORIZED,
             Self::OriginNotAllowed | Self::PathNotAllowed | Self::ModelNotAllowed => {
                 StatusCode::FORBIDDEN
             }
@@ -406,6 +433,8 @@ impl Error {
             ErrorCode::InvalidDpopProof => HeaderValue::from_static(
                 "DPoP realm=\"perishable\", error=\"invalid_dpop_proof\", algs=\"ES256 EdDSA\"",
             ),
+            // The credential a mint lacks is the user's ID token, not a session token.
+            ErrorCode::IdTokenRequired => HeaderValue::from_static("Bearer realm=\"perishable\""),
             code => HeaderValue::try_from(format!(
                 "Bearer realm=\"perishable\", error=\"invalid_token\", error_description=\"{code}\""
             ))
@@ -438,7 +467,13 @@ mod tests {
         let cases = [
             (ErrorCode::InvalidJson, 400, "invalid_request_error"),
             (ErrorCode::InvalidDpopProof, 400, "invalid_request_error"),
+            (ErrorCode::CaptchaRequired, 400, "invalid_request_error"),
+            (ErrorCode::CaptchaInvalid, 400, "invalid_request_error"),
+            (ErrorCode::AttestationRequired, 400, "invalid_request_error"),
+            (ErrorCode::AttestationInvalid, 400, "invalid_request_error"),
             (ErrorCode::MissingToken, 401, "authentication_error"),
+            (ErrorCode::IdTokenRequired, 401, "authentication_error"),
+            (ErrorCode::InvalidIdToken, 401, "authentication_error"),
             (ErrorCode::DpopRequired, 401, "authentication_error"),
             (ErrorCode::OriginNotAllowed, 403, "permission_error"),
             (ErrorCode::ModelNotAllowed, 403, "permission_error"),
@@ -450,6 +485,12 @@ mod tests {
         ];
         for (code, status, kind) in cases {
             assert_eq!(code.status().as_u16(), status, "{code}");
+            assert!(
+                code.as_str()
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{code}"
+            );
             assert_eq!(code.error_type(), kind, "{code}");
         }
     }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::audit::{Audit, AuditAlreadySet, AuditEvent};
 use crate::client_ip::ClientIpResolver;
 use crate::config::{Config, ConfigError};
+use crate::gate::{Gate, Policies};
 use crate::observe::ObserveLayer;
 use crate::origin::{OriginLayer, OriginPolicy};
 use crate::rate_limit::{ClientIpKey, FingerprintKey, RateLimitLayer};
@@ -51,14 +52,22 @@ impl Perishable {
     /// Builds the runtime state, with the store `store.url` names: `memory`, or a Redis URL
     /// (cargo feature `redis`). Fails if the HTTP client or the store client cannot be built.
     pub fn new(config: Config) -> Result<Self, ConfigError> {
-        let store = crate::store::from_config(&config)?;
-        Self::with_store(config, store)
+        Self::builder(config).build()
     }
 
     /// Builds the runtime state on your own [`Store`].
     pub fn with_store(config: Config, store: Arc<dyn Store>) -> Result<Self, ConfigError> {
-        let client = UpstreamClient::new(&config)?;
-        Self::with_client(config, store, client)
+        Self::builder(config).store(store).build()
+    }
+
+    /// A builder, to add a [`Store`], an [`UpstreamClient`] or mint [`Gate`]s of your own.
+    pub fn builder(config: Config) -> PerishableBuilder {
+        PerishableBuilder {
+            config,
+            store: None,
+            client: None,
+            gates: Vec::new(),
+        }
     }
 
     /// Builds the runtime state on your own [`Store`] and upstream client (to trust a private
@@ -83,6 +92,16 @@ impl Perishable {
         store: Arc<dyn Store>,
         client: UpstreamClient,
     ) -> Result<Self, ConfigError> {
+        Self::builder(config).store(store).client(client).build()
+    }
+
+    fn assemble(
+        config: Config,
+        store: Arc<dyn Store>,
+        client: UpstreamClient,
+        gates: &[Arc<dyn Gate>],
+    ) -> Result<Self, ConfigError> {
+        let policies = Policies::new(&config, gates)?;
         let upstream = UpstreamService::with_client(&config, client, store.clone())?;
         let audit = Audit::default();
         // The keys are decoded here, once per runtime; the config holds them as validated data.
@@ -93,7 +112,7 @@ impl Perishable {
                  random one; tokens will not survive a restart or verify on other instances"
             );
         }
-        let sessions = Sessions::new(&config, keys, store.clone(), audit.clone());
+        let sessions = Sessions::new(&config, keys, store.clone(), audit.clone(), policies);
         let r = config.rate_limit();
         let session_limiter = store.rate_limiter(RatePolicy {
             name: "session",
@@ -198,5 +217,63 @@ impl Perishable {
     /// The session routes as one Service.
     pub fn session_service(&self) -> SessionService {
         SessionService::new(self.sessions.clone())
+    }
+}
+
+/// Builds a [`Perishable`] with parts of your own: a [`Store`], an [`UpstreamClient`], mint
+/// [`Gate`]s. See [`Perishable::builder`].
+#[derive(Debug)]
+#[must_use]
+pub struct PerishableBuilder {
+    config: Config,
+    store: Option<Arc<dyn Store>>,
+    client: Option<UpstreamClient>,
+    gates: Vec<Arc<dyn Gate>>,
+}
+
+impl PerishableBuilder {
+    /// Keeps shared state in `store` instead of the one `store.url` names.
+    pub fn store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Calls the upstream with `client` (a private CA, a shared connection pool).
+    pub fn client(mut self, client: UpstreamClient) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    /// Registers a mint gate of your own, for the policies that name it
+    /// ([`Gate::name`]; see [`crate::gate`]).
+    pub fn gate(mut self, gate: impl Gate) -> Self {
+        self.gates.push(Arc::new(gate));
+        self
+    }
+
+    /// Builds the runtime state. Fails when a policy names a gate that is neither built in
+    /// nor registered, when a registered gate takes a built-in name, or when the store or the
+    /// HTTP clients cannot be built.
+    pub fn build(self) -> Result<Perishable, ConfigError> {
+        for gate in &self.gates {
+            if crate::gate::BUILT_IN.contains(&gate.name()) {
+                return Err(ConfigError::invalid(
+                    "mint.policies",
+                    format!(
+                        "a registered gate cannot take the built-in name {:?}",
+                        gate.name()
+                    ),
+                ));
+            }
+        }
+        let store = match self.store {
+            Some(store) => store,
+            None => crate::store::from_config(&self.config)?,
+        };
+        let client = match self.client {
+            Some(client) => client,
+            None => UpstreamClient::new(&self.config)?,
+        };
+        Perishable::assemble(self.config, store, client, &self.gates)
     }
 }

@@ -67,6 +67,13 @@ pub struct Claims {
     /// The bound key, for DPoP sessions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cnf: Option<Confirmation>,
+    /// The user, when an identity gate passed (`oidc`): base64url SHA-256 of the ID token's
+    /// `iss`, a zero byte and its `sub`. No personal data; limits, caps and budgets key on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usr: Option<String>,
+    /// The user's tier (`mint.oidc.tier_claim`), which selects `[budget.tiers.NAME]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
 }
 
 /// The claims of a request's verified session, which [`VerifyLayer`](crate::verify::VerifyLayer)
@@ -493,6 +500,8 @@ mod tests {
             fp: hash_b64(b"fingerprint"),
             ua: None,
             cnf: None,
+            usr: None,
+            tier: None,
         }
     }
 

@@ -61,17 +61,19 @@ impl Default for BudgetConfig {
     }
 }
 
-/// `[budget.tiers.NAME]`: the budget of one tier of users (selected by the identity gate's
-/// `mint.oidc.tier_claim`, a later version's gate). Parsed and kept; no gate selects a tier yet.
+/// `[budget.tiers.NAME]`: the budget of one tier of users, selected by the tier the identity
+/// gate read (`mint.oidc.tier_claim`; the session carries it as `tier`). A session without a
+/// tier, or with one not listed here, gets the default budget.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct TierConfig {
-    /// Tokens per client per window for this tier.
+    /// Tokens per client per window for this tier (instead of `budget.tokens_per_window`).
     pub tokens_per_window: Option<u64>,
-    /// The completion cap for this tier.
+    /// The completion cap for this tier: not applied per tier yet (refused when set).
     pub max_completion_tokens: Option<u64>,
-    /// Requests per window per client for this tier.
+    /// Requests per window per client for this tier: not applied per tier yet (refused when
+    /// set).
     pub points: Option<u32>,
 }
 
@@ -83,6 +85,18 @@ impl BudgetConfig {
                 "budget.window_secs",
                 "must be above 0",
             ));
+        }
+        // A tier sets a budget; what it cannot set yet is refused rather than ignored.
+        for (name, tier) in &self.tiers {
+            if tier.max_completion_tokens.is_some() || tier.points.is_some() {
+                return Err(ConfigError::Invalid {
+                    key: "budget.tiers",
+                    reason: format!(
+                        "[budget.tiers.{name}]: only tokens_per_window applies per tier in this \
+                         version (max_completion_tokens and points do not)"
+                    ),
+                });
+            }
         }
         Ok(())
     }

@@ -186,6 +186,82 @@ impl ConfigBuilder {
         self
     }
 
+    /// `mint.captcha.provider`: `"turnstile"`, `"hcaptcha"` or `"recaptcha"`.
+    pub fn mint_captcha_provider(mut self, provider: impl Into<String>) -> Self {
+        self.mint.captcha.provider = provider.into();
+        self
+    }
+
+    /// `mint.captcha.secret` (better: `PERISHABLE_CAPTCHA_SECRET`).
+    pub fn mint_captcha_secret(mut self, secret: impl Into<Secret>) -> Self {
+        self.mint.captcha.secret = Some(secret.into());
+        self
+    }
+
+    /// `mint.captcha.verify_url`: the siteverify URL (default: the provider's).
+    pub fn mint_captcha_verify_url(mut self, url: impl Into<String>) -> Self {
+        self.mint.captcha.verify_url = url.into();
+        self
+    }
+
+    /// `mint.captcha.hostnames`: the hostnames a captcha may be solved on (empty: any).
+    pub fn mint_captcha_hostnames<I: IntoIterator<Item = S>, S: Into<String>>(
+        mut self,
+        hostnames: I,
+    ) -> Self {
+        self.mint.captcha.hostnames = hostnames.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// `mint.captcha.min_score`: the lowest reCAPTCHA v3 score accepted.
+    pub fn mint_captcha_min_score(mut self, score: f64) -> Self {
+        self.mint.captcha.min_score = Some(score);
+        self
+    }
+
+    /// `mint.oidc.issuer`: the ID tokens' `iss`; the JWKS is discovered from it.
+    pub fn mint_oidc_issuer(mut self, issuer: impl Into<String>) -> Self {
+        self.mint.oidc.issuer = issuer.into();
+        self
+    }
+
+    /// `mint.oidc.jwks_url`: the issuer's keys, skipping discovery.
+    pub fn mint_oidc_jwks_url(mut self, url: impl Into<String>) -> Self {
+        self.mint.oidc.jwks_url = url.into();
+        self
+    }
+
+    /// `mint.oidc.audience`: the `aud` ID tokens must name (the app's client id).
+    pub fn mint_oidc_audience(mut self, audience: impl Into<String>) -> Self {
+        self.mint.oidc.audience = audience.into();
+        self
+    }
+
+    /// `mint.oidc.algorithms`: the signature algorithms accepted (default RS256, ES256, EdDSA).
+    pub fn mint_oidc_algorithms<I: IntoIterator<Item = S>, S: Into<String>>(
+        mut self,
+        algorithms: I,
+    ) -> Self {
+        self.mint.oidc.algorithms = algorithms.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// `mint.oidc.tier_claim`: the claim (a dot-separated path) naming the user's tier.
+    pub fn mint_oidc_tier_claim(mut self, claim: impl Into<String>) -> Self {
+        self.mint.oidc.tier_claim = claim.into();
+        self
+    }
+
+    /// `budget.tiers.NAME.tokens_per_window`: the budget of users of tier `name`.
+    pub fn budget_tier_tokens_per_window(mut self, name: impl Into<String>, tokens: u64) -> Self {
+        self.budget
+            .tiers
+            .entry(name.into())
+            .or_default()
+            .tokens_per_window = Some(tokens);
+        self
+    }
+
     /// `upstream.forward_headers`: extra client headers to forward upstream.
     pub fn upstream_forward_headers<I: IntoIterator<Item = S>, S: Into<String>>(
         mut self,

@@ -8,9 +8,9 @@ use super::{ConfigError, Secret};
 /// `docs/protocol.md`).
 ///
 /// `policies` lists alternatives, each a set of gates that must all pass. This version verifies
-/// the `pow` and `entropy` gates; a policy naming another gate (`captcha`, `oidc`, `app_attest`,
-/// `play_integrity`) is refused at build time rather than silently not checked. Their sections
-/// are parsed, so a configuration file written for them loads.
+/// the `pow`, `entropy`, `captcha` and `oidc` gates, and gates the app registers; a policy naming
+/// `app_attest` or `play_integrity` is refused at build time rather than silently not checked
+/// (their sections are parsed, so a configuration file written for them loads).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
@@ -39,18 +39,7 @@ impl Default for MintConfig {
     }
 }
 
-/// The mint gates this version knows, and those it verifies.
-const GATES: [&str; 6] = [
-    "pow",
-    "entropy",
-    "captcha",
-    "oidc",
-    "app_attest",
-    "play_integrity",
-];
-const VERIFIED_GATES: [&str; 2] = ["pow", "entropy"];
-
-/// `[mint.captcha]` (the `captcha` gate of a later version).
+/// `[mint.captcha]` (the `captcha` gate).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
@@ -67,7 +56,7 @@ pub struct CaptchaConfig {
     pub min_score: Option<f64>,
 }
 
-/// `[mint.oidc]` (the `oidc` gate of a later version).
+/// `[mint.oidc]` (the `oidc` gate).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
@@ -114,17 +103,19 @@ pub struct PlayIntegrityConfig {
     pub device_verdict: String,
 }
 
-/// The verified gates a mint policy names.
+/// Which of the built-in `pow` and `entropy` gates the policies name.
 pub(super) struct Gates {
     pub(super) pow: bool,
     pub(super) entropy: bool,
 }
 
 impl MintConfig {
-    /// Checks `mint.policies`: this version verifies a single alternative of `pow` and
-    /// `entropy` gates. Returns which of the two the policy names; the builder switches the other
-    /// off (`pow.difficulty = 0`, `session.min_entropy_score = 0`), as the protocol's default
-    /// `[["pow", "entropy"]]` is version 1's behaviour.
+    /// Checks `mint.policies`: at least one policy, each naming at least one gate, and the
+    /// sections of the built-in gates they name. Returns whether `pow` and `entropy` are named:
+    /// the builder switches a gate no policy names off (`pow.difficulty = 0`,
+    /// `session.min_entropy_score = 0`). A name that is not built in must be a gate the app
+    /// registers ([`PerishableBuilder::gate`](crate::PerishableBuilder::gate)); that is checked
+    /// when the runtime is built.
     pub(super) fn validate(&self) -> Result<Gates, ConfigError> {
         const KEY: &str = "mint.policies";
         let policies = &self.policies;
@@ -134,31 +125,64 @@ impl MintConfig {
                 "list at least one policy, each with at least one gate",
             ));
         }
-        for gate in policies.iter().flatten() {
-            if !GATES.contains(&gate.as_str()) {
+        let named = |gate: &str| policies.iter().flatten().any(|g| g == gate);
+        if let Some(bad) = policies.iter().flatten().find(|g| {
+            g.is_empty()
+                || !g
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        }) {
+            return Err(ConfigError::invalid(
+                KEY,
+                format!("{bad:?} is not a gate name (letters, digits, '_' and '-')"),
+            ));
+        }
+        for gate in ["app_attest", "play_integrity"] {
+            if named(gate) {
                 return Err(ConfigError::invalid(
                     KEY,
-                    format!("{gate:?} is not a gate (one of {GATES:?})"),
-                ));
-            }
-            if !VERIFIED_GATES.contains(&gate.as_str()) {
-                return Err(ConfigError::invalid(
-                    KEY,
-                    format!(
-                        "the {gate:?} gate is not available in this version: only \"pow\" and \"entropy\" are verified"
-                    ),
+                    format!("the {gate:?} gate is not available in this version"),
                 ));
             }
         }
-        let [policy] = policies.as_slice() else {
-            return Err(ConfigError::invalid(
-                KEY,
-                "alternatives of the pow and entropy gates are not available in this version: list one policy",
-            ));
-        };
+        if named("captcha") {
+            let c = &self.captcha;
+            if !["turnstile", "hcaptcha", "recaptcha"].contains(&c.provider.as_str()) {
+                return Err(ConfigError::invalid(
+                    "mint.captcha.provider",
+                    "must be \"turnstile\", \"hcaptcha\" or \"recaptcha\" when a policy names the captcha gate",
+                ));
+            }
+            if c.secret.is_none() {
+                return Err(ConfigError::Missing {
+                    key: "mint.captcha.secret",
+                });
+            }
+            if let Some(score) = c.min_score
+                && !(0.0..=1.0).contains(&score)
+            {
+                return Err(ConfigError::invalid(
+                    "mint.captcha.min_score",
+                    "must be between 0.0 and 1.0",
+                ));
+            }
+        }
+        if named("oidc") {
+            let o = &self.oidc;
+            if o.issuer.is_empty() {
+                return Err(ConfigError::Missing {
+                    key: "mint.oidc.issuer",
+                });
+            }
+            if o.audience.is_empty() {
+                return Err(ConfigError::Missing {
+                    key: "mint.oidc.audience",
+                });
+            }
+        }
         Ok(Gates {
-            pow: policy.iter().any(|g| g == "pow"),
-            entropy: policy.iter().any(|g| g == "entropy"),
+            pow: named("pow"),
+            entropy: named("entropy"),
         })
     }
 }
@@ -168,24 +192,34 @@ mod tests {
     use crate::config::{Config, ConfigError};
 
     #[test]
-    fn mint_policies_of_the_verified_gates_apply_and_others_are_refused() {
+    fn mint_policies_name_their_gates_and_need_their_sections() {
         let base = || Config::builder().upstream_api_key("sk-test");
         let c = base().build().unwrap();
         assert_eq!(c.mint().policies, [["pow", "entropy"]]);
         assert_eq!(c.pow().difficulty, 16);
         assert_eq!(c.session().min_entropy_score, 50);
-        // A policy without a gate switches it off.
+        // A gate no policy names is switched off.
         let c = base().mint_policies([["pow"]]).build().unwrap();
         assert_eq!(c.session().min_entropy_score, 0);
         assert_eq!(c.pow().difficulty, 16);
         let c = base().mint_policies([["entropy"]]).build().unwrap();
         assert_eq!(c.pow().difficulty, 0);
-        // Gates this version does not verify are refused, never silently skipped.
+        // Alternatives: a gate named by any of them stays on.
+        let c = base()
+            .mint_policies(vec![vec!["pow"], vec!["entropy"]])
+            .build()
+            .unwrap();
+        assert_eq!(
+            (c.pow().difficulty, c.session().min_entropy_score),
+            (16, 50)
+        );
+        // A name that is not built in may be the app's own gate (checked by the runtime).
+        base().mint_policies([["invitation"]]).build().unwrap();
+        // The gates this version does not verify, and malformed policies, are refused.
         for policies in [
-            vec![vec!["oidc"]],
-            vec![vec!["captcha", "pow"]],
-            vec![vec!["pow"], vec!["entropy"]],
-            vec![vec!["nonsense"]],
+            vec![vec!["app_attest"]],
+            vec![vec!["play_integrity", "pow"]],
+            vec![vec!["not a name"]],
             vec![vec![]],
             vec![],
         ] {
@@ -201,5 +235,30 @@ mod tests {
                 "{policies:?}: {e}"
             );
         }
+        // A policy naming a gate needs that gate's section.
+        let e = base().mint_policies([["oidc"]]).build().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Missing {
+                    key: "mint.oidc.issuer"
+                }
+            ),
+            "{e}"
+        );
+        let e = base()
+            .mint_policies([["captcha", "pow"]])
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    key: "mint.captcha.provider",
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 }

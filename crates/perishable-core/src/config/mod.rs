@@ -140,7 +140,7 @@ fn env_hint(key: &str) -> &'static str {
 }
 
 impl ConfigError {
-    fn invalid(key: &'static str, reason: impl Into<String>) -> Self {
+    pub(crate) fn invalid(key: &'static str, reason: impl Into<String>) -> Self {
         Self::Invalid {
             key,
             reason: reason.into(),

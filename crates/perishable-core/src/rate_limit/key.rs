@@ -15,7 +15,8 @@ pub trait KeyExtractor: Clone + Send + Sync + 'static {
     fn extract<B>(&self, req: &Request<B>) -> Result<String, Error>;
 }
 
-/// Keys on the verified session's fingerprint hash. Needs a
+/// Keys on the verified session's client: its user (`usr`) when an identity gate named one,
+/// else its fingerprint hash. Needs a
 /// [`crate::verify::VerifyLayer`] in front; without one, requests are refused as `missing_token`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FingerprintKey;
@@ -28,7 +29,11 @@ impl KeyExtractor for FingerprintKey {
                 "a session token is required: Authorization: Bearer <token>",
             )
         })?;
-        Ok(session.fingerprint_hash().to_owned())
+        // The user, when an identity gate named one: all of a user's sessions share a limit.
+        Ok(match &session.claims.usr {
+            Some(user) => format!("usr:{user}"),
+            None => session.fingerprint_hash().to_owned(),
+        })
     }
 }
 

@@ -308,6 +308,8 @@ mod tests {
                 fp: fp.to_owned(),
                 ua: None,
                 cnf: None,
+                usr: None,
+                tier: None,
             }),
         }
     }

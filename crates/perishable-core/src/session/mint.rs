@@ -15,6 +15,7 @@ use crate::dpop::Expected;
 use crate::entropy::{Entropy, MAX_SAMPLES};
 use crate::error::{Error, ErrorCode, RateLimitInfo};
 use crate::fingerprint;
+use crate::gate::{Builtins, Evidence};
 use crate::pow::PowSolution;
 use crate::store::{self, Admission, Set, StoreError, log_failure};
 use crate::token::{Claims, Confirmation, hash_b64, new_jti};
@@ -28,6 +29,9 @@ pub(crate) struct MintRequest {
     pub(crate) entropy: Entropy,
     /// The proof of work, when given.
     pub(crate) pow: Option<PowSolution>,
+    /// The body's other members: the evidence of the other gates (`captcha`, `id_token`, and
+    /// those of the app's own gates).
+    pub(crate) extra: Map<String, Value>,
 }
 
 fn invalid_json(message: impl Into<std::borrow::Cow<'static, str>>) -> Error {
@@ -83,6 +87,7 @@ impl MintRequest {
             fingerprint,
             entropy,
             pow,
+            extra: raw,
         })
     }
 }
@@ -106,32 +111,33 @@ impl ClassifyMessage for serde_json::Error {
 impl Sessions {
     /// Mints a session from a `POST /session` request (its head, and its body already read).
     pub async fn mint(&self, req: &Request<()>, body: &[u8]) -> Result<SessionObject, Error> {
-        let pending = self.check_mint(req, body)?;
+        let request = MintRequest::parse(body)?;
+        let mut pending = self.check_mint(req, &request)?;
+        // The gates, cheapest first; a provider is called only when the local checks passed.
+        let evidence = Evidence {
+            fingerprint: &request.fingerprint,
+            body: &request.extra,
+            headers: req.headers(),
+            client_ip: self.inner.client_ip.resolve(req),
+        };
+        let builtins = Builtins {
+            pow: &self.inner.pow,
+            solution: request.pow.as_ref(),
+            entropy_score: crate::entropy::score(&request.entropy),
+            min_entropy_score: self.inner.min_entropy_score,
+            now: pending.claims.iat,
+        };
+        let passed = self.inner.policies.check(&evidence, &builtins).await?;
+        pending.claims.usr = passed.facts.user;
+        pending.claims.tier = passed.facts.tier;
+        pending.pow_used = passed.pow_used;
+        pending.policy = passed.policy;
         self.finish_mint(pending).await
     }
 
-    /// The synchronous checks of a mint: body, entropy, proof of work, DPoP proof.
-    fn check_mint(&self, req: &Request<()>, body: &[u8]) -> Result<PendingMint, Error> {
-        let request = MintRequest::parse(body)?;
-        let score = crate::entropy::score(&request.entropy);
-        if score < self.inner.min_entropy_score {
-            return Err(Error::new(
-                ErrorCode::InsufficientEntropy,
-                format!(
-                    "not enough interaction to mint a session (score {score}, needs {})",
-                    self.inner.min_entropy_score
-                ),
-            ));
-        }
+    /// The synchronous checks of a mint: the DPoP proof, then the claims.
+    fn check_mint(&self, req: &Request<()>, request: &MintRequest) -> Result<PendingMint, Error> {
         let now = unix_now();
-        let pow = &self.inner.pow;
-        let pow_used = match (pow.enabled(), request.pow) {
-            (false, _) => None,
-            (true, solution) => {
-                let until = pow.check(solution.as_ref(), now)?;
-                solution.map(|s| (s.challenge, until))
-            }
-        };
         // With DPoP off, DPoP headers are not even parsed.
         let presented = match self.inner.dpop_mode {
             DpopMode::Off => None,
@@ -178,11 +184,14 @@ impl Sessions {
                 )
             }),
             cnf,
+            usr: None,
+            tier: None,
         };
         Ok(PendingMint {
             claims,
-            pow_used,
+            pow_used: None,
             dpop_seen,
+            policy: String::new(),
         })
     }
 
@@ -192,6 +201,7 @@ impl Sessions {
             claims,
             pow_used,
             dpop_seen,
+            policy,
         } = pending;
         let store = &self.inner.store;
         let slots = cap_keys(&claims);
@@ -262,10 +272,15 @@ impl Sessions {
             Ok(session) => {
                 tracing::Span::current().record("session_id", session.session_id.as_str());
                 metrics::counter!("perishable_sessions_total", "event" => "minted").increment(1);
+                // Policies come from the configuration: a bounded set of labels.
+                metrics::counter!("perishable_mint_policy_total", "policy" => policy.clone())
+                    .increment(1);
                 self.inner.audit.emit(|| AuditEvent::Minted {
                     session_id: session.session_id.clone(),
                     key_bound: claims.cnf.is_some(),
                     expires_at: session.expires_at,
+                    policy: policy.clone(),
+                    user: claims.usr.is_some(),
                 });
             }
             Err(_) => {
@@ -284,6 +299,8 @@ struct PendingMint {
     pow_used: Option<(String, u64)>,
     /// The DPoP proof to record as seen, and until when.
     dpop_seen: Option<(String, u64)>,
+    /// The mint policy that passed (`"pow+entropy"`).
+    policy: String,
 }
 
 #[cfg(test)]

@@ -38,10 +38,12 @@ use serde::{Deserialize, Serialize};
 
 pub use self::service::{SessionFuture, SessionService};
 use crate::audit::Audit;
+use crate::client_ip::ClientIpResolver;
 use crate::clock::unix_now;
 use crate::config::{Config, DpopMode};
 use crate::dpop::DpopVerifier;
 use crate::error::Error;
+use crate::gate::Policies;
 use crate::pow::{Challenge, ProofOfWork};
 use crate::store::{self, Store};
 use crate::token::{Claims, KeySet, TokenCodec};
@@ -88,12 +90,22 @@ struct Inner {
     public_url: Option<String>,
     /// `server.body_timeout_ms`: the mint body must arrive within it.
     body_timeout: std::time::Duration,
+    /// `mint.policies`, with the verifier of each gate.
+    policies: Policies,
+    /// Who the client is, for the gates that send it on (captcha `remoteip`).
+    client_ip: ClientIpResolver,
 }
 
 impl Sessions {
     /// The engine for this configuration, signing with `keys` (decoded from it by the runtime),
     /// keeping its state in `store`, and reporting to `audit`.
-    pub(crate) fn new(config: &Config, keys: KeySet, store: Arc<dyn Store>, audit: Audit) -> Self {
+    pub(crate) fn new(
+        config: &Config,
+        keys: KeySet,
+        store: Arc<dyn Store>,
+        audit: Audit,
+        policies: Policies,
+    ) -> Self {
         let s = config.session();
         let pow = ProofOfWork::new(
             *keys.derived_secret(),
@@ -128,6 +140,8 @@ impl Sessions {
                     .as_deref()
                     .map(|u| u.trim_end_matches('/').to_owned()),
                 body_timeout: std::time::Duration::from_millis(config.server().body_timeout_ms),
+                policies,
+                client_ip: ClientIpResolver::new(config.server().trusted_proxies.clone()),
             }),
         }
     }
@@ -180,9 +194,13 @@ impl Sessions {
     }
 }
 
-/// The slots a session takes in the cap: its fingerprint, and its key when bound.
+/// The slots a session takes in the cap: its fingerprint, its user when an identity gate named
+/// one, and its key when bound.
 fn cap_keys(claims: &Claims) -> Vec<String> {
     let mut keys = vec![format!("fp:{}", claims.fp)];
+    if let Some(user) = &claims.usr {
+        keys.push(format!("usr:{user}"));
+    }
     if let Some(cnf) = &claims.cnf {
         keys.push(format!("jkt:{}", cnf.jkt));
     }
@@ -220,11 +238,13 @@ mod testing {
     pub(super) fn sessions(builder: ConfigBuilder) -> Sessions {
         let config = builder.build().unwrap();
         let keys = KeySet::from_config(config.session()).unwrap();
+        let policies = crate::gate::Policies::new(&config, &[]).unwrap();
         Sessions::new(
             &config,
             keys,
             Arc::new(MemoryStore::new()),
             Audit::default(),
+            policies,
         )
     }
 

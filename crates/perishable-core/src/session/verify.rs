@@ -241,6 +241,8 @@ mod tests {
             fp: fingerprint::hash(FP),
             ua: None,
             cnf: None,
+            usr: None,
+            tier: None,
         };
         let token = sessions.codec().sign(&claims).unwrap();
         assert_eq!(

@@ -759,6 +759,8 @@ mod tests {
                 fp: "fp".to_owned(),
                 ua: None,
                 cnf: None,
+                usr: None,
+                tier: None,
             }),
         });
         let response = svc.oneshot(req).await.unwrap();

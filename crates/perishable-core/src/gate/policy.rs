@@ -1,0 +1,398 @@
+//! `mint.policies`: alternatives of gates, evaluated lazily, each gate at most once per mint.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::captcha::{CaptchaError, CaptchaSettings, CaptchaVerifier, Provider};
+use super::oidc::{OidcSettings, OidcVerifier};
+use super::{Evidence, Facts, Gate};
+use crate::config::{Config, ConfigError};
+use crate::error::{Error, ErrorCode};
+use crate::pow::{PowSolution, ProofOfWork};
+
+/// The built-in gate names.
+pub(crate) const BUILT_IN: [&str; 6] = [
+    "pow",
+    "entropy",
+    "captcha",
+    "oidc",
+    "app_attest",
+    "play_integrity",
+];
+
+/// One gate of the policies.
+enum Kind {
+    Entropy,
+    Pow,
+    Custom(Arc<dyn Gate>),
+    Captcha(Box<CaptchaVerifier>),
+    Oidc(Box<OidcVerifier>),
+}
+
+impl std::fmt::Debug for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Entropy => "Entropy",
+            Self::Pow => "Pow",
+            Self::Custom(_) => "Custom",
+            Self::Captcha(_) => "Captcha",
+            Self::Oidc(_) => "Oidc",
+        })
+    }
+}
+
+impl Kind {
+    /// Cheap gates first: a mint refused by the interaction samples or the proof of work costs
+    /// no call to a provider.
+    fn rank(&self) -> u8 {
+        match self {
+            Self::Entropy => 0,
+            Self::Pow => 1,
+            Self::Custom(_) => 2,
+            Self::Captcha(_) => 3,
+            Self::Oidc(_) => 4,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    name: String,
+    kind: Kind,
+}
+
+/// The mint policies of a configuration, with the verifier of each gate they name.
+#[derive(Debug)]
+pub(crate) struct Policies {
+    gates: Vec<Entry>,
+    /// Each alternative: indices into `gates`, cheapest first.
+    alternatives: Vec<Vec<usize>>,
+    /// Each alternative's name: its gates as configured, joined with `+`.
+    labels: Vec<String>,
+}
+
+/// What the built-in `pow` and `entropy` gates read, from the mint.
+pub(crate) struct Builtins<'a> {
+    pub(crate) pow: &'a ProofOfWork,
+    pub(crate) solution: Option<&'a PowSolution>,
+    pub(crate) entropy_score: u8,
+    pub(crate) min_entropy_score: u8,
+    pub(crate) now: u64,
+}
+
+/// A mint that passed a policy.
+#[derive(Debug)]
+pub(crate) struct Passed {
+    /// The policy that passed: its gates as configured, joined with `+` (`"pow+entropy"`).
+    pub(crate) policy: String,
+    /// What its gates established.
+    pub(crate) facts: Facts,
+    /// The proof-of-work challenge to record as used, and until when (when `pow` passed).
+    pub(crate) pow_used: Option<(String, u64)>,
+}
+
+impl Policies {
+    /// The policies of `config`, with `custom` gates for names that are not built in.
+    pub(crate) fn new(config: &Config, custom: &[Arc<dyn Gate>]) -> Result<Self, ConfigError> {
+        const KEY: &str = "mint.policies";
+        let mint = config.mint();
+        let mut gates: Vec<Entry> = Vec::new();
+        let mut alternatives = Vec::new();
+        let mut labels = Vec::new();
+        for policy in &mint.policies {
+            labels.push(policy.join("+"));
+            let mut indices = Vec::new();
+            for name in policy {
+                let index = match gates.iter().position(|g| &g.name == name) {
+                    Some(index) => index,
+                    None => {
+                        let kind = match name.as_str() {
+                            "pow" => Kind::Pow,
+                            "entropy" => Kind::Entropy,
+                            "captcha" => Kind::Captcha(Box::new(captcha(config)?)),
+                            "oidc" => Kind::Oidc(Box::new(oidc(config)?)),
+                            "app_attest" | "play_integrity" => {
+                                return Err(ConfigError::invalid(
+                                    KEY,
+                                    format!("the {name:?} gate is not available in this version"),
+                                ));
+                            }
+                            other => match custom.iter().find(|g| g.name() == other) {
+                                Some(gate) => Kind::Custom(gate.clone()),
+                                None => {
+                                    return Err(ConfigError::invalid(
+                                        KEY,
+                                        format!(
+                                            "{other:?} is neither a built-in gate ({BUILT_IN:?}) \
+                                             nor one registered with PerishableBuilder::gate"
+                                        ),
+                                    ));
+                                }
+                            },
+                        };
+                        gates.push(Entry {
+                            name: name.clone(),
+                            kind,
+                        });
+                        gates.len() - 1
+                    }
+                };
+                if !indices.contains(&index) {
+                    indices.push(index);
+                }
+            }
+            indices.sort_by_key(|&i| gates[i].kind.rank());
+            alternatives.push(indices);
+        }
+        Ok(Self {
+            gates,
+            alternatives,
+            labels,
+        })
+    }
+
+    /// Checks the policies in order, each gate at most once, until one passes.
+    ///
+    /// When none does, the refusal is the first policy's failure that is about the evidence
+    /// shown (an invalid proof, a refused captcha, a provider that cannot be reached) rather
+    /// than evidence missing; else the first policy's.
+    pub(crate) async fn check(
+        &self,
+        evidence: &Evidence<'_>,
+        builtins: &Builtins<'_>,
+    ) -> Result<Passed, Error> {
+        // Each gate's outcome, by index: computed once per mint.
+        let mut outcomes: Vec<Option<Result<Facts, Error>>> = vec![None; self.gates.len()];
+        let mut pow_used = None;
+        let mut refusals: Vec<Error> = Vec::new();
+        for (alternative, label) in self.alternatives.iter().zip(&self.labels) {
+            let mut facts = Facts::default();
+            let mut failed = None;
+            for &index in alternative {
+                if outcomes[index].is_none() {
+                    let entry = &self.gates[index];
+                    let outcome = self.run(entry, evidence, builtins, &mut pow_used).await;
+                    metrics::counter!(
+                        "perishable_mint_gates_total",
+                        "gate" => gate_label(&entry.name),
+                        "outcome" => if outcome.is_ok() { "passed" } else { "refused" }
+                    )
+                    .increment(1);
+                    outcomes[index] = Some(outcome);
+                }
+                match outcomes[index].as_ref().expect("computed above") {
+                    Ok(found) => {
+                        facts.user = facts.user.or_else(|| found.user.clone());
+                        facts.tier = facts.tier.or_else(|| found.tier.clone());
+                    }
+                    Err(refusal) => {
+                        failed = Some(refusal.clone());
+                        break;
+                    }
+                }
+            }
+            match failed {
+                None => {
+                    let policy = label.clone();
+                    let pow_used = alternative
+                        .iter()
+                        .any(|&i| matches!(self.gates[i].kind, Kind::Pow))
+                        .then_some(pow_used)
+                        .flatten();
+                    return Ok(Passed {
+                        policy,
+                        facts,
+                        pow_used,
+                    });
+                }
+                Some(refusal) => refusals.push(refusal),
+            }
+        }
+        let missing = |e: &Error| {
+            matches!(
+                e.code(),
+                ErrorCode::PowRequired
+                    | ErrorCode::CaptchaRequired
+                    | ErrorCode::IdTokenRequired
+                    | ErrorCode::AttestationRequired
+            )
+        };
+        match refusals.iter().position(|e| !missing(e)) {
+            Some(i) => Err(refusals.swap_remove(i)),
+            None => Err(refusals.into_iter().next().unwrap_or_else(|| {
+                Error::new(ErrorCode::InvalidJson, "no mint policy is configured")
+            })),
+        }
+    }
+
+    async fn run(
+        &self,
+        entry: &Entry,
+        evidence: &Evidence<'_>,
+        builtins: &Builtins<'_>,
+        pow_used: &mut Option<(String, u64)>,
+    ) -> Result<Facts, Error> {
+        match &entry.kind {
+            Kind::Entropy => {
+                let score = builtins.entropy_score;
+                if score < builtins.min_entropy_score {
+                    return Err(Error::new(
+                        ErrorCode::InsufficientEntropy,
+                        format!(
+                            "not enough interaction to mint a session (score {score}, needs {})",
+                            builtins.min_entropy_score
+                        ),
+                    ));
+                }
+                Ok(Facts::default())
+            }
+            Kind::Pow => {
+                if builtins.pow.enabled() {
+                    let until = builtins.pow.check(builtins.solution, builtins.now)?;
+                    *pow_used = builtins.solution.map(|s| (s.challenge.clone(), until));
+                }
+                Ok(Facts::default())
+            }
+            Kind::Custom(gate) => gate.check(evidence).await,
+            Kind::Captcha(verifier) => {
+                let token = match evidence.field("captcha") {
+                    None | Some(serde_json::Value::Null) => {
+                        return Err(Error::new(
+                            ErrorCode::CaptchaRequired,
+                            "this service needs a captcha: send \"captcha\": \"<token>\"",
+                        ));
+                    }
+                    Some(serde_json::Value::String(token)) => token,
+                    Some(_) => {
+                        return Err(Error::new(
+                            ErrorCode::CaptchaInvalid,
+                            "captcha must be the provider's token, a string",
+                        ));
+                    }
+                };
+                match verifier.verify(token, evidence.client_ip()).await {
+                    Ok(_) => Ok(Facts::default()),
+                    Err(CaptchaError::Empty) => Err(Error::new(
+                        ErrorCode::CaptchaRequired,
+                        "this service needs a captcha: send \"captcha\": \"<token>\"",
+                    )),
+                    Err(e) if e.is_server_side() => {
+                        tracing::warn!(target: "perishable::gate", error = %e, "captcha gate: provider unavailable");
+                        Err(Error::new(
+                            ErrorCode::UpstreamUnavailable,
+                            "the captcha provider could not be reached: try again shortly",
+                        ))
+                    }
+                    Err(e) => Err(Error::new(ErrorCode::CaptchaInvalid, e.to_string())),
+                }
+            }
+            Kind::Oidc(verifier) => {
+                let token = match evidence.field("id_token") {
+                    None | Some(serde_json::Value::Null) => {
+                        return Err(Error::new(
+                            ErrorCode::IdTokenRequired,
+                            "this service needs the signed-in user's ID token: send \"id_token\"",
+                        ));
+                    }
+                    Some(serde_json::Value::String(token)) => token,
+                    Some(_) => {
+                        return Err(Error::new(
+                            ErrorCode::InvalidIdToken,
+                            "id_token must be a JWT, a string",
+                        ));
+                    }
+                };
+                match verifier.verify(token).await {
+                    Ok(identity) => Ok(Facts {
+                        user: Some(identity.user_id()),
+                        tier: identity.tier,
+                    }),
+                    Err(e) if e.is_server_side() => {
+                        tracing::warn!(target: "perishable::gate", error = %e, "oidc gate: issuer unavailable");
+                        Err(Error::new(
+                            ErrorCode::UpstreamUnavailable,
+                            "the identity provider could not be reached: try again shortly",
+                        ))
+                    }
+                    Err(e) => Err(Error::new(ErrorCode::InvalidIdToken, e.to_string())),
+                }
+            }
+        }
+    }
+}
+
+/// The metric label of a gate: the built-in names as they are, every custom gate as `custom`
+/// (names are the app's, and labels must stay few).
+fn gate_label(name: &str) -> &'static str {
+    BUILT_IN
+        .iter()
+        .find(|b| **b == name)
+        .copied()
+        .unwrap_or("custom")
+}
+
+fn captcha(config: &Config) -> Result<CaptchaVerifier, ConfigError> {
+    let c = &config.mint().captcha;
+    let provider = match c.provider.as_str() {
+        "turnstile" => Provider::Turnstile,
+        "hcaptcha" => Provider::Hcaptcha,
+        "recaptcha" => Provider::Recaptcha,
+        other => {
+            return Err(ConfigError::invalid(
+                "mint.captcha.provider",
+                format!(
+                    "{other:?} is not a provider: \"turnstile\", \"hcaptcha\" or \"recaptcha\""
+                ),
+            ));
+        }
+    };
+    let secret = c.secret.clone().ok_or(ConfigError::Missing {
+        key: "mint.captcha.secret",
+    })?;
+    let mut settings = CaptchaSettings::new(provider, secret);
+    if !c.verify_url.is_empty() {
+        settings.verify_url = Some(c.verify_url.clone());
+    }
+    settings.hostnames = c.hostnames.clone();
+    if let Some(min) = c.min_score {
+        settings.min_score = min;
+    }
+    CaptchaVerifier::new(settings)
+}
+
+fn oidc(config: &Config) -> Result<OidcVerifier, ConfigError> {
+    let o = &config.mint().oidc;
+    if o.issuer.is_empty() {
+        return Err(ConfigError::Missing {
+            key: "mint.oidc.issuer",
+        });
+    }
+    if o.audience.is_empty() {
+        return Err(ConfigError::Missing {
+            key: "mint.oidc.audience",
+        });
+    }
+    let mut settings = OidcSettings::new(o.issuer.clone(), o.audience.clone());
+    if !o.jwks_url.is_empty() {
+        settings.jwks_url = Some(o.jwks_url.clone());
+    }
+    if !o.algorithms.is_empty() {
+        settings.algorithms = o
+            .algorithms
+            .iter()
+            .map(|a| {
+                a.parse::<jsonwebtoken::Algorithm>().map_err(|_| {
+                    ConfigError::invalid(
+                        "mint.oidc.algorithms",
+                        format!("{a:?} is not an algorithm"),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+    }
+    if !o.tier_claim.is_empty() {
+        settings.tier_claim = Some(o.tier_claim.clone());
+    }
+    settings.timeout = Duration::from_secs(5);
+    OidcVerifier::new(settings)
+}

@@ -1,0 +1,410 @@
+//! Mint gates end to end (`docs/gates.md`): a local OpenID Connect issuer (discovery, a JWKS,
+//! ES256 ID tokens) and a local captcha `siteverify` server on 127.0.0.1, in front of real
+//! proxies; policies of alternatives; the `usr` claim, per-user budgets across sessions, tiers;
+//! a gate of the app's own.
+
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+use axum::Router;
+use axum::extract::State;
+use axum::routing::{get, post};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use perishable::gate::{Evidence, Facts, Gate, GateFuture};
+use perishable::{ConfigBuilder, Error, ErrorCode, Perishable};
+use perishable_mock::{MockOptions, MockUpstream};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+const AUDIENCE: &str = "my-app";
+
+/// A local OpenID Connect issuer: discovery and a JWKS with one ES256 key.
+struct Issuer {
+    url: String,
+    key: jsonwebtoken::EncodingKey,
+    kid: String,
+}
+
+impl Issuer {
+    async fn start() -> Self {
+        let pkcs8 =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
+                .unwrap();
+        let pair =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref()).unwrap();
+        let point = pair.public_key().as_ref().to_vec();
+        let kid = "test-key-1".to_owned();
+        let jwks = json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
+            "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
+            "y": URL_SAFE_NO_PAD.encode(&point[33..65]),
+        }]});
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let discovery = json!({"issuer": url, "jwks_uri": format!("{url}/jwks")});
+        let app = Router::new()
+            .route(
+                "/.well-known/openid-configuration",
+                get(move || async move { axum::Json(discovery) }),
+            )
+            .route("/jwks", get(move || async move { axum::Json(jwks) }));
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self {
+            url,
+            key: jsonwebtoken::EncodingKey::from_ec_der(pkcs8.as_ref()),
+            kid,
+        }
+    }
+
+    /// An ID token for `sub` with `extra` claims merged in, valid for 10 minutes.
+    fn token(&self, sub: &str, extra: Value) -> String {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let mut claims = json!({
+            "iss": self.url, "sub": sub, "aud": AUDIENCE, "iat": now, "exp": now + 600,
+        });
+        if let (Some(claims), Value::Object(extra)) = (claims.as_object_mut(), extra) {
+            claims.extend(extra);
+        }
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, &claims, &self.key).unwrap()
+    }
+}
+
+/// A proxy in front of a mock, built with `tweak` and `gates`.
+async fn proxy(
+    tweak: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+    gates: Vec<Invitation>,
+) -> Proxy {
+    let mock = MockUpstream::start(MockOptions::new().api_key(SERVER_KEY))
+        .await
+        .unwrap();
+    let config = tweak(config(&mock.base_url()).rate_limit_mint_per_ip(1_000))
+        .build()
+        .unwrap();
+    let mut builder = Perishable::builder(config);
+    for gate in gates {
+        builder = builder.gate(gate);
+    }
+    let perishable = builder.build().unwrap();
+    let addr = serve(perishable::router_from(&perishable)).await;
+    Proxy {
+        addr,
+        mock,
+        http: client(),
+    }
+}
+
+fn oidc(issuer: &Issuer) -> impl FnOnce(ConfigBuilder) -> ConfigBuilder + '_ {
+    move |c: ConfigBuilder| {
+        c.mint_policies([["oidc"]])
+            .mint_oidc_issuer(issuer.url.clone())
+            .mint_oidc_audience(AUDIENCE)
+    }
+}
+
+async fn mint(proxy: &Proxy, body: Value) -> reqwest::Response {
+    proxy
+        .http
+        .post(proxy.url("/session"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn minted(proxy: &Proxy, body: Value) -> Value {
+    let response = mint(proxy, body).await;
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+fn claims(token: &str) -> Value {
+    let payload = token.split('.').nth(1).unwrap();
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn an_id_token_mints_a_session_for_its_user() {
+    let issuer = Issuer::start().await;
+    let proxy = proxy(oidc(&issuer), vec![]).await;
+
+    // No ID token, a forged one, one for another audience: refused, and named.
+    let response = mint(&proxy, json!({"fingerprint": "device-oidc-1"})).await;
+    assert_eq!(response.status(), 401);
+    assert!(response.headers().contains_key("www-authenticate"));
+    assert_eq!(error_code(response).await, "id_token_required");
+    let mut forged = issuer.token("alice", json!({}));
+    forged.push('x');
+    for bad in [
+        forged,
+        issuer.token("alice", json!({"aud": "another-app"})),
+        issuer.token("alice", json!({"iss": "https://evil.example"})),
+        issuer.token("alice", json!({"exp": 1_000})),
+    ] {
+        let response = mint(
+            &proxy,
+            json!({"fingerprint": "device-oidc-1", "id_token": bad}),
+        )
+        .await;
+        assert_eq!(response.status(), 401);
+        assert_eq!(error_code(response).await, "invalid_id_token");
+    }
+
+    // A good one: no proof of work or samples needed under this policy; the token carries the
+    // user as a hash of iss and sub, nothing personal.
+    let session = minted(
+        &proxy,
+        json!({"fingerprint": "device-oidc-1", "id_token": issuer.token("alice", json!({}))}),
+    )
+    .await;
+    let claims = claims(session["token"].as_str().unwrap());
+    let usr = claims["usr"].as_str().unwrap();
+    assert_eq!(usr.len(), 43, "base64url SHA-256");
+    assert!(!claims.to_string().contains("alice"));
+    let token = session["token"].as_str().unwrap();
+    let models = proxy
+        .openai(Method::GET, "models", token, "device-oidc-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(models.status(), 200);
+
+    // The same user on another device is the same user.
+    let other = minted(
+        &proxy,
+        json!({"fingerprint": "device-oidc-2", "id_token": issuer.token("alice", json!({}))}),
+    )
+    .await;
+    assert_eq!(
+        crate::gates::claims(other["token"].as_str().unwrap())["usr"],
+        usr
+    );
+}
+
+#[tokio::test]
+async fn a_users_budget_spans_all_their_sessions_and_tiers_set_it() {
+    let issuer = Issuer::start().await;
+    let proxy = proxy(
+        |c| {
+            oidc(&issuer)(c)
+                .mint_oidc_tier_claim("plan")
+                .budget_tokens_per_window(60)
+                .budget_tier_tokens_per_window("pro", 100_000)
+                .budget_window_secs(86_400)
+        },
+        vec![],
+    )
+    .await;
+    let body = json!({"model": "gpt-4o-mini", "max_tokens": 20,
+        "messages": [{"role": "user", "content": "hi"}]});
+    let call = |token: String, fp: &'static str| {
+        let request = proxy
+            .openai(Method::POST, "chat/completions", &token, fp)
+            .json(&body);
+        async move { request.send().await.unwrap() }
+    };
+
+    // Two devices of one free user share one budget of 60 tokens: each call reserves 20 plus
+    // its prompt, so the third call (from either device) does not fit.
+    let a = minted(
+        &proxy,
+        json!({"fingerprint": "device-free-1", "id_token": issuer.token("bob", json!({}))}),
+    )
+    .await["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let b = minted(
+        &proxy,
+        json!({"fingerprint": "device-free-2", "id_token": issuer.token("bob", json!({}))}),
+    )
+    .await["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut statuses = Vec::new();
+    for (token, fp) in [
+        (a.clone(), "device-free-1"),
+        (b.clone(), "device-free-2"),
+        (a.clone(), "device-free-1"),
+        (b.clone(), "device-free-2"),
+    ] {
+        let response = call(token, fp).await;
+        statuses.push(response.status().as_u16());
+        let _ = response.bytes().await;
+    }
+    assert!(
+        statuses.contains(&429),
+        "one user's budget across two sessions: {statuses:?}"
+    );
+    let refused = call(b, "device-free-2").await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(error_code(refused).await, "budget_exhausted");
+
+    // A pro user has the pro budget: the same calls all pass.
+    let pro = minted(
+        &proxy,
+        json!({"fingerprint": "device-pro-1", "id_token": issuer.token("carol", json!({"plan": "pro"}))}),
+    )
+    .await;
+    let pro_token = pro["token"].as_str().unwrap().to_owned();
+    assert_eq!(claims(&pro_token)["tier"], "pro");
+    for _ in 0..5 {
+        let response = call(pro_token.clone(), "device-pro-1").await;
+        assert_eq!(response.status(), 200);
+        let _ = response.bytes().await;
+    }
+}
+
+/// A local siteverify server: accepts the token `good` solved on `example.com` once.
+async fn siteverify() -> (String, Arc<Mutex<Vec<String>>>) {
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    async fn verify(
+        State(seen): State<Arc<Mutex<Vec<String>>>>,
+        body: String,
+    ) -> axum::Json<Value> {
+        let token = body
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("response="))
+            .unwrap_or_default()
+            .to_owned();
+        let field = format!("response={token}");
+        let replay = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|form| form.split('&').any(|pair| pair == field));
+        seen.lock().unwrap().push(body.clone());
+        axum::Json(match (token.as_str(), replay) {
+            ("good", false) => json!({"success": true, "hostname": "example.com"}),
+            (_, true) => json!({"success": false, "error-codes": ["timeout-or-duplicate"]}),
+            _ => json!({"success": false, "error-codes": ["invalid-input-response"]}),
+        })
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/siteverify", listener.local_addr().unwrap());
+    let app = Router::new()
+        .route("/siteverify", post(verify))
+        .with_state(seen.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, seen)
+}
+
+#[tokio::test]
+async fn policies_are_alternatives_and_a_refusal_names_its_gate() {
+    let issuer = Issuer::start().await;
+    let (verify_url, seen) = siteverify().await;
+    // Signed-in users, or anyone who solves the captcha.
+    let proxy = proxy(
+        |c| {
+            c.mint_policies(vec![vec!["oidc"], vec!["captcha"]])
+                .mint_oidc_issuer(issuer.url.clone())
+                .mint_oidc_audience(AUDIENCE)
+                .mint_captcha_provider("turnstile")
+                .mint_captcha_secret("captcha-secret")
+                .mint_captcha_verify_url(verify_url)
+                .mint_captcha_hostnames(["example.com"])
+        },
+        vec![],
+    )
+    .await;
+
+    // Neither: the first policy's missing evidence is named.
+    let response = mint(&proxy, json!({"fingerprint": "device-alt-1"})).await;
+    assert_eq!(error_code(response).await, "id_token_required");
+    // A wrong captcha: that refusal is about evidence shown, so it is the one named.
+    let response = mint(
+        &proxy,
+        json!({"fingerprint": "device-alt-1", "captcha": "bad"}),
+    )
+    .await;
+    assert_eq!(response.status(), 400);
+    assert_eq!(error_code(response).await, "captcha_invalid");
+    // The captcha alternative: passes once; the server got the secret and the token.
+    minted(
+        &proxy,
+        json!({"fingerprint": "device-alt-1", "captcha": "good"}),
+    )
+    .await;
+    let form = seen.lock().unwrap().last().unwrap().clone();
+    assert!(form.contains("secret=captcha-secret") && form.contains("response=good"));
+    assert!(form.contains("remoteip=127.0.0.1"), "{form}");
+    assert!(form.contains("idempotency_key="), "{form}");
+    // The same captcha again is a replay.
+    let response = mint(
+        &proxy,
+        json!({"fingerprint": "device-alt-1", "captcha": "good"}),
+    )
+    .await;
+    assert_eq!(error_code(response).await, "captcha_invalid");
+    // The identity alternative.
+    let session = minted(
+        &proxy,
+        json!({"fingerprint": "device-alt-1", "id_token": issuer.token("dave", json!({}))}),
+    )
+    .await;
+    assert!(claims(session["token"].as_str().unwrap())["usr"].is_string());
+}
+
+/// A gate of the app's own: a closed beta's invitation code.
+#[derive(Debug)]
+struct Invitation;
+
+impl Gate for Invitation {
+    fn name(&self) -> &str {
+        "invitation"
+    }
+
+    fn check<'a>(&'a self, evidence: &'a Evidence<'a>) -> GateFuture<'a> {
+        let outcome = match evidence.field("invitation").and_then(Value::as_str) {
+            Some("BETA-2026") => Ok(Facts::user(format!("invited:{}", evidence.fingerprint()))),
+            _ => Err(Error::new(
+                ErrorCode::InvalidJson,
+                "an invitation code is required",
+            )),
+        };
+        Box::pin(std::future::ready(outcome))
+    }
+}
+
+#[tokio::test]
+async fn an_apps_own_gate_joins_the_policies() {
+    let proxy = proxy(
+        |c| c.mint_policies([["invitation", "pow"]]),
+        vec![Invitation],
+    )
+    .await;
+    let response = mint(&proxy, json!({"fingerprint": "device-beta-1"})).await;
+    assert_eq!(response.status(), 400);
+    // The proof of work is checked first (cheapest); without it, pow_required.
+    assert_eq!(error_code(response).await, "pow_required");
+    let response = mint(
+        &proxy,
+        json!({"fingerprint": "device-beta-1", "pow": proxy.solved_pow().await}),
+    )
+    .await;
+    assert_eq!(error_code(response).await, "invalid_json");
+    let session = minted(
+        &proxy,
+        json!({"fingerprint": "device-beta-1", "invitation": "BETA-2026", "pow": proxy.solved_pow().await}),
+    )
+    .await;
+    assert!(claims(session["token"].as_str().unwrap())["usr"].is_string());
+
+    // A policy naming a gate nobody registered is refused when the runtime is built.
+    let config = config("http://127.0.0.1:9/v1")
+        .mint_policies([["invitaton"]])
+        .build()
+        .unwrap();
+    let error = Perishable::new(config).unwrap_err().to_string();
+    assert!(error.contains("invitaton"), "{error}");
+}
