@@ -408,3 +408,29 @@ async fn an_apps_own_gate_joins_the_policies() {
     let error = Perishable::new(config).unwrap_err().to_string();
     assert!(error.contains("invitaton"), "{error}");
 }
+
+/// The native client brings the user's ID token to every mint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_native_client_mints_with_an_id_token() {
+    let issuer = Arc::new(Issuer::start().await);
+    let proxy = proxy(oidc(&issuer), vec![]).await;
+    let source = issuer.clone();
+    let client = perishable_client::Client::builder(proxy.url(""))
+        .fingerprint("device-native-1")
+        .user_agent(UA)
+        .id_token_source(move || Some(source.token("erin", json!({}))))
+        .build()
+        .unwrap();
+    let session = client.session().await.unwrap();
+    assert!(claims(session.token())["usr"].is_string());
+    let response = client
+        .send(
+            client
+                .request(Method::GET, "models")
+                .await
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}

@@ -78,6 +78,17 @@ export interface ClientOptions {
   fetch?: typeof fetch;
   /** Called with the new session (or null) whenever it is minted, refreshed, adopted or dropped. */
   onSession?: (session: Session | null) => void;
+  /**
+   * The signed-in user's OpenID Connect ID token, for the `oidc` mint gate (docs/gates.md): a
+   * string, or a function returning one, called at every mint (e.g. `() => user.getIdToken()`
+   * with Firebase Auth). Sent as `id_token`; omitted when empty.
+   */
+  idToken?: string | (() => string | null | Promise<string | null>);
+  /**
+   * A captcha token (Turnstile, hCaptcha, reCAPTCHA), for the `captcha` mint gate: a function
+   * returning a fresh token at every mint (tokens are single use). Sent as `captcha`.
+   */
+  captcha?: string | (() => string | null | Promise<string | null>);
 }
 
 export interface PerishableClient {

@@ -695,6 +695,19 @@ export async function createClient(options) {
   }
   const useWorker = o.worker !== false;
   const onSession = typeof o.onSession === "function" ? o.onSession : null;
+  // Evidence for the mint gates (docs/gates.md): the signed-in user's ID token and a captcha
+  // token, each a string or a function returning one (called at every mint: ID tokens expire,
+  // captcha tokens are single use). Omitted from the mint when absent or empty.
+  for (const name of ["idToken", "captcha"]) {
+    const v = o[name];
+    if (v !== undefined && v !== null && typeof v !== "string" && typeof v !== "function") {
+      throw new TypeError(`perishable: ${name} must be a string or a function returning one`);
+    }
+  }
+  const evidence = async (v) => {
+    const value = typeof v === "function" ? await v() : v;
+    return typeof value === "string" && value !== "" ? value : null;
+  };
 
   const store = await resolveStore(o.storage);
   const collector = createCollector();
@@ -838,6 +851,10 @@ export async function createClient(options) {
     }
     const body = { fingerprint, entropy: collector.snapshot() };
     if (pow) body.pow = pow;
+    const idToken = await evidence(o.idToken);
+    if (idToken) body.id_token = idToken;
+    const captcha = await evidence(o.captcha);
+    if (captcha) body.captcha = captcha;
     const headers = { "content-type": "application/json", accept: "application/json" };
     if (key) {
       const url = new URL(baseURL + "/session");

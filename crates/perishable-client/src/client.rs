@@ -39,6 +39,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 const MIN_OFFSET_MS: i64 = 2_000;
 
 type InteractionSource = Box<dyn Fn() -> Interaction + Send + Sync>;
+/// A source of mint evidence: a field of the mint body, and what to put there.
+type EvidenceSource = (&'static str, Box<dyn Fn() -> Option<String> + Send + Sync>);
 
 enum DpopChoice {
     Generate,
@@ -55,6 +57,7 @@ pub struct ClientBuilder {
     dpop: DpopChoice,
     interaction: Interaction,
     source: Option<InteractionSource>,
+    evidence: Vec<EvidenceSource>,
     refresh_margin: Duration,
     http: Option<reqwest::Client>,
 }
@@ -139,6 +142,31 @@ impl ClientBuilder {
         self
     }
 
+    /// The signed-in user's OpenID Connect ID token, for the `oidc` mint gate (`docs/gates.md`):
+    /// asked at every mint (ID tokens expire: return the current one), sent as `id_token`;
+    /// `None` leaves it out.
+    #[must_use]
+    pub fn id_token_source(
+        mut self,
+        source: impl Fn() -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.evidence.retain(|(field, _)| *field != "id_token");
+        self.evidence.push(("id_token", Box::new(source)));
+        self
+    }
+
+    /// A captcha token (Turnstile, hCaptcha, reCAPTCHA) for the `captcha` mint gate: asked at
+    /// every mint (tokens are single use), sent as `captcha`; `None` leaves it out.
+    #[must_use]
+    pub fn captcha_source(
+        mut self,
+        source: impl Fn() -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.evidence.retain(|(field, _)| *field != "captcha");
+        self.evidence.push(("captcha", Box::new(source)));
+        self
+    }
+
     /// Refresh the session this long before it expires (default 60 s; at most half the
     /// session's lifetime).
     #[must_use]
@@ -198,6 +226,7 @@ impl ClientBuilder {
                 key,
                 samples: std::sync::Mutex::new(self.interaction),
                 source: self.source,
+                evidence: self.evidence,
                 refresh_margin: self.refresh_margin,
                 http,
                 state: tokio::sync::Mutex::new(None),
@@ -245,6 +274,7 @@ struct Inner {
     key: Option<DpopKey>,
     samples: std::sync::Mutex<Interaction>,
     source: Option<InteractionSource>,
+    evidence: Vec<EvidenceSource>,
     refresh_margin: Duration,
     http: reqwest::Client,
     /// The current session; held across a mint or refresh, so concurrent callers share one.
@@ -313,6 +343,7 @@ impl Client {
             dpop: DpopChoice::Generate,
             interaction: Interaction::default(),
             source: None,
+            evidence: Vec::new(),
             refresh_margin: DEFAULT_REFRESH_MARGIN,
             http: None,
         }
@@ -576,6 +607,11 @@ impl Client {
         });
         if let Some(pow) = pow {
             body["pow"] = pow;
+        }
+        for (field, source) in &self.inner.evidence {
+            if let Some(value) = source().filter(|v| !v.is_empty()) {
+                body[*field] = serde_json::Value::String(value);
+            }
         }
         let url = self.route("/session")?;
         let mut request = self

@@ -32,24 +32,28 @@
 //!    `redis`).
 //! 6. [`fingerprint`], [`pow`], [`dpop`]: the device binding, the proof of work, and DPoP (RFC
 //!    9449) key binding.
-//! 7. `budget`: token budgets at three scopes (reserve the worst case, settle on the real
+//! 7. [`gate`]: the mint gates and `mint.policies` (the proof of work and the samples, a
+//!    captcha redeemed at its provider, an OpenID Connect ID token checked against the issuer's
+//!    keys, and gates of the app's own).
+//! 8. `budget`: token budgets at three scopes (reserve the worst case, settle on the real
 //!    usage) and the concurrent-stream cap.
-//! 8. [`Body`]: a whole buffer or a streamed upstream body, with its end-of-body settlement.
-//! 9. The middleware, each a Layer, a Service and a named future: [`origin`] (the `Origin`
+//! 9. [`Body`]: a whole buffer or a streamed upstream body, with its end-of-body settlement.
+//! 10. The middleware, each a Layer, a Service and a named future: [`origin`] (the `Origin`
 //!    check), [`observe`] (the request span and metrics), [`session`] (the engine: minting,
 //!    verification, refresh, revocation; and its Service), [`verify`] (the session check in
 //!    front of a service: the one middleware that uses another, the session engine),
 //!    [`rate_limit`] (per client, on the store's limiter), [`upstream`]
 //!    (the streaming forwarding Service: one strict parse of a metered body, headers by
 //!    allow-list, the usage tap).
-//! 10. [`Perishable`]: the runtime state built from a config; decodes the keys and hands out
-//!     every layer.
+//! 11. [`Perishable`]: the runtime state built from a config ([`PerishableBuilder`] for a store,
+//!     a client or gates of your own); decodes the keys and hands out every layer.
 //!
 //! # Public API
 //!
 //! The whole public surface, by module:
 //!
-//! - root: [`Perishable`], [`Config`], [`ConfigBuilder`], [`ConfigError`], [`Secret`],
+//! - root: [`Perishable`], [`PerishableBuilder`], [`Config`], [`ConfigBuilder`],
+//!   [`ConfigError`], [`Secret`],
 //!   [`Error`], [`ErrorCode`], [`Body`], [`BoxError`], [`Route`], [`Sessions`],
 //!   [`SessionObject`], [`VerifiedSession`].
 //! - [`config`] module: the sections [`UpstreamConfig`](config::UpstreamConfig),
@@ -89,7 +93,9 @@
 //!   [`StoreFuture`](store::StoreFuture)), the [`RateLimiter`](store::RateLimiter) trait
 //!   ([`RatePolicy`](store::RatePolicy), [`RateDecision`](store::RateDecision)),
 //!   [`MemoryStore`](store::MemoryStore), [`Limiter`](store::Limiter), `RedisStore` (feature
-//!   `redis`).
+//!   `redis`), `conformance` (feature `test-util`: the `Store` contract as a test suite).
+//! - [`gate`] module: the [`Gate`](gate::Gate) trait for mint gates of your own,
+//!   [`Evidence`](gate::Evidence), [`Facts`](gate::Facts), [`GateFuture`](gate::GateFuture).
 //! - [`origin`] module: [`OriginLayer`](origin::OriginLayer), [`OriginCheck`](origin::OriginCheck),
 //!   [`ResponseFuture`](origin::ResponseFuture), [`OriginPolicy`](origin::OriginPolicy).
 //! - [`observe`] module: [`ObserveLayer`](observe::ObserveLayer), [`Observe`](observe::Observe),
