@@ -1,0 +1,1 @@
+//! Google Play Integrity verdicts, decrypted and verified locally (in progress).
