@@ -65,9 +65,9 @@ pub mod entropy;
 pub mod error;
 pub mod expiring;
 pub mod fingerprint;
+mod future;
 #[allow(dead_code)] // The gates are not wired into minting yet (issue #16).
 pub(crate) mod gate;
-mod future;
 pub(crate) mod json;
 pub mod observe;
 pub mod origin;
