@@ -424,12 +424,7 @@ async fn the_native_client_mints_with_an_id_token() {
     let session = client.session().await.unwrap();
     assert!(claims(session.token())["usr"].is_string());
     let response = client
-        .send(
-            client
-                .request(Method::GET, "models")
-                .await
-                .unwrap(),
-        )
+        .send(client.request(Method::GET, "models").await.unwrap())
         .await
         .unwrap();
     assert_eq!(response.status(), 200);

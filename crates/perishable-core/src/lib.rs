@@ -39,12 +39,12 @@
 //!    usage) and the concurrent-stream cap.
 //! 9. [`Body`]: a whole buffer or a streamed upstream body, with its end-of-body settlement.
 //! 10. The middleware, each a Layer, a Service and a named future: [`origin`] (the `Origin`
-//!    check), [`observe`] (the request span and metrics), [`session`] (the engine: minting,
-//!    verification, refresh, revocation; and its Service), [`verify`] (the session check in
-//!    front of a service: the one middleware that uses another, the session engine),
-//!    [`rate_limit`] (per client, on the store's limiter), [`upstream`]
-//!    (the streaming forwarding Service: one strict parse of a metered body, headers by
-//!    allow-list, the usage tap).
+//!     check), [`observe`] (the request span and metrics), [`session`] (the engine: minting,
+//!     verification, refresh, revocation; and its Service), [`verify`] (the session check in
+//!     front of a service: the one middleware that uses another, the session engine),
+//!     [`rate_limit`] (per client, on the store's limiter), [`upstream`]
+//!     (the streaming forwarding Service: one strict parse of a metered body, headers by
+//!     allow-list, the usage tap).
 //! 11. [`Perishable`]: the runtime state built from a config ([`PerishableBuilder`] for a store,
 //!     a client or gates of your own); decodes the keys and hands out every layer.
 //!
