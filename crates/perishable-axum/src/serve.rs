@@ -15,7 +15,7 @@ const DRAIN: Duration = Duration::from_secs(30);
 /// Serves `app` on `listener` over HTTP/1.1 until `shutdown` completes, then stops accepting and
 /// lets open requests finish (up to 30 s).
 ///
-/// What [`axum::serve`] does, tuned for a proxy:
+/// What [`axum::serve()`] does, tuned for a proxy:
 ///
 /// - every request carries its peer address as [`PeerAddr`], which the per-IP limits read (no
 ///   `into_make_service_with_connect_info` needed);
