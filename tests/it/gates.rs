@@ -429,3 +429,165 @@ async fn the_native_client_mints_with_an_id_token() {
         .unwrap();
     assert_eq!(response.status(), 200);
 }
+
+/// What the Play Console hands out (a decryption and a verification key) and what Google
+/// keeps, to build integrity tokens as Google does: a JWS (ES256) inside a JWE (A256KW,
+/// A256GCM).
+struct Google {
+    decryption: [u8; 32],
+    signing: EcdsaKeyPair,
+}
+
+impl Google {
+    fn new() -> Self {
+        use aws_lc_rs::rand::SecureRandom as _;
+        let mut decryption = [0; 32];
+        SystemRandom::new().fill(&mut decryption).unwrap();
+        Self {
+            decryption,
+            signing: EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap(),
+        }
+    }
+
+    fn decryption_key(&self) -> String {
+        base64::engine::general_purpose::STANDARD.encode(self.decryption)
+    }
+
+    fn verification_key(&self) -> String {
+        use aws_lc_rs::encoding::AsDer as _;
+        let spki = self.signing.public_key().as_der().unwrap();
+        base64::engine::general_purpose::STANDARD.encode(spki.as_ref())
+    }
+
+    /// The verdict of `package` on a device meeting device integrity, for `request_hash`.
+    fn token(&self, package: &str, request_hash: &str) -> String {
+        use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+        use aws_lc_rs::key_wrap::{AES_256, AesKek, KeyWrap as _};
+        use aws_lc_rs::rand::SecureRandom as _;
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        let payload = json!({
+            "requestDetails": {
+                "requestPackageName": package,
+                "requestHash": request_hash,
+                "timestampMillis": (now_ms - 2_000).to_string(),
+            },
+            "appIntegrity": {"appRecognitionVerdict": "PLAY_RECOGNIZED", "packageName": package,
+                "certificateSha256Digest": ["pJBkwS2T8l3fMmp_3NKfj4d8f5_3y1gDaCZlH9dkAwA"],
+                "versionCode": "42"},
+            "deviceIntegrity": {"deviceRecognitionVerdict": ["MEETS_DEVICE_INTEGRITY"]},
+        });
+        let b64 = |bytes: &[u8]| URL_SAFE_NO_PAD.encode(bytes);
+        let input = format!(
+            "{}.{}",
+            b64(br#"{"alg":"ES256"}"#),
+            b64(payload.to_string().as_bytes())
+        );
+        let signature = self
+            .signing
+            .sign(&SystemRandom::new(), input.as_bytes())
+            .unwrap();
+        let jws = format!("{input}.{}", b64(signature.as_ref()));
+
+        let rng = SystemRandom::new();
+        let mut content_key = [0; 32];
+        rng.fill(&mut content_key).unwrap();
+        let mut wrapped = [0; 40];
+        AesKek::new(&AES_256, &self.decryption)
+            .unwrap()
+            .wrap(&content_key, &mut wrapped)
+            .unwrap();
+        let mut iv = [0; 12];
+        rng.fill(&mut iv).unwrap();
+        let header = b64(br#"{"alg":"A256KW","enc":"A256GCM"}"#);
+        let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &content_key).unwrap());
+        let mut ciphertext = jws.into_bytes();
+        let tag = key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(iv),
+                Aad::from(header.as_bytes()),
+                &mut ciphertext,
+            )
+            .unwrap();
+        format!(
+            "{header}.{}.{}.{}.{}",
+            b64(&wrapped),
+            b64(&iv),
+            b64(&ciphertext),
+            b64(tag.as_ref())
+        )
+    }
+}
+
+#[tokio::test]
+async fn a_play_integrity_verdict_bound_to_a_challenge_mints_once() {
+    let google = Google::new();
+    let proxy = proxy(
+        |c| {
+            c.mint_policies([["play_integrity"]])
+                .mint_play_integrity_package_names(["com.example.app"])
+                .mint_play_integrity_decryption_key(google.decryption_key())
+                .mint_play_integrity_verification_key(google.verification_key())
+        },
+        vec![],
+    )
+    .await;
+    let challenge = |proxy: &Proxy| {
+        let request = proxy.http.get(proxy.url("/challenge"));
+        async move {
+            let body: Value = request.send().await.unwrap().json().await.unwrap();
+            body["challenge"].as_str().unwrap().to_owned()
+        }
+    };
+    // The app asks Play Integrity for a verdict whose requestHash is the base64url SHA-256 of a
+    // challenge from GET /challenge, and sends both.
+    let request_hash = |challenge: &str| perishable::fingerprint::hash(challenge);
+    let attestation = |token: String, challenge: &str| json!({"format": "play-integrity", "token": token, "challenge": challenge});
+
+    let response = mint(&proxy, json!({"fingerprint": "device-android-1"})).await;
+    assert_eq!(error_code(response).await, "attestation_required");
+
+    let c = challenge(&proxy).await;
+    let good = google.token("com.example.app", &request_hash(&c));
+    let session = minted(
+        &proxy,
+        json!({"fingerprint": "device-android-1", "attestation": attestation(good.clone(), &c)}),
+    )
+    .await;
+    assert_eq!(session["token_type"], "Bearer");
+    // The same verdict and challenge again: a replay.
+    let response = mint(
+        &proxy,
+        json!({"fingerprint": "device-android-1", "attestation": attestation(good, &c)}),
+    )
+    .await;
+    assert_eq!(response.status(), 400);
+    assert_eq!(error_code(response).await, "attestation_invalid");
+
+    // A verdict for another challenge, another package, or from another key: refused.
+    let c2 = challenge(&proxy).await;
+    let other = Google::new();
+    for token in [
+        google.token("com.example.app", &request_hash("v1.another.challenge")),
+        google.token("com.evil.app", &request_hash(&c2)),
+        other.token("com.example.app", &request_hash(&c2)),
+    ] {
+        let response = mint(
+            &proxy,
+            json!({"fingerprint": "device-android-1", "attestation": attestation(token, &c2)}),
+        )
+        .await;
+        assert_eq!(error_code(response).await, "attestation_invalid");
+    }
+    // A challenge this server did not issue.
+    let forged = "v1.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA.AAAA";
+    let response = mint(
+        &proxy,
+        json!({"fingerprint": "device-android-1",
+               "attestation": attestation(google.token("com.example.app", &request_hash(forged)), forged)}),
+    )
+    .await;
+    assert_eq!(error_code(response).await, "attestation_invalid");
+}

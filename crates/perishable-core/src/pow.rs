@@ -120,29 +120,10 @@ impl ProofOfWork {
         if solution.nonce.len() > MAX_NONCE_LEN {
             return Err(invalid("the proof-of-work nonce is too long"));
         }
-        let mut parts = solution.challenge.split('.');
-        let (Some("v1"), Some(payload), Some(tag), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(invalid("the challenge is malformed"));
-        };
-        let payload = URL_SAFE_NO_PAD
-            .decode(payload)
-            .ok()
-            .filter(|p| p.len() == PAYLOAD_LEN)
-            .ok_or_else(|| invalid("the challenge is malformed"))?;
-        let tag = URL_SAFE_NO_PAD
-            .decode(tag)
-            .map_err(|_| invalid("the challenge is malformed"))?;
-        hmac::verify(&self.key, &payload, &tag)
-            .map_err(|_| invalid("the challenge was not issued by this server"))?;
-        let mut exp = [0u8; 8];
-        exp.copy_from_slice(&payload[16..24]);
-        let expires_at = u64::from_be_bytes(exp);
-        if expires_at <= now {
-            return Err(invalid("the challenge has expired: fetch a new one"));
-        }
-        let required = payload[24].max(self.difficulty);
+        let (expires_at, challenge_difficulty) = self
+            .verify_challenge(&solution.challenge, now)
+            .map_err(invalid)?;
+        let required = challenge_difficulty.max(self.difficulty);
         let digest = Sha256::new()
             .chain_update(solution.challenge.as_bytes())
             .chain_update(solution.nonce.as_bytes())
@@ -153,6 +134,41 @@ impl ProofOfWork {
             ));
         }
         Ok(expires_at)
+    }
+}
+
+impl ProofOfWork {
+    /// Checks that `challenge` is one this server issued (its HMAC) and unexpired: returns when
+    /// it expires and the difficulty it was issued with. Also the nonce source of the
+    /// attestation gates, whose evidence is bound to a challenge.
+    pub(crate) fn verify_challenge(
+        &self,
+        challenge: &str,
+        now: u64,
+    ) -> Result<(u64, u8), &'static str> {
+        let mut parts = challenge.split('.');
+        let (Some("v1"), Some(payload), Some(tag), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err("the challenge is malformed");
+        };
+        let payload = URL_SAFE_NO_PAD
+            .decode(payload)
+            .ok()
+            .filter(|p| p.len() == PAYLOAD_LEN)
+            .ok_or("the challenge is malformed")?;
+        let tag = URL_SAFE_NO_PAD
+            .decode(tag)
+            .map_err(|_| "the challenge is malformed")?;
+        hmac::verify(&self.key, &payload, &tag)
+            .map_err(|_| "the challenge was not issued by this server")?;
+        let mut exp = [0u8; 8];
+        exp.copy_from_slice(&payload[16..24]);
+        let expires_at = u64::from_be_bytes(exp);
+        if expires_at <= now {
+            return Err("the challenge has expired: fetch a new one");
+        }
+        Ok((expires_at, payload[24]))
     }
 }
 

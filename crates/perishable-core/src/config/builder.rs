@@ -252,6 +252,44 @@ impl ConfigBuilder {
         self
     }
 
+    /// `mint.play_integrity.package_names`: the Android packages whose verdicts are accepted.
+    pub fn mint_play_integrity_package_names<I: IntoIterator<Item = S>, S: Into<String>>(
+        mut self,
+        names: I,
+    ) -> Self {
+        self.mint.play_integrity.package_names = names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// `mint.play_integrity.decryption_key`: the base64 AES key from the Play Console.
+    pub fn mint_play_integrity_decryption_key(mut self, key: impl Into<Secret>) -> Self {
+        self.mint.play_integrity.decryption_key = Some(key.into());
+        self
+    }
+
+    /// `mint.play_integrity.verification_key`: the base64 DER public key from the Play Console.
+    pub fn mint_play_integrity_verification_key(mut self, key: impl Into<Secret>) -> Self {
+        self.mint.play_integrity.verification_key = Some(key.into());
+        self
+    }
+
+    /// `mint.play_integrity.certificate_sha256`: the app signing certificates accepted (empty:
+    /// any).
+    pub fn mint_play_integrity_certificate_sha256<I: IntoIterator<Item = S>, S: Into<String>>(
+        mut self,
+        digests: I,
+    ) -> Self {
+        self.mint.play_integrity.certificate_sha256 = digests.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// `mint.play_integrity.device_verdict`: the device label required (default
+    /// `MEETS_DEVICE_INTEGRITY`).
+    pub fn mint_play_integrity_device_verdict(mut self, verdict: impl Into<String>) -> Self {
+        self.mint.play_integrity.device_verdict = verdict.into();
+        self
+    }
+
     /// `budget.tiers.NAME.tokens_per_window`: the budget of users of tier `name`.
     pub fn budget_tier_tokens_per_window(mut self, name: impl Into<String>, tokens: u64) -> Self {
         self.budget

@@ -8,9 +8,9 @@ use super::{ConfigError, Secret};
 /// `docs/protocol.md`).
 ///
 /// `policies` lists alternatives, each a set of gates that must all pass. This version verifies
-/// the `pow`, `entropy`, `captcha` and `oidc` gates, and gates the app registers; a policy naming
-/// `app_attest` or `play_integrity` is refused at build time rather than silently not checked
-/// (their sections are parsed, so a configuration file written for them loads).
+/// the `pow`, `entropy`, `captcha`, `oidc` and `play_integrity` gates, and gates the app
+/// registers; a policy naming `app_attest` is refused at build time rather than silently not
+/// checked (its section is parsed, so a configuration file written for it loads).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
@@ -86,7 +86,7 @@ pub struct AppAttestConfig {
     pub root_ca_pem: String,
 }
 
-/// `[mint.play_integrity]` (the `play_integrity` gate of a later version).
+/// `[mint.play_integrity]` (the `play_integrity` gate).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
@@ -137,12 +137,28 @@ impl MintConfig {
                 format!("{bad:?} is not a gate name (letters, digits, '_' and '-')"),
             ));
         }
-        for gate in ["app_attest", "play_integrity"] {
-            if named(gate) {
-                return Err(ConfigError::invalid(
-                    KEY,
-                    format!("the {gate:?} gate is not available in this version"),
-                ));
+        if named("app_attest") {
+            return Err(ConfigError::invalid(
+                KEY,
+                "the \"app_attest\" gate is not available in this version",
+            ));
+        }
+        if named("play_integrity") {
+            let p = &self.play_integrity;
+            if p.package_names.is_empty() {
+                return Err(ConfigError::Missing {
+                    key: "mint.play_integrity.package_names",
+                });
+            }
+            if p.decryption_key.is_none() {
+                return Err(ConfigError::Missing {
+                    key: "mint.play_integrity.decryption_key",
+                });
+            }
+            if p.verification_key.is_none() {
+                return Err(ConfigError::Missing {
+                    key: "mint.play_integrity.verification_key",
+                });
             }
         }
         if named("captcha") {
@@ -218,7 +234,7 @@ mod tests {
         // The gates this version does not verify, and malformed policies, are refused.
         for policies in [
             vec![vec!["app_attest"]],
-            vec![vec!["play_integrity", "pow"]],
+            vec![vec!["app_attest", "pow"]],
             vec![vec!["not a name"]],
             vec![vec![]],
             vec![],

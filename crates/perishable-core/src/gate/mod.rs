@@ -9,6 +9,7 @@
 //! | `entropy` | `entropy` | the samples look like a hand, scored on the server ([`crate::entropy`]) |
 //! | `captcha` | `captcha` | a Turnstile, hCaptcha or reCAPTCHA token the provider accepted, once |
 //! | `oidc` | `id_token` | a user signed in at the configured OpenID Connect issuer; the session carries `usr` |
+//! | `play_integrity` | `attestation` (`play-integrity`) | your Android app, from Google Play, on a device meeting device integrity, bound to a challenge |
 //!
 //! A gate may establish [`Facts`]: the user (`usr` in the token, base64url SHA-256 of the ID
 //! token's `iss` and `sub`; rate limits, session caps and client budgets then key on it) and the
@@ -50,12 +51,13 @@
 //! # let _ = perishable; Ok(()) }
 //! ```
 
-// The attestation verifiers (Apple App Attest, Google Play Integrity) are complete and tested,
-// and not wired into minting yet: a policy naming them is refused (docs/gates.md).
+// Apple App Attest's verifier is complete and tested, and not wired into minting yet (its keys
+// need a record in the Store): a policy naming it is refused (docs/gates.md).
 #[allow(dead_code)]
 pub(crate) mod app_attest;
 pub(crate) mod captcha;
 pub(crate) mod oidc;
+// Some fields of a verdict are read only by the tests (the licensing verdict, the version).
 #[allow(dead_code)]
 pub(crate) mod play_integrity;
 mod policy;

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::captcha::{CaptchaError, CaptchaSettings, CaptchaVerifier, Provider};
 use super::oidc::{OidcSettings, OidcVerifier};
+use super::play_integrity::{PlayIntegrityKeys, PlayIntegrityPolicy, verify_token};
 use super::{Evidence, Facts, Gate};
 use crate::config::{Config, ConfigError};
 use crate::error::{Error, ErrorCode};
@@ -27,6 +28,7 @@ enum Kind {
     Custom(Arc<dyn Gate>),
     Captcha(Box<CaptchaVerifier>),
     Oidc(Box<OidcVerifier>),
+    PlayIntegrity(Box<(PlayIntegrityKeys, PlayIntegrityPolicy)>),
 }
 
 impl std::fmt::Debug for Kind {
@@ -37,6 +39,7 @@ impl std::fmt::Debug for Kind {
             Self::Custom(_) => "Custom",
             Self::Captcha(_) => "Captcha",
             Self::Oidc(_) => "Oidc",
+            Self::PlayIntegrity(_) => "PlayIntegrity",
         })
     }
 }
@@ -49,8 +52,9 @@ impl Kind {
             Self::Entropy => 0,
             Self::Pow => 1,
             Self::Custom(_) => 2,
-            Self::Captcha(_) => 3,
-            Self::Oidc(_) => 4,
+            Self::PlayIntegrity(_) => 3,
+            Self::Captcha(_) => 4,
+            Self::Oidc(_) => 5,
         }
     }
 }
@@ -89,6 +93,8 @@ pub(crate) struct Passed {
     pub(crate) facts: Facts,
     /// The proof-of-work challenge to record as used, and until when (when `pow` passed).
     pub(crate) pow_used: Option<(String, u64)>,
+    /// The challenge an attestation was bound to, to record as used, and until when.
+    pub(crate) attestation_used: Option<(String, u64)>,
 }
 
 impl Policies {
@@ -111,7 +117,10 @@ impl Policies {
                             "entropy" => Kind::Entropy,
                             "captcha" => Kind::Captcha(Box::new(captcha(config)?)),
                             "oidc" => Kind::Oidc(Box::new(oidc(config)?)),
-                            "app_attest" | "play_integrity" => {
+                            "play_integrity" => {
+                                Kind::PlayIntegrity(Box::new(play_integrity(config)?))
+                            }
+                            "app_attest" => {
                                 return Err(ConfigError::invalid(
                                     KEY,
                                     format!("the {name:?} gate is not available in this version"),
@@ -164,6 +173,7 @@ impl Policies {
         // Each gate's outcome, by index: computed once per mint.
         let mut outcomes: Vec<Option<Result<Facts, Error>>> = vec![None; self.gates.len()];
         let mut pow_used = None;
+        let mut attestation_used = None;
         let mut refusals: Vec<Error> = Vec::new();
         for (alternative, label) in self.alternatives.iter().zip(&self.labels) {
             let mut facts = Facts::default();
@@ -171,7 +181,15 @@ impl Policies {
             for &index in alternative {
                 if outcomes[index].is_none() {
                     let entry = &self.gates[index];
-                    let outcome = self.run(entry, evidence, builtins, &mut pow_used).await;
+                    let outcome = self
+                        .run(
+                            entry,
+                            evidence,
+                            builtins,
+                            &mut pow_used,
+                            &mut attestation_used,
+                        )
+                        .await;
                     metrics::counter!(
                         "perishable_mint_gates_total",
                         "gate" => gate_label(&entry.name),
@@ -199,10 +217,16 @@ impl Policies {
                         .any(|&i| matches!(self.gates[i].kind, Kind::Pow))
                         .then_some(pow_used)
                         .flatten();
+                    let attestation_used = alternative
+                        .iter()
+                        .any(|&i| matches!(self.gates[i].kind, Kind::PlayIntegrity(_)))
+                        .then(|| attestation_used.clone())
+                        .flatten();
                     return Ok(Passed {
                         policy,
                         facts,
                         pow_used,
+                        attestation_used,
                     });
                 }
                 Some(refusal) => refusals.push(refusal),
@@ -231,6 +255,7 @@ impl Policies {
         evidence: &Evidence<'_>,
         builtins: &Builtins<'_>,
         pow_used: &mut Option<(String, u64)>,
+        attestation_used: &mut Option<(String, u64)>,
     ) -> Result<Facts, Error> {
         match &entry.kind {
             Kind::Entropy => {
@@ -254,6 +279,26 @@ impl Policies {
                 Ok(Facts::default())
             }
             Kind::Custom(gate) => gate.check(evidence).await,
+            Kind::PlayIntegrity(gate) => {
+                let (keys, policy) = &**gate;
+                let (token, challenge) = attestation(evidence, "play-integrity")?;
+                let (until, _) = builtins
+                    .pow
+                    .verify_challenge(challenge, builtins.now)
+                    .map_err(|why| Error::new(ErrorCode::AttestationInvalid, why))?;
+                // The app asks Play Integrity for a verdict with this request hash.
+                let request_hash = crate::fingerprint::hash(challenge);
+                verify_token(
+                    token,
+                    keys,
+                    policy,
+                    &request_hash,
+                    std::time::SystemTime::now(),
+                )
+                .map_err(|e| Error::new(ErrorCode::AttestationInvalid, e.to_string()))?;
+                *attestation_used = Some((format!("attest:{challenge}"), until));
+                Ok(Facts::default())
+            }
             Kind::Captcha(verifier) => {
                 let token = match evidence.field("captcha") {
                     None | Some(serde_json::Value::Null) => {
@@ -395,4 +440,58 @@ fn oidc(config: &Config) -> Result<OidcVerifier, ConfigError> {
     }
     settings.timeout = Duration::from_secs(5);
     OidcVerifier::new(settings)
+}
+
+/// The `token` and `challenge` of a mint's `attestation` of `format`.
+fn attestation<'a>(evidence: &Evidence<'a>, format: &str) -> Result<(&'a str, &'a str), Error> {
+    let required = || {
+        Error::new(
+            ErrorCode::AttestationRequired,
+            format!(
+                "this service needs a platform attestation: send \"attestation\": \
+                 {{\"format\": \"{format}\", \"token\": ..., \"challenge\": ...}}"
+            ),
+        )
+    };
+    let Some(serde_json::Value::Object(object)) = evidence.field("attestation") else {
+        return Err(required());
+    };
+    if object.get("format").and_then(serde_json::Value::as_str) != Some(format) {
+        return Err(required());
+    }
+    let field = |name: &str| {
+        object
+            .get(name)
+            .and_then(serde_json::Value::as_str)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorCode::AttestationInvalid,
+                    format!("attestation.{name} must be a string"),
+                )
+            })
+    };
+    Ok((field("token")?, field("challenge")?))
+}
+
+fn play_integrity(
+    config: &Config,
+) -> Result<(PlayIntegrityKeys, PlayIntegrityPolicy), ConfigError> {
+    let p = &config.mint().play_integrity;
+    let key = |key: &'static str, value: &Option<crate::config::Secret>| {
+        value
+            .as_ref()
+            .map(|s| s.expose().to_owned())
+            .ok_or(ConfigError::Missing { key })
+    };
+    let keys = PlayIntegrityKeys::new(
+        &key("mint.play_integrity.decryption_key", &p.decryption_key)?,
+        &key("mint.play_integrity.verification_key", &p.verification_key)?,
+    )
+    .map_err(|e| ConfigError::invalid("mint.play_integrity", e.to_string()))?;
+    let mut policy = PlayIntegrityPolicy::new(p.package_names.clone());
+    policy.certificate_sha256 = p.certificate_sha256.clone();
+    if !p.device_verdict.is_empty() {
+        policy.device_verdict = p.device_verdict.clone();
+    }
+    Ok((keys, policy))
 }

@@ -131,6 +131,7 @@ impl Sessions {
         pending.claims.usr = passed.facts.user;
         pending.claims.tier = passed.facts.tier;
         pending.pow_used = passed.pow_used;
+        pending.attestation_used = passed.attestation_used;
         pending.policy = passed.policy;
         self.finish_mint(pending).await
     }
@@ -190,6 +191,7 @@ impl Sessions {
         Ok(PendingMint {
             claims,
             pow_used: None,
+            attestation_used: None,
             dpop_seen,
             policy: String::new(),
         })
@@ -200,6 +202,7 @@ impl Sessions {
         let PendingMint {
             claims,
             pow_used,
+            attestation_used,
             dpop_seen,
             policy,
         } = pending;
@@ -246,6 +249,16 @@ impl Sessions {
                 return Ok(Some(Error::new(
                     ErrorCode::PowInvalid,
                     "the challenge was already used",
+                )));
+            }
+            // An attestation is bound to a challenge: one mint per challenge (recorded apart from
+            // the proof of work, which may use the same challenge in the same mint).
+            if let Some((id, until)) = &attestation_used
+                && !store.insert_once(Set::PowUsed, id, *until).await?
+            {
+                return Ok(Some(Error::new(
+                    ErrorCode::AttestationInvalid,
+                    "the attestation's challenge was already used",
                 )));
             }
             if let Some((id, until)) = &dpop_seen
@@ -297,6 +310,8 @@ struct PendingMint {
     claims: Claims,
     /// The challenge to record as used, and until when.
     pow_used: Option<(String, u64)>,
+    /// The attestation's challenge to record as used, and until when.
+    attestation_used: Option<(String, u64)>,
     /// The DPoP proof to record as seen, and until when.
     dpop_seen: Option<(String, u64)>,
     /// The mint policy that passed (`"pow+entropy"`).
