@@ -1,7 +1,6 @@
 //! `mint.policies`: alternatives of gates, evaluated lazily, each gate at most once per mint.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::captcha::{CaptchaError, CaptchaSettings, CaptchaVerifier, Provider};
 use super::oidc::{OidcSettings, OidcVerifier};
@@ -406,17 +405,8 @@ fn captcha(config: &Config) -> Result<CaptchaVerifier, ConfigError> {
 }
 
 fn oidc(config: &Config) -> Result<OidcVerifier, ConfigError> {
+    // `MintConfig::validate` made sure the issuer and the audience are set.
     let o = &config.mint().oidc;
-    if o.issuer.is_empty() {
-        return Err(ConfigError::Missing {
-            key: "mint.oidc.issuer",
-        });
-    }
-    if o.audience.is_empty() {
-        return Err(ConfigError::Missing {
-            key: "mint.oidc.audience",
-        });
-    }
     let mut settings = OidcSettings::new(o.issuer.clone(), o.audience.clone());
     if !o.jwks_url.is_empty() {
         settings.jwks_url = Some(o.jwks_url.clone());
@@ -438,7 +428,6 @@ fn oidc(config: &Config) -> Result<OidcVerifier, ConfigError> {
     if !o.tier_claim.is_empty() {
         settings.tier_claim = Some(o.tier_claim.clone());
     }
-    settings.timeout = Duration::from_secs(5);
     OidcVerifier::new(settings)
 }
 
