@@ -277,4 +277,108 @@ mod tests {
             "{e}"
         );
     }
+
+    #[test]
+    fn the_sections_of_the_named_gates_are_checked() {
+        let base = || Config::builder().upstream_api_key("sk-test");
+        let captcha = || {
+            base()
+                .mint_policies([["captcha"]])
+                .mint_captcha_provider("recaptcha")
+                .mint_captcha_secret("s")
+        };
+        captcha().build().unwrap();
+        for score in [-0.1, 1.5, f64::NAN] {
+            let e = captcha().mint_captcha_min_score(score).build().unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    ConfigError::Invalid {
+                        key: "mint.captcha.min_score",
+                        ..
+                    }
+                ),
+                "{score}: {e}"
+            );
+        }
+        let e = base()
+            .mint_policies([["captcha"]])
+            .mint_captcha_provider("recaptcha")
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Missing {
+                    key: "mint.captcha.secret"
+                }
+            ),
+            "{e}"
+        );
+
+        let play = || base().mint_policies([["play_integrity"]]);
+        let e = play().build().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Missing {
+                    key: "mint.play_integrity.package_names"
+                }
+            ),
+            "{e}"
+        );
+        let e = play()
+            .mint_play_integrity_package_names(["com.example.app"])
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Missing {
+                    key: "mint.play_integrity.decryption_key"
+                }
+            ),
+            "{e}"
+        );
+        let e = play()
+            .mint_play_integrity_package_names(["com.example.app"])
+            .mint_play_integrity_decryption_key("a2V5")
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Missing {
+                    key: "mint.play_integrity.verification_key"
+                }
+            ),
+            "{e}"
+        );
+        // A gate no policy names needs nothing.
+        base().mint_captcha_min_score(7.0).build().unwrap();
+    }
+
+    #[test]
+    fn a_tier_sets_only_what_applies_per_tier() {
+        let ok = Config::from_toml_str(
+            "[upstream]\napi_key = \"sk\"\n[budget.tiers.pro]\ntokens_per_window = 10\n",
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        for key in ["points = 5", "max_completion_tokens = 5"] {
+            let e = Config::from_toml_str(&format!(
+                "[upstream]\napi_key = \"sk\"\n[budget.tiers.pro]\n{key}\n"
+            ))
+            .unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    ConfigError::Invalid {
+                        key: "budget.tiers",
+                        ..
+                    }
+                ),
+                "{key}: {e}"
+            );
+        }
+    }
 }

@@ -484,3 +484,206 @@ fn play_integrity(
     }
     Ok((keys, policy))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use aws_lc_rs::encoding::AsDer as _;
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use http::HeaderMap;
+    use proptest::prelude::*;
+    use serde_json::{Map, Value};
+
+    use super::*;
+
+    fn play_integrity_config() -> Config {
+        let signing = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap();
+        let spki = signing.public_key().as_der().unwrap();
+        Config::builder()
+            .upstream_api_key("sk-test")
+            .mint_policies([["play_integrity"]])
+            .mint_play_integrity_package_names(["com.example.app"])
+            .mint_play_integrity_decryption_key(STANDARD.encode([7u8; 32]))
+            .mint_play_integrity_verification_key(STANDARD.encode(spki.as_ref()))
+            .build()
+            .unwrap()
+    }
+
+    /// Any JSON value, a few levels deep.
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            ".{0,40}".prop_map(Value::String),
+            Just(Value::String("play-integrity".to_owned())),
+            Just(Value::String("v1.AAAA.AAAA".to_owned())),
+        ];
+        leaf.prop_recursive(3, 24, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map(
+                    prop_oneof![
+                        Just("format".to_owned()),
+                        Just("token".to_owned()),
+                        Just("challenge".to_owned()),
+                        "[a-z]{1,8}",
+                    ],
+                    inner,
+                    0..4
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn check(policies: &Policies, body: &Map<String, Value>) -> Result<Passed, Error> {
+        let headers = HeaderMap::new();
+        let evidence = Evidence {
+            fingerprint: "device-0001",
+            body,
+            headers: &headers,
+            client_ip: None,
+        };
+        let pow = ProofOfWork::new([1u8; 32], 0, Duration::from_secs(300));
+        let builtins = Builtins {
+            pow: &pow,
+            solution: None,
+            entropy_score: 0,
+            min_entropy_score: 0,
+            now: 1_700_000_000,
+        };
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(policies.check(&evidence, &builtins))
+    }
+
+    proptest! {
+        /// Whatever a client sends as its attestation, a mint that needs one is refused with an
+        /// attestation code, and never passes without a verdict that verifies.
+        #[test]
+        fn any_attestation_shape_is_refused_with_an_attestation_code(value in json()) {
+            let policies = Policies::new(&play_integrity_config(), &[]).unwrap();
+            let mut body = Map::new();
+            body.insert("attestation".to_owned(), value);
+            let code = check(&policies, &body).unwrap_err().code();
+            prop_assert!(
+                matches!(code, ErrorCode::AttestationRequired | ErrorCode::AttestationInvalid),
+                "{code}"
+            );
+        }
+    }
+
+    #[test]
+    fn evidence_of_the_wrong_type_names_its_gate() {
+        let base = || {
+            Config::builder()
+                .upstream_api_key("sk-test")
+                .mint_oidc_issuer("https://issuer.example")
+                .mint_oidc_audience("app")
+                .mint_captcha_provider("turnstile")
+                .mint_captcha_secret("secret")
+        };
+        let cases = [
+            ("id_token", "oidc", Value::Null, ErrorCode::IdTokenRequired),
+            (
+                "id_token",
+                "oidc",
+                Value::from(42),
+                ErrorCode::InvalidIdToken,
+            ),
+            (
+                "id_token",
+                "oidc",
+                Value::Array(vec![]),
+                ErrorCode::InvalidIdToken,
+            ),
+            (
+                "captcha",
+                "captcha",
+                Value::Null,
+                ErrorCode::CaptchaRequired,
+            ),
+            (
+                "captcha",
+                "captcha",
+                Value::Bool(true),
+                ErrorCode::CaptchaInvalid,
+            ),
+            (
+                "captcha",
+                "captcha",
+                Value::Object(Map::new()),
+                ErrorCode::CaptchaInvalid,
+            ),
+        ];
+        for (field, gate, value, expected) in cases {
+            let config = base().mint_policies([[gate]]).build().unwrap();
+            let policies = Policies::new(&config, &[]).unwrap();
+            let mut body = Map::new();
+            body.insert(field.to_owned(), value.clone());
+            let code = check(&policies, &body).unwrap_err().code();
+            assert_eq!(code, expected, "{field} = {value}");
+        }
+    }
+
+    #[test]
+    fn an_attestation_missing_a_member_is_invalid_and_another_format_is_missing() {
+        let policies = Policies::new(&play_integrity_config(), &[]).unwrap();
+        let code = |attestation: Value| {
+            let mut body = Map::new();
+            body.insert("attestation".to_owned(), attestation);
+            check(&policies, &body).unwrap_err().code()
+        };
+        assert_eq!(
+            code(serde_json::json!({"format": "apple-app-attest", "token": "t", "challenge": "c"})),
+            ErrorCode::AttestationRequired
+        );
+        assert_eq!(
+            code(serde_json::json!({"format": "play-integrity", "challenge": "c"})),
+            ErrorCode::AttestationInvalid
+        );
+        assert_eq!(
+            code(serde_json::json!({"format": "play-integrity", "token": 1, "challenge": "c"})),
+            ErrorCode::AttestationInvalid
+        );
+        // A challenge this server did not sign.
+        assert_eq!(
+            code(
+                serde_json::json!({"format": "play-integrity", "token": "t", "challenge": "v1.AA.AA"})
+            ),
+            ErrorCode::AttestationInvalid
+        );
+    }
+
+    #[derive(Debug)]
+    struct Impostor;
+
+    impl Gate for Impostor {
+        fn name(&self) -> &str {
+            "pow"
+        }
+
+        fn check<'a>(&'a self, _: &'a Evidence<'a>) -> super::super::GateFuture<'a> {
+            Box::pin(std::future::ready(Ok(Facts::default())))
+        }
+    }
+
+    #[test]
+    fn a_registered_gate_cannot_take_a_built_in_name() {
+        let config = Config::builder()
+            .upstream_api_key("sk-test")
+            .build()
+            .unwrap();
+        let error = crate::Perishable::builder(config)
+            .gate(Impostor)
+            .build()
+            .unwrap_err();
+        assert!(error.to_string().contains("built-in name"), "{error}");
+    }
+}
