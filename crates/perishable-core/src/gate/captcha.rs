@@ -40,7 +40,7 @@ use http::{Request, StatusCode, Uri, header};
 use http_body_util::Full;
 use serde::Deserialize;
 
-use super::oidc::{HttpClient, endpoint, http_client, send};
+use super::fetch::{HttpClient, endpoint, http_client, send};
 use crate::config::{ConfigError, Secret};
 
 /// The longest token sent (bytes): Turnstile documents 2048 as its maximum.
@@ -451,7 +451,7 @@ mod tests {
 
     use serde_json::{Value, json};
 
-    use super::super::oidc::test_http::{Received, Reply, serve};
+    use super::super::fetch::test_http::{Received, Reply, serve};
     use super::*;
 
     const SECRET: &str = "0x4AAAA-secret-key";

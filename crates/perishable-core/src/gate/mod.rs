@@ -56,6 +56,7 @@
 #[allow(dead_code)]
 pub(crate) mod app_attest;
 pub(crate) mod captcha;
+mod fetch;
 pub(crate) mod oidc;
 // Some fields of a verdict are read only by the tests (the licensing verdict, the version).
 #[allow(dead_code)]
