@@ -23,6 +23,7 @@ mod mock_upstream;
 mod openai_sdk;
 mod proxy;
 mod readme;
+mod realtime;
 mod redis_store;
 mod sessions;
 mod smoke;

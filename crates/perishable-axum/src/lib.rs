@@ -159,7 +159,9 @@ where
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
-    let proxy = authenticated().service(perishable.upstream_service());
+    let proxy = authenticated()
+        .layer(perishable.realtime_layer())
+        .service(perishable.upstream_service());
 
     // The outer layers wrap one service, built once, that every path reaches: axum clones a
     // route's whole stack per request, and the proxy path skips a second routing step.

@@ -12,8 +12,9 @@ use tower::ServiceExt as _;
 /// How long open requests may run after shutdown begins.
 const DRAIN: Duration = Duration::from_secs(30);
 
-/// Serves `app` on `listener` over HTTP/1.1 until `shutdown` completes, then stops accepting and
-/// lets open requests finish (up to 30 s).
+/// Serves `app` on `listener` over HTTP/1.1 (with upgrades, for the Realtime route's
+/// WebSockets) until `shutdown` completes, then stops accepting and lets open requests finish
+/// (up to 30 s).
 ///
 /// What [`axum::serve()`] does, tuned for a proxy:
 ///
@@ -40,7 +41,11 @@ const DRAIN: Duration = Duration::from_secs(30);
 /// # Ok(()) }
 /// ```
 pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Output = ()>) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // `signal` tells the connections to finish; `closed` resolves once all of them have
+    // dropped their receiver (what axum::serve does, with HTTP upgrades, which hyper-util's
+    // GracefulShutdown does not take).
+    let (signal, signal_rx) = tokio::sync::watch::channel(());
+    let (closed, closed_rx) = tokio::sync::watch::channel(());
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -69,19 +74,31 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Out
             .serve_connection(
                 TokioIo::new(tcp),
                 hyper_util::service::TowerToHyperService::new(service),
-            );
-        let connection = graceful.watch(connection);
+            )
+            // The Realtime route's WebSockets.
+            .with_upgrades();
+        let mut signal_rx = signal_rx.clone();
+        let closed_rx = closed_rx.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let mut connection = std::pin::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                _ = signal_rx.changed() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            drop(closed_rx);
         });
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    drop(signal_rx);
+    drop(closed_rx);
+    let _ = signal.send(());
+    if tokio::time::timeout(DRAIN, closed.closed()).await.is_err() {
         tracing::warn!("requests still open after 30 s; closing them");
     }
 }

@@ -156,6 +156,7 @@ pub(crate) mod path;
 mod perishable;
 pub mod pow;
 pub mod rate_limit;
+pub mod realtime;
 mod route;
 pub mod session;
 pub mod store;

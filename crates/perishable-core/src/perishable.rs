@@ -11,6 +11,7 @@ use crate::gate::{Gate, Policies};
 use crate::observe::ObserveLayer;
 use crate::origin::{OriginLayer, OriginPolicy};
 use crate::rate_limit::{ClientIpKey, FingerprintKey, RateLimitLayer};
+use crate::realtime::{Realtime, RealtimeLayer};
 use crate::session::{SessionService, Sessions};
 use crate::store::{RateLimiter, RatePolicy, Store};
 use crate::token::KeySet;
@@ -40,6 +41,7 @@ pub struct Perishable {
     config: Arc<Config>,
     sessions: Sessions,
     upstream: UpstreamService,
+    realtime: Option<Arc<Realtime>>,
     store: Arc<dyn Store>,
     session_limiter: Arc<dyn RateLimiter>,
     mint_limiter: Arc<dyn RateLimiter>,
@@ -103,6 +105,7 @@ impl Perishable {
     ) -> Result<Self, ConfigError> {
         let policies = Policies::new(&config, gates)?;
         let upstream = UpstreamService::with_client(&config, client, store.clone())?;
+        let realtime = Realtime::new(&config, &upstream, store.clone()).map(Arc::new);
         let audit = Audit::default();
         // The keys are decoded here, once per runtime; the config holds them as validated data.
         let keys = KeySet::from_config(config.session())?;
@@ -135,6 +138,7 @@ impl Perishable {
             config: Arc::new(config),
             sessions,
             upstream,
+            realtime,
             store,
             session_limiter,
             mint_limiter,
@@ -207,6 +211,13 @@ impl Perishable {
             ClientIpKey::new(self.client_ip.clone()),
         )
         .on_unavailable(self.config.store().on_unavailable)
+    }
+
+    /// The Realtime route's middleware (`docs/realtime.md`), in front of the
+    /// [`upstream_service`](Self::upstream_service): it serves the WebSocket upgrades of
+    /// `/openai/realtime` when `realtime.enabled` is on, and passes every other request on.
+    pub fn realtime_layer(&self) -> RealtimeLayer {
+        RealtimeLayer::new(self.realtime.clone())
     }
 
     /// The upstream Service for `/openai/{path}`.

@@ -11,7 +11,10 @@
 //! - `POST /v1/responses` (the Responses API), streamed (named `response.*` events) or not;
 //! - `POST /v1/embeddings`;
 //! - `POST /v1/moderations` (no usage, like the real API);
-//! - `GET /v1/models` and `GET /v1/models/{id}`.
+//! - `GET /v1/models` and `GET /v1/models/{id}`;
+//! - `GET /v1/realtime?model=M` upgraded to a WebSocket: the Realtime API in text mode
+//!   (session events, `response.create` streamed as text deltas, `response.done` with usage;
+//!   see [`realtime_events`](MockUpstream::realtime_events)).
 //!
 //! It is used by the example proxy when no API key is configured, by the end-to-end tests
 //! (it records every request it receives) and by the load harness.
@@ -112,6 +115,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+mod realtime;
 
 use axum::Router;
 use axum::body::Body;
@@ -410,6 +415,8 @@ struct Inner {
     addr: OnceLock<SocketAddr>,
     next_id: AtomicU64,
     requests: Mutex<VecDeque<RecordedRequest>>,
+    realtime_events: Mutex<VecDeque<String>>,
+    realtime_sent: Arc<AtomicU64>,
     active_streams: AtomicUsize,
     completed_streams: AtomicUsize,
 }
@@ -425,6 +432,8 @@ impl MockUpstream {
                 addr: OnceLock::new(),
                 next_id: AtomicU64::new(0),
                 requests: Mutex::new(VecDeque::new()),
+                realtime_events: Mutex::new(VecDeque::new()),
+                realtime_sent: Arc::new(AtomicU64::new(0)),
                 active_streams: AtomicUsize::new(0),
                 completed_streams: AtomicUsize::new(0),
             }),
@@ -435,6 +444,7 @@ impl MockUpstream {
     /// in-process.
     pub fn router(&self) -> Router {
         Router::new()
+            .route("/v1/realtime", axum::routing::get(realtime::handle))
             .fallback(handle)
             .with_state(Arc::clone(&self.inner))
     }
@@ -499,9 +509,35 @@ impl MockUpstream {
         self.inner.recorded().iter().cloned().collect()
     }
 
-    /// Forgets the recorded requests.
+    /// Forgets the recorded requests and Realtime events.
     pub fn clear(&self) {
         self.inner.recorded().clear();
+        self.inner
+            .realtime_events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    /// Realtime server events written to a socket so far, over every connection (a write
+    /// waits while the peer does not read: this stalls under backpressure).
+    #[must_use]
+    pub fn realtime_sent(&self) -> u64 {
+        self.inner.realtime_sent.load(Ordering::Relaxed)
+    }
+
+    /// The Realtime client events received so far over every connection, oldest first, as
+    /// their text (the last 1000 are kept; none when recording is off). The handshakes are in
+    /// [`requests`](Self::requests).
+    #[must_use]
+    pub fn realtime_events(&self) -> Vec<String> {
+        self.inner
+            .realtime_events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// Streamed responses whose body is still alive (neither finished nor dropped).
@@ -521,6 +557,20 @@ impl MockUpstream {
 impl Inner {
     fn recorded(&self) -> MutexGuard<'_, VecDeque<RecordedRequest>> {
         self.requests.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn record_realtime(&self, event: String) {
+        if !self.options.record {
+            return;
+        }
+        let mut recorded = self
+            .realtime_events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        while recorded.len() >= MAX_RECORDED {
+            recorded.pop_front();
+        }
+        recorded.push_back(event);
     }
 
     fn record(&self, request: RecordedRequest) {

@@ -128,6 +128,12 @@ impl ConfigBuilder {
         store_key_prefix => store.key_prefix: impl Into<String> => Into::into;
         /// `store.timeout_ms`.
         store_timeout_ms => store.timeout_ms: u64;
+        /// `realtime.enabled`: serve `GET /openai/realtime` (`docs/realtime.md`).
+        realtime_enabled => realtime.enabled: bool;
+        /// `realtime.max_connections_per_session` (at least 1).
+        realtime_max_connections_per_session => realtime.max_connections_per_session: u32;
+        /// `realtime.max_duration_secs` (at least 1).
+        realtime_max_duration_secs => realtime.max_duration_secs: u64;
     }
 
     /// `upstream.allowed_paths`.

@@ -30,7 +30,8 @@ const POOL_IDLE: Duration = Duration::from_secs(90);
 /// connection pool (no redirect, retry or decompression layers: the proxy must never follow a
 /// redirect with the server key, and passes bodies through byte for byte).
 ///
-/// - HTTP/1.1, and HTTP/2 when an `https` upstream offers it (ALPN).
+/// - HTTP/1.1, and HTTP/2 when an `https` upstream offers it (ALPN). Realtime WebSockets go on
+///   HTTP/1.1 connections of their own (an upgrade cannot ride HTTP/2).
 /// - TLS by rustls on aws-lc-rs, certificates checked by the platform's verifier
 ///   (`rustls-platform-verifier`: the system trust store), or by the rustls `ClientConfig` you
 ///   pass to [`UpstreamClient::with_tls_config`] (a private CA, client certificates).
@@ -61,6 +62,8 @@ const POOL_IDLE: Duration = Duration::from_secs(90);
 #[derive(Clone)]
 pub struct UpstreamClient {
     client: Client<Connector, Full<Bytes>>,
+    /// HTTP/1.1 only (a WebSocket upgrade cannot ride HTTP/2), for the Realtime route.
+    upgrades: Client<Connector, Full<Bytes>>,
 }
 
 impl fmt::Debug for UpstreamClient {
@@ -111,6 +114,11 @@ impl UpstreamClient {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(Duration::from_millis(u.connect_timeout_ms)));
         http.enforce_http(false);
+        let http1 = HttpsConnectorBuilder::new()
+            .with_tls_config(tls.clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http.clone());
         let https = HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -121,7 +129,12 @@ impl UpstreamClient {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(Connector(https));
-        Self { client }
+        // An upgraded connection leaves the pool; one answered otherwise is not worth keeping.
+        let upgrades = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .timer(TokioTimer::new())
+            .build(Connector(http1));
+        Self { client, upgrades }
     }
 
     /// Sends `request` (its URI absolute) on a pooled connection.
@@ -132,5 +145,15 @@ impl UpstreamClient {
     + Send
     + 'static {
         self.client.request(request)
+    }
+
+    /// Sends a WebSocket upgrade `request` on a fresh HTTP/1.1 connection.
+    pub(crate) fn upgrade(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> impl Future<Output = Result<Response<Incoming>, hyper_util::client::legacy::Error>>
+    + Send
+    + 'static {
+        self.upgrades.request(request)
     }
 }

@@ -51,10 +51,11 @@
 
 mod client;
 mod connect;
-mod headers;
+pub(crate) mod headers;
 mod request;
 mod response;
 mod service;
 
 pub use client::{UpstreamClient, rustls};
+pub(crate) use service::upstream_path;
 pub use service::{UpstreamFuture, UpstreamPath, UpstreamService};

@@ -161,6 +161,19 @@ impl UpstreamService {
     }
 }
 
+impl UpstreamService {
+    /// What the Realtime route shares with this service: the connection pool, the headers it
+    /// sends upstream, the budget.
+    pub(crate) fn realtime_parts(&self) -> (UpstreamClient, UpstreamHeaders, Budget) {
+        let inner = &self.inner;
+        (
+            inner.client.clone(),
+            inner.headers.clone(),
+            inner.budget.clone(),
+        )
+    }
+}
+
 impl<B> tower::Service<Request<B>> for UpstreamService
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -207,7 +220,7 @@ crate::macros::opaque_future! {
 /// `/openai/` in the URI (the service serves `/openai/*` itself, at the root or under a prefix a
 /// router left in the path); else the whole path, as a router that strips its mount point leaves
 /// it (`nest_service("/openai", upstream)` in axum sees `/chat/completions`).
-fn upstream_path<B>(req: &Request<B>) -> &str {
+pub(crate) fn upstream_path<B>(req: &Request<B>) -> &str {
     if let Some(UpstreamPath(path)) = req.extensions().get::<UpstreamPath>() {
         return path.trim_start_matches('/');
     }

@@ -59,6 +59,13 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        // A browser's Realtime WebSocket carries its credentials as subprotocols.
+        if let Err(error) = crate::realtime::lift_credentials(&mut req) {
+            tracing::debug!(code = %error.code(), "session refused");
+            return VerifyFuture::new(Either::Left(Either::Left(ready(Ok(error
+                .authenticating()
+                .into_response())))));
+        }
         match self.sessions.verify_now(&req) {
             // Checked at once (a memory store): call the inner service, which was polled ready.
             Ok(Ok(session)) => {
