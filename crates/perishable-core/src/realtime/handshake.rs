@@ -295,7 +295,7 @@ mod tests {
     fn the_accept_key_is_rfc_6455s_example() {
         assert_eq!(
             accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaQ9kYGzzhZRrK+xOo="
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
     }
 
