@@ -9,6 +9,7 @@
 //! |------------------------------|------------------------------------------------------------|
 //! | `perishable_missing_redis`   | `redis-server` on the `PATH`                               |
 //! | `perishable_missing_openai`  | the `openai` package for `python3` (or `$PYTHON`)          |
+//! | `perishable_missing_openai_realtime` | `openai[realtime]`: `openai` and `websockets`      |
 //! | `perishable_missing_browser` | Chromium, Node.js and `npm ci --prefix tests/browser`      |
 //! | `perishable_missing_shell`   | `bash` and `curl` on the `PATH` (the README's walkthrough) |
 //!
@@ -19,9 +20,10 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const CFGS: [&str; 4] = [
+const CFGS: [&str; 5] = [
     "perishable_missing_redis",
     "perishable_missing_openai",
+    "perishable_missing_openai_realtime",
     "perishable_missing_browser",
     "perishable_missing_shell",
 ];
@@ -42,8 +44,12 @@ fn main() {
     if program("redis-server").is_none() {
         missing("perishable_missing_redis");
     }
-    if !openai_installed() {
+    let (openai, websockets) = openai_installed();
+    if !openai {
         missing("perishable_missing_openai");
+    }
+    if !(openai && websockets) {
+        missing("perishable_missing_openai_realtime");
     }
     if !browser_ready(&manifest.join("browser")) {
         missing("perishable_missing_browser");
@@ -77,36 +83,43 @@ fn watch(path: &Path) {
     println!("cargo::rerun-if-changed={}", path.display());
 }
 
-/// Whether `python3 -c "import openai"` works; watches the package (or the directories where
-/// `pip install` would put it).
-fn openai_installed() -> bool {
+/// Whether `python3 -c "import openai"` works, and `import websockets` (what the SDK's Realtime
+/// client needs); watches the packages (or the directories where `pip install` would put them).
+fn openai_installed() -> (bool, bool) {
     let python = env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
     if Path::new(&python).components().count() == 1 && program(&python).is_none() {
-        return false;
+        return (false, false);
     }
     let probe = "import site, sys\n\
                  try:\n    import openai\n    print('found', openai.__file__)\n\
                  except ImportError:\n    pass\n\
+                 try:\n    import websockets\n    print('websockets', websockets.__file__)\n\
+                 except ImportError:\n    pass\n\
                  for d in site.getsitepackages() + [site.getusersitepackages()]:\n    print('dir', d)\n";
     let Ok(out) = Command::new(&python).args(["-c", probe]).output() else {
-        return false;
+        return (false, false);
     };
     let out = String::from_utf8_lossy(&out.stdout);
     let mut found = false;
+    let mut websockets = false;
     for line in out.lines() {
         if let Some(file) = line.strip_prefix("found ") {
             found = true;
             watch(Path::new(file));
         }
+        if let Some(file) = line.strip_prefix("websockets ") {
+            websockets = true;
+            watch(Path::new(file));
+        }
     }
-    if !found {
+    if !(found && websockets) {
         out.lines()
             .filter_map(|l| l.strip_prefix("dir "))
             .map(Path::new)
             .filter(|d| d.is_dir())
             .for_each(watch);
     }
-    found
+    (found, websockets)
 }
 
 /// Chromium (`CHROME_PATH`, `CHROMIUM`, or `chromium`, `chromium-browser`, `google-chrome`,

@@ -715,3 +715,44 @@ async fn two_instances_share_the_budget_on_redis() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The official Python SDK's Realtime client (`client.realtime.connect`), unchanged, with the
+/// session token as its API key.
+#[tokio::test]
+#[cfg_attr(
+    perishable_missing_openai_realtime,
+    ignore = "needs the openai Python package with its Realtime extra (pip install 'openai[realtime]')"
+)]
+async fn the_official_python_sdk_talks_realtime_through_the_proxy() {
+    let proxy = start(|c| c.budget_tokens_per_window(50_000)).await;
+    let result = crate::support::run_sdk_script(
+        "sdk_realtime.py",
+        proxy.url(""),
+        "Hello over the Realtime API",
+    )
+    .await;
+    assert_eq!(result["session_model"], MODEL);
+    assert!(result["deltas"].as_u64().unwrap() > 1, "{result}");
+    assert!(
+        result["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("You said: Hello over the Realtime API"),
+        "{result}"
+    );
+    assert_eq!(result["status"], "completed");
+    assert!(result["total_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(result["refusal_code"], "budget_exhausted");
+    assert_eq!(result["refusal_type"], "rate_limit_error");
+    // The SDK's default headers reached the upstream; the session token did not.
+    let handshake = proxy
+        .mock
+        .requests()
+        .into_iter()
+        .find(|r| r.path_and_query.starts_with("/v1/realtime"))
+        .unwrap();
+    assert_eq!(
+        handshake.header("authorization").unwrap(),
+        format!("Bearer {SERVER_KEY}")
+    );
+}
