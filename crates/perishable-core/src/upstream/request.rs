@@ -49,6 +49,11 @@ pub(crate) enum Endpoint {
     },
     /// Costs nothing (listing and reading models).
     Free,
+    /// `realtime/client_secrets`: a key for a WebRTC session whose responses the proxy never
+    /// sees. Always read (even when nothing else is metered): its `expires_after` is capped to
+    /// the session's remaining life, its `session.model` checked against the allow-list, its
+    /// `session.max_output_tokens` capped. Billed by reservation only: its ceiling.
+    ClientSecrets,
     /// An endpoint the proxy has no model of (allowed by the operator): billed like a
     /// generation with the default ceiling.
     Unknown,
@@ -80,6 +85,7 @@ impl Endpoint {
                 reports_usage: false,
             },
             "models" => Self::Free,
+            "realtime/client_secrets" => Self::ClientSecrets,
             _ if path.starts_with("models/") => Self::Free,
             _ => Self::Unknown,
         }
@@ -93,6 +99,7 @@ impl Endpoint {
         !matches!(
             self,
             Self::Free
+                | Self::ClientSecrets
                 | Self::Prompt {
                     reports_usage: false
                 }
@@ -107,6 +114,7 @@ impl Endpoint {
             "responses" => "responses",
             "embeddings" => "embeddings",
             "moderations" => "moderations",
+            "realtime/client_secrets" => "realtime/client_secrets",
             _ if self == Self::Free => "models",
             _ => "other",
         }
@@ -183,13 +191,15 @@ impl RequestPolicy {
     }
 
     /// Reads a metered call's body: the model allow-list, the stream flag, the ceiling and the
-    /// choices, then the cap and `include_usage` as edits in place. `endpoint` is where it goes.
+    /// choices, then the cap and `include_usage` as edits in place. `endpoint` is where it goes;
+    /// `remaining_secs` the life left to the caller's session (for `realtime/client_secrets`).
     pub(crate) fn meter(
         &self,
         endpoint: Endpoint,
         method: &http::Method,
         headers: &HeaderMap,
         body: Bytes,
+        remaining_secs: Option<u64>,
     ) -> Result<Metered, Error> {
         if body.is_empty() && reads_only(method, headers) {
             // Reading (a model, a list): nothing is generated without a body.
@@ -208,6 +218,9 @@ impl RequestPolicy {
             )
         })?;
         let view = View::read(&body, &object)?;
+        if endpoint == Endpoint::ClientSecrets {
+            return self.client_secrets(body, &object, remaining_secs);
+        }
 
         if !self.allowed_models.is_empty() {
             let allowed = view
@@ -229,7 +242,7 @@ impl RequestPolicy {
         let mut edits = Vec::new();
         let mut hide_usage = false;
         let reserve = match endpoint {
-            Endpoint::Free => 0,
+            Endpoint::Free | Endpoint::ClientSecrets => 0,
             Endpoint::Prompt { .. } => prompt,
             Endpoint::Unknown => {
                 let ceiling = view.max_ceiling(&CEILING_FIELDS)?;
@@ -278,6 +291,178 @@ impl RequestPolicy {
             hide_usage,
             reserve,
         })
+    }
+}
+
+impl RequestPolicy {
+    /// `realtime/client_secrets` (`docs/realtime.md`, "WebRTC"): the secret may not outlive the
+    /// session that asks for it, nor name a model outside the allow-list, nor let responses
+    /// exceed the cap; what it can cost is reserved now, since the proxy never sees the
+    /// responses.
+    fn client_secrets(
+        &self,
+        body: Bytes,
+        object: &Object,
+        remaining_secs: Option<u64>,
+    ) -> Result<Metered, Error> {
+        /// The shortest life the API accepts for a client secret.
+        const MIN_SECS: u64 = 10;
+        let mut edits = Vec::new();
+        let Some(session) = object.get("session").filter(|m| m.kind == Kind::Object) else {
+            return Err(invalid_parameter("a client secret needs a session object"));
+        };
+        let (start, slice, inner) = nested_object(&body, session, "session")?;
+        let model = match inner.get("model") {
+            None => None,
+            Some(m) if m.kind == Kind::Null => None,
+            Some(m) if m.kind == Kind::String => Some(string(slice, m)),
+            Some(_) => return Err(invalid_parameter("session.model must be a string")),
+        };
+        if !self.allowed_models.is_empty()
+            && !model
+                .as_ref()
+                .is_some_and(|m| self.allowed_models.contains(m))
+        {
+            return Err(Error::new(
+                ErrorCode::ModelNotAllowed,
+                match model {
+                    Some(m) => format!("the model {m:?} is not allowed"),
+                    None => "session.model must name an allowed model".into(),
+                },
+            ));
+        }
+        // The session's ceiling ("inf" is none), capped in place.
+        let mut ceiling = None;
+        let mut named = false;
+        for name in REALTIME_CEILINGS {
+            let Some(member) = inner.get(name) else {
+                continue;
+            };
+            named = true;
+            let value = match member.kind {
+                Kind::String if string(slice, member) == "inf" => None,
+                _ => integer(slice, member)?,
+            };
+            ceiling = ceiling.max(value);
+            let cap = self.max_completion_tokens;
+            if cap > 0 && value.is_none_or(|n| n > cap) {
+                edits.push(shift(
+                    json::replace_value(member, itoa::Buffer::new().format(cap).as_bytes()),
+                    start,
+                ));
+            }
+        }
+        if self.max_completion_tokens > 0 {
+            if !named {
+                edits.push(shift(
+                    json::insert_member(
+                        &inner,
+                        REALTIME_CEILINGS[0],
+                        itoa::Buffer::new()
+                            .format(self.max_completion_tokens)
+                            .as_bytes(),
+                    ),
+                    start,
+                ));
+            }
+            ceiling = Some(ceiling.map_or(self.max_completion_tokens, |c| {
+                c.min(self.max_completion_tokens)
+            }));
+        }
+        // The secret's life, at most the session's.
+        if let Some(remaining) = remaining_secs {
+            if remaining < MIN_SECS {
+                return Err(Error::new(
+                    ErrorCode::TokenExpired,
+                    "the session ends in less than 10 s: refresh it before asking for a client secret",
+                ));
+            }
+            let seconds = itoa::Buffer::new().format(remaining).to_owned();
+            match object.get("expires_after") {
+                None => edits.push(json::insert_member(
+                    object,
+                    "expires_after",
+                    format!(r#"{{"anchor":"created_at","seconds":{seconds}}}"#).as_bytes(),
+                )),
+                Some(m) if m.kind == Kind::Null => edits.push(json::replace_value(
+                    m,
+                    format!(r#"{{"anchor":"created_at","seconds":{seconds}}}"#).as_bytes(),
+                )),
+                Some(m) => {
+                    let (start, slice, expires) = nested_object(&body, m, "expires_after")?;
+                    match expires.get("anchor") {
+                        None => {}
+                        Some(a) if a.kind == Kind::String && string(slice, a) == "created_at" => {}
+                        Some(_) => {
+                            return Err(invalid_parameter(
+                                "expires_after.anchor must be \"created_at\"",
+                            ));
+                        }
+                    }
+                    match expires.get("seconds") {
+                        None => edits.push(shift(
+                            json::insert_member(&expires, "seconds", seconds.as_bytes()),
+                            start,
+                        )),
+                        Some(member) => {
+                            if integer(slice, member)?.is_none_or(|n| n > remaining) {
+                                edits.push(shift(
+                                    json::replace_value(member, seconds.as_bytes()),
+                                    start,
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let prompt = (body.len() as u64).div_ceil(4);
+        let reserve = prompt.saturating_add(ceiling.unwrap_or(self.default_reserve_tokens));
+        Ok(Metered {
+            body: json::apply(&body, edits),
+            streaming: false,
+            hide_usage: false,
+            reserve,
+        })
+    }
+}
+
+/// The ceiling members of a Realtime session: the GA name, then the beta one.
+const REALTIME_CEILINGS: [&str; 2] = ["max_output_tokens", "max_response_output_tokens"];
+
+/// The object value of `member`, parsed strictly on its own: its offset in `body`, its bytes and
+/// its members. A nested key that differs from a metered one only in case is refused.
+fn nested_object<'a>(
+    body: &'a [u8],
+    member: &Member,
+    name: &str,
+) -> Result<(usize, &'a [u8], Object), Error> {
+    let refuse = || invalid_parameter(format!("{name} must be an object"));
+    if member.kind != Kind::Object {
+        return Err(refuse());
+    }
+    let slice = body.get(member.value.clone()).ok_or_else(refuse)?;
+    let inner = json::parse_object(slice, Mode::Strict).map_err(|_| refuse())?;
+    for m in &inner.members {
+        let folded = m.key.to_lowercase();
+        if ["model", "seconds", "anchor"]
+            .iter()
+            .chain(REALTIME_CEILINGS.iter())
+            .any(|k| *k == folded && *k != m.key)
+        {
+            return Err(invalid_parameter(format!(
+                "the member {:?} of {name} differs from a metered one only in case",
+                m.key
+            )));
+        }
+    }
+    Ok((member.value.start, slice, inner))
+}
+
+fn shift(edit: Edit, offset: usize) -> Edit {
+    Edit {
+        range: edit.range.start + offset..edit.range.end + offset,
+        with: edit.with,
     }
 }
 
@@ -516,7 +701,92 @@ mod tests {
             &http::Method::POST,
             &json_headers(),
             Bytes::copy_from_slice(body.as_bytes()),
+            None,
         )
+    }
+
+    fn secret(policy: &RequestPolicy, body: &str, remaining: u64) -> Result<Metered, Error> {
+        policy.meter(
+            Endpoint::ClientSecrets,
+            &http::Method::POST,
+            &json_headers(),
+            Bytes::copy_from_slice(body.as_bytes()),
+            Some(remaining),
+        )
+    }
+
+    fn text(metered: Metered) -> String {
+        String::from_utf8(metered.body.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn a_client_secret_lives_no_longer_than_the_session() {
+        let p = policy(0);
+        let body = r#"{"session": {"type": "realtime", "model": "gpt-realtime"}}"#;
+        assert_eq!(
+            text(secret(&p, body, 300).unwrap()),
+            r#"{"session": {"type": "realtime", "model": "gpt-realtime"},"expires_after":{"anchor":"created_at","seconds":300}}"#
+        );
+        let body = r#"{"expires_after": {"anchor": "created_at", "seconds": 7200}, "session": {}}"#;
+        assert_eq!(
+            text(secret(&p, body, 300).unwrap()),
+            r#"{"expires_after": {"anchor": "created_at", "seconds": 300}, "session": {}}"#
+        );
+        // A shorter life is kept as written.
+        let body = r#"{"expires_after": {"seconds": 60}, "session": {}}"#;
+        assert_eq!(text(secret(&p, body, 300).unwrap()), body);
+        let body = r#"{"expires_after": {"anchor": "created_at"}, "session": {}}"#;
+        assert_eq!(
+            text(secret(&p, body, 300).unwrap()),
+            r#"{"expires_after": {"anchor": "created_at","seconds":300}, "session": {}}"#
+        );
+        for bad in [
+            r#"{"expires_after": {"seconds": "7200"}, "session": {}}"#,
+            r#"{"expires_after": {"seconds": 1e9}, "session": {}}"#,
+            r#"{"expires_after": {"anchor": "other", "seconds": 5}, "session": {}}"#,
+            r#"{"expires_after": {"Seconds": 7200}, "session": {}}"#,
+            r#"{"expires_after": 7200, "session": {}}"#,
+            r#"{"expires_after": null}"#,
+        ] {
+            assert_eq!(
+                code(secret(&p, bad, 300)),
+                ErrorCode::InvalidParameter,
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            code(secret(&p, r#"{"session": {}}"#, 5)),
+            ErrorCode::TokenExpired
+        );
+    }
+
+    #[test]
+    fn a_client_secret_keeps_to_the_allow_list_and_the_cap() {
+        let mut p = policy(100);
+        p.allowed_models = vec!["gpt-realtime".to_owned()];
+        let body = r#"{"session": {"model": "gpt-realtime", "max_output_tokens": "inf"}, "expires_after": {"seconds": 60}}"#;
+        let ok = secret(&p, body, 300).unwrap();
+        // The cap, and the prompt estimate.
+        assert_eq!(ok.reserve, 100 + (body.len() as u64).div_ceil(4));
+        assert_eq!(
+            text(ok),
+            r#"{"session": {"model": "gpt-realtime", "max_output_tokens": 100}, "expires_after": {"seconds": 60}}"#
+        );
+        for (bad, expected) in [
+            (
+                r#"{"session": {"model": "gpt-5-pro"}}"#,
+                ErrorCode::ModelNotAllowed,
+            ),
+            (r#"{"session": {}}"#, ErrorCode::ModelNotAllowed),
+            (
+                r#"{"session": {"Model": "gpt-5-pro", "model": "gpt-realtime"}}"#,
+                ErrorCode::InvalidParameter,
+            ),
+            (r#"{"session": {"model": 1}}"#, ErrorCode::InvalidParameter),
+            (r#"{"model": "gpt-realtime"}"#, ErrorCode::InvalidParameter),
+        ] {
+            assert_eq!(code(secret(&p, bad, 300)), expected, "{bad}");
+        }
     }
 
     fn code(result: Result<Metered, Error>) -> ErrorCode {
