@@ -21,17 +21,17 @@ use serde_json::{Value, json};
 
 use crate::support::*;
 
-const AUDIENCE: &str = "my-app";
+pub(crate) const AUDIENCE: &str = "my-app";
 
 /// A local OpenID Connect issuer: discovery and a JWKS with one ES256 key.
-struct Issuer {
-    url: String,
+pub(crate) struct Issuer {
+    pub(crate) url: String,
     key: jsonwebtoken::EncodingKey,
     kid: String,
 }
 
 impl Issuer {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let pkcs8 =
             EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
                 .unwrap();
@@ -62,7 +62,7 @@ impl Issuer {
     }
 
     /// An ID token for `sub` with `extra` claims merged in, valid for 10 minutes.
-    fn token(&self, sub: &str, extra: Value) -> String {
+    pub(crate) fn token(&self, sub: &str, extra: Value) -> String {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()
@@ -127,7 +127,7 @@ async fn minted(proxy: &Proxy, body: Value) -> Value {
     response.json().await.unwrap()
 }
 
-fn claims(token: &str) -> Value {
+pub(crate) fn claims(token: &str) -> Value {
     let payload = token.split('.').nth(1).unwrap();
     serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
 }
