@@ -330,6 +330,25 @@ impl ConfigBuilder {
         self
     }
 
+    /// `budget.tiers.NAME.points`: the rate limit (requests per `rate_limit.duration_secs`) of
+    /// users of tier `name`.
+    pub fn budget_tier_points(mut self, name: impl Into<String>, points: u32) -> Self {
+        self.budget.tiers.entry(name.into()).or_default().points = Some(points);
+        self
+    }
+
+    /// `budget.tiers.NAME.max_completion_tokens`: the completion cap of users of tier `name`
+    /// (0: none). Refused by [`build`](Self::build) in this version, which does not apply it
+    /// per tier yet.
+    pub fn budget_tier_max_completion_tokens(mut self, name: impl Into<String>, cap: u64) -> Self {
+        self.budget
+            .tiers
+            .entry(name.into())
+            .or_default()
+            .max_completion_tokens = Some(cap);
+        self
+    }
+
     /// `upstream.forward_headers`: extra client headers to forward upstream.
     pub fn upstream_forward_headers<I: IntoIterator<Item = S>, S: Into<String>>(
         mut self,

@@ -463,10 +463,11 @@ mod tests {
     #[test]
     fn a_tier_sets_only_what_applies_per_tier() {
         let ok = Config::from_toml_str(
-            "[upstream]\napi_key = \"sk\"\n[budget.tiers.pro]\ntokens_per_window = 10\n",
+            "[upstream]\napi_key = \"sk\"\n[budget.tiers.pro]\ntokens_per_window = 10\npoints = 5\n",
         );
         assert!(ok.is_ok(), "{ok:?}");
-        for key in ["points = 5", "max_completion_tokens = 5"] {
+        assert_eq!(ok.unwrap().budget().tiers["pro"].points, Some(5));
+        for key in ["max_completion_tokens = 5", "points = 0"] {
             let e = Config::from_toml_str(&format!(
                 "[upstream]\napi_key = \"sk\"\n[budget.tiers.pro]\n{key}\n"
             ))

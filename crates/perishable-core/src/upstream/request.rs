@@ -148,6 +148,9 @@ pub(crate) struct Metered {
 pub(crate) struct RequestPolicy {
     pub(crate) allowed_models: Vec<String>,
     pub(crate) max_completion_tokens: u64,
+    /// `[budget.tiers.NAME] max_completion_tokens`: the cap of a tier's sessions, instead of
+    /// `max_completion_tokens` (0: none).
+    pub(crate) tier_caps: Vec<(String, u64)>,
     pub(crate) default_reserve_tokens: u64,
     pub(crate) include_usage: bool,
 }
@@ -157,9 +160,21 @@ impl RequestPolicy {
         Self {
             allowed_models,
             max_completion_tokens: budget.max_completion_tokens,
+            tier_caps: budget
+                .tiers
+                .iter()
+                .filter_map(|(name, tier)| Some((name.clone(), tier.max_completion_tokens?)))
+                .collect(),
             default_reserve_tokens: budget.default_reserve_tokens,
             include_usage: budget.include_usage,
         }
+    }
+
+    /// The completion cap of a session of `tier`: its tier's, when the tier sets one, else
+    /// `budget.max_completion_tokens` (0: none).
+    fn cap(&self, tier: Option<&str>) -> u64 {
+        tier.and_then(|tier| self.tier_caps.iter().find(|(name, _)| name == tier))
+            .map_or(self.max_completion_tokens, |(_, cap)| *cap)
     }
 
     /// Checks the request head of a metered call before its body is read: `415` for a body
@@ -182,10 +197,23 @@ impl RequestPolicy {
         }
     }
 
-    /// Reads a metered call's body: the model allow-list, the stream flag, the ceiling and the
-    /// choices, then the cap and `include_usage` as edits in place. `endpoint` is where it goes.
+    /// [`meter_for`](Self::meter_for) a session without a tier: the default cap.
     pub(crate) fn meter(
         &self,
+        endpoint: Endpoint,
+        method: &http::Method,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<Metered, Error> {
+        self.meter_for(None, endpoint, method, headers, body)
+    }
+
+    /// Reads a metered call's body: the model allow-list, the stream flag, the ceiling and the
+    /// choices, then the cap (of the session's `tier`) and `include_usage` as edits in place.
+    /// `endpoint` is where it goes.
+    pub(crate) fn meter_for(
+        &self,
+        tier: Option<&str>,
         endpoint: Endpoint,
         method: &http::Method,
         headers: &HeaderMap,
@@ -244,7 +272,7 @@ impl RequestPolicy {
                 // Every ceiling-named member must be an integer, whichever endpoint reads it.
                 view.max_ceiling(&CEILING_FIELDS)?;
                 let mut ceiling = view.max_ceiling(ceilings)?;
-                let cap = self.max_completion_tokens;
+                let cap = self.cap(tier);
                 if cap > 0 {
                     let mut named = false;
                     for member in ceilings.iter().filter_map(|name| object.get(name)) {
@@ -499,9 +527,48 @@ mod tests {
         RequestPolicy {
             allowed_models: Vec::new(),
             max_completion_tokens: cap,
+            tier_caps: Vec::new(),
             default_reserve_tokens: 100,
             include_usage: true,
         }
+    }
+
+    #[test]
+    fn a_tier_cap_replaces_the_default_for_that_tier_only() {
+        let policy = RequestPolicy {
+            tier_caps: vec![("pro".to_owned(), 500), ("unlimited".to_owned(), 0)],
+            ..policy(64)
+        };
+        let body = r#"{"model":"m","max_tokens":1000,"messages":[]}"#;
+        let capped = |tier: Option<&str>| {
+            let metered = policy
+                .meter_for(
+                    tier,
+                    Endpoint::of("chat/completions"),
+                    &http::Method::POST,
+                    &json_headers(),
+                    Bytes::copy_from_slice(body.as_bytes()),
+                )
+                .unwrap();
+            let sent: serde_json::Value = serde_json::from_slice(&metered.body).unwrap();
+            sent["max_tokens"].as_u64().unwrap()
+        };
+        assert_eq!(capped(None), 64);
+        assert_eq!(capped(Some("free")), 64, "a tier without a cap of its own");
+        assert_eq!(capped(Some("pro")), 500);
+        assert_eq!(capped(Some("unlimited")), 1000, "0: no cap for the tier");
+        assert_eq!(meter(&policy, "chat/completions", body).unwrap().body, {
+            let m = policy
+                .meter_for(
+                    None,
+                    Endpoint::of("chat/completions"),
+                    &http::Method::POST,
+                    &json_headers(),
+                    Bytes::copy_from_slice(body.as_bytes()),
+                )
+                .unwrap();
+            m.body
+        });
     }
 
     fn json_headers() -> HeaderMap {
