@@ -156,6 +156,9 @@ pub(crate) struct Metered {
 pub(crate) struct RequestPolicy {
     pub(crate) allowed_models: Vec<String>,
     pub(crate) max_completion_tokens: u64,
+    /// `[budget.tiers.NAME] max_completion_tokens`: the cap of a tier's sessions, instead of
+    /// `max_completion_tokens` (0: none).
+    pub(crate) tier_caps: Vec<(String, u64)>,
     pub(crate) default_reserve_tokens: u64,
     pub(crate) include_usage: bool,
 }
@@ -165,9 +168,21 @@ impl RequestPolicy {
         Self {
             allowed_models,
             max_completion_tokens: budget.max_completion_tokens,
+            tier_caps: budget
+                .tiers
+                .iter()
+                .filter_map(|(name, tier)| Some((name.clone(), tier.max_completion_tokens?)))
+                .collect(),
             default_reserve_tokens: budget.default_reserve_tokens,
             include_usage: budget.include_usage,
         }
+    }
+
+    /// The completion cap of a session of `tier`: its tier's, when the tier sets one, else
+    /// `budget.max_completion_tokens` (0: none).
+    fn cap(&self, tier: Option<&str>) -> u64 {
+        tier.and_then(|tier| self.tier_caps.iter().find(|(name, _)| name == tier))
+            .map_or(self.max_completion_tokens, |(_, cap)| *cap)
     }
 
     /// Checks the request head of a metered call before its body is read: `415` for a body
@@ -191,10 +206,12 @@ impl RequestPolicy {
     }
 
     /// Reads a metered call's body: the model allow-list, the stream flag, the ceiling and the
-    /// choices, then the cap and `include_usage` as edits in place. `endpoint` is where it goes;
-    /// `remaining_secs` the life left to the caller's session (for `realtime/client_secrets`).
-    pub(crate) fn meter(
+    /// choices, then the cap (of the session's `tier`) and `include_usage` as edits in place.
+    /// `endpoint` is where it goes; `remaining_secs` the life left to the caller's session (for
+    /// `realtime/client_secrets`).
+    pub(crate) fn meter_for(
         &self,
+        tier: Option<&str>,
         endpoint: Endpoint,
         method: &http::Method,
         headers: &HeaderMap,
@@ -219,7 +236,7 @@ impl RequestPolicy {
         })?;
         let view = View::read(&body, &object)?;
         if endpoint == Endpoint::ClientSecrets {
-            return self.client_secrets(body, &object, remaining_secs);
+            return self.client_secrets(self.cap(tier), body, &object, remaining_secs);
         }
 
         if !self.allowed_models.is_empty() {
@@ -257,7 +274,7 @@ impl RequestPolicy {
                 // Every ceiling-named member must be an integer, whichever endpoint reads it.
                 view.max_ceiling(&CEILING_FIELDS)?;
                 let mut ceiling = view.max_ceiling(ceilings)?;
-                let cap = self.max_completion_tokens;
+                let cap = self.cap(tier);
                 if cap > 0 {
                     let mut named = false;
                     for member in ceilings.iter().filter_map(|name| object.get(name)) {
@@ -301,6 +318,7 @@ impl RequestPolicy {
     /// responses.
     fn client_secrets(
         &self,
+        cap: u64,
         body: Bytes,
         object: &Object,
         remaining_secs: Option<u64>,
@@ -344,7 +362,6 @@ impl RequestPolicy {
                 _ => integer(slice, member)?,
             };
             ceiling = ceiling.max(value);
-            let cap = self.max_completion_tokens;
             if cap > 0 && value.is_none_or(|n| n > cap) {
                 edits.push(shift(
                     json::replace_value(member, itoa::Buffer::new().format(cap).as_bytes()),
@@ -352,22 +369,18 @@ impl RequestPolicy {
                 ));
             }
         }
-        if self.max_completion_tokens > 0 {
+        if cap > 0 {
             if !named {
                 edits.push(shift(
                     json::insert_member(
                         &inner,
                         REALTIME_CEILINGS[0],
-                        itoa::Buffer::new()
-                            .format(self.max_completion_tokens)
-                            .as_bytes(),
+                        itoa::Buffer::new().format(cap).as_bytes(),
                     ),
                     start,
                 ));
             }
-            ceiling = Some(ceiling.map_or(self.max_completion_tokens, |c| {
-                c.min(self.max_completion_tokens)
-            }));
+            ceiling = Some(ceiling.map_or(cap, |c| c.min(cap)));
         }
         // The secret's life, at most the session's.
         if let Some(remaining) = remaining_secs {
@@ -684,9 +697,50 @@ mod tests {
         RequestPolicy {
             allowed_models: Vec::new(),
             max_completion_tokens: cap,
+            tier_caps: Vec::new(),
             default_reserve_tokens: 100,
             include_usage: true,
         }
+    }
+
+    #[test]
+    fn a_tier_cap_replaces_the_default_for_that_tier_only() {
+        let policy = RequestPolicy {
+            tier_caps: vec![("pro".to_owned(), 500), ("unlimited".to_owned(), 0)],
+            ..policy(64)
+        };
+        let body = r#"{"model":"m","max_tokens":1000,"messages":[]}"#;
+        let capped = |tier: Option<&str>| {
+            let metered = policy
+                .meter_for(
+                    tier,
+                    Endpoint::of("chat/completions"),
+                    &http::Method::POST,
+                    &json_headers(),
+                    Bytes::copy_from_slice(body.as_bytes()),
+                    None,
+                )
+                .unwrap();
+            let sent: serde_json::Value = serde_json::from_slice(&metered.body).unwrap();
+            sent["max_tokens"].as_u64().unwrap()
+        };
+        assert_eq!(capped(None), 64);
+        assert_eq!(capped(Some("free")), 64, "a tier without a cap of its own");
+        assert_eq!(capped(Some("pro")), 500);
+        assert_eq!(capped(Some("unlimited")), 1000, "0: no cap for the tier");
+        assert_eq!(meter(&policy, "chat/completions", body).unwrap().body, {
+            let m = policy
+                .meter_for(
+                    None,
+                    Endpoint::of("chat/completions"),
+                    &http::Method::POST,
+                    &json_headers(),
+                    Bytes::copy_from_slice(body.as_bytes()),
+                    None,
+                )
+                .unwrap();
+            m.body
+        });
     }
 
     fn json_headers() -> HeaderMap {
@@ -696,7 +750,8 @@ mod tests {
     }
 
     fn meter(policy: &RequestPolicy, path: &str, body: &str) -> Result<Metered, Error> {
-        policy.meter(
+        policy.meter_for(
+            None,
             Endpoint::of(path),
             &http::Method::POST,
             &json_headers(),
@@ -706,7 +761,8 @@ mod tests {
     }
 
     fn secret(policy: &RequestPolicy, body: &str, remaining: u64) -> Result<Metered, Error> {
-        policy.meter(
+        policy.meter_for(
+            None,
             Endpoint::ClientSecrets,
             &http::Method::POST,
             &json_headers(),

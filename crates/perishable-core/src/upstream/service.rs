@@ -329,8 +329,9 @@ impl Inner {
             let remaining = session
                 .as_ref()
                 .map(|s| s.claims.exp.saturating_sub(crate::clock::unix_now()));
+            let tier = session.as_ref().and_then(|s| s.claims.tier.as_deref());
             self.policy
-                .meter(endpoint, &method, &headers, body, remaining)?
+                .meter_for(tier, endpoint, &method, &headers, body, remaining)?
         } else {
             Metered {
                 body,
