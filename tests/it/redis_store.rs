@@ -712,3 +712,107 @@ async fn redis_app_attest_keys_expire_after_their_retention() {
     assert_eq!(store.app_attest_key("k1").await.unwrap(), None);
     assert_eq!(redis_command(&redis, &["EXISTS", "tb:appattest:k1"]), ":0");
 }
+
+/// `INFO commandstats`: calls per command (`cmdstat_<name>`).
+fn command_calls(redis: &Redis) -> std::collections::HashMap<String, u64> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+    conn.write_all(b"*2\r\n$4\r\nINFO\r\n$12\r\ncommandstats\r\n")
+        .unwrap();
+    let mut reader = BufReader::new(conn);
+    let mut header = String::new();
+    reader.read_line(&mut header).unwrap();
+    let len: usize = header.trim_start_matches('$').trim().parse().unwrap();
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body).unwrap();
+    String::from_utf8(body)
+        .unwrap()
+        .lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
+fn calls(redis: &Redis, command: &str) -> u64 {
+    command_calls(redis).get(command).copied().unwrap_or(0)
+}
+
+async fn revoke(proxy: &Proxy, session: &SessionObject, fp: &str) {
+    let revoked = proxy
+        .http
+        .delete(proxy.url("/session"))
+        .bearer_auth(&session.token)
+        .header("x-perishable-fingerprint", fp)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 204);
+}
+
+/// Waits until `proxy` refuses `session` as revoked.
+async fn refused_within(proxy: &Proxy, session: &SessionObject, fp: &str, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let response = models(proxy, session, fp).await;
+        if response.status() == 401 {
+            assert_eq!(error_code(response).await, "session_revoked");
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still accepted after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
+async fn revocations_are_pushed_and_checked_without_a_round_trip() {
+    let redis = Redis::start();
+    let p = pair(&redis, |c| c.pow_difficulty(0)).await;
+    let s = p.a.mint("device-push-001").await;
+    // The first check subscribes; once the copy is synchronised, checks stay in memory.
+    assert_eq!(models(&p.a, &s, "device-push-001").await.status(), 200);
+    assert_eq!(models(&p.b, &s, "device-push-001").await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = calls(&redis, "exists");
+    for _ in 0..10 {
+        assert_eq!(models(&p.b, &s, "device-push-001").await.status(), 200);
+    }
+    assert_eq!(
+        calls(&redis, "exists"),
+        before,
+        "a revocation round trip per call"
+    );
+
+    // A revocation on a reaches b's copy: pushed, not polled.
+    revoke(&p.a, &s, "device-push-001").await;
+    refused_within(&p.b, &s, "device-push-001", Duration::from_secs(1)).await;
+    assert_eq!(calls(&redis, "exists"), before);
+
+    // Cut b's subscription: until it is back, b asks Redis; nothing revoked meanwhile passes.
+    let t = p.a.mint("device-push-002").await;
+    assert_eq!(models(&p.b, &t, "device-push-002").await.status(), 200);
+    redis_command(&redis, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+    revoke(&p.a, &t, "device-push-002").await;
+    refused_within(&p.b, &t, "device-push-002", Duration::from_millis(200)).await;
+    refused_within(&p.b, &s, "device-push-001", Duration::from_millis(200)).await;
+    // Resynchronised: the revocations made before are in the copy, and checks are local again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = calls(&redis, "exists");
+    refused_within(&p.b, &t, "device-push-002", Duration::from_millis(200)).await;
+    refused_within(&p.b, &s, "device-push-001", Duration::from_millis(200)).await;
+    assert_eq!(calls(&redis, "exists"), before);
+}

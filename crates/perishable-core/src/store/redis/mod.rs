@@ -15,10 +15,15 @@
 //! | `<p>:streams:<jti>` | open-stream counter | with the session |
 //! | `<p>:appattest:<key id>` | App Attest key: hash `{pk, app, dev, ctr, at}` (public key bytes, App ID, development `0`/`1`, counter, registration time) | `mint.app_attest.key_retention_secs` after its last mint |
 //!
+//! Revocations are also published on `<p>:revocations`: each instance keeps a copy of the
+//! revoked set fed by that channel, so checking a token costs no round trip ([`revocations`]).
+//!
 //! Rate limiting, cap admission, token buckets and App Attest keys are Lua scripts: one round trip, atomic, on
 //! Redis's clock (`TIME`), so instances with drifting clocks still agree. Redis Cluster is not
 //! supported (the cap and budget scripts touch keys in several slots); use a single primary (with
 //! replicas for failover).
+
+mod revocations;
 
 use std::fmt;
 use std::sync::Arc;
@@ -276,6 +281,9 @@ struct Inner {
     release: Script,
     register_key: Script,
     advance_key: Script,
+    revoke: Script,
+    /// The local copy of the revoked set, fed by pub/sub ([`revocations`]).
+    revocations: Arc<revocations::Revocations>,
 }
 
 impl fmt::Debug for RedisStore {
@@ -313,6 +321,8 @@ impl RedisStore {
                 release: Script::new(RELEASE),
                 register_key: Script::new(REGISTER_KEY),
                 advance_key: Script::new(ADVANCE_KEY),
+                revoke: Script::new(revocations::REVOKE),
+                revocations: Arc::default(),
             }),
         })
     }
@@ -482,6 +492,24 @@ impl Store for RedisStore {
         Box::pin(async move {
             let key = self.inner.key(set.name(), id);
             let at_ms = expiry_ms(expires_at);
+            if set == Set::Revoked {
+                // Recorded and published at once: every instance's copy learns of it.
+                let inner = &self.inner;
+                let fresh: i64 = inner
+                    .run(|mut conn| async move {
+                        inner
+                            .revoke
+                            .key(key)
+                            .arg(at_ms)
+                            .arg(revocations::channel(&inner.prefix))
+                            .arg(format!("{id} {at_ms}"))
+                            .invoke_async(&mut conn)
+                            .await
+                    })
+                    .await?;
+                inner.revocations.insert(id, at_ms, now_ms());
+                return Ok(fresh == 1);
+            }
             let set: Option<String> = self
                 .inner
                 .run(|mut conn| async move {
@@ -501,11 +529,27 @@ impl Store for RedisStore {
 
     fn contains<'a>(&'a self, set: Set, id: &'a str) -> StoreFuture<'a, bool> {
         Box::pin(async move {
+            if let Some(known) = self.contains_now(set, id) {
+                return Ok(known);
+            }
             let key = self.inner.key(set.name(), id);
             self.inner
                 .run(|mut conn| async move { conn.exists(key).await })
                 .await
         })
+    }
+
+    /// Revocations come from the local copy once it is synchronised ([`revocations`]): no
+    /// round trip. Anything else, or before then, asks Redis.
+    fn contains_now(&self, set: Set, id: &str) -> Option<bool> {
+        if set != Set::Revoked {
+            return None;
+        }
+        let copy = &self.inner.revocations;
+        if !copy.synced() {
+            copy.start(self.inner.client.clone(), self.inner.prefix.clone());
+        }
+        copy.contains(id, now_ms())
     }
 
     fn ping(&self) -> StoreFuture<'_, ()> {
