@@ -37,7 +37,8 @@ use std::time::Duration;
 
 use crate::config::{BudgetConfig, BudgetScope, OnUnavailable};
 use crate::error::{Error, ErrorCode, RateLimitInfo};
-use crate::store::{Bucket, Reservation, Store, log_failure};
+use crate::rate_limit::Deferred;
+use crate::store::{Bucket, CallAdmission, CallDecision, Store, log_failure};
 use crate::token::VerifiedSession;
 use crate::usage::Usage;
 
@@ -166,96 +167,117 @@ impl Budget {
         streaming: bool,
         reserve: u64,
     ) -> Result<Admitted, Error> {
+        self.admit_counted(session, ip, streaming, reserve, None)
+            .await
+    }
+
+    /// [`admit`](Self::admit), counting the request with a rate limiter left to this call
+    /// ([`Deferred`]) in the same store call: one round trip for all three.
+    pub(crate) async fn admit_counted(
+        &self,
+        session: Option<&VerifiedSession>,
+        ip: Option<IpAddr>,
+        streaming: bool,
+        reserve: u64,
+        rate: Option<Deferred>,
+    ) -> Result<Admitted, Error> {
         let c = &self.inner.config;
         let store = &self.inner.store;
-        let mut admitted = Admitted::default();
-
-        if streaming
-            && c.max_concurrent_streams > 0
-            && let Some(session) = session
-        {
-            let jti = &session.claims.jti;
-            match store
-                .acquire_stream(jti, c.max_concurrent_streams, session.claims.exp)
-                .await
-            {
-                Ok(true) => admitted.stream = Some(jti.clone()),
-                Ok(false) => {
-                    return Err(Error::new(
-                        ErrorCode::RateLimited,
-                        format!(
-                            "at most {} concurrent streams per session",
-                            c.max_concurrent_streams
-                        ),
-                    )
-                    .with_rate_limit(RateLimitInfo {
-                        policy: "streams",
-                        quota: c.max_concurrent_streams,
-                        window_secs: 1,
-                        remaining: 0,
-                        retry_after: Duration::from_secs(1),
-                    }));
-                }
-                Err(e) if self.inner.fail_open => {
-                    log_failure("acquire_stream", &e, "skipped the stream cap (fail open)");
-                }
-                Err(e) => return Err(crate::store::refuse("acquire_stream", &e)),
-            }
-        }
-
-        let (buckets, scopes) = self.buckets(session, ip);
-        if reserve == 0 || buckets.is_empty() {
-            return Ok(admitted);
-        }
-        if let Some((i, bucket)) = buckets
+        let stream = match session {
+            Some(session) if streaming && c.max_concurrent_streams > 0 => Some((
+                session.claims.jti.clone(),
+                c.max_concurrent_streams,
+                session.claims.exp,
+            )),
+            _ => None,
+        };
+        let (buckets, scopes) = if reserve > 0 {
+            self.buckets(session, ip)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let mut call = CallAdmission::new();
+        call.rate = rate.as_ref().map(|r| (&*r.limiter, r.key.as_str()));
+        // A call that could cost more than a whole bucket can never be covered: refused without
+        // asking for a slot or tokens (the request is still counted).
+        let too_large = buckets
             .iter()
             .enumerate()
             .find(|(_, b)| reserve > b.capacity)
-        {
-            let error = exhausted(
-                scopes[i],
-                bucket,
-                format!(
-                    "this call can cost up to {reserve} tokens, more than the whole {} budget of {} tokens: lower max_tokens or n",
-                    scopes[i], bucket.capacity
-                ),
-                bucket.window_secs,
-            );
-            self.release(admitted);
-            return Err(error);
+            .map(|(i, bucket)| {
+                exhausted(
+                    scopes[i],
+                    bucket,
+                    format!(
+                        "this call can cost up to {reserve} tokens, more than the whole {} budget of {} tokens: lower max_tokens or n",
+                        scopes[i], bucket.capacity
+                    ),
+                    bucket.window_secs,
+                )
+            });
+        if too_large.is_none() {
+            call.stream = stream
+                .as_ref()
+                .map(|(jti, max, exp)| (jti.as_str(), *max, *exp));
+            call.buckets = &buckets;
+            call.amount = if buckets.is_empty() { 0 } else { reserve };
         }
-        match store.reserve_tokens(&buckets, reserve).await {
-            Ok(Reservation::Reserved) => {
-                admitted.buckets = buckets;
-                admitted.reserved = reserve;
-                Ok(admitted)
-            }
-            Ok(Reservation::Exhausted {
+        if call.rate.is_none() && call.stream.is_none() && call.amount == 0 {
+            return too_large.map_or_else(|| Ok(Admitted::default()), Err);
+        }
+        let amount = call.amount;
+        let took_stream = call.stream.is_some();
+        match store.admit_call(call).await {
+            Ok(CallDecision::Admitted) => match too_large {
+                Some(error) => Err(error),
+                None => Ok(Admitted {
+                    reserved: amount,
+                    buckets: if amount > 0 { buckets } else { Vec::new() },
+                    stream: stream.filter(|_| took_stream).map(|(jti, ..)| jti),
+                }),
+            },
+            Ok(CallDecision::RateLimited(decision)) => Err(rate
+                .as_ref()
+                .map(|r| r.refusal(decision))
+                .unwrap_or_else(|| Error::new(ErrorCode::RateLimited, "rate limited"))),
+            Ok(CallDecision::StreamsFull) => Err(Error::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "at most {} concurrent streams per session",
+                    c.max_concurrent_streams
+                ),
+            )
+            .with_rate_limit(RateLimitInfo {
+                policy: "streams",
+                quota: c.max_concurrent_streams,
+                window_secs: 1,
+                remaining: 0,
+                retry_after: Duration::from_secs(1),
+            })),
+            Ok(CallDecision::Exhausted {
                 bucket,
                 available,
                 retry_after_secs,
             }) => {
-                let i = bucket.min(buckets.len() - 1);
-                let error = exhausted(
-                    scopes[i],
-                    &buckets[i],
-                    format!(
-                        "token budget exhausted ({}): {available} of {} tokens left, and this call can cost up to {reserve}",
-                        scopes[i], buckets[i].capacity
+                let i = bucket.min(buckets.len().saturating_sub(1));
+                Err(match buckets.get(i) {
+                    Some(short) => exhausted(
+                        scopes[i],
+                        short,
+                        format!(
+                            "token budget exhausted ({}): {available} of {} tokens left, and this call can cost up to {reserve}",
+                            scopes[i], short.capacity
+                        ),
+                        retry_after_secs,
                     ),
-                    retry_after_secs,
-                );
-                self.release(admitted);
-                Err(error)
+                    None => Error::new(ErrorCode::BudgetExhausted, "token budget exhausted"),
+                })
             }
             Err(e) if self.inner.fail_open => {
-                log_failure("reserve_tokens", &e, "skipped the token budget (fail open)");
-                Ok(admitted)
+                log_failure("admit_call", &e, "skipped the limits (fail open)");
+                too_large.map_or_else(|| Ok(Admitted::default()), Err)
             }
-            Err(e) => {
-                self.release(admitted);
-                Err(crate::store::refuse("reserve_tokens", &e))
-            }
+            Err(e) => Err(crate::store::refuse("admit_call", &e)),
         }
     }
 

@@ -223,6 +223,17 @@ impl Perishable {
         )
     }
 
+    /// [`rate_limit_layer`](Self::rate_limit_layer) for a stack whose inner service is the
+    /// [`upstream_service`](Self::upstream_service) (through the
+    /// [`realtime_layer`](Self::realtime_layer) at most), as `perishable_axum::router` builds
+    /// it: with a store across a network, each call's count is left to the upstream Service,
+    /// which asks the store once for the count, the stream slot and the token reservation
+    /// (`docs/scaling.md`). Put nothing else between the two: a request that skipped the
+    /// upstream Service would not be counted.
+    pub fn proxy_rate_limit_layer(&self) -> RateLimitLayer<FingerprintKey> {
+        self.rate_limit_layer().deferring()
+    }
+
     /// `rate_limit.mint_per_ip` session mints per client IP per minute.
     pub fn mint_limit_layer(&self) -> RateLimitLayer<ClientIpKey> {
         RateLimitLayer::new(

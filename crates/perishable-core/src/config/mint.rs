@@ -469,10 +469,9 @@ mod tests {
         let config = ok.unwrap();
         assert_eq!(config.budget().tiers["pro"].points, Some(5));
         assert_eq!(config.budget().tiers["pro"].max_completion_tokens, Some(7));
-        let e = Config::from_toml_str(
-            "[upstream]\napi_key = \"sk\"\n[budget.tiers.pro]\npoints = 0\n",
-        )
-        .unwrap_err();
+        let e =
+            Config::from_toml_str("[upstream]\napi_key = \"sk\"\n[budget.tiers.pro]\npoints = 0\n")
+                .unwrap_err();
         assert!(
             matches!(
                 e,

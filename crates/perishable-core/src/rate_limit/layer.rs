@@ -14,6 +14,7 @@ pub struct RateLimitLayer<X> {
     extractor: X,
     on_unavailable: OnUnavailable,
     tiers: Tiers,
+    defer: bool,
 }
 
 impl<X: KeyExtractor> RateLimitLayer<X> {
@@ -26,7 +27,17 @@ impl<X: KeyExtractor> RateLimitLayer<X> {
             extractor,
             on_unavailable: OnUnavailable::Closed,
             tiers: Arc::new([]),
+            defer: false,
         }
+    }
+
+    /// Leaves the count of each call to the upstream Service behind, which asks the store once
+    /// for the count, the stream slot and the reservation. Only for a stack whose inner service
+    /// is the [`UpstreamService`](crate::upstream::UpstreamService) (as in
+    /// [`Perishable::proxy_rate_limit_layer`](crate::Perishable::proxy_rate_limit_layer)).
+    pub(crate) fn deferring(mut self) -> Self {
+        self.defer = true;
+        self
     }
 
     /// Limits the sessions of tier `tier` (the token's `tier` claim, from
@@ -88,5 +99,6 @@ impl<S, X: KeyExtractor> Layer<S> for RateLimitLayer<X> {
             self.on_unavailable,
         )
         .with_tiers(self.tiers.clone())
+        .deferring(self.defer)
     }
 }

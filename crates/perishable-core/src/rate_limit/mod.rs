@@ -55,4 +55,5 @@ mod service;
 
 pub use key::{ClientIpKey, FingerprintKey, KeyExtractor};
 pub use layer::RateLimitLayer;
+pub(crate) use service::Deferred;
 pub use service::{RateLimit, RateLimitFuture};

@@ -21,6 +21,42 @@ pub struct RateLimit<S, X> {
     extractor: X,
     on_unavailable: OnUnavailable,
     tiers: Tiers,
+    /// Leave the count of a call to the upstream Service behind (see [`Deferred`]).
+    defer: bool,
+}
+
+/// A rate-limit count left to the upstream Service, so that the store is asked once per call
+/// (the count, the stream slot and the reservation in one [`Store::admit_call`]).
+///
+/// Only `Perishable`'s proxy stack defers, where the inner service is known to be the
+/// [`UpstreamService`](crate::upstream::UpstreamService), which takes this extension and counts
+/// the request whatever happens to it. A limiter that answers from memory, and WebSocket
+/// upgrades (served before the upstream Service), are never deferred.
+///
+/// [`Store::admit_call`]: crate::store::Store::admit_call
+#[derive(Debug, Clone)]
+pub(crate) struct Deferred {
+    pub(crate) limiter: Arc<dyn RateLimiter>,
+    pub(crate) key: String,
+}
+
+impl Deferred {
+    /// Counts the request on its own, in the background: for a call refused before its
+    /// admission, so that refused requests are still counted.
+    pub(crate) fn count_anyway(self) {
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                if let Err(e) = self.limiter.check(&self.key).await {
+                    log_failure("rate_limit", &e, "a refused request was not counted");
+                }
+            });
+        }
+    }
+
+    /// The `429 rate_limited` error for `decision`.
+    pub(crate) fn refusal(&self, decision: crate::store::RateDecision) -> Error {
+        refusal_error(&*self.limiter, decision)
+    }
 }
 
 /// The limiters of sessions of a tier (`budget.tiers.NAME.points`), by tier name; empty unless
@@ -64,7 +100,14 @@ impl<S, X: KeyExtractor> RateLimit<S, X> {
             extractor,
             on_unavailable,
             tiers: Arc::new([]),
+            defer: false,
         }
+    }
+
+    /// Defers the count of calls to the upstream Service behind ([`Deferred`]).
+    pub(crate) fn deferring(mut self, defer: bool) -> Self {
+        self.defer = defer;
+        self
     }
 
     /// These limiters for sessions of their tiers.
@@ -92,7 +135,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let key = match self.extractor.extract(&req) {
             Ok(key) => key,
             Err(error) => {
@@ -113,6 +156,11 @@ where
             };
         }
         let limiter = limiter.clone();
+        // An upgrade (a Realtime WebSocket) is served before the upstream Service: counted here.
+        if self.defer && !req.headers().contains_key(http::header::UPGRADE) {
+            req.extensions_mut().insert(Deferred { limiter, key });
+            return RateLimitFuture::new(Either::Left(Either::Right(self.inner.call(req))));
+        }
         // The clone that was polled ready goes into the future (tower's "be careful when
         // cloning inner services").
         let clone = self.inner.clone();
@@ -144,24 +192,29 @@ crate::macros::opaque_future! {
     pub type RateLimitFuture<F, ResBody, E> = Decided<F, ResBody, E>;
 }
 
+/// The `429 rate_limited` error for `decision`.
+fn refusal_error(limiter: &dyn RateLimiter, decision: crate::store::RateDecision) -> Error {
+    let policy = limiter.policy();
+    Error::rate_limited(RateLimitInfo {
+        policy: policy.name,
+        quota: policy.points,
+        window_secs: policy.window.as_secs().max(1),
+        remaining: decision.remaining,
+        retry_after: decision.retry_after,
+    })
+}
+
 /// The `429 rate_limited` answer for `decision`.
 fn refusal<B, ResBody: From<Bytes>>(
     limiter: &dyn RateLimiter,
     req: &Request<B>,
     decision: crate::store::RateDecision,
 ) -> Response<ResBody> {
-    let policy = limiter.policy();
     let session = req
         .extensions()
         .get::<crate::token::VerifiedSession>()
         .map(|s| s.session_id().to_owned());
-    let refusal = Error::rate_limited(RateLimitInfo {
-        policy: policy.name,
-        quota: policy.points,
-        window_secs: policy.window.as_secs().max(1),
-        remaining: decision.remaining,
-        retry_after: decision.retry_after,
-    });
+    let refusal = refusal_error(limiter, decision);
     match session {
         Some(id) => refusal.with_session(id),
         None => refusal,

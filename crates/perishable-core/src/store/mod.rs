@@ -232,6 +232,64 @@ impl AppAttestKey {
     }
 }
 
+/// What a proxied call asks of the store before it is forwarded, in one step
+/// ([`Store::admit_call`]): one request counted by a rate limiter, a concurrent-stream slot,
+/// and a token reservation. Each part is optional.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct CallAdmission<'a> {
+    /// Count one request for `key` with this limiter.
+    pub rate: Option<(&'a dyn RateLimiter, &'a str)>,
+    /// Take one of `max` stream slots of session `jti` (held until `exp` at most):
+    /// `(jti, max, exp)`, as [`Store::acquire_stream`].
+    pub stream: Option<(&'a str, u32, u64)>,
+    /// Reserve `amount` tokens in every bucket, as [`Store::reserve_tokens`] (no buckets, or
+    /// an amount of 0: nothing to reserve).
+    pub buckets: &'a [Bucket],
+    /// Tokens to reserve.
+    pub amount: u64,
+}
+
+impl<'a> CallAdmission<'a> {
+    /// An admission of nothing yet; add the parts with the fields.
+    pub fn new() -> Self {
+        Self {
+            rate: None,
+            stream: None,
+            buckets: &[],
+            amount: 0,
+        }
+    }
+}
+
+impl Default for CallAdmission<'_> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The answer to [`Store::admit_call`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CallDecision {
+    /// Every part passed and was taken.
+    Admitted,
+    /// The rate limiter refused (nothing else was taken).
+    RateLimited(RateDecision),
+    /// The request was counted; the session's stream slots are all taken (no tokens taken).
+    StreamsFull,
+    /// The request was counted; a bucket is short (no slot and no tokens taken), as
+    /// [`Reservation::Exhausted`].
+    Exhausted {
+        /// Index into [`CallAdmission::buckets`] of the short bucket.
+        bucket: usize,
+        /// Tokens it holds now.
+        available: u64,
+        /// Whole seconds until it holds the amount.
+        retry_after_secs: u64,
+    },
+}
+
 /// Where shared state lives; see the [module docs](self).
 pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// A rate limiter for `policy`, made once at start-up.
@@ -320,6 +378,59 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Gives back a slot taken with [`acquire_stream`](Self::acquire_stream).
     fn release_stream<'a>(&'a self, session: &'a str) -> StoreFuture<'a, ()>;
+
+    /// Everything a proxied call asks before it is forwarded, in one step: counts the request
+    /// with the rate limiter, then takes the stream slot and reserves the tokens, or neither
+    /// (see [`CallDecision`] for what a refusal leaves taken).
+    ///
+    /// The default runs [`RateLimiter::check`], [`acquire_stream`](Self::acquire_stream) and
+    /// [`reserve_tokens`](Self::reserve_tokens) in turn (giving the slot back when the tokens
+    /// are short): right for a store in this process. A store across a network should answer
+    /// in one round trip: the Redis store runs one script.
+    fn admit_call<'a>(&'a self, call: CallAdmission<'a>) -> StoreFuture<'a, CallDecision> {
+        Box::pin(async move {
+            if let Some((limiter, key)) = call.rate {
+                let decision = match limiter.check_now(key) {
+                    Some(decision) => decision,
+                    None => limiter.check(key).await?,
+                };
+                if !decision.allowed {
+                    return Ok(CallDecision::RateLimited(decision));
+                }
+            }
+            let mut slot = None;
+            if let Some((jti, max, exp)) = call.stream {
+                if !self.acquire_stream(jti, max, exp).await? {
+                    return Ok(CallDecision::StreamsFull);
+                }
+                slot = Some(jti);
+            }
+            if call.amount > 0 && !call.buckets.is_empty() {
+                let reserved = self.reserve_tokens(call.buckets, call.amount).await;
+                let refusal = match reserved {
+                    Ok(Reservation::Reserved) => None,
+                    Ok(Reservation::Exhausted {
+                        bucket,
+                        available,
+                        retry_after_secs,
+                    }) => Some(Ok(CallDecision::Exhausted {
+                        bucket,
+                        available,
+                        retry_after_secs,
+                    })),
+                    Err(e) => Some(Err(e)),
+                };
+                if let Some(refusal) = refusal {
+                    if let Some(jti) = slot {
+                        // Best effort: the slot frees with the session otherwise.
+                        let _ = self.release_stream(jti).await;
+                    }
+                    return refusal;
+                }
+            }
+            Ok(CallDecision::Admitted)
+        })
+    }
 
     /// Registers the App Attest key `key_id` (an opaque id: base64url, no padding, of Apple's
     /// 32-byte key identifier) with its record, kept until `expires_at` (Unix seconds).

@@ -24,6 +24,7 @@ use crate::config::{Config, ConfigError};
 use crate::error::{Chain, Error, ErrorCode};
 use crate::header_rules::{forwarded_header_name, static_header};
 use crate::path::AllowList;
+use crate::rate_limit::Deferred;
 use crate::store::{MemoryStore, Store};
 use crate::token::VerifiedSession;
 
@@ -187,16 +188,24 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let inner = self.inner.clone();
         // Shared, not copied (claims behind an `Arc`).
         let session = req.extensions().get::<VerifiedSession>().cloned();
         let session_id = session.as_ref().map(|s| s.claims.clone());
         // Combinators, not an async block: the read and send steps then share the box's
         // space, which keeps this per-request allocation small.
-        let forward = match Inner::start(&inner, req, session) {
+        // A rate-limit count left to this call (`Perishable::proxy_rate_limit_layer`): made with
+        // the admission, or on its own for a call refused before it.
+        let mut deferred = req.extensions_mut().remove::<Deferred>();
+        let forward = match Inner::start(&inner, req, session, &mut deferred) {
             Ok(read) => Either::Left(read.and_then(move |prepared| inner.send(prepared))),
-            Err(error) => Either::Right(std::future::ready(Err(error))),
+            Err(error) => {
+                if let Some(deferred) = deferred {
+                    deferred.count_anyway();
+                }
+                Either::Right(std::future::ready(Err(error)))
+            }
         };
         UpstreamFuture::new(Box::pin(forward.map(move |result| {
             Ok(match result {
@@ -249,6 +258,7 @@ impl Inner {
         this: &Arc<Self>,
         req: Request<B>,
         session: Option<VerifiedSession>,
+        deferred: &mut Option<Deferred>,
     ) -> Result<impl Future<Output = Result<Prepared, Error>> + Send + 'static, Error>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -293,7 +303,7 @@ impl Inner {
         } = parts;
         Ok(this
             .clone()
-            .read_and_admit(method, uri, headers, session, ip, body))
+            .read_and_admit(method, uri, headers, session, ip, body, deferred.take()))
     }
 
     /// The `{path}` part of an upstream URI made by [`upstream_uri`](Self::upstream_uri).
@@ -309,19 +319,31 @@ impl Inner {
         session: Option<VerifiedSession>,
         ip: Option<std::net::IpAddr>,
         body: B,
+        deferred: Option<Deferred>,
     ) -> Result<Prepared, Error>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
+        // A call refused before its admission is still counted.
+        let counted = |error: Error, deferred: Option<Deferred>| {
+            if let Some(deferred) = deferred {
+                deferred.count_anyway();
+            }
+            error
+        };
         // Boxed: a sub-future held inline would make every request's future larger.
-        let body = Box::pin(crate::body::read_limited(
+        let body = match Box::pin(crate::body::read_limited(
             body,
             self.max_body_bytes,
             self.body_timeout,
             "the request body",
         ))
-        .await?;
+        .await
+        {
+            Ok(body) => body,
+            Err(error) => return Err(counted(error, deferred)),
+        };
 
         let endpoint = Endpoint::of(self.path_of(&uri));
         let metering = self.metered || endpoint == Endpoint::ClientSecrets;
@@ -330,19 +352,28 @@ impl Inner {
                 .as_ref()
                 .map(|s| s.claims.exp.saturating_sub(crate::clock::unix_now()));
             let tier = session.as_ref().and_then(|s| s.claims.tier.as_deref());
-            self.policy
-                .meter_for(tier, endpoint, &method, &headers, body, remaining)?
+            match self
+                .policy
+                .meter_for(tier, endpoint, &method, &headers, body, remaining)
+            {
+                Ok(metered) => metered,
+                Err(error) => return Err(counted(error, deferred)),
+            }
         } else {
             Metered {
                 body,
                 ..Metered::default()
             }
         };
-        let admitted = if metering {
-            Box::pin(
-                self.budget
-                    .admit(session.as_ref(), ip, metered.streaming, metered.reserve),
-            )
+        // One store call: the deferred count, the stream slot and the reservation.
+        let admitted = if metering || deferred.is_some() {
+            Box::pin(self.budget.admit_counted(
+                session.as_ref(),
+                ip,
+                metered.streaming,
+                metered.reserve,
+                deferred,
+            ))
             .await?
         } else {
             Admitted::default()

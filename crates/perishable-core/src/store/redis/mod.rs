@@ -34,8 +34,8 @@ use redis::{AsyncCommands, Script};
 use tokio::sync::OnceCell;
 
 use super::{
-    Admission, AppAttestKey, Bucket, RateDecision, RateLimiter, RatePolicy, Reservation, Set,
-    Store, StoreError, StoreFuture,
+    Admission, AppAttestKey, Bucket, CallAdmission, CallDecision, RateDecision, RateLimiter,
+    RatePolicy, Reservation, Set, Store, StoreError, StoreFuture,
 };
 use crate::config::{ConfigError, StoreConfig};
 
@@ -153,7 +153,7 @@ local function earlier(i)
 end
 -- Whether a key after i equals KEYS[i].
 local function later(i)
-  for k = i + 1, #KEYS do
+  for k = i + 1, NB do
     if KEYS[k] == KEYS[i] then return true end
   end
   return false
@@ -161,7 +161,7 @@ end
 -- Each bucket's level after change(i, tokens), a key named twice seeing its earlier change.
 local function levels_after(change)
   local after = {}
-  for i = 1, #KEYS do
+  for i = 1, NB do
     local j = earlier(i)
     local tokens
     if j then tokens = after[j] else tokens = level(i) end
@@ -170,7 +170,7 @@ local function levels_after(change)
   return after
 end
 local function put_all(after)
-  for i = 1, #KEYS do
+  for i = 1, NB do
     if not later(i) then put(i, after[i]) end
   end
 end
@@ -182,6 +182,7 @@ end
 /// `{1}`, or `{0, index (0-based), tokens available, retry_after_secs}` for the short bucket
 /// that takes longest to hold the amount.
 const RESERVE: &str = concat!(
+    "local NB = #KEYS\n",
     bucket_lua!(),
     r"
 local amount = tonumber(ARGV[1])
@@ -209,6 +210,7 @@ return {1}
 
 /// Adds `ARGV[1]` tokens to every bucket in `KEYS` (see `bucket_lua`), never above capacity.
 const SETTLE: &str = concat!(
+    "local NB = #KEYS\n",
     bucket_lua!(),
     r"
 local delta = tonumber(ARGV[1])
@@ -219,6 +221,82 @@ put_all(levels_after(function(i, tokens)
   return tokens
 end))
 return 1
+"
+);
+
+/// A proxied call's admission in one round trip ([`Store::admit_call`]): the rate limit (GCRA,
+/// as `GCRA`), then the stream slot and the token reservation (as `ACQUIRE` and `RESERVE`), or
+/// neither.
+///
+/// `KEYS`: the `NB` buckets, then the limiter's TAT and block keys when rated, then the stream
+/// counter when a slot is asked. `ARGV`: the amount, each bucket's capacity and refill time,
+/// then the GCRA interval, burst and block (µs) when rated, then the stream max and expiry
+/// when a slot is asked, then `NB`, rated (`0`/`1`) and slot (`0`/`1`). Returns `{0}`
+/// admitted, `{1, remaining, retry_us}` rate limited, `{2}` streams full, or
+/// `{3, index (0-based), tokens available, retry_after_secs}` a short bucket.
+const ADMIT_CALL: &str = concat!(
+    "local NB = tonumber(ARGV[#ARGV - 2])\n",
+    bucket_lua!(),
+    r"
+local rated = ARGV[#ARGV - 1] == '1'
+local slotted = ARGV[#ARGV] == '1'
+local a = 2 * NB + 2
+local k = NB + 1
+if rated then
+  local tat_key, block_key = KEYS[k], KEYS[k + 1]
+  local interval, burst, block = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local tt = redis.call('TIME')
+  local now_us = tonumber(tt[1]) * 1000000 + tonumber(tt[2])
+  local blocked = redis.call('PTTL', block_key)
+  if blocked > 0 then return {1, 0, blocked * 1000} end
+  local tat = tonumber(redis.call('GET', tat_key) or now_us)
+  if tat < now_us then tat = now_us end
+  local new_tat = tat + interval
+  local allow_at = new_tat - interval * burst
+  if now_us < allow_at then
+    local retry = allow_at - now_us
+    if block > 0 then
+      if block > retry then retry = block end
+      redis.call('SET', block_key, 1, 'PX', math.ceil(retry / 1000))
+    end
+    return {1, 0, retry}
+  end
+  redis.call('SET', tat_key, new_tat, 'PX', math.ceil((new_tat - now_us) / 1000) + 1)
+  a = a + 3
+  k = k + 2
+end
+local stream_key = nil
+if slotted then
+  stream_key = KEYS[k]
+  local open = tonumber(redis.call('GET', stream_key) or '0')
+  if open >= tonumber(ARGV[a]) then return {2} end
+end
+local amount = tonumber(ARGV[1])
+if NB > 0 and amount > 0 then
+  local short = nil
+  local after = levels_after(function(i, tokens)
+    if tokens >= amount then return tokens - amount end
+    local cap, secs = params(i)
+    local target = amount
+    if target > cap then target = cap end
+    local retry = math.ceil((target - tokens) * secs / cap)
+    if retry < 1 then retry = 1 end
+    if retry > 4294967296 then retry = 4294967296 end
+    if not short or retry > short[3] then
+      local available = 0
+      if tokens > 0 then available = math.floor(tokens) end
+      short = {i - 1, available, retry}
+    end
+    return tokens
+  end)
+  if short then return {3, short[1], short[2], short[3]} end
+  put_all(after)
+end
+if slotted then
+  redis.call('INCR', stream_key)
+  redis.call('EXPIREAT', stream_key, tonumber(ARGV[a + 1]) + 1)
+end
+return {0}
 "
 );
 
@@ -282,6 +360,7 @@ struct Inner {
     register_key: Script,
     advance_key: Script,
     revoke: Script,
+    admit_call: Script,
     /// The local copy of the revoked set, fed by pub/sub ([`revocations`]).
     revocations: Arc<revocations::Revocations>,
 }
@@ -322,6 +401,7 @@ impl RedisStore {
                 register_key: Script::new(REGISTER_KEY),
                 advance_key: Script::new(ADVANCE_KEY),
                 revoke: Script::new(revocations::REVOKE),
+                admit_call: Script::new(ADMIT_CALL),
                 revocations: Arc::default(),
             }),
         })
@@ -471,20 +551,38 @@ fn app_attest_record(fields: Vec<Option<Vec<u8>>>) -> Result<Option<AppAttestKey
     }))
 }
 
-impl Store for RedisStore {
-    fn rate_limiter(&self, policy: RatePolicy) -> Arc<dyn RateLimiter> {
+/// The GCRA parameters of a policy: one request every `interval_us`, a burst of `points`, a
+/// block of `block_us` after going over.
+struct Gcra {
+    points: u32,
+    interval_us: u64,
+    block_us: u64,
+}
+
+impl Gcra {
+    fn of(policy: &RatePolicy) -> Self {
         let points = policy.points.max(1);
         let window = policy.window.max(Duration::from_millis(1));
-        let interval_us = (window.as_micros() as u64 / u64::from(points)).max(1);
+        Self {
+            points,
+            interval_us: (window.as_micros() as u64 / u64::from(points)).max(1),
+            block_us: policy.block.as_micros() as u64,
+        }
+    }
+}
+
+impl Store for RedisStore {
+    fn rate_limiter(&self, policy: RatePolicy) -> Arc<dyn RateLimiter> {
+        let gcra = Gcra::of(&policy);
         Arc::new(RedisRateLimiter {
             store: self.inner.clone(),
-            block_us: policy.block.as_micros() as u64,
+            block_us: gcra.block_us,
             policy: RatePolicy {
-                points,
-                window,
+                points: gcra.points,
+                window: policy.window.max(Duration::from_millis(1)),
                 ..policy
             },
-            interval_us,
+            interval_us: gcra.interval_us,
         })
     }
 
@@ -707,6 +805,60 @@ impl Store for RedisStore {
                         .map(|_| ())
                 })
                 .await
+        })
+    }
+
+    /// One script, one round trip ([`ADMIT_CALL`]).
+    fn admit_call<'a>(&'a self, call: CallAdmission<'a>) -> StoreFuture<'a, CallDecision> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let reserving = call.amount > 0 && !call.buckets.is_empty();
+            let buckets = if reserving { call.buckets } else { &[] };
+            let reply: Vec<i64> = inner
+                .run(|mut conn| async move {
+                    let mut invocation = inner.admit_call.prepare_invoke();
+                    invocation.arg(call.amount);
+                    inner.bucket_keys(&mut invocation, buckets);
+                    if let Some((limiter, key)) = call.rate {
+                        let gcra = Gcra::of(limiter.policy());
+                        let name = limiter.policy().name;
+                        invocation
+                            .key(inner.key(&format!("rl:{name}"), key))
+                            .key(inner.key(&format!("rlb:{name}"), key))
+                            .arg(gcra.interval_us)
+                            .arg(gcra.points)
+                            .arg(gcra.block_us);
+                    }
+                    if let Some((jti, max, exp)) = call.stream {
+                        invocation.key(inner.key("streams", jti)).arg(max).arg(exp);
+                    }
+                    invocation
+                        .arg(buckets.len())
+                        .arg(u8::from(call.rate.is_some()))
+                        .arg(u8::from(call.stream.is_some()));
+                    invocation.invoke_async(&mut conn).await
+                })
+                .await?;
+            let field = |i: usize| reply.get(i).copied().unwrap_or(0).max(0).unsigned_abs();
+            Ok(match reply.first() {
+                Some(0) => CallDecision::Admitted,
+                Some(1) => CallDecision::RateLimited(RateDecision {
+                    allowed: false,
+                    remaining: u32::try_from(field(1)).unwrap_or(u32::MAX),
+                    retry_after: Duration::from_micros(field(2)),
+                }),
+                Some(2) => CallDecision::StreamsFull,
+                Some(3) => CallDecision::Exhausted {
+                    bucket: usize::try_from(field(1)).unwrap_or(0),
+                    available: field(2),
+                    retry_after_secs: field(3),
+                },
+                _ => {
+                    return Err(StoreError::Unavailable(
+                        "malformed admission reply".to_owned(),
+                    ));
+                }
+            })
         })
     }
 
