@@ -114,6 +114,27 @@ window.__perishableTest = {
     });
   },
 
+  /**
+   * A connection ends when its token is revoked: socket A is open when socket B's
+   * `minLifetime` (more than any session has) makes the client refresh first, which revokes
+   * A's token.
+   */
+  async realtimeRefresh(model) {
+    const before = client.session().session_id;
+    const a = await client.realtimeWebSocket({ model });
+    const aOpened = await opens(a);
+    const aClosed = new Promise((resolve) =>
+      a.addEventListener("close", (e) => resolve({ code: e.code, reason: e.reason })),
+    );
+    const b = await client.realtimeWebSocket({ model, minLifetime: 1e9 });
+    const bOpened = await opens(b);
+    const after = client.session().session_id;
+    const timeout = new Promise((resolve) => setTimeout(() => resolve({ timed_out: true }), 10000));
+    const aClose = await Promise.race([aClosed, timeout]);
+    b.close(1000, "done");
+    return { before, after, a_opened: aOpened, b_opened: bOpened, a_close: aClose };
+  },
+
   /** Handshakes the proxy must refuse: each is `{ opened, close_code, error }`. */
   async realtimeRefused(model) {
     const swap = (protocols, prefix, value) =>
@@ -223,6 +244,14 @@ function realtimeTalk(socket, send, prompt) {
         finish(new Error(`Realtime error event: ${JSON.stringify(event.error)}`));
       }
     });
+  });
+}
+
+/** Whether `socket` opens (true) or closes first (false). */
+function opens(socket) {
+  return new Promise((resolve) => {
+    socket.addEventListener("open", () => resolve(true));
+    socket.addEventListener("close", () => resolve(false));
   });
 }
 

@@ -22,7 +22,8 @@
 // 1. the client's `realtimeWebSocket` opens `/openai/realtime` with a key-bound session: the
 //    mock's session.created, a response's text deltas and response.done arrive;
 // 2. the official SDK's `OpenAIRealtimeWebSocket`, through `realtimeSDK`, does the same, and the
-//    global WebSocket is restored;
+//    global WebSocket is restored; a refresh (asked for with `minLifetime`) closes the connection
+//    of the old token;
 // 3. handshakes the proxy must refuse (another fingerprint, no proof, a replayed proof, no
 //    token) never open;
 // 4. the demo's Realtime tab answers, and a screenshot is saved to demo-realtime.png beside
@@ -391,6 +392,11 @@ async function demoRealtime(page) {
   await page.waitForSelector('#rt-state[data-state="open"], #rt-state[data-state="refused"]', {
     timeout: 30000,
   });
+  const connection = await page.evaluate(() => document.getElementById("rt-state").textContent);
+  if (/^refused|^could not/.test(connection)) {
+    check("the demo's Realtime tab connects", false, connection);
+    return { connection };
+  }
   // session.created names the model in the status line.
   await page
     .waitForFunction(() => /connected to/.test(document.getElementById("rt-state").textContent), null, {
@@ -481,6 +487,17 @@ async function realtimeMain() {
     check("official SDK: no error", sdk.sdk_errors.length === 0, results.sdk);
     check("both used the same session", raw.session.session_id === sdk.session.session_id,
       [raw.session.session_id, sdk.session.session_id]);
+
+    // The demo's own client takes the session now, so that it holds the token the refresh
+    // below revokes: its Realtime tab (4.) must pick up the refreshed one from storage.
+    await page.evaluate(() => window.perishableDemo.client.getSession());
+    // A refresh revokes the token a connection opened with: the proxy closes it (1008).
+    const refresh = await page.evaluate((m) => window.__perishableTest.realtimeRefresh(m), RT_MODEL);
+    results.refresh = refresh;
+    check("minLifetime refreshes the session first",
+      refresh.after !== refresh.before && refresh.a_opened && refresh.b_opened, refresh);
+    check("the connection of a revoked token is closed 1008 session revoked",
+      refresh.a_close.code === 1008 && /revoked/.test(refresh.a_close.reason), refresh);
 
     // 3. Refused handshakes.
     const refused = await page.evaluate((m) => window.__perishableTest.realtimeRefused(m), RT_MODEL);

@@ -393,6 +393,11 @@ async fn realtime_from_headless_chromium() {
     }
     assert_eq!(result["sdk"]["websocket_restored"], true);
 
+    // A refresh revoked the token an open connection used: the proxy closed it.
+    let refresh = &result["refresh"];
+    assert_ne!(refresh["before"], refresh["after"], "{refresh}");
+    assert_eq!(refresh["a_close"]["code"], 1008, "{refresh}");
+
     // 3. What the proxy refused never opened.
     let refused = &result["refused"];
     for case in [
@@ -412,14 +417,15 @@ async fn realtime_from_headless_chromium() {
         .len();
     assert!(size > 0, "{} is empty", realtime_screenshot.display());
 
-    // The upstream saw four handshakes (the helper's, the SDK's, the proof's first use, the
-    // demo's), each with the server key and none of the page's credentials.
+    // The upstream saw six handshakes (the helper's, the SDK's, two around the refresh, the
+    // proof's first use, the demo's), each with the server key and none of the page's
+    // credentials.
     let handshakes: Vec<_> = mock
         .requests()
         .into_iter()
         .filter(|r| r.path_and_query.starts_with("/v1/realtime"))
         .collect();
-    assert_eq!(handshakes.len(), 4, "handshakes that reached the upstream");
+    assert_eq!(handshakes.len(), 6, "handshakes that reached the upstream");
     for request in &handshakes {
         assert_eq!(request.path_and_query, "/v1/realtime?model=gpt-realtime");
         assert_eq!(

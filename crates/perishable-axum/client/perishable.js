@@ -774,12 +774,12 @@ export async function createClient(options) {
     }
   };
 
-  const publicSession = () =>
-    current
-      ? Object.assign({}, current.session, {
-          expires_in: Math.max(0, Math.floor(current.session.expires_at - serverNow())),
-        })
-      : null;
+  // A copy of `session` with `expires_in` as of now.
+  const sessionView = (session) =>
+    Object.assign({}, session, {
+      expires_in: Math.max(0, Math.floor(session.expires_at - serverNow())),
+    });
+  const publicSession = () => (current ? sessionView(current.session) : null);
 
   async function loadStored() {
     let rec = null;
@@ -911,9 +911,9 @@ export async function createClient(options) {
     return pending;
   }
 
-  async function renew() {
-    // Another tab, or another client on this page, may have refreshed already (which revoked
-    // the token we hold): take the newer stored session.
+  // Another tab, or another client on this page, may have refreshed already (which revoked the
+  // token we hold): take the newer stored session.
+  async function takeNewerStored() {
     const stored = await loadStored();
     if (
       stored &&
@@ -924,6 +924,10 @@ export async function createClient(options) {
       current = stored;
       notify();
     }
+  }
+
+  async function renew() {
+    await takeNewerStored();
     if (current && remaining(current) > threshold(current)) return current.session;
     if (current && remaining(current) > MIN_REFRESH_SECS) {
       try {
@@ -1101,15 +1105,16 @@ export async function createClient(options) {
   // A live session with at least `minLifetime` seconds left (default: half its lifetime, so the
   // connection, which ends with the token, gets a useful share of it); refreshed first if not.
   async function realtimeSession(opts) {
+    // A refused handshake tells the page nothing (no status), so there is no retry on a 401 as
+    // `fetch` has: look for a session another tab refreshed (revoking ours) before opening.
+    if (current && !pending) await takeNewerStored();
     let session = await getSession();
     const rec = current;
     if (rec && rec.session.token === session.token) {
       const lifetime = rec.lifetime || 0;
       const wanted = opts.minLifetime === undefined ? lifetime / 2 : Number(opts.minLifetime);
       if (!(wanted >= 0)) throw new TypeError("perishable: minLifetime must be a number of seconds");
-      if (remaining(rec) < Math.min(wanted, lifetime - MIN_REFRESH_SECS)) {
-        session = await refreshNow();
-      }
+      if (remaining(rec) < wanted) session = await refreshNow();
     }
     return session;
   }
@@ -1132,7 +1137,7 @@ export async function createClient(options) {
     const url = realtimeURL(opts.model);
     const session = await realtimeSession(opts);
     const protocols = realtimeProtocolList(await realtimeCredentials(session), opts.protocols);
-    return { url, protocols, session: publicSession() };
+    return { url, protocols, session: sessionView(session) };
   }
 
   async function realtimeWebSocket(options) {
@@ -1197,7 +1202,7 @@ export async function createClient(options) {
           code: "websocket_unavailable",
         });
       }
-      result = open(publicSession());
+      result = open(sessionView(session));
     } finally {
       if (globalThis.WebSocket === PerishableWebSocket) globalThis.WebSocket = Original;
     }
