@@ -389,7 +389,10 @@ async fn realtime_from_headless_chromium() {
             talk["distinct_times"].as_u64().unwrap() >= 3,
             "the deltas arrived together: {talk}"
         );
-        assert!(talk["usage"]["total_tokens"].as_u64().unwrap() > 0, "{talk}");
+        assert!(
+            talk["usage"]["total_tokens"].as_u64().unwrap() > 0,
+            "{talk}"
+        );
     }
     assert_eq!(result["sdk"]["websocket_restored"], true);
 

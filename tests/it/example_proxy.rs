@@ -199,7 +199,11 @@ fn the_built_in_mock_serves_realtime_unless_the_config_file_says() {
     for (name, file, opens) in [
         ("silent", gates.to_owned(), true),
         ("on", format!("{gates}[realtime]\nenabled = true\n"), true),
-        ("off", format!("{gates}[realtime]\nenabled = false\n"), false),
+        (
+            "off",
+            format!("{gates}[realtime]\nenabled = false\n"),
+            false,
+        ),
     ] {
         let config = std::env::temp_dir().join(format!(
             "perishable-example-realtime-{name}-{}.toml",
