@@ -15,7 +15,8 @@
 //! Scenarios, each alternating the targets round by round (the order rotates each round):
 //! non-streaming at concurrency 1 and 64 (closed loop) and at a fixed rate; streaming (64
 //! chunks 20 ms apart, stamped with the mock's send time); memory per open stream at 1k and 5k
-//! streams; a slow client (one read a second, the mock writing 4 KB every 20 ms).
+//! streams; a slow client (one read a second, the mock writing 4 KB every 20 ms); Realtime
+//! (latency added per WebSocket round trip, memory per open connection at 1k connections).
 //!
 //! Output: a table on stdout and JSON in `target/load-results.json` (`PERISHABLE_LOAD_OUT`).
 //! The environment variables are listed in `docs/performance.md`.
@@ -28,6 +29,8 @@
 
 #[path = "load/client.rs"]
 mod client;
+#[path = "load/realtime.rs"]
+mod realtime;
 #[path = "load/servers.rs"]
 mod servers;
 #[path = "load/stats.rs"]
@@ -63,6 +66,8 @@ struct Settings {
     scale: Vec<usize>,
     slow_secs: u64,
     slow_clients: usize,
+    /// Realtime connections opened for the memory figure.
+    realtime_conns: usize,
     skip: Vec<String>,
     mock_port: u16,
     targets_file: Option<String>,
@@ -100,6 +105,7 @@ impl Settings {
             scale,
             slow_secs: env_parse("PERISHABLE_LOAD_SLOW_SECS", if quick { 9 } else { 60 }),
             slow_clients: env_parse("PERISHABLE_LOAD_SLOW_CLIENTS", 8),
+            realtime_conns: env_parse("PERISHABLE_LOAD_REALTIME_CONNS", 1_000),
             skip: env("PERISHABLE_LOAD_SKIP")
                 .unwrap_or_default()
                 .split(',')
@@ -1186,6 +1192,50 @@ async fn run(settings: Settings, pin: bool) {
         print_stream_table(&rows);
         scenarios.insert("streaming".into(), rows);
     }
+    if settings.runs("realtime") {
+        let headers = perishable.slots[0].headers.clone();
+        let per_round = if settings.quick { 300 } else { 1_000 };
+        let latency = realtime::latency(
+            mock_addr,
+            perishable.addr,
+            &headers,
+            settings.rounds.max(2) * 2,
+            per_round,
+        )
+        .await;
+        println!(
+            "\n== realtime: one WebSocket round trip (an event out, its answer back) ==\n\
+             direct p50 {} us p99 {} us; perishable p50 {} us p99 {} us; added p50 {} us p99 {} us ({} round trips each)",
+            latency["direct_p50_us"],
+            latency["direct_p99_us"],
+            latency["perishable_p50_us"],
+            latency["perishable_p99_us"],
+            latency["added_p50_us"],
+            latency["added_p99_us"],
+            latency["round_trips"],
+        );
+        let p_pid = suts
+            .iter()
+            .find(|s| s.name == "perishable")
+            .map_or(0, |s| s.pid);
+        let memory =
+            realtime::memory(perishable.addr, p_pid, &headers, settings.realtime_conns).await;
+        println!(
+            "realtime memory: {} connections opened in {} s, RSS {} -> {} kB, {} KiB/connection, errors {} {}",
+            memory["opened"],
+            memory["open_secs"],
+            memory["base_rss_kb"],
+            memory["rss_kb"],
+            memory["rss_kb_per_connection"],
+            memory["errors"],
+            memory["first_error"].as_str().unwrap_or_default(),
+        );
+        scenarios.insert(
+            "realtime".into(),
+            json!({"latency": latency, "memory": memory}),
+        );
+    }
+
     // The long-lived processes are no longer needed; scale and slow start fresh ones.
     drop(suts);
 

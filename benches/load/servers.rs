@@ -68,7 +68,9 @@ pub fn run_perishable(upstream: &str, gates: bool) {
         .session_max_per_fingerprint(1_000)
         .rate_limit_points(1_000_000_000)
         .rate_limit_duration_secs(60)
-        .rate_limit_mint_per_ip(1_000_000);
+        .rate_limit_mint_per_ip(1_000_000)
+        .realtime_enabled(true)
+        .realtime_max_connections_per_session(1_000_000);
     if gates {
         builder = builder
             .session_dpop(DpopMode::Required)

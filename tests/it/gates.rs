@@ -21,17 +21,17 @@ use serde_json::{Value, json};
 
 use crate::support::*;
 
-const AUDIENCE: &str = "my-app";
+pub(crate) const AUDIENCE: &str = "my-app";
 
 /// A local OpenID Connect issuer: discovery and a JWKS with one ES256 key.
-struct Issuer {
-    url: String,
+pub(crate) struct Issuer {
+    pub(crate) url: String,
     key: jsonwebtoken::EncodingKey,
     kid: String,
 }
 
 impl Issuer {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let pkcs8 =
             EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
                 .unwrap();
@@ -62,7 +62,7 @@ impl Issuer {
     }
 
     /// An ID token for `sub` with `extra` claims merged in, valid for 10 minutes.
-    fn token(&self, sub: &str, extra: Value) -> String {
+    pub(crate) fn token(&self, sub: &str, extra: Value) -> String {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()
@@ -127,7 +127,7 @@ async fn minted(proxy: &Proxy, body: Value) -> Value {
     response.json().await.unwrap()
 }
 
-fn claims(token: &str) -> Value {
+pub(crate) fn claims(token: &str) -> Value {
     let payload = token.split('.').nth(1).unwrap();
     serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
 }
@@ -262,6 +262,138 @@ async fn a_users_budget_spans_all_their_sessions_and_tiers_set_it() {
         let response = call(pro_token.clone(), "device-pro-1").await;
         assert_eq!(response.status(), 200);
         let _ = response.bytes().await;
+    }
+}
+
+/// A tier's `points`: its users' rate limit instead of `rate_limit.points`, per user across
+/// their sessions; users of other tiers, and without one, keep the default.
+async fn tier_points(store_url: Option<String>) {
+    let issuer = Issuer::start().await;
+    let proxy = proxy(
+        |c| {
+            let c = oidc(&issuer)(c)
+                .mint_oidc_tier_claim("plan")
+                .rate_limit_points(2)
+                .rate_limit_duration_secs(3_600)
+                .budget_tier_points("pro", 5);
+            match &store_url {
+                Some(url) => c.store_url(url.clone()),
+                None => c,
+            }
+        },
+        vec![],
+    )
+    .await;
+    let session = |sub: &'static str, plan: Option<&'static str>, fp: &'static str| {
+        let extra = plan.map_or(json!({}), |plan| json!({ "plan": plan }));
+        let body = json!({"fingerprint": fp, "id_token": issuer.token(sub, extra)});
+        let proxy = &proxy;
+        async move {
+            minted(proxy, body).await["token"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let calls = |token: String, fp: &'static str, n: usize| {
+        let proxy = &proxy;
+        async move {
+            let mut statuses = Vec::new();
+            let mut last = None;
+            for _ in 0..n {
+                let response = proxy
+                    .openai(Method::GET, "models", &token, fp)
+                    .send()
+                    .await
+                    .unwrap();
+                statuses.push(response.status().as_u16());
+                last = Some(response);
+            }
+            (statuses, last.unwrap())
+        }
+    };
+
+    // Free (a plan with no tier section) and no plan at all: the default 2.
+    for (sub, plan, fp) in [
+        ("gina", Some("free"), "device-tier-1"),
+        ("hank", None, "device-tier-2"),
+    ] {
+        let (statuses, refused) = calls(session(sub, plan, fp).await, fp, 3).await;
+        assert_eq!(statuses, [200, 200, 429], "{sub}");
+        assert_eq!(
+            refused.headers()["ratelimit-policy"],
+            "\"session\";q=2;w=3600"
+        );
+        assert_eq!(error_code(refused).await, "rate_limited");
+    }
+    // Pro: 5, shared by all of the user's sessions and devices.
+    let (statuses, _) = calls(
+        session("ivy", Some("pro"), "device-tier-3").await,
+        "device-tier-3",
+        3,
+    )
+    .await;
+    assert_eq!(statuses, [200, 200, 200]);
+    let (statuses, refused) = calls(
+        session("ivy", Some("pro"), "device-tier-4").await,
+        "device-tier-4",
+        3,
+    )
+    .await;
+    assert_eq!(statuses, [200, 200, 429]);
+    assert_eq!(
+        refused.headers()["ratelimit-policy"],
+        "\"session\";q=5;w=3600"
+    );
+}
+
+on_both_stores!(
+    a_tiers_points_set_its_users_rate_limit_memory,
+    a_tiers_points_set_its_users_rate_limit_redis,
+    |url| tier_points(url)
+);
+
+/// A tier's `max_completion_tokens`: its users' completion cap instead of
+/// `budget.max_completion_tokens`.
+#[tokio::test]
+async fn a_tiers_completion_cap_replaces_the_default() {
+    let issuer = Issuer::start().await;
+    let proxy = proxy(
+        |c| {
+            oidc(&issuer)(c)
+                .mint_oidc_tier_claim("plan")
+                .budget_max_completion_tokens(16)
+                .budget_tier_max_completion_tokens("pro", 64)
+        },
+        vec![],
+    )
+    .await;
+    let body = json!({"model": "gpt-4o-mini", "max_tokens": 1000,
+        "messages": [{"role": "user", "content": "hi"}]});
+    for (sub, plan, fp, cap) in [
+        ("jack", None, "device-cap-1", 16),
+        ("kate", Some("pro"), "device-cap-2", 64),
+    ] {
+        let extra = plan.map_or(json!({}), |plan: &str| json!({ "plan": plan }));
+        let token = minted(
+            &proxy,
+            json!({"fingerprint": fp, "id_token": issuer.token(sub, extra)}),
+        )
+        .await["token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        proxy.mock.clear();
+        let response = proxy
+            .openai(Method::POST, "chat/completions", &token, fp)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let _ = response.bytes().await;
+        let sent = proxy.mock.requests()[0].body_json().unwrap();
+        assert_eq!(sent["max_tokens"], cap, "{sub}");
     }
 }
 

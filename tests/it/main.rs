@@ -12,6 +12,7 @@
 mod support;
 
 mod abuse_gates;
+mod app_attest;
 mod browser;
 mod browser_rules;
 mod budgets;

@@ -756,3 +756,74 @@ async fn the_official_python_sdk_talks_realtime_through_the_proxy() {
         format!("Bearer {SERVER_KEY}")
     );
 }
+
+/// `realtime/client_secrets` (WebRTC): forwarded only when listed, its life capped to the
+/// session's, its model kept to the allow-list.
+#[tokio::test]
+async fn a_client_secret_lives_no_longer_than_its_session() {
+    let proxy = start(|c| {
+        c.session_ttl_secs(120)
+            .upstream_allowed_paths(["chat/completions", "realtime/client_secrets"])
+    })
+    .await;
+    let session = proxy.mint(FP).await;
+    let create = |body: Value| {
+        proxy
+            .openai(
+                reqwest::Method::POST,
+                "realtime/client_secrets",
+                &session.token,
+                FP,
+            )
+            .json(&body)
+            .send()
+    };
+    let response = create(json!({
+        "expires_after": {"anchor": "created_at", "seconds": 3600},
+        "session": {"type": "realtime", "model": MODEL},
+    }))
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    let secret: Value = response.json().await.unwrap();
+    assert!(secret["value"].as_str().unwrap().starts_with("ek_mock_"));
+    let sent = proxy.mock.requests().pop().unwrap().body_json().unwrap();
+    let seconds = sent["expires_after"]["seconds"].as_u64().unwrap();
+    assert!((100..=120).contains(&seconds), "{seconds}");
+    // Without expires_after, one is added.
+    let response = create(json!({"session": {"type": "realtime", "model": MODEL}}))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let sent = proxy.mock.requests().pop().unwrap().body_json().unwrap();
+    assert!(sent["expires_after"]["seconds"].as_u64().unwrap() <= 120);
+    // Another model: refused.
+    let response = create(json!({"session": {"type": "realtime", "model": "gpt-5-pro"}}))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    assert_eq!(
+        crate::support::error_code(response).await,
+        "model_not_allowed"
+    );
+
+    // Not listed in upstream.allowed_paths (the default): refused.
+    let proxy = start(|c| c).await;
+    let session = proxy.mint(FP).await;
+    let response = proxy
+        .openai(
+            reqwest::Method::POST,
+            "realtime/client_secrets",
+            &session.token,
+            FP,
+        )
+        .json(&json!({"session": {"type": "realtime", "model": MODEL}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    assert_eq!(
+        crate::support::error_code(response).await,
+        "path_not_allowed"
+    );
+}

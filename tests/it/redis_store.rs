@@ -1,7 +1,7 @@
 //! Two Perishable routers on two ports sharing one real `redis-server`: limits, revocations,
 //! caps and replay caches hold across both; Redis stopping and coming back; GCRA on Redis agrees
 //! with governor in memory; token buckets on `RedisStore` directly (refill, no double spend,
-//! all or nothing, settling, atomicity, expiry).
+//! all or nothing, settling, atomicity, expiry); App Attest keys kept for their retention.
 //!
 //! Each test starts its own `redis-server` on a free port and stops it. Without the binary the
 //! tests are ignored, with the reason in cargo's output, and fail when `CI` is set (`.ci/run`
@@ -14,7 +14,9 @@ use std::time::Duration;
 use crate::support::*;
 use perishable::config::OnUnavailable;
 use perishable::dpop::DpopSigner;
-use perishable::store::{Bucket, MemoryStore, RatePolicy, RedisStore, Reservation, Store};
+use perishable::store::{
+    AppAttestKey, Bucket, MemoryStore, RatePolicy, RedisStore, Reservation, Store,
+};
 use perishable::{ConfigBuilder, SessionObject};
 use perishable_mock::{MockOptions, MockUpstream};
 use serde_json::{Value, json};
@@ -656,4 +658,57 @@ async fn redis_bucket_keys_expire() {
         Reservation::Exhausted { .. }
     ));
     assert_eq!(redis_command(&redis, &["EXISTS", "tb:budget:b"]), ":0");
+}
+
+/// An App Attest key is kept until its retention, which each raise of its counter renews.
+#[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
+async fn redis_app_attest_keys_expire_after_their_retention() {
+    let redis = Redis::start();
+    let store = bucket_store(&redis);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let key = AppAttestKey::new(vec![4; 65], "ABCDE12345.com.example.app", false, 0, now);
+    assert!(
+        store
+            .register_app_attest_key("k1", &key, now + 100)
+            .await
+            .unwrap()
+    );
+    let ttl = |redis: &Redis| -> i64 {
+        redis_command(redis, &["TTL", "tb:appattest:k1"])[1..]
+            .parse()
+            .unwrap()
+    };
+    assert!((90..=101).contains(&ttl(&redis)), "{}", ttl(&redis));
+    assert!(
+        store
+            .advance_app_attest_counter("k1", 1, now + 1_000)
+            .await
+            .unwrap()
+    );
+    assert!((990..=1_001).contains(&ttl(&redis)), "{}", ttl(&redis));
+    // A refused raise renews nothing.
+    assert!(
+        !store
+            .advance_app_attest_counter("k1", 1, now + 5_000)
+            .await
+            .unwrap()
+    );
+    assert!((990..=1_001).contains(&ttl(&redis)), "{}", ttl(&redis));
+    // Gone when its time is up.
+    assert!(
+        store
+            .advance_app_attest_counter("k1", 2, now)
+            .await
+            .unwrap()
+    );
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(store.app_attest_key("k1").await.unwrap(), None);
+    assert_eq!(redis_command(&redis, &["EXISTS", "tb:appattest:k1"]), ":0");
 }

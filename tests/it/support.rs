@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::serve::ListenerExt;
 use perishable::store::{
-    Admission, Bucket, RateLimiter, RatePolicy, Reservation, Set, Store, StoreFuture,
+    Admission, AppAttestKey, Bucket, RateLimiter, RatePolicy, Reservation, Set, Store, StoreFuture,
 };
 use perishable::{Config, ConfigBuilder, SessionObject};
 use perishable_mock::{MockOptions, MockUpstream};
@@ -623,6 +623,29 @@ impl Store for RecordingStore {
             self.streams_released.fetch_add(1, Ordering::SeqCst);
             released
         })
+    }
+
+    fn register_app_attest_key<'a>(
+        &'a self,
+        key_id: &'a str,
+        key: &'a AppAttestKey,
+        expires_at: u64,
+    ) -> StoreFuture<'a, bool> {
+        self.inner.register_app_attest_key(key_id, key, expires_at)
+    }
+
+    fn app_attest_key<'a>(&'a self, key_id: &'a str) -> StoreFuture<'a, Option<AppAttestKey>> {
+        self.inner.app_attest_key(key_id)
+    }
+
+    fn advance_app_attest_counter<'a>(
+        &'a self,
+        key_id: &'a str,
+        counter: u32,
+        expires_at: u64,
+    ) -> StoreFuture<'a, bool> {
+        self.inner
+            .advance_app_attest_counter(key_id, counter, expires_at)
     }
 }
 

@@ -1,6 +1,7 @@
 //! [`Client`] and its [`ClientBuilder`].
 
 use std::fmt;
+use std::future::Future;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
@@ -10,6 +11,7 @@ use http::{HeaderMap, HeaderValue, Method};
 use serde::Deserialize;
 use url::Url;
 
+use crate::attestation::{Attestation, AttestationChallenge, AttestationSource};
 use crate::dpop::DpopKey;
 use crate::error::{Error, Result};
 use crate::interaction::Interaction;
@@ -58,6 +60,7 @@ pub struct ClientBuilder {
     interaction: Interaction,
     source: Option<InteractionSource>,
     evidence: Vec<EvidenceSource>,
+    attestation: Option<AttestationSource>,
     refresh_margin: Duration,
     http: Option<reqwest::Client>,
 }
@@ -167,6 +170,26 @@ impl ClientBuilder {
         self
     }
 
+    /// A platform attestation for the `app_attest` or `play_integrity` mint gate
+    /// (`docs/native.md`): asked at every mint with that mint's challenge, and awaited (an App
+    /// Attest registration asks Apple's servers); the [`Attestation`] it returns must be bound
+    /// to that challenge. Sent as `attestation`; `None` leaves it out.
+    ///
+    /// The source decides what to send: an App Attest key's registration on its first mint
+    /// ([`Attestation::app_attest_key`]), an assertion afterwards
+    /// ([`Attestation::app_attest_assertion`]), or a Play Integrity token. After a mint refused
+    /// with `attestation_invalid` because the key is unknown (`Error::code`), make a new key
+    /// and register it.
+    #[must_use]
+    pub fn attestation_source<F, Fut>(mut self, source: F) -> Self
+    where
+        F: Fn(AttestationChallenge) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Option<Attestation>> + Send + 'static,
+    {
+        self.attestation = Some(Box::new(move |challenge| Box::pin(source(challenge))));
+        self
+    }
+
     /// Refresh the session this long before it expires (default 60 s; at most half the
     /// session's lifetime).
     #[must_use]
@@ -227,6 +250,7 @@ impl ClientBuilder {
                 samples: std::sync::Mutex::new(self.interaction),
                 source: self.source,
                 evidence: self.evidence,
+                attestation: self.attestation,
                 refresh_margin: self.refresh_margin,
                 http,
                 state: tokio::sync::Mutex::new(None),
@@ -275,6 +299,7 @@ struct Inner {
     samples: std::sync::Mutex<Interaction>,
     source: Option<InteractionSource>,
     evidence: Vec<EvidenceSource>,
+    attestation: Option<AttestationSource>,
     refresh_margin: Duration,
     http: reqwest::Client,
     /// The current session; held across a mint or refresh, so concurrent callers share one.
@@ -344,6 +369,7 @@ impl Client {
             interaction: Interaction::default(),
             source: None,
             evidence: Vec::new(),
+            attestation: None,
             refresh_margin: DEFAULT_REFRESH_MARGIN,
             http: None,
         }
@@ -611,6 +637,12 @@ impl Client {
         for (field, source) in &self.inner.evidence {
             if let Some(value) = source().filter(|v| !v.is_empty()) {
                 body[*field] = serde_json::Value::String(value);
+            }
+        }
+        if let Some(source) = &self.inner.attestation {
+            let bound_to = AttestationChallenge::new(challenge.challenge.clone());
+            if let Some(attestation) = source(bound_to).await {
+                body["attestation"] = attestation.to_json(&challenge.challenge);
             }
         }
         let url = self.route("/session")?;

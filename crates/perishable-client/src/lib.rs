@@ -86,6 +86,35 @@
 //! touch samples are weak evidence and the proof of work only costs CPU; see `docs/native.md`
 //! in the repository for the gates that suit apps.
 //!
+//! # Mint gates
+//!
+//! Servers whose `mint.policies` need more than the proof of work and the samples get the
+//! evidence from the app at every mint: [`ClientBuilder::id_token_source`] (the `oidc` gate),
+//! [`ClientBuilder::captcha_source`] (`captcha`), and [`ClientBuilder::attestation_source`]
+//! (`app_attest`, `play_integrity`), which is handed the mint's challenge and returns an
+//! [`Attestation`] bound to it:
+//!
+//! ```no_run
+//! use perishable_client::{Attestation, AttestationChallenge, Client};
+//!
+//! /// The app's bridge to DCAppAttestService (Swift), for its stored key.
+//! async fn assert_with_app_attest(client_data_hash: [u8; 32]) -> Option<Vec<u8>> {
+//!     # let _ = client_data_hash;
+//!     None
+//! }
+//!
+//! # fn run() -> perishable_client::Result<()> {
+//! let client = Client::builder("https://api.example.com/ai")
+//!     .fingerprint("install-6f1c2a4e-0b7d-4c55-9a39-3be1d2f0c8aa")
+//!     .attestation_source(|challenge: AttestationChallenge| async move {
+//!         let key_id = "n2wKNmOS1JvGB9uZgUxNHOXvDv4Wh4E9UqyXW8JYQwA="; // kept since generateKey
+//!         let assertion = assert_with_app_attest(challenge.client_data_hash()).await?;
+//!         Some(Attestation::app_attest_assertion(key_id, &assertion))
+//!     })
+//!     .build()?;
+//! # let _ = client; Ok(()) }
+//! ```
+//!
 //! # Features
 //!
 //! - `middleware`: `reqwest_middleware::Middleware` for [`Client`], so a
@@ -93,6 +122,7 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod attestation;
 mod client;
 mod dpop;
 mod error;
@@ -104,6 +134,7 @@ pub mod pow;
 mod session;
 mod time;
 
+pub use attestation::{Attestation, AttestationChallenge};
 pub use client::{
     Client, ClientBuilder, DEFAULT_REFRESH_MARGIN, DEFAULT_USER_AGENT, DPOP_HEADER,
     FINGERPRINT_HEADER, IntoRequest,

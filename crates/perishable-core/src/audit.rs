@@ -39,7 +39,8 @@ pub enum AuditEvent {
         expires_at: u64,
         /// The mint policy that passed: its gates joined with `+` (`"pow+entropy"`, `"oidc"`).
         policy: String,
-        /// Whether an identity gate named a user (the session carries `usr`).
+        /// Whether the session carries `usr`: the user an identity gate named, or the key an
+        /// `app_attest` mint attested.
         user: bool,
     },
     /// A session was refreshed: the old token is revoked, a new one issued.

@@ -101,6 +101,9 @@ impl Budget {
             || c.per_ip_tokens_per_window > 0
             || c.global_tokens_per_window > 0
             || c.max_completion_tokens > 0
+            || c.tiers
+                .values()
+                .any(|t| t.max_completion_tokens.is_some_and(|n| n > 0))
             || c.max_concurrent_streams > 0
     }
 

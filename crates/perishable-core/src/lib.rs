@@ -27,14 +27,15 @@
 //!    [`audit`] (the audit hook).
 //! 3. [`config`]: the configuration as validated data, one file per section.
 //! 4. [`token`]: claims, the keys decoded from the config, signing and verification.
-//! 5. [`store`]: shared state (rate limits, revocations, caps, replay caches, budgets) in memory
-//!    (`store/memory/`: the limiter, the session caps, the expiring sets) or on Redis (feature
-//!    `redis`).
+//! 5. [`store`]: shared state (rate limits, revocations, caps, replay caches, budgets, App
+//!    Attest keys) in memory (`store/memory/`: the limiter, the session caps, the expiring sets,
+//!    the App Attest keys) or on Redis (feature `redis`).
 //! 6. [`fingerprint`], [`pow`], [`dpop`]: the device binding, the proof of work, and DPoP (RFC
 //!    9449) key binding.
 //! 7. [`gate`]: the mint gates and `mint.policies` (the proof of work and the samples, a
 //!    captcha redeemed at its provider, an OpenID Connect ID token checked against the issuer's
-//!    keys, and gates of the app's own).
+//!    keys, Play Integrity verdicts and Apple App Attest keys bound to a challenge, and gates of
+//!    the app's own).
 //! 8. `budget`: token budgets at three scopes (reserve the worst case, settle on the real
 //!    usage) and the concurrent-stream cap.
 //! 9. [`Body`]: a whole buffer or a streamed upstream body, with its end-of-body settlement.
@@ -89,7 +90,8 @@
 //!   [`TokenCodec`](token::TokenCodec).
 //! - [`store`] module: the [`Store`](store::Store) trait and its types ([`Set`](store::Set),
 //!   [`Admission`](store::Admission), [`Bucket`](store::Bucket),
-//!   [`Reservation`](store::Reservation), [`StoreError`](store::StoreError),
+//!   [`Reservation`](store::Reservation), [`AppAttestKey`](store::AppAttestKey),
+//!   [`StoreError`](store::StoreError),
 //!   [`StoreFuture`](store::StoreFuture)), the [`RateLimiter`](store::RateLimiter) trait
 //!   ([`RatePolicy`](store::RatePolicy), [`RateDecision`](store::RateDecision)),
 //!   [`MemoryStore`](store::MemoryStore), [`Limiter`](store::Limiter), `RedisStore` (feature

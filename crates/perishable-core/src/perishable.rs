@@ -44,6 +44,8 @@ pub struct Perishable {
     realtime: Option<Arc<Realtime>>,
     store: Arc<dyn Store>,
     session_limiter: Arc<dyn RateLimiter>,
+    /// `[budget.tiers.NAME] points`: each tier's own session limiter.
+    tier_limiters: Vec<(String, Arc<dyn RateLimiter>)>,
     mint_limiter: Arc<dyn RateLimiter>,
     client_ip: ClientIpResolver,
     origins: OriginPolicy,
@@ -117,12 +119,23 @@ impl Perishable {
         }
         let sessions = Sessions::new(&config, keys, store.clone(), audit.clone(), policies);
         let r = config.rate_limit();
-        let session_limiter = store.rate_limiter(RatePolicy {
+        let session_policy = |points| RatePolicy {
             name: "session",
-            points: r.points,
+            points,
             window: Duration::from_secs(r.duration_secs),
             block: Duration::from_secs(r.block_duration_secs),
-        });
+        };
+        let session_limiter = store.rate_limiter(session_policy(r.points));
+        // A tier with `points` gets a limiter of its own, over the same window and block.
+        let tier_limiters = config
+            .budget()
+            .tiers
+            .iter()
+            .filter_map(|(name, tier)| {
+                let points = tier.points?;
+                Some((name.clone(), store.rate_limiter(session_policy(points))))
+            })
+            .collect();
         let mint_limiter = store.rate_limiter(RatePolicy {
             name: "mint",
             points: r.mint_per_ip,
@@ -141,6 +154,7 @@ impl Perishable {
             realtime,
             store,
             session_limiter,
+            tier_limiters,
             mint_limiter,
             client_ip,
             origins,
@@ -198,10 +212,15 @@ impl Perishable {
         VerifyLayer::new(self.sessions.clone())
     }
 
-    /// `[rate_limit]` per fingerprint; put it after [`verify_layer`](Self::verify_layer).
+    /// `[rate_limit]` per client (the user when the session has one, else the fingerprint),
+    /// with `[budget.tiers.NAME] points` for the sessions of a tier that sets it; put it after
+    /// [`verify_layer`](Self::verify_layer).
     pub fn rate_limit_layer(&self) -> RateLimitLayer<FingerprintKey> {
-        RateLimitLayer::new(self.session_limiter.clone(), FingerprintKey)
-            .on_unavailable(self.config.store().on_unavailable)
+        self.tier_limiters.iter().fold(
+            RateLimitLayer::new(self.session_limiter.clone(), FingerprintKey)
+                .on_unavailable(self.config.store().on_unavailable),
+            |layer, (tier, limiter)| layer.tier(tier.clone(), limiter.clone()),
+        )
     }
 
     /// `rate_limit.mint_per_ip` session mints per client IP per minute.

@@ -16,6 +16,8 @@ use http::Method;
 /// assert_eq!(Route::of(&Method::POST, "/session"), Some(Route::Mint));
 /// assert_eq!(Route::of(&Method::DELETE, "/session"), Some(Route::Revoke));
 /// assert_eq!(Route::of(&Method::GET, "/openai/models"), Some(Route::Proxy));
+/// assert_eq!(Route::of(&Method::GET, "/openai/realtime"), Some(Route::Realtime));
+/// assert_eq!(Route::of(&Method::POST, "/openai/realtime"), Some(Route::Proxy));
 /// assert_eq!(Route::of(&Method::GET, "/session"), None); // 405: no route takes GET there
 /// assert_eq!(Route::Mint.label(), "mint");
 /// ```
@@ -36,6 +38,9 @@ pub enum Route {
     Revoke,
     /// Any method on `/openai` and `/openai/{path}`: the proxy to the upstream.
     Proxy,
+    /// `GET /openai/realtime`: the Realtime WebSocket (served by the proxy's stack, through
+    /// [`RealtimeLayer`](crate::realtime::RealtimeLayer)).
+    Realtime,
 }
 
 /// The prefix of the proxied paths: `/openai/{path}` forwards `{path}`.
@@ -43,7 +48,7 @@ pub(crate) const PROXY_PREFIX: &str = "/openai/";
 
 impl Route {
     /// Every route, in the order of `docs/protocol.md`.
-    pub const ALL: [Route; 7] = [
+    pub const ALL: [Route; 8] = [
         Self::Health,
         Self::Challenge,
         Self::ClientJs,
@@ -51,12 +56,16 @@ impl Route {
         Self::Refresh,
         Self::Revoke,
         Self::Proxy,
+        Self::Realtime,
     ];
 
     /// The route that serves `method` on `path`, if any. `None` is a `404` when no route has
     /// the path ([`has_path`](Self::has_path)), else a `405`.
     pub fn of(method: &Method, path: &str) -> Option<Self> {
         if Self::is_proxied(path) {
+            if path == Self::Realtime.path() && method == Method::GET {
+                return Some(Self::Realtime);
+            }
             return Some(Self::Proxy);
         }
         Self::ALL
@@ -84,13 +93,14 @@ impl Route {
             Self::Mint | Self::Revoke => "/session",
             Self::Refresh => "/session/refresh",
             Self::Proxy => "/openai",
+            Self::Realtime => "/openai/realtime",
         }
     }
 
     /// The route's method; `None` for the proxy, which takes any.
     pub const fn method(self) -> Option<&'static Method> {
         match self {
-            Self::Health | Self::Challenge | Self::ClientJs => Some(&Method::GET),
+            Self::Health | Self::Challenge | Self::ClientJs | Self::Realtime => Some(&Method::GET),
             Self::Mint | Self::Refresh => Some(&Method::POST),
             Self::Revoke => Some(&Method::DELETE),
             Self::Proxy => None,
@@ -108,13 +118,17 @@ impl Route {
             Self::Refresh => "refresh",
             Self::Revoke => "revoke",
             Self::Proxy => "openai",
+            Self::Realtime => "realtime",
         }
     }
 
     /// Whether the route needs a verified session (`docs/protocol.md`, "Authenticated
     /// requests").
     pub const fn is_authenticated(self) -> bool {
-        matches!(self, Self::Refresh | Self::Revoke | Self::Proxy)
+        matches!(
+            self,
+            Self::Refresh | Self::Revoke | Self::Proxy | Self::Realtime
+        )
     }
 }
 

@@ -12,6 +12,7 @@
 //! - `POST /v1/embeddings`;
 //! - `POST /v1/moderations` (no usage, like the real API);
 //! - `GET /v1/models` and `GET /v1/models/{id}`;
+//! - `POST /v1/realtime/client_secrets` (an `ek_mock_<n>` secret for WebRTC);
 //! - `GET /v1/realtime?model=M` upgraded to a WebSocket: the Realtime API in text mode
 //!   (session events, `response.create` streamed as text deltas, `response.done` with usage;
 //!   see [`realtime_events`](MockUpstream::realtime_events)).
@@ -626,6 +627,7 @@ impl Inner {
                 "/v1/responses" => Some(self.responses(n, &body)),
                 "/v1/embeddings" => Some(embeddings(&body)),
                 "/v1/moderations" => Some(self.moderations(n, &body)),
+                "/v1/realtime/client_secrets" => Some(realtime::client_secret(n, &body)),
                 _ => None,
             };
             if let Some(answer) = answer {

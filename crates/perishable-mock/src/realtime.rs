@@ -31,7 +31,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::{Inner, RecordedRequest, reply_text};
+use crate::{Answer, BadRequest, Inner, RecordedRequest, parse_object, reply_text, unix_now};
 
 /// Serves a Realtime handshake.
 pub(crate) async fn handle(State(inner): State<Arc<Inner>>, request: Request) -> Response {
@@ -377,4 +377,27 @@ async fn send(out: &mpsc::Sender<Message>, event: &Value) -> Result<(), ()> {
     out.send(Message::text(event.to_string()))
         .await
         .map_err(|_| ())
+}
+
+/// `POST /v1/realtime/client_secrets`: a secret for a WebRTC session, living
+/// `expires_after.seconds` (default 600, at most 7200, at least 10).
+pub(crate) fn client_secret(n: u64, body: &[u8]) -> Result<Answer, BadRequest> {
+    let request = parse_object(body)?;
+    let seconds = request
+        .get("expires_after")
+        .and_then(|e| e.get("seconds"))
+        .and_then(Value::as_u64)
+        .unwrap_or(600);
+    if !(10..=7200).contains(&seconds) {
+        return Err(BadRequest(
+            "expires_after.seconds must be between 10 and 7200.",
+            Some("expires_after.seconds"),
+        ));
+    }
+    let session = request.get("session").cloned().unwrap_or_else(|| json!({}));
+    Ok(Answer::ok(json!({
+        "value": format!("ek_mock_{n}"),
+        "expires_at": unix_now() + seconds,
+        "session": session,
+    })))
 }

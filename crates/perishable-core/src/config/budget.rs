@@ -61,19 +61,20 @@ impl Default for BudgetConfig {
     }
 }
 
-/// `[budget.tiers.NAME]`: the budget of one tier of users, selected by the tier the identity
-/// gate read (`mint.oidc.tier_claim`; the session carries it as `tier`). A session without a
-/// tier, or with one not listed here, gets the default budget.
+/// `[budget.tiers.NAME]`: the budget and limits of one tier of users, selected by the tier the
+/// identity gate read (`mint.oidc.tier_claim`; the session carries it as `tier`). A session
+/// without a tier, or with one not listed here, gets the defaults; a key a tier leaves out keeps
+/// its default too.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct TierConfig {
     /// Tokens per client per window for this tier (instead of `budget.tokens_per_window`).
     pub tokens_per_window: Option<u64>,
-    /// The completion cap for this tier: not applied per tier yet (refused when set).
+    /// The completion cap for this tier (instead of `budget.max_completion_tokens`; 0: none).
     pub max_completion_tokens: Option<u64>,
-    /// Requests per window per client for this tier: not applied per tier yet (refused when
-    /// set).
+    /// Requests per `rate_limit.duration_secs` per client for this tier (instead of
+    /// `rate_limit.points`; above 0).
     pub points: Option<u32>,
 }
 
@@ -86,15 +87,11 @@ impl BudgetConfig {
                 "must be above 0",
             ));
         }
-        // A tier sets a budget; what it cannot set yet is refused rather than ignored.
         for (name, tier) in &self.tiers {
-            if tier.max_completion_tokens.is_some() || tier.points.is_some() {
+            if tier.points == Some(0) {
                 return Err(ConfigError::Invalid {
                     key: "budget.tiers",
-                    reason: format!(
-                        "[budget.tiers.{name}]: only tokens_per_window applies per tier in this \
-                         version (max_completion_tokens and points do not)"
-                    ),
+                    reason: format!("[budget.tiers.{name}] points must be above 0"),
                 });
             }
         }

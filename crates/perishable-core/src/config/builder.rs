@@ -258,6 +258,36 @@ impl ConfigBuilder {
         self
     }
 
+    /// `mint.app_attest.app_ids`: the App IDs (`TEAMID.bundle.id`) whose App Attest keys are
+    /// accepted.
+    pub fn mint_app_attest_app_ids<I: IntoIterator<Item = S>, S: Into<String>>(
+        mut self,
+        app_ids: I,
+    ) -> Self {
+        self.mint.app_attest.app_ids = app_ids.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// `mint.app_attest.development`: accept keys from Apple's development environment too.
+    pub fn mint_app_attest_development(mut self, development: bool) -> Self {
+        self.mint.app_attest.development = development;
+        self
+    }
+
+    /// `mint.app_attest.root_ca_pem`: the trust root(s) of attestations, PEM (default: Apple's
+    /// App Attestation Root CA). For tests; production keeps Apple's.
+    pub fn mint_app_attest_root_ca_pem(mut self, pem: impl Into<String>) -> Self {
+        self.mint.app_attest.root_ca_pem = pem.into();
+        self
+    }
+
+    /// `mint.app_attest.key_retention_secs`: how long a registered key is remembered after its
+    /// latest mint (default 365 days).
+    pub fn mint_app_attest_key_retention_secs(mut self, secs: u64) -> Self {
+        self.mint.app_attest.key_retention_secs = secs;
+        self
+    }
+
     /// `mint.play_integrity.package_names`: the Android packages whose verdicts are accepted.
     pub fn mint_play_integrity_package_names<I: IntoIterator<Item = S>, S: Into<String>>(
         mut self,
@@ -303,6 +333,25 @@ impl ConfigBuilder {
             .entry(name.into())
             .or_default()
             .tokens_per_window = Some(tokens);
+        self
+    }
+
+    /// `budget.tiers.NAME.points`: the rate limit (requests per `rate_limit.duration_secs`) of
+    /// users of tier `name`.
+    pub fn budget_tier_points(mut self, name: impl Into<String>, points: u32) -> Self {
+        self.budget.tiers.entry(name.into()).or_default().points = Some(points);
+        self
+    }
+
+    /// `budget.tiers.NAME.max_completion_tokens`: the completion cap of users of tier `name`
+    /// (0: none). Refused by [`build`](Self::build) in this version, which does not apply it
+    /// per tier yet.
+    pub fn budget_tier_max_completion_tokens(mut self, name: impl Into<String>, cap: u64) -> Self {
+        self.budget
+            .tiers
+            .entry(name.into())
+            .or_default()
+            .max_completion_tokens = Some(cap);
         self
     }
 

@@ -7,10 +7,8 @@ use super::{ConfigError, Secret};
 /// `[mint]`: which evidence a mint must show (see "Mint policies and gates" in
 /// `docs/protocol.md`).
 ///
-/// `policies` lists alternatives, each a set of gates that must all pass. This version verifies
-/// the `pow`, `entropy`, `captcha`, `oidc` and `play_integrity` gates, and gates the app
-/// registers; a policy naming `app_attest` is refused at build time rather than silently not
-/// checked (its section is parsed, so a configuration file written for it loads).
+/// `policies` lists alternatives, each a set of gates that must all pass: the built-in `pow`,
+/// `entropy`, `captcha`, `oidc`, `app_attest` and `play_integrity`, and gates the app registers.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
@@ -73,18 +71,36 @@ pub struct OidcConfig {
     pub tier_claim: String,
 }
 
-/// `[mint.app_attest]` (the `app_attest` gate of a later version).
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `[mint.app_attest]` (the `app_attest` gate: Apple App Attest, `docs/gates.md`).
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct AppAttestConfig {
-    /// `TEAMID.bundle.id` values.
+    /// The App IDs accepted, `TEAMID.bundle.id` (required when a policy names the gate).
     pub app_ids: Vec<String>,
-    /// Accept development attestations.
+    /// Accept keys attested in Apple's development environment too (builds signed for
+    /// development). Off in production.
     pub development: bool,
-    /// The root CA; empty: Apple's App Attest root.
+    /// The trust root(s) of the certificate chain, PEM; empty: Apple's App Attestation Root CA.
     pub root_ca_pem: String,
+    /// How long a registered key is remembered after its latest mint (default 365 days). An
+    /// assertion by a key forgotten is refused: the app registers a new key.
+    pub key_retention_secs: u64,
 }
+
+impl Default for AppAttestConfig {
+    fn default() -> Self {
+        Self {
+            app_ids: Vec::new(),
+            development: false,
+            root_ca_pem: String::new(),
+            key_retention_secs: DEFAULT_KEY_RETENTION_SECS,
+        }
+    }
+}
+
+/// `mint.app_attest.key_retention_secs` by default: a year.
+const DEFAULT_KEY_RETENTION_SECS: u64 = 365 * 86_400;
 
 /// `[mint.play_integrity]` (the `play_integrity` gate).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -138,10 +154,24 @@ impl MintConfig {
             ));
         }
         if named("app_attest") {
-            return Err(ConfigError::invalid(
-                KEY,
-                "the \"app_attest\" gate is not available in this version",
-            ));
+            let a = &self.app_attest;
+            if a.app_ids.is_empty() {
+                return Err(ConfigError::Missing {
+                    key: "mint.app_attest.app_ids",
+                });
+            }
+            if let Some(bad) = a.app_ids.iter().find(|id| !is_app_id(id)) {
+                return Err(ConfigError::invalid(
+                    "mint.app_attest.app_ids",
+                    format!("{bad:?} is not an App ID: \"TEAMID.bundle.id\""),
+                ));
+            }
+            if a.key_retention_secs == 0 {
+                return Err(ConfigError::invalid(
+                    "mint.app_attest.key_retention_secs",
+                    "must be above 0",
+                ));
+            }
         }
         if named("play_integrity") {
             let p = &self.play_integrity;
@@ -203,6 +233,25 @@ impl MintConfig {
     }
 }
 
+/// `TEAMID.bundle.id`: Apple's ten-character team id (upper-case letters and digits), a dot,
+/// and a bundle id (letters, digits, `-` and `.`). The App ID is compared byte for byte (as
+/// SHA-256) with the RP ID hash Apple certifies, so a typo would refuse every device.
+fn is_app_id(id: &str) -> bool {
+    match id.split_once('.') {
+        Some((team, bundle)) => {
+            team.len() == 10
+                && team
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+                && !bundle.is_empty()
+                && bundle
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        }
+        None => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::config::{Config, ConfigError};
@@ -231,14 +280,8 @@ mod tests {
         );
         // A name that is not built in may be the app's own gate (checked by the runtime).
         base().mint_policies([["invitation"]]).build().unwrap();
-        // The gates this version does not verify, and malformed policies, are refused.
-        for policies in [
-            vec![vec!["app_attest"]],
-            vec![vec!["app_attest", "pow"]],
-            vec![vec!["not a name"]],
-            vec![vec![]],
-            vec![],
-        ] {
+        // Malformed policies are refused.
+        for policies in [vec![vec!["not a name"]], vec![vec![]], vec![]] {
             let e = base().mint_policies(policies.clone()).build().unwrap_err();
             assert!(
                 matches!(
@@ -354,6 +397,65 @@ mod tests {
             ),
             "{e}"
         );
+        // App Attest: the App IDs are required, and must look like ones; the retention too.
+        let attest = || base().mint_policies([["app_attest"]]);
+        let e = attest().build().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Missing {
+                    key: "mint.app_attest.app_ids"
+                }
+            ),
+            "{e}"
+        );
+        attest()
+            .mint_app_attest_app_ids(["ABCDE12345.com.example.app"])
+            .build()
+            .unwrap();
+        for bad in [
+            "com.example.app",
+            "nodot",
+            ".com.example",
+            "abcde12345.com.example.app",
+            "ABCDE12345.",
+            "ABCDE12345.com example",
+        ] {
+            let e = attest().mint_app_attest_app_ids([bad]).build().unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    ConfigError::Invalid {
+                        key: "mint.app_attest.app_ids",
+                        ..
+                    }
+                ),
+                "{bad}: {e}"
+            );
+        }
+        let e = attest()
+            .mint_app_attest_app_ids(["ABCDE12345.com.example.app"])
+            .mint_app_attest_key_retention_secs(0)
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    key: "mint.app_attest.key_retention_secs",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let c = Config::from_toml_str(
+            "[upstream]\napi_key = \"sk\"\n[mint]\npolicies = [[\"app_attest\"]]\n\
+             [mint.app_attest]\napp_ids = [\"ABCDE12345.com.example.app\"]\ndevelopment = true\n",
+        )
+        .unwrap();
+        assert!(c.mint().app_attest.development);
+        assert_eq!(c.mint().app_attest.key_retention_secs, 365 * 86_400);
+
         // A gate no policy names needs nothing.
         base().mint_captcha_min_score(7.0).build().unwrap();
     }
@@ -361,10 +463,13 @@ mod tests {
     #[test]
     fn a_tier_sets_only_what_applies_per_tier() {
         let ok = Config::from_toml_str(
-            "[upstream]\napi_key = \"sk\"\n[budget.tiers.pro]\ntokens_per_window = 10\n",
+            "[upstream]\napi_key = \"sk\"\n[budget.tiers.pro]\ntokens_per_window = 10\npoints = 5\nmax_completion_tokens = 7\n",
         );
         assert!(ok.is_ok(), "{ok:?}");
-        for key in ["points = 5", "max_completion_tokens = 5"] {
+        let config = ok.unwrap();
+        assert_eq!(config.budget().tiers["pro"].points, Some(5));
+        assert_eq!(config.budget().tiers["pro"].max_completion_tokens, Some(7));
+        for key in ["points = 0"] {
             let e = Config::from_toml_str(&format!(
                 "[upstream]\napi_key = \"sk\"\n[budget.tiers.pro]\n{key}\n"
             ))

@@ -22,11 +22,24 @@
 //!   `client_data_hash`, and refuse a challenge used twice. Likewise it must store the counter
 //!   [`verify_assertion`] returns and pass it back as `previous_counter` next time.
 //! - No revocation: Apple publishes none for App Attest certificates.
+//!
+//! # The gate
+//!
+//! [`AppAttestGate`] wires the two into minting (`docs/gates.md`). The mint's
+//! `"attestation": {"format": "apple-app-attest", "key_id", "attestation_object" | "assertion",
+//! "challenge"}` is bound to a `GET /challenge` challenge (HMAC-checked, unexpired, and used at
+//! most once, like Play Integrity's: `attest:<challenge>` in the proof-of-work replay set), with
+//! `clientDataHash = SHA-256(challenge's UTF-8 bytes)`. The first mint of a key registers it in
+//! the [`Store`] (first writer wins); later mints show assertions whose counter the store raises
+//! by compare-and-set, so a replayed assertion mints at most once. The gate only reads the
+//! store: the writes ([`record`]) happen after the session cap admitted the mint.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::digest::{self, SHA256};
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1, UnparsedPublicKey};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ciborium::Value;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, SignatureVerificationAlgorithm, UnixTime};
@@ -34,6 +47,10 @@ use subtle::ConstantTimeEq;
 use x509_parser::certificate::X509Certificate;
 use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, Oid};
 use x509_parser::prelude::FromDer;
+
+use crate::error::{Error, ErrorCode};
+use crate::pow::ProofOfWork;
+use crate::store::{AppAttestKey, Store, StoreError};
 
 /// Apple App Attestation Root CA, as Apple publishes it
 /// (`Apple_App_Attestation_Root_CA.pem`): subject `CN=Apple App Attestation Root CA, O=Apple Inc.,
@@ -270,8 +287,9 @@ pub(crate) fn verify_attestation(
 }
 
 /// Verifies an App Attest assertion (`generateAssertion`'s result) over `client_data_hash` with a
-/// key from [`verify_attestation`], and returns its counter: store it and pass it back as
-/// `previous_counter` next time. The key's App ID must still be in `app_ids`.
+/// key from [`verify_attestation`] (its `public_key` and `app_id`), and returns its counter:
+/// store it and pass it back as `previous_counter` next time. The key's App ID must still be in
+/// `app_ids`.
 ///
 /// The device signs `nonce = SHA-256(authenticatorData || clientDataHash)` with ECDSA P-256 and
 /// SHA-256, so the signature is checked as ECDSA-SHA256 over the 32 bytes of `nonce` (which
@@ -279,7 +297,8 @@ pub(crate) fn verify_attestation(
 pub(crate) fn verify_assertion(
     assertion: &[u8],
     client_data_hash: &[u8; 32],
-    key: &AttestedKey,
+    public_key: &[u8],
+    app_id: &str,
     previous_counter: u32,
     app_ids: &[String],
 ) -> Result<u32, AttestationError> {
@@ -296,14 +315,14 @@ pub(crate) fn verify_assertion(
     let parsed = AuthenticatorData::parse(auth_data)?;
 
     let nonce = sha256_concat(auth_data, client_data_hash);
-    UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &key.public_key)
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, public_key)
         .verify(&nonce, signature)
         .map_err(|_| AttestationError::Signature)?;
 
-    if !app_ids.iter().any(|id| id == &key.app_id) {
+    if !app_ids.iter().any(|id| id == app_id) {
         return Err(AttestationError::AppIdMismatch);
     }
-    if !bool::from(parsed.rp_id_hash.ct_eq(&sha256(key.app_id.as_bytes()))) {
+    if !bool::from(parsed.rp_id_hash.ct_eq(&sha256(app_id.as_bytes()))) {
         return Err(AttestationError::AppIdMismatch);
     }
     if parsed.counter <= previous_counter {
@@ -542,6 +561,271 @@ fn sha256_concat(a: &[u8], b: &[u8]) -> [u8; 32] {
     let mut out = [0; 32];
     out.copy_from_slice(context.finish().as_ref());
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// The `app_attest` mint gate: the evidence of a mint, the challenge it is bound to, the store.
+
+/// The `format` of the mint's `attestation` object that this gate reads.
+pub(crate) const FORMAT: &str = "apple-app-attest";
+
+/// The members an `apple-app-attest` attestation may have.
+const MEMBERS: [&str; 5] = [
+    "format",
+    "key_id",
+    "attestation_object",
+    "assertion",
+    "challenge",
+];
+
+/// Why the `app_attest` gate refused a mint. Messages name the failed check only: no key, nonce
+/// or certificate content.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum GateError {
+    /// No `attestation` of this format: `400 attestation_required`.
+    #[error(
+        "this service needs an App Attest attestation: send \"attestation\": {{\"format\": \
+         \"apple-app-attest\", \"key_id\", \"attestation_object\" or \"assertion\", \"challenge\"}}"
+    )]
+    Required,
+    /// The attestation object's members are not as the protocol says.
+    #[error("invalid App Attest evidence: {0}")]
+    Evidence(&'static str),
+    /// The challenge is not one this server issued, or has expired.
+    #[error("invalid App Attest challenge: {0}")]
+    Challenge(&'static str),
+    /// The attestation or assertion does not verify.
+    #[error(transparent)]
+    Verify(#[from] AttestationError),
+    /// An assertion by a key that is not registered (never, or forgotten after the retention).
+    #[error("unknown App Attest key: register it with an attestation_object first")]
+    UnknownKey,
+    /// A registration of a key that is already registered.
+    #[error("this App Attest key is already registered: mint with an assertion")]
+    AlreadyRegistered,
+    /// An assertion whose counter was already accepted (a concurrent replay).
+    #[error("the assertion's counter was already used")]
+    CounterReplay,
+    /// The store could not be asked for the key.
+    #[error("the store failed: {0}")]
+    Store(StoreError),
+}
+
+impl From<GateError> for Error {
+    fn from(e: GateError) -> Self {
+        match e {
+            GateError::Required => Error::new(ErrorCode::AttestationRequired, e.to_string()),
+            GateError::Store(store) => crate::store::refuse("app_attest_key", &store),
+            other => Error::new(ErrorCode::AttestationInvalid, other.to_string()),
+        }
+    }
+}
+
+/// The `app_attest` gate: how attestations are verified, and how long a key's record lives.
+#[derive(Debug)]
+pub(crate) struct AppAttestGate {
+    pub(crate) policy: AppAttestPolicy,
+    /// A key's record is kept this long after its registration or latest assertion.
+    pub(crate) retention_secs: u64,
+}
+
+/// What a mint that passed the gate writes to the store once the session cap admitted it (as
+/// with the challenge it used), and the client it names.
+#[derive(Debug, Clone)]
+pub(crate) struct AppAttestPassed {
+    /// The key's id in the store: base64url, no padding, of Apple's 32-byte key identifier.
+    pub(crate) key_id: String,
+    /// The store write.
+    pub(crate) write: KeyWrite,
+    /// Keep the record until then (Unix seconds).
+    pub(crate) until: u64,
+    /// The client the session keys on (`usr`) when no identity gate names a user: base64url,
+    /// no padding, of SHA-256(`"apple-app-attest"` ‖ 0x00 ‖ key identifier).
+    pub(crate) user: String,
+    /// The challenge the evidence was bound to (to record as used) and its expiry.
+    pub(crate) challenge: (String, u64),
+}
+
+/// The store write of a mint that passed the gate.
+#[derive(Debug, Clone)]
+pub(crate) enum KeyWrite {
+    /// First mint: register the attested key (first writer wins).
+    Register(AppAttestKey),
+    /// Later mints: raise the key's counter to the assertion's (compare and set).
+    Advance(u32),
+}
+
+/// The decoded evidence.
+struct Presented<'a> {
+    key_id: [u8; 32],
+    proof: Proof,
+    challenge: &'a str,
+}
+
+enum Proof {
+    /// `attestation_object`: the key is being registered.
+    Attestation(Vec<u8>),
+    /// `assertion`: a registered key signs this mint.
+    Assertion(Vec<u8>),
+}
+
+/// Standard base64 (RFC 4648 §4, `+/`, padded: what Swift's `base64EncodedString()` and
+/// `DCAppAttestService`'s key identifiers are), strictly: canonical padding and trailing bits,
+/// no whitespace, at most `max` bytes decoded.
+fn decode_base64(text: &str, max: usize, what: &'static str) -> Result<Vec<u8>, GateError> {
+    if text.len() > max.div_ceil(3) * 4 {
+        return Err(GateError::Evidence(what));
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|_| GateError::Evidence(what))
+}
+
+impl<'a> Presented<'a> {
+    /// The `attestation` member of a mint body, when its format is `apple-app-attest`.
+    fn parse(value: Option<&'a serde_json::Value>) -> Result<Self, GateError> {
+        let Some(serde_json::Value::Object(object)) = value else {
+            return Err(GateError::Required);
+        };
+        if object.get("format").and_then(serde_json::Value::as_str) != Some(FORMAT) {
+            return Err(GateError::Required);
+        }
+        if object.keys().any(|name| !MEMBERS.contains(&name.as_str())) {
+            return Err(GateError::Evidence(
+                "unknown member (allowed: format, key_id, attestation_object, assertion, \
+                 challenge)",
+            ));
+        }
+        let text = |name: &str, what: &'static str| {
+            object
+                .get(name)
+                .map(|v| v.as_str().ok_or(GateError::Evidence(what)))
+                .transpose()
+        };
+        let key_id = text("key_id", "key_id must be a string")?
+            .ok_or(GateError::Evidence("key_id is required"))?;
+        let key_id: [u8; 32] =
+            decode_base64(key_id, 32, "key_id must be standard base64 of 32 bytes")?
+                .try_into()
+                .map_err(|_| GateError::Evidence("key_id must be standard base64 of 32 bytes"))?;
+        let challenge = text("challenge", "challenge must be a string")?
+            .ok_or(GateError::Evidence("challenge is required"))?;
+        let attestation = text("attestation_object", "attestation_object must be a string")?;
+        let assertion = text("assertion", "assertion must be a string")?;
+        let proof = match (attestation, assertion) {
+            (Some(object), None) => Proof::Attestation(decode_base64(
+                object,
+                MAX_ATTESTATION_LEN,
+                "attestation_object must be standard base64, at most 64 KiB decoded",
+            )?),
+            (None, Some(assertion)) => Proof::Assertion(decode_base64(
+                assertion,
+                MAX_ASSERTION_LEN,
+                "assertion must be standard base64, at most 4 KiB decoded",
+            )?),
+            _ => {
+                return Err(GateError::Evidence(
+                    "send exactly one of attestation_object (to register the key) and assertion",
+                ));
+            }
+        };
+        Ok(Self {
+            key_id,
+            proof,
+            challenge,
+        })
+    }
+}
+
+impl AppAttestGate {
+    /// Checks the mint's evidence: the challenge (issued by `pow`'s key, unexpired), then the
+    /// attestation (its chain, nonce, app, environment and key) or the assertion (by a key the
+    /// store holds, with a counter above the stored one). Reads the store, never writes it: the
+    /// caller writes [`AppAttestPassed::write`] once the mint is admitted.
+    pub(crate) async fn check(
+        &self,
+        evidence: Option<&serde_json::Value>,
+        pow: &ProofOfWork,
+        store: &dyn Store,
+        now: u64,
+    ) -> Result<AppAttestPassed, GateError> {
+        let presented = Presented::parse(evidence)?;
+        let (challenge_until, _) = pow
+            .verify_challenge(presented.challenge, now)
+            .map_err(GateError::Challenge)?;
+        // clientDataHash: SHA-256 of the challenge's UTF-8 bytes (the same digest as Play
+        // Integrity's requestHash, raw rather than base64url).
+        let client_data_hash = sha256(presented.challenge.as_bytes());
+        let key_id = URL_SAFE_NO_PAD.encode(presented.key_id);
+        let write = match &presented.proof {
+            Proof::Attestation(object) => {
+                let attested = verify_attestation(
+                    object,
+                    &presented.key_id,
+                    &client_data_hash,
+                    &self.policy,
+                    UNIX_EPOCH + Duration::from_secs(now),
+                )?;
+                KeyWrite::Register(AppAttestKey::new(
+                    attested.public_key,
+                    attested.app_id,
+                    attested.environment == Environment::Development,
+                    attested.counter,
+                    now,
+                ))
+            }
+            Proof::Assertion(assertion) => {
+                let key = store
+                    .app_attest_key(&key_id)
+                    .await
+                    .map_err(GateError::Store)?
+                    .ok_or(GateError::UnknownKey)?;
+                // A key from the development environment stops working when it is switched off.
+                if key.development && !self.policy.development {
+                    return Err(AttestationError::Environment.into());
+                }
+                KeyWrite::Advance(verify_assertion(
+                    assertion,
+                    &client_data_hash,
+                    &key.public_key,
+                    &key.app_id,
+                    key.counter,
+                    &self.policy.app_ids,
+                )?)
+            }
+        };
+        let mut user = digest::Context::new(&SHA256);
+        user.update(FORMAT.as_bytes());
+        user.update(&[0]);
+        user.update(&presented.key_id);
+        Ok(AppAttestPassed {
+            key_id,
+            write,
+            until: now.saturating_add(self.retention_secs),
+            user: URL_SAFE_NO_PAD.encode(user.finish()),
+            challenge: (format!("attest:{}", presented.challenge), challenge_until),
+        })
+    }
+}
+
+/// Writes what a mint that passed the gate must: registers the key (first writer wins) or
+/// raises its counter (compare and set). `Ok(Err(_))` is a refusal, `Err(_)` a store failure.
+pub(crate) async fn record(
+    store: &dyn Store,
+    passed: &AppAttestPassed,
+) -> Result<Result<(), GateError>, StoreError> {
+    Ok(match &passed.write {
+        KeyWrite::Register(key) => store
+            .register_app_attest_key(&passed.key_id, key, passed.until)
+            .await?
+            .then_some(())
+            .ok_or(GateError::AlreadyRegistered),
+        KeyWrite::Advance(counter) => store
+            .advance_app_attest_counter(&passed.key_id, *counter, passed.until)
+            .await?
+            .then_some(())
+            .ok_or(GateError::CounterReplay),
+    })
 }
 
 #[cfg(test)]
@@ -1060,12 +1344,28 @@ mod tests {
         let app_ids = [APP_ID.to_owned()];
         let assertion = device.assertion(APP_ID, 1, &[3; 32]);
         assert_eq!(
-            verify_assertion(&assertion, &[3; 32], &key, 0, &app_ids).expect("valid"),
+            verify_assertion(
+                &assertion,
+                &[3; 32],
+                &key.public_key,
+                &key.app_id,
+                0,
+                &app_ids
+            )
+            .expect("valid"),
             1
         );
         let assertion = device.assertion(APP_ID, 41, &[4; 32]);
         assert_eq!(
-            verify_assertion(&assertion, &[4; 32], &key, 1, &app_ids).expect("valid"),
+            verify_assertion(
+                &assertion,
+                &[4; 32],
+                &key.public_key,
+                &key.app_id,
+                1,
+                &app_ids
+            )
+            .expect("valid"),
             41
         );
     }
@@ -1078,13 +1378,27 @@ mod tests {
         // Another client data hash than the one signed.
         let assertion = device.assertion(APP_ID, 1, &[3; 32]);
         assert!(matches!(
-            verify_assertion(&assertion, &[4; 32], &key, 0, &app_ids),
+            verify_assertion(
+                &assertion,
+                &[4; 32],
+                &key.public_key,
+                &key.app_id,
+                0,
+                &app_ids
+            ),
             Err(AttestationError::Signature)
         ));
         // Signed by another key.
         let assertion = other.assertion(APP_ID, 1, &[3; 32]);
         assert!(matches!(
-            verify_assertion(&assertion, &[3; 32], &key, 0, &app_ids),
+            verify_assertion(
+                &assertion,
+                &[3; 32],
+                &key.public_key,
+                &key.app_id,
+                0,
+                &app_ids
+            ),
             Err(AttestationError::Signature)
         ));
         // Signed over authData || clientDataHash once-hashed (not the nonce): refused.
@@ -1102,7 +1416,14 @@ mod tests {
             ),
         ]));
         assert!(matches!(
-            verify_assertion(&assertion, &[3; 32], &key, 0, &app_ids),
+            verify_assertion(
+                &assertion,
+                &[3; 32],
+                &key.public_key,
+                &key.app_id,
+                0,
+                &app_ids
+            ),
             Err(AttestationError::Signature)
         ));
         // A counter raised after signing.
@@ -1111,7 +1432,14 @@ mod tests {
         let at = tampered.len() - 1;
         tampered[at] ^= 1;
         assert!(matches!(
-            verify_assertion(&tampered, &[3; 32], &key, 0, &app_ids),
+            verify_assertion(
+                &tampered,
+                &[3; 32],
+                &key.public_key,
+                &key.app_id,
+                0,
+                &app_ids
+            ),
             Err(AttestationError::Signature)
         ));
     }
@@ -1124,12 +1452,27 @@ mod tests {
         let assertion = device.assertion(APP_ID, 5, &[3; 32]);
         for previous in [5, 6, u32::MAX] {
             assert!(matches!(
-                verify_assertion(&assertion, &[3; 32], &key, previous, &app_ids),
+                verify_assertion(
+                    &assertion,
+                    &[3; 32],
+                    &key.public_key,
+                    &key.app_id,
+                    previous,
+                    &app_ids
+                ),
                 Err(AttestationError::CounterReplay)
             ));
         }
         assert_eq!(
-            verify_assertion(&assertion, &[3; 32], &key, 4, &app_ids).expect("valid"),
+            verify_assertion(
+                &assertion,
+                &[3; 32],
+                &key.public_key,
+                &key.app_id,
+                4,
+                &app_ids
+            )
+            .expect("valid"),
             5
         );
     }
@@ -1142,13 +1485,20 @@ mod tests {
         let assertion = device.assertion(OTHER_APP_ID, 1, &[3; 32]);
         let both = [APP_ID.to_owned(), OTHER_APP_ID.to_owned()];
         assert!(matches!(
-            verify_assertion(&assertion, &[3; 32], &key, 0, &both),
+            verify_assertion(&assertion, &[3; 32], &key.public_key, &key.app_id, 0, &both),
             Err(AttestationError::AppIdMismatch)
         ));
         // The key's app is no longer allowed.
         let assertion = device.assertion(APP_ID, 1, &[3; 32]);
         assert!(matches!(
-            verify_assertion(&assertion, &[3; 32], &key, 0, &[OTHER_APP_ID.to_owned()]),
+            verify_assertion(
+                &assertion,
+                &[3; 32],
+                &key.public_key,
+                &key.app_id,
+                0,
+                &[OTHER_APP_ID.to_owned()]
+            ),
             Err(AttestationError::AppIdMismatch)
         ));
     }
@@ -1161,7 +1511,14 @@ mod tests {
         let assertion = device.assertion(APP_ID, 1, &[3; 32]);
         for len in [0, 5, assertion.len() - 1] {
             assert!(matches!(
-                verify_assertion(&assertion[..len], &[3; 32], &key, 0, &app_ids),
+                verify_assertion(
+                    &assertion[..len],
+                    &[3; 32],
+                    &key.public_key,
+                    &key.app_id,
+                    0,
+                    &app_ids
+                ),
                 Err(AttestationError::Malformed(_))
             ));
         }
@@ -1170,8 +1527,241 @@ mod tests {
             (Value::from("authenticatorData"), Value::Bytes(vec![0; 36])),
         ]));
         assert!(matches!(
-            verify_assertion(&short, &[3; 32], &key, 0, &app_ids),
+            verify_assertion(&short, &[3; 32], &key.public_key, &key.app_id, 0, &app_ids),
             Err(AttestationError::Malformed(_))
         ));
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // The gate
+
+    use crate::store::MemoryStore;
+    use serde_json::json;
+
+    fn unix(time: SystemTime) -> u64 {
+        time.duration_since(UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs()
+    }
+
+    /// A century: the test clock is in 2025 (inside the test leaf's validity), the memory
+    /// store's clock is the real one, and a record must outlive both.
+    const RETENTION: u64 = 100 * 365 * 86_400;
+
+    fn gate(ca: &Ca) -> AppAttestGate {
+        AppAttestGate {
+            policy: policy(ca),
+            retention_secs: RETENTION,
+        }
+    }
+
+    fn b64(bytes: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    }
+
+    fn pow() -> ProofOfWork {
+        ProofOfWork::new([5; 32], 0, Duration::from_secs(300))
+    }
+
+    /// A registration for `device` bound to a fresh challenge of `pow`.
+    fn registration(ca: &Ca, device: &Device, pow: &ProofOfWork) -> serde_json::Value {
+        let challenge = pow.challenge(unix(now())).challenge;
+        let object = Attestation {
+            client_data_hash: sha256(challenge.as_bytes()),
+            ..Attestation::default()
+        }
+        .build(ca, device);
+        json!({"format": FORMAT, "key_id": b64(&device.key_id),
+               "attestation_object": b64(&object), "challenge": challenge})
+    }
+
+    fn assertion(device: &Device, counter: u32, pow: &ProofOfWork) -> serde_json::Value {
+        let challenge = pow.challenge(unix(now())).challenge;
+        let assertion = device.assertion(APP_ID, counter, &sha256(challenge.as_bytes()));
+        json!({"format": FORMAT, "key_id": b64(&device.key_id),
+               "assertion": b64(&assertion), "challenge": challenge})
+    }
+
+    fn block_on<F: std::future::Future>(future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(future)
+    }
+
+    fn check(
+        gate: &AppAttestGate,
+        evidence: &serde_json::Value,
+        store: &MemoryStore,
+    ) -> Result<AppAttestPassed, GateError> {
+        block_on(gate.check(Some(evidence), &pow(), store, unix(now())))
+    }
+
+    #[test]
+    fn a_key_registers_once_then_mints_with_rising_counters() {
+        let (ca, device) = (Ca::new("Test"), Device::new());
+        let (gate, store, pow) = (gate(&ca), MemoryStore::new(), pow());
+
+        let passed = check(&gate, &registration(&ca, &device, &pow), &store).expect("valid");
+        assert_eq!(passed.key_id, URL_SAFE_NO_PAD.encode(&device.key_id));
+        assert_eq!(passed.until, unix(now()) + RETENTION);
+        assert!(passed.challenge.0.starts_with("attest:v1."));
+        let KeyWrite::Register(key) = &passed.write else {
+            panic!("a registration")
+        };
+        assert_eq!(
+            (key.public_key.as_slice(), key.app_id.as_str(), key.counter),
+            (device.point.as_slice(), APP_ID, 0)
+        );
+        // The session's client: a hash of the key id, not the key id.
+        assert_eq!(passed.user.len(), 43);
+        assert_ne!(passed.user, passed.key_id);
+        // No assertion before the key is registered.
+        let first = assertion(&device, 1, &pow);
+        assert!(matches!(
+            check(&gate, &first, &store),
+            Err(GateError::UnknownKey)
+        ));
+        block_on(record(&store, &passed))
+            .expect("store")
+            .expect("registered");
+        // A second registration of the key (another attestation, another challenge).
+        let again = check(&gate, &registration(&ca, &device, &pow), &store).expect("verifies");
+        assert!(matches!(
+            block_on(record(&store, &again)).expect("store"),
+            Err(GateError::AlreadyRegistered)
+        ));
+
+        let asserted = check(&gate, &first, &store).expect("valid");
+        assert!(matches!(asserted.write, KeyWrite::Advance(1)));
+        assert_eq!(asserted.user, passed.user, "the same client");
+        block_on(record(&store, &asserted))
+            .expect("store")
+            .expect("raised");
+        // The same assertion again: refused by the stored counter; and a raise that lost a race.
+        assert!(matches!(
+            check(&gate, &first, &store),
+            Err(GateError::Verify(AttestationError::CounterReplay))
+        ));
+        assert!(matches!(
+            block_on(record(&store, &asserted)).expect("store"),
+            Err(GateError::CounterReplay)
+        ));
+        let later = check(&gate, &assertion(&device, 7, &pow), &store).expect("valid");
+        assert!(matches!(later.write, KeyWrite::Advance(7)));
+    }
+
+    #[test]
+    fn a_development_key_stops_minting_when_development_is_switched_off() {
+        let (ca, device, pow) = (Ca::new("Test"), Device::new(), pow());
+        let store = MemoryStore::new();
+        let mut gate = gate(&ca);
+        gate.policy.development = true;
+        let challenge = pow.challenge(unix(now())).challenge;
+        let object = Attestation {
+            aaguid: *AAGUID_DEVELOPMENT,
+            client_data_hash: sha256(challenge.as_bytes()),
+            ..Attestation::default()
+        }
+        .build(&ca, &device);
+        let evidence = json!({"format": FORMAT, "key_id": b64(&device.key_id),
+                              "attestation_object": b64(&object), "challenge": challenge});
+        let passed = check(&gate, &evidence, &store).expect("valid");
+        block_on(record(&store, &passed))
+            .expect("store")
+            .expect("registered");
+        check(&gate, &assertion(&device, 1, &pow), &store).expect("valid");
+        gate.policy.development = false;
+        assert!(matches!(
+            check(&gate, &assertion(&device, 2, &pow), &store),
+            Err(GateError::Verify(AttestationError::Environment))
+        ));
+    }
+
+    #[test]
+    fn the_challenge_must_be_ours_unexpired_and_the_one_signed() {
+        let (ca, device, store) = (Ca::new("Test"), Device::new(), MemoryStore::new());
+        let gate = gate(&ca);
+        let mut evidence = registration(&ca, &device, &pow());
+        // Issued with another key.
+        let other = ProofOfWork::new([6; 32], 0, Duration::from_secs(300));
+        let foreign = registration(&ca, &device, &other);
+        assert!(matches!(
+            check(&gate, &foreign, &store),
+            Err(GateError::Challenge(_))
+        ));
+        // Expired.
+        let late = block_on(gate.check(Some(&evidence), &pow(), &store, unix(now()) + 301));
+        assert!(matches!(late, Err(GateError::Challenge(_))));
+        // Ours, but not the one the attestation's nonce commits to.
+        evidence["challenge"] = json!(pow().challenge(unix(now())).challenge);
+        assert!(matches!(
+            check(&gate, &evidence, &store),
+            Err(GateError::Verify(AttestationError::NonceMismatch))
+        ));
+    }
+
+    #[test]
+    fn the_evidence_is_parsed_strictly() {
+        let (ca, device, store) = (Ca::new("Test"), Device::new(), MemoryStore::new());
+        let gate = gate(&ca);
+        let good = registration(&ca, &device, &pow());
+        let with = |name: &str, value: serde_json::Value| {
+            let mut evidence = good.clone();
+            if value.is_null() {
+                evidence.as_object_mut().expect("object").remove(name);
+            } else {
+                evidence[name] = value;
+            }
+            evidence
+        };
+        let padded_key_id = good["key_id"].as_str().expect("text").to_owned();
+        let object = good["attestation_object"]
+            .as_str()
+            .expect("text")
+            .to_owned();
+        for missing in [
+            json!(null),
+            json!("apple-app-attest"),
+            json!([]),
+            with("format", json!("play-integrity")),
+            with("format", json!(null)),
+            with("format", json!("Apple-App-Attest")),
+        ] {
+            assert!(
+                matches!(check(&gate, &missing, &store), Err(GateError::Required)),
+                "{missing}"
+            );
+        }
+        let url_safe = URL_SAFE_NO_PAD.encode(&device.key_id);
+        for invalid in [
+            with("key_id", json!(null)),
+            with("key_id", json!(7)),
+            with("key_id", json!(url_safe)),
+            with("key_id", json!(padded_key_id.trim_end_matches('='))),
+            with("key_id", json!(format!(" {padded_key_id}"))),
+            with("key_id", json!(format!("{padded_key_id}AAAA"))),
+            with("key_id", json!(b64(&[1; 31]))),
+            with("challenge", json!(null)),
+            with("challenge", json!(1)),
+            with("attestation_object", json!(null)),
+            with("attestation_object", json!(format!("{object}\n"))),
+            with("attestation_object", json!(format!("{object}=="))),
+            with("attestation_object", json!("A".repeat(100_000))),
+            with("attestation_object", json!({"x5c": []})),
+            with("assertion", json!("AAAA")),
+            with("attestationObject", json!(object)),
+        ] {
+            let result = check(&gate, &invalid, &store);
+            assert!(
+                matches!(result, Err(GateError::Evidence(_))),
+                "{invalid}: {result:?}"
+            );
+            // Every one of them is `400 attestation_invalid`.
+            let error: Error = result.expect_err("refused").into();
+            assert_eq!(error.code(), ErrorCode::AttestationInvalid);
+        }
+        let error: Error = GateError::Required.into();
+        assert_eq!(error.code(), ErrorCode::AttestationRequired);
     }
 }

@@ -10,10 +10,12 @@
 //! | `captcha` | `captcha` | a Turnstile, hCaptcha or reCAPTCHA token the provider accepted, once |
 //! | `oidc` | `id_token` | a user signed in at the configured OpenID Connect issuer; the session carries `usr` |
 //! | `play_integrity` | `attestation` (`play-integrity`) | your Android app, from Google Play, on a device meeting device integrity, bound to a challenge |
+//! | `app_attest` | `attestation` (`apple-app-attest`) | your iOS app, signed by your team, on a genuine Apple device: a Secure Enclave key Apple attested once, then assertions by that key, each bound to a challenge |
 //!
 //! A gate may establish [`Facts`]: the user (`usr` in the token, base64url SHA-256 of the ID
 //! token's `iss` and `sub`; rate limits, session caps and client budgets then key on it) and the
-//! user's tier (`budget.tiers.NAME`).
+//! user's tier (`budget.tiers.NAME`). Without a user, a session minted through `app_attest` keys
+//! on its attested key the same way (`usr` is then a hash of the key identifier).
 //!
 //! An app adds a gate of its own by implementing [`Gate`] and registering it with
 //! [`PerishableBuilder::gate`](crate::PerishableBuilder::gate); a policy names it by
@@ -51,9 +53,6 @@
 //! # let _ = perishable; Ok(()) }
 //! ```
 
-// Apple App Attest's verifier is complete and tested, and not wired into minting yet (its keys
-// need a record in the Store): a policy naming it is refused (docs/gates.md).
-#[allow(dead_code)]
 pub(crate) mod app_attest;
 pub(crate) mod captcha;
 mod fetch;

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use super::app_attest::{AppAttestGate, AppAttestPassed, AppAttestPolicy};
 use super::captcha::{CaptchaError, CaptchaSettings, CaptchaVerifier, Provider};
 use super::oidc::{OidcSettings, OidcVerifier};
 use super::play_integrity::{PlayIntegrityKeys, PlayIntegrityPolicy, verify_token};
@@ -9,6 +10,7 @@ use super::{Evidence, Facts, Gate};
 use crate::config::{Config, ConfigError};
 use crate::error::{Error, ErrorCode};
 use crate::pow::{PowSolution, ProofOfWork};
+use crate::store::Store;
 
 /// The built-in gate names.
 pub(crate) const BUILT_IN: [&str; 6] = [
@@ -28,6 +30,7 @@ enum Kind {
     Captcha(Box<CaptchaVerifier>),
     Oidc(Box<OidcVerifier>),
     PlayIntegrity(Box<(PlayIntegrityKeys, PlayIntegrityPolicy)>),
+    AppAttest(Box<AppAttestGate>),
 }
 
 impl std::fmt::Debug for Kind {
@@ -39,19 +42,21 @@ impl std::fmt::Debug for Kind {
             Self::Captcha(_) => "Captcha",
             Self::Oidc(_) => "Oidc",
             Self::PlayIntegrity(_) => "PlayIntegrity",
+            Self::AppAttest(_) => "AppAttest",
         })
     }
 }
 
 impl Kind {
     /// Cheap gates first: a mint refused by the interaction samples or the proof of work costs
-    /// no call to a provider.
+    /// no call to a provider, nor a read of the store.
     fn rank(&self) -> u8 {
         match self {
             Self::Entropy => 0,
             Self::Pow => 1,
             Self::Custom(_) => 2,
-            Self::PlayIntegrity(_) => 3,
+            // Local checks (an assertion also reads the store once).
+            Self::PlayIntegrity(_) | Self::AppAttest(_) => 3,
             Self::Captcha(_) => 4,
             Self::Oidc(_) => 5,
         }
@@ -81,6 +86,16 @@ pub(crate) struct Builtins<'a> {
     pub(crate) entropy_score: u8,
     pub(crate) min_entropy_score: u8,
     pub(crate) now: u64,
+    /// The store, which the `app_attest` gate reads (registered keys).
+    pub(crate) store: &'a dyn Store,
+}
+
+/// What the gates that ran leave for the mint to record, should their policy pass.
+#[derive(Default)]
+struct Effects {
+    pow_used: Option<(String, u64)>,
+    attestation_used: Option<(String, u64)>,
+    app_attest: Option<AppAttestPassed>,
 }
 
 /// A mint that passed a policy.
@@ -94,6 +109,8 @@ pub(crate) struct Passed {
     pub(crate) pow_used: Option<(String, u64)>,
     /// The challenge an attestation was bound to, to record as used, and until when.
     pub(crate) attestation_used: Option<(String, u64)>,
+    /// The App Attest key to register, or whose counter to raise (when `app_attest` passed).
+    pub(crate) app_attest: Option<AppAttestPassed>,
 }
 
 impl Policies {
@@ -119,12 +136,7 @@ impl Policies {
                             "play_integrity" => {
                                 Kind::PlayIntegrity(Box::new(play_integrity(config)?))
                             }
-                            "app_attest" => {
-                                return Err(ConfigError::invalid(
-                                    KEY,
-                                    format!("the {name:?} gate is not available in this version"),
-                                ));
-                            }
+                            "app_attest" => Kind::AppAttest(Box::new(app_attest(config)?)),
                             other => match custom.iter().find(|g| g.name() == other) {
                                 Some(gate) => Kind::Custom(gate.clone()),
                                 None => {
@@ -171,8 +183,7 @@ impl Policies {
     ) -> Result<Passed, Error> {
         // Each gate's outcome, by index: computed once per mint.
         let mut outcomes: Vec<Option<Result<Facts, Error>>> = vec![None; self.gates.len()];
-        let mut pow_used = None;
-        let mut attestation_used = None;
+        let mut effects = Effects::default();
         let mut refusals: Vec<Error> = Vec::new();
         for (alternative, label) in self.alternatives.iter().zip(&self.labels) {
             let mut facts = Facts::default();
@@ -180,15 +191,7 @@ impl Policies {
             for &index in alternative {
                 if outcomes[index].is_none() {
                     let entry = &self.gates[index];
-                    let outcome = self
-                        .run(
-                            entry,
-                            evidence,
-                            builtins,
-                            &mut pow_used,
-                            &mut attestation_used,
-                        )
-                        .await;
+                    let outcome = self.run(entry, evidence, builtins, &mut effects).await;
                     metrics::counter!(
                         "perishable_mint_gates_total",
                         "gate" => gate_label(&entry.name),
@@ -211,21 +214,30 @@ impl Policies {
             match failed {
                 None => {
                     let policy = label.clone();
-                    let pow_used = alternative
-                        .iter()
-                        .any(|&i| matches!(self.gates[i].kind, Kind::Pow))
-                        .then_some(pow_used)
+                    let has = |kind: fn(&Kind) -> bool| {
+                        alternative.iter().any(|&i| kind(&self.gates[i].kind))
+                    };
+                    let pow_used = has(|k| matches!(k, Kind::Pow))
+                        .then_some(effects.pow_used)
                         .flatten();
-                    let attestation_used = alternative
-                        .iter()
-                        .any(|&i| matches!(self.gates[i].kind, Kind::PlayIntegrity(_)))
-                        .then(|| attestation_used.clone())
+                    let attestation_used =
+                        has(|k| matches!(k, Kind::PlayIntegrity(_) | Kind::AppAttest(_)))
+                            .then_some(effects.attestation_used)
+                            .flatten();
+                    let app_attest = has(|k| matches!(k, Kind::AppAttest(_)))
+                        .then_some(effects.app_attest)
                         .flatten();
+                    // An identity gate's user comes first; else the session keys on the
+                    // attested key, which a client cannot invent like a fingerprint.
+                    if let Some(passed) = &app_attest {
+                        facts.user = facts.user.or_else(|| Some(passed.user.clone()));
+                    }
                     return Ok(Passed {
                         policy,
                         facts,
                         pow_used,
                         attestation_used,
+                        app_attest,
                     });
                 }
                 Some(refusal) => refusals.push(refusal),
@@ -253,8 +265,7 @@ impl Policies {
         entry: &Entry,
         evidence: &Evidence<'_>,
         builtins: &Builtins<'_>,
-        pow_used: &mut Option<(String, u64)>,
-        attestation_used: &mut Option<(String, u64)>,
+        effects: &mut Effects,
     ) -> Result<Facts, Error> {
         match &entry.kind {
             Kind::Entropy => {
@@ -273,7 +284,7 @@ impl Policies {
             Kind::Pow => {
                 if builtins.pow.enabled() {
                     let until = builtins.pow.check(builtins.solution, builtins.now)?;
-                    *pow_used = builtins.solution.map(|s| (s.challenge.clone(), until));
+                    effects.pow_used = builtins.solution.map(|s| (s.challenge.clone(), until));
                 }
                 Ok(Facts::default())
             }
@@ -295,7 +306,20 @@ impl Policies {
                     std::time::SystemTime::now(),
                 )
                 .map_err(|e| Error::new(ErrorCode::AttestationInvalid, e.to_string()))?;
-                *attestation_used = Some((format!("attest:{challenge}"), until));
+                effects.attestation_used = Some((format!("attest:{challenge}"), until));
+                Ok(Facts::default())
+            }
+            Kind::AppAttest(gate) => {
+                let passed = gate
+                    .check(
+                        evidence.field("attestation"),
+                        builtins.pow,
+                        builtins.store,
+                        builtins.now,
+                    )
+                    .await?;
+                effects.attestation_used = Some(passed.challenge.clone());
+                effects.app_attest = Some(passed);
                 Ok(Facts::default())
             }
             Kind::Captcha(verifier) => {
@@ -462,6 +486,50 @@ fn attestation<'a>(evidence: &Evidence<'a>, format: &str) -> Result<(&'a str, &'
     Ok((field("token")?, field("challenge")?))
 }
 
+fn app_attest(config: &Config) -> Result<AppAttestGate, ConfigError> {
+    // `MintConfig::validate` made sure the App IDs are listed and the retention is above 0.
+    let a = &config.mint().app_attest;
+    let mut policy = AppAttestPolicy::new(a.app_ids.clone());
+    policy.development = a.development;
+    if !a.root_ca_pem.trim().is_empty() {
+        policy.roots = root_certificates(&a.root_ca_pem)?;
+    }
+    if policy.roots.is_empty() {
+        // Apple's root is compiled in and tested; never reached.
+        return Err(ConfigError::invalid(
+            "mint.app_attest.root_ca_pem",
+            "Apple's App Attest root CA does not parse",
+        ));
+    }
+    Ok(AppAttestGate {
+        policy,
+        retention_secs: a.key_retention_secs,
+    })
+}
+
+/// The certificates of `mint.app_attest.root_ca_pem`: at least one, each a usable trust anchor.
+fn root_certificates(
+    pem: &str,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ConfigError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    const KEY: &str = "mint.app_attest.root_ca_pem";
+    let roots = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| ConfigError::invalid(KEY, "is not PEM"))?;
+    if roots.is_empty() {
+        return Err(ConfigError::invalid(
+            KEY,
+            "holds no \"-----BEGIN CERTIFICATE-----\" section",
+        ));
+    }
+    for root in &roots {
+        webpki::anchor_from_trusted_cert(root)
+            .map_err(|_| ConfigError::invalid(KEY, "holds a certificate that is not X.509 DER"))?;
+    }
+    Ok(roots)
+}
+
 fn play_integrity(
     config: &Config,
 ) -> Result<(PlayIntegrityKeys, PlayIntegrityPolicy), ConfigError> {
@@ -521,7 +589,9 @@ mod tests {
             any::<f64>().prop_map(Value::from),
             ".{0,40}".prop_map(Value::String),
             Just(Value::String("play-integrity".to_owned())),
+            Just(Value::String("apple-app-attest".to_owned())),
             Just(Value::String("v1.AAAA.AAAA".to_owned())),
+            Just(Value::String(STANDARD.encode([0u8; 32]))),
         ];
         leaf.prop_recursive(3, 24, 6, |inner| {
             prop_oneof![
@@ -531,6 +601,9 @@ mod tests {
                         Just("format".to_owned()),
                         Just("token".to_owned()),
                         Just("challenge".to_owned()),
+                        Just("key_id".to_owned()),
+                        Just("attestation_object".to_owned()),
+                        Just("assertion".to_owned()),
                         "[a-z]{1,8}",
                     ],
                     inner,
@@ -550,12 +623,14 @@ mod tests {
             client_ip: None,
         };
         let pow = ProofOfWork::new([1u8; 32], 0, Duration::from_secs(300));
+        let store = crate::store::MemoryStore::new();
         let builtins = Builtins {
             pow: &pow,
             solution: None,
             entropy_score: 0,
             min_entropy_score: 0,
             now: 1_700_000_000,
+            store: &store,
         };
         tokio::runtime::Builder::new_current_thread()
             .build()
@@ -568,14 +643,22 @@ mod tests {
         /// attestation code, and never passes without a verdict that verifies.
         #[test]
         fn any_attestation_shape_is_refused_with_an_attestation_code(value in json()) {
-            let policies = Policies::new(&play_integrity_config(), &[]).unwrap();
-            let mut body = Map::new();
-            body.insert("attestation".to_owned(), value);
-            let code = check(&policies, &body).unwrap_err().code();
-            prop_assert!(
-                matches!(code, ErrorCode::AttestationRequired | ErrorCode::AttestationInvalid),
-                "{code}"
-            );
+            let app_attest = Config::builder()
+                .upstream_api_key("sk-test")
+                .mint_policies([["app_attest"]])
+                .mint_app_attest_app_ids(["ABCDE12345.com.example.app"])
+                .build()
+                .unwrap();
+            for config in [play_integrity_config(), app_attest] {
+                let policies = Policies::new(&config, &[]).unwrap();
+                let mut body = Map::new();
+                body.insert("attestation".to_owned(), value.clone());
+                let code = check(&policies, &body).unwrap_err().code();
+                prop_assert!(
+                    matches!(code, ErrorCode::AttestationRequired | ErrorCode::AttestationInvalid),
+                    "{code}"
+                );
+            }
         }
     }
 
@@ -659,6 +742,50 @@ mod tests {
             ),
             ErrorCode::AttestationInvalid
         );
+    }
+
+    #[test]
+    fn app_attest_roots_come_from_the_configuration() {
+        let base = || {
+            Config::builder()
+                .upstream_api_key("sk-test")
+                .mint_policies([["app_attest"]])
+                .mint_app_attest_app_ids(["ABCDE12345.com.example.app"])
+        };
+        // Apple's by default.
+        Policies::new(&base().build().unwrap(), &[]).unwrap();
+        // A PEM of one's own; and what is not one.
+        let ca = rcgen::CertifiedIssuer::self_signed(
+            rcgen::CertificateParams::new(Vec::<String>::new()).unwrap(),
+            rcgen::KeyPair::generate().unwrap(),
+        )
+        .unwrap();
+        let config = base()
+            .mint_app_attest_root_ca_pem(ca.pem())
+            .build()
+            .unwrap();
+        let Kind::AppAttest(gate) = &Policies::new(&config, &[]).unwrap().gates[0].kind else {
+            panic!("the app_attest gate")
+        };
+        assert_eq!(gate.policy.roots, vec![ca.der().clone()]);
+        for bad in [
+            "not pem",
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            "-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----\n",
+        ] {
+            let config = base().mint_app_attest_root_ca_pem(bad).build().unwrap();
+            let error = Policies::new(&config, &[]).unwrap_err();
+            assert!(
+                matches!(
+                    error,
+                    ConfigError::Invalid {
+                        key: "mint.app_attest.root_ca_pem",
+                        ..
+                    }
+                ),
+                "{bad}: {error}"
+            );
+        }
     }
 
     #[derive(Debug)]

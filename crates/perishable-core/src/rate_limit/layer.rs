@@ -2,6 +2,7 @@ use std::sync::Arc;
 
 use tower::Layer;
 
+use super::service::Tiers;
 use super::{KeyExtractor, RateLimit};
 use crate::config::OnUnavailable;
 use crate::store::RateLimiter;
@@ -12,6 +13,7 @@ pub struct RateLimitLayer<X> {
     limiter: Arc<dyn RateLimiter>,
     extractor: X,
     on_unavailable: OnUnavailable,
+    tiers: Tiers,
 }
 
 impl<X: KeyExtractor> RateLimitLayer<X> {
@@ -23,7 +25,43 @@ impl<X: KeyExtractor> RateLimitLayer<X> {
             limiter,
             extractor,
             on_unavailable: OnUnavailable::Closed,
+            tiers: Arc::new([]),
         }
+    }
+
+    /// Limits the sessions of tier `tier` (the token's `tier` claim, from
+    /// `mint.oidc.tier_claim` or a gate's [`Facts`](crate::gate::Facts)) with `limiter` instead
+    /// of the default one, under keys of their own. Sessions of other tiers, and without one,
+    /// keep the default. [`Perishable::rate_limit_layer`](crate::Perishable::rate_limit_layer)
+    /// adds one per `[budget.tiers.NAME]` that sets `points`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use perishable_core::rate_limit::{FingerprintKey, RateLimitLayer};
+    /// use perishable_core::store::{Limiter, RatePolicy};
+    ///
+    /// let policy = |points| RatePolicy {
+    ///     name: "session",
+    ///     points,
+    ///     window: Duration::from_secs(60),
+    ///     block: Duration::ZERO,
+    /// };
+    /// let layer = RateLimitLayer::new(Limiter::<String>::new(policy(100)), FingerprintKey)
+    ///     .tier("pro", Limiter::<String>::new(policy(1_000)));
+    /// # let _ = layer;
+    /// ```
+    #[must_use]
+    pub fn tier(mut self, tier: impl Into<String>, limiter: Arc<dyn RateLimiter>) -> Self {
+        let tier = tier.into();
+        let mut tiers: Vec<_> = self
+            .tiers
+            .iter()
+            .filter(|(name, _)| *name != tier)
+            .cloned()
+            .collect();
+        tiers.push((tier, limiter));
+        self.tiers = tiers.into();
+        self
     }
 
     /// What to do when the store fails: refuse (`Closed`) or let the request through (`Open`).
@@ -49,5 +87,6 @@ impl<S, X: KeyExtractor> Layer<S> for RateLimitLayer<X> {
             self.extractor.clone(),
             self.on_unavailable,
         )
+        .with_tiers(self.tiers.clone())
     }
 }

@@ -9,9 +9,13 @@
 //! `Retry-After` and the IETF draft `RateLimit-Policy` / `RateLimit` headers.
 //!
 //! Keys: [`FingerprintKey`] (the default for authenticated routes) keys on the verified session's
-//! fingerprint hash, so a client cannot reset its limit by minting new sessions, and many clients
-//! behind one NAT do not share one; [`ClientIpKey`] keys on the client IP (session mints). Write
-//! your own [`KeyExtractor`] to key on anything else in the request.
+//! user when it has one, else its fingerprint hash, so a client cannot reset its limit by minting
+//! new sessions, and many clients behind one NAT do not share one; [`ClientIpKey`] keys on the
+//! client IP (session mints). Write your own [`KeyExtractor`] to key on anything else in the
+//! request.
+//!
+//! Tiers: [`RateLimitLayer::tier`] gives the sessions of a tier (the token's `tier` claim) a
+//! limiter of their own, such as more `points` for paying users (`[budget.tiers.NAME] points`).
 //!
 //! In memory, the state stays bounded: a task (spawned with the limiter on a tokio runtime, and
 //! ending when it is dropped) prunes keys whose state is back to full once per window. When the

@@ -20,6 +20,34 @@ pub struct RateLimit<S, X> {
     limiter: Arc<dyn RateLimiter>,
     extractor: X,
     on_unavailable: OnUnavailable,
+    tiers: Tiers,
+}
+
+/// The limiters of sessions of a tier (`budget.tiers.NAME.points`), by tier name; empty unless
+/// tiers set their own limits.
+pub(crate) type Tiers = Arc<[(String, Arc<dyn RateLimiter>)]>;
+
+/// The limiter for `req` and the key to count it under: its session's tier's, when that tier
+/// has one (under a key of the tier's own, so a client whose tier changes starts afresh), else
+/// the default.
+fn select<'t, B>(
+    default: &'t Arc<dyn RateLimiter>,
+    tiers: &'t Tiers,
+    req: &Request<B>,
+    key: String,
+) -> (&'t Arc<dyn RateLimiter>, String) {
+    if tiers.is_empty() {
+        return (default, key);
+    }
+    let tier = req
+        .extensions()
+        .get::<crate::token::VerifiedSession>()
+        .and_then(|session| session.claims.tier.as_deref());
+    match tier.and_then(|tier| tiers.iter().find(|(name, _)| name == tier)) {
+        // The tier's length first: distinct (tier, key) pairs never share a store key.
+        Some((name, limiter)) => (limiter, format!("{}:{name}:{key}", name.len())),
+        None => (default, key),
+    }
 }
 
 impl<S, X: KeyExtractor> RateLimit<S, X> {
@@ -35,7 +63,14 @@ impl<S, X: KeyExtractor> RateLimit<S, X> {
             limiter,
             extractor,
             on_unavailable,
+            tiers: Arc::new([]),
         }
+    }
+
+    /// These limiters for sessions of their tiers.
+    pub(crate) fn with_tiers(mut self, tiers: Tiers) -> Self {
+        self.tiers = tiers;
+        self
     }
 
     crate::macros::define_inner_service_accessors!();
@@ -66,23 +101,22 @@ where
                 )))));
             }
         };
+        let (limiter, key) = select(&self.limiter, &self.tiers, &req, key);
         // A limiter in memory decides at once: call the inner service, which was polled ready.
-        if let Some(decision) = self.limiter.check_now(&key) {
+        if let Some(decision) = limiter.check_now(&key) {
             return if decision.allowed {
                 RateLimitFuture::new(Either::Left(Either::Right(self.inner.call(req))))
             } else {
                 RateLimitFuture::new(Either::Left(Either::Left(ready(Ok(refusal(
-                    &*self.limiter,
-                    &req,
-                    decision,
+                    &**limiter, &req, decision,
                 ))))))
             };
         }
+        let limiter = limiter.clone();
         // The clone that was polled ready goes into the future (tower's "be careful when
         // cloning inner services").
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let limiter = self.limiter.clone();
         let on_unavailable = self.on_unavailable;
         RateLimitFuture::new(Either::Right(Box::pin(async move {
             match limiter.check(&key).await {
@@ -355,6 +389,73 @@ mod tests {
             .unwrap();
         assert_eq!(anonymous.status(), 401);
         assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    fn of_tier(jti: &str, fp: &str, tier: Option<&str>) -> Request<Body> {
+        let mut claims = (*verified(jti, fp).claims).clone();
+        claims.tier = tier.map(str::to_owned);
+        with_session(VerifiedSession {
+            claims: Arc::new(claims),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_tier_with_a_limiter_of_its_own_uses_it() {
+        let store = MemoryStore::new();
+        let layer = RateLimitLayer::new(store.rate_limiter(policy(1)), FingerprintKey)
+            .tier("pro", store.rate_limiter(policy(3)))
+            // Named twice: the last limiter wins.
+            .tier("team", store.rate_limiter(policy(5)))
+            .tier("team", store.rate_limiter(policy(2)));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = app(layer, calls.clone());
+        let status = |req| {
+            let svc = svc.clone();
+            async move { svc.oneshot(req).await.unwrap().status().as_u16() }
+        };
+        // Default: 1; a tier not listed gets the default too.
+        assert_eq!(status(of_tier("s1", "fp-a", None)).await, 200);
+        assert_eq!(status(of_tier("s1", "fp-a", None)).await, 429);
+        assert_eq!(status(of_tier("s2", "fp-b", Some("free"))).await, 200);
+        assert_eq!(status(of_tier("s2", "fp-b", Some("free"))).await, 429);
+        // Pro: 3, under a key of its own (the same device, already limited by default, starts
+        // afresh when its tier changes).
+        for _ in 0..3 {
+            assert_eq!(status(of_tier("s3", "fp-a", Some("pro"))).await, 200);
+        }
+        let refused = svc
+            .clone()
+            .oneshot(of_tier("s3", "fp-a", Some("pro")))
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 429);
+        assert_eq!(refused.headers()["ratelimit-policy"], "\"unit\";q=3;w=60");
+        for _ in 0..2 {
+            assert_eq!(status(of_tier("s4", "fp-c", Some("team"))).await, 200);
+        }
+        assert_eq!(status(of_tier("s4", "fp-c", Some("team"))).await, 429);
+        assert_eq!(calls.load(Ordering::SeqCst), 7);
+    }
+
+    #[test]
+    fn tier_keys_never_collide() {
+        let default: Arc<dyn RateLimiter> = Limiter::<String>::new(policy(1));
+        let tiers: Tiers = vec![
+            ("a".to_owned(), default.clone()),
+            ("a:1".to_owned(), default.clone()),
+        ]
+        .into();
+        let key = |tier: &str, key: &str| {
+            select(
+                &default,
+                &tiers,
+                &of_tier("s", "fp", Some(tier)),
+                key.to_owned(),
+            )
+            .1
+        };
+        assert_eq!(key("a", "usr:x"), "1:a:usr:x");
+        assert_ne!(key("a", "1:usr:x"), key("a:1", "usr:x"));
     }
 
     #[tokio::test]

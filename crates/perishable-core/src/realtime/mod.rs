@@ -84,6 +84,8 @@ pub(crate) struct Realtime {
     allowed_models: Vec<String>,
     /// `budget.max_completion_tokens` (0: none).
     cap: u64,
+    /// `[budget.tiers.NAME] max_completion_tokens`, replacing `cap` for a tier's sessions.
+    tier_caps: Vec<(String, u64)>,
     /// `budget.default_reserve_tokens`.
     default_reserve: u64,
     max_connections: u32,
@@ -117,6 +119,12 @@ impl Realtime {
             client_ip: ClientIpResolver::new(config.server().trusted_proxies.clone()),
             allowed_models: u.allowed_models.clone(),
             cap: config.budget().max_completion_tokens,
+            tier_caps: config
+                .budget()
+                .tiers
+                .iter()
+                .filter_map(|(name, tier)| Some((name.clone(), tier.max_completion_tokens?)))
+                .collect(),
             default_reserve: config.budget().default_reserve_tokens,
             max_connections: r.max_connections_per_session,
             max_duration: Duration::from_secs(r.max_duration_secs),
@@ -126,6 +134,12 @@ impl Realtime {
             ),
             fail_open: config.store().on_unavailable == OnUnavailable::Open,
         })
+    }
+
+    /// The completion cap of a session of `tier` (0: none).
+    fn cap_for(&self, tier: Option<&str>) -> u64 {
+        tier.and_then(|tier| self.tier_caps.iter().find(|(name, _)| name == tier))
+            .map_or(self.cap, |(_, cap)| *cap)
     }
 
     /// Whether `req` is the route's: a WebSocket upgrade of `/openai/realtime`.

@@ -247,7 +247,7 @@ impl Relay {
     ) -> Result<Message, (Error, Option<String>)> {
         let frame = Bytes::from(text);
         let r = &self.realtime;
-        match events::read_client(&frame, r.cap, &r.allowed_models, self.beta) {
+        match events::read_client(&frame, self.cap(), &r.allowed_models, self.beta) {
             Err(error) => Err((error, None)),
             Ok(ClientEvent::Forward) => Ok(text_message(frame)),
             Ok(ClientEvent::Create {
@@ -276,11 +276,17 @@ impl Relay {
         }
     }
 
+    /// The session's completion cap (its tier's, else `budget.max_completion_tokens`; 0: none).
+    fn cap(&self) -> u64 {
+        self.realtime.cap_for(self.session.claims.tier.as_deref())
+    }
+
     /// Tokens to reserve for a response with `ceiling`.
     fn reserve_amount(&self, ceiling: Ceiling, session: Option<Ceiling>) -> u64 {
         let r = &self.realtime;
-        let fallback = if r.cap > 0 {
-            r.cap.min(r.default_reserve)
+        let cap = self.cap();
+        let fallback = if cap > 0 {
+            cap.min(r.default_reserve)
         } else {
             r.default_reserve
         };
@@ -288,7 +294,7 @@ impl Relay {
             Ceiling::Tokens(n) => n,
             Ceiling::Infinite => fallback,
             Ceiling::Unset => match session {
-                Some(Ceiling::Tokens(n)) if r.cap == 0 || n <= r.cap => n,
+                Some(Ceiling::Tokens(n)) if cap == 0 || n <= cap => n,
                 _ => fallback,
             },
         }

@@ -15,6 +15,7 @@ use crate::dpop::Expected;
 use crate::entropy::{Entropy, MAX_SAMPLES};
 use crate::error::{Error, ErrorCode, RateLimitInfo};
 use crate::fingerprint;
+use crate::gate::app_attest::{self, AppAttestPassed};
 use crate::gate::{Builtins, Evidence};
 use crate::pow::PowSolution;
 use crate::store::{self, Admission, Set, StoreError, log_failure};
@@ -126,12 +127,14 @@ impl Sessions {
             entropy_score: crate::entropy::score(&request.entropy),
             min_entropy_score: self.inner.min_entropy_score,
             now: pending.claims.iat,
+            store: self.inner.store.as_ref(),
         };
         let passed = self.inner.policies.check(&evidence, &builtins).await?;
         pending.claims.usr = passed.facts.user;
         pending.claims.tier = passed.facts.tier;
         pending.pow_used = passed.pow_used;
         pending.attestation_used = passed.attestation_used;
+        pending.app_attest = passed.app_attest;
         pending.policy = passed.policy;
         self.finish_mint(pending).await
     }
@@ -192,6 +195,7 @@ impl Sessions {
             claims,
             pow_used: None,
             attestation_used: None,
+            app_attest: None,
             dpop_seen,
             policy: String::new(),
         })
@@ -203,6 +207,7 @@ impl Sessions {
             claims,
             pow_used,
             attestation_used,
+            app_attest,
             dpop_seen,
             policy,
         } = pending;
@@ -241,10 +246,14 @@ impl Sessions {
                 retry_after: std::time::Duration::from_secs(retry_after_secs),
             }));
         }
-        // The cap had room: only now use up the challenge and the proof.
+        // The cap had room: only now use up the challenge and the proof, and register the App
+        // Attest key or raise its counter.
         let recorded = async {
             if let Some((challenge, until)) = &pow_used
-                && !store.insert_once(Set::PowUsed, challenge, *until).await?
+                && !store
+                    .insert_once(Set::PowUsed, challenge, *until)
+                    .await
+                    .map_err(|e| ("insert_once", e))?
             {
                 return Ok(Some(Error::new(
                     ErrorCode::PowInvalid,
@@ -254,28 +263,42 @@ impl Sessions {
             // An attestation is bound to a challenge: one mint per challenge (recorded apart from
             // the proof of work, which may use the same challenge in the same mint).
             if let Some((id, until)) = &attestation_used
-                && !store.insert_once(Set::PowUsed, id, *until).await?
+                && !store
+                    .insert_once(Set::PowUsed, id, *until)
+                    .await
+                    .map_err(|e| ("insert_once", e))?
             {
                 return Ok(Some(Error::new(
                     ErrorCode::AttestationInvalid,
                     "the attestation's challenge was already used",
                 )));
             }
+            // After the challenge: a replayed registration or assertion is refused by it first.
+            if let Some(passed) = &app_attest
+                && let Err(refusal) = app_attest::record(store.as_ref(), passed)
+                    .await
+                    .map_err(|e| ("app_attest_key", e))?
+            {
+                return Ok(Some(refusal.into()));
+            }
             if let Some((id, until)) = &dpop_seen
-                && !store.insert_once(Set::DpopSeen, id, *until).await?
+                && !store
+                    .insert_once(Set::DpopSeen, id, *until)
+                    .await
+                    .map_err(|e| ("insert_once", e))?
             {
                 return Ok(Some(Error::new(
                     ErrorCode::InvalidDpopProof,
                     "the DPoP proof was already used (jti)",
                 )));
             }
-            Ok::<_, StoreError>(None)
+            Ok::<_, (&'static str, StoreError)>(None)
         }
         .await;
         let refusal = match recorded {
             Ok(None) => None,
             Ok(Some(refusal)) => Some(refusal),
-            Err(e) => Some(store::refuse("insert_once", &e)),
+            Err((op, e)) => Some(store::refuse(op, &e)),
         };
         let signed = match refusal {
             Some(refusal) => Err(refusal),
@@ -312,6 +335,8 @@ struct PendingMint {
     pow_used: Option<(String, u64)>,
     /// The attestation's challenge to record as used, and until when.
     attestation_used: Option<(String, u64)>,
+    /// The App Attest key to register, or whose counter to raise.
+    app_attest: Option<AppAttestPassed>,
     /// The DPoP proof to record as seen, and until when.
     dpop_seen: Option<(String, u64)>,
     /// The mint policy that passed (`"pow+entropy"`).

@@ -6,7 +6,8 @@
 //! expected, when the store breaks the contract written on [`Store`]: replays seen once, rate
 //! limits that count, session caps that refuse under any full key and take nothing then, token
 //! buckets reserved all-or-nothing (also under concurrency) and settled both ways, stream slots,
-//! and the `_now` fast paths agreeing with their slow twins.
+//! App Attest keys registered once and their counters raised by compare-and-set (also under
+//! concurrency), and the `_now` fast paths agreeing with their slow twins.
 //!
 //! Keys are made unique per run, so the suite can share a database with other tests. Windows are
 //! long (refill during a run is far below one token) and nothing waits on the clock, so it is
@@ -34,7 +35,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::{Admission, Bucket, RatePolicy, Reservation, Set, Store};
+use super::{Admission, AppAttestKey, Bucket, RatePolicy, Reservation, Set, Store};
 
 /// A window long enough that refill during a run is far below one token.
 const LONG_WINDOW: u64 = 10_000_000;
@@ -48,6 +49,8 @@ pub async fn run(store: &dyn Store) {
     token_buckets(store).await;
     token_buckets_under_concurrency(store).await;
     stream_slots(store).await;
+    app_attest_keys(store).await;
+    app_attest_keys_under_concurrency(store).await;
 }
 
 /// A prefix no other run uses: the time and a counter.
@@ -418,6 +421,155 @@ pub async fn stream_slots(store: &dyn Store) {
             "acquire_stream"
         ),
         "a released slot must be free again"
+    );
+}
+
+/// [`Store::register_app_attest_key`] registers a key id once (first writer wins, the record
+/// unchanged), [`Store::app_attest_key`] reads back what was written, and
+/// [`Store::advance_app_attest_counter`] raises the counter only when strictly above.
+pub async fn app_attest_keys(store: &dyn Store) {
+    let exp = now() + 600;
+    let id = unique("aakey");
+    let key = AppAttestKey::new(
+        (0..65u8).collect::<Vec<u8>>(),
+        "ABCDE12345.com.example.app",
+        false,
+        0,
+        now(),
+    );
+    assert_eq!(
+        expect(store.app_attest_key(&id).await, "app_attest_key"),
+        None,
+        "app_attest_key of an unknown id must be None"
+    );
+    assert!(
+        !expect(
+            store.advance_app_attest_counter(&id, 1, exp).await,
+            "advance_app_attest_counter"
+        ),
+        "advance_app_attest_counter of an unknown id must be false"
+    );
+    assert_eq!(
+        expect(store.app_attest_key(&id).await, "app_attest_key"),
+        None,
+        "advance_app_attest_counter must not create a key"
+    );
+    assert!(
+        expect(
+            store.register_app_attest_key(&id, &key, exp).await,
+            "register_app_attest_key"
+        ),
+        "the first registration of an id must be true"
+    );
+    assert_eq!(
+        expect(store.app_attest_key(&id).await, "app_attest_key"),
+        Some(key.clone()),
+        "app_attest_key must return the record as registered (every byte of the public key)"
+    );
+    let usurper = AppAttestKey::new(vec![4; 65], "ZZZZZ99999.com.evil.app", true, 0, now());
+    assert!(
+        !expect(
+            store.register_app_attest_key(&id, &usurper, exp).await,
+            "register_app_attest_key"
+        ),
+        "a second registration of an id must be false: first writer wins"
+    );
+    assert_eq!(
+        expect(store.app_attest_key(&id).await, "app_attest_key"),
+        Some(key.clone()),
+        "a refused registration must leave the record unchanged"
+    );
+
+    let advance = |counter: u32| store.advance_app_attest_counter(&id, counter, exp);
+    assert!(
+        !expect(advance(0).await, "advance_app_attest_counter"),
+        "raising the counter to its own value (0) must be false"
+    );
+    assert!(
+        expect(advance(1).await, "advance_app_attest_counter"),
+        "raising the counter from 0 to 1 must be true"
+    );
+    assert!(
+        !expect(advance(1).await, "advance_app_attest_counter"),
+        "raising the counter to 1 twice must be false the second time: a replay"
+    );
+    assert!(
+        expect(advance(41).await, "advance_app_attest_counter"),
+        "a jump (1 to 41) is an increase"
+    );
+    assert!(
+        !expect(advance(40).await, "advance_app_attest_counter"),
+        "a lower counter (40 after 41) must be false"
+    );
+    assert!(
+        expect(advance(u32::MAX).await, "advance_app_attest_counter"),
+        "the counter goes up to u32::MAX"
+    );
+    let stored = expect(store.app_attest_key(&id).await, "app_attest_key");
+    assert_eq!(
+        stored.as_ref().map(|k| k.counter),
+        Some(u32::MAX),
+        "app_attest_key must show the raised counter"
+    );
+    assert_eq!(
+        stored.map(|k| (k.public_key, k.app_id, k.development, k.created_at)),
+        Some((key.public_key, key.app_id, key.development, key.created_at)),
+        "raising the counter must change nothing else"
+    );
+    let development = AppAttestKey::new(vec![4; 65], "ABCDE12345.com.example.app", true, 0, 7);
+    let other = unique("aakey");
+    assert!(expect(
+        store
+            .register_app_attest_key(&other, &development, exp)
+            .await,
+        "register_app_attest_key"
+    ));
+    assert_eq!(
+        expect(store.app_attest_key(&other).await, "app_attest_key"),
+        Some(development),
+        "another id is another key (with its development flag)"
+    );
+}
+
+/// Concurrent registrations of one id: exactly one wins, and its record is the one kept.
+/// Concurrent raises to the same counter: exactly one wins.
+pub async fn app_attest_keys_under_concurrency(store: &dyn Store) {
+    let exp = now() + 600;
+    let id = unique("aakey-concurrent");
+    let keys: Vec<AppAttestKey> = (0..20u8)
+        .map(|i| AppAttestKey::new(vec![i; 65], "ABCDE12345.com.example.app", false, 0, 1))
+        .collect();
+    let calls = keys
+        .iter()
+        .map(|key| store.register_app_attest_key(&id, key, exp));
+    let results = futures_util::future::join_all(calls).await;
+    let winners: Vec<usize> = results
+        .into_iter()
+        .map(|r| expect(r, "register_app_attest_key"))
+        .enumerate()
+        .filter_map(|(i, won)| won.then_some(i))
+        .collect();
+    assert_eq!(
+        winners.len(),
+        1,
+        "20 concurrent registrations of one id: exactly one may pass"
+    );
+    assert_eq!(
+        expect(store.app_attest_key(&id).await, "app_attest_key").as_ref(),
+        keys.get(winners[0]),
+        "the record kept must be the winner's"
+    );
+
+    let calls = (0..20).map(|_| store.advance_app_attest_counter(&id, 5, exp));
+    let raised = futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| expect(r, "advance_app_attest_counter"))
+        .filter(|raised| *raised)
+        .count();
+    assert_eq!(
+        raised, 1,
+        "20 concurrent raises of one key to the same counter: exactly one may pass"
     );
 }
 

@@ -17,6 +17,7 @@
 //! | live sessions per fingerprint / key | [`Store::admit_session`], release, replace | at each session's `exp` |
 //! | token budgets | [`Store::reserve_tokens`], [`Store::settle_tokens`] on [`Bucket`]s: token buckets refilled continuously, several taken from at once or none | when the bucket is full again (a missing bucket is a full one) |
 //! | concurrent streams per session | [`Store::acquire_stream`], [`Store::release_stream`] | with the session |
+//! | App Attest keys (the `app_attest` mint gate) | [`Store::register_app_attest_key`], [`Store::app_attest_key`], [`Store::advance_app_attest_counter`] | `mint.app_attest.key_retention_secs` after the key's last mint |
 //!
 //! When the store fails (Redis down, or slower than `store.timeout_ms`), the policy
 //! `store.on_unavailable` decides: `closed` (default) refuses with `503 store_unavailable`;
@@ -185,6 +186,52 @@ pub enum Reservation {
     },
 }
 
+/// An Apple App Attest key that a client registered with an attestation (the `app_attest` mint
+/// gate, `docs/gates.md`): what its later assertions are checked against.
+///
+/// The store keeps it under the key's id (see [`Store::register_app_attest_key`]); nothing in it
+/// is secret or personal: a public key, the app it belongs to and a counter.
+///
+/// ```
+/// use perishable_core::store::AppAttestKey;
+///
+/// let key = AppAttestKey::new(vec![4; 65], "ABCDE12345.com.example.app", false, 0, 1_767_225_600);
+/// assert_eq!(key.counter, 0);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AppAttestKey {
+    /// The attested P-256 public key: an uncompressed SEC1 point (65 bytes, `04 || x || y`).
+    pub public_key: Vec<u8>,
+    /// The App ID it was attested for (`TEAMID.bundle.id`).
+    pub app_id: String,
+    /// Whether Apple's development environment attested it (else production).
+    pub development: bool,
+    /// The highest sign counter accepted so far: 0 at registration, then each assertion's.
+    pub counter: u32,
+    /// When it was registered (Unix seconds).
+    pub created_at: u64,
+}
+
+impl AppAttestKey {
+    /// A record of these values (a store of your own rebuilds what it kept with this).
+    pub fn new(
+        public_key: impl Into<Vec<u8>>,
+        app_id: impl Into<String>,
+        development: bool,
+        counter: u32,
+        created_at: u64,
+    ) -> Self {
+        Self {
+            public_key: public_key.into(),
+            app_id: app_id.into(),
+            development,
+            counter,
+            created_at,
+        }
+    }
+}
+
 /// Where shared state lives; see the [module docs](self).
 pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// A rate limiter for `policy`, made once at start-up.
@@ -273,6 +320,44 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Gives back a slot taken with [`acquire_stream`](Self::acquire_stream).
     fn release_stream<'a>(&'a self, session: &'a str) -> StoreFuture<'a, ()>;
+
+    /// Registers the App Attest key `key_id` (an opaque id: base64url, no padding, of Apple's
+    /// 32-byte key identifier) with its record, kept until `expires_at` (Unix seconds).
+    ///
+    /// First writer wins: `false`, and the stored record unchanged, when `key_id` is already
+    /// registered and unexpired. Atomic: of concurrent registrations of one id, exactly one gets
+    /// `true`. (A second registration must never pass: it would reset the counter, and with it
+    /// the replay protection of the key's assertions.)
+    ///
+    /// **Breaking change** (intended, before 1.0): a required method, with
+    /// [`app_attest_key`](Self::app_attest_key) and
+    /// [`advance_app_attest_counter`](Self::advance_app_attest_counter). No default could be
+    /// correct (a store that cannot keep keys cannot serve the `app_attest` gate), so
+    /// implementations of [`Store`] outside this crate must add them;
+    /// `conformance::app_attest_keys` (feature `test-util`) checks them.
+    fn register_app_attest_key<'a>(
+        &'a self,
+        key_id: &'a str,
+        key: &'a AppAttestKey,
+        expires_at: u64,
+    ) -> StoreFuture<'a, bool>;
+
+    /// The App Attest key registered as `key_id`, as last written; `None` when unknown or
+    /// expired.
+    fn app_attest_key<'a>(&'a self, key_id: &'a str) -> StoreFuture<'a, Option<AppAttestKey>>;
+
+    /// Raises the counter of the App Attest key `key_id` to `counter` when that is strictly
+    /// above the stored one, and then keeps the record until `expires_at` (Unix seconds).
+    ///
+    /// Compare and set, atomically: `false`, and nothing changed, when the key is unknown or
+    /// expired or its counter is already `counter` or above. Of concurrent calls with the same
+    /// `counter`, exactly one gets `true`: an assertion replayed in parallel mints once.
+    fn advance_app_attest_counter<'a>(
+        &'a self,
+        key_id: &'a str,
+        counter: u32,
+        expires_at: u64,
+    ) -> StoreFuture<'a, bool>;
 }
 
 /// The store `store.url` names.

@@ -13,8 +13,9 @@
 //! | `<p>:caps:fp:<hash>`, `<p>:caps:jkt:<thumbprint>` | sorted set of live sessions, scored by `exp` | with its newest session |
 //! | `<p>:budget:<bucket>` (e.g. `<p>:budget:fp:<hash>`) | token bucket: hash `{tokens, ms}`, the level (a float, `%.17g`; negative: a debt) at Unix ms `ms` on Redis's clock | 1 s after it is full again (a missing key is a full bucket; a full one is deleted) |
 //! | `<p>:streams:<jti>` | open-stream counter | with the session |
+//! | `<p>:appattest:<key id>` | App Attest key: hash `{pk, app, dev, ctr, at}` (public key bytes, App ID, development `0`/`1`, counter, registration time) | `mint.app_attest.key_retention_secs` after its last mint |
 //!
-//! Rate limiting, cap admission and token buckets are Lua scripts: one round trip, atomic, on
+//! Rate limiting, cap admission, token buckets and App Attest keys are Lua scripts: one round trip, atomic, on
 //! Redis's clock (`TIME`), so instances with drifting clocks still agree. Redis Cluster is not
 //! supported (the cap and budget scripts touch keys in several slots); use a single primary (with
 //! replicas for failover).
@@ -28,8 +29,8 @@ use redis::{AsyncCommands, Script};
 use tokio::sync::OnceCell;
 
 use super::{
-    Admission, Bucket, RateDecision, RateLimiter, RatePolicy, Reservation, Set, Store, StoreError,
-    StoreFuture,
+    Admission, AppAttestKey, Bucket, RateDecision, RateLimiter, RatePolicy, Reservation, Set,
+    Store, StoreError, StoreFuture,
 };
 use crate::config::{ConfigError, StoreConfig};
 
@@ -231,6 +232,28 @@ if tonumber(redis.call('GET', KEYS[1]) or '0') > 0 then redis.call('DECR', KEYS[
 return 1
 ";
 
+/// Registers App Attest key `KEYS[1]` unless it exists: `ARGV` = public key, App ID,
+/// development (`0`/`1`), counter, registration time, expiry (Unix ms). Returns 1 when
+/// registered, 0 when the key was already there (first writer wins).
+const REGISTER_KEY: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'pk', ARGV[1], 'app', ARGV[2], 'dev', ARGV[3], 'ctr', ARGV[4], 'at', ARGV[5])
+redis.call('PEXPIREAT', KEYS[1], ARGV[6])
+return 1
+";
+
+/// Raises the counter of App Attest key `KEYS[1]` to `ARGV[1]` when strictly above the stored
+/// one, then keeps the key until `ARGV[2]` (Unix ms). Returns 1 when raised, 0 when the key is
+/// missing or its counter is not below (compare and set).
+const ADVANCE_KEY: &str = r"
+local current = redis.call('HGET', KEYS[1], 'ctr')
+if not current then return 0 end
+if tonumber(ARGV[1]) <= tonumber(current) then return 0 end
+redis.call('HSET', KEYS[1], 'ctr', ARGV[1])
+redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+return 1
+";
+
 /// Shared state on Redis: see [`crate::store`]. One multiplexed, auto-reconnecting connection,
 /// a timeout per call, keys under `store.key_prefix` that expire with what they record, and rate
 /// limiting and cap admission as atomic Lua scripts on Redis's clock.
@@ -251,6 +274,8 @@ struct Inner {
     settle: Script,
     acquire: Script,
     release: Script,
+    register_key: Script,
+    advance_key: Script,
 }
 
 impl fmt::Debug for RedisStore {
@@ -286,6 +311,8 @@ impl RedisStore {
                 settle: Script::new(SETTLE),
                 acquire: Script::new(ACQUIRE),
                 release: Script::new(RELEASE),
+                register_key: Script::new(REGISTER_KEY),
+                advance_key: Script::new(ADVANCE_KEY),
             }),
         })
     }
@@ -399,6 +426,41 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// `expires_at` (Unix seconds) as Unix ms, at least a second ahead, so that an entry that expires
+/// now is still written.
+fn expiry_ms(expires_at: u64) -> u64 {
+    expires_at.saturating_mul(1000).max(now_ms() + 1000)
+}
+
+/// An App Attest record from `HMGET pk app dev ctr at`: `None` when the key is missing.
+fn app_attest_record(fields: Vec<Option<Vec<u8>>>) -> Result<Option<AppAttestKey>, StoreError> {
+    let malformed = || StoreError::Unavailable("malformed App Attest record".to_owned());
+    let [public_key, app_id, development, counter, created_at]: [Option<Vec<u8>>; 5] =
+        fields.try_into().map_err(|_| malformed())?;
+    if public_key.is_none() && app_id.is_none() && counter.is_none() {
+        return Ok(None);
+    }
+    let text = |field: Option<Vec<u8>>| {
+        field
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+            .ok_or_else(malformed)
+    };
+    let number = |field: Option<Vec<u8>>| {
+        text(field).and_then(|t| t.parse::<u64>().map_err(|_| malformed()))
+    };
+    Ok(Some(AppAttestKey {
+        public_key: public_key.ok_or_else(malformed)?,
+        app_id: text(app_id)?,
+        development: match text(development)?.as_str() {
+            "1" => true,
+            "0" => false,
+            _ => return Err(malformed()),
+        },
+        counter: u32::try_from(number(counter)?).map_err(|_| malformed())?,
+        created_at: number(created_at)?,
+    }))
+}
+
 impl Store for RedisStore {
     fn rate_limiter(&self, policy: RatePolicy) -> Arc<dyn RateLimiter> {
         let points = policy.points.max(1);
@@ -419,8 +481,7 @@ impl Store for RedisStore {
     fn insert_once<'a>(&'a self, set: Set, id: &'a str, expires_at: u64) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             let key = self.inner.key(set.name(), id);
-            // At least a second ahead, so an entry that expires now is still written.
-            let at_ms = (expires_at.saturating_mul(1000)).max(now_ms() + 1000);
+            let at_ms = expiry_ms(expires_at);
             let set: Option<String> = self
                 .inner
                 .run(|mut conn| async move {
@@ -602,6 +663,75 @@ impl Store for RedisStore {
                         .map(|_| ())
                 })
                 .await
+        })
+    }
+
+    fn register_app_attest_key<'a>(
+        &'a self,
+        key_id: &'a str,
+        key: &'a AppAttestKey,
+        expires_at: u64,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let redis_key = self.inner.key("appattest", key_id);
+            let registered: i64 = self
+                .inner
+                .run(|mut conn| async move {
+                    self.inner
+                        .register_key
+                        .key(redis_key)
+                        .arg(key.public_key.as_slice())
+                        .arg(key.app_id.as_str())
+                        .arg(u8::from(key.development))
+                        .arg(key.counter)
+                        .arg(key.created_at)
+                        .arg(expiry_ms(expires_at))
+                        .invoke_async(&mut conn)
+                        .await
+                })
+                .await?;
+            Ok(registered == 1)
+        })
+    }
+
+    fn app_attest_key<'a>(&'a self, key_id: &'a str) -> StoreFuture<'a, Option<AppAttestKey>> {
+        Box::pin(async move {
+            let redis_key = self.inner.key("appattest", key_id);
+            let fields: Vec<Option<Vec<u8>>> = self
+                .inner
+                .run(|mut conn| async move {
+                    redis::cmd("HMGET")
+                        .arg(redis_key)
+                        .arg(&["pk", "app", "dev", "ctr", "at"])
+                        .query_async(&mut conn)
+                        .await
+                })
+                .await?;
+            app_attest_record(fields)
+        })
+    }
+
+    fn advance_app_attest_counter<'a>(
+        &'a self,
+        key_id: &'a str,
+        counter: u32,
+        expires_at: u64,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let redis_key = self.inner.key("appattest", key_id);
+            let raised: i64 = self
+                .inner
+                .run(|mut conn| async move {
+                    self.inner
+                        .advance_key
+                        .key(redis_key)
+                        .arg(counter)
+                        .arg(expiry_ms(expires_at))
+                        .invoke_async(&mut conn)
+                        .await
+                })
+                .await?;
+            Ok(raised == 1)
         })
     }
 }

@@ -49,6 +49,11 @@ pub(crate) enum Endpoint {
     },
     /// Costs nothing (listing and reading models).
     Free,
+    /// `realtime/client_secrets`: a key for a WebRTC session whose responses the proxy never
+    /// sees. Always read (even when nothing else is metered): its `expires_after` is capped to
+    /// the session's remaining life, its `session.model` checked against the allow-list, its
+    /// `session.max_output_tokens` capped. Billed by reservation only: its ceiling.
+    ClientSecrets,
     /// An endpoint the proxy has no model of (allowed by the operator): billed like a
     /// generation with the default ceiling.
     Unknown,
@@ -80,6 +85,7 @@ impl Endpoint {
                 reports_usage: false,
             },
             "models" => Self::Free,
+            "realtime/client_secrets" => Self::ClientSecrets,
             _ if path.starts_with("models/") => Self::Free,
             _ => Self::Unknown,
         }
@@ -93,6 +99,7 @@ impl Endpoint {
         !matches!(
             self,
             Self::Free
+                | Self::ClientSecrets
                 | Self::Prompt {
                     reports_usage: false
                 }
@@ -107,6 +114,7 @@ impl Endpoint {
             "responses" => "responses",
             "embeddings" => "embeddings",
             "moderations" => "moderations",
+            "realtime/client_secrets" => "realtime/client_secrets",
             _ if self == Self::Free => "models",
             _ => "other",
         }
@@ -148,6 +156,9 @@ pub(crate) struct Metered {
 pub(crate) struct RequestPolicy {
     pub(crate) allowed_models: Vec<String>,
     pub(crate) max_completion_tokens: u64,
+    /// `[budget.tiers.NAME] max_completion_tokens`: the cap of a tier's sessions, instead of
+    /// `max_completion_tokens` (0: none).
+    pub(crate) tier_caps: Vec<(String, u64)>,
     pub(crate) default_reserve_tokens: u64,
     pub(crate) include_usage: bool,
 }
@@ -157,9 +168,21 @@ impl RequestPolicy {
         Self {
             allowed_models,
             max_completion_tokens: budget.max_completion_tokens,
+            tier_caps: budget
+                .tiers
+                .iter()
+                .filter_map(|(name, tier)| Some((name.clone(), tier.max_completion_tokens?)))
+                .collect(),
             default_reserve_tokens: budget.default_reserve_tokens,
             include_usage: budget.include_usage,
         }
+    }
+
+    /// The completion cap of a session of `tier`: its tier's, when the tier sets one, else
+    /// `budget.max_completion_tokens` (0: none).
+    fn cap(&self, tier: Option<&str>) -> u64 {
+        tier.and_then(|tier| self.tier_caps.iter().find(|(name, _)| name == tier))
+            .map_or(self.max_completion_tokens, |(_, cap)| *cap)
     }
 
     /// Checks the request head of a metered call before its body is read: `415` for a body
@@ -183,13 +206,17 @@ impl RequestPolicy {
     }
 
     /// Reads a metered call's body: the model allow-list, the stream flag, the ceiling and the
-    /// choices, then the cap and `include_usage` as edits in place. `endpoint` is where it goes.
-    pub(crate) fn meter(
+    /// choices, then the cap (of the session's `tier`) and `include_usage` as edits in place.
+    /// `endpoint` is where it goes; `remaining_secs` the life left to the caller's session (for
+    /// `realtime/client_secrets`).
+    pub(crate) fn meter_for(
         &self,
+        tier: Option<&str>,
         endpoint: Endpoint,
         method: &http::Method,
         headers: &HeaderMap,
         body: Bytes,
+        remaining_secs: Option<u64>,
     ) -> Result<Metered, Error> {
         if body.is_empty() && reads_only(method, headers) {
             // Reading (a model, a list): nothing is generated without a body.
@@ -208,6 +235,9 @@ impl RequestPolicy {
             )
         })?;
         let view = View::read(&body, &object)?;
+        if endpoint == Endpoint::ClientSecrets {
+            return self.client_secrets(self.cap(tier), body, &object, remaining_secs);
+        }
 
         if !self.allowed_models.is_empty() {
             let allowed = view
@@ -229,7 +259,7 @@ impl RequestPolicy {
         let mut edits = Vec::new();
         let mut hide_usage = false;
         let reserve = match endpoint {
-            Endpoint::Free => 0,
+            Endpoint::Free | Endpoint::ClientSecrets => 0,
             Endpoint::Prompt { .. } => prompt,
             Endpoint::Unknown => {
                 let ceiling = view.max_ceiling(&CEILING_FIELDS)?;
@@ -244,7 +274,7 @@ impl RequestPolicy {
                 // Every ceiling-named member must be an integer, whichever endpoint reads it.
                 view.max_ceiling(&CEILING_FIELDS)?;
                 let mut ceiling = view.max_ceiling(ceilings)?;
-                let cap = self.max_completion_tokens;
+                let cap = self.cap(tier);
                 if cap > 0 {
                     let mut named = false;
                     for member in ceilings.iter().filter_map(|name| object.get(name)) {
@@ -278,6 +308,174 @@ impl RequestPolicy {
             hide_usage,
             reserve,
         })
+    }
+}
+
+impl RequestPolicy {
+    /// `realtime/client_secrets` (`docs/realtime.md`, "WebRTC"): the secret may not outlive the
+    /// session that asks for it, nor name a model outside the allow-list, nor let responses
+    /// exceed the cap; what it can cost is reserved now, since the proxy never sees the
+    /// responses.
+    fn client_secrets(
+        &self,
+        cap: u64,
+        body: Bytes,
+        object: &Object,
+        remaining_secs: Option<u64>,
+    ) -> Result<Metered, Error> {
+        /// The shortest life the API accepts for a client secret.
+        const MIN_SECS: u64 = 10;
+        let mut edits = Vec::new();
+        let Some(session) = object.get("session").filter(|m| m.kind == Kind::Object) else {
+            return Err(invalid_parameter("a client secret needs a session object"));
+        };
+        let (start, slice, inner) = nested_object(&body, session, "session")?;
+        let model = match inner.get("model") {
+            None => None,
+            Some(m) if m.kind == Kind::Null => None,
+            Some(m) if m.kind == Kind::String => Some(string(slice, m)),
+            Some(_) => return Err(invalid_parameter("session.model must be a string")),
+        };
+        if !self.allowed_models.is_empty()
+            && !model
+                .as_ref()
+                .is_some_and(|m| self.allowed_models.contains(m))
+        {
+            return Err(Error::new(
+                ErrorCode::ModelNotAllowed,
+                match model {
+                    Some(m) => format!("the model {m:?} is not allowed"),
+                    None => "session.model must name an allowed model".into(),
+                },
+            ));
+        }
+        // The session's ceiling ("inf" is none), capped in place.
+        let mut ceiling = None;
+        let mut named = false;
+        for name in REALTIME_CEILINGS {
+            let Some(member) = inner.get(name) else {
+                continue;
+            };
+            named = true;
+            let value = match member.kind {
+                Kind::String if string(slice, member) == "inf" => None,
+                _ => integer(slice, member)?,
+            };
+            ceiling = ceiling.max(value);
+            if cap > 0 && value.is_none_or(|n| n > cap) {
+                edits.push(shift(
+                    json::replace_value(member, itoa::Buffer::new().format(cap).as_bytes()),
+                    start,
+                ));
+            }
+        }
+        if cap > 0 {
+            if !named {
+                edits.push(shift(
+                    json::insert_member(
+                        &inner,
+                        REALTIME_CEILINGS[0],
+                        itoa::Buffer::new().format(cap).as_bytes(),
+                    ),
+                    start,
+                ));
+            }
+            ceiling = Some(ceiling.map_or(cap, |c| c.min(cap)));
+        }
+        // The secret's life, at most the session's.
+        if let Some(remaining) = remaining_secs {
+            if remaining < MIN_SECS {
+                return Err(Error::new(
+                    ErrorCode::TokenExpired,
+                    "the session ends in less than 10 s: refresh it before asking for a client secret",
+                ));
+            }
+            let seconds = itoa::Buffer::new().format(remaining).to_owned();
+            match object.get("expires_after") {
+                None => edits.push(json::insert_member(
+                    object,
+                    "expires_after",
+                    format!(r#"{{"anchor":"created_at","seconds":{seconds}}}"#).as_bytes(),
+                )),
+                Some(m) if m.kind == Kind::Null => edits.push(json::replace_value(
+                    m,
+                    format!(r#"{{"anchor":"created_at","seconds":{seconds}}}"#).as_bytes(),
+                )),
+                Some(m) => {
+                    let (start, slice, expires) = nested_object(&body, m, "expires_after")?;
+                    match expires.get("anchor") {
+                        None => {}
+                        Some(a) if a.kind == Kind::String && string(slice, a) == "created_at" => {}
+                        Some(_) => {
+                            return Err(invalid_parameter(
+                                "expires_after.anchor must be \"created_at\"",
+                            ));
+                        }
+                    }
+                    match expires.get("seconds") {
+                        None => edits.push(shift(
+                            json::insert_member(&expires, "seconds", seconds.as_bytes()),
+                            start,
+                        )),
+                        Some(member) => {
+                            if integer(slice, member)?.is_none_or(|n| n > remaining) {
+                                edits.push(shift(
+                                    json::replace_value(member, seconds.as_bytes()),
+                                    start,
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let prompt = (body.len() as u64).div_ceil(4);
+        let reserve = prompt.saturating_add(ceiling.unwrap_or(self.default_reserve_tokens));
+        Ok(Metered {
+            body: json::apply(&body, edits),
+            streaming: false,
+            hide_usage: false,
+            reserve,
+        })
+    }
+}
+
+/// The ceiling members of a Realtime session: the GA name, then the beta one.
+const REALTIME_CEILINGS: [&str; 2] = ["max_output_tokens", "max_response_output_tokens"];
+
+/// The object value of `member`, parsed strictly on its own: its offset in `body`, its bytes and
+/// its members. A nested key that differs from a metered one only in case is refused.
+fn nested_object<'a>(
+    body: &'a [u8],
+    member: &Member,
+    name: &str,
+) -> Result<(usize, &'a [u8], Object), Error> {
+    let refuse = || invalid_parameter(format!("{name} must be an object"));
+    if member.kind != Kind::Object {
+        return Err(refuse());
+    }
+    let slice = body.get(member.value.clone()).ok_or_else(refuse)?;
+    let inner = json::parse_object(slice, Mode::Strict).map_err(|_| refuse())?;
+    for m in &inner.members {
+        let folded = m.key.to_lowercase();
+        if ["model", "seconds", "anchor"]
+            .iter()
+            .chain(REALTIME_CEILINGS.iter())
+            .any(|k| *k == folded && *k != m.key)
+        {
+            return Err(invalid_parameter(format!(
+                "the member {:?} of {name} differs from a metered one only in case",
+                m.key
+            )));
+        }
+    }
+    Ok((member.value.start, slice, inner))
+}
+
+fn shift(edit: Edit, offset: usize) -> Edit {
+    Edit {
+        range: edit.range.start + offset..edit.range.end + offset,
+        with: edit.with,
     }
 }
 
@@ -499,9 +697,50 @@ mod tests {
         RequestPolicy {
             allowed_models: Vec::new(),
             max_completion_tokens: cap,
+            tier_caps: Vec::new(),
             default_reserve_tokens: 100,
             include_usage: true,
         }
+    }
+
+    #[test]
+    fn a_tier_cap_replaces_the_default_for_that_tier_only() {
+        let policy = RequestPolicy {
+            tier_caps: vec![("pro".to_owned(), 500), ("unlimited".to_owned(), 0)],
+            ..policy(64)
+        };
+        let body = r#"{"model":"m","max_tokens":1000,"messages":[]}"#;
+        let capped = |tier: Option<&str>| {
+            let metered = policy
+                .meter_for(
+                    tier,
+                    Endpoint::of("chat/completions"),
+                    &http::Method::POST,
+                    &json_headers(),
+                    Bytes::copy_from_slice(body.as_bytes()),
+                    None,
+                )
+                .unwrap();
+            let sent: serde_json::Value = serde_json::from_slice(&metered.body).unwrap();
+            sent["max_tokens"].as_u64().unwrap()
+        };
+        assert_eq!(capped(None), 64);
+        assert_eq!(capped(Some("free")), 64, "a tier without a cap of its own");
+        assert_eq!(capped(Some("pro")), 500);
+        assert_eq!(capped(Some("unlimited")), 1000, "0: no cap for the tier");
+        assert_eq!(meter(&policy, "chat/completions", body).unwrap().body, {
+            let m = policy
+                .meter_for(
+                    None,
+                    Endpoint::of("chat/completions"),
+                    &http::Method::POST,
+                    &json_headers(),
+                    Bytes::copy_from_slice(body.as_bytes()),
+                    None,
+                )
+                .unwrap();
+            m.body
+        });
     }
 
     fn json_headers() -> HeaderMap {
@@ -511,12 +750,99 @@ mod tests {
     }
 
     fn meter(policy: &RequestPolicy, path: &str, body: &str) -> Result<Metered, Error> {
-        policy.meter(
+        policy.meter_for(
+            None,
             Endpoint::of(path),
             &http::Method::POST,
             &json_headers(),
             Bytes::copy_from_slice(body.as_bytes()),
+            None,
         )
+    }
+
+    fn secret(policy: &RequestPolicy, body: &str, remaining: u64) -> Result<Metered, Error> {
+        policy.meter_for(
+            None,
+            Endpoint::ClientSecrets,
+            &http::Method::POST,
+            &json_headers(),
+            Bytes::copy_from_slice(body.as_bytes()),
+            Some(remaining),
+        )
+    }
+
+    fn text(metered: Metered) -> String {
+        String::from_utf8(metered.body.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn a_client_secret_lives_no_longer_than_the_session() {
+        let p = policy(0);
+        let body = r#"{"session": {"type": "realtime", "model": "gpt-realtime"}}"#;
+        assert_eq!(
+            text(secret(&p, body, 300).unwrap()),
+            r#"{"session": {"type": "realtime", "model": "gpt-realtime"},"expires_after":{"anchor":"created_at","seconds":300}}"#
+        );
+        let body = r#"{"expires_after": {"anchor": "created_at", "seconds": 7200}, "session": {}}"#;
+        assert_eq!(
+            text(secret(&p, body, 300).unwrap()),
+            r#"{"expires_after": {"anchor": "created_at", "seconds": 300}, "session": {}}"#
+        );
+        // A shorter life is kept as written.
+        let body = r#"{"expires_after": {"seconds": 60}, "session": {}}"#;
+        assert_eq!(text(secret(&p, body, 300).unwrap()), body);
+        let body = r#"{"expires_after": {"anchor": "created_at"}, "session": {}}"#;
+        assert_eq!(
+            text(secret(&p, body, 300).unwrap()),
+            r#"{"expires_after": {"anchor": "created_at","seconds":300}, "session": {}}"#
+        );
+        for bad in [
+            r#"{"expires_after": {"seconds": "7200"}, "session": {}}"#,
+            r#"{"expires_after": {"seconds": 1e9}, "session": {}}"#,
+            r#"{"expires_after": {"anchor": "other", "seconds": 5}, "session": {}}"#,
+            r#"{"expires_after": {"Seconds": 7200}, "session": {}}"#,
+            r#"{"expires_after": 7200, "session": {}}"#,
+            r#"{"expires_after": null}"#,
+        ] {
+            assert_eq!(
+                code(secret(&p, bad, 300)),
+                ErrorCode::InvalidParameter,
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            code(secret(&p, r#"{"session": {}}"#, 5)),
+            ErrorCode::TokenExpired
+        );
+    }
+
+    #[test]
+    fn a_client_secret_keeps_to_the_allow_list_and_the_cap() {
+        let mut p = policy(100);
+        p.allowed_models = vec!["gpt-realtime".to_owned()];
+        let body = r#"{"session": {"model": "gpt-realtime", "max_output_tokens": "inf"}, "expires_after": {"seconds": 60}}"#;
+        let ok = secret(&p, body, 300).unwrap();
+        // The cap, and the prompt estimate.
+        assert_eq!(ok.reserve, 100 + (body.len() as u64).div_ceil(4));
+        assert_eq!(
+            text(ok),
+            r#"{"session": {"model": "gpt-realtime", "max_output_tokens": 100}, "expires_after": {"seconds": 60}}"#
+        );
+        for (bad, expected) in [
+            (
+                r#"{"session": {"model": "gpt-5-pro"}}"#,
+                ErrorCode::ModelNotAllowed,
+            ),
+            (r#"{"session": {}}"#, ErrorCode::ModelNotAllowed),
+            (
+                r#"{"session": {"Model": "gpt-5-pro", "model": "gpt-realtime"}}"#,
+                ErrorCode::InvalidParameter,
+            ),
+            (r#"{"session": {"model": 1}}"#, ErrorCode::InvalidParameter),
+            (r#"{"model": "gpt-realtime"}"#, ErrorCode::InvalidParameter),
+        ] {
+            assert_eq!(code(secret(&p, bad, 300)), expected, "{bad}");
+        }
     }
 
     fn code(result: Result<Metered, Error>) -> ErrorCode {

@@ -276,11 +276,13 @@ impl Inner {
                 format!("the request body is over {} bytes", this.max_body_bytes),
             ));
         }
-        if this.metered {
+        // A WebRTC client secret is always read: its life is capped to the session's.
+        let metered = this.metered || Endpoint::of(path) == Endpoint::ClientSecrets;
+        if metered {
             this.policy.check_head(req.method(), req.headers())?;
         }
         let uri = this.upstream_uri(path, req.uri().query())?;
-        let ip = if this.metered {
+        let ip = if metered {
             this.client_ip.resolve(&req)
         } else {
             None
@@ -321,16 +323,22 @@ impl Inner {
         ))
         .await?;
 
-        let metered = if self.metered {
-            let endpoint = Endpoint::of(self.path_of(&uri));
-            self.policy.meter(endpoint, &method, &headers, body)?
+        let endpoint = Endpoint::of(self.path_of(&uri));
+        let metering = self.metered || endpoint == Endpoint::ClientSecrets;
+        let metered = if metering {
+            let remaining = session
+                .as_ref()
+                .map(|s| s.claims.exp.saturating_sub(crate::clock::unix_now()));
+            let tier = session.as_ref().and_then(|s| s.claims.tier.as_deref());
+            self.policy
+                .meter_for(tier, endpoint, &method, &headers, body, remaining)?
         } else {
             Metered {
                 body,
                 ..Metered::default()
             }
         };
-        let admitted = if self.metered {
+        let admitted = if metering {
             Box::pin(
                 self.budget
                     .admit(session.as_ref(), ip, metered.streaming, metered.reserve),

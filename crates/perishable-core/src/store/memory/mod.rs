@@ -1,13 +1,15 @@
 //! [`MemoryStore`]: the default store, in this process's memory.
 //!
 //! Its parts: [`Limiter`] (governor's keyed GCRA, for rate limits), [`SessionCaps`] (live
-//! sessions per fingerprint and key) and [`ExpiringSet`] (ids that expire: revocations and
-//! replay caches).
+//! sessions per fingerprint and key), [`ExpiringSet`] (ids that expire: revocations and
+//! replay caches) and [`AppAttestKeys`] (registered App Attest keys and their counters).
 
+mod app_attest;
 mod caps;
 mod expiring;
 mod limiter;
 
+pub(crate) use app_attest::AppAttestKeys;
 pub(crate) use caps::SessionCaps;
 pub(crate) use expiring::ExpiringSet;
 pub use limiter::Limiter;
@@ -18,7 +20,8 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Instant;
 
 use super::{
-    Admission, Bucket, RateDecision, RateLimiter, RatePolicy, Reservation, Set, Store, StoreFuture,
+    Admission, AppAttestKey, Bucket, RateDecision, RateLimiter, RatePolicy, Reservation, Set,
+    Store, StoreFuture,
 };
 use crate::clock::unix_now;
 
@@ -34,6 +37,8 @@ pub struct MemoryStore {
     budgets: Mutex<Buckets>,
     /// Session → (open streams, session exp).
     streams: Mutex<HashMap<String, (u32, u64)>>,
+    /// Registered App Attest keys.
+    app_attest: AppAttestKeys,
 }
 
 impl MemoryStore {
@@ -143,6 +148,34 @@ impl Store for MemoryStore {
             }
         }
         ready(())
+    }
+
+    fn register_app_attest_key<'a>(
+        &'a self,
+        key_id: &'a str,
+        key: &'a AppAttestKey,
+        expires_at: u64,
+    ) -> StoreFuture<'a, bool> {
+        ready(
+            self.app_attest
+                .register(key_id, key, expires_at, unix_now()),
+        )
+    }
+
+    fn app_attest_key<'a>(&'a self, key_id: &'a str) -> StoreFuture<'a, Option<AppAttestKey>> {
+        ready(self.app_attest.get(key_id, unix_now()))
+    }
+
+    fn advance_app_attest_counter<'a>(
+        &'a self,
+        key_id: &'a str,
+        counter: u32,
+        expires_at: u64,
+    ) -> StoreFuture<'a, bool> {
+        ready(
+            self.app_attest
+                .advance(key_id, counter, expires_at, unix_now()),
+        )
     }
 }
 
