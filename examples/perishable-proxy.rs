@@ -11,16 +11,21 @@
 //! without a key is a keyless upstream (a local Ollama or vLLM).
 //!
 //! `GET /` serves a demo page: a chat box that streams through the proxy with the browser client
-//! (`/client.js`). With no `cors.allowed_origins` and no `server.public_url` configured, the
+//! (`/client.js`), and a Realtime tab (text mode) that talks over a WebSocket to
+//! `/openai/realtime`. With no `cors.allowed_origins` and no `server.public_url` configured, the
 //! proxy's own origins (`http://127.0.0.1:PORT`, `http://localhost:PORT`) are allowed, so the
 //! page can call it.
+//!
+//! With the built-in mock upstream, the Realtime route is on (`realtime.enabled = true`: the mock
+//! speaks the Realtime API) unless the config file sets `realtime.enabled` itself. With a real
+//! upstream it follows the configuration, where it is off by default.
 //!
 //! Logs go to stderr; set `RUST_LOG=perishable=debug` for more. With `--metrics ADDR` (or
 //! `PERISHABLE_METRICS_ADDR`) the metrics are served in Prometheus format at
 //! `http://ADDR/metrics`, on that separate listener only: never under the public routes.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use perishable::{Config, ConfigBuilder};
@@ -45,7 +50,8 @@ ENVIRONMENT:
     OPENAI_API_KEY, OPENAI_BASE_URL, PORT, PERISHABLE_JWT_SECRET, PERISHABLE_STORE_URL,
     PERISHABLE_METRICS_ADDR
     With neither an API key nor a base URL, a built-in mock upstream is served so the demo works
-    offline; a base URL without a key is a keyless upstream (a local Ollama or vLLM).";
+    offline, with the Realtime route on unless the config file sets realtime.enabled; a base URL
+    without a key is a keyless upstream (a local Ollama or vLLM).";
 
 struct Args {
     config: Option<PathBuf>,
@@ -114,25 +120,42 @@ async fn demo_page() -> axum::response::Html<&'static str> {
     axum::response::Html(include_str!("demo/index.html"))
 }
 
-fn load(args: &Args) -> Result<ConfigBuilder, String> {
+/// The configuration, and whether its file sets `realtime.enabled` (either way).
+fn load(args: &Args) -> Result<(ConfigBuilder, bool), String> {
     let default_file = PathBuf::from("perishable.toml");
     let file = match &args.config {
         Some(path) => Some(path.clone()),
         None if default_file.exists() => Some(default_file),
         None => None,
     };
-    let mut builder = match &file {
+    let (mut builder, realtime_set) = match &file {
         Some(path) => {
             tracing::info!(file = %path.display(), "reading the configuration");
-            ConfigBuilder::from_file(path).map_err(|e| e.to_string())?
+            let builder = ConfigBuilder::from_file(path).map_err(|e| e.to_string())?;
+            (builder, sets_realtime_enabled(path))
         }
-        None => Config::builder(),
+        None => (Config::builder(), false),
     };
     builder = builder.apply_env(|k| std::env::var(k).ok());
     if let Some(url) = &args.upstream {
         builder = builder.upstream_base_url(url.clone());
     }
-    Ok(builder)
+    Ok((builder, realtime_set))
+}
+
+/// Whether the config file at `path` (JSON when its name ends in `.json`, TOML otherwise, as
+/// `ConfigBuilder::from_file` reads it) has a `realtime.enabled` key.
+fn sets_realtime_enabled(path: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return false;
+    };
+    if path.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str::<serde_json::Value>(&text)
+            .is_ok_and(|v| v.get("realtime").and_then(|r| r.get("enabled")).is_some())
+    } else {
+        toml::from_str::<toml::Table>(&text)
+            .is_ok_and(|t| t.get("realtime").and_then(|r| r.get("enabled")).is_some())
+    }
 }
 
 #[tokio::main]
@@ -157,7 +180,7 @@ async fn main() -> ExitCode {
 
 async fn run() -> Result<(), String> {
     let args = parse_args()?;
-    let mut builder = load(&args)?;
+    let (mut builder, realtime_set) = load(&args)?;
 
     let metrics = match args.metrics {
         Some(addr) => Some(addr),
@@ -194,6 +217,13 @@ async fn run() -> Result<(), String> {
         builder = builder
             .upstream_base_url(mock.base_url())
             .upstream_api_key(key);
+        // The mock speaks Realtime, so the demo's Realtime tab works offline too.
+        if !realtime_set {
+            tracing::info!(
+                "the built-in mock speaks Realtime: GET /openai/realtime is on (set realtime.enabled in the config file to choose)"
+            );
+            builder = builder.realtime_enabled(true);
+        }
     }
     let port = match args.port {
         Some(p) => p,

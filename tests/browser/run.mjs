@@ -1,10 +1,11 @@
 #!/usr/bin/env node
 // Browser tests of the Perishable client, in real headless Chromium (run by tests/browser.rs).
 //
-//   node tests/browser/run.mjs http://127.0.0.1:PORT
+//   node tests/browser/run.mjs http://127.0.0.1:PORT             # the client suite
+//   node tests/browser/run.mjs http://127.0.0.1:PORT --realtime  # the Realtime suite
 //
 // The URL is a Perishable proxy that serves the demo page at `/` and the client at `/client.js`,
-// backed by a mock upstream, allowing its own origin. Four tests:
+// backed by a mock upstream, allowing its own origin. The client suite, four tests:
 //
 // 1. the demo page gets synthetic mouse and key input, the official `openai` SDK (bundled with
 //    esbuild, injected into the page so it is same-origin) mints a DPoP-bound session with proof
@@ -14,6 +15,19 @@
 // 3. a page on another origin cannot mint a session;
 // 4. the demo's own chat box streams an answer, and a screenshot is saved to
 //    target/test-artifacts/demo.png.
+//
+// The Realtime suite (the proxy has `realtime.enabled = true` and DPoP required), after the same
+// synthetic input:
+//
+// 1. the client's `realtimeWebSocket` opens `/openai/realtime` with a key-bound session: the
+//    mock's session.created, a response's text deltas and response.done arrive;
+// 2. the official SDK's `OpenAIRealtimeWebSocket`, through `realtimeSDK`, does the same, and the
+//    global WebSocket is restored; a refresh (asked for with `minLifetime`) closes the connection
+//    of the old token;
+// 3. handshakes the proxy must refuse (another fingerprint, no proof, a replayed proof, no
+//    token) never open;
+// 4. the demo's Realtime tab answers, and a screenshot is saved to demo-realtime.png beside
+//    SCREENSHOT.
 //
 // Prints one JSON line of results; exits non-zero when a check fails.
 //
@@ -47,14 +61,18 @@ const CHROMIUM_FLAGS = [
   "--disable-sync",
 ];
 const PROMPT = "Hello from headless Chromium";
+const RT_MODEL = "gpt-realtime";
+const RT_PROMPT = "Hello over a Realtime WebSocket";
 
-const proxy = (process.argv[2] || "").replace(/\/+$/, "");
+const args = process.argv.slice(2);
+const proxy = (args.find((a) => !a.startsWith("--")) || "").replace(/\/+$/, "");
+const suite = args.includes("--realtime") ? "realtime" : "client";
 if (!/^https?:\/\//.test(proxy)) {
-  console.error("usage: node run.mjs http://127.0.0.1:PORT");
+  console.error("usage: node run.mjs http://127.0.0.1:PORT [--realtime]");
   process.exit(2);
 }
 
-const results = { ok: false, proxy, failures: [] };
+const results = { ok: false, proxy, suite, failures: [] };
 const check = (name, ok, detail) => {
   if (!ok) results.failures.push(detail === undefined ? name : `${name}: ${JSON.stringify(detail)}`);
 };
@@ -319,7 +337,204 @@ async function demoScreenshot(page) {
   return demo;
 }
 
+// Chromium with a fresh profile, for `body(context)`.
+async function withChromium(body) {
+  const userDataDir = await mkdtemp(path.join(tmpdir(), "perishable-chromium-"));
+  const context = await chromium.launchPersistentContext(userDataDir, {
+    executablePath,
+    headless: true,
+    args: CHROMIUM_FLAGS,
+    viewport: { width: 960, height: 820 },
+  });
+  try {
+    await body(context);
+  } finally {
+    await context.close();
+    await rm(userDataDir, { recursive: true, force: true });
+  }
+}
+
+// What one Realtime conversation through the page returned, checked.
+function checkTalk(name, talk) {
+  const times = talk.deltas.map((d) => d.t);
+  const summary = {
+    url: talk.url,
+    protocol: talk.protocol,
+    token_type: talk.session && talk.session.token_type,
+    model: talk.session_created && talk.session_created.model,
+    types: [...new Set(talk.types)],
+    deltas: talk.deltas.length,
+    distinct_times: new Set(times).size,
+    text: talk.text,
+    status: talk.done && talk.done.status,
+    usage: talk.done && talk.done.usage,
+    close_code: talk.close_code,
+  };
+  check(`${name}: the socket is ws:// to the Realtime route`,
+    talk.url.startsWith(proxy.replace(/^http/, "ws") + "/openai/realtime?model="), summary);
+  check(`${name}: the proxy answered the realtime subprotocol`, talk.protocol === "realtime", summary);
+  check(`${name}: the session is DPoP-bound`, summary.token_type === "DPoP", summary);
+  check(`${name}: session.created names the model`, summary.model === RT_MODEL, summary);
+  check(`${name}: response.created came`, talk.types.includes("response.created"), summary);
+  check(`${name}: several text deltas`, talk.deltas.length >= 3, summary);
+  check(`${name}: the deltas carry the mock's answer`, talk.text.includes(RT_PROMPT), summary);
+  check(`${name}: response.done completed`, summary.status === "completed", summary);
+  check(`${name}: response.done has usage`,
+    !!summary.usage && summary.usage.total_tokens > 0, summary);
+  check(`${name}: closed normally`, talk.close_code === 1000, summary);
+  return summary;
+}
+
+// The demo's Realtime tab, then a screenshot.
+async function demoRealtime(page) {
+  await page.click("#tab-realtime");
+  await page.click("#rt-connect");
+  await page.waitForSelector('#rt-state[data-state="open"], #rt-state[data-state="refused"]', {
+    timeout: 30000,
+  });
+  const connection = await page.evaluate(() => document.getElementById("rt-state").textContent);
+  if (/^refused|^could not/.test(connection)) {
+    check("the demo's Realtime tab connects", false, connection);
+    return { connection };
+  }
+  // session.created names the model in the status line.
+  await page
+    .waitForFunction(() => /connected to/.test(document.getElementById("rt-state").textContent), null, {
+      timeout: 10000,
+    })
+    .catch(() => {});
+  await page.click("#rt-prompt");
+  await page.keyboard.type("Realtime from the demo tab", { delay: 10 });
+  await page.click("#rt-send");
+  await page.waitForSelector('#rt-log[data-state="done"], #rt-log[data-state="error"]', {
+    timeout: 30000,
+  });
+  const shot = path.join(path.dirname(screenshotPath), "demo-realtime.png");
+  await mkdir(path.dirname(shot), { recursive: true });
+  await page.screenshot({ path: shot, fullPage: true });
+  const demo = await page.evaluate(() => ({
+    log_state: document.getElementById("rt-log").dataset.state,
+    connection: document.getElementById("rt-state").textContent,
+    answer: (document.querySelector("#rt-log li.assistant:last-child span:last-child") || {})
+      .textContent,
+    usage: document.getElementById("rt-usage").textContent,
+    chat_hidden: document.getElementById("panel-chat").hidden,
+  }));
+  await page.click("#rt-disconnect");
+  await page.waitForSelector('#rt-state[data-state="closed"]', { timeout: 10000 });
+  demo.after_disconnect = await page.evaluate(() => document.getElementById("rt-state").textContent);
+  demo.screenshot = shot;
+  demo.screenshot_bytes = (await stat(shot)).size;
+  check("the demo's Realtime tab answered",
+    demo.log_state === "done" && (demo.answer || "").includes("Realtime from the demo tab"), demo);
+  check("the demo's Realtime tab shows the connection", /connected to gpt-realtime/.test(demo.connection), demo);
+  check("the demo's Realtime tab shows the usage", /tokens in/.test(demo.usage), demo);
+  check("the demo's Realtime tab closes on Disconnect", /closed \(1000/.test(demo.after_disconnect), demo);
+  check("the Realtime screenshot was saved", demo.screenshot_bytes > 0, demo);
+  return demo;
+}
+
+async function realtimeMain() {
+  const pageScript = await bundle();
+  results.bundle_bytes = pageScript.length;
+  await withChromium(async (context) => {
+    const page = context.pages()[0] || (await context.newPage());
+    const consoleErrors = [];
+    page.on("pageerror", (e) => consoleErrors.push(String(e)));
+    page.on("console", (m) => {
+      if (m.type() === "error") consoleErrors.push(m.text());
+    });
+    const sockets = [];
+    page.on("websocket", (ws) => {
+      const entry = { url: ws.url(), errors: [] };
+      sockets.push(entry);
+      ws.on("socketerror", (e) => entry.errors.push(String(e)));
+    });
+
+    await page.goto(proxy + "/");
+    await page.waitForFunction(() => !!window.perishableDemo, null, { timeout: 15000 });
+    await page.addScriptTag({ content: pageScript });
+    results.setup = await page.evaluate(() => window.__perishableTest.setup());
+    await humanInput(page, 42, "#prompt");
+    await page.fill("#prompt", "");
+
+    // 1. The helper's own WebSocket.
+    const raw = await page.evaluate(
+      ([m, p]) => window.__perishableTest.realtimeRaw(m, p),
+      [RT_MODEL, RT_PROMPT],
+    );
+    results.raw = checkTalk("raw WebSocket", raw);
+    results.raw.open_ms = raw.open_ms;
+
+    // 2. The official SDK.
+    const sdk = await page.evaluate(
+      ([m, p]) => window.__perishableTest.realtimeSDK(m, p),
+      [RT_MODEL, RT_PROMPT],
+    );
+    results.sdk = checkTalk("official SDK", sdk);
+    Object.assign(results.sdk, {
+      sdk_url: sdk.sdk_url,
+      sdk_events: [...new Set(sdk.sdk_events)],
+      sdk_errors: sdk.sdk_errors,
+      websocket_restored: sdk.websocket_restored,
+      is_native_websocket: sdk.is_native_websocket,
+    });
+    check("official SDK: the global WebSocket is restored", sdk.websocket_restored, results.sdk);
+    check("official SDK: the socket is a real WebSocket", sdk.is_native_websocket, results.sdk);
+    check("official SDK: its own events fired",
+      ["session.created", "response.output_text.delta", "response.done"].every((t) =>
+        sdk.sdk_events.includes(t)), results.sdk);
+    check("official SDK: no error", sdk.sdk_errors.length === 0, results.sdk);
+    check("both used the same session", raw.session.session_id === sdk.session.session_id,
+      [raw.session.session_id, sdk.session.session_id]);
+
+    // The demo's own client takes the session now, so that it holds the token the refresh
+    // below revokes: its Realtime tab (4.) must pick up the refreshed one from storage.
+    await page.evaluate(() => window.perishableDemo.client.getSession());
+    // A refresh revokes the token a connection opened with: the proxy closes it (1008).
+    const refresh = await page.evaluate((m) => window.__perishableTest.realtimeRefresh(m), RT_MODEL);
+    results.refresh = refresh;
+    check("minLifetime refreshes the session first",
+      refresh.after !== refresh.before && refresh.a_opened && refresh.b_opened, refresh);
+    check("the connection of a revoked token is closed 1008 session revoked",
+      refresh.a_close.code === 1008 && /revoked/.test(refresh.a_close.reason), refresh);
+
+    // 3. Refused handshakes.
+    const refused = await page.evaluate((m) => window.__perishableTest.realtimeRefused(m), RT_MODEL);
+    results.refused = refused;
+    for (const name of ["wrong_fingerprint", "without_proof", "replayed_proof", "without_token"]) {
+      check(`${name}: the socket never opens`,
+        refused[name].opened === false && refused[name].close_code === 1006, refused[name]);
+    }
+    check("a proof opens once", refused.first_use.opened === true && refused.first_use.protocol === "realtime",
+      refused.first_use);
+    check("withRealtime without a socket rejects with realtime_not_opened",
+      refused.not_opened.rejected && refused.not_opened.code === "realtime_not_opened" &&
+        refused.not_opened.restored, refused.not_opened);
+    check("withRealtime restores WebSocket when the function throws",
+      refused.thrown.rejected && refused.thrown.message === "boom" && refused.thrown.restored,
+      refused.thrown);
+
+    // 4. The demo's Realtime tab.
+    results.demo = await demoRealtime(page);
+
+    results.sockets = sockets;
+    // Chromium logs each refused handshake; a 401 (with WWW-Authenticate) reads "HTTP
+    // Authentication failed", other statuses "Unexpected response code: N".
+    results.handshake_errors = consoleErrors.filter((e) => /^WebSocket connection to/.test(e));
+    results.console_errors = consoleErrors.filter((e) => !/^WebSocket connection to/.test(e));
+    const failed = sockets.filter((s) => s.errors.length > 0);
+    check("Chromium saw four refused handshakes, each a 401",
+      failed.length === 4 &&
+        failed.every((s) => s.errors.every((e) => /HTTP Authentication failed|response code: 401/.test(e))),
+      sockets);
+    check("no other console errors", results.console_errors.length === 0, results.console_errors);
+  });
+  results.ok = results.failures.length === 0;
+}
+
 async function main() {
+  if (suite === "realtime") return realtimeMain();
   results.module = await checkModule();
   const pageScript = await bundle();
   results.bundle_bytes = pageScript.length;

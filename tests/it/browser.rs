@@ -1,6 +1,9 @@
 //! End to end in real headless Chromium: `tests/browser/run.mjs` drives the demo page and the
 //! browser client (`/client.js`) through a proxy, streams with the official `openai` npm SDK,
-//! replays the page's token from Node, tries a disallowed origin, and saves a screenshot.
+//! replays the page's token from Node, tries a disallowed origin, and saves a screenshot; its
+//! Realtime suite opens `/openai/realtime` with the client's helper and with the SDK's
+//! `OpenAIRealtimeWebSocket`, tries handshakes the proxy must refuse, and uses the demo's
+//! Realtime tab.
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,6 +13,7 @@ use std::time::{Duration, Instant};
 use axum::response::Html;
 use axum::routing::get;
 use axum::serve::ListenerExt;
+use perishable::config::DpopMode;
 use perishable_mock::{MockOptions, MockUpstream};
 use serde_json::Value;
 
@@ -34,6 +38,9 @@ fn chromium() -> Option<PathBuf> {
 }
 /// How long the browser script may run.
 const TIMEOUT: Duration = Duration::from_secs(180);
+
+/// One Chromium at a time: the browser tests would otherwise share two cores between two of them.
+static CHROMIUM: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn repo() -> PathBuf {
     crate::support::repo()
@@ -131,6 +138,46 @@ fn run_with_timeout(mut command: Command, timeout: Duration) -> Result<Output, S
     })
 }
 
+/// Runs `tests/browser/run.mjs` against `url` with `args` (one Chromium at a time), and returns
+/// its JSON line once it passed.
+async fn run_script(url: &str, args: &[&str], screenshot: &std::path::Path) -> Value {
+    let _one_at_a_time = CHROMIUM.lock().await;
+    let script = repo().join("tests/browser/run.mjs");
+    let mut command = Command::new(node());
+    command
+        .arg(&script)
+        .arg(url)
+        .args(args)
+        .env("SCREENSHOT", screenshot)
+        .env("CHROMIUM", chromium().unwrap_or_default());
+    let output = tokio::task::spawn_blocking(move || run_with_timeout(command, TIMEOUT))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("node {}: {e}", script.display()));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .unwrap_or_else(|| {
+            panic!(
+                "run.mjs printed no JSON ({}); stdout: {stdout}\nstderr: {stderr}",
+                output.status
+            )
+        });
+    let result: Value = serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("run.mjs printed {line:?}, not JSON: {e}"));
+    println!("run.mjs: {result}");
+    assert!(
+        output.status.success() && result["ok"] == true,
+        "run.mjs failed ({}): {}\nstderr: {stderr}",
+        output.status,
+        serde_json::to_string_pretty(&result["failures"]).unwrap()
+    );
+    result
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     perishable_missing_browser,
@@ -171,38 +218,7 @@ async fn browser_client_in_headless_chromium() {
 
     let screenshot = repo().join("target/test-artifacts/demo.png");
     let _ = std::fs::remove_file(&screenshot);
-    let script = repo().join("tests/browser/run.mjs");
-    let mut command = Command::new(node());
-    command
-        .arg(&script)
-        .arg(&url)
-        .env("SCREENSHOT", &screenshot)
-        .env("CHROMIUM", chromium().unwrap_or_default());
-    let output = tokio::task::spawn_blocking(move || run_with_timeout(command, TIMEOUT))
-        .await
-        .unwrap()
-        .unwrap_or_else(|e| panic!("node {}: {e}", script.display()));
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .unwrap_or_else(|| {
-            panic!(
-                "run.mjs printed no JSON ({}); stdout: {stdout}\nstderr: {stderr}",
-                output.status
-            )
-        });
-    let result: Value = serde_json::from_str(line)
-        .unwrap_or_else(|e| panic!("run.mjs printed {line:?}, not JSON: {e}"));
-    println!("run.mjs: {result}");
-    assert!(
-        output.status.success() && result["ok"] == true,
-        "run.mjs failed ({}): {}\nstderr: {stderr}",
-        output.status,
-        serde_json::to_string_pretty(&result["failures"]).unwrap()
-    );
+    let result = run_script(&url, &[], &screenshot).await;
 
     // The module as the router serves it.
     let module = &result["module"];
@@ -310,4 +326,135 @@ async fn browser_client_in_headless_chromium() {
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    perishable_missing_browser,
+    ignore = "needs Chromium, Node.js >= 20 and `npm ci --prefix tests/browser`"
+)]
+async fn realtime_from_headless_chromium() {
+    if let Err(why) = prerequisites() {
+        panic!(
+            "the browser test needs Chromium, Node and the npm packages \
+             (apt-get install -y chromium; npm ci --prefix tests/browser): {why}"
+        );
+    }
+
+    // The mock's Realtime API, a word every 40 ms, behind a proxy with the route on and DPoP
+    // required: every session the page gets is key-bound, so every handshake carries a proof.
+    let mock = MockUpstream::start(
+        MockOptions::new()
+            .chunk_interval(Duration::from_millis(40))
+            .api_key(crate::support::SERVER_KEY),
+    )
+    .await
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}");
+    let config = crate::support::config(&mock.base_url())
+        .pow_difficulty(16)
+        .cors_allowed_origins([url.clone()])
+        .session_dpop(DpopMode::Required)
+        .realtime_enabled(true)
+        // The page opens its sockets one after another; a closed one's slot is given back in
+        // the background, so leave room rather than race it.
+        .realtime_max_connections_per_session(4)
+        .upstream_allowed_models(["gpt-4o-mini", "gpt-realtime"])
+        .build()
+        .unwrap();
+    let app = axum::Router::new()
+        .route(
+            "/",
+            get(|| async { Html(include_str!("../../examples/demo/index.html")) }),
+        )
+        .merge(perishable::router(config));
+    serve(listener, app);
+
+    let screenshot = repo().join("target/test-artifacts/demo.png");
+    let realtime_screenshot = repo().join("target/test-artifacts/demo-realtime.png");
+    let _ = std::fs::remove_file(&realtime_screenshot);
+    let result = run_script(&url, &["--realtime"], &screenshot).await;
+
+    // 1 and 2. The helper's socket and the SDK's: a conversation each, on a key-bound session.
+    for name in ["raw", "sdk"] {
+        let talk = &result[name];
+        assert_eq!(talk["protocol"], "realtime", "{talk}");
+        assert_eq!(talk["token_type"], "DPoP", "{talk}");
+        assert_eq!(talk["model"], "gpt-realtime", "{talk}");
+        assert_eq!(talk["status"], "completed", "{talk}");
+        assert!(talk["deltas"].as_u64().unwrap() >= 3, "{talk}");
+        assert!(
+            talk["distinct_times"].as_u64().unwrap() >= 3,
+            "the deltas arrived together: {talk}"
+        );
+        assert!(
+            talk["usage"]["total_tokens"].as_u64().unwrap() > 0,
+            "{talk}"
+        );
+    }
+    assert_eq!(result["sdk"]["websocket_restored"], true);
+
+    // A refresh revoked the token an open connection used: the proxy closed it.
+    let refresh = &result["refresh"];
+    assert_ne!(refresh["before"], refresh["after"], "{refresh}");
+    assert_eq!(refresh["a_close"]["code"], 1008, "{refresh}");
+
+    // 3. What the proxy refused never opened.
+    let refused = &result["refused"];
+    for case in [
+        "wrong_fingerprint",
+        "without_proof",
+        "replayed_proof",
+        "without_token",
+    ] {
+        assert_eq!(refused[case]["opened"], false, "{case}: {refused}");
+    }
+    assert_eq!(refused["first_use"]["opened"], true, "{refused}");
+
+    // 4. The demo's Realtime tab, and its screenshot.
+    assert_eq!(result["demo"]["log_state"], "done", "{}", result["demo"]);
+    let size = std::fs::metadata(&realtime_screenshot)
+        .unwrap_or_else(|e| panic!("{}: {e}", realtime_screenshot.display()))
+        .len();
+    assert!(size > 0, "{} is empty", realtime_screenshot.display());
+
+    // The upstream saw six handshakes (the helper's, the SDK's, two around the refresh, the
+    // proof's first use, the demo's), each with the server key and none of the page's
+    // credentials.
+    let handshakes: Vec<_> = mock
+        .requests()
+        .into_iter()
+        .filter(|r| r.path_and_query.starts_with("/v1/realtime"))
+        .collect();
+    assert_eq!(handshakes.len(), 6, "handshakes that reached the upstream");
+    for request in &handshakes {
+        assert_eq!(request.path_and_query, "/v1/realtime?model=gpt-realtime");
+        assert_eq!(
+            request.header("authorization"),
+            Some(format!("Bearer {}", crate::support::SERVER_KEY).as_str())
+        );
+        for name in ["dpop", "x-perishable-fingerprint", "cookie"] {
+            assert!(
+                request.header(name).is_none(),
+                "{name} reached the upstream"
+            );
+        }
+        let protocols = request.header("sec-websocket-protocol").unwrap_or("");
+        assert!(
+            !protocols.contains("openai-insecure-api-key") && !protocols.contains("perishable-"),
+            "a credential subprotocol reached the upstream: {protocols}"
+        );
+    }
+    // The conversations' events reached the upstream: three user messages, three responses.
+    let events = mock.realtime_events();
+    let count = |kind: &str| {
+        events
+            .iter()
+            .filter(|e| e.contains(&format!("\"type\":\"{kind}\"")))
+            .count()
+    };
+    assert_eq!(count("conversation.item.create"), 3, "{events:?}");
+    assert_eq!(count("response.create"), 3, "{events:?}");
 }

@@ -1,6 +1,7 @@
 //! The example proxy binary as a user runs it (`cargo run --example perishable-proxy`): it serves
-//! over HTTP/1.1, closes a connection whose request headers trickle in for more than 30 s, and
-//! on Ctrl-C (SIGINT) stops taking connections and exits.
+//! over HTTP/1.1, closes a connection whose request headers trickle in for more than 30 s, serves
+//! the Realtime route with its built-in mock unless the config file says otherwise, and on
+//! Ctrl-C (SIGINT) stops taking connections and exits.
 //!
 //! It runs the binary `cargo test --workspace` builds beside the tests: after changing the
 //! example, run the whole suite (or `cargo build --example perishable-proxy`) so the binary is
@@ -182,6 +183,76 @@ fn a_base_url_without_a_key_is_a_keyless_upstream() {
         "no Authorization is sent to a keyless upstream"
     );
     let _ = std::fs::remove_file(config);
+}
+
+/// With its built-in mock the example serves the Realtime route, for the demo's Realtime tab
+/// (the mock speaks Realtime), unless the config file sets `realtime.enabled` itself.
+#[test]
+fn the_built_in_mock_serves_realtime_unless_the_config_file_says() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    const UA: &str = "example-realtime-test/1.0";
+    const FP: &str = "device-example-realtime-1";
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let gates = "[pow]\ndifficulty = 0\n[session]\nmin_entropy_score = 0\n";
+    for (name, file, opens) in [
+        ("silent", gates.to_owned(), true),
+        ("on", format!("{gates}[realtime]\nenabled = true\n"), true),
+        (
+            "off",
+            format!("{gates}[realtime]\nenabled = false\n"),
+            false,
+        ),
+    ] {
+        let config = std::env::temp_dir().join(format!(
+            "perishable-example-realtime-{name}-{}.toml",
+            std::process::id()
+        ));
+        std::fs::write(&config, file).unwrap();
+        let proxy = Example::spawn(command(&["--config", config.to_str().unwrap()]));
+        let status = runtime.block_on(async {
+            let http = reqwest::Client::builder().user_agent(UA).build().unwrap();
+            let session: serde_json::Value = http
+                .post(format!("http://{}/session", proxy.addr))
+                .json(&serde_json::json!({"fingerprint": FP}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let token = session["token"].as_str().expect("a session token");
+            let mut request = format!("ws://{}/openai/realtime?model=gpt-realtime", proxy.addr)
+                .into_client_request()
+                .unwrap();
+            let headers = request.headers_mut();
+            headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
+            headers.insert("x-perishable-fingerprint", FP.parse().unwrap());
+            headers.insert("user-agent", UA.parse().unwrap());
+            match tokio_tungstenite::connect_async(request).await {
+                Ok((mut socket, response)) => {
+                    let first = tokio::time::timeout(Duration::from_secs(10), socket.next())
+                        .await
+                        .expect("an event within 10 s")
+                        .expect("the connection is open")
+                        .expect("a frame");
+                    let event: serde_json::Value =
+                        serde_json::from_str(first.to_text().unwrap()).unwrap();
+                    assert_eq!(event["type"], "session.created", "{name}: {event}");
+                    response.status().as_u16()
+                }
+                Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                    response.status().as_u16()
+                }
+                Err(e) => panic!("{name}: {e}"),
+            }
+        });
+        // Off, the upgrade is an ordinary call to a path not allowed: 403 path_not_allowed.
+        let expected = if opens { 101 } else { 403 };
+        assert_eq!(status, expected, "{name}: the handshake got {status}");
+        let _ = std::fs::remove_file(config);
+    }
 }
 
 /// An invalid base URL is refused at start, with the key named, mock or not.

@@ -91,6 +91,40 @@ export interface ClientOptions {
   captcha?: string | (() => string | null | Promise<string | null>);
 }
 
+/** When a Realtime helper refreshes the session before opening a connection. */
+export interface RealtimeSessionOptions {
+  /**
+   * Refresh first when the session has fewer seconds left than this (default: half its lifetime).
+   * The proxy closes a Realtime connection when the token that opened it expires or is revoked,
+   * and a refresh revokes the old token: the connection lasts at most what the session has left.
+   */
+  minLifetime?: number;
+}
+
+/** Options of `realtimeWebSocket` and `realtimeProtocols`. */
+export interface RealtimeOptions extends RealtimeSessionOptions {
+  /** The model, sent as `?model=` (checked against the proxy's `upstream.allowed_models`). */
+  model: string;
+  /** More subprotocols to offer after `realtime` and the credentials (e.g. `"openai-beta.realtime-v1"`). */
+  protocols?: string | string[];
+  /** The WebSocket constructor (default `globalThis.WebSocket`); only `realtimeWebSocket` uses it. */
+  WebSocket?: new (url: string, protocols?: string | string[]) => WebSocket;
+}
+
+/** What a Realtime handshake needs: for a WebSocket library other than the browser's. */
+export interface RealtimeConnection {
+  /** `ws(s)://.../openai/realtime?model=M`: the base URL with scheme ws or wss. */
+  url: string;
+  /**
+   * `realtime`, `openai-insecure-api-key.<token>`, `perishable-fingerprint.<base64url>`,
+   * `perishable-dpop.<proof>` (key-bound sessions), then `options.protocols`. The proof is good
+   * for one handshake, within a minute.
+   */
+  protocols: string[];
+  /** The session the credentials are of. */
+  session: Session;
+}
+
 export interface PerishableClient {
   /** The absolute base URL, without a trailing slash. Use `baseURL + "/openai"` for SDKs. */
   readonly baseURL: string;
@@ -114,6 +148,38 @@ export interface PerishableClient {
   refresh(): Promise<Session>;
   /** Revokes the session on the server (`DELETE /session`) and forgets it. */
   revoke(): Promise<void>;
+  /**
+   * Opens `GET <baseURL>/openai/realtime?model=M` as a WebSocket (scheme ws or wss, as the base
+   * URL's) with the session's credentials as subprotocols and a fresh DPoP proof when the session
+   * is key-bound; mints or refreshes first when needed. Resolves with the socket as
+   * `new WebSocket` returns it (connecting). A refused handshake shows as an `error` event, then
+   * `close` (1006), without `open`. The proxy answers with the `realtime` subprotocol.
+   */
+  realtimeWebSocket(options: RealtimeOptions): Promise<WebSocket>;
+  /** The URL and subprotocols of one Realtime handshake, for another WebSocket library. */
+  realtimeProtocols(options: RealtimeOptions): Promise<RealtimeConnection>;
+  /**
+   * Runs `open`, which must synchronously open one WebSocket to `<baseURL>/openai/realtime`
+   * (usually through an SDK), with `globalThis.WebSocket` wrapped for the duration of that call
+   * only (restored even when `open` throws). The wrapper gives that one socket the session's
+   * credentials, in place of any `openai-insecure-api-key.` subprotocol offered, and the base
+   * URL's scheme; other sockets pass through untouched. Resolves with what `open` returned;
+   * rejects with `PerishableError` code `realtime_not_opened` when no such socket was opened, or
+   * `realtime_one_socket` when a second was.
+   */
+  withRealtime<T>(open: (session: Session) => T, options?: RealtimeSessionOptions): Promise<Awaited<T>>;
+  /**
+   * The official SDK's `OpenAIRealtimeWebSocket` (`openai/realtime/websocket`), unchanged:
+   * `withRealtime(() => new RealtimeWebSocket({ dangerouslyAllowBrowser: true, ...props }, client))`.
+   * `client` is an `OpenAI` client whose `baseURL` is `baseURL + "/openai"`; its `apiKey` (a
+   * placeholder such as `"perishable"`) is replaced by the session token on the socket.
+   */
+  realtimeSDK<T, P extends { model: string }, C>(
+    RealtimeWebSocket: new (props: P & { dangerouslyAllowBrowser?: boolean }, client?: C) => T,
+    props: P,
+    client: C,
+    options?: RealtimeSessionOptions,
+  ): Promise<T>;
   /** The fingerprint this client sends. */
   fingerprint(): Promise<string>;
   /** Starts collecting interaction samples on `target` (default `document`). */

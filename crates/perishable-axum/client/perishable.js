@@ -8,7 +8,9 @@
 // It derives a stable fingerprint, collects bounded interaction samples, solves the proof of
 // work in a Web Worker, keeps a non-extractable P-256 key in IndexedDB for DPoP (RFC 9449), and
 // mints, caches, refreshes and re-mints the session as needed, following the Perishable wire
-// protocol, version 1. See docs/client.md.
+// protocol, version 1. It also opens Realtime WebSockets with the session's credentials as
+// subprotocols (`realtimeWebSocket`, and `realtimeSDK` for the official SDK's
+// `OpenAIRealtimeWebSocket`). See docs/client.md.
 
 /** The module's version. */
 export const VERSION = "0.1.0";
@@ -19,6 +21,16 @@ const MAX_SAMPLES = 512;
 const REMINT_CODES = ["token_expired", "session_revoked", "invalid_token"];
 /** Below this many seconds left, a session is re-minted rather than refreshed. */
 const MIN_REFRESH_SECS = 5;
+/** The subprotocol the proxy answers a Realtime handshake with. */
+const REALTIME_PROTOCOL = "realtime";
+/**
+ * Realtime credentials as WebSocket subprotocols (a page cannot set headers on a WebSocket):
+ * the token where the official SDK puts its API key, the fingerprint (base64url, no padding)
+ * and a DPoP proof.
+ */
+const TOKEN_PROTOCOL = "openai-insecure-api-key.";
+const FINGERPRINT_PROTOCOL = "perishable-fingerprint.";
+const DPOP_PROTOCOL = "perishable-dpop.";
 
 /** An error from Perishable: `status` and `code` are the server's when it answered. */
 export class PerishableError extends Error {
@@ -762,12 +774,12 @@ export async function createClient(options) {
     }
   };
 
-  const publicSession = () =>
-    current
-      ? Object.assign({}, current.session, {
-          expires_in: Math.max(0, Math.floor(current.session.expires_at - serverNow())),
-        })
-      : null;
+  // A copy of `session` with `expires_in` as of now.
+  const sessionView = (session) =>
+    Object.assign({}, session, {
+      expires_in: Math.max(0, Math.floor(session.expires_at - serverNow())),
+    });
+  const publicSession = () => (current ? sessionView(current.session) : null);
 
   async function loadStored() {
     let rec = null;
@@ -899,9 +911,9 @@ export async function createClient(options) {
     return pending;
   }
 
-  async function renew() {
-    // Another tab, or another client on this page, may have refreshed already (which revoked
-    // the token we hold): take the newer stored session.
+  // Another tab, or another client on this page, may have refreshed already (which revoked the
+  // token we hold): take the newer stored session.
+  async function takeNewerStored() {
     const stored = await loadStored();
     if (
       stored &&
@@ -912,6 +924,10 @@ export async function createClient(options) {
       current = stored;
       notify();
     }
+  }
+
+  async function renew() {
+    await takeNewerStored();
     if (current && remaining(current) > threshold(current)) return current.session;
     if (current && remaining(current) > MIN_REFRESH_SECS) {
       try {
@@ -1029,6 +1045,193 @@ export async function createClient(options) {
     }
   }
 
+  function refreshNow() {
+    return single(async () => {
+      if (current && remaining(current) > MIN_REFRESH_SECS) {
+        try {
+          return await refreshWith(current);
+        } catch (e) {
+          if (!(e instanceof PerishableError && e.status === 401)) throw e;
+        }
+      }
+      await forget();
+      return mint();
+    });
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Realtime: `GET <baseURL>/openai/realtime?model=M` as a WebSocket. A page cannot set headers
+  // on a WebSocket, so the credentials go as subprotocols, next to `realtime`. The proxy closes
+  // the connection when the token that opened it expires or is revoked (a refresh revokes it).
+
+  const realtimeTarget = new URL(baseURL + "/openai/realtime");
+  // The proof's htu: the URL with scheme http(s), without query (PROTOCOL, "Realtime").
+  const realtimeHtu = realtimeTarget.origin + realtimeTarget.pathname;
+  const realtimeScheme = base.protocol === "https:" ? "wss:" : "ws:";
+
+  function realtimeURL(model) {
+    if (typeof model !== "string" || model === "") {
+      throw new TypeError("perishable: the Realtime helpers need { model }");
+    }
+    const url = new URL(realtimeTarget.href);
+    url.protocol = realtimeScheme;
+    url.searchParams.set("model", model);
+    return url.href;
+  }
+
+  // Whether `url` (any of ws, wss, http, https) is the proxy's Realtime route.
+  function isRealtimeURL(url) {
+    return (
+      ["ws:", "wss:", "http:", "https:"].indexOf(url.protocol) !== -1 &&
+      url.host === realtimeTarget.host &&
+      url.pathname === realtimeTarget.pathname
+    );
+  }
+
+  const isCredential = (p) =>
+    p.indexOf(TOKEN_PROTOCOL) === 0 ||
+    p.indexOf(FINGERPRINT_PROTOCOL) === 0 ||
+    p.indexOf(DPOP_PROTOCOL) === 0;
+
+  // `realtime`, this session's credentials, then the caller's other subprotocols.
+  function realtimeProtocolList(credentials, offered) {
+    let list = [];
+    if (typeof offered === "string") list = [offered];
+    else if (offered !== undefined && offered !== null) list = Array.from(offered, String);
+    const rest = list.filter((p) => p !== REALTIME_PROTOCOL && !isCredential(p));
+    return [REALTIME_PROTOCOL].concat(credentials, rest);
+  }
+
+  // A live session with at least `minLifetime` seconds left (default: half its lifetime, so the
+  // connection, which ends with the token, gets a useful share of it); refreshed first if not.
+  async function realtimeSession(opts) {
+    // A refused handshake tells the page nothing (no status), so there is no retry on a 401 as
+    // `fetch` has: look for a session another tab refreshed (revoking ours) before opening.
+    if (current && !pending) await takeNewerStored();
+    let session = await getSession();
+    const rec = current;
+    if (rec && rec.session.token === session.token) {
+      const lifetime = rec.lifetime || 0;
+      const wanted = opts.minLifetime === undefined ? lifetime / 2 : Number(opts.minLifetime);
+      if (!(wanted >= 0)) throw new TypeError("perishable: minLifetime must be a number of seconds");
+      if (remaining(rec) < wanted) session = await refreshNow();
+    }
+    return session;
+  }
+
+  // The credential subprotocols for `session`, with a fresh proof (each is good for one handshake).
+  async function realtimeCredentials(session) {
+    const protocols = [
+      TOKEN_PROTOCOL + session.token,
+      FINGERPRINT_PROTOCOL + b64url(utf8(fingerprint)),
+    ];
+    if (session.token_type === "DPoP") {
+      const iat = Math.floor(serverNow());
+      protocols.push(DPOP_PROTOCOL + (await dpopProof(key, "GET", realtimeHtu, iat, session.token)));
+    }
+    return protocols;
+  }
+
+  async function realtimeProtocols(options) {
+    const opts = options || {};
+    const url = realtimeURL(opts.model);
+    const session = await realtimeSession(opts);
+    const protocols = realtimeProtocolList(await realtimeCredentials(session), opts.protocols);
+    return { url, protocols, session: sessionView(session) };
+  }
+
+  async function realtimeWebSocket(options) {
+    const opts = options || {};
+    const Socket = opts.WebSocket || globalThis.WebSocket;
+    if (typeof Socket !== "function") {
+      throw new PerishableError("perishable: this environment has no WebSocket", {
+        code: "websocket_unavailable",
+      });
+    }
+    const { url, protocols } = await realtimeProtocols(opts);
+    return new Socket(url, protocols);
+  }
+
+  // Runs `open` with `globalThis.WebSocket` wrapped, so that the one WebSocket it opens to the
+  // Realtime route carries this session's credentials (in place of any `openai-insecure-api-key.`
+  // subprotocol it offered) and the base URL's scheme (the SDK always asks for wss:). The wrapper
+  // is in place only while `open` runs, synchronously, and is restored even when it throws.
+  async function withRealtime(open, options) {
+    if (typeof open !== "function") {
+      throw new TypeError("perishable: withRealtime needs a function that opens the WebSocket");
+    }
+    const opts = options || {};
+    const Original = globalThis.WebSocket;
+    if (typeof Original !== "function") {
+      throw new PerishableError("perishable: this environment has no WebSocket", {
+        code: "websocket_unavailable",
+      });
+    }
+    const session = await realtimeSession(opts);
+    const credentials = await realtimeCredentials(session);
+    let opened = 0;
+    const adjust = (url, protocols) => {
+      let target = null;
+      try {
+        target = new URL(String(url), documentBase());
+      } catch (_) {
+        target = null; // Not a URL: the real WebSocket throws its usual SyntaxError.
+      }
+      if (!target || !isRealtimeURL(target)) {
+        return protocols === undefined ? [url] : [url, protocols];
+      }
+      if (opened++ > 0) {
+        throw new PerishableError(
+          "perishable: withRealtime opens one Realtime WebSocket per call (each needs fresh credentials)",
+          { code: "realtime_one_socket" },
+        );
+      }
+      target.protocol = realtimeScheme;
+      return [target.href, realtimeProtocolList(credentials, protocols)];
+    };
+    class PerishableWebSocket extends Original {
+      constructor(url, protocols) {
+        super(...adjust(url, protocols));
+      }
+    }
+    let result;
+    globalThis.WebSocket = PerishableWebSocket;
+    try {
+      if (globalThis.WebSocket !== PerishableWebSocket) {
+        throw new PerishableError("perishable: globalThis.WebSocket cannot be replaced here", {
+          code: "websocket_unavailable",
+        });
+      }
+      result = open(sessionView(session));
+    } finally {
+      if (globalThis.WebSocket === PerishableWebSocket) globalThis.WebSocket = Original;
+    }
+    if (!opened) {
+      throw new PerishableError(
+        `perishable: withRealtime's function opened no WebSocket to ${realtimeTarget.href} ` +
+          `(open it synchronously, with the SDK's baseURL set to ${baseURL}/openai)`,
+        { code: "realtime_not_opened" },
+      );
+    }
+    return result;
+  }
+
+  function realtimeSDK(RealtimeWebSocket, props, client, options) {
+    if (typeof RealtimeWebSocket !== "function") {
+      return Promise.reject(
+        new TypeError("perishable: realtimeSDK needs the SDK's OpenAIRealtimeWebSocket class"),
+      );
+    }
+    if (!client) {
+      return Promise.reject(
+        new TypeError(`perishable: realtimeSDK needs an OpenAI client with baseURL ${baseURL}/openai`),
+      );
+    }
+    // No secret key is in the page: the SDK's browser guard does not apply.
+    const sdkProps = Object.assign({ dangerouslyAllowBrowser: true }, props);
+    return withRealtime(() => new RealtimeWebSocket(sdkProps, client), options);
+  }
+
   // A session stored by an earlier page load (same browser, key and fingerprint).
   const stored = await loadStored();
   if (stored) current = stored;
@@ -1047,19 +1250,12 @@ export async function createClient(options) {
     fetch: perishableFetch,
     session: publicSession,
     getSession,
-    refresh: () =>
-      single(async () => {
-        if (current && remaining(current) > MIN_REFRESH_SECS) {
-          try {
-            return await refreshWith(current);
-          } catch (e) {
-            if (!(e instanceof PerishableError && e.status === 401)) throw e;
-          }
-        }
-        await forget();
-        return mint();
-      }),
+    refresh: refreshNow,
     revoke,
+    realtimeWebSocket,
+    realtimeProtocols,
+    withRealtime,
+    realtimeSDK,
     fingerprint: async () => fingerprint,
     startCollecting: (target) => collector.start(target),
     stopCollecting: () => collector.stop(),
