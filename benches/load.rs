@@ -16,7 +16,9 @@
 //! non-streaming at concurrency 1 and 64 (closed loop) and at a fixed rate; streaming (64
 //! chunks 20 ms apart, stamped with the mock's send time); memory per open stream at 1k and 5k
 //! streams; a slow client (one read a second, the mock writing 4 KB every 20 ms); Realtime
-//! (latency added per WebSocket round trip, memory per open connection at 1k connections).
+//! (latency added per WebSocket round trip, memory per open connection at 1k connections);
+//! Redis (the memory store against Redis on loopback and behind a 250 µs one-way delay, with a
+//! budget, at concurrency 1 and 64; Redis commands and round trips per call).
 //!
 //! Output: a table on stdout and JSON in `target/load-results.json` (`PERISHABLE_LOAD_OUT`).
 //! The environment variables are listed in `docs/performance.md`.
@@ -31,6 +33,8 @@
 mod client;
 #[path = "load/realtime.rs"]
 mod realtime;
+#[path = "load/redis.rs"]
+mod redis;
 #[path = "load/servers.rs"]
 mod servers;
 #[path = "load/stats.rs"]
@@ -224,6 +228,18 @@ impl Drop for Sut {
 }
 
 async fn spawn_sut(name: &'static str, role: &str, upstream: &str, gates: bool, pin: bool) -> Sut {
+    spawn_sut_with(name, role, upstream, gates, pin, &[]).await
+}
+
+/// [`spawn_sut`] with more environment variables for the system under test.
+async fn spawn_sut_with(
+    name: &'static str,
+    role: &str,
+    upstream: &str,
+    gates: bool,
+    pin: bool,
+    extra: &[(&str, String)],
+) -> Sut {
     let exe = std::env::current_exe().expect("current exe");
     // `PERISHABLE_LOAD_SUT_WRAPPER`: a command to run each system under test under (a
     // profiler, e.g. "valgrind --tool=callgrind"), split on spaces.
@@ -241,6 +257,7 @@ async fn spawn_sut(name: &'static str, role: &str, upstream: &str, gates: bool, 
         .env("PERISHABLE_LOAD_UPSTREAM", upstream)
         .env("PERISHABLE_LOAD_GATES", if gates { "on" } else { "off" })
         .env_remove("PERISHABLE_LOAD_PINNED")
+        .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())
@@ -1321,6 +1338,12 @@ async fn run(settings: Settings, pin: bool) {
         }
         drop((bare_sut, p_sut));
         scenarios.insert("slow_client".into(), Value::Object(rows));
+    }
+
+    if settings.runs("redis") {
+        if let Some(rows) = redis::scenario(&upstream, pin, &settings).await {
+            scenarios.insert("redis".into(), rows);
+        }
     }
 
     // The targets.

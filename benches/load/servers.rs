@@ -71,6 +71,18 @@ pub fn run_perishable(upstream: &str, gates: bool) {
         .rate_limit_mint_per_ip(1_000_000)
         .realtime_enabled(true)
         .realtime_max_connections_per_session(1_000_000);
+    // The Redis scenario: a shared store, and a budget without DPoP.
+    if let Ok(url) = std::env::var("PERISHABLE_LOAD_STORE") {
+        builder = builder
+            .store_url(url)
+            .store_key_prefix(format!("load{}", std::process::id()));
+    }
+    if std::env::var("PERISHABLE_LOAD_BUDGET").as_deref() == Ok("on") {
+        builder = builder
+            .budget_tokens_per_window(1 << 40)
+            .budget_window_secs(3600)
+            .budget_max_completion_tokens(100_000);
+    }
     if gates {
         builder = builder
             .session_dpop(DpopMode::Required)

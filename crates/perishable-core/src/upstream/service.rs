@@ -244,6 +244,14 @@ pub(crate) fn upstream_path<B>(req: &Request<B>) -> &str {
     }
 }
 
+/// Who a call is from, for its admission: its session, its IP (when metered) and the
+/// rate-limit count left to it.
+struct Caller {
+    session: Option<VerifiedSession>,
+    ip: Option<std::net::IpAddr>,
+    deferred: Option<Deferred>,
+}
+
 /// A request checked, read and admitted, ready to go upstream.
 struct Prepared {
     request: Request<Full<Bytes>>,
@@ -301,9 +309,17 @@ impl Inner {
         let http::request::Parts {
             method, headers, ..
         } = parts;
-        Ok(this
-            .clone()
-            .read_and_admit(method, uri, headers, session, ip, body, deferred.take()))
+        Ok(this.clone().read_and_admit(
+            method,
+            uri,
+            headers,
+            Caller {
+                session,
+                ip,
+                deferred: deferred.take(),
+            },
+            body,
+        ))
     }
 
     /// The `{path}` part of an upstream URI made by [`upstream_uri`](Self::upstream_uri).
@@ -316,15 +332,18 @@ impl Inner {
         method: http::Method,
         uri: http::Uri,
         mut headers: http::HeaderMap,
-        session: Option<VerifiedSession>,
-        ip: Option<std::net::IpAddr>,
+        caller: Caller,
         body: B,
-        deferred: Option<Deferred>,
     ) -> Result<Prepared, Error>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
+        let Caller {
+            session,
+            ip,
+            deferred,
+        } = caller;
         // A call refused before its admission is still counted.
         let counted = |error: Error, deferred: Option<Deferred>| {
             if let Some(deferred) = deferred {
@@ -843,7 +862,7 @@ mod future_size {
         let req = Request::post("/openai/chat/completions")
             .body(body)
             .unwrap();
-        let read = Inner::start(&svc.inner, req, None).ok().unwrap();
+        let read = Inner::start(&svc.inner, req, None, &mut None).ok().unwrap();
         let inner = svc.inner.clone();
         let forward = read.and_then(move |prepared| inner.send(prepared));
         let size = std::mem::size_of_val(&forward);

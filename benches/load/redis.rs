@@ -1,0 +1,289 @@
+//! The Redis scenario: one Perishable with the memory store, one with Redis on loopback, and
+//! one with Redis behind a delay line of 250 µs each way (a TCP relay in this process: what a
+//! network between an instance and Redis adds), each with a token budget, so every call is
+//! rate limited, revocation-checked and reserved. Closed loop at concurrency 1 and 64,
+//! alternating slices; then Redis's own command counts per call (`INFO commandstats`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::client::{self, Target};
+use crate::stats::{Dist, r1, r3};
+use crate::{Settings, Sut, mint_slots, spawn_sut_with};
+
+/// One-way delay of the delay line.
+const DELAY: Duration = Duration::from_micros(250);
+
+/// A `redis-server` on a free port, stopped when dropped.
+struct RedisServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_redis() -> Option<RedisServer> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?
+        .port();
+    let child = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let server = RedisServer { child, port };
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some(server);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// Calls per command since the server started.
+fn command_calls(port: u16) -> HashMap<String, u64> {
+    let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return HashMap::new();
+    };
+    if conn
+        .write_all(b"*2\r\n$4\r\nINFO\r\n$12\r\ncommandstats\r\n")
+        .is_err()
+    {
+        return HashMap::new();
+    }
+    let mut reader = BufReader::new(conn);
+    let mut header = String::new();
+    let _ = reader.read_line(&mut header);
+    let len: usize = header.trim_start_matches('$').trim().parse().unwrap_or(0);
+    let mut body = vec![0u8; len];
+    let _ = reader.read_exact(&mut body);
+    String::from_utf8_lossy(&body)
+        .lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
+/// A TCP relay to `to` that delays every byte by [`DELAY`] each way, in order.
+async fn delay_line(to: SocketAddr) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::task::spawn_local(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = TcpStream::connect(to).await else {
+                continue;
+            };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            tokio::task::spawn_local(delayed(cr, sw));
+            tokio::task::spawn_local(delayed(sr, cw));
+        }
+    });
+    addr
+}
+
+/// Copies `from` to `to`, each chunk written [`DELAY`] after it was read.
+async fn delayed(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    tokio::task::spawn_local(async move {
+        while let Some((due, bytes)) = rx.recv().await {
+            tokio::time::sleep_until(due.into()).await;
+            if to.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if tx
+                    .send((Instant::now() + DELAY, buf[..n].to_vec()))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn target(
+    name: &'static str,
+    upstream: &str,
+    pin: bool,
+    store: Option<String>,
+    slots: usize,
+) -> (Sut, Target) {
+    let mut env = vec![("PERISHABLE_LOAD_BUDGET", "on".to_owned())];
+    if let Some(url) = store {
+        env.push(("PERISHABLE_LOAD_STORE", url));
+    }
+    let sut = spawn_sut_with(name, "perishable", upstream, false, pin, &env).await;
+    let slots = mint_slots(sut.addr, slots, false).await;
+    let target = Target {
+        name: name.to_owned(),
+        addr: sut.addr,
+        host: sut.addr.to_string(),
+        base_path: "/openai".to_owned(),
+        slots,
+        pid: Some(sut.pid),
+    };
+    (sut, target)
+}
+
+pub async fn scenario(upstream: &str, pin: bool, settings: &Settings) -> Option<Value> {
+    let Some(redis) = start_redis() else {
+        println!("\n== redis: skipped (no redis-server on the PATH) ==");
+        return None;
+    };
+    let direct: SocketAddr = ([127, 0, 0, 1], redis.port).into();
+    let delayed_addr = delay_line(direct).await;
+    let slots = settings.conc;
+    let (_m, memory) = target("memory", upstream, pin, None, slots).await;
+    let (_r, loopback) = target(
+        "redis",
+        upstream,
+        pin,
+        Some(format!("redis://{direct}/")),
+        slots,
+    )
+    .await;
+    let (_d, delayed) = target(
+        "redis_250us",
+        upstream,
+        pin,
+        Some(format!("redis://{delayed_addr}/")),
+        slots,
+    )
+    .await;
+    let targets = [memory, loopback, delayed];
+    // Warm-up: connections, scripts loaded, revocation copies synchronised.
+    for t in &targets {
+        let _ = client::closed_loop(t, 4, Duration::from_millis(500), 0).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Commands and round trips per call, on the loopback instance alone.
+    let before = command_calls(redis.port);
+    let run = client::closed_loop(&targets[1], 1, Duration::from_millis(500), 0).await;
+    let after = command_calls(redis.port);
+    let calls = run.latencies.len().max(1) as f64;
+    let mut per_call: BTreeMap<String, f64> = BTreeMap::new();
+    for (name, n) in &after {
+        let delta = n.saturating_sub(before.get(name).copied().unwrap_or(0));
+        if delta > 0 {
+            per_call.insert(name.clone(), r3(delta as f64 / calls));
+        }
+    }
+    let total: f64 = per_call.values().sum();
+
+    let mut rows = serde_json::Map::new();
+    for conc in [1, settings.conc] {
+        let mut measured: BTreeMap<String, client::Run> = BTreeMap::new();
+        for round in 0..settings.rounds.max(2) {
+            for t in crate::rotated(&targets, round) {
+                let run = client::closed_loop(&t, conc, settings.slice, 0).await;
+                measured.entry(t.name.clone()).or_default().merge(run);
+            }
+        }
+        let memory_rps = measured.get("memory").map_or(0.0, client::Run::rps);
+        let memory_p50 = measured
+            .get("memory")
+            .map_or(0.0, |r| Dist::new(r.latencies.clone()).p50_us());
+        println!("\n== redis: a budgeted chat completion, concurrency {conc} ==");
+        let mut row = serde_json::Map::new();
+        for t in &targets {
+            let Some(run) = measured.get(&t.name) else {
+                continue;
+            };
+            let dist = Dist::new(run.latencies.clone());
+            println!(
+                "{:<12} {:>8.0} rps ({:.2}x memory), p50 {:>7.1} us (+{:.1}), p99 {:>7.1} us, errors {}",
+                t.name,
+                run.rps(),
+                run.rps() / memory_rps.max(1.0),
+                dist.p50_us(),
+                dist.p50_us() - memory_p50,
+                dist.p99_us(),
+                run.errors,
+            );
+            row.insert(
+                t.name.clone(),
+                json!({
+                    "rps": r1(run.rps()),
+                    "rps_over_memory": r3(run.rps() / memory_rps.max(1.0)),
+                    "p50_us": r1(dist.p50_us()),
+                    "p99_us": r1(dist.p99_us()),
+                    "added_p50_us": r1(dist.p50_us() - memory_p50),
+                    "errors": run.errors,
+                }),
+            );
+        }
+        rows.insert(format!("c{conc}"), Value::Object(row));
+    }
+    let delay_us = DELAY.as_micros() as f64;
+    if let Some(added) = rows
+        .get("c1")
+        .and_then(|r| r.get("redis_250us"))
+        .and_then(|r| r.get("added_p50_us"))
+        .and_then(Value::as_f64)
+    {
+        println!(
+            "with a {delay_us:.0} us one-way delay (a {:.0} us round trip): +{added:.0} us at p50 = {:.2} round trips",
+            2.0 * delay_us,
+            added / (2.0 * delay_us)
+        );
+        rows.insert(
+            "delayed_added_round_trips".into(),
+            json!(r3(added / (2.0 * delay_us))),
+        );
+    }
+    println!(
+        "Redis commands per call: {total:.2} ({})",
+        per_call
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    rows.insert("commands_per_call".into(), json!(per_call));
+    rows.insert("commands_per_call_total".into(), json!(r3(total)));
+    Some(Value::Object(rows))
+}
