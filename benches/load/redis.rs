@@ -10,8 +10,6 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
 use crate::client::{self, Target};
 use crate::stats::{Dist, r1, r3};
@@ -94,54 +92,80 @@ fn command_calls(port: u16) -> HashMap<String, u64> {
         .collect()
 }
 
-/// A TCP relay to `to` that delays every byte by [`DELAY`] each way, in order.
-async fn delay_line(to: SocketAddr) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+/// A TCP relay to `to` that delays every byte by [`DELAY`] each way, in order. OS threads
+/// with `std::thread::sleep`, whose overshoot on Linux is tens of µs: tokio's timer has a 1 ms
+/// resolution, four times the delay itself.
+fn delay_line(to: SocketAddr) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::task::spawn_local(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let Ok(server) = TcpStream::connect(to).await else {
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            let Ok(server) = std::net::TcpStream::connect(to) else {
                 continue;
             };
             let _ = client.set_nodelay(true);
             let _ = server.set_nodelay(true);
-            let (cr, cw) = client.into_split();
-            let (sr, sw) = server.into_split();
-            tokio::task::spawn_local(delayed(cr, sw));
-            tokio::task::spawn_local(delayed(sr, cw));
+            let (Ok(client2), Ok(server2)) = (client.try_clone(), server.try_clone()) else {
+                continue;
+            };
+            delayed(client, server2);
+            delayed(server, client2);
         }
     });
     addr
 }
 
-/// Copies `from` to `to`, each chunk written [`DELAY`] after it was read.
-async fn delayed(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-) {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
-    tokio::task::spawn_local(async move {
-        while let Some((due, bytes)) = rx.recv().await {
-            tokio::time::sleep_until(due.into()).await;
-            if to.write_all(&bytes).await.is_err() {
+/// Copies `from` to `to` on two threads, each chunk written [`DELAY`] after it was read.
+fn delayed(mut from: std::net::TcpStream, mut to: std::net::TcpStream) {
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    std::thread::spawn(move || {
+        while let Ok((due, bytes)) = rx.recv() {
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if to.write_all(&bytes).is_err() {
                 return;
             }
         }
     });
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                if tx
-                    .send((Instant::now() + DELAY, buf[..n].to_vec()))
-                    .is_err()
-                {
-                    return;
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if tx
+                        .send((Instant::now() + DELAY, buf[..n].to_vec()))
+                        .is_err()
+                    {
+                        return;
+                    }
                 }
             }
         }
+    });
+}
+
+/// The median time of a `PING` through `addr`: one round trip to Redis.
+fn ping_round_trip(addr: SocketAddr) -> Duration {
+    let Ok(mut conn) = std::net::TcpStream::connect(addr) else {
+        return Duration::ZERO;
+    };
+    let _ = conn.set_nodelay(true);
+    let mut times = Vec::new();
+    let mut reply = [0u8; 7];
+    for _ in 0..200 {
+        let started = Instant::now();
+        if conn.write_all(b"*1\r\n$4\r\nPING\r\n").is_err() || conn.read_exact(&mut reply).is_err()
+        {
+            return Duration::ZERO;
+        }
+        times.push(started.elapsed());
     }
+    times.sort();
+    times[times.len() / 2]
 }
 
 async fn target(
@@ -151,7 +175,21 @@ async fn target(
     store: Option<String>,
     slots: usize,
 ) -> (Sut, Target) {
-    let mut env = vec![("PERISHABLE_LOAD_BUDGET", "on".to_owned())];
+    target_with(name, upstream, pin, store, slots, true).await
+}
+
+async fn target_with(
+    name: &'static str,
+    upstream: &str,
+    pin: bool,
+    store: Option<String>,
+    slots: usize,
+    budget: bool,
+) -> (Sut, Target) {
+    let mut env = vec![(
+        "PERISHABLE_LOAD_BUDGET",
+        if budget { "on" } else { "off" }.to_owned(),
+    )];
     if let Some(url) = store {
         env.push(("PERISHABLE_LOAD_STORE", url));
     }
@@ -174,7 +212,14 @@ pub async fn scenario(upstream: &str, pin: bool, settings: &Settings) -> Option<
         return None;
     };
     let direct: SocketAddr = ([127, 0, 0, 1], redis.port).into();
-    let delayed_addr = delay_line(direct).await;
+    let delayed_addr = delay_line(direct);
+    let loopback_rtt = ping_round_trip(direct);
+    let delayed_rtt = ping_round_trip(delayed_addr);
+    println!(
+        "\n== redis: a PING takes {:.0} us on loopback, {:.0} us through the delay line ==",
+        loopback_rtt.as_secs_f64() * 1e6,
+        delayed_rtt.as_secs_f64() * 1e6
+    );
     let slots = settings.conc;
     let (_m, memory) = target("memory", upstream, pin, None, slots).await;
     let (_r, loopback) = target(
@@ -193,7 +238,17 @@ pub async fn scenario(upstream: &str, pin: bool, settings: &Settings) -> Option<
         slots,
     )
     .await;
-    let targets = [memory, loopback, delayed];
+    // The same behind the delay line without a budget: the rate limit alone.
+    let (_n, unbudgeted) = target_with(
+        "redis_250us_no_budget",
+        upstream,
+        pin,
+        Some(format!("redis://{delayed_addr}/")),
+        slots,
+        false,
+    )
+    .await;
+    let targets = [memory, loopback, delayed, unbudgeted];
     // Warm-up: connections, scripts loaded, revocation copies synchronised.
     for t in &targets {
         let _ = client::closed_loop(t, 4, Duration::from_millis(500), 0).await;
@@ -258,7 +313,12 @@ pub async fn scenario(upstream: &str, pin: bool, settings: &Settings) -> Option<
         }
         rows.insert(format!("c{conc}"), Value::Object(row));
     }
-    let delay_us = DELAY.as_micros() as f64;
+    let rtt_us = delayed_rtt.as_secs_f64() * 1e6;
+    rows.insert(
+        "ping_loopback_us".into(),
+        json!(r1(loopback_rtt.as_secs_f64() * 1e6)),
+    );
+    rows.insert("ping_delayed_us".into(), json!(r1(rtt_us)));
     if let Some(added) = rows
         .get("c1")
         .and_then(|r| r.get("redis_250us"))
@@ -266,13 +326,13 @@ pub async fn scenario(upstream: &str, pin: bool, settings: &Settings) -> Option<
         .and_then(Value::as_f64)
     {
         println!(
-            "with a {delay_us:.0} us one-way delay (a {:.0} us round trip): +{added:.0} us at p50 = {:.2} round trips",
-            2.0 * delay_us,
-            added / (2.0 * delay_us)
+            "with a {} us one-way delay (a PING takes {rtt_us:.0} us): +{added:.0} us at p50 = {:.2} round trips",
+            DELAY.as_micros(),
+            added / rtt_us.max(1.0)
         );
         rows.insert(
             "delayed_added_round_trips".into(),
-            json!(r3(added / (2.0 * delay_us))),
+            json!(r3(added / rtt_us.max(1.0))),
         );
     }
     println!(

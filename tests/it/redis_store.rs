@@ -816,3 +816,102 @@ async fn revocations_are_pushed_and_checked_without_a_round_trip() {
     refused_within(&p.b, &s, "device-push-001", Duration::from_millis(200)).await;
     assert_eq!(calls(&redis, "exists"), before);
 }
+
+/// A proxied call asks Redis once before the upstream: one script (the rate-limit count, the
+/// stream slot, the reservation), then one after (the settlement), and nothing else.
+#[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
+async fn one_round_trip_before_the_upstream() {
+    let redis = Redis::start();
+    let p = pair(&redis, |c| {
+        c.pow_difficulty(0)
+            .budget_tokens_per_window(1_000_000)
+            .budget_max_concurrent_streams(4)
+    })
+    .await;
+    let s = p.a.mint("device-one-rt-01").await;
+    let chat = |proxy: &Proxy| {
+        proxy
+            .openai(
+                reqwest::Method::POST,
+                "chat/completions",
+                &s.token,
+                "device-one-rt-01",
+            )
+            .json(&json!({"model": "gpt-4o-mini", "max_tokens": 20,
+                          "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+    };
+    assert_eq!(chat(&p.a).await.unwrap().status(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = command_calls(&redis);
+    const CALLS: u64 = 10;
+    for _ in 0..CALLS {
+        let response = chat(&p.a).await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+    }
+    // Settlements are made after the response: wait for them.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = command_calls(&redis);
+    let delta =
+        |name: &str| after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0);
+    assert_eq!(
+        delta("evalsha"),
+        2 * CALLS,
+        "one admission and one settlement per call"
+    );
+    assert_eq!(delta("exists"), 0, "revocations are checked in memory");
+    // The rate limit still counts: its key was written by the admission script.
+    assert!(
+        delta("set") >= CALLS,
+        "the rate limit's state is written per call"
+    );
+}
+
+/// With the count left to the admission, a call refused before it (a body the proxy refuses,
+/// a path not allowed) is still counted.
+#[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
+async fn calls_refused_before_their_admission_are_still_counted() {
+    let redis = Redis::start();
+    let p = pair(&redis, |c| {
+        c.pow_difficulty(0)
+            .rate_limit_points(3)
+            .rate_limit_duration_secs(3600)
+            .budget_tokens_per_window(1_000_000)
+    })
+    .await;
+    let s = p.a.mint("device-counted-1").await;
+    let bad =
+        p.a.openai(
+            reqwest::Method::POST,
+            "chat/completions",
+            &s.token,
+            "device-counted-1",
+        )
+        .header("content-type", "application/json")
+        .body(r#"{"model": "m", "max_tokens": "many"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let path =
+        p.a.openai(reqwest::Method::GET, "files", &s.token, "device-counted-1")
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(path.status(), 403);
+    // Counted in the background: give it a moment.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(models(&p.b, &s, "device-counted-1").await.status(), 200);
+    let refused = models(&p.a, &s, "device-counted-1").await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(error_code(refused).await, "rate_limited");
+}

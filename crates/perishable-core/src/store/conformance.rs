@@ -35,7 +35,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::{Admission, AppAttestKey, Bucket, RatePolicy, Reservation, Set, Store};
+use super::{
+    Admission, AppAttestKey, Bucket, CallAdmission, CallDecision, RatePolicy, Reservation, Set,
+    Store,
+};
 
 /// A window long enough that refill during a run is far below one token.
 const LONG_WINDOW: u64 = 10_000_000;
@@ -49,6 +52,7 @@ pub async fn run(store: &dyn Store) {
     token_buckets(store).await;
     token_buckets_under_concurrency(store).await;
     stream_slots(store).await;
+    call_admissions(store).await;
     app_attest_keys(store).await;
     app_attest_keys_under_concurrency(store).await;
 }
@@ -422,6 +426,88 @@ pub async fn stream_slots(store: &dyn Store) {
         ),
         "a released slot must be free again"
     );
+}
+
+/// [`Store::admit_call`] counts the request, then takes the stream slot and the tokens, or
+/// neither: a rate refusal takes nothing, a full session takes no tokens, a short bucket takes
+/// no slot (the request stays counted), and what it takes is what the separate operations would
+/// take.
+pub async fn call_admissions(store: &dyn Store) {
+    let limiter = store.rate_limiter(RatePolicy {
+        name: "conformance_call",
+        points: 3,
+        window: Duration::from_secs(3600),
+        block: Duration::ZERO,
+    });
+    let key = unique("call");
+    let session = unique("call_streams");
+    let exp = now() + 600;
+    let bucket = Bucket::new(unique("call_bucket"), 100, LONG_WINDOW);
+    let buckets = [bucket.clone()];
+    let call = |amount: u64| {
+        let mut call = CallAdmission::new();
+        call.rate = Some((&*limiter, key.as_str()));
+        call.stream = Some((session.as_str(), 1, exp));
+        call.buckets = &buckets;
+        call.amount = amount;
+        call
+    };
+    // 1st request: admitted, taking the slot and 60 tokens.
+    assert_eq!(
+        expect(store.admit_call(call(60)).await, "admit_call"),
+        CallDecision::Admitted,
+        "a call within every limit must be admitted"
+    );
+    // 2nd: counted, but the only slot is taken: nothing else taken.
+    assert_eq!(
+        expect(store.admit_call(call(10)).await, "admit_call"),
+        CallDecision::StreamsFull,
+        "a call past the stream cap must be refused"
+    );
+    expect(store.release_stream(&session).await, "release_stream");
+    // 3rd: counted, slot free, but 50 > 40 tokens left: no slot taken.
+    match expect(store.admit_call(call(50)).await, "admit_call") {
+        CallDecision::Exhausted {
+            bucket: 0,
+            available: 40,
+            ..
+        } => {}
+        other => {
+            panic!("a call past the budget must be Exhausted at bucket 0 with 40 left: {other:?}")
+        }
+    }
+    assert!(
+        expect(
+            store.acquire_stream(&session, 1, exp).await,
+            "acquire_stream"
+        ),
+        "a call refused for its tokens must not keep the stream slot"
+    );
+    expect(store.release_stream(&session).await, "release_stream");
+    // 4th request: over the rate limit of 3: refused, nothing taken.
+    match expect(store.admit_call(call(10)).await, "admit_call") {
+        CallDecision::RateLimited(decision) => {
+            assert!(!decision.allowed, "a rate refusal must not be allowed");
+            assert!(decision.retry_after > Duration::ZERO, "and must say when");
+        }
+        other => panic!("the 4th request of 3 must be rate limited: {other:?}"),
+    }
+    match expect(store.reserve_tokens(&buckets, 41).await, "reserve_tokens") {
+        Reservation::Exhausted { available: 40, .. } => {}
+        other => panic!("refused calls must take no tokens (40 left expected): {other:?}"),
+    }
+    // Without a rate limiter or a slot, it is a reservation.
+    let mut plain = CallAdmission::new();
+    plain.buckets = &buckets;
+    plain.amount = 40;
+    assert_eq!(
+        expect(store.admit_call(plain).await, "admit_call"),
+        CallDecision::Admitted
+    );
+    match expect(store.reserve_tokens(&buckets, 1).await, "reserve_tokens") {
+        Reservation::Exhausted { available: 0, .. } => {}
+        other => panic!("the plain admission must have taken 40: {other:?}"),
+    }
 }
 
 /// [`Store::register_app_attest_key`] registers a key id once (first writer wins, the record
