@@ -1340,10 +1340,10 @@ async fn run(settings: Settings, pin: bool) {
         scenarios.insert("slow_client".into(), Value::Object(rows));
     }
 
-    if settings.runs("redis") {
-        if let Some(rows) = redis::scenario(&upstream, pin, &settings).await {
-            scenarios.insert("redis".into(), rows);
-        }
+    if settings.runs("redis")
+        && let Some(rows) = redis::scenario(&upstream, pin, &settings).await
+    {
+        scenarios.insert("redis".into(), rows);
     }
 
     // The targets.
