@@ -28,7 +28,8 @@ async fn connect(url: &str, headers: &HeaderMap) -> Result<Socket, String> {
     for (name, value) in headers {
         request.headers_mut().append(name, value.clone());
     }
-    let (mut socket, _) = tokio_tungstenite::connect_async(request)
+    // TCP_NODELAY, as every other socket of the harness.
+    let (mut socket, _) = tokio_tungstenite::connect_async_with_config(request, None, true)
         .await
         .map_err(|e| e.to_string())?;
     // Wait for session.created.
