@@ -17,6 +17,7 @@
 //! - `captcha`: a local siteverify on loopback, answering at once; the figure includes its HTTP
 //!   round trip (served on the same core).
 //! - `play_integrity`: a verdict decrypted (AES key unwrap, AES-GCM) and verified (ES256).
+//! - `app_attest`: a registered key's assertion verified (ECDSA P-256), its counter raised.
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -279,6 +280,79 @@ fn play_integrity(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     });
 }
 
+/// `app_attest` in its steady state: a registered key minting with assertions (a registration
+/// happens once per install). The key is registered in the store directly.
+fn app_attest(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use aws_lc_rs::digest::{SHA256, digest};
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair as Device};
+    use perishable::store::AppAttestKey;
+
+    const APP_ID: &str = "ABCDE12345.com.example.app";
+    let rng = SystemRandom::new();
+    let pkcs8 = Device::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
+    let device = Device::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref()).unwrap();
+    let point = device.public_key().as_ref().to_vec();
+    let key_id = digest(&SHA256, &point);
+    let key_id_b64 = STANDARD.encode(key_id.as_ref());
+    let perishable = Perishable::new(
+        base()
+            .mint_policies([["app_attest"]])
+            .mint_app_attest_app_ids([APP_ID])
+            // Every mint is the one attested key's: the session cap follows it.
+            .session_max_per_fingerprint(u32::MAX)
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    // The store keys a record by the key id in base64url (the wire carries standard base64).
+    let stored_id = URL_SAFE_NO_PAD.encode(key_id.as_ref());
+    let record = AppAttestKey::new(point, APP_ID, false, 0, unix_now());
+    assert!(
+        rt.block_on(perishable.store().register_app_attest_key(
+            &stored_id,
+            &record,
+            unix_now() + 3600,
+        ))
+        .unwrap()
+    );
+    let sessions = perishable.sessions().clone();
+    let counter = AtomicU32::new(0);
+    let rp_id_hash = digest(&SHA256, APP_ID.as_bytes());
+    bench_mint(c, rt, "app_attest", &perishable, || {
+        let challenge = sessions.challenge().challenge;
+        let mut auth_data = rp_id_hash.as_ref().to_vec();
+        auth_data.push(0);
+        auth_data.extend_from_slice(&(counter.fetch_add(1, Ordering::Relaxed) + 1).to_be_bytes());
+        let client_data_hash = digest(&SHA256, challenge.as_bytes());
+        let nonce = digest(
+            &SHA256,
+            &[&auth_data[..], client_data_hash.as_ref()].concat(),
+        );
+        let signature = device.sign(&rng, nonce.as_ref()).unwrap();
+        let mut assertion = Vec::new();
+        ciborium::ser::into_writer(
+            &ciborium::Value::Map(vec![
+                (
+                    ciborium::Value::from("signature"),
+                    ciborium::Value::Bytes(signature.as_ref().to_vec()),
+                ),
+                (
+                    ciborium::Value::from("authenticatorData"),
+                    ciborium::Value::Bytes(auth_data),
+                ),
+            ]),
+            &mut assertion,
+        )
+        .unwrap();
+        serde_json::to_vec(&json!({"fingerprint": fingerprint(), "attestation": {
+            "format": "apple-app-attest", "key_id": key_id_b64,
+            "assertion": STANDARD.encode(assertion), "challenge": challenge}}))
+        .unwrap()
+    });
+}
+
 fn gates(c: &mut Criterion) {
     let rt = runtime();
     let _guard = rt.enter();
@@ -286,6 +360,7 @@ fn gates(c: &mut Criterion) {
     oidc(c, &rt);
     captcha(c, &rt);
     play_integrity(c, &rt);
+    app_attest(c, &rt);
 }
 
 criterion_group! {
