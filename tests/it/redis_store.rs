@@ -915,3 +915,45 @@ async fn calls_refused_before_their_admission_are_still_counted() {
     assert_eq!(refused.status(), 429);
     assert_eq!(error_code(refused).await, "rate_limited");
 }
+
+/// Settlements made at once are batched into fewer script calls, and every one applies: 200
+/// concurrent settlements of +2 after reservations of 2 leave the buckets as they started.
+#[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
+async fn concurrent_settlements_are_batched_and_all_applied() {
+    let redis = Redis::start();
+    let store = Arc::new(bucket_store(&redis));
+    let shared = Bucket::new("batched-shared", 1_000_000, 10_000_000);
+    let own: Vec<Bucket> = (0..200)
+        .map(|i| Bucket::new(format!("batched-{i}"), 1_000, 10_000_000))
+        .collect();
+    for bucket in &own {
+        let pair = [bucket.clone(), shared.clone()];
+        assert!(matches!(
+            take(&store, &pair, 2).await,
+            Reservation::Reserved
+        ));
+    }
+    let before = command_calls(&redis).get("evalsha").copied().unwrap_or(0);
+    let mut settling = tokio::task::JoinSet::new();
+    for bucket in &own {
+        let store = store.clone();
+        let pair = [bucket.clone(), shared.clone()];
+        settling.spawn(async move { store.settle_tokens(&pair, 2).await.unwrap() });
+    }
+    while settling.join_next().await.is_some() {}
+    let scripts = command_calls(&redis).get("evalsha").copied().unwrap_or(0) - before;
+    assert!(scripts < 200, "200 settlements took {scripts} script calls");
+    // Every bucket is full again: deleted, as a full bucket is.
+    for bucket in own.iter().chain([&shared]) {
+        assert_eq!(
+            redis_command(&redis, &["EXISTS", &format!("tb:budget:{}", bucket.key)]),
+            ":0",
+            "{} is not full again",
+            bucket.key
+        );
+    }
+}

@@ -24,6 +24,7 @@
 //! replicas for failover).
 
 mod revocations;
+mod settlements;
 
 use std::fmt;
 use std::sync::Arc;
@@ -361,6 +362,9 @@ struct Inner {
     advance_key: Script,
     revoke: Script,
     admit_call: Script,
+    settle_many: Script,
+    /// The queue of the task that batches settlements ([`settlements`]), started on first use.
+    settlements: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<settlements::Settlement>>,
     /// The local copy of the revoked set, fed by pub/sub ([`revocations`]).
     revocations: Arc<revocations::Revocations>,
 }
@@ -402,6 +406,8 @@ impl RedisStore {
                 advance_key: Script::new(ADVANCE_KEY),
                 revoke: Script::new(revocations::REVOKE),
                 admit_call: Script::new(ADMIT_CALL),
+                settle_many: Script::new(settlements::SETTLE_MANY),
+                settlements: std::sync::OnceLock::new(),
                 revocations: Arc::default(),
             }),
         })
@@ -757,10 +763,29 @@ impl Store for RedisStore {
         })
     }
 
+    /// Batched with the other settlements waiting at the time ([`settlements`]).
     fn settle_tokens<'a>(&'a self, buckets: &'a [Bucket], delta: i64) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             if buckets.is_empty() || delta == 0 {
                 return Ok(());
+            }
+            if tokio::runtime::Handle::try_current().is_ok() {
+                let queue = self.inner.settlements.get_or_init(|| {
+                    let (queue, settler) = tokio::sync::mpsc::unbounded_channel();
+                    tokio::spawn(settlements::run(Arc::downgrade(&self.inner), settler));
+                    queue
+                });
+                let (done, answer) = tokio::sync::oneshot::channel();
+                let settlement = settlements::Settlement {
+                    buckets: buckets.to_vec(),
+                    delta,
+                    done,
+                };
+                if queue.send(settlement).is_ok() {
+                    return answer.await.unwrap_or_else(|_| {
+                        Err(StoreError::Unavailable("settlement dropped".to_owned()))
+                    });
+                }
             }
             self.inner
                 .run(|mut conn| async move {
