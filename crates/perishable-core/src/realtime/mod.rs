@@ -13,7 +13,7 @@
 //! 2. opens the upstream WebSocket on an HTTP/1.1 connection of its own, with the server key
 //!    and the client's forwardable headers (never its subprotocols or token), and answers the
 //!    client `101` only once the upstream has (an upstream refusal reaches the client as is);
-//! 3. relays frames both ways ([`relay`]), metering each response.
+//! 3. relays frames both ways (`relay.rs`), metering each response.
 //!
 //! With `realtime.enabled = false` (the default) the layer passes every request on.
 //!

@@ -16,7 +16,7 @@
 //! | `<p>:appattest:<key id>` | App Attest key: hash `{pk, app, dev, ctr, at}` (public key bytes, App ID, development `0`/`1`, counter, registration time) | `mint.app_attest.key_retention_secs` after its last mint |
 //!
 //! Revocations are also published on `<p>:revocations`: each instance keeps a copy of the
-//! revoked set fed by that channel, so checking a token costs no round trip ([`revocations`]).
+//! revoked set fed by that channel, so checking a token costs no round trip (`revocations.rs`).
 //!
 //! Rate limiting, cap admission, token buckets and App Attest keys are Lua scripts: one round trip, atomic, on
 //! Redis's clock (`TIME`), so instances with drifting clocks still agree. Redis Cluster is not
@@ -643,7 +643,7 @@ impl Store for RedisStore {
         })
     }
 
-    /// Revocations come from the local copy once it is synchronised ([`revocations`]): no
+    /// Revocations come from the local copy once it is synchronised (`redis/revocations.rs`): no
     /// round trip. Anything else, or before then, asks Redis.
     fn contains_now(&self, set: Set, id: &str) -> Option<bool> {
         if set != Set::Revoked {
@@ -763,7 +763,7 @@ impl Store for RedisStore {
         })
     }
 
-    /// Batched with the other settlements waiting at the time ([`settlements`]).
+    /// Batched with the other settlements waiting at the time (`redis/settlements.rs`).
     fn settle_tokens<'a>(&'a self, buckets: &'a [Bucket], delta: i64) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             if buckets.is_empty() || delta == 0 {
@@ -833,7 +833,7 @@ impl Store for RedisStore {
         })
     }
 
-    /// One script, one round trip ([`ADMIT_CALL`]).
+    /// One script, one round trip (`ADMIT_CALL`).
     fn admit_call<'a>(&'a self, call: CallAdmission<'a>) -> StoreFuture<'a, CallDecision> {
         Box::pin(async move {
             let inner = &self.inner;
