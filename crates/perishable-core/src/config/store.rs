@@ -82,6 +82,15 @@ impl StoreConfig {
                     "a Redis store needs the `redis` cargo feature of perishable",
                 ));
             }
+            // `redis://a:6379,b:6379`: the nodes of a cluster. Refused rather than half served
+            // (one node would answer MOVED to most keys).
+            if st.url.contains(',') {
+                return Err(ConfigError::invalid(
+                    "store.url",
+                    "Redis Cluster (several nodes) is not supported in this version: use one \
+                     primary (docs/scaling.md)",
+                ));
+            }
         }
         if st.key_prefix.is_empty() || st.key_prefix.contains(char::is_whitespace) {
             return Err(ConfigError::invalid(
@@ -98,6 +107,21 @@ impl StoreConfig {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_cluster_url_is_refused() {
+        let store = super::StoreConfig {
+            url: "redis://10.0.0.1:6379,10.0.0.2:6379".to_owned(),
+            ..super::StoreConfig::default()
+        };
+        assert!(matches!(
+            store.validate(),
+            Err(super::ConfigError::Invalid {
+                key: "store.url",
+                ..
+            })
+        ));
+    }
+
     use super::*;
 
     fn key(config: StoreConfig) -> Option<&'static str> {
