@@ -827,3 +827,39 @@ async fn a_client_secret_lives_no_longer_than_its_session() {
         "path_not_allowed"
     );
 }
+
+/// Pings are answered, and the upstream's close code and reason reach the client.
+#[tokio::test]
+async fn pings_and_close_codes_are_relayed() {
+    let proxy = start(|c| c).await;
+    let session = proxy.mint(FP).await;
+    let mut socket = connect(&ws_url(&proxy, MODEL), &headers(&session.token)).await;
+    next_event(&mut socket).await;
+    socket
+        .send(Message::Ping(b"are you there"[..].into()))
+        .await
+        .unwrap();
+    let pong = loop {
+        match tokio::time::timeout(Duration::from_secs(5), socket.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            Message::Pong(payload) => break payload,
+            Message::Text(_) => {}
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(&pong[..], b"are you there");
+    send(
+        &mut socket,
+        json!({"type": "mock.close", "code": 4001, "reason": "upstream says bye"}),
+    )
+    .await;
+    let (code, reason) = closed(&mut socket, Duration::from_secs(5)).await;
+    assert_eq!(
+        (code, reason.as_str()),
+        (CloseCode::from(4001), "upstream says bye")
+    );
+}

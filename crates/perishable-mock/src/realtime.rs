@@ -16,6 +16,7 @@
 //!   `response.output_text.delta` events at once (a server that outruns its reader, for
 //!   backpressure tests; [`MockUpstream::realtime_sent`](crate::MockUpstream::realtime_sent)
 //!   counts what was written).
+//! - `mock.close` with `code` and `reason` → the server closes the connection with them.
 //! - Anything else that is not JSON with a `type` → an `error` event naming its `event_id`.
 //!
 //! The handshake is recorded like any request; every client event is recorded too
@@ -250,6 +251,21 @@ impl Session {
                             break;
                         }
                     }
+                }
+                "mock.close" => {
+                    // The server ends the connection with this close code and reason.
+                    let code = event.get("code").and_then(Value::as_u64).unwrap_or(1000);
+                    let reason = event
+                        .get("reason")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned();
+                    let frame = axum::extract::ws::CloseFrame {
+                        code: u16::try_from(code).unwrap_or(1000),
+                        reason: reason.into(),
+                    };
+                    let _ = out.send(Message::Close(Some(frame))).await;
+                    break;
                 }
                 "" => {
                     let _ = send(
