@@ -159,9 +159,10 @@ where
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
-    // The proxy's rate-limit count joins the upstream Service's one store call.
+    // The proxy's DPoP replay record and rate-limit count join the upstream Service's one
+    // store call.
     let proxy = ServiceBuilder::new()
-        .layer(perishable.verify_layer())
+        .layer(perishable.proxy_verify_layer())
         .layer(perishable.proxy_rate_limit_layer())
         .layer(perishable.realtime_layer())
         .service(perishable.upstream_service());

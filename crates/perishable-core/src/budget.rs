@@ -38,6 +38,7 @@ use std::time::Duration;
 use crate::config::{BudgetConfig, BudgetScope, OnUnavailable};
 use crate::error::{Error, ErrorCode, RateLimitInfo};
 use crate::rate_limit::Deferred;
+use crate::session::DeferredReplay;
 use crate::store::{Bucket, CallAdmission, CallDecision, Store, log_failure};
 use crate::token::VerifiedSession;
 use crate::usage::Usage;
@@ -167,12 +168,13 @@ impl Budget {
         streaming: bool,
         reserve: u64,
     ) -> Result<Admitted, Error> {
-        self.admit_counted(session, ip, streaming, reserve, None)
+        self.admit_counted(session, ip, streaming, reserve, None, None)
             .await
     }
 
-    /// [`admit`](Self::admit), counting the request with a rate limiter left to this call
-    /// ([`Deferred`]) in the same store call: one round trip for all three.
+    /// [`admit`](Self::admit), also recording a DPoP proof ([`DeferredReplay`]) and counting
+    /// the request with a rate limiter ([`Deferred`]) left to this call, in the same store
+    /// call: one round trip for all.
     pub(crate) async fn admit_counted(
         &self,
         session: Option<&VerifiedSession>,
@@ -180,6 +182,7 @@ impl Budget {
         streaming: bool,
         reserve: u64,
         rate: Option<Deferred>,
+        replay: Option<DeferredReplay>,
     ) -> Result<Admitted, Error> {
         let c = &self.inner.config;
         let store = &self.inner.store;
@@ -198,6 +201,7 @@ impl Budget {
         };
         let mut call = CallAdmission::new();
         call.rate = rate.as_ref().map(|r| (&*r.limiter, r.key.as_str()));
+        call.replay = replay.as_ref().map(|r| (r.id.as_str(), r.until));
         // A call that could cost more than a whole bucket can never be covered: refused without
         // asking for a slot or tokens (the request is still counted).
         let too_large = buckets
@@ -222,7 +226,8 @@ impl Budget {
             call.buckets = &buckets;
             call.amount = if buckets.is_empty() { 0 } else { reserve };
         }
-        if call.rate.is_none() && call.stream.is_none() && call.amount == 0 {
+        if call.rate.is_none() && call.stream.is_none() && call.amount == 0 && call.replay.is_none()
+        {
             return too_large.map_or_else(|| Ok(Admitted::default()), Err);
         }
         let amount = call.amount;
@@ -236,6 +241,7 @@ impl Budget {
                     stream: stream.filter(|_| took_stream).map(|(jti, ..)| jti),
                 }),
             },
+            Ok(CallDecision::Replayed) => Err(DeferredReplay::refusal()),
             Ok(CallDecision::RateLimited(decision)) => Err(rate
                 .as_ref()
                 .map(|r| r.refusal(decision))
@@ -273,7 +279,8 @@ impl Budget {
                     None => Error::new(ErrorCode::BudgetExhausted, "token budget exhausted"),
                 })
             }
-            Err(e) if self.inner.fail_open => {
+            // A replay check always fails closed (docs/scaling.md, "Choose the failure policy").
+            Err(e) if self.inner.fail_open && replay.is_none() => {
                 log_failure("admit_call", &e, "skipped the limits (fail open)");
                 too_large.map_or_else(|| Ok(Admitted::default()), Err)
             }

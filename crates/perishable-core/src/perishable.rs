@@ -223,6 +223,15 @@ impl Perishable {
         )
     }
 
+    /// [`verify_layer`](Self::verify_layer) for the proxy stack (see
+    /// [`proxy_rate_limit_layer`](Self::proxy_rate_limit_layer)): with a store across a network,
+    /// a DPoP proof's replay record is left to the upstream Service's one store call, made
+    /// before anything is forwarded. Revocation is still checked here (from the Redis store's
+    /// local copy: no round trip).
+    pub fn proxy_verify_layer(&self) -> VerifyLayer {
+        self.verify_layer().deferring()
+    }
+
     /// [`rate_limit_layer`](Self::rate_limit_layer) for a stack whose inner service is the
     /// [`upstream_service`](Self::upstream_service) (through the
     /// [`realtime_layer`](Self::realtime_layer) at most), as `perishable_axum::router` builds

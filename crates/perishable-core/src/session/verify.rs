@@ -62,6 +62,24 @@ fn replayed() -> Error {
 /// A DPoP proof's replay id and until when it must stay recorded.
 type ReplayRecord = (String, u64);
 
+/// A DPoP proof's replay record left to the upstream Service's admission
+/// ([`Sessions::verify_deferring`]): made in the same store call as the rate-limit count and the
+/// reservation, before anything is forwarded. A replay found there is `401 invalid_dpop_proof`.
+#[derive(Debug, Clone)]
+pub(crate) struct DeferredReplay {
+    /// The proof's replay id (in [`Set::DpopSeen`]).
+    pub(crate) id: String,
+    /// Until when it must stay recorded (Unix seconds).
+    pub(crate) until: u64,
+}
+
+impl DeferredReplay {
+    /// The refusal of a replayed proof.
+    pub(crate) fn refusal() -> Error {
+        replayed().authenticating()
+    }
+}
+
 impl Sessions {
     /// Verifies an authenticated request; see the [module docs](crate::session).
     ///
@@ -103,6 +121,38 @@ impl Sessions {
             Some(decided) => Ok(decided
                 .map(|()| VerifiedSession { claims })
                 .map_err(Error::authenticating)),
+            None => Err(Box::pin(
+                finish_verify(store.clone(), claims, dpop_seen).map_err(Error::authenticating),
+            )),
+        }
+    }
+
+    /// [`verify_now`](Self::verify_now) for a request the upstream Service admits: a DPoP
+    /// proof's replay record that the store cannot make at once is handed back
+    /// ([`DeferredReplay`]) for the admission to make, in the same store call, instead of a
+    /// round trip of its own. The revocation check is still made here.
+    pub(crate) fn verify_deferring<B>(
+        &self,
+        req: &Request<B>,
+    ) -> Result<Result<(VerifiedSession, Option<DeferredReplay>), Error>, PendingVerify> {
+        let (claims, dpop_seen) = match self.check_request(req) {
+            Ok(checked) => checked,
+            Err(e) => return Ok(Err(e.authenticating())),
+        };
+        let store = &self.inner.store;
+        match store.contains_now(Set::Revoked, &claims.jti) {
+            Some(true) => Ok(Err(revoked().authenticating())),
+            Some(false) => {
+                let deferred = match dpop_seen {
+                    None => None,
+                    Some((id, until)) => match store.insert_once_now(Set::DpopSeen, &id, until) {
+                        Some(true) => None,
+                        Some(false) => return Ok(Err(replayed().authenticating())),
+                        None => Some(DeferredReplay { id, until }),
+                    },
+                };
+                Ok(Ok((VerifiedSession { claims }, deferred)))
+            }
             None => Err(Box::pin(
                 finish_verify(store.clone(), claims, dpop_seen).map_err(Error::authenticating),
             )),

@@ -496,6 +496,31 @@ pub async fn call_admissions(store: &dyn Store) {
         Reservation::Exhausted { available: 40, .. } => {}
         other => panic!("refused calls must take no tokens (40 left expected): {other:?}"),
     }
+    // A DPoP proof's replay id is recorded first: the second time, a replay, nothing taken.
+    let proof = unique("call_proof");
+    let mut first = CallAdmission::new();
+    first.replay = Some((proof.as_str(), exp));
+    assert_eq!(
+        expect(store.admit_call(first).await, "admit_call"),
+        CallDecision::Admitted,
+        "a fresh proof must be admitted"
+    );
+    let mut again = CallAdmission::new();
+    again.replay = Some((proof.as_str(), exp));
+    again.buckets = &buckets;
+    again.amount = 1;
+    assert_eq!(
+        expect(store.admit_call(again).await, "admit_call"),
+        CallDecision::Replayed,
+        "a proof seen before must be refused as a replay"
+    );
+    assert!(
+        !expect(
+            store.insert_once(Set::DpopSeen, &proof, exp).await,
+            "insert_once"
+        ),
+        "admit_call must record the proof where insert_once looks"
+    );
     // Without a rate limiter or a slot, it is a reservation.
     let mut plain = CallAdmission::new();
     plain.buckets = &buckets;

@@ -248,6 +248,9 @@ pub struct CallAdmission<'a> {
     pub buckets: &'a [Bucket],
     /// Tokens to reserve.
     pub amount: u64,
+    /// Record a DPoP proof's replay id in [`Set::DpopSeen`] until this time (Unix seconds),
+    /// first: `(id, expires_at)`, as [`Store::insert_once`].
+    pub replay: Option<(&'a str, u64)>,
 }
 
 impl<'a> CallAdmission<'a> {
@@ -258,6 +261,7 @@ impl<'a> CallAdmission<'a> {
             stream: None,
             buckets: &[],
             amount: 0,
+            replay: None,
         }
     }
 }
@@ -274,6 +278,8 @@ impl Default for CallAdmission<'_> {
 pub enum CallDecision {
     /// Every part passed and was taken.
     Admitted,
+    /// The DPoP proof's replay id was recorded already: a replay (nothing else was taken).
+    Replayed,
     /// The rate limiter refused (nothing else was taken).
     RateLimited(RateDecision),
     /// The request was counted; the session's stream slots are all taken (no tokens taken).
@@ -379,9 +385,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Gives back a slot taken with [`acquire_stream`](Self::acquire_stream).
     fn release_stream<'a>(&'a self, session: &'a str) -> StoreFuture<'a, ()>;
 
-    /// Everything a proxied call asks before it is forwarded, in one step: counts the request
-    /// with the rate limiter, then takes the stream slot and reserves the tokens, or neither
-    /// (see [`CallDecision`] for what a refusal leaves taken).
+    /// Everything a proxied call asks before it is forwarded, in one step: records the DPoP
+    /// proof (refusing a replay), counts the request with the rate limiter, then takes the
+    /// stream slot and reserves the tokens, or neither (see [`CallDecision`] for what a refusal
+    /// leaves taken).
     ///
     /// The default runs [`RateLimiter::check`], [`acquire_stream`](Self::acquire_stream) and
     /// [`reserve_tokens`](Self::reserve_tokens) in turn (giving the slot back when the tokens
@@ -389,6 +396,11 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// in one round trip: the Redis store runs one script.
     fn admit_call<'a>(&'a self, call: CallAdmission<'a>) -> StoreFuture<'a, CallDecision> {
         Box::pin(async move {
+            if let Some((id, expires_at)) = call.replay
+                && !self.insert_once(Set::DpopSeen, id, expires_at).await?
+            {
+                return Ok(CallDecision::Replayed);
+            }
             if let Some((limiter, key)) = call.rate {
                 let decision = match limiter.check_now(key) {
                     Some(decision) => decision,

@@ -25,6 +25,7 @@ use crate::error::{Chain, Error, ErrorCode};
 use crate::header_rules::{forwarded_header_name, static_header};
 use crate::path::AllowList;
 use crate::rate_limit::Deferred;
+use crate::session::DeferredReplay;
 use crate::store::{MemoryStore, Store};
 use crate::token::VerifiedSession;
 
@@ -198,7 +199,10 @@ where
         // A rate-limit count left to this call (`Perishable::proxy_rate_limit_layer`): made with
         // the admission, or on its own for a call refused before it.
         let mut deferred = req.extensions_mut().remove::<Deferred>();
-        let forward = match Inner::start(&inner, req, session, &mut deferred) {
+        // Likewise a DPoP proof's replay record (`Perishable::proxy_verify_layer`): made with
+        // the admission, before anything is forwarded.
+        let replay = req.extensions_mut().remove::<DeferredReplay>();
+        let forward = match Inner::start(&inner, req, session, &mut deferred, replay) {
             Ok(read) => Either::Left(read.and_then(move |prepared| inner.send(prepared))),
             Err(error) => {
                 if let Some(deferred) = deferred {
@@ -250,6 +254,7 @@ struct Caller {
     session: Option<VerifiedSession>,
     ip: Option<std::net::IpAddr>,
     deferred: Option<Deferred>,
+    replay: Option<DeferredReplay>,
 }
 
 /// A request checked, read and admitted, ready to go upstream.
@@ -267,6 +272,7 @@ impl Inner {
         req: Request<B>,
         session: Option<VerifiedSession>,
         deferred: &mut Option<Deferred>,
+        replay: Option<DeferredReplay>,
     ) -> Result<impl Future<Output = Result<Prepared, Error>> + Send + 'static, Error>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -317,6 +323,7 @@ impl Inner {
                 session,
                 ip,
                 deferred: deferred.take(),
+                replay,
             },
             body,
         ))
@@ -343,6 +350,7 @@ impl Inner {
             session,
             ip,
             deferred,
+            replay,
         } = caller;
         // A call refused before its admission is still counted.
         let counted = |error: Error, deferred: Option<Deferred>| {
@@ -385,13 +393,14 @@ impl Inner {
             }
         };
         // One store call: the deferred count, the stream slot and the reservation.
-        let admitted = if metering || deferred.is_some() {
+        let admitted = if metering || deferred.is_some() || replay.is_some() {
             Box::pin(self.budget.admit_counted(
                 session.as_ref(),
                 ip,
                 metered.streaming,
                 metered.reserve,
                 deferred,
+                replay,
             ))
             .await?
         } else {
@@ -862,7 +871,9 @@ mod future_size {
         let req = Request::post("/openai/chat/completions")
             .body(body)
             .unwrap();
-        let read = Inner::start(&svc.inner, req, None, &mut None).ok().unwrap();
+        let read = Inner::start(&svc.inner, req, None, &mut None, None)
+            .ok()
+            .unwrap();
         let inner = svc.inner.clone();
         let forward = read.and_then(move |prepared| inner.send(prepared));
         let size = std::mem::size_of_val(&forward);

@@ -7,12 +7,23 @@ use crate::session::Sessions;
 #[derive(Debug, Clone)]
 pub struct VerifyLayer {
     sessions: Sessions,
+    defer: bool,
 }
 
 impl VerifyLayer {
     /// Checks requests against `sessions`.
     pub fn new(sessions: Sessions) -> Self {
-        Self { sessions }
+        Self {
+            sessions,
+            defer: false,
+        }
+    }
+
+    /// Leaves DPoP replay records to the upstream Service's admission (see
+    /// [`Perishable::proxy_verify_layer`](crate::Perishable::proxy_verify_layer)).
+    pub(crate) fn deferring(mut self) -> Self {
+        self.defer = true;
+        self
     }
 }
 
@@ -20,6 +31,6 @@ impl<S> Layer<S> for VerifyLayer {
     type Service = Verify<S>;
 
     fn layer(&self, inner: S) -> Verify<S> {
-        Verify::new(inner, self.sessions.clone())
+        Verify::new(inner, self.sessions.clone()).deferring(self.defer)
     }
 }

@@ -15,12 +15,25 @@ use crate::session::Sessions;
 pub struct Verify<S> {
     inner: S,
     sessions: Sessions,
+    /// Leave DPoP replay records to the upstream Service's admission
+    /// ([`crate::session::DeferredReplay`]).
+    defer: bool,
 }
 
 impl<S> Verify<S> {
     /// Wraps `inner`.
     pub fn new(inner: S, sessions: Sessions) -> Self {
-        Self { inner, sessions }
+        Self {
+            inner,
+            sessions,
+            defer: false,
+        }
+    }
+
+    /// Leaves DPoP replay records to the upstream Service's admission.
+    pub(crate) fn deferring(mut self, defer: bool) -> Self {
+        self.defer = defer;
+        self
     }
 
     /// A [`VerifyLayer`].
@@ -66,6 +79,27 @@ where
                 .authenticating()
                 .into_response())))));
         }
+        // In the proxy stack, a replay record the store cannot make at once joins the upstream
+        // Service's admission (one store call). Upgrades are served before it: not deferred.
+        if self.defer && !req.headers().contains_key(http::header::UPGRADE) {
+            match self.sessions.verify_deferring(&req) {
+                Ok(Ok((session, replay))) => {
+                    tracing::Span::current().record("session_id", session.session_id());
+                    req.extensions_mut().insert(session);
+                    if let Some(replay) = replay {
+                        req.extensions_mut().insert(replay);
+                    }
+                    return VerifyFuture::new(Either::Left(Either::Right(self.inner.call(req))));
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!(code = %error.code(), "session refused");
+                    return VerifyFuture::new(Either::Left(Either::Left(ready(Ok(
+                        error.into_response()
+                    )))));
+                }
+                Err(pending) => return self.finish(req, pending),
+            }
+        }
         match self.sessions.verify_now(&req) {
             // Checked at once (a memory store): call the inner service, which was polled ready.
             Ok(Ok(session)) => {
@@ -77,26 +111,41 @@ where
                 tracing::debug!(code = %error.code(), "session refused");
                 VerifyFuture::new(Either::Left(Either::Left(ready(Ok(error.into_response())))))
             }
-            Err(pending) => {
-                // The clone that was polled ready goes into the future (tower's "be careful
-                // when cloning inner services").
-                let clone = self.inner.clone();
-                let mut inner = std::mem::replace(&mut self.inner, clone);
-                VerifyFuture::new(Either::Right(Box::pin(async move {
-                    match pending.await {
-                        Ok(session) => {
-                            tracing::Span::current().record("session_id", session.session_id());
-                            req.extensions_mut().insert(session);
-                            inner.call(req).await
-                        }
-                        Err(error) => {
-                            tracing::debug!(code = %error.code(), "session refused");
-                            Ok(error.into_response())
-                        }
-                    }
-                })))
-            }
+            Err(pending) => self.finish(req, pending),
         }
+    }
+}
+
+impl<S> Verify<S> {
+    /// The rest of a verification that waits for the store, then the inner service.
+    fn finish<ReqBody, ResBody>(
+        &mut self,
+        mut req: Request<ReqBody>,
+        pending: crate::session::PendingVerify,
+    ) -> VerifyFuture<S::Future, ResBody, S::Error>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+        S::Future: Send,
+        ReqBody: Send + 'static,
+        ResBody: From<Bytes>,
+    {
+        // The clone that was polled ready goes into the future (tower's "be careful when
+        // cloning inner services").
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        VerifyFuture::new(Either::Right(Box::pin(async move {
+            match pending.await {
+                Ok(session) => {
+                    tracing::Span::current().record("session_id", session.session_id());
+                    req.extensions_mut().insert(session);
+                    inner.call(req).await
+                }
+                Err(error) => {
+                    tracing::debug!(code = %error.code(), "session refused");
+                    Ok(error.into_response())
+                }
+            }
+        })))
     }
 }
 

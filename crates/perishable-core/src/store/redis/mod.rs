@@ -229,20 +229,28 @@ return 1
 /// as `GCRA`), then the stream slot and the token reservation (as `ACQUIRE` and `RESERVE`), or
 /// neither.
 ///
-/// `KEYS`: the `NB` buckets, then the limiter's TAT and block keys when rated, then the stream
-/// counter when a slot is asked. `ARGV`: the amount, each bucket's capacity and refill time,
-/// then the GCRA interval, burst and block (µs) when rated, then the stream max and expiry
-/// when a slot is asked, then `NB`, rated (`0`/`1`) and slot (`0`/`1`). Returns `{0}`
-/// admitted, `{1, remaining, retry_us}` rate limited, `{2}` streams full, or
-/// `{3, index (0-based), tokens available, retry_after_secs}` a short bucket.
+/// `KEYS`: the `NB` buckets, then the DPoP replay key when a proof is recorded, then the
+/// limiter's TAT and block keys when rated, then the stream counter when a slot is asked.
+/// `ARGV`: the amount, each bucket's capacity and refill time, then the replay key's expiry
+/// (Unix ms), then the GCRA interval, burst and block (µs) when rated, then the stream max and
+/// expiry when a slot is asked, then `NB`, rated, slot and replay (`0`/`1` each). Returns `{0}`
+/// admitted, `{1, remaining, retry_us}` rate limited, `{2}` streams full,
+/// `{3, index (0-based), tokens available, retry_after_secs}` a short bucket, or `{4}` a
+/// replayed proof (nothing taken).
 const ADMIT_CALL: &str = concat!(
-    "local NB = tonumber(ARGV[#ARGV - 2])\n",
+    "local NB = tonumber(ARGV[#ARGV - 3])\n",
     bucket_lua!(),
     r"
-local rated = ARGV[#ARGV - 1] == '1'
-local slotted = ARGV[#ARGV] == '1'
+local rated = ARGV[#ARGV - 2] == '1'
+local slotted = ARGV[#ARGV - 1] == '1'
+local replay = ARGV[#ARGV] == '1'
 local a = 2 * NB + 2
 local k = NB + 1
+if replay then
+  if not redis.call('SET', KEYS[k], 1, 'PXAT', ARGV[a], 'NX') then return {4} end
+  a = a + 1
+  k = k + 1
+end
 if rated then
   local tat_key, block_key = KEYS[k], KEYS[k + 1]
   local interval, burst, block = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
@@ -844,6 +852,11 @@ impl Store for RedisStore {
                     let mut invocation = inner.admit_call.prepare_invoke();
                     invocation.arg(call.amount);
                     inner.bucket_keys(&mut invocation, buckets);
+                    if let Some((id, expires_at)) = call.replay {
+                        invocation
+                            .key(inner.key(Set::DpopSeen.name(), id))
+                            .arg(expiry_ms(expires_at));
+                    }
                     if let Some((limiter, key)) = call.rate {
                         let gcra = Gcra::of(limiter.policy());
                         let name = limiter.policy().name;
@@ -860,7 +873,8 @@ impl Store for RedisStore {
                     invocation
                         .arg(buckets.len())
                         .arg(u8::from(call.rate.is_some()))
-                        .arg(u8::from(call.stream.is_some()));
+                        .arg(u8::from(call.stream.is_some()))
+                        .arg(u8::from(call.replay.is_some()));
                     invocation.invoke_async(&mut conn).await
                 })
                 .await?;
@@ -878,6 +892,7 @@ impl Store for RedisStore {
                     available: field(2),
                     retry_after_secs: field(3),
                 },
+                Some(4) => CallDecision::Replayed,
                 _ => {
                     return Err(StoreError::Unavailable(
                         "malformed admission reply".to_owned(),
