@@ -36,9 +36,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{BudgetConfig, BudgetScope, OnUnavailable};
+use crate::dpop::DeferredReplay;
 use crate::error::{Error, ErrorCode, RateLimitInfo};
 use crate::rate_limit::Deferred;
-use crate::session::DeferredReplay;
 use crate::store::{Bucket, CallAdmission, CallDecision, Store, log_failure};
 use crate::token::VerifiedSession;
 use crate::usage::Usage;

@@ -58,6 +58,29 @@ pub use signer::DpopSigner;
 pub(crate) use verifier::thumbprint;
 pub use verifier::{DpopProof, DpopVerifier, Expected, Htu};
 
+/// A DPoP proof's replay record left to the upstream Service's admission (the session check's
+/// deferring mode, `Perishable::proxy_verify_layer`): made in the same store call as the
+/// rate-limit count and the reservation, before anything is forwarded. A replay found there is
+/// `401 invalid_dpop_proof`.
+#[derive(Debug, Clone)]
+pub(crate) struct DeferredReplay {
+    /// The proof's replay id (in [`Set::DpopSeen`](crate::store::Set::DpopSeen)).
+    pub(crate) id: String,
+    /// Until when it must stay recorded (Unix seconds).
+    pub(crate) until: u64,
+}
+
+impl DeferredReplay {
+    /// The refusal of a replayed proof.
+    pub(crate) fn refusal() -> crate::error::Error {
+        crate::error::Error::new(
+            crate::error::ErrorCode::InvalidDpopProof,
+            "the DPoP proof was already used (jti)",
+        )
+        .authenticating()
+    }
+}
+
 /// The `DPoP` request header.
 pub const DPOP_HEADER: http::HeaderName = http::HeaderName::from_static("dpop");
 

@@ -37,7 +37,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 pub use self::service::{SessionFuture, SessionService};
-pub(crate) use self::verify::{DeferredReplay, PendingVerify};
+pub(crate) use self::verify::PendingVerify;
 use crate::audit::Audit;
 use crate::client_ip::ClientIpResolver;
 use crate::clock::unix_now;

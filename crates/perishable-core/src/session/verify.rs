@@ -13,7 +13,7 @@ use super::Sessions;
 use super::request::{Scheme, expected_htu, presented_token, single_dpop_header};
 use crate::clock::unix_now;
 use crate::config::DpopMode;
-use crate::dpop::Expected;
+use crate::dpop::{DeferredReplay, Expected};
 use crate::error::{Error, ErrorCode};
 use crate::fingerprint::{self, FINGERPRINT_HEADER};
 use crate::store::{self, Set, Store};
@@ -61,24 +61,6 @@ fn replayed() -> Error {
 
 /// A DPoP proof's replay id and until when it must stay recorded.
 type ReplayRecord = (String, u64);
-
-/// A DPoP proof's replay record left to the upstream Service's admission
-/// ([`Sessions::verify_deferring`]): made in the same store call as the rate-limit count and the
-/// reservation, before anything is forwarded. A replay found there is `401 invalid_dpop_proof`.
-#[derive(Debug, Clone)]
-pub(crate) struct DeferredReplay {
-    /// The proof's replay id (in [`Set::DpopSeen`]).
-    pub(crate) id: String,
-    /// Until when it must stay recorded (Unix seconds).
-    pub(crate) until: u64,
-}
-
-impl DeferredReplay {
-    /// The refusal of a replayed proof.
-    pub(crate) fn refusal() -> Error {
-        replayed().authenticating()
-    }
-}
 
 impl Sessions {
     /// Verifies an authenticated request; see the [module docs](crate::session).

@@ -21,11 +21,11 @@ use crate::body::{Body, BoxError};
 use crate::budget::{Admitted, Budget};
 use crate::client_ip::ClientIpResolver;
 use crate::config::{Config, ConfigError};
+use crate::dpop::DeferredReplay;
 use crate::error::{Chain, Error, ErrorCode};
 use crate::header_rules::{forwarded_header_name, static_header};
 use crate::path::AllowList;
 use crate::rate_limit::Deferred;
-use crate::session::DeferredReplay;
 use crate::store::{MemoryStore, Store};
 use crate::token::VerifiedSession;
 
