@@ -145,6 +145,7 @@ fn main() {
     match env("PERISHABLE_LOAD_ROLE").as_deref() {
         Some("perishable") => servers::run_perishable(&upstream_env(), gates_env()),
         Some("bare") => servers::run_bare(&upstream_env()),
+        Some("bare_ws") => servers::run_bare_ws(&upstream_env()),
         Some(other) => panic!("unknown PERISHABLE_LOAD_ROLE {other:?}"),
         None => harness(),
     }
@@ -1212,23 +1213,30 @@ async fn run(settings: Settings, pin: bool) {
     if settings.runs("realtime") {
         let headers = perishable.slots[0].headers.clone();
         let per_round = if settings.quick { 300 } else { 1_000 };
+        let bare_ws = spawn_sut("bare_ws", "bare_ws", &upstream, false, pin).await;
         let latency = realtime::latency(
             mock_addr,
+            bare_ws.addr,
             perishable.addr,
             &headers,
             settings.rounds.max(2) * 2,
             per_round,
         )
         .await;
+        drop(bare_ws);
         println!(
             "\n== realtime: one WebSocket round trip (an event out, its answer back) ==\n\
-             direct p50 {} us p99 {} us; perishable p50 {} us p99 {} us; added p50 {} us p99 {} us ({} round trips each)",
+             direct p50 {} us p99 {} us; bare relay p50 {} us p99 {} us; perishable p50 {} us p99 {} us; added over direct p50 {} us p99 {} us, over the bare relay p50 {} us p99 {} us ({} round trips each)",
             latency["direct_p50_us"],
             latency["direct_p99_us"],
+            latency["bare_p50_us"],
+            latency["bare_p99_us"],
             latency["perishable_p50_us"],
             latency["perishable_p99_us"],
             latency["added_p50_us"],
             latency["added_p99_us"],
+            latency["added_over_bare_p50_us"],
+            latency["added_over_bare_p99_us"],
             latency["round_trips"],
         );
         let p_pid = suts

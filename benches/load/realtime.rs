@@ -62,9 +62,11 @@ async fn round_trip(socket: &mut Socket, event: &str) -> i64 {
     i64::try_from(started.elapsed().as_nanos()).unwrap_or(i64::MAX)
 }
 
-/// Latency per round trip, direct and through the proxy at `proxy` (with `headers`).
+/// Latency per round trip: direct, through the bare relay at `bare`, and through the proxy at
+/// `proxy` (with `headers`).
 pub async fn latency(
     mock: SocketAddr,
+    bare: SocketAddr,
     proxy: SocketAddr,
     headers: &HeaderMap,
     rounds: usize,
@@ -76,6 +78,12 @@ pub async fn latency(
     )
     .await
     .expect("connect to the mock");
+    let mut relayed = connect(
+        &format!("ws://{bare}/openai/realtime?model={MODEL}"),
+        &HeaderMap::new(),
+    )
+    .await
+    .expect("connect through the bare relay");
     let mut through = connect(
         &format!("ws://{proxy}/openai/realtime?model={MODEL}"),
         headers,
@@ -88,31 +96,39 @@ pub async fn latency(
     // Warm-up.
     for _ in 0..50 {
         round_trip(&mut direct, &event).await;
+        round_trip(&mut relayed, &event).await;
         round_trip(&mut through, &event).await;
     }
     let mut direct_ns = Vec::new();
+    let mut relayed_ns = Vec::new();
     let mut through_ns = Vec::new();
     for round in 0..rounds {
-        for first in [round % 2 == 0, round % 2 == 1] {
+        // The order rotates round by round.
+        for which in 0..3 {
             for _ in 0..per_round {
-                if first {
-                    direct_ns.push(round_trip(&mut direct, &event).await);
-                } else {
-                    through_ns.push(round_trip(&mut through, &event).await);
+                match (which + round) % 3 {
+                    0 => direct_ns.push(round_trip(&mut direct, &event).await),
+                    1 => relayed_ns.push(round_trip(&mut relayed, &event).await),
+                    _ => through_ns.push(round_trip(&mut through, &event).await),
                 }
             }
         }
     }
     let direct = Dist::new(direct_ns);
+    let relayed = Dist::new(relayed_ns);
     let through = Dist::new(through_ns);
     json!({
         "round_trips": rounds * per_round,
         "direct_p50_us": r1(direct.p50_us()),
         "direct_p99_us": r1(direct.p99_us()),
+        "bare_p50_us": r1(relayed.p50_us()),
+        "bare_p99_us": r1(relayed.p99_us()),
         "perishable_p50_us": r1(through.p50_us()),
         "perishable_p99_us": r1(through.p99_us()),
         "added_p50_us": r1(through.p50_us() - direct.p50_us()),
         "added_p99_us": r1(through.p99_us() - direct.p99_us()),
+        "added_over_bare_p50_us": r1(through.p50_us() - relayed.p50_us()),
+        "added_over_bare_p99_us": r1(through.p99_us() - relayed.p99_us()),
     })
 }
 

@@ -435,3 +435,60 @@ impl futures_util::Stream for BenchStream {
         Poll::Ready(Some(Ok(event)))
     }
 }
+
+/// The bare WebSocket relay, the Realtime scenario's baseline: accepts any WebSocket, opens
+/// `{upstream}/realtime?{query}` (as `ws://`), and copies messages both ways with no check, no
+/// parse and no metering, on one current-thread runtime like the proxies.
+pub fn run_bare_ws(upstream: &str) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::handshake::server::{
+        Request as WsRequest, Response as WsResponse,
+    };
+
+    exit_with_parent();
+    let base = upstream.replacen("http://", "ws://", 1);
+    current_thread().block_on(async move {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        announce(listener.local_addr().expect("local addr"));
+        while let Ok((tcp, _)) = listener.accept().await {
+            let _ = tcp.set_nodelay(true);
+            let base = base.clone();
+            tokio::spawn(async move {
+                let mut query = String::new();
+                let accepted =
+                    tokio_tungstenite::accept_hdr_async(tcp, |req: &WsRequest, res: WsResponse| {
+                        query = req.uri().query().unwrap_or_default().to_owned();
+                        Ok(res)
+                    })
+                    .await;
+                let Ok(client) = accepted else { return };
+                let url = format!("{base}/realtime?{query}");
+                let Ok((upstream, _)) =
+                    tokio_tungstenite::connect_async_with_config(url, None, true).await
+                else {
+                    return;
+                };
+                let (mut client_tx, mut client_rx) = client.split();
+                let (mut upstream_tx, mut upstream_rx) = upstream.split();
+                let up = async {
+                    while let Some(Ok(message)) = client_rx.next().await {
+                        if upstream_tx.send(message).await.is_err() {
+                            break;
+                        }
+                    }
+                };
+                let down = async {
+                    while let Some(Ok(message)) = upstream_rx.next().await {
+                        if client_tx.send(message).await.is_err() {
+                            break;
+                        }
+                    }
+                };
+                tokio::select! {
+                    () = up => {}
+                    () = down => {}
+                }
+            });
+        }
+    });
+}
