@@ -439,6 +439,8 @@ impl futures_util::Stream for BenchStream {
 /// The bare WebSocket relay, the Realtime scenario's baseline: accepts any WebSocket, opens
 /// `{upstream}/realtime?{query}` (as `ws://`), and copies messages both ways with no check, no
 /// parse and no metering, on one current-thread runtime like the proxies.
+// The handshake callback's error type is tungstenite's, large by its design.
+#[allow(clippy::result_large_err)]
 pub fn run_bare_ws(upstream: &str) {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::handshake::server::{
