@@ -175,6 +175,30 @@ local function put_all(after)
     if not later(i) then put(i, after[i]) end
   end
 end
+-- Takes `amount` from every bucket, or from none: nil when taken, else
+-- {index (0-based), tokens available, retry_after_secs} of the short bucket that takes longest
+-- to hold the amount.
+local function take_all(amount)
+  local short = nil
+  local after = levels_after(function(i, tokens)
+    if tokens >= amount then return tokens - amount end
+    local cap, secs = params(i)
+    local target = amount
+    if target > cap then target = cap end
+    local retry = math.ceil((target - tokens) * secs / cap)
+    if retry < 1 then retry = 1 end
+    if retry > 4294967296 then retry = 4294967296 end
+    if not short or retry > short[3] then
+      local available = 0
+      if tokens > 0 then available = math.floor(tokens) end
+      short = {i - 1, available, retry}
+    end
+    return tokens
+  end)
+  if short then return short end
+  put_all(after)
+  return nil
+end
 "
     };
 }
@@ -186,25 +210,8 @@ const RESERVE: &str = concat!(
     "local NB = #KEYS\n",
     bucket_lua!(),
     r"
-local amount = tonumber(ARGV[1])
-local short = nil
-local after = levels_after(function(i, tokens)
-  if tokens >= amount then return tokens - amount end
-  local cap, secs = params(i)
-  local target = amount
-  if target > cap then target = cap end
-  local retry = math.ceil((target - tokens) * secs / cap)
-  if retry < 1 then retry = 1 end
-  if retry > 4294967296 then retry = 4294967296 end
-  if not short or retry > short[3] then
-    local available = 0
-    if tokens > 0 then available = math.floor(tokens) end
-    short = {i - 1, available, retry}
-  end
-  return tokens
-end)
+local short = take_all(tonumber(ARGV[1]))
 if short then return {0, short[1], short[2], short[3]} end
-put_all(after)
 return {1}
 "
 );
@@ -282,24 +289,8 @@ if slotted then
 end
 local amount = tonumber(ARGV[1])
 if NB > 0 and amount > 0 then
-  local short = nil
-  local after = levels_after(function(i, tokens)
-    if tokens >= amount then return tokens - amount end
-    local cap, secs = params(i)
-    local target = amount
-    if target > cap then target = cap end
-    local retry = math.ceil((target - tokens) * secs / cap)
-    if retry < 1 then retry = 1 end
-    if retry > 4294967296 then retry = 4294967296 end
-    if not short or retry > short[3] then
-      local available = 0
-      if tokens > 0 then available = math.floor(tokens) end
-      short = {i - 1, available, retry}
-    end
-    return tokens
-  end)
+  local short = take_all(amount)
   if short then return {3, short[1], short[2], short[3]} end
-  put_all(after)
 end
 if slotted then
   redis.call('INCR', stream_key)
