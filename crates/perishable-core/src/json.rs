@@ -771,6 +771,60 @@ pub(crate) struct Edit {
     pub(crate) with: Vec<u8>,
 }
 
+impl Edit {
+    /// This edit of a nested value, moved to where that value starts (`offset`) in the whole
+    /// document.
+    pub(crate) fn shifted(self, offset: usize) -> Self {
+        Self {
+            range: self.range.start + offset..self.range.end + offset,
+            with: self.with,
+        }
+    }
+}
+
+/// The object value of `member`, parsed strictly on its own: where it starts in `body`, its
+/// bytes and its members. `None` when the member is not an object.
+pub(crate) fn nested_object<'a>(
+    body: &'a [u8],
+    member: &Member,
+) -> Option<(usize, &'a [u8], Object)> {
+    if member.kind != Kind::Object {
+        return None;
+    }
+    let slice = body.get(member.value.clone())?;
+    let object = parse_object(slice, Mode::Strict).ok()?;
+    Some((member.value.start, slice, object))
+}
+
+/// A string member's value, decoded (the parser validated it).
+pub(crate) fn string(body: &[u8], member: &Member) -> String {
+    body.get(member.value.clone())
+        .and_then(|raw| serde_json::from_slice::<String>(raw).ok())
+        .unwrap_or_default()
+}
+
+/// The field of `fields` that `key` differs from only in case, as Go's `encoding/json` folds
+/// keys (its simple folding maps `ſ` to `s` and the Kelvin sign to `k` too). A reader that folds
+/// would take such a key for the field, so the proxy refuses it rather than read past it.
+pub(crate) fn folds_to<'f>(key: &str, fields: &[&'f str]) -> Option<&'f str> {
+    if key.len() > 32 {
+        return None;
+    }
+    let folded: String = key
+        .chars()
+        .flat_map(char::to_lowercase)
+        .map(|c| match c {
+            '\u{017f}' => 's',
+            '\u{212a}' => 'k',
+            c => c,
+        })
+        .collect();
+    fields
+        .iter()
+        .find(|field| **field == folded && **field != key)
+        .copied()
+}
+
 /// Applies non-overlapping edits (in any order: they are sorted by position) to `bytes`,
 /// returning the new body. Returns `bytes` itself (no copy: a `Bytes` clone) when `edits` is
 /// empty.

@@ -71,7 +71,7 @@ pub(crate) fn read_client(
     })?;
     refuse_folded(&object)?;
     let kind = match object.get("type") {
-        Some(member) if member.kind == Kind::String => string(frame, member),
+        Some(member) if member.kind == Kind::String => json::string(frame, member),
         _ => return Err(invalid("an event needs a string \"type\"")),
     };
     match kind.as_str() {
@@ -85,7 +85,7 @@ pub(crate) fn read_client(
         }
         "response.create" => {
             let event_id = match object.get("event_id") {
-                Some(member) if member.kind == Kind::String => Some(string(frame, member)),
+                Some(member) if member.kind == Kind::String => Some(json::string(frame, member)),
                 _ => None,
             };
             let mut edits = Vec::new();
@@ -144,33 +144,19 @@ fn cap_in(
             continue;
         }
         let edit = json::replace_value(member, value.as_bytes());
-        edits.push(shifted(edit, offset));
+        edits.push(edit.shifted(offset));
     }
     if !named {
         let field = if beta { CEILINGS[1] } else { CEILINGS[0] };
-        edits.push(shifted(
-            json::insert_member(inner, field, value.as_bytes()),
-            offset,
-        ));
+        edits.push(json::insert_member(inner, field, value.as_bytes()).shifted(offset));
     }
     Ok(())
 }
 
-fn shifted(edit: Edit, offset: usize) -> Edit {
-    Edit {
-        range: edit.range.start + offset..edit.range.end + offset,
-        with: edit.with,
-    }
-}
-
-/// The object value of `member`, parsed strictly on its own.
+/// The object value of `member`, parsed strictly on its own ([`json::nested_object`]).
 fn nested<'a>(frame: &'a [u8], member: &Member, name: &str) -> Result<(&'a [u8], Object), Error> {
-    if member.kind != Kind::Object {
-        return Err(invalid(format!("{name} must be an object")));
-    }
-    let slice = frame.get(member.value.clone()).unwrap_or_default();
-    let inner = json::parse_object(slice, Mode::Strict)
-        .map_err(|_| invalid(format!("{name} must be an object")))?;
+    let (_, slice, inner) = json::nested_object(frame, member)
+        .ok_or_else(|| invalid(format!("{name} must be an object")))?;
     refuse_folded(&inner)?;
     Ok((slice, inner))
 }
@@ -183,7 +169,7 @@ fn check_model(slice: &[u8], object: &Object, allowed: &[String]) -> Result<(), 
     if member.kind != Kind::String {
         return Err(invalid("model must be a string"));
     }
-    let model = string(slice, member);
+    let model = json::string(slice, member);
     if allowed.is_empty() || allowed.contains(&model) {
         Ok(())
     } else {
@@ -218,7 +204,7 @@ fn ceiling(slice: &[u8], member: &Member) -> Result<Ceiling, Error> {
     };
     match member.kind {
         Kind::Null => Ok(Ceiling::Unset),
-        Kind::String if string(slice, member) == "inf" => Ok(Ceiling::Infinite),
+        Kind::String if json::string(slice, member) == "inf" => Ok(Ceiling::Infinite),
         Kind::Number if raw.iter().all(u8::is_ascii_digit) => std::str::from_utf8(raw)
             .ok()
             .and_then(|s| s.parse::<u64>().ok())
@@ -230,14 +216,11 @@ fn ceiling(slice: &[u8], member: &Member) -> Result<Ceiling, Error> {
 
 fn refuse_folded(object: &Object) -> Result<(), Error> {
     for member in &object.members {
-        if member.key.len() <= 32 {
-            let folded = member.key.to_lowercase().replace('\u{017f}', "s");
-            if let Some(field) = READ.iter().find(|f| **f == folded && **f != member.key) {
-                return Err(invalid(format!(
-                    "the member {:?} differs from {field:?} only in case; send {field:?}",
-                    member.key
-                )));
-            }
+        if let Some(field) = json::folds_to(&member.key, &READ) {
+            return Err(invalid(format!(
+                "the member {:?} differs from {field:?} only in case; send {field:?}",
+                member.key
+            )));
         }
     }
     Ok(())
@@ -245,13 +228,6 @@ fn refuse_folded(object: &Object) -> Result<(), Error> {
 
 fn invalid(message: impl Into<std::borrow::Cow<'static, str>>) -> Error {
     Error::new(ErrorCode::InvalidParameter, message)
-}
-
-/// A string member's value, decoded (the parser validated it).
-fn string(body: &[u8], member: &Member) -> String {
-    body.get(member.value.clone())
-        .and_then(|raw| serde_json::from_slice::<String>(raw).ok())
-        .unwrap_or_default()
 }
 
 /// What the relay reads of a server event.
@@ -298,10 +274,10 @@ pub(crate) fn read_server(frame: &[u8]) -> ServerEvent {
         inner
             .get("id")
             .filter(|m| m.kind == Kind::String)
-            .map(|m| string(slice, m))
+            .map(|m| json::string(slice, m))
             .unwrap_or_default()
     };
-    match string(frame, kind).as_str() {
+    match json::string(frame, kind).as_str() {
         "session.created" | "session.updated" => match member_object("session") {
             Some((slice, inner)) => {
                 ServerEvent::Session(ceiling_of(slice, &inner).unwrap_or(Ceiling::Infinite))
@@ -330,7 +306,7 @@ pub(crate) fn read_server(frame: &[u8]) -> ServerEvent {
                 inner
                     .get("event_id")
                     .filter(|m| m.kind == Kind::String)
-                    .map(|m| string(slice, m))
+                    .map(|m| json::string(slice, m))
             }),
         },
         _ => ServerEvent::Other,

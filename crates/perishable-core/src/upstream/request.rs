@@ -333,7 +333,7 @@ impl RequestPolicy {
         let model = match inner.get("model") {
             None => None,
             Some(m) if m.kind == Kind::Null => None,
-            Some(m) if m.kind == Kind::String => Some(string(slice, m)),
+            Some(m) if m.kind == Kind::String => Some(json::string(slice, m)),
             Some(_) => return Err(invalid_parameter("session.model must be a string")),
         };
         if !self.allowed_models.is_empty()
@@ -358,27 +358,27 @@ impl RequestPolicy {
             };
             named = true;
             let value = match member.kind {
-                Kind::String if string(slice, member) == "inf" => None,
+                Kind::String if json::string(slice, member) == "inf" => None,
                 _ => integer(slice, member)?,
             };
             ceiling = ceiling.max(value);
             if cap > 0 && value.is_none_or(|n| n > cap) {
-                edits.push(shift(
-                    json::replace_value(member, itoa::Buffer::new().format(cap).as_bytes()),
-                    start,
-                ));
+                edits.push(
+                    json::replace_value(member, itoa::Buffer::new().format(cap).as_bytes())
+                        .shifted(start),
+                );
             }
         }
         if cap > 0 {
             if !named {
-                edits.push(shift(
+                edits.push(
                     json::insert_member(
                         &inner,
                         REALTIME_CEILINGS[0],
                         itoa::Buffer::new().format(cap).as_bytes(),
-                    ),
-                    start,
-                ));
+                    )
+                    .shifted(start),
+                );
             }
             ceiling = Some(ceiling.map_or(cap, |c| c.min(cap)));
         }
@@ -405,7 +405,9 @@ impl RequestPolicy {
                     let (start, slice, expires) = nested_object(&body, m, "expires_after")?;
                     match expires.get("anchor") {
                         None => {}
-                        Some(a) if a.kind == Kind::String && string(slice, a) == "created_at" => {}
+                        Some(a)
+                            if a.kind == Kind::String && json::string(slice, a) == "created_at" => {
+                        }
                         Some(_) => {
                             return Err(invalid_parameter(
                                 "expires_after.anchor must be \"created_at\"",
@@ -413,16 +415,15 @@ impl RequestPolicy {
                         }
                     }
                     match expires.get("seconds") {
-                        None => edits.push(shift(
-                            json::insert_member(&expires, "seconds", seconds.as_bytes()),
-                            start,
-                        )),
+                        None => edits.push(
+                            json::insert_member(&expires, "seconds", seconds.as_bytes())
+                                .shifted(start),
+                        ),
                         Some(member) => {
                             if integer(slice, member)?.is_none_or(|n| n > remaining) {
-                                edits.push(shift(
-                                    json::replace_value(member, seconds.as_bytes()),
-                                    start,
-                                ));
+                                edits.push(
+                                    json::replace_value(member, seconds.as_bytes()).shifted(start),
+                                );
                             }
                         }
                     }
@@ -443,40 +444,31 @@ impl RequestPolicy {
 /// The ceiling members of a Realtime session: the GA name, then the beta one.
 const REALTIME_CEILINGS: [&str; 2] = ["max_output_tokens", "max_response_output_tokens"];
 
-/// The object value of `member`, parsed strictly on its own: its offset in `body`, its bytes and
-/// its members. A nested key that differs from a metered one only in case is refused.
+/// The object value of `member`, parsed strictly on its own ([`json::nested_object`]); a nested
+/// key that differs from a metered one only in case is refused.
 fn nested_object<'a>(
     body: &'a [u8],
     member: &Member,
     name: &str,
 ) -> Result<(usize, &'a [u8], Object), Error> {
-    let refuse = || invalid_parameter(format!("{name} must be an object"));
-    if member.kind != Kind::Object {
-        return Err(refuse());
-    }
-    let slice = body.get(member.value.clone()).ok_or_else(refuse)?;
-    let inner = json::parse_object(slice, Mode::Strict).map_err(|_| refuse())?;
+    let (start, slice, inner) = json::nested_object(body, member)
+        .ok_or_else(|| invalid_parameter(format!("{name} must be an object")))?;
+    const NESTED: [&str; 5] = [
+        "model",
+        "seconds",
+        "anchor",
+        REALTIME_CEILINGS[0],
+        REALTIME_CEILINGS[1],
+    ];
     for m in &inner.members {
-        let folded = m.key.to_lowercase();
-        if ["model", "seconds", "anchor"]
-            .iter()
-            .chain(REALTIME_CEILINGS.iter())
-            .any(|k| *k == folded && *k != m.key)
-        {
+        if json::folds_to(&m.key, &NESTED).is_some() {
             return Err(invalid_parameter(format!(
                 "the member {:?} of {name} differs from a metered one only in case",
                 m.key
             )));
         }
     }
-    Ok((member.value.start, slice, inner))
-}
-
-fn shift(edit: Edit, offset: usize) -> Edit {
-    Edit {
-        range: edit.range.start + offset..edit.range.end + offset,
-        with: edit.with,
-    }
+    Ok((start, slice, inner))
 }
 
 /// A `GET`, `HEAD` or `DELETE` that declares no body type: it reads, and has no body to meter
@@ -540,7 +532,7 @@ impl<'a> View<'a> {
         let model = match object.get("model") {
             None => None,
             Some(m) if m.kind == Kind::Null => None,
-            Some(m) if m.kind == Kind::String => Some(string(body, m)),
+            Some(m) if m.kind == Kind::String => Some(json::string(body, m)),
             Some(_) => return Err(invalid_parameter("model must be a string")),
         };
         let streaming = boolean(body, object.get("stream"), "stream")?.unwrap_or(false);
@@ -613,10 +605,7 @@ fn include_usage(body: &[u8], object: &Object, edits: &mut Vec<Edit>) -> Result<
                 Some(member) => json::replace_value(member, b"true"),
                 None => json::insert_member(&inner, "include_usage", b"true"),
             };
-            edits.push(Edit {
-                range: edit.range.start + start..edit.range.end + start,
-                with: edit.with,
-            });
+            edits.push(edit.shifted(start));
             Ok(true)
         }
         _ => Err(invalid_parameter("stream_options must be an object")),
@@ -625,34 +614,11 @@ fn include_usage(body: &[u8], object: &Object, edits: &mut Vec<Edit>) -> Result<
 
 /// The metered field `key` differs from only in case (Go's `encoding/json` folding), if any.
 fn folds_to_metered(key: &str) -> Option<&'static str> {
-    if key.len() > 32 {
-        return None;
-    }
-    let folded: String = key
-        .chars()
-        .flat_map(char::to_lowercase)
-        .map(|c| match c {
-            // Go's simple folding maps these to ASCII letters too.
-            '\u{017f}' => 's',
-            '\u{212a}' => 'k',
-            c => c,
-        })
-        .collect();
-    METERED_FIELDS
-        .iter()
-        .find(|field| **field == folded && **field != key)
-        .copied()
+    json::folds_to(key, &METERED_FIELDS)
 }
 
 fn invalid_parameter(message: impl Into<std::borrow::Cow<'static, str>>) -> Error {
     Error::new(ErrorCode::InvalidParameter, message)
-}
-
-/// A string member's value, decoded (the parser validated it).
-fn string(body: &[u8], member: &Member) -> String {
-    body.get(member.value.clone())
-        .and_then(|raw| serde_json::from_slice::<String>(raw).ok())
-        .unwrap_or_default()
 }
 
 /// A boolean member: `true`, `false`, or `null` / absent (`None`); anything else is refused,
