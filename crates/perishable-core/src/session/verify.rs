@@ -83,30 +83,8 @@ impl Sessions {
         &self,
         req: &Request<B>,
     ) -> Result<Result<VerifiedSession, Error>, PendingVerify> {
-        let (claims, dpop_seen) = match self.check_request(req) {
-            Ok(checked) => checked,
-            Err(e) => return Ok(Err(e.authenticating())),
-        };
-        // A store that answers from memory decides here; any other gets the rest as a future.
-        let store = &self.inner.store;
-        let now = match store.contains_now(Set::Revoked, &claims.jti) {
-            Some(true) => Some(Err(revoked())),
-            Some(false) => match &dpop_seen {
-                None => Some(Ok(())),
-                Some((id, until)) => store
-                    .insert_once_now(Set::DpopSeen, id, *until)
-                    .map(|fresh| if fresh { Ok(()) } else { Err(replayed()) }),
-            },
-            None => None,
-        };
-        match now {
-            Some(decided) => Ok(decided
-                .map(|()| VerifiedSession { claims })
-                .map_err(Error::authenticating)),
-            None => Err(Box::pin(
-                finish_verify(store.clone(), claims, dpop_seen).map_err(Error::authenticating),
-            )),
-        }
+        self.verify_checked(req, false)
+            .map(|decided| decided.map(|(session, _)| session))
     }
 
     /// [`verify_now`](Self::verify_now) for a request the upstream Service admits: a DPoP
@@ -117,11 +95,25 @@ impl Sessions {
         &self,
         req: &Request<B>,
     ) -> Result<Result<(VerifiedSession, Option<DeferredReplay>), Error>, PendingVerify> {
+        self.verify_checked(req, true)
+    }
+
+    /// The checks, then the store's answers when it has them at once; with `defer`, a replay
+    /// record it cannot make at once is handed back instead of waited for.
+    fn verify_checked<B>(
+        &self,
+        req: &Request<B>,
+        defer: bool,
+    ) -> Result<Result<(VerifiedSession, Option<DeferredReplay>), Error>, PendingVerify> {
         let (claims, dpop_seen) = match self.check_request(req) {
             Ok(checked) => checked,
             Err(e) => return Ok(Err(e.authenticating())),
         };
+        // A store that answers from memory decides here; any other gets the rest as a future.
         let store = &self.inner.store;
+        let pending = |claims, dpop_seen| -> PendingVerify {
+            Box::pin(finish_verify(store.clone(), claims, dpop_seen).map_err(Error::authenticating))
+        };
         match store.contains_now(Set::Revoked, &claims.jti) {
             Some(true) => Ok(Err(revoked().authenticating())),
             Some(false) => {
@@ -130,14 +122,13 @@ impl Sessions {
                     Some((id, until)) => match store.insert_once_now(Set::DpopSeen, &id, until) {
                         Some(true) => None,
                         Some(false) => return Ok(Err(replayed().authenticating())),
-                        None => Some(DeferredReplay { id, until }),
+                        None if defer => Some(DeferredReplay { id, until }),
+                        None => return Err(pending(claims, Some((id, until)))),
                     },
                 };
                 Ok(Ok((VerifiedSession { claims }, deferred)))
             }
-            None => Err(Box::pin(
-                finish_verify(store.clone(), claims, dpop_seen).map_err(Error::authenticating),
-            )),
+            None => Err(pending(claims, dpop_seen)),
         }
     }
 
