@@ -1010,6 +1010,39 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Whatever life a client asks for its secret, in whatever spelling the strict parser
+        /// accepts, the forwarded body asks for at most the session's remaining life, as any
+        /// JSON reader sees it.
+        #[test]
+        fn a_client_secret_never_outlives_its_session(
+            seconds in proptest::option::of(0u64..1_000_000),
+            anchor in proptest::bool::ANY,
+            spaced in proptest::bool::ANY,
+            remaining in 10u64..100_000,
+        ) {
+            let mut expires = serde_json::Map::new();
+            if anchor {
+                expires.insert("anchor".into(), "created_at".into());
+            }
+            if let Some(seconds) = seconds {
+                expires.insert("seconds".into(), seconds.into());
+            }
+            let body = serde_json::json!({"expires_after": expires,
+                "session": {"type": "realtime", "model": "gpt-realtime"}});
+            let body = if spaced {
+                serde_json::to_string_pretty(&body).unwrap()
+            } else {
+                body.to_string()
+            };
+            let sent = secret(&policy(0), &body, remaining).unwrap();
+            let sent: serde_json::Value = serde_json::from_slice(&sent.body).unwrap();
+            let life = sent["expires_after"]["seconds"].as_u64().unwrap();
+            proptest::prop_assert!(life <= remaining);
+            proptest::prop_assert_eq!(life, seconds.map_or(remaining, |s| s.min(remaining)));
+        }
+    }
+
     mod byte_preservation {
         use proptest::prelude::*;
         use serde_json::{Map, Value};
