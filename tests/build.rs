@@ -7,7 +7,7 @@
 //!
 //! | cfg                          | set when this is missing                                   |
 //! |------------------------------|------------------------------------------------------------|
-//! | `perishable_missing_redis`   | `redis-server` on the `PATH`                               |
+//! | `perishable_missing_redis`   | `redis-server` and `redis-cli` (one package) on the `PATH` |
 //! | `perishable_missing_openai`  | the `openai` package for `python3` (or `$PYTHON`)          |
 //! | `perishable_missing_openai_realtime` | `openai[realtime]`: `openai` and `websockets`      |
 //! | `perishable_missing_browser` | Chromium, Node.js and `npm ci --prefix tests/browser`      |
@@ -41,7 +41,7 @@ fn main() {
     }
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
 
-    if program("redis-server").is_none() {
+    if program("redis-server").is_none() || program("redis-cli").is_none() {
         missing("perishable_missing_redis");
     }
     let (openai, websockets) = openai_installed();

@@ -25,6 +25,7 @@ mod openai_sdk;
 mod proxy;
 mod readme;
 mod realtime;
+mod redis_cluster;
 mod redis_store;
 mod sessions;
 mod smoke;

@@ -552,7 +552,7 @@ async fn redis_settle_gives_back_up_to_capacity() {
     assert_eq!(refused(&store, &a, 601).await.1, 600);
     store.settle_tokens(&a, 10_000).await.unwrap();
     // Full again: the key is gone (a missing bucket is a full one), and no more than full.
-    assert_eq!(redis_command(&redis, &["EXISTS", "tb:budget:a"]), ":0");
+    assert_eq!(redis_command(&redis, &["EXISTS", "tb:budget:{a}"]), ":0");
     assert_eq!(refused(&store, &a, 1001).await.1, 1000);
     assert_eq!(take(&store, &a, 1000).await, Reservation::Reserved);
     assert_eq!(refused(&store, &a, 1).await.1, 0);
@@ -648,7 +648,7 @@ async fn redis_bucket_keys_expire() {
         take(&store, &[Bucket::new("a", 1000, 60)], 500).await,
         Reservation::Reserved
     );
-    let pttl: i64 = redis_command(&redis, &["PTTL", "tb:budget:a"])[1..]
+    let pttl: i64 = redis_command(&redis, &["PTTL", "tb:budget:{a}"])[1..]
         .parse()
         .unwrap();
     assert!(pttl > 0 && pttl <= 31_000, "{pttl}");
@@ -657,7 +657,7 @@ async fn redis_bucket_keys_expire() {
         take(&store, &[Bucket::new("b", 10, 60)], 11).await,
         Reservation::Exhausted { .. }
     ));
-    assert_eq!(redis_command(&redis, &["EXISTS", "tb:budget:b"]), ":0");
+    assert_eq!(redis_command(&redis, &["EXISTS", "tb:budget:{b}"]), ":0");
 }
 
 /// An App Attest key is kept until its retention, which each raise of its counter renews.
@@ -681,7 +681,7 @@ async fn redis_app_attest_keys_expire_after_their_retention() {
             .unwrap()
     );
     let ttl = |redis: &Redis| -> i64 {
-        redis_command(redis, &["TTL", "tb:appattest:k1"])[1..]
+        redis_command(redis, &["TTL", "tb:appattest:{k1}"])[1..]
             .parse()
             .unwrap()
     };
@@ -710,7 +710,10 @@ async fn redis_app_attest_keys_expire_after_their_retention() {
     );
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     assert_eq!(store.app_attest_key("k1").await.unwrap(), None);
-    assert_eq!(redis_command(&redis, &["EXISTS", "tb:appattest:k1"]), ":0");
+    assert_eq!(
+        redis_command(&redis, &["EXISTS", "tb:appattest:{k1}"]),
+        ":0"
+    );
 }
 
 /// `INFO commandstats`: calls per command (`cmdstat_<name>`).
@@ -787,12 +790,12 @@ async fn revocations_are_pushed_and_checked_without_a_round_trip() {
     assert_eq!(models(&p.a, &s, "device-push-001").await.status(), 200);
     assert_eq!(models(&p.b, &s, "device-push-001").await.status(), 200);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = calls(&redis, "exists");
+    let before = calls(&redis, "zscore");
     for _ in 0..10 {
         assert_eq!(models(&p.b, &s, "device-push-001").await.status(), 200);
     }
     assert_eq!(
-        calls(&redis, "exists"),
+        calls(&redis, "zscore"),
         before,
         "a revocation round trip per call"
     );
@@ -800,7 +803,7 @@ async fn revocations_are_pushed_and_checked_without_a_round_trip() {
     // A revocation on a reaches b's copy: pushed, not polled.
     revoke(&p.a, &s, "device-push-001").await;
     refused_within(&p.b, &s, "device-push-001", Duration::from_secs(1)).await;
-    assert_eq!(calls(&redis, "exists"), before);
+    assert_eq!(calls(&redis, "zscore"), before);
 
     // Cut b's subscription: until it is back, b asks Redis; nothing revoked meanwhile passes.
     let t = p.a.mint("device-push-002").await;
@@ -811,10 +814,10 @@ async fn revocations_are_pushed_and_checked_without_a_round_trip() {
     refused_within(&p.b, &s, "device-push-001", Duration::from_millis(200)).await;
     // Resynchronised: the revocations made before are in the copy, and checks are local again.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = calls(&redis, "exists");
+    let before = calls(&redis, "zscore");
     refused_within(&p.b, &t, "device-push-002", Duration::from_millis(200)).await;
     refused_within(&p.b, &s, "device-push-001", Duration::from_millis(200)).await;
-    assert_eq!(calls(&redis, "exists"), before);
+    assert_eq!(calls(&redis, "zscore"), before);
 }
 
 /// A proxied call asks Redis once before the upstream: one script (the rate-limit count, the
@@ -865,6 +868,7 @@ async fn one_round_trip_before_the_upstream() {
         "one admission and one settlement per call"
     );
     assert_eq!(delta("exists"), 0, "revocations are checked in memory");
+    assert_eq!(delta("zscore"), 0, "revocations are checked in memory");
     // The rate limit still counts: its key was written by the admission script.
     assert!(
         delta("set") >= CALLS,
@@ -950,10 +954,36 @@ async fn concurrent_settlements_are_batched_and_all_applied() {
     // Every bucket is full again: deleted, as a full bucket is.
     for bucket in own.iter().chain([&shared]) {
         assert_eq!(
-            redis_command(&redis, &["EXISTS", &format!("tb:budget:{}", bucket.key)]),
+            redis_command(
+                &redis,
+                &["EXISTS", &format!("tb:budget:{{{}}}", bucket.key)]
+            ),
             ":0",
             "{} is not full again",
             bucket.key
         );
     }
+}
+
+/// A revocation recorded by an earlier version (one key per token, `<p>:revoked:<jti>`) still
+/// holds once the local copy is synchronised: upgrading does not revive a revoked token.
+#[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
+async fn revocations_recorded_before_the_upgrade_still_hold() {
+    use perishable::store::Set;
+    let redis = Redis::start();
+    redis_command(&redis, &["SET", "lg:revoked:old-jti", "1", "PX", "60000"]);
+    let store = RedisStore::new(&redis.url(), "lg", Duration::from_secs(2)).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    // The first check starts the subscription; from the synchronised copy on, it is local.
+    while store.contains_now(Set::Revoked, "old-jti").is_none() {
+        assert!(store.contains(Set::Revoked, "x").await.is_ok());
+        assert!(tokio::time::Instant::now() < deadline, "never synchronised");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(store.contains_now(Set::Revoked, "old-jti"), Some(true));
+    assert_eq!(store.contains_now(Set::Revoked, "other-jti"), Some(false));
 }

@@ -328,6 +328,171 @@ impl Drop for Redis {
     }
 }
 
+/// A three-node Redis Cluster (three primaries, no replicas) on free loopback ports, made with
+/// `redis-cli --cluster create`; every node is killed on drop.
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    children: Vec<Child>,
+    dir: std::path::PathBuf,
+}
+
+impl RedisCluster {
+    /// Starts the nodes, joins them and waits until the cluster is `ok`. Tests that call this
+    /// are marked `#[cfg_attr(perishable_missing_redis, ignore = "...")]`.
+    pub fn start() -> Self {
+        static CLUSTERS: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "perishable-redis-cluster-{}-{}",
+            std::process::id(),
+            CLUSTERS.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A node also listens on its port + 10000 (the cluster bus): both must be free.
+        let mut ports = Vec::new();
+        let mut listeners = Vec::new();
+        while ports.len() < 3 {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = listener.local_addr().unwrap().port();
+            if port > 55_000 || ports.contains(&port) {
+                listeners.push(listener);
+                continue;
+            }
+            if std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+                ports.push(port);
+            }
+            listeners.push(listener);
+        }
+        drop(listeners);
+        let mut cluster = Self {
+            ports,
+            children: Vec::new(),
+            dir,
+        };
+        for &port in &cluster.ports {
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                .args(["--save", "", "--appendonly", "no"])
+                .current_dir(&cluster.dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("cannot start redis-server (apt-get install redis-server): {e}")
+                });
+            cluster.children.push(child);
+        }
+        for &port in &cluster.ports {
+            let up = (0..200).any(|_| {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() || {
+                    std::thread::sleep(Duration::from_millis(25));
+                    false
+                }
+            });
+            assert!(up, "redis-server (cluster node) did not start");
+        }
+        let nodes: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli (installed with redis-server)");
+        assert!(created.success(), "redis-cli --cluster create failed");
+        // Every node must see the whole slot map before a client's first command.
+        for _ in 0..400 {
+            if cluster
+                .ports
+                .iter()
+                .all(|&port| redis_reply(port, &["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+            {
+                return cluster;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("the Redis Cluster did not reach cluster_state:ok");
+    }
+
+    /// `redis://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3`: every node, as `store.url` takes them.
+    pub fn url(&self) -> String {
+        let nodes: Vec<String> = self
+            .ports
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect();
+        format!("redis://{}", nodes.join(","))
+    }
+
+    /// A command's calls on every node together (`INFO commandstats`).
+    pub fn calls(&self, command: &str) -> u64 {
+        self.ports
+            .iter()
+            .map(|&port| {
+                let stats = redis_reply(port, &["INFO", "commandstats"]);
+                let prefix = format!("cmdstat_{command}:calls=");
+                stats
+                    .lines()
+                    .find_map(|line| line.strip_prefix(&prefix))
+                    .and_then(|rest| rest.split(',').next())
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
+    /// The node that holds `key`, by asking each: `EXISTS` answers `:1` on its owner only (the
+    /// others answer `MOVED`).
+    pub fn owner_of(&self, key: &str) -> Option<u16> {
+        self.ports
+            .iter()
+            .copied()
+            .find(|&port| redis_reply(port, &["EXISTS", key]).starts_with(":1"))
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Sends one command to the Redis on `port` over RESP and returns its whole reply as text
+/// (a bulk string's contents, or a status, error or integer line).
+pub fn redis_reply(port: u16, args: &[&str]) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let mut request = format!("*{}\r\n", args.len());
+    for arg in args {
+        request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+    }
+    conn.write_all(request.as_bytes()).unwrap();
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    match line.strip_prefix('$').map(|n| n.trim().parse::<i64>()) {
+        Some(Ok(n)) if n >= 0 => {
+            let mut body = vec![0u8; usize::try_from(n).unwrap() + 2];
+            reader.read_exact(&mut body).unwrap();
+            String::from_utf8_lossy(&body[..body.len() - 2]).into_owned()
+        }
+        _ => line.trim_end().to_owned(),
+    }
+}
+
 /// The repository's root directory.
 pub fn repo() -> std::path::PathBuf {
     let tests = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));

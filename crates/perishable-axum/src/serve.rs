@@ -11,10 +11,13 @@ use tower::ServiceExt as _;
 
 /// How long open requests may run after shutdown begins.
 const DRAIN: Duration = Duration::from_secs(30);
+/// How long the settlements of finished calls may take to reach the store after that.
+const SETTLE: Duration = Duration::from_secs(5);
 
 /// Serves `app` on `listener` over HTTP/1.1 (with upgrades, for the Realtime route's
-/// WebSockets) until `shutdown` completes, then stops accepting and lets open requests finish
-/// (up to 30 s).
+/// WebSockets) until `shutdown` completes, then stops accepting, lets open requests finish
+/// (up to 30 s), and waits for their settlements to reach the store
+/// ([`perishable_core::store::settled`], up to 5 s).
 ///
 /// What [`axum::serve()`] does, tuned for a proxy:
 ///
@@ -100,5 +103,13 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Out
     let _ = signal.send(());
     if tokio::time::timeout(DRAIN, closed.closed()).await.is_err() {
         tracing::warn!("requests still open after 30 s; closing them");
+    }
+    // The finished calls' settlements (their real usage, their stream slots) reach the store
+    // before this returns and the process exits.
+    if tokio::time::timeout(SETTLE, perishable_core::store::settled())
+        .await
+        .is_err()
+    {
+        tracing::warn!("settlements still unsent after 5 s: their reservations stand");
     }
 }

@@ -39,7 +39,7 @@ use crate::config::{BudgetConfig, BudgetScope, OnUnavailable};
 use crate::dpop::DeferredReplay;
 use crate::error::{Error, ErrorCode, RateLimitInfo};
 use crate::rate_limit::Deferred;
-use crate::store::{Bucket, CallAdmission, CallDecision, Store, log_failure};
+use crate::store::{Bucket, CallAdmission, CallDecision, Settling, Store, log_failure};
 use crate::token::VerifiedSession;
 use crate::usage::Usage;
 
@@ -309,7 +309,10 @@ impl Budget {
             return;
         }
         let this = self.clone();
+        // Counted from now until it is in the store: `store::settled` waits for it.
+        let settling = Settling::begin();
         let work = async move {
+            let _settling = settling;
             let store = &this.inner.store;
             if let Some(delta) = refund
                 && let Err(e) = store.settle_tokens(&buckets, delta).await

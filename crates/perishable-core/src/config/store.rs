@@ -82,14 +82,26 @@ impl StoreConfig {
                     "a Redis store needs the `redis` cargo feature of perishable",
                 ));
             }
-            // `redis://a:6379,b:6379`: the nodes of a cluster. Refused rather than half served
-            // (one node would answer MOVED to most keys).
-            if st.url.contains(',') {
+            // `redis://a:6379,b:6379`: the seed nodes of a Redis Cluster. An item without a
+            // scheme takes the first one's; none may be empty or a Unix socket.
+            let mut others = st.url.split(',').skip(1).map(str::trim).peekable();
+            if others.peek().is_some() && st.url.starts_with("redis+unix://") {
                 return Err(ConfigError::invalid(
                     "store.url",
-                    "Redis Cluster (several nodes) is not supported in this version: use one \
-                     primary (docs/scaling.md)",
+                    "lists several nodes (a Redis Cluster), which are reached over TCP, not a Unix socket",
                 ));
+            }
+            for node in others {
+                let scheme_ok = !node.contains("://")
+                    || node.starts_with("redis://")
+                    || node.starts_with("rediss://");
+                if node.is_empty() || !scheme_ok {
+                    return Err(ConfigError::invalid(
+                        "store.url",
+                        "a Redis Cluster's nodes are a comma-separated list of redis:// or \
+                         rediss:// URLs, or host:port after the first URL",
+                    ));
+                }
             }
         }
         if st.key_prefix.is_empty() || st.key_prefix.contains(char::is_whitespace) {
@@ -108,18 +120,33 @@ impl StoreConfig {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn a_cluster_url_is_refused() {
-        let store = super::StoreConfig {
-            url: "redis://10.0.0.1:6379,10.0.0.2:6379".to_owned(),
+    fn a_cluster_is_a_list_of_nodes() {
+        let store = |url: &str| super::StoreConfig {
+            url: url.to_owned(),
             ..super::StoreConfig::default()
         };
-        assert!(matches!(
-            store.validate(),
-            Err(super::ConfigError::Invalid {
-                key: "store.url",
-                ..
-            })
-        ));
+        for good in [
+            "redis://10.0.0.1:6379,10.0.0.2:6379",
+            "rediss://:pw@a:7000, rediss://b:7001,c:7002",
+        ] {
+            assert!(store(good).validate().is_ok(), "{good}");
+        }
+        for bad in [
+            "redis://10.0.0.1:6379,,10.0.0.2:6379",
+            "redis+unix:///tmp/redis.sock,b:7000",
+            "redis://a:7000,http://b:7001",
+        ] {
+            assert!(
+                matches!(
+                    store(bad).validate(),
+                    Err(super::ConfigError::Invalid {
+                        key: "store.url",
+                        ..
+                    })
+                ),
+                "{bad}"
+            );
+        }
     }
 
     use super::*;

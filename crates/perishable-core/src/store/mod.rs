@@ -511,6 +511,50 @@ pub(crate) fn refuse(op: &'static str, error: &StoreError) -> crate::Error {
     )
 }
 
+/// Settlements begun in this process and not yet in their store: see [`settled`].
+static SETTLING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static SETTLED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// A settlement in flight, counted by [`settled`] until dropped.
+#[derive(Debug)]
+pub(crate) struct Settling(());
+
+impl Settling {
+    pub(crate) fn begin() -> Self {
+        SETTLING.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(())
+    }
+}
+
+impl Drop for Settling {
+    fn drop(&mut self) {
+        if SETTLING.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            SETTLED.notify_waiters();
+        }
+    }
+}
+
+/// Resolves once every settlement begun in this process has reached its store: the real usage
+/// of each finished call, and each stream slot given back. Settlements run after their
+/// response, in the background (on Redis, batched); await this after the server has stopped
+/// and before the process exits, so that none is lost. `perishable_axum::serve` does.
+///
+/// ```
+/// # async fn after_shutdown() {
+/// // ... the server has drained its connections ...
+/// let _ = tokio::time::timeout(std::time::Duration::from_secs(5), perishable_core::store::settled()).await;
+/// # }
+/// ```
+pub async fn settled() {
+    loop {
+        let notified = SETTLED.notified();
+        if SETTLING.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return;
+        }
+        notified.await;
+    }
+}
+
 /// Logs a store failure (at most once a second per operation kind, so an outage does not flood
 /// the logs). Fields: `op`, `error`; never a key, token or fingerprint.
 pub(crate) fn log_failure(op: &'static str, error: &StoreError, action: &'static str) {

@@ -1,353 +1,71 @@
-//! [`RedisStore`]: shared state on Redis, for several instances (cargo feature `redis`).
+//! [`RedisStore`]: shared state on Redis, for several instances (cargo feature `redis`): one
+//! primary, or a Redis Cluster (`connection.rs`).
 //!
-//! One multiplexed, auto-reconnecting connection ([`ConnectionManager`]), made lazily on first
-//! use. Every call has a timeout (`store.timeout_ms`); a failure is a [`StoreError`] that the
+//! Every call has a timeout (`store.timeout_ms`); a failure is a [`StoreError`] that the
 //! failure policy turns into a refusal or a skipped limit, never a panic or a hang. Keys are
-//! `<store.key_prefix>:<kind>:<id>`, and each one expires with what it records:
+//! `<store.key_prefix>:<kind>:{<id>}`: the braces are a hash tag, so every key about one
+//! identity (a client, a session, a bucket) falls in one cluster slot (`cluster.rs`). Each key
+//! expires with what it records:
 //!
 //! | key | type | expires |
 //! |---|---|---|
-//! | `<p>:rl:<policy>:<client>` | GCRA theoretical arrival time (µs) | when the client is back to a full burst |
-//! | `<p>:rlb:<policy>:<client>` | block marker | after the block duration |
-//! | `<p>:revoked:<jti>`, `<p>:pow:<challenge>`, `<p>:dpop:<jkt.jti>` | `SET NX` marker | with the token, challenge or proof window |
-//! | `<p>:caps:fp:<hash>`, `<p>:caps:jkt:<thumbprint>` | sorted set of live sessions, scored by `exp` | with its newest session |
-//! | `<p>:budget:<bucket>` (e.g. `<p>:budget:fp:<hash>`) | token bucket: hash `{tokens, ms}`, the level (a float, `%.17g`; negative: a debt) at Unix ms `ms` on Redis's clock | 1 s after it is full again (a missing key is a full bucket; a full one is deleted) |
-//! | `<p>:streams:<jti>` | open-stream counter | with the session |
-//! | `<p>:appattest:<key id>` | App Attest key: hash `{pk, app, dev, ctr, at}` (public key bytes, App ID, development `0`/`1`, counter, registration time) | `mint.app_attest.key_retention_secs` after its last mint |
+//! | `<p>:rl:<policy>:{<client>}` | GCRA theoretical arrival time (µs) | when the client is back to a full burst |
+//! | `<p>:rlb:<policy>:{<client>}` | block marker | after the block duration |
+//! | `<p>:pow:{<challenge>}`, `<p>:dpop:{<jkt.jti>}` | `SET NX` marker | with the challenge or proof window |
+//! | `<p>:revoked` | sorted set of revoked token ids, scored by expiry (Unix ms) | with its last entry; expired entries are dropped on each revocation |
+//! | `<p>:caps:{fp:<hash>}`, `<p>:caps:{jkt:<thumbprint>}` | sorted set of live sessions, scored by `exp` | with its newest session |
+//! | `<p>:budget:{<bucket>}` (e.g. `<p>:budget:{fp:<hash>}`) | token bucket: hash `{tokens, ms}`, the level (a float, `%.17g`; negative: a debt) at Unix ms `ms` on Redis's clock | 1 s after it is full again (a missing key is a full bucket; a full one is deleted) |
+//! | `<p>:streams:{<jti>}` | open-stream counter | with the session |
+//! | `<p>:appattest:{<key id>}` | App Attest key: hash `{pk, app, dev, ctr, at}` (public key bytes, App ID, development `0`/`1`, counter, registration time) | `mint.app_attest.key_retention_secs` after its last mint |
 //!
 //! Revocations are also published on `<p>:revocations`: each instance keeps a copy of the
 //! revoked set fed by that channel, so checking a token costs no round trip (`revocations.rs`).
 //!
-//! Rate limiting, cap admission, token buckets and App Attest keys are Lua scripts: one round trip, atomic, on
-//! Redis's clock (`TIME`), so instances with drifting clocks still agree. Redis Cluster is not
-//! supported (the cap and budget scripts touch keys in several slots); use a single primary (with
-//! replicas for failover).
+//! Rate limiting, cap admission, token buckets and App Attest keys are Lua scripts
+//! (`scripts.rs`): one round trip, atomic, on Redis's clock (`TIME`), so instances with
+//! drifting clocks still agree. A proxied call's whole admission is one script
+//! (`admission.rs`); its settlement is batched off the critical path (`settlements.rs`).
 
+mod admission;
+mod cluster;
+mod connection;
 mod revocations;
+mod scripts;
 mod settlements;
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use futures_util::future::join_all;
 use redis::{AsyncCommands, Script};
 use tokio::sync::OnceCell;
 
+use self::cluster::{by_slot, tag};
+use self::connection::Conn;
+use self::scripts::{
+    ACQUIRE, ADMIT, ADMIT_CALL, ADVANCE_KEY, GCRA, REGISTER_KEY, RELEASE, REPLACE, RESERVE, SETTLE,
+};
 use super::{
     Admission, AppAttestKey, Bucket, CallAdmission, CallDecision, RateDecision, RateLimiter,
     RatePolicy, Reservation, Set, Store, StoreError, StoreFuture,
 };
 use crate::config::{ConfigError, StoreConfig};
 
-/// GCRA with the same semantics as governor: a burst of `burst`, one request replenished every
-/// `interval` µs, and a block of `block` µs after going over.
-/// Returns `{allowed (0|1), remaining, retry_after_us}`.
-const GCRA: &str = r"
-local tat_key, block_key = KEYS[1], KEYS[2]
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local block = tonumber(ARGV[3])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local blocked = redis.call('PTTL', block_key)
-if blocked > 0 then
-  return {0, 0, blocked * 1000}
-end
-local tat = tonumber(redis.call('GET', tat_key) or now)
-if tat < now then tat = now end
-local new_tat = tat + interval
-local allow_at = new_tat - interval * burst
-if now < allow_at then
-  local retry = allow_at - now
-  if block > 0 then
-    if block > retry then retry = block end
-    redis.call('SET', block_key, 1, 'PX', math.ceil(retry / 1000))
-  end
-  return {0, 0, retry}
-end
-redis.call('SET', tat_key, new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1)
-return {1, math.floor((now - allow_at) / interval), 0}
-";
-
-/// Takes a slot for `ARGV[1]` (until `ARGV[2]`, Unix s) under every key, unless one holds
-/// `ARGV[3]` live sessions. Returns -1 when admitted, else the seconds until a slot frees up.
-const ADMIT: &str = r"
-local jti, exp, max = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local now = tonumber(redis.call('TIME')[1])
-local wait = -1
-for _, key in ipairs(KEYS) do
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-  if redis.call('ZCARD', key) >= max then
-    local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-    local w = tonumber(first[2]) - now
-    if w > wait then wait = w end
-  end
-end
-if wait >= 0 then
-  if wait < 1 then wait = 1 end
-  return wait
-end
-for _, key in ipairs(KEYS) do
-  redis.call('ZADD', key, exp, jti)
-  local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-  redis.call('EXPIREAT', key, tonumber(last[2]) + 1)
-end
-return -1
-";
-
-/// Moves the slots of `ARGV[1]` to `ARGV[2]` (until `ARGV[3]`).
-const REPLACE: &str = r"
-for _, key in ipairs(KEYS) do
-  redis.call('ZREM', key, ARGV[1])
-  redis.call('ZADD', key, tonumber(ARGV[3]), ARGV[2])
-  local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-  redis.call('EXPIREAT', key, tonumber(last[2]) + 1)
-end
-return 1
-";
-
-/// The shared start of the token-bucket scripts: `now` (Unix ms, Redis's clock), `level(i)`
-/// and `put(i, tokens)` for bucket `KEYS[i]`, whose capacity is `ARGV[2i]` and refill time
-/// `ARGV[2i+1]` s. The same arithmetic as the memory store's (`memory.rs`, `Buckets`), in f64.
-macro_rules! bucket_lua {
-    () => {
-        r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local function params(i)
-  local cap = tonumber(ARGV[2 * i])
-  local secs = tonumber(ARGV[2 * i + 1])
-  if cap < 1 then cap = 1 end
-  if secs < 1 then secs = 1 end
-  return cap, secs
-end
--- The tokens bucket i holds now: a missing key is a full bucket.
-local function level(i)
-  local cap, secs = params(i)
-  local v = redis.call('HMGET', KEYS[i], 'tokens', 'ms')
-  if not v[1] or not v[2] then return cap end
-  local elapsed = now - tonumber(v[2])
-  if elapsed < 0 then elapsed = 0 end
-  local tokens = tonumber(v[1]) + elapsed * cap / (secs * 1000)
-  if tokens > cap then tokens = cap end
-  return tokens
-end
--- Records bucket i at `tokens` now: deleted when full, else kept until 1 s after it is full.
-local function put(i, tokens)
-  local cap, secs = params(i)
-  if tokens >= cap then
-    redis.call('DEL', KEYS[i])
-    return
-  end
-  redis.call('HSET', KEYS[i], 'tokens', string.format('%.17g', tokens), 'ms', string.format('%d', now))
-  local ttl = math.ceil((cap - tokens) * (secs * 1000) / cap) + 1000
-  if ttl > 1099511627776 then ttl = 1099511627776 end
-  redis.call('PEXPIRE', KEYS[i], string.format('%d', ttl))
-end
--- The index of the last key before i equal to KEYS[i], or nil.
-local function earlier(i)
-  for k = i - 1, 1, -1 do
-    if KEYS[k] == KEYS[i] then return k end
-  end
-  return nil
-end
--- Whether a key after i equals KEYS[i].
-local function later(i)
-  for k = i + 1, NB do
-    if KEYS[k] == KEYS[i] then return true end
-  end
-  return false
-end
--- Each bucket's level after change(i, tokens), a key named twice seeing its earlier change.
-local function levels_after(change)
-  local after = {}
-  for i = 1, NB do
-    local j = earlier(i)
-    local tokens
-    if j then tokens = after[j] else tokens = level(i) end
-    after[i] = change(i, tokens)
-  end
-  return after
-end
-local function put_all(after)
-  for i = 1, NB do
-    if not later(i) then put(i, after[i]) end
-  end
-end
--- Takes `amount` from every bucket, or from none: nil when taken, else
--- {index (0-based), tokens available, retry_after_secs} of the short bucket that takes longest
--- to hold the amount.
-local function take_all(amount)
-  local short = nil
-  local after = levels_after(function(i, tokens)
-    if tokens >= amount then return tokens - amount end
-    local cap, secs = params(i)
-    local target = amount
-    if target > cap then target = cap end
-    local retry = math.ceil((target - tokens) * secs / cap)
-    if retry < 1 then retry = 1 end
-    if retry > 4294967296 then retry = 4294967296 end
-    if not short or retry > short[3] then
-      local available = 0
-      if tokens > 0 then available = math.floor(tokens) end
-      short = {i - 1, available, retry}
-    end
-    return tokens
-  end)
-  if short then return short end
-  put_all(after)
-  return nil
-end
-"
-    };
-}
-
-/// Takes `ARGV[1]` tokens from every bucket in `KEYS` or from none (see `bucket_lua`). Returns
-/// `{1}`, or `{0, index (0-based), tokens available, retry_after_secs}` for the short bucket
-/// that takes longest to hold the amount.
-const RESERVE: &str = concat!(
-    "local NB = #KEYS\n",
-    bucket_lua!(),
-    r"
-local short = take_all(tonumber(ARGV[1]))
-if short then return {0, short[1], short[2], short[3]} end
-return {1}
-"
-);
-
-/// Adds `ARGV[1]` tokens to every bucket in `KEYS` (see `bucket_lua`), never above capacity.
-const SETTLE: &str = concat!(
-    "local NB = #KEYS\n",
-    bucket_lua!(),
-    r"
-local delta = tonumber(ARGV[1])
-put_all(levels_after(function(i, tokens)
-  local cap = params(i)
-  tokens = tokens + delta
-  if tokens > cap then tokens = cap end
-  return tokens
-end))
-return 1
-"
-);
-
-/// A proxied call's admission in one round trip ([`Store::admit_call`]): the rate limit (GCRA,
-/// as `GCRA`), then the stream slot and the token reservation (as `ACQUIRE` and `RESERVE`), or
-/// neither.
-///
-/// `KEYS`: the `NB` buckets, then the DPoP replay key when a proof is recorded, then the
-/// limiter's TAT and block keys when rated, then the stream counter when a slot is asked.
-/// `ARGV`: the amount, each bucket's capacity and refill time, then the replay key's expiry
-/// (Unix ms), then the GCRA interval, burst and block (µs) when rated, then the stream max and
-/// expiry when a slot is asked, then `NB`, rated, slot and replay (`0`/`1` each). Returns `{0}`
-/// admitted, `{1, remaining, retry_us}` rate limited, `{2}` streams full,
-/// `{3, index (0-based), tokens available, retry_after_secs}` a short bucket, or `{4}` a
-/// replayed proof (nothing taken).
-const ADMIT_CALL: &str = concat!(
-    "local NB = tonumber(ARGV[#ARGV - 3])\n",
-    bucket_lua!(),
-    r"
-local rated = ARGV[#ARGV - 2] == '1'
-local slotted = ARGV[#ARGV - 1] == '1'
-local replay = ARGV[#ARGV] == '1'
-local a = 2 * NB + 2
-local k = NB + 1
-if replay then
-  if not redis.call('SET', KEYS[k], 1, 'PXAT', ARGV[a], 'NX') then return {4} end
-  a = a + 1
-  k = k + 1
-end
-if rated then
-  local tat_key, block_key = KEYS[k], KEYS[k + 1]
-  local interval, burst, block = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local tt = redis.call('TIME')
-  local now_us = tonumber(tt[1]) * 1000000 + tonumber(tt[2])
-  local blocked = redis.call('PTTL', block_key)
-  if blocked > 0 then return {1, 0, blocked * 1000} end
-  local tat = tonumber(redis.call('GET', tat_key) or now_us)
-  if tat < now_us then tat = now_us end
-  local new_tat = tat + interval
-  local allow_at = new_tat - interval * burst
-  if now_us < allow_at then
-    local retry = allow_at - now_us
-    if block > 0 then
-      if block > retry then retry = block end
-      redis.call('SET', block_key, 1, 'PX', math.ceil(retry / 1000))
-    end
-    return {1, 0, retry}
-  end
-  redis.call('SET', tat_key, new_tat, 'PX', math.ceil((new_tat - now_us) / 1000) + 1)
-  a = a + 3
-  k = k + 2
-end
-local stream_key = nil
-if slotted then
-  stream_key = KEYS[k]
-  local open = tonumber(redis.call('GET', stream_key) or '0')
-  if open >= tonumber(ARGV[a]) then return {2} end
-end
-local amount = tonumber(ARGV[1])
-if NB > 0 and amount > 0 then
-  local short = take_all(amount)
-  if short then return {3, short[1], short[2], short[3]} end
-end
-if slotted then
-  redis.call('INCR', stream_key)
-  redis.call('EXPIREAT', stream_key, tonumber(ARGV[a + 1]) + 1)
-end
-return {0}
-"
-);
-
-/// Takes a stream slot of session `KEYS[1]` (max `ARGV[1]`, held until `ARGV[2]` at most).
-const ACQUIRE: &str = r"
-local open = tonumber(redis.call('GET', KEYS[1]) or '0')
-if open >= tonumber(ARGV[1]) then return 0 end
-redis.call('INCR', KEYS[1])
-redis.call('EXPIREAT', KEYS[1], tonumber(ARGV[2]) + 1)
-return 1
-";
-
-/// Gives back a stream slot of session `KEYS[1]`.
-const RELEASE: &str = r"
-if tonumber(redis.call('GET', KEYS[1]) or '0') > 0 then redis.call('DECR', KEYS[1]) end
-return 1
-";
-
-/// Registers App Attest key `KEYS[1]` unless it exists: `ARGV` = public key, App ID,
-/// development (`0`/`1`), counter, registration time, expiry (Unix ms). Returns 1 when
-/// registered, 0 when the key was already there (first writer wins).
-const REGISTER_KEY: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'pk', ARGV[1], 'app', ARGV[2], 'dev', ARGV[3], 'ctr', ARGV[4], 'at', ARGV[5])
-redis.call('PEXPIREAT', KEYS[1], ARGV[6])
-return 1
-";
-
-/// Raises the counter of App Attest key `KEYS[1]` to `ARGV[1]` when strictly above the stored
-/// one, then keeps the key until `ARGV[2]` (Unix ms). Returns 1 when raised, 0 when the key is
-/// missing or its counter is not below (compare and set).
-const ADVANCE_KEY: &str = r"
-local current = redis.call('HGET', KEYS[1], 'ctr')
-if not current then return 0 end
-if tonumber(ARGV[1]) <= tonumber(current) then return 0 end
-redis.call('HSET', KEYS[1], 'ctr', ARGV[1])
-redis.call('PEXPIREAT', KEYS[1], ARGV[2])
-return 1
-";
-
-/// Shared state on Redis: see [`crate::store`]. One multiplexed, auto-reconnecting connection,
-/// a timeout per call, keys under `store.key_prefix` that expire with what they record, and rate
-/// limiting and cap admission as atomic Lua scripts on Redis's clock.
+/// Shared state on Redis: see [`crate::store`] and the [module docs](self). One primary (one
+/// multiplexed, auto-reconnecting connection) or a Redis Cluster, a timeout per call, keys
+/// under `store.key_prefix` that expire with what they record, and every multi-step decision
+/// as an atomic Lua script on Redis's clock.
 #[derive(Clone)]
 pub struct RedisStore {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    client: redis::Client,
-    conn: OnceCell<ConnectionManager>,
+    /// One client per node `store.url` names (one, or a cluster's seeds): the connection is
+    /// made from all of them, the revocation subscription from one at a time.
+    nodes: Vec<redis::Client>,
+    conn: OnceCell<Conn>,
     prefix: String,
     timeout: Duration,
     gcra: Script,
@@ -363,7 +81,7 @@ struct Inner {
     admit_call: Script,
     settle_many: Script,
     /// The queue of the task that batches settlements ([`settlements`]), started on first use.
-    settlements: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<settlements::Settlement>>,
+    settlements: std::sync::OnceLock<settlements::Queue>,
     /// The local copy of the revoked set, fed by pub/sub ([`revocations`]).
     revocations: Arc<revocations::Revocations>,
 }
@@ -372,6 +90,7 @@ impl fmt::Debug for RedisStore {
     // The URL may hold a password: never print it.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
+            .field("nodes", &self.inner.nodes.len())
             .field("prefix", &self.inner.prefix)
             .field("timeout", &self.inner.timeout)
             .finish_non_exhaustive()
@@ -379,18 +98,54 @@ impl fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
-    /// A store on the Redis at `url` (`redis://[:password@]host:port[/db]`, or `rediss://` for
-    /// TLS: rustls, checking the server's certificate against the platform's roots or the PEM
-    /// file `SSL_CERT_FILE` names), with keys under `prefix:` and `timeout` per call. Connects
-    /// on first use.
+    /// A store on the Redis at `url`, with keys under `prefix:` and `timeout` per call.
+    /// Connects on first use.
+    ///
+    /// `url` is `redis://[[user]:password@]host:port[/db]`, or `rediss://` for TLS (rustls,
+    /// checking the server's certificate against the platform's roots or the PEM file
+    /// `SSL_CERT_FILE` names). For a Redis Cluster, name one node or several, separated by
+    /// commas: `redis://:pw@10.0.0.1:7000,10.0.0.2:7000` (an item without a scheme takes the
+    /// first one's scheme and credentials). One URL that leads to a cluster node is a cluster.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use perishable_core::store::RedisStore;
+    ///
+    /// let one = RedisStore::new("redis://127.0.0.1:6379/", "perishable", Duration::from_millis(500))?;
+    /// let cluster = RedisStore::new(
+    ///     "redis://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002",
+    ///     "perishable",
+    ///     Duration::from_millis(500),
+    /// )?;
+    /// # Ok::<(), perishable_core::config::ConfigError>(())
+    /// ```
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self, ConfigError> {
-        let client = redis::Client::open(url).map_err(|_| ConfigError::Invalid {
+        let invalid = |reason: String| ConfigError::Invalid {
             key: "store.url",
-            reason: "is not a valid Redis URL".to_owned(),
-        })?;
+            reason,
+        };
+        let nodes = connection::node_urls(url)
+            .map_err(invalid)?
+            .iter()
+            .map(|node| redis::Client::open(node.as_str()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| invalid("is not a valid Redis URL".to_owned()))?;
+        if nodes.len() > 1 {
+            // Checked now rather than on the first call: the nodes must agree on credentials
+            // and TLS.
+            redis::cluster::ClusterClient::new(
+                nodes.iter().map(|n| n.get_connection_info().clone()),
+            )
+            .map_err(|e| {
+                invalid(format!(
+                    "does not name a usable cluster: {}",
+                    e.detail().unwrap_or("the nodes disagree")
+                ))
+            })?;
+        }
         Ok(Self {
             inner: Arc::new(Inner {
-                client,
+                nodes,
                 conn: OnceCell::new(),
                 prefix: prefix.to_owned(),
                 timeout,
@@ -422,41 +177,33 @@ impl RedisStore {
 }
 
 impl Inner {
+    /// `<prefix>:<kind>:{<id>}`: the key of `id`, tagged with it (see [`cluster`]).
     fn key(&self, kind: &str, id: &str) -> String {
-        format!("{}:{kind}:{id}", self.prefix)
+        format!("{}:{kind}:{}", self.prefix, tag(id))
     }
 
-    /// Adds each bucket's key (`KEYS[i]`) and its capacity and refill time (`ARGV[2i]`,
-    /// `ARGV[2i+1]`, after the amount or delta in `ARGV[1]`) to a bucket script's call.
-    fn bucket_keys(&self, call: &mut redis::ScriptInvocation<'_>, buckets: &[Bucket]) {
-        for bucket in buckets {
-            // Redis Cluster (unsupported) would need a call's keys in one slot: a hash tag.
-            call.key(self.key("budget", &bucket.key))
-                .arg(bucket.capacity.max(1))
-                .arg(bucket.window_secs.max(1));
-        }
+    /// The sorted set of revoked token ids (one key: one slot).
+    fn revoked_key(&self) -> String {
+        format!("{}:revoked", self.prefix)
+    }
+
+    /// The connection, made on first use (see [`connection`]).
+    async fn conn(&self) -> Result<Conn, StoreError> {
+        self.conn
+            .get_or_try_init(|| connection::connect(&self.nodes, self.timeout))
+            .await
+            .cloned()
+            .map_err(|e| StoreError::Unavailable(e.to_string()))
     }
 
     /// Runs `op` on the connection, within the timeout.
     async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let work = async {
-            let conn = self
-                .conn
-                .get_or_try_init(|| async {
-                    let config = ConnectionManagerConfig::new()
-                        .set_connection_timeout(Some(self.timeout))
-                        .set_response_timeout(Some(self.timeout))
-                        .set_number_of_retries(1)
-                        .set_max_delay(Duration::from_secs(1));
-                    ConnectionManager::new_lazy_with_config(self.client.clone(), config)
-                })
-                .await
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?
-                .clone();
+            let conn = self.conn().await?;
             op(conn)
                 .await
                 .map_err(|e| StoreError::Unavailable(e.to_string()))
@@ -464,6 +211,37 @@ impl Inner {
         tokio::time::timeout(self.timeout, work)
             .await
             .map_err(|_| StoreError::Timeout)?
+    }
+
+    /// The keys of `buckets` grouped by slot, each with its index, capacity and refill time.
+    fn bucket_groups(&self, conn: &Conn, buckets: &[Bucket]) -> Vec<Vec<(String, BucketArgs)>> {
+        by_slot(
+            conn,
+            buckets.iter().enumerate().map(|(index, b)| {
+                let args = BucketArgs {
+                    index,
+                    capacity: b.capacity.max(1),
+                    secs: b.window_secs.max(1),
+                };
+                (self.key("budget", &b.key), args)
+            }),
+        )
+    }
+}
+
+/// A bucket in a script call: its index among the caller's buckets, capacity and refill time.
+#[derive(Debug, Clone, Copy)]
+struct BucketArgs {
+    index: usize,
+    capacity: u64,
+    secs: u64,
+}
+
+/// Adds each bucket's key (`KEYS[i]`) and its capacity and refill time (`ARGV[2i]`,
+/// `ARGV[2i+1]`, after the amount or delta in `ARGV[1]`) to a bucket script's call.
+fn bucket_args(call: &mut redis::ScriptInvocation<'_>, group: &[(String, BucketArgs)]) {
+    for (key, args) in group {
+        call.key(key).arg(args.capacity).arg(args.secs);
     }
 }
 
@@ -593,7 +371,6 @@ impl Store for RedisStore {
 
     fn insert_once<'a>(&'a self, set: Set, id: &'a str, expires_at: u64) -> StoreFuture<'a, bool> {
         Box::pin(async move {
-            let key = self.inner.key(set.name(), id);
             let at_ms = expiry_ms(expires_at);
             if set == Set::Revoked {
                 // Recorded and published at once: every instance's copy learns of it.
@@ -602,8 +379,9 @@ impl Store for RedisStore {
                     .run(|mut conn| async move {
                         inner
                             .revoke
-                            .key(key)
+                            .key(inner.revoked_key())
                             .arg(at_ms)
+                            .arg(id)
                             .arg(revocations::channel(&inner.prefix))
                             .arg(format!("{id} {at_ms}"))
                             .invoke_async(&mut conn)
@@ -613,6 +391,7 @@ impl Store for RedisStore {
                 inner.revocations.insert(id, at_ms, now_ms());
                 return Ok(fresh == 1);
             }
+            let key = self.inner.key(set.name(), id);
             let set: Option<String> = self
                 .inner
                 .run(|mut conn| async move {
@@ -635,6 +414,14 @@ impl Store for RedisStore {
             if let Some(known) = self.contains_now(set, id) {
                 return Ok(known);
             }
+            if set == Set::Revoked {
+                let key = self.inner.revoked_key();
+                let until: Option<f64> = self
+                    .inner
+                    .run(|mut conn| async move { conn.zscore(key, id).await })
+                    .await?;
+                return Ok(until.is_some_and(|until| until > now_ms() as f64));
+            }
             let key = self.inner.key(set.name(), id);
             self.inner
                 .run(|mut conn| async move { conn.exists(key).await })
@@ -650,7 +437,7 @@ impl Store for RedisStore {
         }
         let copy = &self.inner.revocations;
         if !copy.synced() {
-            copy.start(self.inner.client.clone(), self.inner.prefix.clone());
+            revocations::start(&self.inner);
         }
         copy.contains(id, now_ms())
     }
@@ -676,17 +463,46 @@ impl Store for RedisStore {
         max: u32,
     ) -> StoreFuture<'a, Admission> {
         Box::pin(async move {
-            let wait: i64 = self
-                .inner
-                .run(|mut conn| async move {
-                    let mut call = self.inner.admit.prepare_invoke();
-                    for key in keys {
-                        call.key(self.inner.key("caps", key));
+            let inner = &self.inner;
+            let waits: Vec<(Vec<String>, i64)> = inner
+                .run(|conn| async move {
+                    let groups = by_slot(&conn, keys.iter().map(|k| (inner.key("caps", k), ())));
+                    let replies = join_all(groups.iter().map(|group| {
+                        let mut conn = conn.clone();
+                        let mut call = inner.admit.prepare_invoke();
+                        for (key, ()) in group {
+                            call.key(key);
+                        }
+                        call.arg(jti).arg(exp).arg(max.max(1));
+                        async move { call.invoke_async::<i64>(&mut conn).await }
+                    }))
+                    .await;
+                    let mut waits = Vec::with_capacity(groups.len());
+                    let mut failure = None;
+                    for (group, reply) in groups.into_iter().zip(replies) {
+                        let keys = group.into_iter().map(|(key, ())| key).collect();
+                        match reply {
+                            Ok(wait) => waits.push((keys, wait)),
+                            Err(e) => failure = Some(e),
+                        }
                     }
-                    call.arg(jti).arg(exp).arg(max.max(1));
-                    call.invoke_async(&mut conn).await
+                    let refused = failure.is_some() || waits.iter().any(|(_, wait)| *wait >= 0);
+                    if refused {
+                        // All or none: the groups that admitted the session let it go again.
+                        let admitted = waits.iter().filter(|(_, wait)| *wait < 0);
+                        let _ = join_all(admitted.flat_map(|(keys, _)| keys).map(|key| {
+                            let mut conn = conn.clone();
+                            async move { conn.zrem::<_, _, i64>(key, jti).await }
+                        }))
+                        .await;
+                    }
+                    match failure {
+                        Some(e) => Err(e),
+                        None => Ok(waits),
+                    }
                 })
                 .await?;
+            let wait = waits.iter().map(|(_, wait)| *wait).max().unwrap_or(-1);
             Ok(match u64::try_from(wait) {
                 Ok(secs) => Admission::Full {
                     retry_after_secs: secs.max(1),
@@ -698,13 +514,20 @@ impl Store for RedisStore {
 
     fn release_session<'a>(&'a self, keys: &'a [String], jti: &'a str) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            self.inner
-                .run(|mut conn| async move {
-                    let mut pipe = redis::pipe();
-                    for key in keys {
-                        pipe.zrem(self.inner.key("caps", key), jti).ignore();
-                    }
-                    pipe.query_async::<()>(&mut conn).await
+            let inner = &self.inner;
+            inner
+                .run(|conn| async move {
+                    let groups = by_slot(&conn, keys.iter().map(|k| (inner.key("caps", k), ())));
+                    let replies = join_all(groups.iter().map(|group| {
+                        let mut conn = conn.clone();
+                        let mut pipe = redis::pipe();
+                        for (key, ()) in group {
+                            pipe.zrem(key, jti).ignore();
+                        }
+                        async move { pipe.query_async::<()>(&mut conn).await }
+                    }))
+                    .await;
+                    replies.into_iter().collect::<Result<(), _>>()
                 })
                 .await
         })
@@ -718,14 +541,21 @@ impl Store for RedisStore {
         exp: u64,
     ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            self.inner
-                .run(|mut conn| async move {
-                    let mut call = self.inner.replace.prepare_invoke();
-                    for key in keys {
-                        call.key(self.inner.key("caps", key));
-                    }
-                    call.arg(old).arg(new).arg(exp);
-                    call.invoke_async::<i64>(&mut conn).await.map(|_| ())
+            let inner = &self.inner;
+            inner
+                .run(|conn| async move {
+                    let groups = by_slot(&conn, keys.iter().map(|k| (inner.key("caps", k), ())));
+                    let replies = join_all(groups.iter().map(|group| {
+                        let mut conn = conn.clone();
+                        let mut call = inner.replace.prepare_invoke();
+                        for (key, ()) in group {
+                            call.key(key);
+                        }
+                        call.arg(old).arg(new).arg(exp);
+                        async move { call.invoke_async::<i64>(&mut conn).await.map(|_| ()) }
+                    }))
+                    .await;
+                    replies.into_iter().collect::<Result<(), _>>()
                 })
                 .await
         })
@@ -740,25 +570,73 @@ impl Store for RedisStore {
             if buckets.is_empty() {
                 return Ok(Reservation::Reserved);
             }
-            let reply: Vec<i64> = self
-                .inner
-                .run(|mut conn| async move {
-                    let mut call = self.inner.reserve.prepare_invoke();
-                    call.arg(amount);
-                    self.inner.bucket_keys(&mut call, buckets);
-                    call.invoke_async(&mut conn).await
+            let inner = &self.inner;
+            let (replies, groups) = inner
+                .run(|conn| async move {
+                    let groups = inner.bucket_groups(&conn, buckets);
+                    let replies = join_all(groups.iter().map(|group| {
+                        let mut conn = conn.clone();
+                        let mut call = inner.reserve.prepare_invoke();
+                        call.arg(amount);
+                        bucket_args(&mut call, group);
+                        async move { call.invoke_async::<Vec<i64>>(&mut conn).await }
+                    }))
+                    .await;
+                    let taken = |reply: &redis::RedisResult<Vec<i64>>| {
+                        matches!(reply.as_ref().map(Vec::as_slice), Ok([1]))
+                    };
+                    if !replies.iter().all(taken) {
+                        // All or none: the groups that reserved give it back.
+                        let give_back = groups.iter().zip(&replies).filter(|(_, r)| taken(r));
+                        let _ = join_all(give_back.map(|(group, _)| {
+                            let mut conn = conn.clone();
+                            let mut call = inner.settle.prepare_invoke();
+                            call.arg(amount);
+                            bucket_args(&mut call, group);
+                            async move { call.invoke_async::<i64>(&mut conn).await }
+                        }))
+                        .await;
+                    }
+                    Ok((replies, groups))
                 })
                 .await?;
+            // The short bucket that takes longest to hold the amount, as one script finds it.
             let count = |n: i64| u64::try_from(n).unwrap_or(0);
-            Ok(match reply.as_slice() {
-                [1] => Reservation::Reserved,
-                [0, bucket, available, retry] => Reservation::Exhausted {
-                    bucket: usize::try_from(*bucket).unwrap_or(0),
-                    available: count(*available),
-                    retry_after_secs: count(*retry).max(1),
-                },
-                _ => return Err(StoreError::Unavailable("unexpected reply".to_owned())),
-            })
+            let mut short: Option<Reservation> = None;
+            for (group, reply) in groups.iter().zip(replies) {
+                match reply
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?
+                    .as_slice()
+                {
+                    [1] => {}
+                    [0, bucket, available, retry] => {
+                        let retry_after_secs = count(*retry).max(1);
+                        let bucket = usize::try_from(*bucket)
+                            .ok()
+                            .and_then(|at| group.get(at))
+                            .map(|(_, args)| args.index)
+                            .ok_or_else(|| {
+                                StoreError::Unavailable("unexpected reply".to_owned())
+                            })?;
+                        let longer = match short {
+                            Some(Reservation::Exhausted {
+                                retry_after_secs: r,
+                                ..
+                            }) => retry_after_secs > r,
+                            _ => true,
+                        };
+                        if longer {
+                            short = Some(Reservation::Exhausted {
+                                bucket,
+                                available: count(*available),
+                                retry_after_secs,
+                            });
+                        }
+                    }
+                    _ => return Err(StoreError::Unavailable("unexpected reply".to_owned())),
+                }
+            }
+            Ok(short.unwrap_or(Reservation::Reserved))
         })
     }
 
@@ -768,32 +646,7 @@ impl Store for RedisStore {
             if buckets.is_empty() || delta == 0 {
                 return Ok(());
             }
-            if tokio::runtime::Handle::try_current().is_ok() {
-                let queue = self.inner.settlements.get_or_init(|| {
-                    let (queue, settler) = tokio::sync::mpsc::unbounded_channel();
-                    tokio::spawn(settlements::run(Arc::downgrade(&self.inner), settler));
-                    queue
-                });
-                let (done, answer) = tokio::sync::oneshot::channel();
-                let settlement = settlements::Settlement {
-                    buckets: buckets.to_vec(),
-                    delta,
-                    done,
-                };
-                if queue.send(settlement).is_ok() {
-                    return answer.await.unwrap_or_else(|_| {
-                        Err(StoreError::Unavailable("settlement dropped".to_owned()))
-                    });
-                }
-            }
-            self.inner
-                .run(|mut conn| async move {
-                    let mut call = self.inner.settle.prepare_invoke();
-                    call.arg(delta);
-                    self.inner.bucket_keys(&mut call, buckets);
-                    call.invoke_async::<i64>(&mut conn).await.map(|_| ())
-                })
-                .await
+            settlements::settle(&self.inner, buckets, delta).await
         })
     }
 
@@ -832,64 +685,16 @@ impl Store for RedisStore {
         })
     }
 
-    /// One script, one round trip (`ADMIT_CALL`).
+    /// One script, one round trip (`ADMIT_CALL`); on a cluster one script per slot, sent
+    /// together (`redis/admission.rs`).
     fn admit_call<'a>(&'a self, call: CallAdmission<'a>) -> StoreFuture<'a, CallDecision> {
         Box::pin(async move {
             let inner = &self.inner;
-            let reserving = call.amount > 0 && !call.buckets.is_empty();
-            let buckets = if reserving { call.buckets } else { &[] };
-            let reply: Vec<i64> = inner
-                .run(|mut conn| async move {
-                    let mut invocation = inner.admit_call.prepare_invoke();
-                    invocation.arg(call.amount);
-                    inner.bucket_keys(&mut invocation, buckets);
-                    if let Some((id, expires_at)) = call.replay {
-                        invocation
-                            .key(inner.key(Set::DpopSeen.name(), id))
-                            .arg(expiry_ms(expires_at));
-                    }
-                    if let Some((limiter, key)) = call.rate {
-                        let gcra = Gcra::of(limiter.policy());
-                        let name = limiter.policy().name;
-                        invocation
-                            .key(inner.key(&format!("rl:{name}"), key))
-                            .key(inner.key(&format!("rlb:{name}"), key))
-                            .arg(gcra.interval_us)
-                            .arg(gcra.points)
-                            .arg(gcra.block_us);
-                    }
-                    if let Some((jti, max, exp)) = call.stream {
-                        invocation.key(inner.key("streams", jti)).arg(max).arg(exp);
-                    }
-                    invocation
-                        .arg(buckets.len())
-                        .arg(u8::from(call.rate.is_some()))
-                        .arg(u8::from(call.stream.is_some()))
-                        .arg(u8::from(call.replay.is_some()));
-                    invocation.invoke_async(&mut conn).await
-                })
-                .await?;
-            let field = |i: usize| reply.get(i).copied().unwrap_or(0).max(0).unsigned_abs();
-            Ok(match reply.first() {
-                Some(0) => CallDecision::Admitted,
-                Some(1) => CallDecision::RateLimited(RateDecision {
-                    allowed: false,
-                    remaining: u32::try_from(field(1)).unwrap_or(u32::MAX),
-                    retry_after: Duration::from_micros(field(2)),
-                }),
-                Some(2) => CallDecision::StreamsFull,
-                Some(3) => CallDecision::Exhausted {
-                    bucket: usize::try_from(field(1)).unwrap_or(0),
-                    available: field(2),
-                    retry_after_secs: field(3),
-                },
-                Some(4) => CallDecision::Replayed,
-                _ => {
-                    return Err(StoreError::Unavailable(
-                        "malformed admission reply".to_owned(),
-                    ));
-                }
-            })
+            let keys = admission::CallKeys::new(inner, &call);
+            inner
+                .run(|conn| async move { keys.admit(inner, conn).await })
+                .await?
+                .into_result()
         })
     }
 

@@ -8,14 +8,22 @@
 //! batch is one settlement, as before. At many calls at once the scripts per call fall towards
 //! one (the admission).
 //!
-//! A settlement still queued when the process exits is lost. Its reservation then stands: the
-//! client is charged what it reserved, never less than it used.
+//! On a cluster a batch's buckets are grouped by slot: one `SETTLE_MANY` per slot, sent
+//! together.
+//!
+//! Nothing here is lost on shutdown if the server waits for
+//! [`store::settled`](crate::store::settled) (as `perishable::serve` does): a settlement is
+//! counted from its call's end until its batch is in Redis. One that never gets there (Redis
+//! down at exit) leaves its reservation standing: the client is charged what it reserved, never
+//! less than it used.
 
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 
+use futures_util::future::join_all;
 use tokio::sync::{mpsc, oneshot};
 
 use super::Inner;
+use super::cluster::by_slot;
 use crate::store::{Bucket, StoreError};
 
 /// Most settlements in one script call (bounds the script's run time).
@@ -67,9 +75,40 @@ end
 return 1
 ";
 
+/// The queue of the task that sends settlements.
+pub(super) type Queue = mpsc::UnboundedSender<Settlement>;
+
+/// Settles `delta` to `buckets`: queued for the next batch, or on its own outside a tokio
+/// runtime.
+pub(super) async fn settle(
+    inner: &Arc<Inner>,
+    buckets: &[Bucket],
+    delta: i64,
+) -> Result<(), StoreError> {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        let queue = inner.settlements.get_or_init(|| {
+            let (queue, settler) = mpsc::unbounded_channel();
+            tokio::spawn(run(Arc::downgrade(inner), settler));
+            queue
+        });
+        let (done, answer) = oneshot::channel();
+        let settlement = Settlement {
+            buckets: buckets.to_vec(),
+            delta,
+            done,
+        };
+        if queue.send(settlement).is_ok() {
+            return answer
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Unavailable("settlement dropped".to_owned())));
+        }
+    }
+    apply(inner, &[(buckets.to_vec(), delta)]).await
+}
+
 /// The task that sends settlements, holding the store weakly: it ends with the store (its
 /// queue closes).
-pub(super) async fn run(store: Weak<Inner>, mut queue: mpsc::UnboundedReceiver<Settlement>) {
+async fn run(store: Weak<Inner>, mut queue: mpsc::UnboundedReceiver<Settlement>) {
     let mut batch: Vec<Settlement> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = queue.recv().await {
         batch.push(first);
@@ -80,7 +119,11 @@ pub(super) async fn run(store: Weak<Inner>, mut queue: mpsc::UnboundedReceiver<S
             }
         }
         let Some(inner) = store.upgrade() else { return };
-        let result = apply(&inner, &batch).await;
+        let work: Vec<(Vec<Bucket>, i64)> = batch
+            .iter_mut()
+            .map(|s| (std::mem::take(&mut s.buckets), s.delta))
+            .collect();
+        let result = apply(&inner, &work).await;
         drop(inner);
         for settlement in batch.drain(..) {
             let _ = settlement.done.send(result.clone());
@@ -88,21 +131,44 @@ pub(super) async fn run(store: Weak<Inner>, mut queue: mpsc::UnboundedReceiver<S
     }
 }
 
-/// One `SETTLE_MANY` call for `batch`.
-async fn apply(inner: &Inner, batch: &[Settlement]) -> Result<(), StoreError> {
+/// `SETTLE_MANY` for `batch`: one call, or on a cluster one per slot, sent together.
+async fn apply(inner: &Inner, batch: &[(Vec<Bucket>, i64)]) -> Result<(), StoreError> {
     inner
-        .run(|mut conn| async move {
-            let mut call = inner.settle_many.prepare_invoke();
-            call.arg(batch.len());
-            for settlement in batch {
-                call.arg(settlement.buckets.len()).arg(settlement.delta);
-                for bucket in &settlement.buckets {
-                    call.key(inner.key("budget", &bucket.key))
-                        .arg(bucket.capacity.max(1))
-                        .arg(bucket.window_secs.max(1));
+        .run(|conn| async move {
+            // Every bucket of the batch, with the settlement it belongs to, grouped by slot.
+            let groups = by_slot(
+                &conn,
+                batch.iter().enumerate().flat_map(|(n, (buckets, _))| {
+                    buckets
+                        .iter()
+                        .map(move |b| (inner.key("budget", &b.key), (n, b)))
+                }),
+            );
+            let replies = join_all(groups.iter().map(|group| {
+                let mut conn = conn.clone();
+                let mut call = inner.settle_many.prepare_invoke();
+                // Within a group, a settlement's buckets are adjacent and in order: one run
+                // of `(settlement, its buckets here)` each.
+                let mut runs: Vec<(usize, Vec<(&String, &Bucket)>)> = Vec::new();
+                for (key, (n, bucket)) in group {
+                    match runs.last_mut() {
+                        Some((last, items)) if last == n => items.push((key, bucket)),
+                        _ => runs.push((*n, vec![(key, bucket)])),
+                    }
                 }
-            }
-            call.invoke_async::<i64>(&mut conn).await.map(|_| ())
+                call.arg(runs.len());
+                for (n, items) in &runs {
+                    call.arg(items.len()).arg(batch[*n].1);
+                    for (key, bucket) in items {
+                        call.key(*key)
+                            .arg(bucket.capacity.max(1))
+                            .arg(bucket.window_secs.max(1));
+                    }
+                }
+                async move { call.invoke_async::<i64>(&mut conn).await.map(|_| ()) }
+            }))
+            .await;
+            replies.into_iter().collect::<Result<(), _>>()
         })
         .await
 }

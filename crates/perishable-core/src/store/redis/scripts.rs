@@ -1,0 +1,302 @@
+//! The Lua scripts of the Redis store: each one runs atomically, in one round trip, on Redis's
+//! clock (`TIME`), so instances with drifting clocks still agree.
+//!
+//! Every script touches the keys of one slot only when the store is given keys that share a
+//! hash tag; on Redis Cluster the store splits a call by slot first (`cluster.rs`).
+
+/// GCRA with the same semantics as governor: a burst of `burst`, one request replenished every
+/// `interval` µs, and a block of `block` µs after going over.
+/// Returns `{allowed (0|1), remaining, retry_after_us}`.
+pub(super) const GCRA: &str = r"
+local tat_key, block_key = KEYS[1], KEYS[2]
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local block = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local blocked = redis.call('PTTL', block_key)
+if blocked > 0 then
+  return {0, 0, blocked * 1000}
+end
+local tat = tonumber(redis.call('GET', tat_key) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval
+local allow_at = new_tat - interval * burst
+if now < allow_at then
+  local retry = allow_at - now
+  if block > 0 then
+    if block > retry then retry = block end
+    redis.call('SET', block_key, 1, 'PX', math.ceil(retry / 1000))
+  end
+  return {0, 0, retry}
+end
+redis.call('SET', tat_key, new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1)
+return {1, math.floor((now - allow_at) / interval), 0}
+";
+
+/// Takes a slot for `ARGV[1]` (until `ARGV[2]`, Unix s) under every key, unless one holds
+/// `ARGV[3]` live sessions. Returns -1 when admitted, else the seconds until a slot frees up.
+pub(super) const ADMIT: &str = r"
+local jti, exp, max = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local now = tonumber(redis.call('TIME')[1])
+local wait = -1
+for _, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  if redis.call('ZCARD', key) >= max then
+    local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    local w = tonumber(first[2]) - now
+    if w > wait then wait = w end
+  end
+end
+if wait >= 0 then
+  if wait < 1 then wait = 1 end
+  return wait
+end
+for _, key in ipairs(KEYS) do
+  redis.call('ZADD', key, exp, jti)
+  local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  redis.call('EXPIREAT', key, tonumber(last[2]) + 1)
+end
+return -1
+";
+
+/// Moves the slots of `ARGV[1]` to `ARGV[2]` (until `ARGV[3]`).
+pub(super) const REPLACE: &str = r"
+for _, key in ipairs(KEYS) do
+  redis.call('ZREM', key, ARGV[1])
+  redis.call('ZADD', key, tonumber(ARGV[3]), ARGV[2])
+  local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  redis.call('EXPIREAT', key, tonumber(last[2]) + 1)
+end
+return 1
+";
+
+/// The shared start of the token-bucket scripts: `now` (Unix ms, Redis's clock), `level(i)`
+/// and `put(i, tokens)` for bucket `KEYS[i]`, whose capacity is `ARGV[2i]` and refill time
+/// `ARGV[2i+1]` s. The same arithmetic as the memory store's (`memory.rs`, `Buckets`), in f64.
+macro_rules! bucket_lua {
+    () => {
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function params(i)
+  local cap = tonumber(ARGV[2 * i])
+  local secs = tonumber(ARGV[2 * i + 1])
+  if cap < 1 then cap = 1 end
+  if secs < 1 then secs = 1 end
+  return cap, secs
+end
+-- The tokens bucket i holds now: a missing key is a full bucket.
+local function level(i)
+  local cap, secs = params(i)
+  local v = redis.call('HMGET', KEYS[i], 'tokens', 'ms')
+  if not v[1] or not v[2] then return cap end
+  local elapsed = now - tonumber(v[2])
+  if elapsed < 0 then elapsed = 0 end
+  local tokens = tonumber(v[1]) + elapsed * cap / (secs * 1000)
+  if tokens > cap then tokens = cap end
+  return tokens
+end
+-- Records bucket i at `tokens` now: deleted when full, else kept until 1 s after it is full.
+local function put(i, tokens)
+  local cap, secs = params(i)
+  if tokens >= cap then
+    redis.call('DEL', KEYS[i])
+    return
+  end
+  redis.call('HSET', KEYS[i], 'tokens', string.format('%.17g', tokens), 'ms', string.format('%d', now))
+  local ttl = math.ceil((cap - tokens) * (secs * 1000) / cap) + 1000
+  if ttl > 1099511627776 then ttl = 1099511627776 end
+  redis.call('PEXPIRE', KEYS[i], string.format('%d', ttl))
+end
+-- The index of the last key before i equal to KEYS[i], or nil.
+local function earlier(i)
+  for k = i - 1, 1, -1 do
+    if KEYS[k] == KEYS[i] then return k end
+  end
+  return nil
+end
+-- Whether a key after i equals KEYS[i].
+local function later(i)
+  for k = i + 1, NB do
+    if KEYS[k] == KEYS[i] then return true end
+  end
+  return false
+end
+-- Each bucket's level after change(i, tokens), a key named twice seeing its earlier change.
+local function levels_after(change)
+  local after = {}
+  for i = 1, NB do
+    local j = earlier(i)
+    local tokens
+    if j then tokens = after[j] else tokens = level(i) end
+    after[i] = change(i, tokens)
+  end
+  return after
+end
+local function put_all(after)
+  for i = 1, NB do
+    if not later(i) then put(i, after[i]) end
+  end
+end
+-- Takes `amount` from every bucket, or from none: nil when taken, else
+-- {index (0-based), tokens available, retry_after_secs} of the short bucket that takes longest
+-- to hold the amount.
+local function take_all(amount)
+  local short = nil
+  local after = levels_after(function(i, tokens)
+    if tokens >= amount then return tokens - amount end
+    local cap, secs = params(i)
+    local target = amount
+    if target > cap then target = cap end
+    local retry = math.ceil((target - tokens) * secs / cap)
+    if retry < 1 then retry = 1 end
+    if retry > 4294967296 then retry = 4294967296 end
+    if not short or retry > short[3] then
+      local available = 0
+      if tokens > 0 then available = math.floor(tokens) end
+      short = {i - 1, available, retry}
+    end
+    return tokens
+  end)
+  if short then return short end
+  put_all(after)
+  return nil
+end
+"
+    };
+}
+
+/// Takes `ARGV[1]` tokens from every bucket in `KEYS` or from none (see `bucket_lua`). Returns
+/// `{1}`, or `{0, index (0-based), tokens available, retry_after_secs}` for the short bucket
+/// that takes longest to hold the amount.
+pub(super) const RESERVE: &str = concat!(
+    "local NB = #KEYS\n",
+    bucket_lua!(),
+    r"
+local short = take_all(tonumber(ARGV[1]))
+if short then return {0, short[1], short[2], short[3]} end
+return {1}
+"
+);
+
+/// Adds `ARGV[1]` tokens to every bucket in `KEYS` (see `bucket_lua`), never above capacity.
+pub(super) const SETTLE: &str = concat!(
+    "local NB = #KEYS\n",
+    bucket_lua!(),
+    r"
+local delta = tonumber(ARGV[1])
+put_all(levels_after(function(i, tokens)
+  local cap = params(i)
+  tokens = tokens + delta
+  if tokens > cap then tokens = cap end
+  return tokens
+end))
+return 1
+"
+);
+
+/// A proxied call's admission in one round trip ([`Store::admit_call`]): the rate limit (GCRA,
+/// as `GCRA`), then the stream slot and the token reservation (as `ACQUIRE` and `RESERVE`), or
+/// neither.
+///
+/// `KEYS`: the `NB` buckets, then the DPoP replay key when a proof is recorded, then the
+/// limiter's TAT and block keys when rated, then the stream counter when a slot is asked.
+/// `ARGV`: the amount, each bucket's capacity and refill time, then the replay key's expiry
+/// (Unix ms), then the GCRA interval, burst and block (µs) when rated, then the stream max and
+/// expiry when a slot is asked, then `NB`, rated, slot and replay (`0`/`1` each). Returns `{0}`
+/// admitted, `{1, remaining, retry_us}` rate limited, `{2}` streams full,
+/// `{3, index (0-based), tokens available, retry_after_secs}` a short bucket, or `{4}` a
+/// replayed proof (nothing taken).
+pub(super) const ADMIT_CALL: &str = concat!(
+    "local NB = tonumber(ARGV[#ARGV - 3])\n",
+    bucket_lua!(),
+    r"
+local rated = ARGV[#ARGV - 2] == '1'
+local slotted = ARGV[#ARGV - 1] == '1'
+local replay = ARGV[#ARGV] == '1'
+local a = 2 * NB + 2
+local k = NB + 1
+if replay then
+  if not redis.call('SET', KEYS[k], 1, 'PXAT', ARGV[a], 'NX') then return {4} end
+  a = a + 1
+  k = k + 1
+end
+if rated then
+  local tat_key, block_key = KEYS[k], KEYS[k + 1]
+  local interval, burst, block = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local tt = redis.call('TIME')
+  local now_us = tonumber(tt[1]) * 1000000 + tonumber(tt[2])
+  local blocked = redis.call('PTTL', block_key)
+  if blocked > 0 then return {1, 0, blocked * 1000} end
+  local tat = tonumber(redis.call('GET', tat_key) or now_us)
+  if tat < now_us then tat = now_us end
+  local new_tat = tat + interval
+  local allow_at = new_tat - interval * burst
+  if now_us < allow_at then
+    local retry = allow_at - now_us
+    if block > 0 then
+      if block > retry then retry = block end
+      redis.call('SET', block_key, 1, 'PX', math.ceil(retry / 1000))
+    end
+    return {1, 0, retry}
+  end
+  redis.call('SET', tat_key, new_tat, 'PX', math.ceil((new_tat - now_us) / 1000) + 1)
+  a = a + 3
+  k = k + 2
+end
+local stream_key = nil
+if slotted then
+  stream_key = KEYS[k]
+  local open = tonumber(redis.call('GET', stream_key) or '0')
+  if open >= tonumber(ARGV[a]) then return {2} end
+end
+local amount = tonumber(ARGV[1])
+if NB > 0 and amount > 0 then
+  local short = take_all(amount)
+  if short then return {3, short[1], short[2], short[3]} end
+end
+if slotted then
+  redis.call('INCR', stream_key)
+  redis.call('EXPIREAT', stream_key, tonumber(ARGV[a + 1]) + 1)
+end
+return {0}
+"
+);
+
+/// Takes a stream slot of session `KEYS[1]` (max `ARGV[1]`, held until `ARGV[2]` at most).
+pub(super) const ACQUIRE: &str = r"
+local open = tonumber(redis.call('GET', KEYS[1]) or '0')
+if open >= tonumber(ARGV[1]) then return 0 end
+redis.call('INCR', KEYS[1])
+redis.call('EXPIREAT', KEYS[1], tonumber(ARGV[2]) + 1)
+return 1
+";
+
+/// Gives back a stream slot of session `KEYS[1]`.
+pub(super) const RELEASE: &str = r"
+if tonumber(redis.call('GET', KEYS[1]) or '0') > 0 then redis.call('DECR', KEYS[1]) end
+return 1
+";
+
+/// Registers App Attest key `KEYS[1]` unless it exists: `ARGV` = public key, App ID,
+/// development (`0`/`1`), counter, registration time, expiry (Unix ms). Returns 1 when
+/// registered, 0 when the key was already there (first writer wins).
+pub(super) const REGISTER_KEY: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'pk', ARGV[1], 'app', ARGV[2], 'dev', ARGV[3], 'ctr', ARGV[4], 'at', ARGV[5])
+redis.call('PEXPIREAT', KEYS[1], ARGV[6])
+return 1
+";
+
+/// Raises the counter of App Attest key `KEYS[1]` to `ARGV[1]` when strictly above the stored
+/// one, then keeps the key until `ARGV[2]` (Unix ms). Returns 1 when raised, 0 when the key is
+/// missing or its counter is not below (compare and set).
+pub(super) const ADVANCE_KEY: &str = r"
+local current = redis.call('HGET', KEYS[1], 'ctr')
+if not current then return 0 end
+if tonumber(ARGV[1]) <= tonumber(current) then return 0 end
+redis.call('HSET', KEYS[1], 'ctr', ARGV[1])
+redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+return 1
+";
