@@ -1376,3 +1376,58 @@ on_both_stores!(
     silent_upstream_gives_back_its_stream_slot_redis,
     |url| failed_stream_gives_back_its_slot(url, Failure::Silent)
 );
+
+/// `perishable::serve` returns only once the settlements of the calls it served have reached
+/// the store (`store::settled`), so a process that exits right after loses none, even on a
+/// slow store.
+#[tokio::test]
+async fn serve_returns_after_the_settlements_reach_the_store() {
+    let mock = MockUpstream::start(MockOptions::new().api_key(SERVER_KEY))
+        .await
+        .unwrap();
+    let config = config(&mock.base_url())
+        .budget_tokens_per_window(100_000)
+        .build()
+        .unwrap();
+    let spy = Arc::new(RecordingStore::in_memory().slow_settlements(Duration::from_millis(500)));
+    let perishable = Perishable::with_store(config, spy.clone()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(perishable::serve(
+        listener,
+        perishable::router_from(&perishable),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let proxy = Proxy {
+        addr,
+        mock,
+        http: client(),
+    };
+    let session = proxy.mint("device-settle-at-exit").await;
+    let response = proxy
+        .openai(
+            Method::POST,
+            "chat/completions",
+            &session.token,
+            "device-settle-at-exit",
+        )
+        .header("content-type", "application/json")
+        .body(chat_body(FIVE_WORDS, Some(50), false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap();
+    // Stopped at once: the settlement is still waiting on the slow store.
+    stop.send(()).unwrap();
+    drop(proxy);
+    server.await.unwrap();
+    assert_eq!(
+        spy.settled().len(),
+        1,
+        "serve returned before the call's settlement reached the store"
+    );
+}

@@ -544,6 +544,8 @@ pub struct RecordingStore {
     settled: Mutex<Vec<i64>>,
     /// Completed `release_stream` calls.
     streams_released: AtomicUsize,
+    /// How long each settlement waits before it reaches the inner store.
+    settle_delay: Duration,
 }
 
 /// How many reservations and settlements a [`RecordingStore`] had recorded at some point.
@@ -566,7 +568,14 @@ impl RecordingStore {
             reserved: Mutex::default(),
             settled: Mutex::default(),
             streams_released: AtomicUsize::new(0),
+            settle_delay: Duration::ZERO,
         }
+    }
+
+    /// Each settlement waits `delay` before it reaches the inner store (a slow store).
+    pub fn slow_settlements(mut self, delay: Duration) -> Self {
+        self.settle_delay = delay;
+        self
     }
 
     /// On a fresh [`MemoryStore`](perishable::store::MemoryStore).
@@ -771,6 +780,7 @@ impl Store for RecordingStore {
 
     fn settle_tokens<'a>(&'a self, buckets: &'a [Bucket], delta: i64) -> StoreFuture<'a, ()> {
         Box::pin(async move {
+            tokio::time::sleep(self.settle_delay).await;
             let done = self.inner.settle_tokens(buckets, delta).await;
             self.settled.lock().unwrap().push(delta);
             done
