@@ -18,7 +18,7 @@ use futures_util::future::join_all;
 use redis::cluster_routing::Slot;
 
 use super::connection::Conn;
-use super::{Gcra, Inner, expiry_ms};
+use super::{Gcra, Inner, expiry_ms, settlements};
 use crate::store::{Bucket, CallAdmission, CallDecision, RateDecision, Set, StoreError};
 
 /// The Redis keys and arguments of one admission.
@@ -124,12 +124,30 @@ impl CallKeys {
         } else {
             vec![self.whole()]
         };
-        let replies = join_all(parts.iter().map(|part| {
+        // On one primary the admission carries the settlements waiting (`settlements.rs`): one
+        // script instead of two. On a cluster their slots are not the admission's.
+        let carried = if conn.is_cluster() {
+            Vec::new()
+        } else {
+            inner.settlements.take()
+        };
+        let settling = settlements::arguments(inner, &carried);
+        let replies = join_all(parts.iter().enumerate().map(|(i, part)| {
             let mut conn = conn.clone();
-            let invocation = self.invocation(inner, part);
+            let settling = if i == 0 { Some(&settling) } else { None };
+            let invocation = self.invocation(inner, part, settling);
             async move { invocation.invoke_async::<Vec<i64>>(&mut conn).await }
         }))
         .await;
+        if !carried.is_empty() {
+            let result = match &replies[0] {
+                Ok(_) => Ok(()),
+                Err(e) => Err(StoreError::Unavailable(e.to_string())),
+            };
+            for settlement in carried {
+                settlement.finish(result.clone());
+            }
+        }
         let mut decisions = Vec::with_capacity(parts.len());
         let mut failure = None;
         for (part, reply) in parts.iter().zip(replies) {
@@ -156,8 +174,14 @@ impl CallKeys {
         Ok(overall)
     }
 
-    /// `ADMIT_CALL` for `part` (its argument layout is documented with the script).
-    fn invocation<'s>(&self, inner: &'s Inner, part: &Part) -> redis::ScriptInvocation<'s> {
+    /// `ADMIT_CALL` for `part`, carrying `settling` (the keys and arguments of settlements)
+    /// when given. The argument layout is documented with the script.
+    fn invocation<'s>(
+        &self,
+        inner: &'s Inner,
+        part: &Part,
+        settling: Option<&(Vec<String>, Vec<i64>)>,
+    ) -> redis::ScriptInvocation<'s> {
         let mut invocation = inner.admit_call.prepare_invoke();
         let amount = if part.buckets.is_empty() {
             0
@@ -189,11 +213,25 @@ impl CallKeys {
         {
             invocation.key(key).arg(max).arg(exp);
         }
+        let (mut sk, mut sa) = (0, 0);
+        if let Some((keys, args)) = settling
+            && !keys.is_empty()
+        {
+            for key in keys {
+                invocation.key(key);
+            }
+            for arg in args {
+                invocation.arg(arg);
+            }
+            (sk, sa) = (keys.len(), args.len());
+        }
         invocation
             .arg(part.buckets.len())
             .arg(u8::from(part.rate))
             .arg(u8::from(part.stream))
-            .arg(u8::from(part.replay));
+            .arg(u8::from(part.replay))
+            .arg(sk)
+            .arg(sa);
         invocation
     }
 

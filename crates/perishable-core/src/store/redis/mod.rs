@@ -30,6 +30,7 @@ mod admission;
 mod cluster;
 mod connection;
 mod revocations;
+#[macro_use]
 mod scripts;
 mod settlements;
 
@@ -80,8 +81,9 @@ struct Inner {
     revoke: Script,
     admit_call: Script,
     settle_many: Script,
-    /// The queue of the task that batches settlements ([`settlements`]), started on first use.
-    settlements: std::sync::OnceLock<settlements::Queue>,
+    /// The settlements waiting for an admission to carry them, or for their task
+    /// ([`settlements`]).
+    settlements: Arc<settlements::Queue>,
     /// The local copy of the revoked set, fed by pub/sub ([`revocations`]).
     revocations: Arc<revocations::Revocations>,
 }
@@ -161,7 +163,7 @@ impl RedisStore {
                 revoke: Script::new(revocations::REVOKE),
                 admit_call: Script::new(ADMIT_CALL),
                 settle_many: Script::new(settlements::SETTLE_MANY),
-                settlements: std::sync::OnceLock::new(),
+                settlements: Arc::default(),
                 revocations: Arc::default(),
             }),
         })
@@ -173,6 +175,13 @@ impl RedisStore {
             &store.key_prefix,
             Duration::from_millis(store.timeout_ms),
         )
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The settlement task waits on the queue: tell it the store is gone.
+        self.settlements.close();
     }
 }
 

@@ -167,6 +167,50 @@ end
     };
 }
 
+/// `settle_many(k, a)`: applies the settlements whose count is `ARGV[a]` and whose keys start at
+/// `KEYS[k]`: per settlement `n, delta`, then `n` times `capacity, refill seconds` for the next
+/// `n` keys. Each bucket as `SETTLE` does it: refilled to now, `delta` added (never above
+/// capacity), deleted when full, else kept until 1 s after it is full again. Needs `now` (Unix
+/// ms, Redis's clock) defined before it.
+macro_rules! settle_many_lua {
+    () => {
+        r"
+local function settle_many(k, a)
+  local count = tonumber(ARGV[a])
+  a = a + 1
+  for _ = 1, count do
+    local n, delta = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+    a = a + 2
+    for _ = 1, n do
+      local key = KEYS[k]
+      local cap, secs = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+      if cap < 1 then cap = 1 end
+      if secs < 1 then secs = 1 end
+      a, k = a + 2, k + 1
+      local tokens = cap
+      local v = redis.call('HMGET', key, 'tokens', 'ms')
+      if v[1] and v[2] then
+        local elapsed = now - tonumber(v[2])
+        if elapsed < 0 then elapsed = 0 end
+        tokens = tonumber(v[1]) + elapsed * cap / (secs * 1000)
+        if tokens > cap then tokens = cap end
+      end
+      tokens = tokens + delta
+      if tokens >= cap then
+        redis.call('DEL', key)
+      else
+        redis.call('HSET', key, 'tokens', string.format('%.17g', tokens), 'ms', string.format('%d', now))
+        local ttl = math.ceil((cap - tokens) * (secs * 1000) / cap) + 1000
+        if ttl > 1099511627776 then ttl = 1099511627776 end
+        redis.call('PEXPIRE', key, string.format('%d', ttl))
+      end
+    end
+  end
+end
+"
+    };
+}
+
 /// Takes `ARGV[1]` tokens from every bucket in `KEYS` or from none (see `bucket_lua`). Returns
 /// `{1}`, or `{0, index (0-based), tokens available, retry_after_secs}` for the short bucket
 /// that takes longest to hold the amount.
@@ -204,17 +248,22 @@ return 1
 /// limiter's TAT and block keys when rated, then the stream counter when a slot is asked.
 /// `ARGV`: the amount, each bucket's capacity and refill time, then the replay key's expiry
 /// (Unix ms), then the GCRA interval, burst and block (µs) when rated, then the stream max and
-/// expiry when a slot is asked, then `NB`, rated, slot and replay (`0`/`1` each). Returns `{0}`
+/// expiry when a slot is asked, then the settlements it carries (`SA` arguments for
+/// `settle_many`, whose `SK` keys come last in `KEYS`), then `NB`, rated, slot and replay (`0`/`1`
+/// each), `SK` and `SA`. The settlements apply first, whatever the answer. Returns `{0}`
 /// admitted, `{1, remaining, retry_us}` rate limited, `{2}` streams full,
 /// `{3, index (0-based), tokens available, retry_after_secs}` a short bucket, or `{4}` a
 /// replayed proof (nothing taken).
 pub(super) const ADMIT_CALL: &str = concat!(
-    "local NB = tonumber(ARGV[#ARGV - 3])\n",
+    "local NB = tonumber(ARGV[#ARGV - 5])\n",
     bucket_lua!(),
+    settle_many_lua!(),
     r"
-local rated = ARGV[#ARGV - 2] == '1'
-local slotted = ARGV[#ARGV - 1] == '1'
-local replay = ARGV[#ARGV] == '1'
+local SK, SA = tonumber(ARGV[#ARGV - 1]), tonumber(ARGV[#ARGV])
+if SA > 0 then settle_many(#KEYS - SK + 1, #ARGV - 6 - SA + 1) end
+local rated = ARGV[#ARGV - 4] == '1'
+local slotted = ARGV[#ARGV - 3] == '1'
+local replay = ARGV[#ARGV - 2] == '1'
 local a = 2 * NB + 2
 local k = NB + 1
 if replay then

@@ -1,33 +1,40 @@
-//! Settlements batched: the settlements that wait while one batch is in Redis go together in
-//! the next, as one script.
+//! Settlements batched, and carried by the next admission: after its response, a call's
+//! settlement (the unused reservation given back, or the overrun taken) waits in a queue.
 //!
-//! A settlement happens after its response, off the critical path, but under load each one is
-//! still a script call: as many as the admissions. One task per store sends them. It takes
-//! every settlement queued when it is free, up to [`MAX_BATCH`], and applies them in one
-//! `SETTLE_MANY` call, in order (a bucket named twice sees both). At one call at a time a
-//! batch is one settlement, as before. At many calls at once the scripts per call fall towards
-//! one (the admission).
+//! - On one primary, the next call's admission script takes everything queued and applies it
+//!   first, in the same round trip (`admission.rs`): under steady traffic a call costs one
+//!   script, not two, and no admission waits behind a settlement on the connection.
+//! - When no admission comes within [`LINGER`], one task per store sends what is queued, up to
+//!   [`MAX_BATCH`] at a time, as one `SETTLE_MANY` script.
+//! - On a cluster the task sends everything (an admission's slots are not the settlements'),
+//!   grouped by slot: one `SETTLE_MANY` per slot, sent together.
 //!
-//! On a cluster a batch's buckets are grouped by slot: one `SETTLE_MANY` per slot, sent
-//! together.
+//! Either way the settlements apply in order (a bucket named twice sees both), and each caller
+//! learns when its own is in Redis. A settlement reaches Redis at most [`LINGER`] plus one
+//! round trip after its response.
 //!
 //! Nothing here is lost on shutdown if the server waits for
 //! [`store::settled`](crate::store::settled) (as `perishable::serve` does): a settlement is
-//! counted from its call's end until its batch is in Redis. One that never gets there (Redis
-//! down at exit) leaves its reservation standing: the client is charged what it reserved, never
-//! less than it used.
+//! counted from its call's end until it is in Redis. One that never gets there (Redis down at
+//! exit) leaves its reservation standing: the client is charged what it reserved, never less
+//! than it used.
 
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
 
 use futures_util::future::join_all;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 
 use super::Inner;
 use super::cluster::by_slot;
 use crate::store::{Bucket, StoreError};
 
 /// Most settlements in one script call (bounds the script's run time).
-const MAX_BATCH: usize = 128;
+pub(super) const MAX_BATCH: usize = 128;
+
+/// How long a settlement waits for an admission to carry it before the task sends it.
+const LINGER: Duration = Duration::from_millis(1);
 
 /// One settlement: `delta` to every bucket, and where to say it is done.
 pub(super) struct Settlement {
@@ -36,97 +43,126 @@ pub(super) struct Settlement {
     pub(super) done: oneshot::Sender<Result<(), StoreError>>,
 }
 
+impl Settlement {
+    /// Tells the caller how it went.
+    pub(super) fn finish(self, result: Result<(), StoreError>) {
+        let _ = self.done.send(result);
+    }
+}
+
+/// The settlements waiting, shared by the store, its admissions and the sending task.
+#[derive(Default)]
+pub(super) struct Queue {
+    pending: Mutex<Vec<Settlement>>,
+    /// Wakes the task: something was queued, or the store is gone.
+    wake: Notify,
+    started: AtomicBool,
+    closed: AtomicBool,
+}
+
+impl Queue {
+    /// Up to [`MAX_BATCH`] of the settlements waiting, oldest first.
+    pub(super) fn take(&self) -> Vec<Settlement> {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = pending.len().min(MAX_BATCH);
+        pending.drain(..n).collect()
+    }
+
+    /// Ends the task (the store is dropped).
+    pub(super) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+}
+
 /// `SETTLE_MANY`: `ARGV[1]` settlements, each `n, delta` then `n` times `capacity, refill
-/// seconds`, for the next `n` of `KEYS`. Each bucket as `SETTLE` does it: refilled to now,
-/// `delta` added (never above capacity), deleted when full, else kept until 1 s after it is
-/// full again.
-pub(super) const SETTLE_MANY: &str = r"
+/// seconds`, for the next `n` of `KEYS` (see `settle_many_lua` in `scripts.rs`).
+pub(super) const SETTLE_MANY: &str = concat!(
+    r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local a, k = 2, 1
-for _ = 1, tonumber(ARGV[1]) do
-  local n, delta = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  a = a + 2
-  for _ = 1, n do
-    local key = KEYS[k]
-    local cap, secs = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-    if cap < 1 then cap = 1 end
-    if secs < 1 then secs = 1 end
-    a, k = a + 2, k + 1
-    local tokens = cap
-    local v = redis.call('HMGET', key, 'tokens', 'ms')
-    if v[1] and v[2] then
-      local elapsed = now - tonumber(v[2])
-      if elapsed < 0 then elapsed = 0 end
-      tokens = tonumber(v[1]) + elapsed * cap / (secs * 1000)
-      if tokens > cap then tokens = cap end
-    end
-    tokens = tokens + delta
-    if tokens >= cap then
-      redis.call('DEL', key)
-    else
-      redis.call('HSET', key, 'tokens', string.format('%.17g', tokens), 'ms', string.format('%d', now))
-      local ttl = math.ceil((cap - tokens) * (secs * 1000) / cap) + 1000
-      if ttl > 1099511627776 then ttl = 1099511627776 end
-      redis.call('PEXPIRE', key, string.format('%d', ttl))
-    end
-  end
-end
+",
+    settle_many_lua!(),
+    r"
+settle_many(1, 1)
 return 1
-";
+"
+);
 
-/// The queue of the task that sends settlements.
-pub(super) type Queue = mpsc::UnboundedSender<Settlement>;
+/// The settlement arguments of `batch` for a script: `count`, then per settlement `n, delta`
+/// and `n` times `capacity, refill seconds`; and its keys. What `settle_many(k, a)` reads.
+pub(super) fn arguments(inner: &Inner, batch: &[Settlement]) -> (Vec<String>, Vec<i64>) {
+    let mut keys = Vec::new();
+    let mut args = vec![i64::try_from(batch.len()).unwrap_or(i64::MAX)];
+    for settlement in batch {
+        args.push(i64::try_from(settlement.buckets.len()).unwrap_or(i64::MAX));
+        args.push(settlement.delta);
+        for bucket in &settlement.buckets {
+            keys.push(inner.key("budget", &bucket.key));
+            args.push(i64::try_from(bucket.capacity.max(1)).unwrap_or(i64::MAX));
+            args.push(i64::try_from(bucket.window_secs.max(1)).unwrap_or(i64::MAX));
+        }
+    }
+    (keys, args)
+}
 
-/// Settles `delta` to `buckets`: queued for the next batch, or on its own outside a tokio
-/// runtime.
+/// Settles `delta` to `buckets`: queued (for the next admission, or the task), or on its own
+/// outside a tokio runtime.
 pub(super) async fn settle(
     inner: &Arc<Inner>,
     buckets: &[Bucket],
     delta: i64,
 ) -> Result<(), StoreError> {
     if tokio::runtime::Handle::try_current().is_ok() {
-        let queue = inner.settlements.get_or_init(|| {
-            let (queue, settler) = mpsc::unbounded_channel();
-            tokio::spawn(run(Arc::downgrade(inner), settler));
-            queue
-        });
-        let (done, answer) = oneshot::channel();
-        let settlement = Settlement {
-            buckets: buckets.to_vec(),
-            delta,
-            done,
-        };
-        if queue.send(settlement).is_ok() {
-            return answer
-                .await
-                .unwrap_or_else(|_| Err(StoreError::Unavailable("settlement dropped".to_owned())));
+        let queue = &inner.settlements;
+        if !queue.started.swap(true, Ordering::AcqRel) {
+            tokio::spawn(run(Arc::downgrade(inner), queue.clone()));
         }
+        let (done, answer) = oneshot::channel();
+        queue
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Settlement {
+                buckets: buckets.to_vec(),
+                delta,
+                done,
+            });
+        queue.wake.notify_one();
+        return answer
+            .await
+            .unwrap_or_else(|_| Err(StoreError::Unavailable("settlement dropped".to_owned())));
     }
     apply(inner, &[(buckets.to_vec(), delta)]).await
 }
 
-/// The task that sends settlements, holding the store weakly: it ends with the store (its
-/// queue closes).
-async fn run(store: Weak<Inner>, mut queue: mpsc::UnboundedReceiver<Settlement>) {
-    let mut batch: Vec<Settlement> = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = queue.recv().await {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
+/// The task that sends the settlements no admission carried, holding the store weakly: it ends
+/// with the store.
+async fn run(store: Weak<Inner>, queue: Arc<Queue>) {
+    loop {
+        queue.wake.notified().await;
+        if queue.closed.load(Ordering::Acquire) {
+            return;
         }
-        let Some(inner) = store.upgrade() else { return };
-        let work: Vec<(Vec<Bucket>, i64)> = batch
-            .iter_mut()
-            .map(|s| (std::mem::take(&mut s.buckets), s.delta))
-            .collect();
-        let result = apply(&inner, &work).await;
-        drop(inner);
-        for settlement in batch.drain(..) {
-            let _ = settlement.done.send(result.clone());
+        tokio::time::sleep(LINGER).await;
+        loop {
+            let batch = queue.take();
+            if batch.is_empty() {
+                break;
+            }
+            let Some(inner) = store.upgrade() else {
+                for settlement in batch {
+                    settlement.finish(Err(StoreError::Unavailable("store dropped".to_owned())));
+                }
+                return;
+            };
+            let work: Vec<(Vec<Bucket>, i64)> =
+                batch.iter().map(|s| (s.buckets.clone(), s.delta)).collect();
+            let result = apply(&inner, &work).await;
+            drop(inner);
+            for settlement in batch {
+                settlement.finish(result.clone());
+            }
         }
     }
 }
