@@ -337,3 +337,59 @@ fn a_rediss_store_is_reached_over_tls() {
     );
     let _ = std::fs::remove_file(config);
 }
+
+/// A Redis Cluster over TLS, named by `PERISHABLE_STORE_URL` as its nodes (`rediss://a,b,c`):
+/// the proxy is ready, mints (a session slot on the cluster) and proxies a budgeted call (a
+/// split admission and its settlement), every node reached over TLS with the test CA.
+#[test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server and redis-cli on the PATH (apt-get install redis-server)"
+)]
+fn a_rediss_cluster_is_reached_over_tls() {
+    let cluster = crate::support::RedisCluster::start_tls();
+    let config = std::env::temp_dir().join(format!(
+        "perishable-rediss-cluster-{}.toml",
+        std::process::id()
+    ));
+    std::fs::write(
+        &config,
+        "[pow]\ndifficulty = 0\n[session]\nmin_entropy_score = 0\n[budget]\ntokens_per_window = 100000\n",
+    )
+    .unwrap();
+    let mut command = command(&["--config", config.to_str().unwrap()]);
+    command
+        .env("PERISHABLE_STORE_URL", cluster.url())
+        .env("SSL_CERT_FILE", cluster.ca_pem());
+    let proxy = Example::spawn(command);
+    let health = proxy.health();
+    assert!(health.starts_with("HTTP/1.1 200 OK"), "{health}");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let http = reqwest::Client::new();
+        let session: serde_json::Value = http
+            .post(format!("http://{}/session", proxy.addr))
+            .json(&serde_json::json!({"fingerprint": "device-rediss-cluster-1"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let token = session["token"].as_str().expect("a session token");
+        let chat = http
+            .post(format!("http://{}/openai/chat/completions", proxy.addr))
+            .bearer_auth(token)
+            .header("x-perishable-fingerprint", "device-rediss-cluster-1")
+            .json(&serde_json::json!({
+                "model": "gpt-4o-mini",
+                "max_tokens": 20,
+                "messages": [{"role": "user", "content": "hi"}]
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(chat.status(), 200, "{:?}", chat.text().await);
+    });
+    let _ = std::fs::remove_file(config);
+}

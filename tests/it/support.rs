@@ -236,20 +236,7 @@ impl Redis {
             SERVERS.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(rcgen::DnType::CommonName, "perishable test CA");
-        let ca =
-            rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().unwrap()).unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let server = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
-            .unwrap()
-            .signed_by(&key, &ca)
-            .unwrap();
-        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-        std::fs::write(dir.join("server.pem"), server.pem()).unwrap();
-        std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+        write_test_certificates(&dir);
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -273,15 +260,7 @@ impl Redis {
         let mut command = Command::new("redis-server");
         match &self.tls {
             None => command.args(["--port", &self.port.to_string()]),
-            Some(dir) => command
-                .args(["--port", "0", "--tls-port", &self.port.to_string()])
-                .arg("--tls-cert-file")
-                .arg(dir.join("server.pem"))
-                .arg("--tls-key-file")
-                .arg(dir.join("server.key"))
-                .arg("--tls-ca-cert-file")
-                .arg(dir.join("ca.pem"))
-                .args(["--tls-auth-clients", "no"]),
+            Some(dir) => tls_server_args(&mut command, dir, self.port),
         };
         let child = command
             .args(["--bind", "127.0.0.1"])
@@ -328,18 +307,83 @@ impl Drop for Redis {
     }
 }
 
+/// Writes a fresh test CA (`ca.pem`) and a server certificate it issued for `localhost` and
+/// `127.0.0.1` (`server.pem`, `server.key`) into `dir`.
+fn write_test_certificates(dir: &std::path::Path) {
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "perishable test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().unwrap()).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let server = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.join("server.pem"), server.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+}
+
+/// `redis-server` arguments for TLS only on `port`, with the certificates in `dir` (also for
+/// a cluster's bus).
+fn tls_server_args<'c>(
+    command: &'c mut Command,
+    dir: &std::path::Path,
+    port: u16,
+) -> &'c mut Command {
+    command
+        .args(["--port", "0", "--tls-port", &port.to_string()])
+        .arg("--tls-cert-file")
+        .arg(dir.join("server.pem"))
+        .arg("--tls-key-file")
+        .arg(dir.join("server.key"))
+        .arg("--tls-ca-cert-file")
+        .arg(dir.join("ca.pem"))
+        .args(["--tls-auth-clients", "no", "--tls-cluster", "yes"])
+}
+
 /// A three-node Redis Cluster (three primaries, no replicas) on free loopback ports, made with
 /// `redis-cli --cluster create`; every node is killed on drop.
 pub struct RedisCluster {
     pub ports: Vec<u16>,
     children: Vec<Child>,
     dir: std::path::PathBuf,
+    tls: bool,
 }
 
 impl RedisCluster {
     /// Starts the nodes, joins them and waits until the cluster is `ok`. Tests that call this
     /// are marked `#[cfg_attr(perishable_missing_redis, ignore = "...")]`.
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// The same, speaking only TLS (`rediss://`, the cluster bus too), with a certificate from
+    /// a fresh test CA whose certificate is [`RedisCluster::ca_pem`].
+    pub fn start_tls() -> Self {
+        Self::start_with(true)
+    }
+
+    /// The test CA of a cluster from [`RedisCluster::start_tls`].
+    pub fn ca_pem(&self) -> std::path::PathBuf {
+        assert!(self.tls, "a TLS cluster");
+        self.dir.join("ca.pem")
+    }
+
+    /// `redis-cli` aimed at the node on `port`, speaking TLS when the cluster does.
+    fn cli(&self, port: u16) -> Command {
+        let mut cli = Command::new("redis-cli");
+        cli.args(["-h", "127.0.0.1", "-p", &port.to_string()]);
+        if self.tls {
+            cli.arg("--tls")
+                .arg("--cacert")
+                .arg(self.dir.join("ca.pem"));
+        }
+        cli
+    }
+
+    fn start_with(tls: bool) -> Self {
         static CLUSTERS: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "perishable-redis-cluster-{}-{}",
@@ -363,14 +407,24 @@ impl RedisCluster {
             listeners.push(listener);
         }
         drop(listeners);
+        if tls {
+            write_test_certificates(&dir);
+        }
         let mut cluster = Self {
             ports,
             children: Vec::new(),
             dir,
+            tls,
         };
         for &port in &cluster.ports {
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            let mut command = Command::new("redis-server");
+            if tls {
+                tls_server_args(&mut command, &cluster.dir, port);
+            } else {
+                command.args(["--port", &port.to_string()]);
+            }
+            let child = command
+                .args(["--bind", "127.0.0.1"])
                 .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"])
                 .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
                 .args(["--save", "", "--appendonly", "no"])
@@ -397,7 +451,8 @@ impl RedisCluster {
             .iter()
             .map(|port| format!("127.0.0.1:{port}"))
             .collect();
-        let created = Command::new("redis-cli")
+        let created = cluster
+            .cli(cluster.ports[0])
             .arg("--cluster")
             .arg("create")
             .args(&nodes)
@@ -409,11 +464,15 @@ impl RedisCluster {
         assert!(created.success(), "redis-cli --cluster create failed");
         // Every node must see the whole slot map before a client's first command.
         for _ in 0..400 {
-            if cluster
-                .ports
-                .iter()
-                .all(|&port| redis_reply(port, &["CLUSTER", "INFO"]).contains("cluster_state:ok"))
-            {
+            if cluster.ports.iter().all(|&port| {
+                cluster
+                    .cli(port)
+                    .args(["CLUSTER", "INFO"])
+                    .output()
+                    .is_ok_and(|out| {
+                        String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok")
+                    })
+            }) {
                 return cluster;
             }
             std::thread::sleep(Duration::from_millis(25));
@@ -421,14 +480,16 @@ impl RedisCluster {
         panic!("the Redis Cluster did not reach cluster_state:ok");
     }
 
-    /// `redis://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3`: every node, as `store.url` takes them.
+    /// `redis://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3` (`rediss://` for TLS): every node, as
+    /// `store.url` takes them.
     pub fn url(&self) -> String {
         let nodes: Vec<String> = self
             .ports
             .iter()
             .map(|port| format!("127.0.0.1:{port}"))
             .collect();
-        format!("redis://{}", nodes.join(","))
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://{}", nodes.join(","))
     }
 
     /// A command's calls on every node together (`INFO commandstats`).
