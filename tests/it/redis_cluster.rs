@@ -221,37 +221,8 @@ async fn two_instances_share_limits_budgets_and_revocations_on_a_cluster() {
 
     // Revoked on a, refused on b: pushed over the cluster's pub/sub.
     let t = a.mint("device-cluster-02").await;
-    let revoked = a
-        .http
-        .delete(a.url("/session"))
-        .bearer_auth(&t.token)
-        .header("x-perishable-fingerprint", "device-cluster-02")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(revoked.status(), 204);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    loop {
-        let response = b
-            .openai(
-                reqwest::Method::GET,
-                "models",
-                &t.token,
-                "device-cluster-02",
-            )
-            .send()
-            .await
-            .unwrap();
-        if response.status() == 401 {
-            assert_eq!(error_code(response).await, "session_revoked");
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "b still accepts a revoked token"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    revoke(&a, &t, "device-cluster-02").await;
+    refused_within(&b, &t, "device-cluster-02", Duration::from_secs(2)).await;
 }
 
 /// A small global budget on a cluster: spent across both instances, then refused with the

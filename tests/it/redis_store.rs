@@ -17,7 +17,7 @@ use perishable::dpop::DpopSigner;
 use perishable::store::{
     AppAttestKey, Bucket, MemoryStore, RatePolicy, RedisStore, Reservation, Store,
 };
-use perishable::{ConfigBuilder, SessionObject};
+use perishable::ConfigBuilder;
 use perishable_mock::{MockOptions, MockUpstream};
 use serde_json::{Value, json};
 
@@ -54,14 +54,6 @@ async fn pair(redis: &Redis, tweak: impl Fn(ConfigBuilder) -> ConfigBuilder) -> 
         a: proxy_on(&mock, config()).await,
         b: proxy_on(&mock, config()).await,
     }
-}
-
-async fn models(proxy: &Proxy, session: &SessionObject, fp: &str) -> reqwest::Response {
-    proxy
-        .openai(reqwest::Method::GET, "models", &session.token, fp)
-        .send()
-        .await
-        .unwrap()
 }
 
 #[tokio::test]
@@ -746,35 +738,6 @@ fn command_calls(redis: &Redis) -> std::collections::HashMap<String, u64> {
 
 fn calls(redis: &Redis, command: &str) -> u64 {
     command_calls(redis).get(command).copied().unwrap_or(0)
-}
-
-async fn revoke(proxy: &Proxy, session: &SessionObject, fp: &str) {
-    let revoked = proxy
-        .http
-        .delete(proxy.url("/session"))
-        .bearer_auth(&session.token)
-        .header("x-perishable-fingerprint", fp)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(revoked.status(), 204);
-}
-
-/// Waits until `proxy` refuses `session` as revoked.
-async fn refused_within(proxy: &Proxy, session: &SessionObject, fp: &str, within: Duration) {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let response = models(proxy, session, fp).await;
-        if response.status() == 401 {
-            assert_eq!(error_code(response).await, "session_revoked");
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "still accepted after {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test]

@@ -554,6 +554,45 @@ pub fn redis_reply(port: u16, args: &[&str]) -> String {
     }
 }
 
+/// `GET /openai/models` with `session` from device `fp`.
+pub async fn models(proxy: &Proxy, session: &SessionObject, fp: &str) -> reqwest::Response {
+    proxy
+        .openai(reqwest::Method::GET, "models", &session.token, fp)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Revokes `session` (`DELETE /session`) on `proxy`.
+pub async fn revoke(proxy: &Proxy, session: &SessionObject, fp: &str) {
+    let revoked = proxy
+        .http
+        .delete(proxy.url("/session"))
+        .bearer_auth(&session.token)
+        .header("x-perishable-fingerprint", fp)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 204);
+}
+
+/// Waits until `proxy` refuses `session` as revoked.
+pub async fn refused_within(proxy: &Proxy, session: &SessionObject, fp: &str, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let response = models(proxy, session, fp).await;
+        if response.status() == 401 {
+            assert_eq!(error_code(response).await, "session_revoked");
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still accepted after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The repository's root directory.
 pub fn repo() -> std::path::PathBuf {
     let tests = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));

@@ -4,35 +4,48 @@
 //! Every script touches the keys of one slot only when the store is given keys that share a
 //! hash tag; on Redis Cluster the store splits a call by slot first (`cluster.rs`).
 
-/// GCRA with the same semantics as governor: a burst of `burst`, one request replenished every
-/// `interval` µs, and a block of `block` µs after going over.
-/// Returns `{allowed (0|1), remaining, retry_after_us}`.
-pub(super) const GCRA: &str = r"
-local tat_key, block_key = KEYS[1], KEYS[2]
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local block = tonumber(ARGV[3])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local blocked = redis.call('PTTL', block_key)
-if blocked > 0 then
-  return {0, 0, blocked * 1000}
-end
-local tat = tonumber(redis.call('GET', tat_key) or now)
-if tat < now then tat = now end
-local new_tat = tat + interval
-local allow_at = new_tat - interval * burst
-if now < allow_at then
-  local retry = allow_at - now
-  if block > 0 then
-    if block > retry then retry = block end
-    redis.call('SET', block_key, 1, 'PX', math.ceil(retry / 1000))
+/// `gcra(tat_key, block_key, interval, burst, block)`: GCRA with the same semantics as governor:
+/// a burst of `burst`, one request replenished every `interval` µs, and a block of `block` µs
+/// after going over, on Redis's clock. Returns `allowed (0|1), remaining, retry_after_us`.
+macro_rules! gcra_lua {
+    () => {
+        r"
+local function gcra(tat_key, block_key, interval, burst, block)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local blocked = redis.call('PTTL', block_key)
+  if blocked > 0 then
+    return 0, 0, blocked * 1000
   end
-  return {0, 0, retry}
+  local tat = tonumber(redis.call('GET', tat_key) or now)
+  if tat < now then tat = now end
+  local new_tat = tat + interval
+  local allow_at = new_tat - interval * burst
+  if now < allow_at then
+    local retry = allow_at - now
+    if block > 0 then
+      if block > retry then retry = block end
+      redis.call('SET', block_key, 1, 'PX', math.ceil(retry / 1000))
+    end
+    return 0, 0, retry
+  end
+  redis.call('SET', tat_key, new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1)
+  return 1, math.floor((now - allow_at) / interval), 0
 end
-redis.call('SET', tat_key, new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1)
-return {1, math.floor((now - allow_at) / interval), 0}
-";
+"
+    };
+}
+
+/// GCRA (`gcra_lua`) for the limiter keys `KEYS[1]` (TAT) and `KEYS[2]` (block), with
+/// `ARGV` = interval, burst, block. Returns `{allowed (0|1), remaining, retry_after_us}`.
+pub(super) const GCRA: &str = concat!(
+    gcra_lua!(),
+    r"
+local allowed, remaining, retry =
+  gcra(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
+return {allowed, remaining, retry}
+"
+);
 
 /// Takes a slot for `ARGV[1]` (until `ARGV[2]`, Unix s) under every key, unless one holds
 /// `ARGV[3]` live sessions. Returns -1 when admitted, else the seconds until a slot frees up.
@@ -258,6 +271,7 @@ pub(super) const ADMIT_CALL: &str = concat!(
     "local NB = tonumber(ARGV[#ARGV - 5])\n",
     bucket_lua!(),
     settle_many_lua!(),
+    gcra_lua!(),
     r"
 local SK, SA = tonumber(ARGV[#ARGV - 1]), tonumber(ARGV[#ARGV])
 if SA > 0 then settle_many(#KEYS - SK + 1, #ARGV - 6 - SA + 1) end
@@ -272,25 +286,8 @@ if replay then
   k = k + 1
 end
 if rated then
-  local tat_key, block_key = KEYS[k], KEYS[k + 1]
-  local interval, burst, block = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local tt = redis.call('TIME')
-  local now_us = tonumber(tt[1]) * 1000000 + tonumber(tt[2])
-  local blocked = redis.call('PTTL', block_key)
-  if blocked > 0 then return {1, 0, blocked * 1000} end
-  local tat = tonumber(redis.call('GET', tat_key) or now_us)
-  if tat < now_us then tat = now_us end
-  local new_tat = tat + interval
-  local allow_at = new_tat - interval * burst
-  if now_us < allow_at then
-    local retry = allow_at - now_us
-    if block > 0 then
-      if block > retry then retry = block end
-      redis.call('SET', block_key, 1, 'PX', math.ceil(retry / 1000))
-    end
-    return {1, 0, retry}
-  end
-  redis.call('SET', tat_key, new_tat, 'PX', math.ceil((new_tat - now_us) / 1000) + 1)
+  local allowed, _, retry = gcra(KEYS[k], KEYS[k + 1], tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]))
+  if allowed == 0 then return {1, 0, retry} end
   a = a + 3
   k = k + 2
 end
