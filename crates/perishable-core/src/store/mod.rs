@@ -457,7 +457,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// [`advance_app_attest_counter`](Self::advance_app_attest_counter). No default could be
     /// correct (a store that cannot keep keys cannot serve the `app_attest` gate), so
     /// implementations of [`Store`] outside this crate must add them;
-    /// `conformance::app_attest_keys` (feature `test-util`) checks them.
+    /// `conformance::run` (feature `test-util`) checks them.
     fn register_app_attest_key<'a>(
         &'a self,
         key_id: &'a str,
