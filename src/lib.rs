@@ -42,7 +42,7 @@ pub use perishable_core::{
     PerishableBuilder, Route, Secret, SessionObject, Sessions, VerifiedSession,
 };
 pub use perishable_core::{
-    audit, client_ip, config, dpop, entropy, error, fingerprint, gate, observe, origin, pow,
-    rate_limit, session, store, token, upstream, verify,
+    audit, client_ip, config, dpop, error, fingerprint, gate, observe, origin, pow, rate_limit,
+    session, store, token, upstream, verify,
 };
 pub use {perishable_axum, perishable_core};

@@ -20,7 +20,7 @@
 //!    rendered in the OpenAI error shape), `json` (the strict parser of metered bodies and the
 //!    incremental search of a response for its `usage`), `path` (path patterns and the
 //!    allow-list), `header_rules` (which headers may never cross), [`client_ip`] (which IP a
-//!    request counts against), [`entropy`] (the server-side interaction score), [`Route`] (the
+//!    request counts against), `entropy` (the server-side interaction score), [`Route`] (the
 //!    route table), `future` (the shared refusal-or-inner future), `macros` (`opaque_future!`
 //!    for named futures, `define_inner_service_accessors!`).
 //! 2. `usage` (the `Usage` of a response, the tap that reads it, the event-stream parser) and
@@ -77,12 +77,9 @@
 //!   [`AuditAlreadySet`](audit::AuditAlreadySet).
 //! - [`client_ip`] module: [`PeerAddr`](client_ip::PeerAddr),
 //!   [`ClientIpResolver`](client_ip::ClientIpResolver).
-//! - [`entropy`] module: [`Entropy`](entropy::Entropy), [`score`](entropy::score).
 //! - [`fingerprint`] module: [`FINGERPRINT_HEADER`](fingerprint::FINGERPRINT_HEADER),
-//!   [`validate`](fingerprint::validate), [`hash`](fingerprint::hash),
-//!   [`matches`](fingerprint::matches).
-//! - [`pow`] module: [`ProofOfWork`](pow::ProofOfWork), [`Challenge`](pow::Challenge),
-//!   [`PowSolution`](pow::PowSolution), [`solve`](pow::solve).
+//!   [`hash`](fingerprint::hash).
+//! - [`pow`] module: [`Challenge`](pow::Challenge).
 //! - [`dpop`] module: [`DpopSigner`](dpop::DpopSigner), [`DpopVerifier`](dpop::DpopVerifier),
 //!   [`Expected`](dpop::Expected), [`Htu`](dpop::Htu), [`DpopProof`](dpop::DpopProof),
 //!   [`OriginalUri`](dpop::OriginalUri), [`DPOP_HEADER`](dpop::DPOP_HEADER).
@@ -144,7 +141,7 @@ pub mod client_ip;
 mod clock;
 pub mod config;
 pub mod dpop;
-pub mod entropy;
+mod entropy;
 pub mod error;
 pub mod fingerprint;
 mod future;

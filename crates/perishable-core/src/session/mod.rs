@@ -6,7 +6,7 @@
 //!
 //! Minting (`POST /session`) checks, in order: the JSON shape (`400 invalid_json`), the
 //! fingerprint (`missing_fingerprint`, `invalid_fingerprint`), the interaction entropy scored on
-//! the server ([`crate::entropy`]; `insufficient_entropy`), and the proof of work
+//! the server (`insufficient_entropy`), and the proof of work
 //! ([`crate::pow`]; `pow_required`, `pow_invalid`). Only when all pass is the challenge used up
 //! and a token signed, so a refused mint changes no state.
 //!
