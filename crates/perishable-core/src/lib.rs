@@ -80,9 +80,8 @@
 //! - [`fingerprint`] module: [`FINGERPRINT_HEADER`](fingerprint::FINGERPRINT_HEADER),
 //!   [`hash`](fingerprint::hash).
 //! - [`pow`] module: [`Challenge`](pow::Challenge).
-//! - [`dpop`] module: [`DpopSigner`](dpop::DpopSigner), [`DpopVerifier`](dpop::DpopVerifier),
-//!   [`Expected`](dpop::Expected), [`Htu`](dpop::Htu), [`DpopProof`](dpop::DpopProof),
-//!   [`OriginalUri`](dpop::OriginalUri), [`DPOP_HEADER`](dpop::DPOP_HEADER).
+//! - [`dpop`] module: [`DpopSigner`](dpop::DpopSigner), [`OriginalUri`](dpop::OriginalUri),
+//!   [`DPOP_HEADER`](dpop::DPOP_HEADER).
 //! - [`token`] module: [`Claims`](token::Claims), [`Confirmation`](token::Confirmation),
 //!   [`TokenCodec`](token::TokenCodec).
 //! - [`store`] module: the [`Store`](store::Store) trait and its types ([`Set`](store::Set),
