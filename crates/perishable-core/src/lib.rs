@@ -82,8 +82,7 @@
 //! - [`pow`] module: [`Challenge`](pow::Challenge).
 //! - [`dpop`] module: [`DpopSigner`](dpop::DpopSigner), [`OriginalUri`](dpop::OriginalUri),
 //!   [`DPOP_HEADER`](dpop::DPOP_HEADER).
-//! - [`token`] module: [`Claims`](token::Claims), [`Confirmation`](token::Confirmation),
-//!   [`TokenCodec`](token::TokenCodec).
+//! - [`token`] module: [`Claims`](token::Claims), [`Confirmation`](token::Confirmation).
 //! - [`store`] module: the [`Store`](store::Store) trait and its types ([`Set`](store::Set),
 //!   [`Admission`](store::Admission), [`Bucket`](store::Bucket),
 //!   [`Reservation`](store::Reservation), [`AppAttestKey`](store::AppAttestKey),

@@ -291,7 +291,7 @@ fn jwt_algorithm(algorithm: Algorithm) -> jsonwebtoken::Algorithm {
 
 /// Signs and verifies session tokens with the configured keys and the `[session]` rules.
 #[derive(Clone)]
-pub struct TokenCodec {
+pub(crate) struct TokenCodec {
     keys: KeySet,
     validation: Arc<Validation>,
     cache: Arc<VerifiedCache>,
@@ -398,7 +398,7 @@ impl TokenCodec {
     }
 
     /// Signs `claims` with the newest key.
-    pub fn sign(&self, claims: &Claims) -> Result<String, Error> {
+    pub(crate) fn sign(&self, claims: &Claims) -> Result<String, Error> {
         let mut header = Header::new(jwt_algorithm(self.keys.inner.algorithm));
         header.typ = Some(TOKEN_TYPE.to_owned());
         header.kid = Some(self.keys.inner.signing_kid.clone());
@@ -415,7 +415,8 @@ impl TokenCodec {
     ///
     /// Revocation, fingerprint and User-Agent are checked by the caller. The claims are shared
     /// with the cache (a hit copies nothing).
-    pub fn verify(&self, token: &str) -> Result<Arc<Claims>, Error> {
+    #[cfg(test)]
+    pub(crate) fn verify(&self, token: &str) -> Result<Arc<Claims>, Error> {
         self.verify_cached(token.as_bytes()).map(|v| v.claims)
     }
 
@@ -439,7 +440,7 @@ impl TokenCodec {
     }
 
     /// [`verify`](Self::verify) without the cache: every check, every time.
-    pub fn verify_uncached(&self, token: &str) -> Result<Claims, Error> {
+    pub(crate) fn verify_uncached(&self, token: &str) -> Result<Claims, Error> {
         let invalid = |why: &'static str| Error::new(ErrorCode::InvalidToken, why);
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| invalid("the session token is malformed"))?;

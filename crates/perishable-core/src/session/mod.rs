@@ -15,10 +15,10 @@
 //! `session.dpop = "required"` a mint without one gets `401 dpop_required`. Last, the session cap
 //! (in the [`Store`]; `429 too_many_sessions`) must have room for the fingerprint (and key).
 //!
-//! Verification (used by [`crate::verify::VerifyLayer`]) checks the token
-//! ([`crate::token::TokenCodec::verify`]), then that its `jti` is not revoked, that the SHA-256
-//! of the `X-Perishable-Fingerprint` header equals `fp`, and that the User-Agent hash equals `ua`
-//! when the token carries one. A key-bound token must come as `Authorization: DPoP <token>` with
+//! Verification (used by [`crate::verify::VerifyLayer`]) checks the token (signature,
+//! algorithm, `typ`, `kid`, `iss`, `aud`, `exp`, `nbf`: see [`crate::token`]), then that its
+//! `jti` is not revoked, that the SHA-256 of the `X-Perishable-Fingerprint` header equals `fp`,
+//! and that the User-Agent hash equals `ua` when the token carries one. A key-bound token must come as `Authorization: DPoP <token>` with
 //! a valid proof from its key (`401 dpop_required` without one, `401 invalid_dpop_proof` for a bad
 //! one, as RFC 9449 section 7.1 says; a bad proof on the mint is `400`); a bearer token must come as `Bearer`, and is refused when `session.dpop = "required"`.
 //!
@@ -168,8 +168,9 @@ impl Sessions {
         }
     }
 
-    /// The token codec (to sign or inspect tokens yourself).
-    pub fn codec(&self) -> &TokenCodec {
+    /// The token codec.
+    #[cfg(test)]
+    pub(crate) fn codec(&self) -> &TokenCodec {
         &self.inner.codec
     }
 
