@@ -89,7 +89,7 @@
 //!   [`StoreError`](store::StoreError),
 //!   [`StoreFuture`](store::StoreFuture)), the [`RateLimiter`](store::RateLimiter) trait
 //!   ([`RatePolicy`](store::RatePolicy), [`RateDecision`](store::RateDecision)),
-//!   [`MemoryStore`](store::MemoryStore), [`Limiter`](store::Limiter), `RedisStore` (feature
+//!   [`MemoryStore`](store::MemoryStore), `RedisStore` (feature
 //!   `redis`), `conformance` (feature `test-util`: the `Store` contract as a test suite).
 //! - [`gate`] module: the [`Gate`](gate::Gate) trait for mint gates of your own,
 //!   [`Evidence`](gate::Evidence), [`Facts`](gate::Facts), [`GateFuture`](gate::GateFuture).
