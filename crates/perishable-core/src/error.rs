@@ -244,14 +244,15 @@ pub struct Error {
     authenticating: bool,
 }
 
-/// Put in the extensions of every response Perishable refuses with: lets outer layers count and
-/// audit refusals (upstream errors passed through carry none).
+/// Put in the extensions of every response Perishable refuses with: lets
+/// [`ObserveLayer`](crate::observe::ObserveLayer) count refusals and send them to the audit hook
+/// (upstream errors passed through carry none).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
+pub(crate) struct Refusal {
     /// The protocol code.
-    pub code: ErrorCode,
+    pub(crate) code: ErrorCode,
     /// The session, when the refusal came after it was verified.
-    pub session_id: Option<String>,
+    pub(crate) session_id: Option<String>,
 }
 
 /// The OpenAI error shape: `{"error":{"message":…,"type":…,"code":…}}`.
@@ -278,7 +279,7 @@ pub(crate) fn error_body(message: &str, error_type: &str, code: &str) -> Bytes {
 
 /// A response in the OpenAI error shape for what is not a refusal of the protocol (an unknown route,
 /// a method a route does not take), with type `invalid_request_error`.
-pub fn other_error_response<B: From<Bytes>>(
+pub(crate) fn other_error_response<B: From<Bytes>>(
     status: StatusCode,
     code: &str,
     message: &str,

@@ -71,8 +71,7 @@
 //!   [`RealtimeConfig`](config::RealtimeConfig);
 //!   [`DEFAULT_ALLOWED_PATHS`](config::DEFAULT_ALLOWED_PATHS),
 //!   [`IpNet`](config::IpNet).
-//! - [`error`] module: [`RateLimitInfo`](error::RateLimitInfo), [`Refusal`](error::Refusal),
-//!   [`other_error_response`](error::other_error_response).
+//! - [`error`] module: [`RateLimitInfo`](error::RateLimitInfo).
 //! - [`audit`] module: [`Audit`](audit::Audit), [`AuditEvent`](audit::AuditEvent),
 //!   [`AuditAlreadySet`](audit::AuditAlreadySet).
 //! - [`client_ip`] module: [`PeerAddr`](client_ip::PeerAddr),
