@@ -106,7 +106,7 @@
 //!   [`FingerprintKey`](rate_limit::FingerprintKey),
 //!   [`ClientIpKey`](rate_limit::ClientIpKey).
 //! - [`upstream`] module: [`UpstreamService`](upstream::UpstreamService),
-//!   [`UpstreamFuture`](upstream::UpstreamFuture), [`UpstreamPath`](upstream::UpstreamPath),
+//!   [`UpstreamFuture`](upstream::UpstreamFuture),
 //!   [`UpstreamClient`](upstream::UpstreamClient), [`rustls`](mod@upstream::rustls) (re-exported).
 //!
 //! # Example
