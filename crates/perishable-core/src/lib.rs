@@ -58,8 +58,8 @@
 //!   [`Error`], [`ErrorCode`], [`Body`], [`BoxError`], [`Route`], [`Sessions`],
 //!   [`SessionObject`], [`VerifiedSession`].
 //! - [`config`] module: the sections [`UpstreamConfig`](config::UpstreamConfig),
-//!   [`SessionConfig`](config::SessionConfig) (with [`SigningKeyConfig`](config::SigningKeyConfig),
-//!   [`Algorithm`](config::Algorithm), [`DpopMode`](config::DpopMode)),
+//!   [`SessionConfig`](config::SessionConfig) (with [`Algorithm`](config::Algorithm),
+//!   [`DpopMode`](config::DpopMode)),
 //!   [`RateLimitConfig`](config::RateLimitConfig), [`PowConfig`](config::PowConfig),
 //!   [`CorsConfig`](config::CorsConfig), [`ServerConfig`](config::ServerConfig),
 //!   [`BudgetConfig`](config::BudgetConfig) (with [`BudgetScope`](config::BudgetScope),
@@ -71,7 +71,6 @@
 //!   [`RealtimeConfig`](config::RealtimeConfig);
 //!   [`DEFAULT_ALLOWED_PATHS`](config::DEFAULT_ALLOWED_PATHS),
 //!   [`IpNet`](config::IpNet).
-//! - [`error`] module: [`RateLimitInfo`](error::RateLimitInfo).
 //! - [`audit`] module: [`Audit`](audit::Audit), [`AuditEvent`](audit::AuditEvent),
 //!   [`AuditAlreadySet`](audit::AuditAlreadySet).
 //! - [`client_ip`] module: [`PeerAddr`](client_ip::PeerAddr),
