@@ -35,6 +35,7 @@ use crate::error::{Error, ErrorCode};
 
 /// The `GET /challenge` response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Challenge {
     /// The challenge string to hash with a nonce.
     pub challenge: String,

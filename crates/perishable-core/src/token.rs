@@ -36,6 +36,7 @@ pub(crate) const TOKEN_TYPE: &str = "at+jwt";
 
 /// The `cnf` claim of a key-bound session (RFC 7800).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Confirmation {
     /// RFC 7638 thumbprint of the client's public key.
     pub jkt: String,
@@ -44,6 +45,7 @@ pub struct Confirmation {
 /// The claims of a session token. They hold no personal data: the fingerprint and User-Agent are
 /// hashed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Claims {
     /// Issuer.
     pub iss: String,
@@ -79,6 +81,7 @@ pub struct Claims {
 /// The claims of a request's verified session, which [`VerifyLayer`](crate::verify::VerifyLayer)
 /// puts in the request extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct VerifiedSession {
     /// The token's claims (shared with the verified-token cache).
     pub claims: Arc<Claims>,

@@ -51,6 +51,7 @@ use crate::token::{Claims, KeySet, TokenCodec};
 
 /// The session object of `POST /session` and `POST /session/refresh`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct SessionObject {
     /// The signed token.
     pub token: String,

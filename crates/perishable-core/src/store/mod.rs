@@ -102,8 +102,10 @@ pub trait RateLimiter: Send + Sync + fmt::Debug {
     fn policy(&self) -> &RatePolicy;
 }
 
-/// The sets of ids that must be seen at most once, or looked up.
+/// The sets of ids that must be seen at most once, or looked up. More may come: a store keeps
+/// them apart by [`name`](Self::name).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Set {
     /// Revoked session ids (`jti`).
     Revoked,
