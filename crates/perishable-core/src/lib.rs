@@ -45,50 +45,53 @@
 //!     front of a service: the one middleware that uses another, the session engine),
 //!     [`rate_limit`] (per client, on the store's limiter), [`upstream`]
 //!     (the streaming forwarding Service: one strict parse of a metered body, headers by
-//!     allow-list, the usage tap).
+//!     allow-list, the usage tap), [`realtime`] (the Realtime WebSocket route, in front of the
+//!     upstream Service).
 //! 11. [`Perishable`]: the runtime state built from a config ([`PerishableBuilder`] for a store,
 //!     a client or gates of your own); decodes the keys and hands out every layer.
 //!
 //! # Public API
 //!
-//! The whole public surface, by module:
+//! The whole public surface, by module (what a module defines and the root re-exports is listed
+//! at the root):
 //!
 //! - root: [`Perishable`], [`PerishableBuilder`], [`Config`], [`ConfigBuilder`],
-//!   [`ConfigError`], [`Secret`],
-//!   [`Error`], [`ErrorCode`], [`Body`], [`BoxError`], [`Route`], [`Sessions`],
-//!   [`SessionObject`], [`VerifiedSession`].
+//!   [`ConfigError`], [`Secret`], [`Error`], [`ErrorCode`], [`Body`], [`BoxError`], [`Route`],
+//!   [`Sessions`], [`SessionObject`], [`VerifiedSession`].
 //! - [`config`] module: the sections [`UpstreamConfig`](config::UpstreamConfig),
 //!   [`SessionConfig`](config::SessionConfig) (with [`Algorithm`](config::Algorithm),
-//!   [`DpopMode`](config::DpopMode)),
-//!   [`RateLimitConfig`](config::RateLimitConfig), [`PowConfig`](config::PowConfig),
-//!   [`CorsConfig`](config::CorsConfig), [`ServerConfig`](config::ServerConfig),
-//!   [`BudgetConfig`](config::BudgetConfig) (with [`BudgetScope`](config::BudgetScope),
-//!   [`TierConfig`](config::TierConfig)), [`StoreConfig`](config::StoreConfig) (with
-//!   [`OnUnavailable`](config::OnUnavailable)), [`MintConfig`](config::MintConfig) (with
-//!   [`CaptchaConfig`](config::CaptchaConfig), [`OidcConfig`](config::OidcConfig),
-//!   [`AppAttestConfig`](config::AppAttestConfig),
+//!   [`DpopMode`](config::DpopMode)), [`RateLimitConfig`](config::RateLimitConfig),
+//!   [`PowConfig`](config::PowConfig), [`CorsConfig`](config::CorsConfig),
+//!   [`ServerConfig`](config::ServerConfig), [`BudgetConfig`](config::BudgetConfig) (with
+//!   [`BudgetScope`](config::BudgetScope), [`TierConfig`](config::TierConfig)),
+//!   [`StoreConfig`](config::StoreConfig) (with [`OnUnavailable`](config::OnUnavailable)),
+//!   [`MintConfig`](config::MintConfig) (with [`CaptchaConfig`](config::CaptchaConfig),
+//!   [`OidcConfig`](config::OidcConfig), [`AppAttestConfig`](config::AppAttestConfig),
 //!   [`PlayIntegrityConfig`](config::PlayIntegrityConfig)),
 //!   [`RealtimeConfig`](config::RealtimeConfig);
-//!   [`DEFAULT_ALLOWED_PATHS`](config::DEFAULT_ALLOWED_PATHS),
-//!   [`IpNet`](config::IpNet).
+//!   [`DEFAULT_ALLOWED_PATHS`](config::DEFAULT_ALLOWED_PATHS), [`IpNet`](config::IpNet)
+//!   (re-exported from `ipnet`).
+//! - [`error`] module: [`Error`] and [`ErrorCode`] (at the root).
 //! - [`audit`] module: [`Audit`](audit::Audit), [`AuditEvent`](audit::AuditEvent),
 //!   [`AuditAlreadySet`](audit::AuditAlreadySet).
 //! - [`client_ip`] module: [`PeerAddr`](client_ip::PeerAddr),
 //!   [`ClientIpResolver`](client_ip::ClientIpResolver).
+//! - [`token`] module: [`Claims`](token::Claims), [`Confirmation`](token::Confirmation) (and
+//!   [`VerifiedSession`], at the root).
+//! - [`store`] module: the [`Store`](store::Store) trait and its types ([`Set`](store::Set),
+//!   [`Admission`](store::Admission), [`Bucket`](store::Bucket),
+//!   [`Reservation`](store::Reservation), [`CallAdmission`](store::CallAdmission),
+//!   [`CallDecision`](store::CallDecision), [`AppAttestKey`](store::AppAttestKey),
+//!   [`StoreError`](store::StoreError), [`StoreFuture`](store::StoreFuture)), the
+//!   [`RateLimiter`](store::RateLimiter) trait ([`RatePolicy`](store::RatePolicy),
+//!   [`RateDecision`](store::RateDecision)), [`MemoryStore`](store::MemoryStore), `RedisStore`
+//!   (feature `redis`), `conformance::run` (feature `test-util`: the `Store` contract as a test
+//!   suite).
 //! - [`fingerprint`] module: [`FINGERPRINT_HEADER`](fingerprint::FINGERPRINT_HEADER),
 //!   [`hash`](fingerprint::hash).
 //! - [`pow`] module: [`Challenge`](pow::Challenge).
 //! - [`dpop`] module: [`DpopSigner`](dpop::DpopSigner), [`OriginalUri`](dpop::OriginalUri),
 //!   [`DPOP_HEADER`](dpop::DPOP_HEADER).
-//! - [`token`] module: [`Claims`](token::Claims), [`Confirmation`](token::Confirmation).
-//! - [`store`] module: the [`Store`](store::Store) trait and its types ([`Set`](store::Set),
-//!   [`Admission`](store::Admission), [`Bucket`](store::Bucket),
-//!   [`Reservation`](store::Reservation), [`AppAttestKey`](store::AppAttestKey),
-//!   [`StoreError`](store::StoreError),
-//!   [`StoreFuture`](store::StoreFuture)), the [`RateLimiter`](store::RateLimiter) trait
-//!   ([`RatePolicy`](store::RatePolicy), [`RateDecision`](store::RateDecision)),
-//!   [`MemoryStore`](store::MemoryStore), `RedisStore` (feature
-//!   `redis`), `conformance` (feature `test-util`: the `Store` contract as a test suite).
 //! - [`gate`] module: the [`Gate`](gate::Gate) trait for mint gates of your own,
 //!   [`Evidence`](gate::Evidence), [`Facts`](gate::Facts), [`GateFuture`](gate::GateFuture).
 //! - [`origin`] module: [`OriginLayer`](origin::OriginLayer), [`OriginCheck`](origin::OriginCheck),
@@ -96,14 +99,17 @@
 //! - [`observe`] module: [`ObserveLayer`](observe::ObserveLayer), [`Observe`](observe::Observe),
 //!   [`ObserveFuture`](observe::ObserveFuture), [`SENSITIVE_HEADERS`](observe::SENSITIVE_HEADERS).
 //! - [`session`] module: [`SessionService`](session::SessionService),
-//!   [`SessionFuture`](session::SessionFuture).
+//!   [`SessionFuture`](session::SessionFuture) (and [`Sessions`], [`SessionObject`], at the
+//!   root).
 //! - [`verify`] module: [`VerifyLayer`](verify::VerifyLayer), [`Verify`](verify::Verify),
 //!   [`VerifyFuture`](verify::VerifyFuture).
 //! - [`rate_limit`] module: [`RateLimitLayer`](rate_limit::RateLimitLayer),
 //!   [`RateLimit`](rate_limit::RateLimit), [`RateLimitFuture`](rate_limit::RateLimitFuture), the
 //!   [`KeyExtractor`](rate_limit::KeyExtractor) trait,
-//!   [`FingerprintKey`](rate_limit::FingerprintKey),
-//!   [`ClientIpKey`](rate_limit::ClientIpKey).
+//!   [`FingerprintKey`](rate_limit::FingerprintKey), [`ClientIpKey`](rate_limit::ClientIpKey).
+//! - [`realtime`] module: [`RealtimeLayer`](realtime::RealtimeLayer),
+//!   [`RealtimeService`](realtime::RealtimeService),
+//!   [`RealtimeFuture`](realtime::RealtimeFuture).
 //! - [`upstream`] module: [`UpstreamService`](upstream::UpstreamService),
 //!   [`UpstreamFuture`](upstream::UpstreamFuture),
 //!   [`UpstreamClient`](upstream::UpstreamClient), [`rustls`](mod@upstream::rustls) (re-exported).
