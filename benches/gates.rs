@@ -32,6 +32,9 @@ use http::Request;
 use perishable::{Config, ConfigBuilder, Perishable};
 use serde_json::{Value, json};
 
+#[path = "support/pow.rs"]
+mod pow;
+
 const UA: &str = "perishable-bench/1.0";
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -122,7 +125,7 @@ fn pow_entropy(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     let sessions = perishable.sessions().clone();
     bench_mint(c, rt, "pow_entropy", &perishable, || {
         let challenge = sessions.challenge();
-        let nonce = perishable::pow::solve(&challenge.challenge, challenge.difficulty);
+        let nonce = pow::solve(&challenge.challenge, challenge.difficulty);
         serde_json::to_vec(&json!({
             "fingerprint": fingerprint(),
             "entropy": samples,

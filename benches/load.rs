@@ -31,6 +31,8 @@
 
 #[path = "load/client.rs"]
 mod client;
+#[path = "support/pow.rs"]
+mod pow;
 #[path = "load/realtime.rs"]
 mod realtime;
 #[path = "load/redis.rs"]
@@ -338,7 +340,7 @@ async fn mint_slots(addr: SocketAddr, n: usize, dpop: bool) -> Vec<Slot> {
             Value::Null
         } else {
             let c = challenge["challenge"].as_str().expect("challenge");
-            json!({ "challenge": c, "nonce": perishable::pow::solve(c, difficulty) })
+            json!({ "challenge": c, "nonce": pow::solve(c, difficulty) })
         };
         let mut req = http.post(format!("{base}/session")).json(&json!({
             "fingerprint": fingerprint,

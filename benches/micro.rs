@@ -7,39 +7,39 @@
 //!
 //! Groups:
 //!
-//! - `token`: session token verification, HS256 and EdDSA, every check every time
-//!   (`TokenCodec::verify_uncached`) and through the cache of already-verified tokens
-//!   (`TokenCodec::verify`, a hit: the token was seen before and its `exp` is still ahead).
-//! - `dpop`: one DPoP proof verification (ES256 and EdDSA proof keys), every RFC 9449 check but
-//!   the replay record.
-//! - `fingerprint`: the constant-time fingerprint check (`fingerprint::matches`).
-//! - `rate_limit`: one in-memory decision, on the `Limiter` directly and through the
-//!   `RateLimiter` trait object the layer calls (`MemoryStore::rate_limiter`).
+//! - `dpop`: `Sessions::verify` of a DPoP-bound session (ES256 and EdDSA proof keys) with a fresh
+//!   proof per request, made outside the timing: every RFC 9449 check and the replay record, on
+//!   top of what `verify_plus_rate_limit/hs256_verify_only` measures.
+//! - `rate_limit`: one in-memory decision through the `RateLimiter` trait object the layer calls
+//!   (`MemoryStore::rate_limiter`): `check_now` (what the layer uses on a memory store) and
+//!   `check` (the future), for one client and for 10,000 clients cycled.
 //! - `verify_plus_rate_limit`: what an authenticated request costs before the upstream:
 //!   `Sessions::verify` (token, revocation lookup, fingerprint, User-Agent) plus the rate-limit
 //!   decision, with the verified-token cache (the default) and without it
-//!   (`session.verified_cache_size = 0`). The issue's target is 5 µs.
-//! - `entropy`: `entropy::score` of a human-like trace and of the largest trace accepted.
-//! - `pow`: `ProofOfWork::check` of a solved challenge (16 bits, the default).
+//!   (`session.verified_cache_size = 0`); `*_verify_only` is the session check alone, so the
+//!   `nocache` variants are a token's full verification (signature and claims). The issue's
+//!   target is 5 µs.
 //! - `stack`: one whole request through `origin_layer`, `verify_layer`, `rate_limit_layer` and an
 //!   in-process upstream `service_fn`, with `ServiceExt::oneshot`; and the upstream alone, to
 //!   subtract. A DPoP-bound variant makes a fresh proof per request outside the timing.
+//!
+//! Sessions are minted by `Sessions::mint` through a gate of the bench's own that admits every
+//! mint. The cost of the mint gates themselves (the proof of work, the entropy score, ...) is
+//! `cargo bench --bench gates`.
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use http::{Request, Response};
 use perishable::config::{Algorithm, DpopMode};
-use perishable::dpop::{DpopSigner, DpopVerifier, Expected, Htu};
-use perishable::entropy::Entropy;
+use perishable::dpop::DpopSigner;
 use perishable::fingerprint;
-use perishable::pow::{PowSolution, ProofOfWork};
-use perishable::store::{Limiter, MemoryStore, RatePolicy, Store};
-use perishable::token::Claims;
+use perishable::gate::{Evidence, Facts, Gate, GateFuture};
+use perishable::store::{MemoryStore, RatePolicy, Store};
 use perishable::{Body, Config, Perishable};
 use tower::{ServiceBuilder, ServiceExt, service_fn};
 
@@ -48,13 +48,6 @@ const UA: &str = "perishable-bench/1.0";
 const SECRET: &str = "bench-secret-bench-secret-bench-secret!!";
 const HOST: &str = "127.0.0.1:8080";
 const PATH: &str = "/openai/chat/completions";
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
 
 fn config(algorithm: Algorithm, dpop: DpopMode) -> Config {
     config_with_cache(algorithm, dpop, true)
@@ -65,6 +58,7 @@ fn config_with_cache(algorithm: Algorithm, dpop: DpopMode, cache: bool) -> Confi
         .upstream_api_key("sk-bench")
         .session_algorithm(algorithm)
         .session_dpop(dpop)
+        .mint_policies([["open"]])
         .rate_limit_points(1_000_000_000)
         .rate_limit_duration_secs(60);
     if !cache {
@@ -76,28 +70,49 @@ fn config_with_cache(algorithm: Algorithm, dpop: DpopMode, cache: bool) -> Confi
     builder.build().unwrap()
 }
 
-fn perishable(algorithm: Algorithm, dpop: DpopMode) -> Perishable {
-    Perishable::new(config(algorithm, dpop)).unwrap()
+/// The bench's mint gate: admits every mint, so a session costs only the mint itself.
+#[derive(Debug)]
+struct Open;
+
+impl Gate for Open {
+    fn name(&self) -> &str {
+        "open"
+    }
+
+    fn check<'a>(&'a self, _: &'a Evidence<'a>) -> GateFuture<'a> {
+        Box::pin(std::future::ready(Ok(Facts::default())))
+    }
 }
 
-/// A session token as `POST /session` would mint it (bound to `FINGERPRINT` and `UA`).
-fn token(p: &Perishable, jkt: Option<String>) -> String {
-    let now = now();
-    let claims = Claims {
-        iss: p.config().session().issuer.clone(),
-        aud: p.config().session().audience.clone(),
-        jti: "bench-jti-0123456789abcdef".to_owned(),
-        iat: now,
-        nbf: now,
-        exp: now + 3600,
-        auth_time: now,
-        fp: fingerprint::hash(FINGERPRINT),
-        ua: Some(fingerprint::hash(UA)),
-        cnf: jkt.map(|jkt| perishable::token::Confirmation { jkt }),
-        usr: None,
-        tier: None,
-    };
-    p.sessions().codec().sign(&claims).unwrap()
+fn perishable_with(config: Config) -> Perishable {
+    Perishable::builder(config).gate(Open).build().unwrap()
+}
+
+fn perishable(algorithm: Algorithm, dpop: DpopMode) -> Perishable {
+    perishable_with(config(algorithm, dpop))
+}
+
+/// A session token minted by `POST /session` for `FINGERPRINT` and `UA`; bound to `signer`'s key
+/// when there is one.
+fn token(p: &Perishable, signer: Option<&DpopSigner>) -> String {
+    let mut head = Request::post("/session")
+        .header(http::header::HOST, HOST)
+        .header(http::header::USER_AGENT, UA);
+    if let Some(signer) = signer {
+        head = head.header(
+            "dpop",
+            signer.proof("POST", &format!("http://{HOST}/session"), None),
+        );
+    }
+    let body = format!(r#"{{"fingerprint":"{FINGERPRINT}"}}"#);
+    let minted = runtime()
+        .block_on(p.sessions().mint(&head.body(()).unwrap(), body.as_bytes()))
+        .unwrap();
+    assert_eq!(
+        minted.token_type,
+        if signer.is_some() { "DPoP" } else { "Bearer" }
+    );
+    minted.token
 }
 
 fn request(token: &str, dpop: Option<&str>) -> Request<Body> {
@@ -125,57 +140,29 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn token_verification(c: &mut Criterion) {
-    let mut group = c.benchmark_group("token");
-    for (name, alg) in [("hs256", Algorithm::HS256), ("eddsa", Algorithm::EdDSA)] {
-        let p = perishable(alg, DpopMode::Optional);
-        let token = token(&p, None);
-        let codec = p.sessions().codec().clone();
-        assert!(codec.verify(&token).is_ok());
-        group.bench_function(format!("{name}_verify_uncached"), |b| {
-            b.iter(|| codec.verify_uncached(&token).unwrap())
-        });
-        group.bench_function(format!("{name}_verify_cached"), |b| {
-            b.iter(|| codec.verify(&token).unwrap())
-        });
-    }
-    group.finish();
-}
-
 fn dpop_verification(c: &mut Criterion) {
+    let rt = runtime();
+    let _guard = rt.enter();
     let mut group = c.benchmark_group("dpop");
     let htu = format!("http://{HOST}{PATH}");
-    let verifier = DpopVerifier::new(60, 5);
     for (name, signer) in [
-        ("es256_verify", DpopSigner::generate_es256()),
-        ("eddsa_verify", DpopSigner::generate_ed25519()),
+        ("es256_session_verify", DpopSigner::generate_es256()),
+        ("eddsa_session_verify", DpopSigner::generate_ed25519()),
     ] {
-        let access_token = "an-access-token";
-        let proof = signer.proof("POST", &htu, Some(access_token));
-        let expected = Expected {
-            htm: "POST",
-            htu: Htu::HostAndPath {
-                host: HOST,
-                path: PATH,
-            },
-            access_token: Some(access_token),
-            jkt: Some(signer.thumbprint()),
-        };
-        let at = now();
-        assert!(verifier.verify(&proof, &expected, at).is_ok());
+        let p = perishable(Algorithm::HS256, DpopMode::Required);
+        let token = token(&p, Some(&signer));
+        let sessions = p.sessions().clone();
+        let make = || request(&token, Some(&signer.proof("POST", &htu, Some(&token))));
+        assert!(rt.block_on(sessions.verify(&make())).is_ok());
         group.bench_function(name, |b| {
-            b.iter(|| verifier.verify(&proof, &expected, at).unwrap())
+            b.iter_batched(
+                make,
+                |req| rt.block_on(sessions.verify(&req)).unwrap(),
+                BatchSize::SmallInput,
+            )
         });
     }
     group.finish();
-}
-
-fn fingerprint_check(c: &mut Criterion) {
-    let fp = fingerprint::hash(FINGERPRINT);
-    assert!(fingerprint::matches(FINGERPRINT.as_bytes(), &fp));
-    c.bench_function("fingerprint/matches", |b| {
-        b.iter(|| fingerprint::matches(FINGERPRINT.as_bytes(), &fp))
-    });
 }
 
 fn policy() -> RatePolicy {
@@ -191,23 +178,25 @@ fn rate_limit(c: &mut Criterion) {
     let rt = runtime();
     let _guard = rt.enter();
     let mut group = c.benchmark_group("rate_limit");
-    let limiter = Limiter::<String>::new(policy());
-    let key = fingerprint::hash(FINGERPRINT);
-    group.bench_function("limiter_check", |b| b.iter(|| limiter.check(&key).unwrap()));
     let store = MemoryStore::new();
-    let dyn_limiter = store.rate_limiter(policy());
+    let limiter = store.rate_limiter(policy());
+    let key = fingerprint::hash(FINGERPRINT);
+    assert!(limiter.check_now(&key).unwrap().allowed);
+    group.bench_function("store_rate_limiter_check_now", |b| {
+        b.iter(|| limiter.check_now(&key).unwrap())
+    });
     group.bench_function("store_rate_limiter_check", |b| {
-        b.iter(|| rt.block_on(dyn_limiter.check(&key)).unwrap())
+        b.iter(|| rt.block_on(limiter.check(&key)).unwrap())
     });
     // Many clients: 10,000 distinct keys, cycled.
     let keys: Vec<String> = (0..10_000)
         .map(|i| fingerprint::hash(&format!("device-{i}")))
         .collect();
     let mut i = 0;
-    group.bench_function("limiter_check_10k_keys", |b| {
+    group.bench_function("store_rate_limiter_check_now_10k_keys", |b| {
         b.iter(|| {
             i = (i + 1) % keys.len();
-            limiter.check(&keys[i]).unwrap()
+            limiter.check_now(&keys[i]).unwrap()
         })
     });
     group.finish();
@@ -223,7 +212,7 @@ fn verify_plus_rate_limit(c: &mut Criterion) {
         ("eddsa", Algorithm::EdDSA, true),
         ("eddsa_nocache", Algorithm::EdDSA, false),
     ] {
-        let p = Perishable::new(config_with_cache(alg, DpopMode::Optional, cache)).unwrap();
+        let p = perishable_with(config_with_cache(alg, DpopMode::Optional, cache));
         let token = token(&p, None);
         let req = request(&token, None);
         let limiter = p.store().rate_limiter(policy());
@@ -246,69 +235,6 @@ fn verify_plus_rate_limit(c: &mut Criterion) {
         });
     }
     group.finish();
-}
-
-/// A jittered, curved pointer trace with varied timing (what a person's mouse makes).
-fn human_trace(samples: usize, keys: usize) -> Entropy {
-    let mut seed: u64 = 42;
-    let mut rand = move || {
-        seed = seed
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        (seed >> 11) as f64 / (1u64 << 53) as f64
-    };
-    let mut t = 0.0;
-    let pointer = (0..samples)
-        .map(|i| {
-            t += 8.0 + 30.0 * rand();
-            let a = i as f64 / 15.0;
-            [
-                t,
-                300.0 + 120.0 * a.cos() + 5.0 * rand(),
-                200.0 + 80.0 * (1.3 * a).sin() + 5.0 * rand(),
-            ]
-        })
-        .collect();
-    let mut k = 0.0;
-    let keys = (0..keys)
-        .map(|_| {
-            k += 60.0 + 140.0 * rand();
-            k
-        })
-        .collect();
-    Entropy {
-        pointer,
-        keys,
-        elapsed_ms: Some(t),
-    }
-}
-
-fn entropy(c: &mut Criterion) {
-    let mut group = c.benchmark_group("entropy");
-    let human = human_trace(80, 0);
-    assert!(perishable::entropy::score(&human) >= 50);
-    group.bench_function("score_80_pointer", |b| {
-        b.iter(|| perishable::entropy::score(&human))
-    });
-    let largest = human_trace(512, 512);
-    group.bench_function("score_512_pointer_512_keys", |b| {
-        b.iter(|| perishable::entropy::score(&largest))
-    });
-    group.finish();
-}
-
-fn proof_of_work(c: &mut Criterion) {
-    let pow = ProofOfWork::new([7u8; 32], 16, Duration::from_secs(300));
-    let at = now();
-    let challenge = pow.challenge(at);
-    let solution = PowSolution {
-        nonce: perishable::pow::solve(&challenge.challenge, 16),
-        challenge: challenge.challenge,
-    };
-    assert!(pow.check(Some(&solution), at).is_ok());
-    c.bench_function("pow/check_16_bits", |b| {
-        b.iter(|| pow.check(Some(&solution), at).unwrap())
-    });
 }
 
 fn upstream_stub()
@@ -362,7 +288,7 @@ fn stack(c: &mut Criterion) {
     // DPoP-bound session: a fresh proof per request (made in the untimed setup).
     let p = perishable(Algorithm::HS256, DpopMode::Required);
     let signer = Arc::new(DpopSigner::generate_es256());
-    let token = token(&p, Some(signer.thumbprint().to_owned()));
+    let token = token(&p, Some(&signer));
     let htu = format!("http://{HOST}{PATH}");
     let svc = ServiceBuilder::new()
         .layer(p.origin_layer())
@@ -390,7 +316,6 @@ criterion_group! {
     config = Criterion::default()
         .measurement_time(Duration::from_secs(2))
         .warm_up_time(Duration::from_millis(500));
-    targets = token_verification, dpop_verification, fingerprint_check, rate_limit,
-        verify_plus_rate_limit, entropy, proof_of_work, stack
+    targets = dpop_verification, rate_limit, verify_plus_rate_limit, stack
 }
 criterion_main!(benches);

@@ -8,7 +8,9 @@
 //! byte, so tokens appear as the model writes them. The official OpenAI SDKs work unchanged.
 //!
 //! This crate re-exports [`perishable_core`] (tower Layers and Services, no axum) and
-//! [`perishable_axum`] (the routes as one axum `Router`):
+//! [`perishable_axum`] (the routes as one axum `Router`), item by item and module by module: the
+//! core's root items and public modules (its whole surface is listed under "Public API" in
+//! [`perishable_core`]), and the router functions and CORS constants of the axum crate:
 //!
 //! ```no_run
 //! use std::net::SocketAddr;
@@ -42,7 +44,7 @@ pub use perishable_core::{
     PerishableBuilder, Route, Secret, SessionObject, Sessions, VerifiedSession,
 };
 pub use perishable_core::{
-    audit, client_ip, config, dpop, entropy, error, fingerprint, gate, observe, origin, pow,
-    rate_limit, session, store, token, upstream, verify,
+    audit, client_ip, config, dpop, error, fingerprint, gate, observe, origin, pow, rate_limit,
+    realtime, session, store, token, upstream, verify,
 };
 pub use {perishable_axum, perishable_core};

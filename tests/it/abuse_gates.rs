@@ -907,7 +907,7 @@ async fn wrong_nonces_are_refused() {
     let proxy = Proxy::start().await;
     let first = fresh_challenge(&proxy).await;
     let first = first["challenge"].as_str().unwrap();
-    let first_nonce = perishable::pow::solve(first, 8);
+    let first_nonce = perishable_client::pow::solve(first, 8);
 
     // A nonce that solves another challenge (and, checked here, not this one).
     let target = loop {
@@ -933,7 +933,7 @@ async fn wrong_nonces_are_refused() {
     expect_error(response, 400, "pow_invalid", "invalid_request_error").await;
 
     // The refused attempts did not use the challenge up: a real solution still works.
-    let good = perishable::pow::solve(&target, 8);
+    let good = perishable_client::pow::solve(&target, 8);
     let response = post_session(&proxy, &pow_body(FP, &target, &good), &[]).await;
     assert_eq!(response.status(), 200);
 }
@@ -945,7 +945,7 @@ async fn expired_challenges_are_refused() {
     let expires_at = challenge["expires_at"].as_u64().unwrap();
     assert!(expires_at <= now() + 1);
     let c = challenge["challenge"].as_str().unwrap();
-    let nonce = perishable::pow::solve(c, 8);
+    let nonce = perishable_client::pow::solve(c, 8);
     tokio::time::sleep(Duration::from_millis(2100)).await;
     assert!(now() > expires_at);
     let response = post_session(&proxy, &pow_body(FP, c, &nonce), &[]).await;
@@ -991,7 +991,7 @@ async fn forged_challenges_are_refused() {
             URL_SAFE_NO_PAD.encode(altered),
             parts[2]
         );
-        let nonce = perishable::pow::solve(&forged, 8);
+        let nonce = perishable_client::pow::solve(&forged, 8);
         let response = post_session(&proxy, &pow_body(FP, &forged, &nonce), &[]).await;
         expect_error(response, 400, "pow_invalid", "invalid_request_error").await;
     }
@@ -1005,7 +1005,7 @@ async fn forged_challenges_are_refused() {
         .unwrap()
         .to_owned();
     let forged = format!("{}.{}.{other_mac}", parts[0], parts[1]);
-    let nonce = perishable::pow::solve(&forged, 8);
+    let nonce = perishable_client::pow::solve(&forged, 8);
     let response = post_session(&proxy, &pow_body(FP, &forged, &nonce), &[]).await;
     expect_error(response, 400, "pow_invalid", "invalid_request_error").await;
 
@@ -1016,7 +1016,7 @@ async fn forged_challenges_are_refused() {
     .await;
     let foreign = fresh_challenge(&elsewhere).await;
     let foreign = foreign["challenge"].as_str().unwrap();
-    let nonce = perishable::pow::solve(foreign, 8);
+    let nonce = perishable_client::pow::solve(foreign, 8);
     let response = post_session(&proxy, &pow_body(FP, foreign, &nonce), &[]).await;
     expect_error(response, 400, "pow_invalid", "invalid_request_error").await;
     // It is a good solution where it was issued.
@@ -1024,7 +1024,7 @@ async fn forged_challenges_are_refused() {
     assert_eq!(response.status(), 200);
 
     // The untouched challenge, solved, is accepted here.
-    let nonce = perishable::pow::solve(challenge, 8);
+    let nonce = perishable_client::pow::solve(challenge, 8);
     let response = post_session(&proxy, &pow_body(FP, challenge, &nonce), &[]).await;
     assert_eq!(response.status(), 200);
 }

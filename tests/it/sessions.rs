@@ -566,7 +566,7 @@ async fn wrong_nonce_is_refused() {
     )
     .await;
     // The right nonce for the same challenge works.
-    let pow = json!({"challenge": c, "nonce": perishable::pow::solve(c, difficulty)});
+    let pow = json!({"challenge": c, "nonce": perishable_client::pow::solve(c, difficulty)});
     assert_eq!(
         post_session(&proxy, &mint_body(FP, human_entropy(), pow))
             .await
@@ -643,7 +643,7 @@ async fn forged_challenges_are_refused() {
     let altered: String = chars.into_iter().collect();
     tampered[middle] = &altered;
     let tampered = tampered.join(".");
-    let pow = json!({"challenge": tampered, "nonce": perishable::pow::solve(&tampered, 8)});
+    let pow = json!({"challenge": tampered, "nonce": perishable_client::pow::solve(&tampered, 8)});
     expect_400(
         post_session(&proxy, &mint_body(FP, human_entropy(), pow)).await,
         "pow_invalid",
@@ -652,7 +652,7 @@ async fn forged_challenges_are_refused() {
 
     // Made up entirely.
     for made_up in ["v1.AAAA.BBBB", "anything", ""] {
-        let pow = json!({"challenge": made_up, "nonce": perishable::pow::solve(made_up, 8)});
+        let pow = json!({"challenge": made_up, "nonce": perishable_client::pow::solve(made_up, 8)});
         expect_400(
             post_session(&proxy, &mint_body(FP, human_entropy(), pow)).await,
             "pow_invalid",

@@ -140,7 +140,7 @@ impl Proxy {
             return Value::Null;
         }
         let c = challenge["challenge"].as_str().unwrap();
-        json!({ "challenge": c, "nonce": perishable::pow::solve(c, difficulty) })
+        json!({ "challenge": c, "nonce": perishable_client::pow::solve(c, difficulty) })
     }
 
     /// An authenticated request builder for `/openai/{path}`.

@@ -179,19 +179,29 @@ where
 }
 
 async fn not_found() -> http::Response<axum::body::Body> {
-    perishable_core::error::other_error_response(
+    other_error(
         http::StatusCode::NOT_FOUND,
-        "not_found",
-        "no such route: see the Perishable protocol for the routes",
+        r#"{"error":{"message":"no such route: see the Perishable protocol for the routes","type":"invalid_request_error","code":"not_found"}}"#,
     )
 }
 
 async fn method_not_allowed() -> http::Response<axum::body::Body> {
-    perishable_core::error::other_error_response(
+    other_error(
         http::StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "this route does not take that method",
+        r#"{"error":{"message":"this route does not take that method","type":"invalid_request_error","code":"method_not_allowed"}}"#,
     )
+}
+
+/// A response in the OpenAI error shape (`body`) for what is not a refusal of the protocol: an
+/// unknown route, a method a route does not take.
+fn other_error(status: http::StatusCode, body: &'static str) -> http::Response<axum::body::Body> {
+    let mut response = http::Response::new(axum::body::Body::from(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 /// Copies axum's `ConnectInfo<SocketAddr>` into [`PeerAddr`] and, on requests with a DPoP proof,
@@ -255,9 +265,23 @@ mod tests {
             .unwrap();
         let response = app.clone().oneshot(request).await.unwrap();
         assert_eq!(response.status(), 405);
+        assert_error(response, "method_not_allowed").await;
         let request = Request::get("/nowhere")
             .body(axum::body::Body::empty())
             .unwrap();
-        assert_eq!(app.oneshot(request).await.unwrap().status(), 404);
+        let response = app.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), 404);
+        assert_error(response, "not_found").await;
+    }
+
+    /// `response` is JSON in the OpenAI error shape, with `code`.
+    async fn assert_error(response: http::Response<axum::body::Body>, code: &str) {
+        use http_body_util::BodyExt;
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], code, "{body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+        assert!(body["error"]["message"].is_string(), "{body}");
     }
 }

@@ -16,16 +16,6 @@
 //! jittered, curved trace with varied timing scores well above the default threshold of 50. Samples
 //! with time going backwards earn no timing or geometry points. Typing alone can pass: 30 key
 //! presses with human rhythm earn 15 + 40.
-//!
-//! ```
-//! use perishable_core::entropy::{Entropy, score};
-//!
-//! let straight = Entropy {
-//!     pointer: (0..100).map(|i| [i as f64 * 16.0, i as f64, i as f64]).collect(),
-//!     ..Entropy::default()
-//! };
-//! assert!(score(&straight) < 50);
-//! ```
 
 use serde::Deserialize;
 
@@ -35,18 +25,18 @@ pub(crate) const MAX_SAMPLES: usize = 512;
 /// The raw interaction samples of `POST /session` (`entropy` in `docs/protocol.md`).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default)]
-pub struct Entropy {
+pub(crate) struct Entropy {
     /// Pointer samples: `[t_ms, x, y]`.
-    pub pointer: Vec<[f64; 3]>,
+    pub(crate) pointer: Vec<[f64; 3]>,
     /// Key-press times in milliseconds.
-    pub keys: Vec<f64>,
+    pub(crate) keys: Vec<f64>,
     /// How long the client collected samples, in milliseconds (informational).
-    pub elapsed_ms: Option<f64>,
+    pub(crate) elapsed_ms: Option<f64>,
 }
 
 impl Entropy {
     /// Whether the sample counts are within the limit (512 pointer samples, 512 key times).
-    pub fn within_limits(&self) -> bool {
+    pub(crate) fn within_limits(&self) -> bool {
         self.pointer.len() <= MAX_SAMPLES && self.keys.len() <= MAX_SAMPLES
     }
 }
@@ -90,7 +80,7 @@ fn scaled(value: f64, full_at: f64, points: f64) -> f64 {
 }
 
 /// Scores the samples from 0 to 100; see the [module docs](self) for how.
-pub fn score(samples: &Entropy) -> u8 {
+pub(crate) fn score(samples: &Entropy) -> u8 {
     let pointer: Vec<[f64; 3]> = samples
         .pointer
         .iter()

@@ -207,22 +207,22 @@ impl std::fmt::Display for ErrorCode {
 /// Rendered as `Retry-After` (whole seconds, rounded up) and the IETF httpapi draft headers
 /// `RateLimit-Policy: "<name>";q=<quota>;w=<window>` and `RateLimit: "<name>";r=<remaining>;t=<reset>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RateLimitInfo {
+pub(crate) struct RateLimitInfo {
     /// The policy's name in the headers (`"session"`, `"mint"`, ...).
-    pub policy: &'static str,
+    pub(crate) policy: &'static str,
     /// Requests allowed per window.
-    pub quota: u32,
+    pub(crate) quota: u32,
     /// The window, in seconds.
-    pub window_secs: u64,
+    pub(crate) window_secs: u64,
     /// Requests left in the current window.
-    pub remaining: u32,
+    pub(crate) remaining: u32,
     /// How long until a request is allowed again.
-    pub retry_after: Duration,
+    pub(crate) retry_after: Duration,
 }
 
 impl RateLimitInfo {
     /// `Retry-After` in whole seconds, rounded up and at least 1.
-    pub fn retry_after_secs(&self) -> u64 {
+    pub(crate) fn retry_after_secs(&self) -> u64 {
         let secs = self.retry_after.as_secs() + u64::from(self.retry_after.subsec_nanos() > 0);
         secs.max(1)
     }
@@ -244,14 +244,15 @@ pub struct Error {
     authenticating: bool,
 }
 
-/// Put in the extensions of every response Perishable refuses with: lets outer layers count and
-/// audit refusals (upstream errors passed through carry none).
+/// Put in the extensions of every response Perishable refuses with: lets
+/// [`ObserveLayer`](crate::observe::ObserveLayer) count refusals and send them to the audit hook
+/// (upstream errors passed through carry none).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
+pub(crate) struct Refusal {
     /// The protocol code.
-    pub code: ErrorCode,
+    pub(crate) code: ErrorCode,
     /// The session, when the refusal came after it was verified.
-    pub session_id: Option<String>,
+    pub(crate) session_id: Option<String>,
 }
 
 /// The OpenAI error shape: `{"error":{"message":…,"type":…,"code":…}}`.
@@ -278,7 +279,7 @@ pub(crate) fn error_body(message: &str, error_type: &str, code: &str) -> Bytes {
 
 /// A response in the OpenAI error shape for what is not a refusal of the protocol (an unknown route,
 /// a method a route does not take), with type `invalid_request_error`.
-pub fn other_error_response<B: From<Bytes>>(
+pub(crate) fn other_error_response<B: From<Bytes>>(
     status: StatusCode,
     code: &str,
     message: &str,
@@ -325,7 +326,7 @@ impl Error {
     }
 
     /// A 429 `rate_limited` carrying the limit's headers.
-    pub fn rate_limited(info: RateLimitInfo) -> Self {
+    pub(crate) fn rate_limited(info: RateLimitInfo) -> Self {
         Self::new(
             ErrorCode::RateLimited,
             format!(
@@ -340,7 +341,7 @@ impl Error {
 
     /// Adds the rate-limit headers (and `Retry-After`) to the rendered response.
     #[must_use]
-    pub fn with_rate_limit(mut self, info: RateLimitInfo) -> Self {
+    pub(crate) fn with_rate_limit(mut self, info: RateLimitInfo) -> Self {
         self.rate_limit = Some(info);
         self
     }

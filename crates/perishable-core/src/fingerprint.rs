@@ -1,15 +1,17 @@
-//! Device fingerprints: validation, hashing, and the header that carries them.
+//! Device fingerprints: the header that carries them, and their hash.
 //!
 //! A fingerprint is the client's stable device identifier: 8 to 512 printable ASCII characters
 //! (`0x20` to `0x7E`). The server never stores it raw: tokens carry its base64url SHA-256 (`fp`),
 //! and every authenticated request must send the same fingerprint in
 //! [`FINGERPRINT_HEADER`], compared by hash in constant time.
 //!
+//! [`hash`] computes the `fp` claim of a fingerprint (what
+//! [`VerifiedSession::fingerprint_hash`](crate::VerifiedSession::fingerprint_hash) returns), to
+//! key the app's own records on a client without keeping its fingerprint:
+//!
 //! ```
 //! use perishable_core::fingerprint;
 //!
-//! assert!(fingerprint::validate("browser-7f3a9c").is_ok());
-//! assert!(fingerprint::validate("short").is_err());
 //! assert_eq!(fingerprint::hash("browser-7f3a9c").len(), 43);
 //! ```
 
@@ -27,7 +29,7 @@ pub(crate) const MIN_LEN: usize = 8;
 pub(crate) const MAX_LEN: usize = 512;
 
 /// Checks the protocol shape: 8 to 512 printable ASCII characters.
-pub fn validate(fingerprint: &str) -> Result<(), Error> {
+pub(crate) fn validate(fingerprint: &str) -> Result<(), Error> {
     let len = fingerprint.len();
     if !(MIN_LEN..=MAX_LEN).contains(&len) {
         return Err(Error::new(
@@ -52,7 +54,7 @@ pub fn hash(fingerprint: &str) -> String {
 /// Whether `presented` hashes to the `fp` claim, compared in constant time.
 ///
 /// Runs on every request (fingerprint and User-Agent): the digest is encoded on the stack.
-pub fn matches(presented: &[u8], fp_claim: &str) -> bool {
+pub(crate) fn matches(presented: &[u8], fp_claim: &str) -> bool {
     use base64::Engine;
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, presented);
     let mut encoded = [0u8; 43];

@@ -20,7 +20,7 @@
 //!    rendered in the OpenAI error shape), `json` (the strict parser of metered bodies and the
 //!    incremental search of a response for its `usage`), `path` (path patterns and the
 //!    allow-list), `header_rules` (which headers may never cross), [`client_ip`] (which IP a
-//!    request counts against), [`entropy`] (the server-side interaction score), [`Route`] (the
+//!    request counts against), `entropy` (the server-side interaction score), [`Route`] (the
 //!    route table), `future` (the shared refusal-or-inner future), `macros` (`opaque_future!`
 //!    for named futures, `define_inner_service_accessors!`).
 //! 2. `usage` (the `Usage` of a response, the tap that reads it, the event-stream parser) and
@@ -45,57 +45,53 @@
 //!     front of a service: the one middleware that uses another, the session engine),
 //!     [`rate_limit`] (per client, on the store's limiter), [`upstream`]
 //!     (the streaming forwarding Service: one strict parse of a metered body, headers by
-//!     allow-list, the usage tap).
+//!     allow-list, the usage tap), [`realtime`] (the Realtime WebSocket route, in front of the
+//!     upstream Service).
 //! 11. [`Perishable`]: the runtime state built from a config ([`PerishableBuilder`] for a store,
 //!     a client or gates of your own); decodes the keys and hands out every layer.
 //!
 //! # Public API
 //!
-//! The whole public surface, by module:
+//! The whole public surface, by module (what a module defines and the root re-exports is listed
+//! at the root):
 //!
 //! - root: [`Perishable`], [`PerishableBuilder`], [`Config`], [`ConfigBuilder`],
-//!   [`ConfigError`], [`Secret`],
-//!   [`Error`], [`ErrorCode`], [`Body`], [`BoxError`], [`Route`], [`Sessions`],
-//!   [`SessionObject`], [`VerifiedSession`].
+//!   [`ConfigError`], [`Secret`], [`Error`], [`ErrorCode`], [`Body`], [`BoxError`], [`Route`],
+//!   [`Sessions`], [`SessionObject`], [`VerifiedSession`].
 //! - [`config`] module: the sections [`UpstreamConfig`](config::UpstreamConfig),
-//!   [`SessionConfig`](config::SessionConfig) (with [`SigningKeyConfig`](config::SigningKeyConfig),
-//!   [`Algorithm`](config::Algorithm), [`DpopMode`](config::DpopMode)),
-//!   [`RateLimitConfig`](config::RateLimitConfig), [`PowConfig`](config::PowConfig),
-//!   [`CorsConfig`](config::CorsConfig), [`ServerConfig`](config::ServerConfig),
-//!   [`BudgetConfig`](config::BudgetConfig) (with [`BudgetScope`](config::BudgetScope),
-//!   [`TierConfig`](config::TierConfig)), [`StoreConfig`](config::StoreConfig) (with
-//!   [`OnUnavailable`](config::OnUnavailable)), [`MintConfig`](config::MintConfig) (with
-//!   [`CaptchaConfig`](config::CaptchaConfig), [`OidcConfig`](config::OidcConfig),
-//!   [`AppAttestConfig`](config::AppAttestConfig),
+//!   [`SessionConfig`](config::SessionConfig) (with [`Algorithm`](config::Algorithm),
+//!   [`DpopMode`](config::DpopMode)), [`RateLimitConfig`](config::RateLimitConfig),
+//!   [`PowConfig`](config::PowConfig), [`CorsConfig`](config::CorsConfig),
+//!   [`ServerConfig`](config::ServerConfig), [`BudgetConfig`](config::BudgetConfig) (with
+//!   [`BudgetScope`](config::BudgetScope), [`TierConfig`](config::TierConfig)),
+//!   [`StoreConfig`](config::StoreConfig) (with [`OnUnavailable`](config::OnUnavailable)),
+//!   [`MintConfig`](config::MintConfig) (with [`CaptchaConfig`](config::CaptchaConfig),
+//!   [`OidcConfig`](config::OidcConfig), [`AppAttestConfig`](config::AppAttestConfig),
 //!   [`PlayIntegrityConfig`](config::PlayIntegrityConfig)),
 //!   [`RealtimeConfig`](config::RealtimeConfig);
-//!   [`DEFAULT_ALLOWED_PATHS`](config::DEFAULT_ALLOWED_PATHS),
-//!   [`IpNet`](config::IpNet).
-//! - [`error`] module: [`RateLimitInfo`](error::RateLimitInfo), [`Refusal`](error::Refusal),
-//!   [`other_error_response`](error::other_error_response).
+//!   [`DEFAULT_ALLOWED_PATHS`](config::DEFAULT_ALLOWED_PATHS), [`IpNet`](config::IpNet)
+//!   (re-exported from `ipnet`).
+//! - [`error`] module: [`Error`] and [`ErrorCode`] (at the root).
 //! - [`audit`] module: [`Audit`](audit::Audit), [`AuditEvent`](audit::AuditEvent),
 //!   [`AuditAlreadySet`](audit::AuditAlreadySet).
 //! - [`client_ip`] module: [`PeerAddr`](client_ip::PeerAddr),
 //!   [`ClientIpResolver`](client_ip::ClientIpResolver).
-//! - [`entropy`] module: [`Entropy`](entropy::Entropy), [`score`](entropy::score).
-//! - [`fingerprint`] module: [`FINGERPRINT_HEADER`](fingerprint::FINGERPRINT_HEADER),
-//!   [`validate`](fingerprint::validate), [`hash`](fingerprint::hash),
-//!   [`matches`](fingerprint::matches).
-//! - [`pow`] module: [`ProofOfWork`](pow::ProofOfWork), [`Challenge`](pow::Challenge),
-//!   [`PowSolution`](pow::PowSolution), [`solve`](pow::solve).
-//! - [`dpop`] module: [`DpopSigner`](dpop::DpopSigner), [`DpopVerifier`](dpop::DpopVerifier),
-//!   [`Expected`](dpop::Expected), [`Htu`](dpop::Htu), [`DpopProof`](dpop::DpopProof),
-//!   [`OriginalUri`](dpop::OriginalUri), [`DPOP_HEADER`](dpop::DPOP_HEADER).
-//! - [`token`] module: [`Claims`](token::Claims), [`Confirmation`](token::Confirmation),
-//!   [`TokenCodec`](token::TokenCodec).
+//! - [`token`] module: [`Claims`](token::Claims), [`Confirmation`](token::Confirmation) (and
+//!   [`VerifiedSession`], at the root).
 //! - [`store`] module: the [`Store`](store::Store) trait and its types ([`Set`](store::Set),
 //!   [`Admission`](store::Admission), [`Bucket`](store::Bucket),
-//!   [`Reservation`](store::Reservation), [`AppAttestKey`](store::AppAttestKey),
-//!   [`StoreError`](store::StoreError),
-//!   [`StoreFuture`](store::StoreFuture)), the [`RateLimiter`](store::RateLimiter) trait
-//!   ([`RatePolicy`](store::RatePolicy), [`RateDecision`](store::RateDecision)),
-//!   [`MemoryStore`](store::MemoryStore), [`Limiter`](store::Limiter), `RedisStore` (feature
-//!   `redis`), `conformance` (feature `test-util`: the `Store` contract as a test suite).
+//!   [`Reservation`](store::Reservation), [`CallAdmission`](store::CallAdmission),
+//!   [`CallDecision`](store::CallDecision), [`AppAttestKey`](store::AppAttestKey),
+//!   [`StoreError`](store::StoreError), [`StoreFuture`](store::StoreFuture)), the
+//!   [`RateLimiter`](store::RateLimiter) trait ([`RatePolicy`](store::RatePolicy),
+//!   [`RateDecision`](store::RateDecision)), [`MemoryStore`](store::MemoryStore), `RedisStore`
+//!   (feature `redis`), `conformance::run` (feature `test-util`: the `Store` contract as a test
+//!   suite).
+//! - [`fingerprint`] module: [`FINGERPRINT_HEADER`](fingerprint::FINGERPRINT_HEADER),
+//!   [`hash`](fingerprint::hash).
+//! - [`pow`] module: [`Challenge`](pow::Challenge).
+//! - [`dpop`] module: [`DpopSigner`](dpop::DpopSigner), [`OriginalUri`](dpop::OriginalUri),
+//!   [`DPOP_HEADER`](dpop::DPOP_HEADER).
 //! - [`gate`] module: the [`Gate`](gate::Gate) trait for mint gates of your own,
 //!   [`Evidence`](gate::Evidence), [`Facts`](gate::Facts), [`GateFuture`](gate::GateFuture).
 //! - [`origin`] module: [`OriginLayer`](origin::OriginLayer), [`OriginCheck`](origin::OriginCheck),
@@ -103,16 +99,19 @@
 //! - [`observe`] module: [`ObserveLayer`](observe::ObserveLayer), [`Observe`](observe::Observe),
 //!   [`ObserveFuture`](observe::ObserveFuture), [`SENSITIVE_HEADERS`](observe::SENSITIVE_HEADERS).
 //! - [`session`] module: [`SessionService`](session::SessionService),
-//!   [`SessionFuture`](session::SessionFuture).
+//!   [`SessionFuture`](session::SessionFuture) (and [`Sessions`], [`SessionObject`], at the
+//!   root).
 //! - [`verify`] module: [`VerifyLayer`](verify::VerifyLayer), [`Verify`](verify::Verify),
 //!   [`VerifyFuture`](verify::VerifyFuture).
 //! - [`rate_limit`] module: [`RateLimitLayer`](rate_limit::RateLimitLayer),
 //!   [`RateLimit`](rate_limit::RateLimit), [`RateLimitFuture`](rate_limit::RateLimitFuture), the
 //!   [`KeyExtractor`](rate_limit::KeyExtractor) trait,
-//!   [`FingerprintKey`](rate_limit::FingerprintKey),
-//!   [`ClientIpKey`](rate_limit::ClientIpKey).
+//!   [`FingerprintKey`](rate_limit::FingerprintKey), [`ClientIpKey`](rate_limit::ClientIpKey).
+//! - [`realtime`] module: [`RealtimeLayer`](realtime::RealtimeLayer),
+//!   [`RealtimeService`](realtime::RealtimeService),
+//!   [`RealtimeFuture`](realtime::RealtimeFuture).
 //! - [`upstream`] module: [`UpstreamService`](upstream::UpstreamService),
-//!   [`UpstreamFuture`](upstream::UpstreamFuture), [`UpstreamPath`](upstream::UpstreamPath),
+//!   [`UpstreamFuture`](upstream::UpstreamFuture),
 //!   [`UpstreamClient`](upstream::UpstreamClient), [`rustls`](mod@upstream::rustls) (re-exported).
 //!
 //! # Example
@@ -144,7 +143,7 @@ pub mod client_ip;
 mod clock;
 pub mod config;
 pub mod dpop;
-pub mod entropy;
+mod entropy;
 pub mod error;
 pub mod fingerprint;
 mod future;

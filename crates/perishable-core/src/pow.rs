@@ -9,17 +9,18 @@
 //! [`Store`](crate::store::Store) until it expires) and never after `expires_at`. At the default 16 bits a client does about 65,000 hashes (milliseconds in native
 //! code, well under a second in a browser worker); the server does one.
 //!
-//! ```
-//! use perishable_core::pow::{ProofOfWork, PowSolution, solve};
+//! The session engine issues and checks them ([`Sessions::challenge`](crate::Sessions::challenge)
+//! is `GET /challenge`); the browser client and `perishable-client` solve them.
 //!
-//! let pow = ProofOfWork::new([7u8; 32], 8, std::time::Duration::from_secs(60));
-//! let now = 1_700_000_000;
-//! let challenge = pow.challenge(now);
-//! let nonce = solve(&challenge.challenge, challenge.difficulty);
-//! let solution = PowSolution { challenge: challenge.challenge, nonce };
-//! assert_eq!(pow.check(Some(&solution), now)?, challenge.expires_at);
-//! assert!(pow.check(Some(&solution), challenge.expires_at).is_err(), "expired");
-//! # Ok::<(), perishable_core::Error>(())
+//! ```
+//! use perishable_core::{Config, Perishable};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let perishable = Perishable::new(Config::builder().upstream_api_key("sk-test").build()?)?;
+//! let challenge = perishable.sessions().challenge();
+//! assert!(challenge.challenge.starts_with("v1."));
+//! assert_eq!((challenge.difficulty, challenge.algorithm.as_str()), (16, "SHA-256"));
+//! # Ok(()) }
 //! ```
 
 use std::time::Duration;
@@ -34,6 +35,7 @@ use crate::error::{Error, ErrorCode};
 
 /// The `GET /challenge` response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Challenge {
     /// The challenge string to hash with a nonce.
     pub challenge: String,
@@ -47,11 +49,11 @@ pub struct Challenge {
 
 /// The `pow` object of `POST /session`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-pub struct PowSolution {
+pub(crate) struct PowSolution {
     /// The challenge from `GET /challenge`.
-    pub challenge: String,
+    pub(crate) challenge: String,
     /// The client's nonce.
-    pub nonce: String,
+    pub(crate) nonce: String,
 }
 
 /// Longest nonce accepted.
@@ -61,7 +63,7 @@ const PAYLOAD_LEN: usize = 16 + 8 + 1;
 /// Issues and checks challenges; see the [module docs](self). Stateless: replays are the
 /// caller's to record.
 #[derive(Debug)]
-pub struct ProofOfWork {
+pub(crate) struct ProofOfWork {
     key: hmac::Key,
     difficulty: u8,
     ttl: Duration,
@@ -69,7 +71,7 @@ pub struct ProofOfWork {
 
 impl ProofOfWork {
     /// Challenges signed with `key`, requiring `difficulty` bits, valid for `ttl`.
-    pub fn new(key: [u8; 32], difficulty: u8, ttl: Duration) -> Self {
+    pub(crate) fn new(key: [u8; 32], difficulty: u8, ttl: Duration) -> Self {
         Self {
             key: hmac::Key::new(hmac::HMAC_SHA256, &key),
             difficulty,
@@ -78,17 +80,12 @@ impl ProofOfWork {
     }
 
     /// Whether proof of work is on.
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         self.difficulty > 0
     }
 
-    /// The configured difficulty.
-    pub fn difficulty(&self) -> u8 {
-        self.difficulty
-    }
-
     /// A fresh challenge.
-    pub fn challenge(&self, now: u64) -> Challenge {
+    pub(crate) fn challenge(&self, now: u64) -> Challenge {
         let expires_at = now + self.ttl.as_secs();
         let mut payload = [0u8; PAYLOAD_LEN];
         payload[..16].copy_from_slice(&crate::token::random_bytes::<16>());
@@ -109,7 +106,7 @@ impl ProofOfWork {
 
     /// Checks a solution (signature, expiry, difficulty): returns when the challenge expires, the
     /// time until which it must be remembered as used.
-    pub fn check(&self, solution: Option<&PowSolution>, now: u64) -> Result<u64, Error> {
+    pub(crate) fn check(&self, solution: Option<&PowSolution>, now: u64) -> Result<u64, Error> {
         let invalid = |why: &'static str| Error::new(ErrorCode::PowInvalid, why);
         let Some(solution) = solution else {
             return Err(Error::new(
@@ -185,8 +182,9 @@ pub(crate) fn leading_zero_bits(digest: &[u8]) -> u32 {
     bits
 }
 
-/// Finds a nonce for `challenge` (what a client does; handy in tests and native clients).
-pub fn solve(challenge: &str, difficulty: u8) -> String {
+/// Finds a nonce for `challenge` (what a client does).
+#[cfg(test)]
+pub(crate) fn solve(challenge: &str, difficulty: u8) -> String {
     let prefix = Sha256::new().chain_update(challenge.as_bytes());
     let mut n: u64 = 0;
     loop {

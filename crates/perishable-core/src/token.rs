@@ -36,6 +36,7 @@ pub(crate) const TOKEN_TYPE: &str = "at+jwt";
 
 /// The `cnf` claim of a key-bound session (RFC 7800).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Confirmation {
     /// RFC 7638 thumbprint of the client's public key.
     pub jkt: String,
@@ -44,6 +45,7 @@ pub struct Confirmation {
 /// The claims of a session token. They hold no personal data: the fingerprint and User-Agent are
 /// hashed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Claims {
     /// Issuer.
     pub iss: String,
@@ -79,6 +81,7 @@ pub struct Claims {
 /// The claims of a request's verified session, which [`VerifyLayer`](crate::verify::VerifyLayer)
 /// puts in the request extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct VerifiedSession {
     /// The token's claims (shared with the verified-token cache).
     pub claims: Arc<Claims>,
@@ -291,7 +294,7 @@ fn jwt_algorithm(algorithm: Algorithm) -> jsonwebtoken::Algorithm {
 
 /// Signs and verifies session tokens with the configured keys and the `[session]` rules.
 #[derive(Clone)]
-pub struct TokenCodec {
+pub(crate) struct TokenCodec {
     keys: KeySet,
     validation: Arc<Validation>,
     cache: Arc<VerifiedCache>,
@@ -398,7 +401,7 @@ impl TokenCodec {
     }
 
     /// Signs `claims` with the newest key.
-    pub fn sign(&self, claims: &Claims) -> Result<String, Error> {
+    pub(crate) fn sign(&self, claims: &Claims) -> Result<String, Error> {
         let mut header = Header::new(jwt_algorithm(self.keys.inner.algorithm));
         header.typ = Some(TOKEN_TYPE.to_owned());
         header.kid = Some(self.keys.inner.signing_kid.clone());
@@ -415,7 +418,8 @@ impl TokenCodec {
     ///
     /// Revocation, fingerprint and User-Agent are checked by the caller. The claims are shared
     /// with the cache (a hit copies nothing).
-    pub fn verify(&self, token: &str) -> Result<Arc<Claims>, Error> {
+    #[cfg(test)]
+    pub(crate) fn verify(&self, token: &str) -> Result<Arc<Claims>, Error> {
         self.verify_cached(token.as_bytes()).map(|v| v.claims)
     }
 
@@ -439,7 +443,7 @@ impl TokenCodec {
     }
 
     /// [`verify`](Self::verify) without the cache: every check, every time.
-    pub fn verify_uncached(&self, token: &str) -> Result<Claims, Error> {
+    pub(crate) fn verify_uncached(&self, token: &str) -> Result<Claims, Error> {
         let invalid = |why: &'static str| Error::new(ErrorCode::InvalidToken, why);
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| invalid("the session token is malformed"))?;

@@ -57,8 +57,8 @@ pub use pow::PowConfig;
 pub use rate_limit::RateLimitConfig;
 pub use realtime::RealtimeConfig;
 pub use server::ServerConfig;
-pub use session::{Algorithm, DpopMode, SessionConfig, SigningKeyConfig};
-pub(crate) use session::{ed25519_pkcs8_der, kid_for};
+pub use session::{Algorithm, DpopMode, SessionConfig};
+pub(crate) use session::{SigningKeyConfig, ed25519_pkcs8_der, kid_for};
 pub use store::{OnUnavailable, StoreConfig};
 pub use upstream::{DEFAULT_ALLOWED_PATHS, UpstreamConfig};
 

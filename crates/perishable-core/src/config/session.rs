@@ -36,14 +36,13 @@ pub enum Algorithm {
 /// One signing key in `[[session.keys]]`, for rotation.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-#[non_exhaustive]
-pub struct SigningKeyConfig {
+pub(crate) struct SigningKeyConfig {
     /// The key id put in the token header (`kid`).
-    pub kid: String,
+    pub(crate) kid: String,
     /// An HS256 secret, at least 32 bytes.
-    pub secret: Option<Secret>,
+    pub(crate) secret: Option<Secret>,
     /// An Ed25519 private key (PKCS#8 PEM), for `algorithm = "EdDSA"`.
-    pub private_key_pem: Option<Secret>,
+    pub(crate) private_key_pem: Option<Secret>,
 }
 
 impl fmt::Debug for SigningKeyConfig {
@@ -63,10 +62,12 @@ pub struct SessionConfig {
     pub ttl_secs: u64,
     /// Absolute lifetime of a session across refreshes, counted from the first mint.
     pub max_lifetime_secs: u64,
-    /// The HS256 signing secret (at least 32 bytes). When set it signs; `keys` still verify.
+    /// The HS256 signing secret (at least 32 bytes). When set it signs; `session.keys` still
+    /// verify.
     pub jwt_secret: Option<Secret>,
-    /// Further signing keys for rotation: the last one signs when `jwt_secret` is unset, all verify.
-    pub keys: Vec<SigningKeyConfig>,
+    /// `[[session.keys]]`, further signing keys for rotation: the last one signs when
+    /// `jwt_secret` is unset, all verify.
+    pub(crate) keys: Vec<SigningKeyConfig>,
     /// `HS256` (default) or `EdDSA`.
     pub algorithm: Algorithm,
     /// The `iss` claim.

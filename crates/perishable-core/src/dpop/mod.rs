@@ -6,7 +6,7 @@
 //! carry a fresh proof signed by the same key. A stolen token (with its fingerprint) is useless
 //! without the private key, which a browser can keep non-extractable in WebCrypto.
 //!
-//! [`DpopVerifier`] checks, in order:
+//! The session engine checks a proof, in order:
 //!
 //! 1. the proof is a compact JWS of at most 8 KiB;
 //! 2. header `typ` is `dpop+jwt`, `alg` is asymmetric (`ES256` or `EdDSA`), `jwk` is a public
@@ -18,8 +18,8 @@
 //! 5. `iat` is at most `session.dpop_max_age_secs` old and at most `session.leeway_secs` ahead;
 //! 6. `ath` is the base64url SHA-256 of the access token, when a token is presented;
 //! 7. the key's thumbprint equals the token's `cnf.jkt`, when the token is bound;
-//! 8. the `jti` was never seen before for this key: the session engine records
-//!    [`DpopProof::replay_id`] in the [`Store`](crate::store::Store) past the `iat` window, so a
+//! 8. the `jti` was never seen before for this key: the session engine records the key's
+//!    thumbprint and the `jti` in the [`Store`](crate::store::Store) past the `iat` window, so a
 //!    proof can never come back, on any instance sharing the store.
 //!
 //! A failed proof gets `invalid_dpop_proof` with `WWW-Authenticate: DPoP
@@ -31,32 +31,21 @@
 //! Rust clients and tests:
 //!
 //! ```
-//! use perishable_core::dpop::{DpopSigner, DpopVerifier, Expected, Htu};
+//! use perishable_core::dpop::DpopSigner;
 //!
 //! let key = DpopSigner::generate_es256();
+//! // A proof for one request: its method, its URL, and the access token it comes with.
 //! let proof = key.proof("POST", "https://api.example.com/ai/session", None);
-//! let verifier = DpopVerifier::new(60, 5);
-//! let now = std::time::SystemTime::now()
-//!     .duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-//! let expected = Expected {
-//!     htm: "POST",
-//!     htu: Htu::Exact("https://api.example.com/ai/session"),
-//!     access_token: None,
-//!     jkt: None,
-//! };
-//! let verified = verifier.verify(&proof, &expected, now)?;
-//! assert_eq!(verified.jkt, key.thumbprint());
-//! let other_url = Expected { htu: Htu::Exact("https://api.example.com/ai/openai/files"), ..expected };
-//! assert!(verifier.verify(&proof, &other_url, now).is_err());
-//! # Ok::<(), perishable_core::Error>(())
+//! assert_eq!(proof.split('.').count(), 3, "a compact JWS");
+//! // A session minted with such a proof is bound to this thumbprint (`cnf.jkt`).
+//! assert_eq!(key.thumbprint().len(), 43);
 //! ```
 
 mod signer;
 mod verifier;
 
 pub use signer::DpopSigner;
-pub(crate) use verifier::thumbprint;
-pub use verifier::{DpopProof, DpopVerifier, Expected, Htu};
+pub(crate) use verifier::{DpopVerifier, Expected, Htu, thumbprint};
 
 /// A DPoP proof's replay record left to the upstream Service's admission (the session check's
 /// deferring mode, `Perishable::proxy_verify_layer`): made in the same store call as the

@@ -1,4 +1,4 @@
-//! [`DpopVerifier`]: every RFC 9449 check on a proof; see the [module docs](super).
+//! `DpopVerifier`: every RFC 9449 check on a proof; see the [module docs](super).
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -17,7 +17,7 @@ const MAX_JTI_LEN: usize = 256;
 
 /// Where the proof's `htu` must point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Htu<'a> {
+pub(crate) enum Htu<'a> {
     /// This exact URL (scheme, host, port and path), from `server.public_url`.
     Exact(&'a str),
     /// This host (with port, as in the `Host` header) and path, with any scheme.
@@ -31,31 +31,31 @@ pub enum Htu<'a> {
 
 /// What the proof must match.
 #[derive(Debug, Clone, Copy)]
-pub struct Expected<'a> {
+pub(crate) struct Expected<'a> {
     /// The request method.
-    pub htm: &'a str,
+    pub(crate) htm: &'a str,
     /// The request URL.
-    pub htu: Htu<'a>,
+    pub(crate) htu: Htu<'a>,
     /// The access token presented with the proof (checked against `ath`).
-    pub access_token: Option<&'a str>,
+    pub(crate) access_token: Option<&'a str>,
     /// The token's `cnf.jkt`, when it is key-bound.
-    pub jkt: Option<&'a str>,
+    pub(crate) jkt: Option<&'a str>,
 }
 
 /// A verified proof.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DpopProof {
+pub(crate) struct DpopProof {
     /// RFC 7638 thumbprint of the proof's key.
-    pub jkt: String,
+    pub(crate) jkt: String,
     /// The proof's `jti`.
-    pub jti: String,
+    pub(crate) jti: String,
     /// The proof's `iat`.
-    pub iat: u64,
+    pub(crate) iat: u64,
 }
 
 impl DpopProof {
     /// The id to record as seen ([`Set::DpopSeen`](crate::store::Set::DpopSeen)): `jkt.jti`.
-    pub fn replay_id(&self) -> String {
+    pub(crate) fn replay_id(&self) -> String {
         format!("{}.{}", self.jkt, self.jti)
     }
 }
@@ -73,7 +73,7 @@ struct Claims {
 /// Verifies DPoP proofs; see the [module docs](super). Stateless: the caller records each
 /// proof's [`replay_id`](DpopProof::replay_id) until [`replay_until`](Self::replay_until).
 #[derive(Debug)]
-pub struct DpopVerifier {
+pub(crate) struct DpopVerifier {
     max_age_secs: u64,
     leeway_secs: u64,
     es256: Validation,
@@ -143,7 +143,7 @@ fn htu_matches(claimed: &str, expected: Htu<'_>) -> bool {
 
 impl DpopVerifier {
     /// Proofs may be `max_age_secs` old and `leeway_secs` in the future.
-    pub fn new(max_age_secs: u64, leeway_secs: u64) -> Self {
+    pub(crate) fn new(max_age_secs: u64, leeway_secs: u64) -> Self {
         Self {
             max_age_secs,
             leeway_secs,
@@ -154,12 +154,12 @@ impl DpopVerifier {
 
     /// Until when a proof must be remembered: past the end of its `iat` window, after which it
     /// is refused as too old anyway.
-    pub fn replay_until(&self, proof: &DpopProof) -> u64 {
+    pub(crate) fn replay_until(&self, proof: &DpopProof) -> u64 {
         proof.iat + self.max_age_secs + self.leeway_secs + 1
     }
 
     /// Verifies `proof` against `expected` (everything but replay).
-    pub fn verify(
+    pub(crate) fn verify(
         &self,
         proof: &str,
         expected: &Expected<'_>,

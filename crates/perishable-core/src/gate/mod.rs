@@ -6,11 +6,13 @@
 //! | gate | evidence in the mint body | what it proves |
 //! |---|---|---|
 //! | `pow` | `pow` | the client spent CPU on this mint ([`crate::pow`]) |
-//! | `entropy` | `entropy` | the samples look like a hand, scored on the server ([`crate::entropy`]) |
+//! | `entropy` | `entropy` | the samples look like a hand, scored on the server ("Interaction entropy" in [`docs/security.md`][security]) |
 //! | `captcha` | `captcha` | a Turnstile, hCaptcha or reCAPTCHA token the provider accepted, once |
 //! | `oidc` | `id_token` | a user signed in at the configured OpenID Connect issuer; the session carries `usr` |
 //! | `play_integrity` | `attestation` (`play-integrity`) | your Android app, from Google Play, on a device meeting device integrity, bound to a challenge |
 //! | `app_attest` | `attestation` (`apple-app-attest`) | your iOS app, signed by your team, on a genuine Apple device: a Secure Enclave key Apple attested once, then assertions by that key, each bound to a challenge |
+//!
+//! [security]: https://github.com/perishable-rs/perishable/blob/main/docs/security.md#interaction-entropy
 //!
 //! A gate may establish [`Facts`]: the user (`usr` in the token, base64url SHA-256 of the ID
 //! token's `iss` and `sub`; rate limits, session caps and client budgets then key on it) and the

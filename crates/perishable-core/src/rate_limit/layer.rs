@@ -49,7 +49,7 @@ impl<X: KeyExtractor> RateLimitLayer<X> {
     /// ```
     /// use std::time::Duration;
     /// use perishable_core::rate_limit::{FingerprintKey, RateLimitLayer};
-    /// use perishable_core::store::{Limiter, RatePolicy};
+    /// use perishable_core::store::{MemoryStore, RatePolicy, Store};
     ///
     /// let policy = |points| RatePolicy {
     ///     name: "session",
@@ -57,8 +57,9 @@ impl<X: KeyExtractor> RateLimitLayer<X> {
     ///     window: Duration::from_secs(60),
     ///     block: Duration::ZERO,
     /// };
-    /// let layer = RateLimitLayer::new(Limiter::<String>::new(policy(100)), FingerprintKey)
-    ///     .tier("pro", Limiter::<String>::new(policy(1_000)));
+    /// let store = MemoryStore::new();
+    /// let layer = RateLimitLayer::new(store.rate_limiter(policy(100)), FingerprintKey)
+    ///     .tier("pro", store.rate_limiter(policy(1_000)));
     /// # let _ = layer;
     /// ```
     #[must_use]

@@ -3,7 +3,7 @@
 //!
 //! [`RateLimitLayer`] asks a [`KeyExtractor`] for the request's key, then its
 //! [`RateLimiter`](crate::store::RateLimiter) (from the [`Store`](crate::store::Store):
-//! [`Limiter`](crate::store::Limiter) on governor in memory, a GCRA script on Redis):
+//! governor in memory, a GCRA script on Redis):
 //! `points` requests are allowed per `duration_secs` window (as a burst, replenished evenly),
 //! and a client that goes over is refused for `block_duration_secs` with `429 rate_limited`,
 //! `Retry-After` and the IETF draft `RateLimit-Policy` / `RateLimit` headers.
@@ -26,12 +26,12 @@
 //! use std::time::Duration;
 //! use perishable_core::rate_limit::{ClientIpKey, RateLimitLayer};
 //! use perishable_core::client_ip::{ClientIpResolver, PeerAddr};
-//! use perishable_core::store::{Limiter, RatePolicy};
+//! use perishable_core::store::{MemoryStore, RatePolicy, Store};
 //! use tower::{ServiceBuilder, ServiceExt, service_fn};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let policy = RatePolicy { name: "mint", points: 1, window: Duration::from_secs(60), block: Duration::ZERO };
-//! let limiter = Limiter::<String>::new(policy);
+//! let limiter = MemoryStore::new().rate_limiter(policy);
 //! let svc = ServiceBuilder::new()
 //!     .layer(RateLimitLayer::new(limiter, ClientIpKey::new(ClientIpResolver::default())))
 //!     .service(service_fn(|_req: http::Request<()>| async {

@@ -238,7 +238,6 @@ mod tests {
     use crate::error::ErrorCode;
     use crate::error::Refusal;
     use crate::rate_limit::{FingerprintKey, RateLimitLayer};
-    use crate::store::Limiter;
     use crate::store::{MemoryStore, RateDecision, RatePolicy, Store, StoreError, StoreFuture};
     use crate::token::Claims;
     use crate::token::VerifiedSession;
@@ -345,7 +344,7 @@ mod tests {
 
     #[tokio::test]
     async fn keys_are_limited_separately() {
-        let limiter = Limiter::<String>::new(policy(1));
+        let limiter = MemoryStore::new().rate_limiter(policy(1));
         let calls = Arc::new(AtomicUsize::new(0));
         let svc = app(RateLimitLayer::new(limiter, HeaderKey), calls.clone());
 
@@ -358,7 +357,7 @@ mod tests {
 
     #[tokio::test]
     async fn services_from_one_layer_share_the_limit() {
-        let layer = RateLimitLayer::new(Limiter::<String>::new(policy(1)), HeaderKey);
+        let layer = RateLimitLayer::new(MemoryStore::new().rate_limiter(policy(1)), HeaderKey);
         let calls = Arc::new(AtomicUsize::new(0));
         let first = app(layer.clone(), calls.clone());
         let second = app(layer, calls.clone());
@@ -369,7 +368,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_extractor_error_refuses_with_its_code() {
-        let limiter = Limiter::<String>::new(policy(10));
+        let limiter = MemoryStore::new().rate_limiter(policy(10));
         let calls = Arc::new(AtomicUsize::new(0));
         let svc = app(RateLimitLayer::new(limiter, HeaderKey), calls.clone());
         let response = svc
@@ -409,7 +408,7 @@ mod tests {
 
     #[tokio::test]
     async fn fingerprint_key_limits_the_device_across_sessions() {
-        let limiter = Limiter::<String>::new(policy(1));
+        let limiter = MemoryStore::new().rate_limiter(policy(1));
         let calls = Arc::new(AtomicUsize::new(0));
         let svc = app(RateLimitLayer::new(limiter, FingerprintKey), calls.clone());
 
@@ -492,7 +491,7 @@ mod tests {
 
     #[test]
     fn tier_keys_never_collide() {
-        let default: Arc<dyn RateLimiter> = Limiter::<String>::new(policy(1));
+        let default: Arc<dyn RateLimiter> = MemoryStore::new().rate_limiter(policy(1));
         let tiers: Tiers = vec![
             ("a".to_owned(), default.clone()),
             ("a:1".to_owned(), default.clone()),
@@ -570,7 +569,7 @@ mod tests {
 
     #[tokio::test]
     async fn accessors_reach_the_inner_service() {
-        let layer = RateLimitLayer::new(Limiter::<String>::new(policy(1)), HeaderKey);
+        let layer = RateLimitLayer::new(MemoryStore::new().rate_limiter(policy(1)), HeaderKey);
         let mut svc = layer.layer(7_u8);
         assert_eq!(*svc.get_ref(), 7);
         *svc.get_mut() = 8;

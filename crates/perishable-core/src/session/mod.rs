@@ -6,7 +6,7 @@
 //!
 //! Minting (`POST /session`) checks, in order: the JSON shape (`400 invalid_json`), the
 //! fingerprint (`missing_fingerprint`, `invalid_fingerprint`), the interaction entropy scored on
-//! the server ([`crate::entropy`]; `insufficient_entropy`), and the proof of work
+//! the server (`insufficient_entropy`), and the proof of work
 //! ([`crate::pow`]; `pow_required`, `pow_invalid`). Only when all pass is the challenge used up
 //! and a token signed, so a refused mint changes no state.
 //!
@@ -15,10 +15,10 @@
 //! `session.dpop = "required"` a mint without one gets `401 dpop_required`. Last, the session cap
 //! (in the [`Store`]; `429 too_many_sessions`) must have room for the fingerprint (and key).
 //!
-//! Verification (used by [`crate::verify::VerifyLayer`]) checks the token
-//! ([`crate::token::TokenCodec::verify`]), then that its `jti` is not revoked, that the SHA-256
-//! of the `X-Perishable-Fingerprint` header equals `fp`, and that the User-Agent hash equals `ua`
-//! when the token carries one. A key-bound token must come as `Authorization: DPoP <token>` with
+//! Verification (used by [`crate::verify::VerifyLayer`]) checks the token (signature,
+//! algorithm, `typ`, `kid`, `iss`, `aud`, `exp`, `nbf`: see [`crate::token`]), then that its
+//! `jti` is not revoked, that the SHA-256 of the `X-Perishable-Fingerprint` header equals `fp`,
+//! and that the User-Agent hash equals `ua` when the token carries one. A key-bound token must come as `Authorization: DPoP <token>` with
 //! a valid proof from its key (`401 dpop_required` without one, `401 invalid_dpop_proof` for a bad
 //! one, as RFC 9449 section 7.1 says; a bad proof on the mint is `400`); a bearer token must come as `Bearer`, and is refused when `session.dpop = "required"`.
 //!
@@ -51,6 +51,7 @@ use crate::token::{Claims, KeySet, TokenCodec};
 
 /// The session object of `POST /session` and `POST /session/refresh`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct SessionObject {
     /// The signed token.
     pub token: String,
@@ -168,8 +169,9 @@ impl Sessions {
         }
     }
 
-    /// The token codec (to sign or inspect tokens yourself).
-    pub fn codec(&self) -> &TokenCodec {
+    /// The token codec.
+    #[cfg(test)]
+    pub(crate) fn codec(&self) -> &TokenCodec {
         &self.inner.codec
     }
 

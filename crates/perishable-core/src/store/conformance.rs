@@ -23,7 +23,7 @@
 //! # }
 //! ```
 //!
-//! For a store of your own, in its tests (each check is public too, to run them one by one):
+//! For a store of your own, in its tests:
 //!
 //! ```ignore
 //! #[tokio::test]
@@ -43,7 +43,8 @@ use super::{
 /// A window long enough that refill during a run is far below one token.
 const LONG_WINDOW: u64 = 10_000_000;
 
-/// Runs every check against `store`, panicking at the first broken promise.
+/// Runs every check against `store`, panicking at the first broken promise (the message names
+/// the operation and what the contract expected of it).
 pub async fn run(store: &dyn Store) {
     ping(store).await;
     sets(store).await;
@@ -83,13 +84,13 @@ fn expect<T, E: std::fmt::Display>(result: Result<T, E>, op: &str) -> T {
 }
 
 /// [`Store::ping`] answers `Ok` for a reachable store.
-pub async fn ping(store: &dyn Store) {
+async fn ping(store: &dyn Store) {
     expect(store.ping().await, "ping");
 }
 
 /// [`Store::insert_once`] admits an id once per set, [`Store::contains`] sees it, the sets are
 /// apart, and the `_now` fast paths (when a store has them) agree.
-pub async fn sets(store: &dyn Store) {
+async fn sets(store: &dyn Store) {
     let id = unique("id");
     let exp = now() + 600;
     for set in [Set::Revoked, Set::PowUsed, Set::DpopSeen] {
@@ -143,7 +144,7 @@ pub async fn sets(store: &dyn Store) {
 
 /// A [`RateLimiter`](super::RateLimiter) allows a burst of `points` per key, then refuses with
 /// a wait, and keys are apart.
-pub async fn rate_limits(store: &dyn Store) {
+async fn rate_limits(store: &dyn Store) {
     let policy = RatePolicy {
         name: "conformance",
         points: 3,
@@ -176,7 +177,7 @@ pub async fn rate_limits(store: &dyn Store) {
 
 /// [`Store::admit_session`] holds at most `max` live sessions per key, refuses with a wait when
 /// any key is full and then takes nothing, and release and replace move slots.
-pub async fn session_caps(store: &dyn Store) {
+async fn session_caps(store: &dyn Store) {
     let exp = now() + 600;
     let fp = unique("fp");
     let ip = unique("ip");
@@ -269,7 +270,7 @@ pub async fn session_caps(store: &dyn Store) {
 
 /// [`Store::reserve_tokens`] and [`Store::settle_tokens`]: all or nothing across buckets, never
 /// above capacity, refunds and debts.
-pub async fn token_buckets(store: &dyn Store) {
+async fn token_buckets(store: &dyn Store) {
     let reserve = |buckets: &'static str, r: Reservation| {
         assert_eq!(r, Reservation::Reserved, "reserve_tokens on {buckets}");
     };
@@ -376,7 +377,7 @@ pub async fn token_buckets(store: &dyn Store) {
 }
 
 /// Concurrent reservations never both take tokens only one could have.
-pub async fn token_buckets_under_concurrency(store: &dyn Store) {
+async fn token_buckets_under_concurrency(store: &dyn Store) {
     let bucket = [Bucket::new(unique("concurrent"), 100, LONG_WINDOW)];
     let calls = (0..40).map(|_| store.reserve_tokens(&bucket, 10));
     let results = futures_util::future::join_all(calls).await;
@@ -392,7 +393,7 @@ pub async fn token_buckets_under_concurrency(store: &dyn Store) {
 }
 
 /// [`Store::acquire_stream`] holds at most `max` slots per session; release gives one back.
-pub async fn stream_slots(store: &dyn Store) {
+async fn stream_slots(store: &dyn Store) {
     let exp = now() + 600;
     let session = unique("streams");
     for i in 0..2 {
@@ -432,7 +433,7 @@ pub async fn stream_slots(store: &dyn Store) {
 /// neither: a rate refusal takes nothing, a full session takes no tokens, a short bucket takes
 /// no slot (the request stays counted), and what it takes is what the separate operations would
 /// take.
-pub async fn call_admissions(store: &dyn Store) {
+async fn call_admissions(store: &dyn Store) {
     let limiter = store.rate_limiter(RatePolicy {
         name: "conformance_call",
         points: 3,
@@ -538,7 +539,7 @@ pub async fn call_admissions(store: &dyn Store) {
 /// [`Store::register_app_attest_key`] registers a key id once (first writer wins, the record
 /// unchanged), [`Store::app_attest_key`] reads back what was written, and
 /// [`Store::advance_app_attest_counter`] raises the counter only when strictly above.
-pub async fn app_attest_keys(store: &dyn Store) {
+async fn app_attest_keys(store: &dyn Store) {
     let exp = now() + 600;
     let id = unique("aakey");
     let key = AppAttestKey::new(
@@ -644,7 +645,7 @@ pub async fn app_attest_keys(store: &dyn Store) {
 
 /// Concurrent registrations of one id: exactly one wins, and its record is the one kept.
 /// Concurrent raises to the same counter: exactly one wins.
-pub async fn app_attest_keys_under_concurrency(store: &dyn Store) {
+async fn app_attest_keys_under_concurrency(store: &dyn Store) {
     let exp = now() + 600;
     let id = unique("aakey-concurrent");
     let keys: Vec<AppAttestKey> = (0..20u8)

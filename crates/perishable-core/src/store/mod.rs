@@ -42,7 +42,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use memory::{Limiter, MemoryStore};
+pub use memory::MemoryStore;
 #[cfg(feature = "redis")]
 pub use redis::RedisStore;
 
@@ -102,8 +102,10 @@ pub trait RateLimiter: Send + Sync + fmt::Debug {
     fn policy(&self) -> &RatePolicy;
 }
 
-/// The sets of ids that must be seen at most once, or looked up.
+/// The sets of ids that must be seen at most once, or looked up. More may come: a store keeps
+/// them apart by [`name`](Self::name).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Set {
     /// Revoked session ids (`jti`).
     Revoked,
@@ -457,7 +459,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// [`advance_app_attest_counter`](Self::advance_app_attest_counter). No default could be
     /// correct (a store that cannot keep keys cannot serve the `app_attest` gate), so
     /// implementations of [`Store`] outside this crate must add them;
-    /// `conformance::app_attest_keys` (feature `test-util`) checks them.
+    /// `conformance::run` (feature `test-util`) checks them.
     fn register_app_attest_key<'a>(
         &'a self,
         key_id: &'a str,

@@ -3,8 +3,9 @@
 //!
 //! What it does, in order ("Forwarding rules" in [`docs/protocol.md`][forwarding]):
 //!
-//! 1. Takes `{path}` from the [`UpstreamPath`] extension (a router of your own may set it) or,
-//!    failing that, from whatever follows the first `/openai/` in the request path.
+//! 1. Takes `{path}` from whatever follows the first `/openai/` in the request path, or the whole
+//!    path when there is none (a router that strips its mount point, as axum's
+//!    `nest_service("/openai", ..)`, leaves `/{path}`).
 //! 2. Refuses paths off the allow-list (`403 path_not_allowed`: `*` matches one segment; empty,
 //!    `.`, `..` and percent-encoded separators never match) before anything else: they never
 //!    reach the upstream.
@@ -58,4 +59,4 @@ mod service;
 
 pub use client::{UpstreamClient, rustls};
 pub(crate) use service::upstream_path;
-pub use service::{UpstreamFuture, UpstreamPath, UpstreamService};
+pub use service::{UpstreamFuture, UpstreamService};

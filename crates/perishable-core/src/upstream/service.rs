@@ -29,10 +29,6 @@ use crate::rate_limit::Deferred;
 use crate::store::{MemoryStore, Store};
 use crate::token::VerifiedSession;
 
-/// The `{path}` of `/openai/{path}`, set by a router that already matched it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamPath(pub String);
-
 /// Forwards requests to the upstream; see the [module docs](super).
 #[derive(Clone, Debug)]
 pub struct UpstreamService {
@@ -229,14 +225,10 @@ crate::macros::opaque_future! {
     pub type UpstreamFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 }
 
-/// The `{path}` to forward: the [`UpstreamPath`] extension; else what follows the first
-/// `/openai/` in the URI (the service serves `/openai/*` itself, at the root or under a prefix a
+/// The `{path}` to forward: what follows the first `/openai/` in the URI (the service serves `/openai/*` itself, at the root or under a prefix a
 /// router left in the path); else the whole path, as a router that strips its mount point leaves
 /// it (`nest_service("/openai", upstream)` in axum sees `/chat/completions`).
 pub(crate) fn upstream_path<B>(req: &Request<B>) -> &str {
-    if let Some(UpstreamPath(path)) = req.extensions().get::<UpstreamPath>() {
-        return path.trim_start_matches('/');
-    }
     const PREFIX: &str = crate::route::PROXY_PREFIX;
     let path = req.uri().path();
     match path.strip_prefix(PREFIX) {
@@ -488,7 +480,7 @@ impl Inner {
     }
 
     /// `{base_url}/{path}?{query}`. `path` comes from a request URI, so it is already valid in
-    /// one; an [`UpstreamPath`] set by hand that is not gets `403 path_not_allowed`.
+    /// one; should it not be, `403 path_not_allowed`.
     fn upstream_uri(&self, path: &str, query: Option<&str>) -> Result<http::Uri, Error> {
         let mut uri = String::with_capacity(
             self.base_url.len() + 1 + path.len() + query.map_or(0, |q| q.len() + 1),
@@ -611,31 +603,6 @@ mod tests {
                 "{path}"
             );
         }
-    }
-
-    #[tokio::test]
-    async fn the_upstream_path_extension_selects_the_path() {
-        let svc = service(builder());
-        // The extension names a disallowed path: refused, whatever the URI says.
-        let mut req = post("/openai/chat/completions", "{}");
-        req.extensions_mut()
-            .insert(UpstreamPath("files".to_owned()));
-        let (status, code, _) = send(svc.clone(), req).await;
-        assert_eq!(
-            (status, code.as_str()),
-            (StatusCode::FORBIDDEN, "path_not_allowed")
-        );
-
-        // The extension names an allowed path: it passes the allow-list (and reaches the
-        // closed upstream), though the URI alone would be refused.
-        let mut req = post("/openai/files", "{}");
-        req.extensions_mut()
-            .insert(UpstreamPath("/chat/completions".to_owned()));
-        let (status, code, _) = send(svc, req).await;
-        assert_eq!(
-            (status, code.as_str()),
-            (StatusCode::BAD_GATEWAY, "upstream_unavailable")
-        );
     }
 
     /// Mounted where a router stripped the mount point (axum's `nest_service("/openai", ..)`):

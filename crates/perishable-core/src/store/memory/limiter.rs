@@ -18,7 +18,7 @@ use crate::store::RatePolicy;
 type Keyed<K> = RateLimiter<K, DefaultKeyedStateStore<K>, DefaultClock, StateInformationMiddleware>;
 
 /// A keyed limiter: `points` per `window`, and a block after going over.
-pub struct Limiter<K: Hash + Eq + Clone> {
+pub(crate) struct Limiter<K: Hash + Eq + Clone> {
     policy: RatePolicy,
     limiter: Keyed<K>,
     clock: DefaultClock,
@@ -42,7 +42,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Limiter<K> {
     /// A limiter for `policy`: `points` requests per `window` (at least 1 each), and `block` of
     /// refusal after going over (`Duration::ZERO`: refused only until a request is free again).
     /// On a tokio runtime, a pruning task starts with it and ends when it is dropped.
-    pub fn new(policy: RatePolicy) -> Arc<Self> {
+    pub(crate) fn new(policy: RatePolicy) -> Arc<Self> {
         let points = policy.points.max(1);
         let window = policy.window.max(Duration::from_millis(1));
         let burst = NonZeroU32::new(points).unwrap_or(NonZeroU32::MIN);
@@ -67,7 +67,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Limiter<K> {
     }
 
     /// The policy.
-    pub fn policy(&self) -> &RatePolicy {
+    pub(crate) fn policy(&self) -> &RatePolicy {
         &self.policy
     }
 
@@ -82,7 +82,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Limiter<K> {
     }
 
     /// Counts one request for `key`: `Ok` with the requests left, or the refusal's details.
-    pub fn check(&self, key: &K) -> Result<u32, RateLimitInfo> {
+    pub(crate) fn check(&self, key: &K) -> Result<u32, RateLimitInfo> {
         if self.blocked_len.load(Ordering::Relaxed) > 0 {
             let now = Instant::now();
             let blocked = self.blocked.lock().unwrap_or_else(PoisonError::into_inner);
@@ -107,7 +107,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Limiter<K> {
     }
 
     /// Drops the state of keys that are back to a full quota, and expired blocks.
-    pub fn prune(&self) {
+    pub(crate) fn prune(&self) {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
         metrics::gauge!("perishable_rate_limiter_keys", "policy" => self.policy.name)
@@ -120,13 +120,9 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Limiter<K> {
     }
 
     /// Keys currently tracked.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.limiter.len()
-    }
-
-    /// Whether no key is tracked.
-    pub fn is_empty(&self) -> bool {
-        self.limiter.is_empty()
     }
 
     /// Starts the pruning task once, on the current tokio runtime. It holds only a weak

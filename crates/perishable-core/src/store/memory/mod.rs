@@ -12,7 +12,7 @@ mod limiter;
 pub(crate) use app_attest::AppAttestKeys;
 pub(crate) use caps::SessionCaps;
 pub(crate) use expiring::ExpiringSet;
-pub use limiter::Limiter;
+pub(crate) use limiter::Limiter;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
