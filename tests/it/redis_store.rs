@@ -12,12 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::*;
+use perishable::ConfigBuilder;
 use perishable::config::OnUnavailable;
 use perishable::dpop::DpopSigner;
 use perishable::store::{
     AppAttestKey, Bucket, MemoryStore, RatePolicy, RedisStore, Reservation, Store,
 };
-use perishable::ConfigBuilder;
 use perishable_mock::{MockOptions, MockUpstream};
 use serde_json::{Value, json};
 

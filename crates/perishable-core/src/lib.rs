@@ -85,7 +85,8 @@
 //!   [`StoreError`](store::StoreError), [`StoreFuture`](store::StoreFuture)), the
 //!   [`RateLimiter`](store::RateLimiter) trait ([`RatePolicy`](store::RatePolicy),
 //!   [`RateDecision`](store::RateDecision)), [`MemoryStore`](store::MemoryStore), `RedisStore`
-//!   (feature `redis`), `conformance::run` (feature `test-util`: the `Store` contract as a test
+//!   (feature `redis`), [`settled`](store::settled) (waits for the settlements in flight, at
+//!   shutdown), `conformance::run` (feature `test-util`: the `Store` contract as a test
 //!   suite).
 //! - [`fingerprint`] module: [`FINGERPRINT_HEADER`](fingerprint::FINGERPRINT_HEADER),
 //!   [`hash`](fingerprint::hash).

@@ -53,10 +53,10 @@ use super::{
 };
 use crate::config::{ConfigError, StoreConfig};
 
-/// Shared state on Redis: see [`crate::store`] and the [module docs](self). One primary (one
-/// multiplexed, auto-reconnecting connection) or a Redis Cluster, a timeout per call, keys
-/// under `store.key_prefix` that expire with what they record, and every multi-step decision
-/// as an atomic Lua script on Redis's clock.
+/// Shared state on Redis: see [`crate::store`], and `docs/scaling.md` for the key layout. One
+/// primary (one multiplexed, auto-reconnecting connection) or a Redis Cluster, a timeout per
+/// call, keys under `store.key_prefix` (hash-tagged by identity) that expire with what they
+/// record, and every multi-step decision as an atomic Lua script on Redis's clock.
 #[derive(Clone)]
 pub struct RedisStore {
     inner: Arc<Inner>,
