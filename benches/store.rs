@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use perishable::store::{MemoryStore, RatePolicy, RedisStore, Set, Store};
+use perishable::store::{
+    Bucket, CallAdmission, CallDecision, MemoryStore, RatePolicy, RedisStore, Set, Store,
+};
 
 struct Redis(Child);
 
@@ -79,6 +81,35 @@ fn bench_store(c: &mut Criterion, name: &str, store: Arc<dyn Store>, rt: &tokio:
                 .insert_once(Set::DpopSeen, &id, 4_000_000_000)
                 .await
                 .unwrap()
+        })
+    });
+    group.bench_function("ping", |b| {
+        b.to_async(rt)
+            .iter(|| async { store.ping().await.unwrap() })
+    });
+    // A budgeted call's whole admission, as under steady traffic: the previous call's
+    // settlement is queued (on Redis the admission carries it), then the rate-limit count and a
+    // reservation at the three scopes (one script on Redis).
+    let buckets = [
+        Bucket::new("fp:one-client", u64::MAX / 4, 60),
+        Bucket::new("ip:127.0.0.1", u64::MAX / 4, 60),
+        Bucket::new("global", u64::MAX / 4, 60),
+    ];
+    group.bench_function("call_admission", |b| {
+        b.to_async(rt).iter(|| async {
+            let settling = tokio::spawn({
+                let store = store.clone();
+                let buckets = buckets.clone();
+                async move { store.settle_tokens(&buckets, 60).await }
+            });
+            tokio::task::yield_now().await;
+            let mut call = CallAdmission::new();
+            call.rate = Some((&*limiter, "fp-hash-of-one-client"));
+            call.buckets = &buckets;
+            call.amount = 100;
+            let decision = store.admit_call(call).await.unwrap();
+            assert_eq!(decision, CallDecision::Admitted);
+            settling.await.unwrap().unwrap();
         })
     });
     group.bench_function("authenticated_request", |b| {
