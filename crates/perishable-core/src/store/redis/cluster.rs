@@ -9,7 +9,9 @@
 //!
 //! On one primary nothing is split: one group holds every key.
 
+use futures_util::future::join_all;
 use redis::cluster_routing::Slot;
+use redis::{FromRedisValue, RedisResult, Script, ScriptInvocation};
 
 use super::connection::Conn;
 
@@ -37,6 +39,31 @@ pub(super) fn by_slot<T>(
         }
     }
     groups.into_iter().map(|(_, group)| group).collect()
+}
+
+/// Runs `script` over `keys` once per slot they fall in (once on one primary), all at once,
+/// with `args` added after each group's keys. Returns each group's keys with its reply.
+pub(super) async fn script_per_slot<T: FromRedisValue>(
+    conn: &Conn,
+    script: &Script,
+    keys: impl IntoIterator<Item = String>,
+    args: impl Fn(&mut ScriptInvocation<'_>),
+) -> Vec<(Vec<String>, RedisResult<T>)> {
+    let groups: Vec<Vec<String>> = by_slot(conn, keys.into_iter().map(|key| (key, ())))
+        .into_iter()
+        .map(|group| group.into_iter().map(|(key, ())| key).collect())
+        .collect();
+    let replies = join_all(groups.iter().map(|group| {
+        let mut conn = conn.clone();
+        let mut call = script.prepare_invoke();
+        for key in group {
+            call.key(key);
+        }
+        args(&mut call);
+        async move { call.invoke_async::<T>(&mut conn).await }
+    }))
+    .await;
+    groups.into_iter().zip(replies).collect()
 }
 
 /// `{id}`: `id` as a hash tag. Redis hashes what lies between the first `{` and the first `}`

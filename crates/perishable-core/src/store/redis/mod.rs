@@ -42,7 +42,7 @@ use futures_util::future::join_all;
 use redis::{AsyncCommands, Script};
 use tokio::sync::OnceCell;
 
-use self::cluster::{by_slot, tag};
+use self::cluster::{by_slot, script_per_slot, tag};
 use self::connection::Conn;
 use self::scripts::{
     ACQUIRE, ADMIT, ADMIT_CALL, ADVANCE_KEY, GCRA, REGISTER_KEY, RELEASE, REPLACE, RESERVE, SETTLE,
@@ -475,21 +475,14 @@ impl Store for RedisStore {
             let inner = &self.inner;
             let waits: Vec<(Vec<String>, i64)> = inner
                 .run(|conn| async move {
-                    let groups = by_slot(&conn, keys.iter().map(|k| (inner.key("caps", k), ())));
-                    let replies = join_all(groups.iter().map(|group| {
-                        let mut conn = conn.clone();
-                        let mut call = inner.admit.prepare_invoke();
-                        for (key, ()) in group {
-                            call.key(key);
-                        }
+                    let keys = keys.iter().map(|k| inner.key("caps", k));
+                    let replies = script_per_slot::<i64>(&conn, &inner.admit, keys, |call| {
                         call.arg(jti).arg(exp).arg(max.max(1));
-                        async move { call.invoke_async::<i64>(&mut conn).await }
-                    }))
+                    })
                     .await;
-                    let mut waits = Vec::with_capacity(groups.len());
+                    let mut waits = Vec::with_capacity(replies.len());
                     let mut failure = None;
-                    for (group, reply) in groups.into_iter().zip(replies) {
-                        let keys = group.into_iter().map(|(key, ())| key).collect();
+                    for (keys, reply) in replies {
                         match reply {
                             Ok(wait) => waits.push((keys, wait)),
                             Err(e) => failure = Some(e),
@@ -553,18 +546,14 @@ impl Store for RedisStore {
             let inner = &self.inner;
             inner
                 .run(|conn| async move {
-                    let groups = by_slot(&conn, keys.iter().map(|k| (inner.key("caps", k), ())));
-                    let replies = join_all(groups.iter().map(|group| {
-                        let mut conn = conn.clone();
-                        let mut call = inner.replace.prepare_invoke();
-                        for (key, ()) in group {
-                            call.key(key);
-                        }
+                    let keys = keys.iter().map(|k| inner.key("caps", k));
+                    let replies = script_per_slot::<i64>(&conn, &inner.replace, keys, |call| {
                         call.arg(old).arg(new).arg(exp);
-                        async move { call.invoke_async::<i64>(&mut conn).await.map(|_| ()) }
-                    }))
+                    })
                     .await;
-                    replies.into_iter().collect::<Result<(), _>>()
+                    replies
+                        .into_iter()
+                        .try_for_each(|(_, reply)| reply.map(|_| ()))
                 })
                 .await
         })
