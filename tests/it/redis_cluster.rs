@@ -252,3 +252,48 @@ async fn a_budget_is_shared_across_instances_on_a_cluster() {
     assert_eq!(refused.status(), 429);
     assert_eq!(error_code(refused).await, "budget_exhausted");
 }
+
+/// The whole cluster down: calls and mints are refused (`store.on_unavailable = "closed"`, the
+/// default) within the store timeout, `/health` says so; the nodes back, service resumes with
+/// no restart.
+#[tokio::test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server and redis-cli on the PATH (apt-get install redis-server)"
+)]
+async fn a_cluster_outage_fails_closed_then_recovers() {
+    let mut cluster = RedisCluster::start();
+    let (a, b) = pair(&cluster, |c| {
+        c.pow_difficulty(0).budget_tokens_per_window(100_000)
+    })
+    .await;
+    let s = a.mint("device-cluster-04").await;
+    assert_eq!(chat(&a, &s, "device-cluster-04").await.status(), 200);
+
+    cluster.stop();
+    let refused = chat(&a, &s, "device-cluster-04").await;
+    assert_eq!(refused.status(), 503);
+    assert_eq!(error_code(refused).await, "store_unavailable");
+    assert_eq!(b.mint_response("device-cluster-05").await.status(), 503);
+    let health = a.http.get(a.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 503);
+    assert_eq!(
+        health.json::<serde_json::Value>().await.unwrap(),
+        json!({"status": "unavailable", "store": "unreachable"})
+    );
+
+    cluster.spawn_nodes();
+    let mut recovered = false;
+    for _ in 0..100 {
+        if chat(&a, &s, "device-cluster-04").await.status() == 200 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        recovered,
+        "service did not resume after the cluster came back"
+    );
+    assert_eq!(b.mint_response("device-cluster-06").await.status(), 200);
+}

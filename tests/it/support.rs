@@ -416,36 +416,7 @@ impl RedisCluster {
             dir,
             tls,
         };
-        for &port in &cluster.ports {
-            let mut command = Command::new("redis-server");
-            if tls {
-                tls_server_args(&mut command, &cluster.dir, port);
-            } else {
-                command.args(["--port", &port.to_string()]);
-            }
-            let child = command
-                .args(["--bind", "127.0.0.1"])
-                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"])
-                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
-                .args(["--save", "", "--appendonly", "no"])
-                .current_dir(&cluster.dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| {
-                    panic!("cannot start redis-server (apt-get install redis-server): {e}")
-                });
-            cluster.children.push(child);
-        }
-        for &port in &cluster.ports {
-            let up = (0..200).any(|_| {
-                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() || {
-                    std::thread::sleep(Duration::from_millis(25));
-                    false
-                }
-            });
-            assert!(up, "redis-server (cluster node) did not start");
-        }
+        cluster.spawn_nodes();
         let nodes: Vec<String> = cluster
             .ports
             .iter()
@@ -478,6 +449,49 @@ impl RedisCluster {
             std::thread::sleep(Duration::from_millis(25));
         }
         panic!("the Redis Cluster did not reach cluster_state:ok");
+    }
+
+    /// Starts every node (again, after [`stop`](Self::stop): each keeps its `nodes-<port>.conf`,
+    /// so the cluster forms again with the same slots) and waits until each accepts connections.
+    pub fn spawn_nodes(&mut self) {
+        for &port in &self.ports {
+            let mut command = Command::new("redis-server");
+            if self.tls {
+                tls_server_args(&mut command, &self.dir, port);
+            } else {
+                command.args(["--port", &port.to_string()]);
+            }
+            let child = command
+                .args(["--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                .args(["--save", "", "--appendonly", "no"])
+                .current_dir(&self.dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("cannot start redis-server (apt-get install redis-server): {e}")
+                });
+            self.children.push(child);
+        }
+        for &port in &self.ports {
+            let up = (0..200).any(|_| {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() || {
+                    std::thread::sleep(Duration::from_millis(25));
+                    false
+                }
+            });
+            assert!(up, "redis-server (cluster node) did not start");
+        }
+    }
+
+    /// Kills every node.
+    pub fn stop(&mut self) {
+        for mut child in self.children.drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// `redis://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3` (`rediss://` for TLS): every node, as
@@ -521,10 +535,7 @@ impl RedisCluster {
 
 impl Drop for RedisCluster {
     fn drop(&mut self) {
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
