@@ -424,12 +424,20 @@ impl Store for RedisStore {
                 return Ok(known);
             }
             if set == Set::Revoked {
-                let key = self.inner.revoked_key();
-                let until: Option<f64> = self
-                    .inner
-                    .run(|mut conn| async move { conn.zscore(key, id).await })
+                let inner = &self.inner;
+                let key = inner.revoked_key();
+                let (until, legacy): (Option<f64>, bool) = inner
+                    .run(|mut conn| async move {
+                        let until = conn.zscore(key, id).await?;
+                        // On one primary, a revocation recorded by 0.1 (`revocations.rs`).
+                        let legacy = !conn.is_cluster()
+                            && conn
+                                .exists(format!("{}:revoked:{id}", inner.prefix))
+                                .await?;
+                        Ok((until, legacy))
+                    })
                     .await?;
-                return Ok(until.is_some_and(|until| until > now_ms() as f64));
+                return Ok(legacy || until.is_some_and(|until| until > now_ms() as f64));
             }
             let key = self.inner.key(set.name(), id);
             self.inner
