@@ -166,6 +166,48 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// The configuration check and the store read `store.url` alike: whatever list the
+        /// check accepts, the store splits into nodes that each parse as a Redis URL, and
+        /// building the store answers (a `store.url` error at worst, such as nodes that disagree
+        /// on TLS), never panics.
+        #[test]
+        fn what_the_configuration_accepts_the_store_reads(
+            items in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "redis://127.0.0.1:7000",
+                    "rediss://:pw@a.example:7001",
+                    "redis://user:pw@b.example:7002/0",
+                    "c.example:7003",
+                    " d.example:7004 ",
+                    "",
+                    "redis+unix:///tmp/redis.sock",
+                    "http://e.example:1",
+                    "rediss://f.example",
+                ]),
+                1..5,
+            )
+        ) {
+            let url = items.join(",");
+            let accepted = crate::config::Config::builder().store_url(url.clone()).build().is_ok();
+            if accepted {
+                let nodes = node_urls(&url).expect("the check accepted it");
+                proptest::prop_assert_eq!(nodes.len(), items.len());
+                for node in &nodes {
+                    proptest::prop_assert!(redis::Client::open(node.as_str()).is_ok(), "{}", node);
+                }
+                let built = super::super::RedisStore::new(&url, "p", std::time::Duration::from_secs(1));
+                let answered = matches!(
+                    built,
+                    Ok(_) | Err(crate::config::ConfigError::Invalid { key: "store.url", .. })
+                );
+                proptest::prop_assert!(answered, "the store refused the URL another way");
+            }
+        }
+    }
+
     #[test]
     fn bad_lists_are_refused_without_echoing_the_url() {
         for url in [
