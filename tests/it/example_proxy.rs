@@ -58,6 +58,24 @@ impl Example {
         Self { child, addr }
     }
 
+    /// Mints a session for device `fingerprint` with `http` (`POST /session`) and returns its
+    /// token.
+    async fn mint(&self, http: &reqwest::Client, fingerprint: &str) -> String {
+        let session: serde_json::Value = http
+            .post(format!("http://{}/session", self.addr))
+            .json(&serde_json::json!({ "fingerprint": fingerprint }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        session["token"]
+            .as_str()
+            .expect("a session token")
+            .to_owned()
+    }
+
     fn health(&self) -> String {
         let mut tcp = TcpStream::connect(self.addr).unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -156,16 +174,7 @@ fn a_base_url_without_a_key_is_a_keyless_upstream() {
             .build()
             .unwrap();
         let base = format!("http://{}", proxy.addr);
-        let session: serde_json::Value = http
-            .post(format!("{base}/session"))
-            .json(&serde_json::json!({"fingerprint": "device-keyless-1"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let token = session["token"].as_str().expect("a session token");
+        let token = proxy.mint(&http, "device-keyless-1").await;
         let models = http
             .get(format!("{base}/openai/models"))
             .bearer_auth(token)
@@ -213,16 +222,7 @@ fn the_built_in_mock_serves_realtime_unless_the_config_file_says() {
         let proxy = Example::spawn(command(&["--config", config.to_str().unwrap()]));
         let status = runtime.block_on(async {
             let http = reqwest::Client::builder().user_agent(UA).build().unwrap();
-            let session: serde_json::Value = http
-                .post(format!("http://{}/session", proxy.addr))
-                .json(&serde_json::json!({"fingerprint": FP}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let token = session["token"].as_str().expect("a session token");
+            let token = proxy.mint(&http, FP).await;
             let mut request = format!("ws://{}/openai/realtime?model=gpt-realtime", proxy.addr)
                 .into_client_request()
                 .unwrap();
@@ -367,16 +367,7 @@ fn a_rediss_cluster_is_reached_over_tls() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let http = reqwest::Client::new();
-        let session: serde_json::Value = http
-            .post(format!("http://{}/session", proxy.addr))
-            .json(&serde_json::json!({"fingerprint": "device-rediss-cluster-1"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let token = session["token"].as_str().expect("a session token");
+        let token = proxy.mint(&http, "device-rediss-cluster-1").await;
         let chat = http
             .post(format!("http://{}/openai/chat/completions", proxy.addr))
             .bearer_auth(token)

@@ -6,7 +6,6 @@
 //! Without `redis-server` (and the `redis-cli` it comes with) the tests are ignored, with the
 //! reason in cargo's output, and fail when `CI` is set (`tests/build.rs`).
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -15,7 +14,6 @@ use perishable::store::{
     Bucket, CallAdmission, CallDecision, RedisStore, Reservation, Store, conformance,
 };
 use perishable::{ConfigBuilder, SessionObject};
-use perishable_mock::{MockOptions, MockUpstream};
 use serde_json::json;
 
 /// A prefix no other test uses.
@@ -147,34 +145,8 @@ async fn a_split_admission_takes_all_or_nothing() {
 }
 
 /// Two proxies in front of one mock, sharing the cluster.
-async fn pair(
-    cluster: &RedisCluster,
-    tweak: impl Fn(ConfigBuilder) -> ConfigBuilder,
-) -> (Proxy, Proxy) {
-    let mock = MockUpstream::start(MockOptions::new().api_key(SERVER_KEY))
-        .await
-        .unwrap();
-    let prefix = prefix();
-    let config = || {
-        tweak(
-            crate::support::config(&mock.base_url())
-                .store_url(cluster.url())
-                .store_key_prefix(prefix.clone())
-                .store_timeout_ms(1000),
-        )
-    };
-    let mut proxies = Vec::new();
-    for _ in 0..2 {
-        let addr: SocketAddr = serve(perishable::router(config().build().unwrap())).await;
-        proxies.push(Proxy {
-            addr,
-            mock: mock.clone(),
-            http: client(),
-        });
-    }
-    let b = proxies.pop().unwrap();
-    let a = proxies.pop().unwrap();
-    (a, b)
+async fn pair(cluster: &RedisCluster, tweak: impl Fn(ConfigBuilder) -> ConfigBuilder) -> Pair {
+    pair_on(cluster.url(), prefix(), 1000, tweak).await
 }
 
 async fn chat(proxy: &Proxy, session: &SessionObject, fp: &str) -> reqwest::Response {
@@ -203,7 +175,7 @@ async fn chat(proxy: &Proxy, session: &SessionObject, fp: &str) -> reqwest::Resp
 )]
 async fn two_instances_share_limits_budgets_and_revocations_on_a_cluster() {
     let cluster = RedisCluster::start();
-    let (a, b) = pair(&cluster, |c| {
+    let Pair { a, b } = pair(&cluster, |c| {
         c.pow_difficulty(0)
             .rate_limit_points(4)
             .rate_limit_duration_secs(60)
@@ -234,7 +206,7 @@ async fn two_instances_share_limits_budgets_and_revocations_on_a_cluster() {
 )]
 async fn a_budget_is_shared_across_instances_on_a_cluster() {
     let cluster = RedisCluster::start();
-    let (a, b) = pair(&cluster, |c| {
+    let Pair { a, b } = pair(&cluster, |c| {
         c.pow_difficulty(0).budget_global_tokens_per_window(400)
     })
     .await;
@@ -263,7 +235,7 @@ async fn a_budget_is_shared_across_instances_on_a_cluster() {
 )]
 async fn a_cluster_outage_fails_closed_then_recovers() {
     let mut cluster = RedisCluster::start();
-    let (a, b) = pair(&cluster, |c| {
+    let Pair { a, b } = pair(&cluster, |c| {
         c.pow_difficulty(0).budget_tokens_per_window(100_000)
     })
     .await;

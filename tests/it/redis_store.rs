@@ -7,7 +7,6 @@
 //! tests are ignored, with the reason in cargo's output, and fail when `CI` is set (`.ci/run`
 //! installs it): see `tests/build.rs`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,42 +17,13 @@ use perishable::dpop::DpopSigner;
 use perishable::store::{
     AppAttestKey, Bucket, MemoryStore, RatePolicy, RedisStore, Reservation, Store,
 };
-use perishable_mock::{MockOptions, MockUpstream};
 use serde_json::{Value, json};
 
-/// Two proxies in front of one mock, sharing the Redis at `url`.
-struct Pair {
-    a: Proxy,
-    b: Proxy,
-}
-
-async fn proxy_on(mock: &MockUpstream, config: ConfigBuilder) -> Proxy {
-    let addr: SocketAddr = serve(perishable::router(config.build().unwrap())).await;
-    Proxy {
-        addr,
-        mock: mock.clone(),
-        http: client(),
-    }
-}
-
+/// Two proxies sharing `redis`, under a prefix of their own.
 async fn pair(redis: &Redis, tweak: impl Fn(ConfigBuilder) -> ConfigBuilder) -> Pair {
-    let mock = MockUpstream::start(MockOptions::new().api_key(SERVER_KEY))
-        .await
-        .unwrap();
     // A fresh prefix per test: tests share nothing even on one server.
     let prefix = format!("t{}", perishable::fingerprint::hash(&redis.url()));
-    let config = || {
-        tweak(
-            crate::support::config(&mock.base_url())
-                .store_url(redis.url())
-                .store_key_prefix(prefix.clone())
-                .store_timeout_ms(300),
-        )
-    };
-    Pair {
-        a: proxy_on(&mock, config()).await,
-        b: proxy_on(&mock, config()).await,
-    }
+    pair_on(redis.url(), prefix, 300, tweak).await
 }
 
 #[tokio::test]

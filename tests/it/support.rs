@@ -604,6 +604,42 @@ pub async fn refused_within(proxy: &Proxy, session: &SessionObject, fp: &str, wi
     }
 }
 
+/// Two proxies in front of one mock upstream, sharing one store.
+pub struct Pair {
+    pub a: Proxy,
+    pub b: Proxy,
+}
+
+/// A [`Pair`] on the store at `store_url`, under `prefix`, with a store timeout of
+/// `timeout_ms`, each configured by `tweak`.
+pub async fn pair_on(
+    store_url: String,
+    prefix: String,
+    timeout_ms: u64,
+    tweak: impl Fn(ConfigBuilder) -> ConfigBuilder,
+) -> Pair {
+    let mock = MockUpstream::start(MockOptions::new().api_key(SERVER_KEY))
+        .await
+        .unwrap();
+    let proxy = || async {
+        let config = tweak(
+            config(&mock.base_url())
+                .store_url(store_url.clone())
+                .store_key_prefix(prefix.clone())
+                .store_timeout_ms(timeout_ms),
+        );
+        Proxy {
+            addr: serve(perishable::router(config.build().unwrap())).await,
+            mock: mock.clone(),
+            http: client(),
+        }
+    };
+    Pair {
+        a: proxy().await,
+        b: proxy().await,
+    }
+}
+
 /// The repository's root directory.
 pub fn repo() -> std::path::PathBuf {
     let tests = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
