@@ -131,10 +131,10 @@ impl CallKeys {
         } else {
             inner.settlements.take()
         };
-        let settling = settlements::arguments(inner, &carried);
+        let settling = (!carried.is_empty()).then(|| settlements::arguments(inner, &carried));
         let replies = join_all(parts.iter().enumerate().map(|(i, part)| {
             let mut conn = conn.clone();
-            let settling = if i == 0 { Some(&settling) } else { None };
+            let settling = settling.as_ref().filter(|_| i == 0);
             let invocation = self.invocation(inner, part, settling);
             async move { invocation.invoke_async::<Vec<i64>>(&mut conn).await }
         }))
@@ -214,9 +214,7 @@ impl CallKeys {
             invocation.key(key).arg(max).arg(exp);
         }
         let (mut sk, mut sa) = (0, 0);
-        if let Some((keys, args)) = settling
-            && !keys.is_empty()
-        {
+        if let Some((keys, args)) = settling {
             for key in keys {
                 invocation.key(key);
             }
