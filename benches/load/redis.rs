@@ -3,6 +3,10 @@
 //! network between an instance and Redis adds), each with a token budget, so every call is
 //! rate limited, revocation-checked and reserved. Closed loop at concurrency 1 and 64,
 //! alternating slices; then Redis's own command counts per call (`INFO commandstats`).
+//!
+//! Redis runs on core 1, with the load generator and the mock; each proxy on core 0. Beside the
+//! latencies it reports each process's CPU time per call (from `/proc`), the time Redis spends
+//! in the admission script, and a `PING` from core 0: the round trip a proxy pays.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -31,13 +35,22 @@ impl Drop for RedisServer {
     }
 }
 
-fn start_redis() -> Option<RedisServer> {
+/// Started on core 1 when `pin`, beside the load generator and the mock: everything outside the
+/// system under test shares that core, as it would be another machine's.
+fn start_redis(pin: bool) -> Option<RedisServer> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .ok()?
         .local_addr()
         .ok()?
         .port();
-    let child = std::process::Command::new("redis-server")
+    let mut command = if pin {
+        let mut taskset = std::process::Command::new("taskset");
+        taskset.args(["-c", "1", "redis-server"]);
+        taskset
+    } else {
+        std::process::Command::new("redis-server")
+    };
+    let child = command
         .args([
             "--port",
             &port.to_string(),
@@ -60,8 +73,8 @@ fn start_redis() -> Option<RedisServer> {
     None
 }
 
-/// Calls per command since the server started.
-fn command_calls(port: u16) -> HashMap<String, u64> {
+/// Calls and µs spent per command since the server started.
+fn command_calls(port: u16) -> HashMap<String, (u64, u64)> {
     let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return HashMap::new();
     };
@@ -81,13 +94,13 @@ fn command_calls(port: u16) -> HashMap<String, u64> {
         .lines()
         .filter_map(|line| {
             let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-            let calls = rest
-                .strip_prefix("calls=")?
-                .split(',')
-                .next()?
-                .parse()
-                .ok()?;
-            Some((name.to_owned(), calls))
+            let field = |key: &str| -> Option<u64> {
+                rest.split(',')
+                    .find_map(|f| f.strip_prefix(key)?.strip_prefix('='))?
+                    .parse()
+                    .ok()
+            };
+            Some((name.to_owned(), (field("calls")?, field("usec")?)))
         })
         .collect()
 }
@@ -146,6 +159,46 @@ fn delayed(mut from: std::net::TcpStream, mut to: std::net::TcpStream) {
             }
         }
     });
+}
+
+/// CPU time (user + system, all threads) `pid` has used, in µs; 0 where `/proc` is missing.
+fn cpu_us(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces), from field 3 on: utime is 14, stime 15.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // `rest` starts at field 3, so field n is at index n - 3. Clock ticks are 100 per second.
+    (ticks(11) + ticks(12)) * 10_000.0
+}
+
+/// [`ping_round_trip`] from a thread moved to core 0, where each system under test runs: the
+/// round trip as the proxy pays it, from one core to the other. `None` without `taskset`.
+fn ping_from_core_0(addr: SocketAddr) -> Option<Duration> {
+    std::thread::spawn(move || {
+        // This thread's id, as `taskset -p` takes it: `/proc/thread-self` is `<pid>/task/<tid>`.
+        let link = std::fs::read_link("/proc/thread-self").ok()?;
+        let tid = link.file_name()?.to_str()?.to_owned();
+        let moved = std::process::Command::new("taskset")
+            .args(["-pc", "0", &tid])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .ok()?
+            .success();
+        moved.then(|| ping_round_trip(addr))
+    })
+    .join()
+    .ok()
+    .flatten()
 }
 
 /// The median time of a `PING` through `addr`: one round trip to Redis.
@@ -207,7 +260,7 @@ async fn target_with(
 }
 
 pub async fn scenario(upstream: &str, pin: bool, settings: &Settings) -> Option<Value> {
-    let Some(redis) = start_redis() else {
+    let Some(redis) = start_redis(pin) else {
         println!("\n== redis: skipped (no redis-server on the PATH) ==");
         return None;
     };
@@ -215,9 +268,16 @@ pub async fn scenario(upstream: &str, pin: bool, settings: &Settings) -> Option<
     let delayed_addr = delay_line(direct);
     let loopback_rtt = ping_round_trip(direct);
     let delayed_rtt = ping_round_trip(delayed_addr);
+    // The proxies run on core 0, Redis here on core 1: their round trip crosses cores.
+    let proxy_rtt = if pin { ping_from_core_0(direct) } else { None };
     println!(
-        "\n== redis: a PING takes {:.0} us on loopback, {:.0} us through the delay line ==",
+        "\n== redis: a PING takes {:.0} us on loopback ({} from the proxies' core), {:.0} us \
+         through the delay line ==",
         loopback_rtt.as_secs_f64() * 1e6,
+        proxy_rtt.map_or("not measured".to_owned(), |d| format!(
+            "{:.0} us",
+            d.as_secs_f64() * 1e6
+        )),
         delayed_rtt.as_secs_f64() * 1e6
     );
     let slots = settings.conc;
@@ -261,10 +321,15 @@ pub async fn scenario(upstream: &str, pin: bool, settings: &Settings) -> Option<
     let after = command_calls(redis.port);
     let calls = run.latencies.len().max(1) as f64;
     let mut per_call: BTreeMap<String, f64> = BTreeMap::new();
-    for (name, n) in &after {
-        let delta = n.saturating_sub(before.get(name).copied().unwrap_or(0));
+    let mut script_us = 0.0;
+    for (name, (n, us)) in &after {
+        let (n0, us0) = before.get(name).copied().unwrap_or((0, 0));
+        let delta = n.saturating_sub(n0);
         if delta > 0 {
             per_call.insert(name.clone(), r3(delta as f64 / calls));
+        }
+        if name == "evalsha" {
+            script_us = us.saturating_sub(us0) as f64 / calls;
         }
     }
     let total: f64 = per_call.values().sum();
@@ -272,9 +337,20 @@ pub async fn scenario(upstream: &str, pin: bool, settings: &Settings) -> Option<
     let mut rows = serde_json::Map::new();
     for conc in [1, settings.conc] {
         let mut measured: BTreeMap<String, client::Run> = BTreeMap::new();
+        // CPU per target: the proxy's, Redis's, and this process's (the load and the mock).
+        let mut cpu: BTreeMap<String, [f64; 3]> = BTreeMap::new();
+        let redis_pid = redis.child.id();
+        let own_pid = std::process::id();
         for round in 0..settings.rounds.max(2) {
             for t in crate::rotated(&targets, round) {
+                let pids = [t.pid.unwrap_or(0), redis_pid, own_pid];
+                let before = pids.map(cpu_us);
                 let run = client::closed_loop(&t, conc, settings.slice, 0).await;
+                let after = pids.map(cpu_us);
+                let used = cpu.entry(t.name.clone()).or_default();
+                for i in 0..3 {
+                    used[i] += after[i] - before[i];
+                }
                 measured.entry(t.name.clone()).or_default().merge(run);
             }
         }
@@ -289,8 +365,15 @@ pub async fn scenario(upstream: &str, pin: bool, settings: &Settings) -> Option<
                 continue;
             };
             let dist = Dist::new(run.latencies.clone());
+            let calls = run.latencies.len().max(1) as f64;
+            let [proxy_cpu, redis_cpu, load_cpu] = cpu
+                .get(&t.name)
+                .copied()
+                .unwrap_or_default()
+                .map(|us| us / calls);
             println!(
-                "{:<12} {:>8.0} rps ({:.2}x memory), p50 {:>7.1} us (+{:.1}), p99 {:>7.1} us, errors {}",
+                "{:<12} {:>8.0} rps ({:.2}x memory), p50 {:>7.1} us (+{:.1}), p99 {:>7.1} us, errors {}, \
+                 cpu per call: proxy {proxy_cpu:.0} us, redis {redis_cpu:.0} us, load+mock {load_cpu:.0} us",
                 t.name,
                 run.rps(),
                 run.rps() / memory_rps.max(1.0),
@@ -308,6 +391,11 @@ pub async fn scenario(upstream: &str, pin: bool, settings: &Settings) -> Option<
                     "p99_us": r1(dist.p99_us()),
                     "added_p50_us": r1(dist.p50_us() - memory_p50),
                     "errors": run.errors,
+                    "cpu_per_call_us": {
+                        "proxy": r1(proxy_cpu),
+                        "redis": r1(redis_cpu),
+                        "load_and_mock": r1(load_cpu),
+                    },
                 }),
             );
         }
@@ -319,6 +407,26 @@ pub async fn scenario(upstream: &str, pin: bool, settings: &Settings) -> Option<
         json!(r1(loopback_rtt.as_secs_f64() * 1e6)),
     );
     rows.insert("ping_delayed_us".into(), json!(r1(rtt_us)));
+    if let Some(proxy_rtt) = proxy_rtt {
+        let proxy_rtt_us = proxy_rtt.as_secs_f64() * 1e6;
+        rows.insert("ping_from_proxy_core_us".into(), json!(r1(proxy_rtt_us)));
+        if let Some(added) = rows
+            .get("c1")
+            .and_then(|r| r.get("redis"))
+            .and_then(|r| r.get("added_p50_us"))
+            .and_then(Value::as_f64)
+        {
+            println!(
+                "on loopback (a PING from the proxies' core takes {proxy_rtt_us:.0} us): +{added:.0} us \
+                 at p50 = {:.2} round trips",
+                added / proxy_rtt_us.max(1.0)
+            );
+            rows.insert(
+                "loopback_added_round_trips".into(),
+                json!(r3(added / proxy_rtt_us.max(1.0))),
+            );
+        }
+    }
     if let Some(added) = rows
         .get("c1")
         .and_then(|r| r.get("redis_250us"))
@@ -345,5 +453,7 @@ pub async fn scenario(upstream: &str, pin: bool, settings: &Settings) -> Option<
     );
     rows.insert("commands_per_call".into(), json!(per_call));
     rows.insert("commands_per_call_total".into(), json!(r3(total)));
+    println!("Redis time in scripts per call (INFO commandstats, I/O excluded): {script_us:.1} us");
+    rows.insert("script_us_per_call".into(), json!(r1(script_us)));
     Some(Value::Object(rows))
 }

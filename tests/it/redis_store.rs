@@ -961,3 +961,136 @@ async fn an_admission_carries_the_settlements_waiting() {
         "the settlement took a script of its own"
     );
 }
+
+/// One step of [`redis_buckets_agree_with_memory`], on buckets chosen by index from [`POOL`].
+#[derive(Clone, Debug)]
+enum BucketStep {
+    Reserve(Vec<usize>, u64),
+    Settle(Vec<usize>, i64),
+    /// A settlement queued, then an admission that carries it on Redis.
+    SettleThenAdmit((Vec<usize>, i64), (Vec<usize>, u64)),
+}
+
+/// Buckets whose refill over a test case stays far below one token, with `window / capacity`
+/// a whole number, so both stores round the same (see the test).
+const POOL: [(&str, u64); 3] = [("fp:p", 1000), ("ip:p", 500), ("global", 2000)];
+
+fn pool(indexes: &[usize]) -> Vec<Bucket> {
+    indexes
+        .iter()
+        .map(|&i| Bucket::new(POOL[i].0, POOL[i].1, POOL[i].1 * 1000))
+        .collect()
+}
+
+/// A reservation's or an admission's answer, the same shape on both stores.
+async fn bucket_step(store: &Arc<dyn Store>, step: &BucketStep) -> Option<(usize, u64, u64)> {
+    use perishable::store::{CallAdmission, CallDecision};
+    match step {
+        BucketStep::Reserve(indexes, amount) => {
+            match store.reserve_tokens(&pool(indexes), *amount).await.unwrap() {
+                Reservation::Reserved => None,
+                Reservation::Exhausted {
+                    bucket,
+                    available,
+                    retry_after_secs,
+                } => Some((bucket, available, retry_after_secs)),
+                other => panic!("{other:?}"),
+            }
+        }
+        BucketStep::Settle(indexes, delta) => {
+            store.settle_tokens(&pool(indexes), *delta).await.unwrap();
+            None
+        }
+        BucketStep::SettleThenAdmit((settled, delta), (admitted, amount)) => {
+            let settling = tokio::spawn({
+                let store = store.clone();
+                let (buckets, delta) = (pool(settled), *delta);
+                async move { store.settle_tokens(&buckets, delta).await }
+            });
+            // Queued before the admission is sent (this is a current-thread runtime).
+            tokio::task::yield_now().await;
+            let buckets = pool(admitted);
+            let mut call = CallAdmission::new();
+            call.buckets = &buckets;
+            call.amount = *amount;
+            let decision = store.admit_call(call).await.unwrap();
+            settling.await.unwrap().unwrap();
+            match decision {
+                CallDecision::Admitted => None,
+                CallDecision::Exhausted {
+                    bucket,
+                    available,
+                    retry_after_secs,
+                } => Some((bucket, available, retry_after_secs)),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}
+
+/// The token buckets on Redis (`bucket_lua` and `settle_many_lua` in `store/redis/scripts.rs`:
+/// reservations, settlements, and settlements carried by an admission, on buckets named once
+/// or twice in a call) answer as the memory store does, step by step, over generated
+/// sequences; and both hold the same tokens at the end.
+///
+/// Refill stays below one token per case and `window / capacity` is 1000 s per token, so a
+/// case's elapsed time (under a second) changes no rounded answer: both stores must agree
+/// exactly.
+#[test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
+fn redis_buckets_agree_with_memory() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config as ProptestConfig, TestRunner};
+    let redis = Redis::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let indexes = || proptest::collection::vec(0..POOL.len(), 1..=3);
+    let step = prop_oneof![
+        (indexes(), 0..2500u64).prop_map(|(b, n)| BucketStep::Reserve(b, n)),
+        (indexes(), -800..800i64).prop_map(|(b, d)| BucketStep::Settle(b, d)),
+        ((indexes(), -800..800i64), (indexes(), 0..2500u64))
+            .prop_map(|(s, a)| BucketStep::SettleThenAdmit(s, a)),
+    ];
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases: 32,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let case = std::sync::atomic::AtomicU64::new(0);
+    runner
+        .run(&proptest::collection::vec(step, 1..12), |steps| {
+            let prefix = format!(
+                "agree{}",
+                case.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            );
+            rt.block_on(async {
+                let memory: Arc<dyn Store> = Arc::new(MemoryStore::new());
+                let on_redis: Arc<dyn Store> = Arc::new(
+                    RedisStore::new(&redis.url(), &prefix, Duration::from_secs(2)).unwrap(),
+                );
+                for (n, step) in steps.iter().enumerate() {
+                    let expected = bucket_step(&memory, step).await;
+                    let got = bucket_step(&on_redis, step).await;
+                    prop_assert_eq!(got, expected, "step {} of {:?}", n, steps);
+                }
+                // What each bucket holds now: asked for more than its capacity, it says.
+                for (i, (_, capacity)) in POOL.iter().enumerate() {
+                    let probe = BucketStep::Reserve(vec![i], capacity + 1);
+                    let expected = bucket_step(&memory, &probe).await;
+                    prop_assert_eq!(
+                        bucket_step(&on_redis, &probe).await,
+                        expected,
+                        "bucket {}",
+                        i
+                    );
+                }
+                Ok(())
+            })
+        })
+        .unwrap();
+}

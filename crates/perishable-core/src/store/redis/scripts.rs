@@ -4,33 +4,43 @@
 //! Every script touches the keys of one slot only when the store is given keys that share a
 //! hash tag; on Redis Cluster the store splits a call by slot first (`cluster.rs`).
 
+/// `now` (Unix ms) and `now_us` (Unix µs): Redis's clock, read once per script.
+macro_rules! clock_lua {
+    () => {
+        r"
+local t = redis.call('TIME')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"
+    };
+}
+
 /// `gcra(tat_key, block_key, interval, burst, block)`: GCRA with the same semantics as governor:
 /// a burst of `burst`, one request replenished every `interval` µs, and a block of `block` µs
-/// after going over, on Redis's clock. Returns `allowed (0|1), remaining, retry_after_us`.
+/// after going over, at `now_us` (`clock_lua`). Returns `allowed (0|1), remaining,
+/// retry_after_us`.
 macro_rules! gcra_lua {
     () => {
         r"
 local function gcra(tat_key, block_key, interval, burst, block)
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
   local blocked = redis.call('PTTL', block_key)
   if blocked > 0 then
     return 0, 0, blocked * 1000
   end
-  local tat = tonumber(redis.call('GET', tat_key) or now)
-  if tat < now then tat = now end
+  local tat = tonumber(redis.call('GET', tat_key) or now_us)
+  if tat < now_us then tat = now_us end
   local new_tat = tat + interval
   local allow_at = new_tat - interval * burst
-  if now < allow_at then
-    local retry = allow_at - now
+  if now_us < allow_at then
+    local retry = allow_at - now_us
     if block > 0 then
       if block > retry then retry = block end
       redis.call('SET', block_key, 1, 'PX', math.ceil(retry / 1000))
     end
     return 0, 0, retry
   end
-  redis.call('SET', tat_key, new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1)
-  return 1, math.floor((now - allow_at) / interval), 0
+  redis.call('SET', tat_key, new_tat, 'PX', math.ceil((new_tat - now_us) / 1000) + 1)
+  return 1, math.floor((now_us - allow_at) / interval), 0
 end
 "
     };
@@ -39,6 +49,7 @@ end
 /// GCRA (`gcra_lua`) for the limiter keys `KEYS[1]` (TAT) and `KEYS[2]` (block), with
 /// `ARGV` = interval, burst, block. Returns `{allowed (0|1), remaining, retry_after_us}`.
 pub(super) const GCRA: &str = concat!(
+    clock_lua!(),
     gcra_lua!(),
     r"
 local allowed, remaining, retry =
@@ -84,14 +95,57 @@ end
 return 1
 ";
 
-/// The shared start of the token-bucket scripts: `now` (Unix ms, Redis's clock), `level(i)`
-/// and `put(i, tokens)` for bucket `KEYS[i]`, whose capacity is `ARGV[2i]` and refill time
-/// `ARGV[2i+1]` s. The same arithmetic as the memory store's (`memory.rs`, `Buckets`), in f64.
+/// Token-bucket records, and the token-bucket functions of the scripts: needs `now`
+/// (`clock_lua`).
+///
+/// A bucket is a string `tokens ms`, its level at Unix ms `ms`, kept until 1 s after it is full
+/// again; a missing key is a full bucket. `stored(key, cap, secs)` is the level now (capacity
+/// `cap`, refilled from empty in `secs` s), `store(key, tokens, cap, secs)` changes it, and
+/// `flush()` writes every change once, at the end: a bucket settled and then reserved in one
+/// script is read once and written once. The same arithmetic as the memory store's
+/// (`store/memory/`), in f64.
+///
+/// For the buckets of a call, `KEYS[i]` with capacity `ARGV[2i]` and refill time `ARGV[2i+1]`:
+/// `level(i)`, `put(i, tokens)`, and `take_all(amount)`.
 macro_rules! bucket_lua {
     () => {
         r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local dirty, order = {}, {}
+local function stored(key, cap, secs)
+  local d = dirty[key]
+  if d then
+    -- Written full (deleted), or above this capacity: full.
+    if d[1] >= d[2] or d[1] > cap then return cap end
+    return d[1]
+  end
+  local v = redis.call('GET', key)
+  if not v then return cap end
+  local held, ms = string.match(v, '^(%S+) (%S+)$')
+  held, ms = tonumber(held), tonumber(ms)
+  if not held or not ms then return cap end
+  local elapsed = now - ms
+  if elapsed < 0 then elapsed = 0 end
+  local tokens = held + elapsed * cap / (secs * 1000)
+  if tokens > cap then tokens = cap end
+  return tokens
+end
+local function store(key, tokens, cap, secs)
+  if not dirty[key] then order[#order + 1] = key end
+  dirty[key] = {tokens, cap, secs}
+end
+local function flush()
+  for _, key in ipairs(order) do
+    local d = dirty[key]
+    local tokens, cap, secs = d[1], d[2], d[3]
+    if tokens >= cap then
+      redis.call('DEL', key)
+    else
+      local ttl = math.ceil((cap - tokens) * (secs * 1000) / cap) + 1000
+      if ttl > 1099511627776 then ttl = 1099511627776 end
+      redis.call('SET', key, string.format('%.17g %d', tokens, now), 'PX', string.format('%d', ttl))
+    end
+  end
+end
 local function params(i)
   local cap = tonumber(ARGV[2 * i])
   local secs = tonumber(ARGV[2 * i + 1])
@@ -99,28 +153,13 @@ local function params(i)
   if secs < 1 then secs = 1 end
   return cap, secs
 end
--- The tokens bucket i holds now: a missing key is a full bucket.
 local function level(i)
   local cap, secs = params(i)
-  local v = redis.call('HMGET', KEYS[i], 'tokens', 'ms')
-  if not v[1] or not v[2] then return cap end
-  local elapsed = now - tonumber(v[2])
-  if elapsed < 0 then elapsed = 0 end
-  local tokens = tonumber(v[1]) + elapsed * cap / (secs * 1000)
-  if tokens > cap then tokens = cap end
-  return tokens
+  return stored(KEYS[i], cap, secs)
 end
--- Records bucket i at `tokens` now: deleted when full, else kept until 1 s after it is full.
 local function put(i, tokens)
   local cap, secs = params(i)
-  if tokens >= cap then
-    redis.call('DEL', KEYS[i])
-    return
-  end
-  redis.call('HSET', KEYS[i], 'tokens', string.format('%.17g', tokens), 'ms', string.format('%d', now))
-  local ttl = math.ceil((cap - tokens) * (secs * 1000) / cap) + 1000
-  if ttl > 1099511627776 then ttl = 1099511627776 end
-  redis.call('PEXPIRE', KEYS[i], string.format('%d', ttl))
+  store(KEYS[i], tokens, cap, secs)
 end
 -- The index of the last key before i equal to KEYS[i], or nil.
 local function earlier(i)
@@ -128,13 +167,6 @@ local function earlier(i)
     if KEYS[k] == KEYS[i] then return k end
   end
   return nil
-end
--- Whether a key after i equals KEYS[i].
-local function later(i)
-  for k = i + 1, NB do
-    if KEYS[k] == KEYS[i] then return true end
-  end
-  return false
 end
 -- Each bucket's level after change(i, tokens), a key named twice seeing its earlier change.
 local function levels_after(change)
@@ -147,10 +179,9 @@ local function levels_after(change)
   end
   return after
 end
+-- A key named twice keeps its last level, which has seen both changes.
 local function put_all(after)
-  for i = 1, NB do
-    if not later(i) then put(i, after[i]) end
-  end
+  for i = 1, NB do put(i, after[i]) end
 end
 -- Takes `amount` from every bucket, or from none: nil when taken, else
 -- {index (0-based), tokens available, retry_after_secs} of the short bucket that takes longest
@@ -183,8 +214,7 @@ end
 /// `settle_many(k, a)`: applies the settlements whose count is `ARGV[a]` and whose keys start at
 /// `KEYS[k]`: per settlement `n, delta`, then `n` times `capacity, refill seconds` for the next
 /// `n` keys. Each bucket as `SETTLE` does it: refilled to now, `delta` added (never above
-/// capacity), deleted when full, else kept until 1 s after it is full again. Needs `now` (Unix
-/// ms, Redis's clock) defined before it.
+/// capacity). Needs `bucket_lua` before it; the changes are written by `flush()`.
 macro_rules! settle_many_lua {
     () => {
         r"
@@ -200,23 +230,7 @@ local function settle_many(k, a)
       if cap < 1 then cap = 1 end
       if secs < 1 then secs = 1 end
       a, k = a + 2, k + 1
-      local tokens = cap
-      local v = redis.call('HMGET', key, 'tokens', 'ms')
-      if v[1] and v[2] then
-        local elapsed = now - tonumber(v[2])
-        if elapsed < 0 then elapsed = 0 end
-        tokens = tonumber(v[1]) + elapsed * cap / (secs * 1000)
-        if tokens > cap then tokens = cap end
-      end
-      tokens = tokens + delta
-      if tokens >= cap then
-        redis.call('DEL', key)
-      else
-        redis.call('HSET', key, 'tokens', string.format('%.17g', tokens), 'ms', string.format('%d', now))
-        local ttl = math.ceil((cap - tokens) * (secs * 1000) / cap) + 1000
-        if ttl > 1099511627776 then ttl = 1099511627776 end
-        redis.call('PEXPIRE', key, string.format('%d', ttl))
-      end
+      store(key, stored(key, cap, secs) + delta, cap, secs)
     end
   end
 end
@@ -229,9 +243,11 @@ end
 /// that takes longest to hold the amount.
 pub(super) const RESERVE: &str = concat!(
     "local NB = #KEYS\n",
+    clock_lua!(),
     bucket_lua!(),
     r"
 local short = take_all(tonumber(ARGV[1]))
+flush()
 if short then return {0, short[1], short[2], short[3]} end
 return {1}
 "
@@ -240,6 +256,7 @@ return {1}
 /// Adds `ARGV[1]` tokens to every bucket in `KEYS` (see `bucket_lua`), never above capacity.
 pub(super) const SETTLE: &str = concat!(
     "local NB = #KEYS\n",
+    clock_lua!(),
     bucket_lua!(),
     r"
 local delta = tonumber(ARGV[1])
@@ -249,6 +266,7 @@ put_all(levels_after(function(i, tokens)
   if tokens > cap then tokens = cap end
   return tokens
 end))
+flush()
 return 1
 "
 );
@@ -269,6 +287,7 @@ return 1
 /// replayed proof (nothing taken).
 pub(super) const ADMIT_CALL: &str = concat!(
     "local NB = tonumber(ARGV[#ARGV - 5])\n",
+    clock_lua!(),
     bucket_lua!(),
     settle_many_lua!(),
     gcra_lua!(),
@@ -278,35 +297,41 @@ if SA > 0 then settle_many(#KEYS - SK + 1, #ARGV - 6 - SA + 1) end
 local rated = ARGV[#ARGV - 4] == '1'
 local slotted = ARGV[#ARGV - 3] == '1'
 local replay = ARGV[#ARGV - 2] == '1'
-local a = 2 * NB + 2
-local k = NB + 1
-if replay then
-  if not redis.call('SET', KEYS[k], 1, 'PXAT', ARGV[a], 'NX') then return {4} end
-  a = a + 1
-  k = k + 1
+local function decide()
+  local a = 2 * NB + 2
+  local k = NB + 1
+  if replay then
+    if not redis.call('SET', KEYS[k], 1, 'PXAT', ARGV[a], 'NX') then return {4} end
+    a = a + 1
+    k = k + 1
+  end
+  if rated then
+    local allowed, _, retry = gcra(KEYS[k], KEYS[k + 1], tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]))
+    if allowed == 0 then return {1, 0, retry} end
+    a = a + 3
+    k = k + 2
+  end
+  local stream_key = nil
+  if slotted then
+    stream_key = KEYS[k]
+    local open = tonumber(redis.call('GET', stream_key) or '0')
+    if open >= tonumber(ARGV[a]) then return {2} end
+  end
+  local amount = tonumber(ARGV[1])
+  if NB > 0 and amount > 0 then
+    local short = take_all(amount)
+    if short then return {3, short[1], short[2], short[3]} end
+  end
+  if slotted then
+    redis.call('INCR', stream_key)
+    redis.call('EXPIREAT', stream_key, tonumber(ARGV[a + 1]) + 1)
+  end
+  return {0}
 end
-if rated then
-  local allowed, _, retry = gcra(KEYS[k], KEYS[k + 1], tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]))
-  if allowed == 0 then return {1, 0, retry} end
-  a = a + 3
-  k = k + 2
-end
-local stream_key = nil
-if slotted then
-  stream_key = KEYS[k]
-  local open = tonumber(redis.call('GET', stream_key) or '0')
-  if open >= tonumber(ARGV[a]) then return {2} end
-end
-local amount = tonumber(ARGV[1])
-if NB > 0 and amount > 0 then
-  local short = take_all(amount)
-  if short then return {3, short[1], short[2], short[3]} end
-end
-if slotted then
-  redis.call('INCR', stream_key)
-  redis.call('EXPIREAT', stream_key, tonumber(ARGV[a + 1]) + 1)
-end
-return {0}
+-- The settlements carried apply whatever the answer.
+local reply = decide()
+flush()
+return reply
 "
 );
 

@@ -78,13 +78,13 @@ impl Queue {
 /// `SETTLE_MANY`: `ARGV[1]` settlements, each `n, delta` then `n` times `capacity, refill
 /// seconds`, for the next `n` of `KEYS` (see `settle_many_lua` in `scripts.rs`).
 pub(super) const SETTLE_MANY: &str = concat!(
-    r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-",
+    clock_lua!(),
+    "local NB = 0\n",
+    bucket_lua!(),
     settle_many_lua!(),
     r"
 settle_many(1, 1)
+flush()
 return 1
 "
 );
