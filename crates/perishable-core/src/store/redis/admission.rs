@@ -129,7 +129,7 @@ impl CallKeys {
         let carried = if conn.is_cluster() {
             Vec::new()
         } else {
-            inner.settlements.take()
+            inner.settlements.carry()
         };
         let settling = (!carried.is_empty()).then(|| settlements::arguments(inner, &carried));
         let replies = join_all(parts.iter().enumerate().map(|(i, part)| {

@@ -5,7 +5,8 @@
 //!   first, in the same round trip (`admission.rs`): under steady traffic a call costs one
 //!   script, not two, and no admission waits behind a settlement on the connection.
 //! - When no admission comes within [`LINGER`], one task per store sends what is queued, up to
-//!   [`MAX_BATCH`] at a time, as one `SETTLE_MANY` script.
+//!   [`MAX_BATCH`] at a time, as one `SETTLE_MANY` script. An admission that takes everything
+//!   ends the task's wait early: no timer is left to wake an idle instance for nothing.
 //! - On a cluster the task sends everything (an admission's slots are not the settlements'),
 //!   grouped by slot: one `SETTLE_MANY` per slot, sent together.
 //!
@@ -56,6 +57,8 @@ pub(super) struct Queue {
     pending: Mutex<Vec<Settlement>>,
     /// Wakes the task: something was queued, or the store is gone.
     wake: Notify,
+    /// Wakes the task from its [`LINGER`] wait: an admission took everything waiting.
+    carried: Notify,
     started: AtomicBool,
     closed: AtomicBool,
 }
@@ -63,9 +66,32 @@ pub(super) struct Queue {
 impl Queue {
     /// Up to [`MAX_BATCH`] of the settlements waiting, oldest first.
     pub(super) fn take(&self) -> Vec<Settlement> {
+        self.take_counting().0
+    }
+
+    /// [`take`](Self::take), for an admission to carry. When it leaves nothing behind, the task
+    /// stops waiting: no timer is left to wake an idle thread for nothing.
+    pub(super) fn carry(&self) -> Vec<Settlement> {
+        let (batch, left) = self.take_counting();
+        if !batch.is_empty() && left == 0 {
+            self.carried.notify_waiters();
+        }
+        batch
+    }
+
+    /// The batch taken, and how many settlements are still waiting.
+    fn take_counting(&self) -> (Vec<Settlement>, usize) {
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         let n = pending.len().min(MAX_BATCH);
-        pending.drain(..n).collect()
+        let batch = pending.drain(..n).collect();
+        (batch, pending.len())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
     }
 
     /// Ends the task (the store is dropped).
@@ -144,7 +170,14 @@ async fn run(store: Weak<Inner>, queue: Arc<Queue>) {
         if queue.closed.load(Ordering::Acquire) {
             return;
         }
-        tokio::time::sleep(LINGER).await;
+        // An admission carried what woke the task before it ran.
+        if queue.is_empty() {
+            continue;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(LINGER) => {}
+            () = queue.carried.notified() => {}
+        }
         loop {
             let batch = queue.take();
             if batch.is_empty() {
