@@ -1073,6 +1073,11 @@ fn redis_buckets_agree_with_memory() {
                 let on_redis: Arc<dyn Store> = Arc::new(
                     RedisStore::new(&redis.url(), &prefix, Duration::from_secs(2)).unwrap(),
                 );
+                // Connected first. While the connection is made, the settlement task may take
+                // a queued settlement and send it after an admission that was queued later:
+                // allowed (a settlement is only ordered before what its caller awaited), but
+                // not what `SettleThenAdmit` checks. Connected, both go out in queue order.
+                on_redis.ping().await.unwrap();
                 for (n, step) in steps.iter().enumerate() {
                     let expected = bucket_step(&memory, step).await;
                     let got = bucket_step(&on_redis, step).await;

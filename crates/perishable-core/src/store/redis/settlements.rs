@@ -174,9 +174,14 @@ async fn run(store: Weak<Inner>, queue: Arc<Queue>) {
         if queue.is_empty() {
             continue;
         }
-        tokio::select! {
-            () = tokio::time::sleep(LINGER) => {}
-            () = queue.carried.notified() => {}
+        let carried = tokio::select! {
+            () = tokio::time::sleep(LINGER) => false,
+            () = queue.carried.notified() => true,
+        };
+        // Everything was carried: a settlement queued since gets a wait of its own (its
+        // `wake` is still pending).
+        if carried {
+            continue;
         }
         loop {
             let batch = queue.take();
