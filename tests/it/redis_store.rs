@@ -1099,3 +1099,107 @@ fn redis_buckets_agree_with_memory() {
         })
         .unwrap();
 }
+
+/// Rate-limit checks on generated policies and sequences of clients: on Redis (`gcra_lua`,
+/// through the limiter's own script and through a call's admission, interleaved) they answer as
+/// governor does in memory: allowed or not, the requests remaining, and the wait to within a
+/// second, with and without a block. Windows of 1000 s leave nothing replenished during a case;
+/// that a block outlasts a replenished request is `redis_gcra_agrees_with_governor`'s.
+#[test]
+#[cfg_attr(
+    perishable_missing_redis,
+    ignore = "needs redis-server on the PATH (apt-get install redis-server)"
+)]
+fn redis_rate_limits_agree_with_memory() {
+    use perishable::store::{CallAdmission, CallDecision};
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config as ProptestConfig, TestRunner};
+    let redis = Redis::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases: 32,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let case = std::sync::atomic::AtomicU64::new(0);
+    // (points, block?, checks: (client, through an admission?))
+    let strategy = (
+        1..5u32,
+        any::<bool>(),
+        proptest::collection::vec((0..3usize, any::<bool>()), 1..14),
+    );
+    runner
+        .run(&strategy, |(points, blocking, checks)| {
+            let prefix = format!(
+                "gcra{}",
+                case.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            );
+            rt.block_on(async {
+                let policy = RatePolicy {
+                    name: "generated",
+                    points,
+                    window: Duration::from_secs(1000),
+                    block: if blocking {
+                        Duration::from_secs(600)
+                    } else {
+                        Duration::ZERO
+                    },
+                };
+                let memory: Arc<dyn Store> = Arc::new(MemoryStore::new());
+                let on_redis: Arc<dyn Store> = Arc::new(
+                    RedisStore::new(&redis.url(), &prefix, Duration::from_secs(2)).unwrap(),
+                );
+                let limiters = [
+                    memory.rate_limiter(policy.clone()),
+                    on_redis.rate_limiter(policy),
+                ];
+                for (n, &(client, admitted)) in checks.iter().enumerate() {
+                    let key = format!("client-{client}");
+                    let mut answers = Vec::new();
+                    for (store, limiter) in [&memory, &on_redis].into_iter().zip(&limiters) {
+                        let decision = if admitted {
+                            let mut call = CallAdmission::new();
+                            call.rate = Some((&**limiter, &key));
+                            match store.admit_call(call).await.unwrap() {
+                                CallDecision::Admitted => None,
+                                CallDecision::RateLimited(decision) => Some(decision),
+                                other => panic!("{other:?}"),
+                            }
+                        } else {
+                            Some(limiter.check(&key).await.unwrap())
+                        };
+                        answers.push(decision);
+                    }
+                    let [expected, got] = [&answers[0], &answers[1]];
+                    let context =
+                        format!("check {n} of {checks:?}, {points} points, block {blocking}");
+                    match (expected, got) {
+                        (None, None) => {}
+                        (Some(e), Some(g)) => {
+                            prop_assert_eq!(e.allowed, g.allowed, "{}", context);
+                            if e.allowed {
+                                prop_assert_eq!(e.remaining, g.remaining, "{}", context);
+                            } else {
+                                let (e, g) =
+                                    (e.retry_after.as_secs_f64(), g.retry_after.as_secs_f64());
+                                prop_assert!(
+                                    (e - g).abs() <= 1.0,
+                                    "retry {} against {}: {}",
+                                    g,
+                                    e,
+                                    context
+                                );
+                            }
+                        }
+                        // An admission answers `Admitted` for an allowed request.
+                        (e, g) => prop_assert!(false, "{:?} against {:?}: {}", g, e, context),
+                    }
+                }
+                Ok(())
+            })
+        })
+        .unwrap();
+}

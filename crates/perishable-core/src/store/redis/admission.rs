@@ -29,7 +29,7 @@ pub(super) struct CallKeys {
     /// The DPoP replay key and its expiry (Unix ms).
     replay: Option<(String, u64)>,
     /// The limiter's TAT and block keys, and its parameters.
-    rate: Option<(String, String, Gcra)>,
+    rate: Option<(String, Gcra)>,
     /// The stream counter, its max and expiry (Unix s).
     stream: Option<(String, u32, u64)>,
 }
@@ -67,7 +67,6 @@ impl CallKeys {
                 let name = limiter.policy().name;
                 (
                     inner.key(&format!("rl:{name}"), key),
-                    inner.key(&format!("rlb:{name}"), key),
                     Gcra::of(limiter.policy()),
                 )
             }),
@@ -104,7 +103,7 @@ impl CallKeys {
         if let Some((key, _)) = &self.replay {
             part_of(&mut parts, key).replay = true;
         }
-        if let Some((tat, _, _)) = &self.rate {
+        if let Some((tat, _)) = &self.rate {
             // The TAT and block keys share their tag (the client key): one slot.
             part_of(&mut parts, tat).rate = true;
         }
@@ -199,11 +198,10 @@ impl CallKeys {
             invocation.key(key).arg(at_ms);
         }
         if part.rate
-            && let Some((tat, block, gcra)) = &self.rate
+            && let Some((tat, gcra)) = &self.rate
         {
             invocation
                 .key(tat)
-                .key(block)
                 .arg(gcra.interval_us)
                 .arg(gcra.points)
                 .arg(gcra.block_us);

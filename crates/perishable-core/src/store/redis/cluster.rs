@@ -81,7 +81,7 @@ mod tests {
         let slot = |key: &str| Slot::for_key(key);
         assert_eq!(
             slot(&format!("p:rl:proxy:{}", tag("fp:abc"))),
-            slot(&format!("p:rlb:proxy:{}", tag("fp:abc")))
+            slot(&format!("p:caps:{}", tag("fp:abc")))
         );
         assert_eq!(
             slot(&format!("p:budget:{}", tag("usr:alice"))),

@@ -9,12 +9,11 @@
 //!
 //! | key | type | expires |
 //! |---|---|---|
-//! | `<p>:rl:<policy>:{<client>}` | GCRA theoretical arrival time (µs) | when the client is back to a full burst |
-//! | `<p>:rlb:<policy>:{<client>}` | block marker | after the block duration |
+//! | `<p>:rl:<policy>:{<client>}` | GCRA: the theoretical arrival time (Unix µs), then the end of the block (Unix µs) while one holds | when the client is back to a full burst and any block is over |
 //! | `<p>:pow:{<challenge>}`, `<p>:dpop:{<jkt.jti>}` | `SET NX` marker | with the challenge or proof window |
 //! | `<p>:revoked` | sorted set of revoked token ids, scored by expiry (Unix ms) | with its last entry; expired entries are dropped on each revocation |
 //! | `<p>:caps:{fp:<hash>}`, `<p>:caps:{jkt:<thumbprint>}` | sorted set of live sessions, scored by `exp` | with its newest session |
-//! | `<p>:budget:{<bucket>}` (e.g. `<p>:budget:{fp:<hash>}`) | token bucket: hash `{tokens, ms}`, the level (a float, `%.17g`; negative: a debt) at Unix ms `ms` on Redis's clock | 1 s after it is full again (a missing key is a full bucket; a full one is deleted) |
+//! | `<p>:budget:{<bucket>}` (e.g. `<p>:budget:{fp:<hash>}`) | token bucket: the string `<tokens> <ms>`, the level (a float, `%.17g`; negative: a debt) at Unix ms `ms` on Redis's clock | 1 s after it is full again (a missing key is a full bucket; a full one is deleted) |
 //! | `<p>:streams:{<jti>}` | open-stream counter | with the session |
 //! | `<p>:appattest:{<key id>}` | App Attest key: hash `{pk, app, dev, ctr, at}` (public key bytes, App ID, development `0`/`1`, counter, registration time) | `mint.app_attest.key_retention_secs` after its last mint |
 //!
@@ -274,14 +273,12 @@ impl RateLimiter for RedisRateLimiter {
     fn check<'a>(&'a self, key: &'a str) -> StoreFuture<'a, RateDecision> {
         Box::pin(async move {
             let tat = self.store.key(&format!("rl:{}", self.policy.name), key);
-            let block = self.store.key(&format!("rlb:{}", self.policy.name), key);
             let (allowed, remaining, retry_us): (i64, i64, i64) = self
                 .store
                 .run(|mut conn| async move {
                     self.store
                         .gcra
                         .key(tat)
-                        .key(block)
                         .arg(self.interval_us)
                         .arg(self.policy.points)
                         .arg(self.block_us)

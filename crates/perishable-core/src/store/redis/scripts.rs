@@ -15,19 +15,31 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
     };
 }
 
-/// `gcra(tat_key, block_key, interval, burst, block)`: GCRA with the same semantics as governor:
-/// a burst of `burst`, one request replenished every `interval` µs, and a block of `block` µs
-/// after going over, at `now_us` (`clock_lua`). Returns `allowed (0|1), remaining,
-/// retry_after_us`.
+/// `gcra(key, interval, burst, block)`: GCRA with the same semantics as governor: a burst of
+/// `burst`, one request replenished every `interval` µs, and a block of `block` µs after going
+/// over, at `now_us` (`clock_lua`). Returns `allowed (0|1), remaining, retry_after_us`.
+///
+/// The record under `key` is the theoretical arrival time (Unix µs), followed by the end of the
+/// block (Unix µs) while one holds: one `GET` and at most one `SET` per check. It is kept until
+/// the client is back to a full burst, or the block ends, whichever is later.
 macro_rules! gcra_lua {
     () => {
         r"
-local function gcra(tat_key, block_key, interval, burst, block)
-  local blocked = redis.call('PTTL', block_key)
-  if blocked > 0 then
-    return 0, 0, blocked * 1000
+local function gcra(key, interval, burst, block)
+  local tat, blocked_until = now_us, 0
+  local v = redis.call('GET', key)
+  if v then
+    local t, b = string.match(v, '^(%d+) (%d+)$')
+    if t then
+      tat, blocked_until = tonumber(t), tonumber(b)
+    else
+      tat = tonumber(v) or now_us
+    end
   end
-  local tat = tonumber(redis.call('GET', tat_key) or now_us)
+  if blocked_until > now_us then
+    return 0, 0, blocked_until - now_us
+  end
+  local stored = tat
   if tat < now_us then tat = now_us end
   local new_tat = tat + interval
   local allow_at = new_tat - interval * burst
@@ -35,25 +47,27 @@ local function gcra(tat_key, block_key, interval, burst, block)
     local retry = allow_at - now_us
     if block > 0 then
       if block > retry then retry = block end
-      redis.call('SET', block_key, 1, 'PX', math.ceil(retry / 1000))
+      local keep = stored - now_us
+      if retry > keep then keep = retry end
+      redis.call('SET', key, string.format('%d %d', stored, now_us + retry), 'PX', math.ceil(keep / 1000) + 1)
     end
     return 0, 0, retry
   end
-  redis.call('SET', tat_key, new_tat, 'PX', math.ceil((new_tat - now_us) / 1000) + 1)
+  redis.call('SET', key, string.format('%d', new_tat), 'PX', math.ceil((new_tat - now_us) / 1000) + 1)
   return 1, math.floor((now_us - allow_at) / interval), 0
 end
 "
     };
 }
 
-/// GCRA (`gcra_lua`) for the limiter keys `KEYS[1]` (TAT) and `KEYS[2]` (block), with
-/// `ARGV` = interval, burst, block. Returns `{allowed (0|1), remaining, retry_after_us}`.
+/// GCRA (`gcra_lua`) for the limiter key `KEYS[1]`, with `ARGV` = interval, burst, block.
+/// Returns `{allowed (0|1), remaining, retry_after_us}`.
 pub(super) const GCRA: &str = concat!(
     clock_lua!(),
     gcra_lua!(),
     r"
 local allowed, remaining, retry =
-  gcra(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
+  gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
 return {allowed, remaining, retry}
 "
 );
@@ -276,7 +290,7 @@ return 1
 /// neither.
 ///
 /// `KEYS`: the `NB` buckets, then the DPoP replay key when a proof is recorded, then the
-/// limiter's TAT and block keys when rated, then the stream counter when a slot is asked.
+/// limiter's key when rated, then the stream counter when a slot is asked.
 /// `ARGV`: the amount, each bucket's capacity and refill time, then the replay key's expiry
 /// (Unix ms), then the GCRA interval, burst and block (µs) when rated, then the stream max and
 /// expiry when a slot is asked, then the settlements it carries (`SA` arguments for
@@ -306,10 +320,10 @@ local function decide()
     k = k + 1
   end
   if rated then
-    local allowed, _, retry = gcra(KEYS[k], KEYS[k + 1], tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]))
+    local allowed, _, retry = gcra(KEYS[k], tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]))
     if allowed == 0 then return {1, 0, retry} end
     a = a + 3
-    k = k + 2
+    k = k + 1
   end
   local stream_key = nil
   if slotted then
