@@ -154,6 +154,14 @@ async fn requests_from_another_origin_are_refused() {
         .send()
         .await
         .unwrap();
+    // The answer depends on the origin: no shared cache may give it to another one.
+    let vary = response.headers().get_all("vary").iter();
+    assert!(
+        vary.flat_map(|v| v.to_str().unwrap().split(','))
+            .any(|v| v.trim().eq_ignore_ascii_case("origin")),
+        "{:?}",
+        response.headers()
+    );
     expect_error(response, 403, "origin_not_allowed", "permission_error").await;
 
     // Even with a valid session, an authenticated call from the wrong origin never goes upstream.

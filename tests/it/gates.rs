@@ -397,7 +397,8 @@ async fn a_tiers_completion_cap_replaces_the_default() {
     }
 }
 
-/// A local siteverify server: accepts the token `good` solved on `example.com` once.
+/// A local siteverify server: accepts the token `good` solved on `example.com` once, and
+/// tokens starting `lax` every time (a provider that does not refuse a token seen twice).
 async fn siteverify() -> (String, Arc<Mutex<Vec<String>>>) {
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     async fn verify(
@@ -417,6 +418,9 @@ async fn siteverify() -> (String, Arc<Mutex<Vec<String>>>) {
             .any(|form| form.split('&').any(|pair| pair == field));
         seen.lock().unwrap().push(body.clone());
         axum::Json(match (token.as_str(), replay) {
+            (lax, _) if lax.starts_with("lax") => {
+                json!({"success": true, "hostname": "example.com"})
+            }
             ("good", false) => json!({"success": true, "hostname": "example.com"}),
             (_, true) => json!({"success": false, "error-codes": ["timeout-or-duplicate"]}),
             _ => json!({"success": false, "error-codes": ["invalid-input-response"]}),
@@ -485,6 +489,75 @@ async fn policies_are_alternatives_and_a_refusal_names_its_gate() {
     )
     .await;
     assert!(claims(session["token"].as_str().unwrap())["usr"].is_string());
+}
+
+/// A captcha token mints once, even from a provider that would accept it again: the mint
+/// records it (hashed), so a replay, or the same token in two mints at once, mints one session.
+#[tokio::test]
+async fn a_captcha_token_mints_once_whatever_the_provider_says() {
+    let (verify_url, seen) = siteverify().await;
+    let proxy = proxy(
+        |c| {
+            c.mint_policies(vec![vec!["captcha"]])
+                .mint_captcha_provider("turnstile")
+                .mint_captcha_secret("captcha-secret")
+                .mint_captcha_verify_url(verify_url)
+                .mint_captcha_hostnames(["example.com"])
+        },
+        vec![],
+    )
+    .await;
+    minted(
+        &proxy,
+        json!({"fingerprint": "device-lax-1", "captcha": "lax-1"}),
+    )
+    .await;
+    let response = mint(
+        &proxy,
+        json!({"fingerprint": "device-lax-1", "captcha": "lax-1"}),
+    )
+    .await;
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "captcha_invalid");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("already used"),
+        "{body}"
+    );
+    // The provider was asked both times and said yes both times: the refusal is the proxy's.
+    assert_eq!(
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|f| f.contains("response=lax-1"))
+            .count(),
+        2
+    );
+    // Eight mints at once with one token, from other devices: one session.
+    let statuses = futures_util::future::join_all((0..8).map(|i| {
+        let proxy = &proxy;
+        async move {
+            mint(
+                proxy,
+                json!({"fingerprint": format!("device-lax-at-once-{i}"), "captcha": "lax-2"}),
+            )
+            .await
+            .status()
+        }
+    }))
+    .await;
+    assert_eq!(
+        statuses.iter().filter(|s| s.is_success()).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|s| s.is_success() || s.as_u16() == 400),
+        "{statuses:?}"
+    );
 }
 
 /// A gate of the app's own: a closed beta's invitation code.

@@ -157,6 +157,62 @@ async fn client_credentials_are_replaced_and_headers_filtered() {
     assert_eq!(last.header("host"), Some(mock_host.as_str()));
 }
 
+/// A body with a `Content-Encoding` cannot be forwarded as sent (the header is never forwarded,
+/// and cannot be listed): `415`, metered call or not, before the upstream; and the mint, which
+/// reads its body as it comes, refuses one too.
+#[tokio::test]
+async fn encoded_bodies_are_refused_metered_or_not() {
+    let (proxy, token) = proxy_with(MockOptions::new(), |c| c).await;
+    for encoding in ["gzip", "deflate", "br", "identity"] {
+        let response = proxy
+            .openai(Method::POST, "chat/completions", &token, FP)
+            .header("content-type", "application/json")
+            .header("content-encoding", encoding)
+            .body(chat_body("gpt-4o-mini").to_string())
+            .send()
+            .await
+            .unwrap();
+        expect_error(
+            response,
+            415,
+            "unsupported_media_type",
+            "invalid_request_error",
+        )
+        .await;
+    }
+    assert!(proxy.mock.requests().is_empty());
+    // The same call without the header passes: the refusal was the encoding's.
+    let response = proxy
+        .openai(Method::POST, "chat/completions", &token, FP)
+        .json(&chat_body("gpt-4o-mini"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    let body = json!({
+        "fingerprint": "device-encoded-mint-1",
+        "entropy": human_entropy(),
+        "pow": proxy.solved_pow().await,
+    });
+    let response = proxy
+        .http
+        .post(proxy.url("/session"))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    expect_error(
+        response,
+        415,
+        "unsupported_media_type",
+        "invalid_request_error",
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn query_string_passes_on_get() {
     let (proxy, token) = proxy_with(MockOptions::new(), |c| c).await;

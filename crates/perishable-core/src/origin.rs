@@ -118,13 +118,18 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         match req.headers().get(ORIGIN) {
-            Some(origin) if !self.policy.allows(origin.as_bytes()) => ResponseFuture::refused(
-                Error::new(
+            Some(origin) if !self.policy.allows(origin.as_bytes()) => {
+                let mut refusal = Error::new(
                     ErrorCode::OriginNotAllowed,
                     "this origin is not allowed to call the service",
                 )
-                .into_response(),
-            ),
+                .into_response();
+                // The answer depends on `Origin`: a shared cache must not give it to another.
+                refusal
+                    .headers_mut()
+                    .append(http::header::VARY, http::HeaderValue::from_static("origin"));
+                ResponseFuture::refused(refusal)
+            }
             _ => ResponseFuture::inner(self.inner.call(req)),
         }
     }

@@ -90,11 +90,16 @@ pub(crate) struct Builtins<'a> {
     pub(crate) store: &'a dyn Store,
 }
 
+/// How long a captcha token that minted is remembered: longer than any provider keeps one
+/// valid (Turnstile 300 s, reCAPTCHA and hCaptcha 120 s).
+const CAPTCHA_TOKEN_MEMORY_SECS: u64 = 600;
+
 /// What the gates that ran leave for the mint to record, should their policy pass.
 #[derive(Default)]
 struct Effects {
     pow_used: Option<(String, u64)>,
     attestation_used: Option<(String, u64)>,
+    captcha_used: Option<(String, u64)>,
     app_attest: Option<AppAttestPassed>,
 }
 
@@ -109,6 +114,8 @@ pub(crate) struct Passed {
     pub(crate) pow_used: Option<(String, u64)>,
     /// The challenge an attestation was bound to, to record as used, and until when.
     pub(crate) attestation_used: Option<(String, u64)>,
+    /// The captcha token (its hash) to record as used, and until when (when `captcha` passed).
+    pub(crate) captcha_used: Option<(String, u64)>,
     /// The App Attest key to register, or whose counter to raise (when `app_attest` passed).
     pub(crate) app_attest: Option<AppAttestPassed>,
 }
@@ -224,6 +231,9 @@ impl Policies {
                         has(|k| matches!(k, Kind::PlayIntegrity(_) | Kind::AppAttest(_)))
                             .then_some(effects.attestation_used)
                             .flatten();
+                    let captcha_used = has(|k| matches!(k, Kind::Captcha(_)))
+                        .then_some(effects.captcha_used)
+                        .flatten();
                     let app_attest = has(|k| matches!(k, Kind::AppAttest(_)))
                         .then_some(effects.app_attest)
                         .flatten();
@@ -237,6 +247,7 @@ impl Policies {
                         facts,
                         pow_used,
                         attestation_used,
+                        captcha_used,
                         app_attest,
                     });
                 }
@@ -339,7 +350,16 @@ impl Policies {
                     }
                 };
                 match verifier.verify(token, evidence.client_ip()).await {
-                    Ok(_) => Ok(Facts::default()),
+                    Ok(_) => {
+                        // Single use here too, whatever the provider says of a token seen
+                        // twice: recorded (hashed) by the mint, for longer than any provider
+                        // keeps a token valid.
+                        effects.captcha_used = Some((
+                            format!("captcha:{}", crate::fingerprint::hash(token)),
+                            builtins.now + CAPTCHA_TOKEN_MEMORY_SECS,
+                        ));
+                        Ok(Facts::default())
+                    }
                     Err(CaptchaError::Empty) => Err(Error::new(
                         ErrorCode::CaptchaRequired,
                         "this service needs a captcha: send \"captcha\": \"<token>\"",

@@ -134,6 +134,7 @@ impl Sessions {
         pending.claims.tier = passed.facts.tier;
         pending.pow_used = passed.pow_used;
         pending.attestation_used = passed.attestation_used;
+        pending.captcha_used = passed.captcha_used;
         pending.app_attest = passed.app_attest;
         pending.policy = passed.policy;
         self.finish_mint(pending).await
@@ -195,6 +196,7 @@ impl Sessions {
             claims,
             pow_used: None,
             attestation_used: None,
+            captcha_used: None,
             app_attest: None,
             dpop_seen,
             policy: String::new(),
@@ -207,6 +209,7 @@ impl Sessions {
             claims,
             pow_used,
             attestation_used,
+            captcha_used,
             app_attest,
             dpop_seen,
             policy,
@@ -273,6 +276,17 @@ impl Sessions {
                     "the attestation's challenge was already used",
                 )));
             }
+            if let Some((id, until)) = &captcha_used
+                && !store
+                    .insert_once(Set::PowUsed, id, *until)
+                    .await
+                    .map_err(|e| ("insert_once", e))?
+            {
+                return Ok(Some(Error::new(
+                    ErrorCode::CaptchaInvalid,
+                    "the captcha token was already used",
+                )));
+            }
             // After the challenge: a replayed registration or assertion is refused by it first.
             if let Some(passed) = &app_attest
                 && let Err(refusal) = app_attest::record(store.as_ref(), passed)
@@ -335,6 +349,8 @@ struct PendingMint {
     pow_used: Option<(String, u64)>,
     /// The attestation's challenge to record as used, and until when.
     attestation_used: Option<(String, u64)>,
+    /// The captcha token (hashed) to record as used, and until when.
+    captcha_used: Option<(String, u64)>,
     /// The App Attest key to register, or whose counter to raise.
     app_attest: Option<AppAttestPassed>,
     /// The DPoP proof to record as seen, and until when.

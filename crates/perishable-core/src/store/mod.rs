@@ -12,7 +12,7 @@
 //! |---|---|---|
 //! | rate limits | [`RateLimiter::check`]: GCRA, burst `points` per `window`, then `block` | with the limit's state |
 //! | revoked sessions | [`Store::insert_once`] / [`Store::contains`] on [`Set::Revoked`] | at the token's `exp` |
-//! | used proof-of-work challenges | [`Store::insert_once`] on [`Set::PowUsed`] | at the challenge's expiry |
+//! | used proof-of-work challenges, attestation challenges, captcha tokens | [`Store::insert_once`] on [`Set::PowUsed`] | at the challenge's expiry (a captcha token: after 10 minutes) |
 //! | seen DPoP proofs | [`Store::insert_once`] on [`Set::DpopSeen`] | past the proof's `iat` window |
 //! | live sessions per fingerprint / key | [`Store::admit_session`], release, replace | at each session's `exp` |
 //! | token budgets | [`Store::reserve_tokens`], [`Store::settle_tokens`] on [`Bucket`]s: token buckets refilled continuously, several taken from at once or none | when the bucket is full again (a missing bucket is a full one) |
@@ -109,7 +109,8 @@ pub trait RateLimiter: Send + Sync + fmt::Debug {
 pub enum Set {
     /// Revoked session ids (`jti`).
     Revoked,
-    /// Used proof-of-work challenges.
+    /// Used one-time evidence: proof-of-work challenges, the challenges attestations were bound
+    /// to (`attest:<challenge>`), captcha tokens that minted (`captcha:<hash>`).
     PowUsed,
     /// Seen DPoP proofs (`jkt.jti`).
     DpopSeen,

@@ -10,7 +10,7 @@
 //! | key | type | expires |
 //! |---|---|---|
 //! | `<p>:rl:<policy>:{<client>}` | GCRA: the theoretical arrival time (Unix µs), then the end of the block (Unix µs) while one holds | when the client is back to a full burst and any block is over |
-//! | `<p>:pow:{<challenge>}`, `<p>:dpop:{<jkt.jti>}` | `SET NX` marker | with the challenge or proof window |
+//! | `<p>:pow:{<challenge>}` (also `attest:<challenge>`, `captcha:<hash>`), `<p>:dpop:{<jkt.jti>}` | `SET NX` marker | with the challenge or proof window; a captcha token after 10 minutes |
 //! | `<p>:revoked` | sorted set of revoked token ids, scored by expiry (Unix ms) | with its last entry; expired entries are dropped on each revocation |
 //! | `<p>:caps:{fp:<hash>}`, `<p>:caps:{jkt:<thumbprint>}` | sorted set of live sessions, scored by `exp` | with its newest session |
 //! | `<p>:budget:{<bucket>}` (e.g. `<p>:budget:{fp:<hash>}`) | token bucket: the string `<tokens> <ms>`, the level (a float, `%.17g`; negative: a debt) at Unix ms `ms` on Redis's clock | 1 s after it is full again (a missing key is a full bucket; a full one is deleted) |
