@@ -77,14 +77,41 @@ impl Example {
     }
 
     fn health(&self) -> String {
+        self.raw("GET /health")
+    }
+
+    /// The whole answer to `<method> <path>` on a connection of its own.
+    fn raw(&self, request_line: &str) -> String {
         let mut tcp = TcpStream::connect(self.addr).unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        tcp.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-            .unwrap();
+        tcp.write_all(
+            format!("{request_line} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
         let mut answer = String::new();
         tcp.read_to_string(&mut answer).unwrap();
         answer
     }
+}
+
+/// `HEAD /health` answers as `GET /health` does, without the body: what a load balancer's check
+/// may send.
+#[test]
+fn head_health_is_get_without_the_body() {
+    let proxy = Example::start();
+    let get = proxy.raw("GET /health");
+    let head = proxy.raw("HEAD /health");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    let (head_headers, head_body) = head.split_once("\r\n\r\n").unwrap();
+    assert_eq!(head_body, "", "{head}");
+    let (_, get_body) = get.split_once("\r\n\r\n").unwrap();
+    assert_eq!(get_body, r#"{"status":"ok"}"#);
+    assert!(
+        head_headers
+            .to_ascii_lowercase()
+            .contains(&format!("content-length: {}", get_body.len())),
+        "{head_headers}"
+    );
 }
 
 impl Drop for Example {

@@ -68,6 +68,13 @@ impl Route {
             }
             return Some(Self::Proxy);
         }
+        // `HEAD` is `GET` without the body (RFC 9110, 9.3.2), which the server leaves out: a load
+        // balancer may check `/health` with it.
+        let method = if method == Method::HEAD {
+            &Method::GET
+        } else {
+            method
+        };
         Self::ALL
             .into_iter()
             .find(|route| route.path() == path && route.method() == Some(method))
@@ -147,7 +154,7 @@ mod tests {
             (Method::POST, "/ai/session"),
             (Method::POST, "/session/"),
             (Method::GET, "/session"),
-            (Method::HEAD, "/health"),
+            (Method::HEAD, "/session"),
             (Method::POST, "/health"),
             (Method::GET, "/"),
             (Method::GET, ""),
@@ -156,6 +163,12 @@ mod tests {
         }
         assert!(Route::has_path("/session"));
         assert!(!Route::has_path("/ai/session"));
+        // `HEAD` finds the `GET` routes.
+        assert_eq!(Route::of(&Method::HEAD, "/health"), Some(Route::Health));
+        assert_eq!(
+            Route::of(&Method::HEAD, "/challenge"),
+            Some(Route::Challenge)
+        );
     }
 
     #[test]
