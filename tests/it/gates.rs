@@ -397,6 +397,14 @@ async fn a_tiers_completion_cap_replaces_the_default() {
     }
 }
 
+/// The `captcha` gate's settings, with `verify_url` for the provider's siteverify.
+fn with_captcha(c: ConfigBuilder, verify_url: String) -> ConfigBuilder {
+    c.mint_captcha_provider("turnstile")
+        .mint_captcha_secret("captcha-secret")
+        .mint_captcha_verify_url(verify_url)
+        .mint_captcha_hostnames(["example.com"])
+}
+
 /// A local siteverify server: accepts the token `good` solved on `example.com` once, and
 /// tokens starting `lax` every time (a provider that does not refuse a token seen twice).
 async fn siteverify() -> (String, Arc<Mutex<Vec<String>>>) {
@@ -442,13 +450,10 @@ async fn policies_are_alternatives_and_a_refusal_names_its_gate() {
     // Signed-in users, or anyone who solves the captcha.
     let proxy = proxy(
         |c| {
-            c.mint_policies(vec![vec!["oidc"], vec!["captcha"]])
+            with_captcha(c, verify_url)
+                .mint_policies(vec![vec!["oidc"], vec!["captcha"]])
                 .mint_oidc_issuer(issuer.url.clone())
                 .mint_oidc_audience(AUDIENCE)
-                .mint_captcha_provider("turnstile")
-                .mint_captcha_secret("captcha-secret")
-                .mint_captcha_verify_url(verify_url)
-                .mint_captcha_hostnames(["example.com"])
         },
         vec![],
     )
@@ -497,13 +502,7 @@ async fn policies_are_alternatives_and_a_refusal_names_its_gate() {
 async fn a_captcha_token_mints_once_whatever_the_provider_says() {
     let (verify_url, seen) = siteverify().await;
     let proxy = proxy(
-        |c| {
-            c.mint_policies(vec![vec!["captcha"]])
-                .mint_captcha_provider("turnstile")
-                .mint_captcha_secret("captcha-secret")
-                .mint_captcha_verify_url(verify_url)
-                .mint_captcha_hostnames(["example.com"])
-        },
+        |c| with_captcha(c, verify_url).mint_policies(vec![vec!["captcha"]]),
         vec![],
     )
     .await;

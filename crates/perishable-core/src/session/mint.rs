@@ -18,7 +18,7 @@ use crate::fingerprint;
 use crate::gate::app_attest::{self, AppAttestPassed};
 use crate::gate::{Builtins, Evidence};
 use crate::pow::PowSolution;
-use crate::store::{self, Admission, Set, StoreError, log_failure};
+use crate::store::{self, Admission, Set, Store, StoreError, log_failure};
 use crate::token::{Claims, Confirmation, hash_b64, new_jti};
 
 /// A validated `POST /session` body.
@@ -252,40 +252,35 @@ impl Sessions {
         // The cap had room: only now use up the challenge and the proof, and register the App
         // Attest key or raise its counter.
         let recorded = async {
-            if let Some((challenge, until)) = &pow_used
-                && !store
-                    .insert_once(Set::PowUsed, challenge, *until)
-                    .await
-                    .map_err(|e| ("insert_once", e))?
-            {
-                return Ok(Some(Error::new(
+            // Each piece of one-time evidence, recorded once: the second mint showing it is
+            // refused with its gate's code. An attestation is bound to a challenge: one mint
+            // per challenge, recorded apart from the proof of work, which may use the same
+            // challenge in the same mint.
+            let once = [
+                (
+                    &pow_used,
+                    Set::PowUsed,
                     ErrorCode::PowInvalid,
                     "the challenge was already used",
-                )));
-            }
-            // An attestation is bound to a challenge: one mint per challenge (recorded apart from
-            // the proof of work, which may use the same challenge in the same mint).
-            if let Some((id, until)) = &attestation_used
-                && !store
-                    .insert_once(Set::PowUsed, id, *until)
-                    .await
-                    .map_err(|e| ("insert_once", e))?
-            {
-                return Ok(Some(Error::new(
+                ),
+                (
+                    &attestation_used,
+                    Set::PowUsed,
                     ErrorCode::AttestationInvalid,
                     "the attestation's challenge was already used",
-                )));
-            }
-            if let Some((id, until)) = &captcha_used
-                && !store
-                    .insert_once(Set::PowUsed, id, *until)
-                    .await
-                    .map_err(|e| ("insert_once", e))?
-            {
-                return Ok(Some(Error::new(
+                ),
+                (
+                    &captcha_used,
+                    Set::PowUsed,
                     ErrorCode::CaptchaInvalid,
                     "the captcha token was already used",
-                )));
+                ),
+            ];
+            for (used, set, code, message) in once {
+                if let Some(refusal) = record_once(store.as_ref(), used, set, code, message).await?
+                {
+                    return Ok(Some(refusal));
+                }
             }
             // After the challenge: a replayed registration or assertion is refused by it first.
             if let Some(passed) = &app_attest
@@ -295,16 +290,17 @@ impl Sessions {
             {
                 return Ok(Some(refusal.into()));
             }
-            if let Some((id, until)) = &dpop_seen
-                && !store
-                    .insert_once(Set::DpopSeen, id, *until)
-                    .await
-                    .map_err(|e| ("insert_once", e))?
+            let proof = "the DPoP proof was already used (jti)";
+            if let Some(refusal) = record_once(
+                store.as_ref(),
+                &dpop_seen,
+                Set::DpopSeen,
+                ErrorCode::InvalidDpopProof,
+                proof,
+            )
+            .await?
             {
-                return Ok(Some(Error::new(
-                    ErrorCode::InvalidDpopProof,
-                    "the DPoP proof was already used (jti)",
-                )));
+                return Ok(Some(refusal));
             }
             Ok::<_, (&'static str, StoreError)>(None)
         }
@@ -340,6 +336,25 @@ impl Sessions {
         }
         signed
     }
+}
+
+/// Records `used` (an id, and until when) in `set`, once: the refusal `code` when it was there
+/// already; nothing to do when there is nothing to record.
+async fn record_once(
+    store: &dyn Store,
+    used: &Option<(String, u64)>,
+    set: Set,
+    code: ErrorCode,
+    message: &'static str,
+) -> Result<Option<Error>, (&'static str, StoreError)> {
+    let Some((id, until)) = used else {
+        return Ok(None);
+    };
+    let first = store
+        .insert_once(set, id, *until)
+        .await
+        .map_err(|e| ("insert_once", e))?;
+    Ok((!first).then(|| Error::new(code, message)))
 }
 
 /// A mint that passed its synchronous checks.
