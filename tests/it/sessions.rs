@@ -577,12 +577,17 @@ async fn wrong_nonce_is_refused() {
 
 #[tokio::test]
 async fn expired_challenge_is_refused() {
+    // A life of 3 s (counted in whole seconds: at least 2 s of it left when issued) and a
+    // difficulty solved at once, so the fresh challenge below is used well within its life even
+    // on a loaded machine.
     let proxy = Proxy::start_with(MockOptions::new(), |c| {
-        c.pow_challenge_ttl_secs(1).rate_limit_mint_per_ip(1000)
+        c.pow_challenge_ttl_secs(3)
+            .pow_difficulty(4)
+            .rate_limit_mint_per_ip(1000)
     })
     .await;
     let pow = proxy.solved_pow().await;
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(4100)).await;
     expect_400(
         post_session(&proxy, &mint_body(FP, human_entropy(), pow)).await,
         "pow_invalid",
