@@ -962,6 +962,56 @@ async fn an_admission_carries_the_settlements_waiting() {
     );
 }
 
+/// What the property tests that compare the two stores share: a `redis-server`, a
+/// current-thread runtime to run each case on, and a fresh pair of stores per case.
+struct BothStores {
+    redis: Redis,
+    rt: tokio::runtime::Runtime,
+    cases: std::sync::atomic::AtomicU64,
+}
+
+impl BothStores {
+    /// The stores, and a runner of 32 cases that keeps no failure files.
+    fn start() -> (Self, proptest::test_runner::TestRunner) {
+        let both = Self {
+            redis: Redis::start(),
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+            cases: std::sync::atomic::AtomicU64::new(0),
+        };
+        let runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+            cases: 32,
+            failure_persistence: None,
+            ..proptest::test_runner::Config::default()
+        });
+        (both, runner)
+    }
+
+    /// A memory store and a Redis store under a prefix of its own, connected.
+    ///
+    /// Connected first: while the connection is made, the settlement task may take a queued
+    /// settlement and send it after an admission that was queued later. That is allowed (a
+    /// settlement is only ordered before what its caller awaited), but not what a step that
+    /// settles then admits checks. Connected, both go out in queue order.
+    async fn pair(&self) -> (Arc<dyn Store>, Arc<dyn Store>) {
+        let case = self
+            .cases
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let on_redis: Arc<dyn Store> = Arc::new(
+            RedisStore::new(
+                &self.redis.url(),
+                &format!("agree{case}"),
+                Duration::from_secs(2),
+            )
+            .unwrap(),
+        );
+        on_redis.ping().await.unwrap();
+        (Arc::new(MemoryStore::new()), on_redis)
+    }
+}
+
 /// One step of [`redis_buckets_agree_with_memory`], on buckets chosen by index from [`POOL`].
 #[derive(Clone, Debug)]
 enum BucketStep {
@@ -1043,12 +1093,7 @@ async fn bucket_step(store: &Arc<dyn Store>, step: &BucketStep) -> Option<(usize
 )]
 fn redis_buckets_agree_with_memory() {
     use proptest::prelude::*;
-    use proptest::test_runner::{Config as ProptestConfig, TestRunner};
-    let redis = Redis::start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (both, mut runner) = BothStores::start();
     let indexes = || proptest::collection::vec(0..POOL.len(), 1..=3);
     let step = prop_oneof![
         (indexes(), 0..2500u64).prop_map(|(b, n)| BucketStep::Reserve(b, n)),
@@ -1056,28 +1101,10 @@ fn redis_buckets_agree_with_memory() {
         ((indexes(), -800..800i64), (indexes(), 0..2500u64))
             .prop_map(|(s, a)| BucketStep::SettleThenAdmit(s, a)),
     ];
-    let mut runner = TestRunner::new(ProptestConfig {
-        cases: 32,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    });
-    let case = std::sync::atomic::AtomicU64::new(0);
     runner
         .run(&proptest::collection::vec(step, 1..12), |steps| {
-            let prefix = format!(
-                "agree{}",
-                case.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            );
-            rt.block_on(async {
-                let memory: Arc<dyn Store> = Arc::new(MemoryStore::new());
-                let on_redis: Arc<dyn Store> = Arc::new(
-                    RedisStore::new(&redis.url(), &prefix, Duration::from_secs(2)).unwrap(),
-                );
-                // Connected first. While the connection is made, the settlement task may take
-                // a queued settlement and send it after an admission that was queued later:
-                // allowed (a settlement is only ordered before what its caller awaited), but
-                // not what `SettleThenAdmit` checks. Connected, both go out in queue order.
-                on_redis.ping().await.unwrap();
+            both.rt.block_on(async {
+                let (memory, on_redis) = both.pair().await;
                 for (n, step) in steps.iter().enumerate() {
                     let expected = bucket_step(&memory, step).await;
                     let got = bucket_step(&on_redis, step).await;
@@ -1113,18 +1140,7 @@ fn redis_buckets_agree_with_memory() {
 fn redis_rate_limits_agree_with_memory() {
     use perishable::store::{CallAdmission, CallDecision};
     use proptest::prelude::*;
-    use proptest::test_runner::{Config as ProptestConfig, TestRunner};
-    let redis = Redis::start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut runner = TestRunner::new(ProptestConfig {
-        cases: 32,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    });
-    let case = std::sync::atomic::AtomicU64::new(0);
+    let (both, mut runner) = BothStores::start();
     // (points, block?, checks: (client, through an admission?))
     let strategy = (
         1..5u32,
@@ -1133,11 +1149,7 @@ fn redis_rate_limits_agree_with_memory() {
     );
     runner
         .run(&strategy, |(points, blocking, checks)| {
-            let prefix = format!(
-                "gcra{}",
-                case.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            );
-            rt.block_on(async {
+            both.rt.block_on(async {
                 let policy = RatePolicy {
                     name: "generated",
                     points,
@@ -1148,10 +1160,7 @@ fn redis_rate_limits_agree_with_memory() {
                         Duration::ZERO
                     },
                 };
-                let memory: Arc<dyn Store> = Arc::new(MemoryStore::new());
-                let on_redis: Arc<dyn Store> = Arc::new(
-                    RedisStore::new(&redis.url(), &prefix, Duration::from_secs(2)).unwrap(),
-                );
+                let (memory, on_redis) = both.pair().await;
                 let limiters = [
                     memory.rate_limiter(policy.clone()),
                     on_redis.rate_limiter(policy),

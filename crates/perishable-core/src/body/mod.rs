@@ -115,6 +115,19 @@ impl http_body::Body for Body {
     }
 }
 
+/// Refuses a request whose body is encoded (`415 unsupported_media_type`; `what` names the
+/// body): Perishable reads bodies as they arrive, and never forwards `Content-Encoding`, so an
+/// encoded body would be read, or taken upstream, as something it is not.
+pub(crate) fn refuse_encoded(headers: &http::HeaderMap, what: &str) -> Result<(), Error> {
+    if headers.contains_key(http::header::CONTENT_ENCODING) {
+        return Err(Error::new(
+            ErrorCode::UnsupportedMediaType,
+            format!("{what} must not have a Content-Encoding: send it uncompressed"),
+        ));
+    }
+    Ok(())
+}
+
 /// Reads a request body of at most `limit` bytes within `deadline` (`server.body_timeout_ms`):
 /// `413 body_too_large` past the limit, `408 body_timeout` past the deadline (`what` names the
 /// body in the messages), `400 invalid_json` when it cannot be read. A body in one frame (the

@@ -6,12 +6,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE, HeaderValue};
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use http::{Request, Response, StatusCode};
 
 use super::Sessions;
 use crate::body::{Body, BoxError};
-use crate::error::{Error, ErrorCode};
+use crate::error::Error;
 use crate::route::Route;
 use crate::token::VerifiedSession;
 
@@ -121,14 +121,7 @@ where
             Ok(response)
         }
         Some(Route::Mint) => {
-            // The mint body is read as it arrives: one that says it is encoded would be read
-            // differently than it was meant.
-            if req.headers().contains_key(CONTENT_ENCODING) {
-                return Err(Error::new(
-                    ErrorCode::UnsupportedMediaType,
-                    "the session request must not have a Content-Encoding: send it uncompressed",
-                ));
-            }
+            crate::body::refuse_encoded(req.headers(), "the session request")?;
             let (parts, body) = req.into_parts();
             let head = Request::from_parts(parts, ());
             let body = crate::body::read_limited(

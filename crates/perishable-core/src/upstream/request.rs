@@ -192,12 +192,7 @@ impl RequestPolicy {
         method: &http::Method,
         headers: &HeaderMap,
     ) -> Result<(), Error> {
-        if headers.contains_key(header::CONTENT_ENCODING) {
-            return Err(Error::new(
-                ErrorCode::UnsupportedMediaType,
-                "a metered call's body must not have a Content-Encoding",
-            ));
-        }
+        crate::body::refuse_encoded(headers, "a metered call's body")?;
         if reads_only(method, headers) || is_json(headers) {
             Ok(())
         } else {

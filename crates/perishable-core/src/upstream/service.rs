@@ -292,19 +292,14 @@ impl Inner {
                 format!("the request body is over {} bytes", this.max_body_bytes),
             ));
         }
-        // An encoded body cannot be forwarded as it is: `Content-Encoding` is never sent upstream
-        // (nor can it be listed in `upstream.forward_headers`), so the upstream would read the
-        // compressed bytes as the body itself. Refused, metered or not.
-        if req.headers().contains_key(header::CONTENT_ENCODING) {
-            return Err(Error::new(
-                ErrorCode::UnsupportedMediaType,
-                "a request body must not have a Content-Encoding: send it uncompressed",
-            ));
-        }
         // A WebRTC client secret is always read: its life is capped to the session's.
         let metered = this.metered || Endpoint::of(path) == Endpoint::ClientSecrets;
         if metered {
             this.policy.check_head(req.method(), req.headers())?;
+        } else {
+            // `Content-Encoding` is never sent upstream (nor can it be listed in
+            // `upstream.forward_headers`): the upstream would take the encoded bytes for the body.
+            crate::body::refuse_encoded(req.headers(), "a request body")?;
         }
         let uri = this.upstream_uri(path, req.uri().query())?;
         let ip = if metered {

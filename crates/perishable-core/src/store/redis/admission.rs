@@ -28,7 +28,7 @@ pub(super) struct CallKeys {
     amount: u64,
     /// The DPoP replay key and its expiry (Unix ms).
     replay: Option<(String, u64)>,
-    /// The limiter's TAT and block keys, and its parameters.
+    /// The limiter's key (arrival time and block), and its parameters.
     rate: Option<(String, Gcra)>,
     /// The stream counter, its max and expiry (Unix s).
     stream: Option<(String, u32, u64)>,
@@ -104,7 +104,6 @@ impl CallKeys {
             part_of(&mut parts, key).replay = true;
         }
         if let Some((tat, _)) = &self.rate {
-            // The TAT and block keys share their tag (the client key): one slot.
             part_of(&mut parts, tat).rate = true;
         }
         if let Some((key, _, _)) = &self.stream {
