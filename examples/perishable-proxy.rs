@@ -6,9 +6,10 @@
 //!
 //! Configuration: defaults < the config file (`--config FILE`, or `./perishable.toml` when present)
 //! < environment (`OPENAI_API_KEY`, `OPENAI_BASE_URL`, `PORT`, `PERISHABLE_JWT_SECRET`,
-//! `PERISHABLE_STORE_URL`) < flags. With neither an API key nor a base URL anywhere it starts the
-//! built-in mock upstream on loopback and proxies to it, so the demo works offline. A base URL
-//! without a key is a keyless upstream (a local Ollama or vLLM).
+//! `PERISHABLE_STORE_URL`, `PERISHABLE_CAPTCHA_SECRET`) < flags. With neither an API key nor a
+//! base URL anywhere (a file that names OpenAI's URL has named one) it starts the built-in mock
+//! upstream on loopback and proxies to it, so the demo works offline. A base URL without a key
+//! is a keyless upstream (a local Ollama or vLLM).
 //!
 //! `GET /` serves a demo page: a chat box that streams through the proxy with the browser client
 //! (`/client.js`), and a Realtime tab (text mode) that talks over a WebSocket to
@@ -48,7 +49,7 @@ OPTIONS:
 
 ENVIRONMENT:
     OPENAI_API_KEY, OPENAI_BASE_URL, PORT, PERISHABLE_JWT_SECRET, PERISHABLE_STORE_URL,
-    PERISHABLE_METRICS_ADDR
+    PERISHABLE_CAPTCHA_SECRET, PERISHABLE_METRICS_ADDR
     With neither an API key nor a base URL, a built-in mock upstream is served so the demo works
     offline, with the Realtime route on unless the config file sets realtime.enabled; a base URL
     without a key is a keyless upstream (a local Ollama or vLLM).";
@@ -120,41 +121,58 @@ async fn demo_page() -> axum::response::Html<&'static str> {
     axum::response::Html(include_str!("demo/index.html"))
 }
 
-/// The configuration, and whether its file sets `realtime.enabled` (either way).
-fn load(args: &Args) -> Result<(ConfigBuilder, bool), String> {
+/// The configuration, and what its file sets itself (whatever the value: a file that names
+/// OpenAI's URL has named a base URL).
+struct Loaded {
+    builder: ConfigBuilder,
+    /// The file has `realtime.enabled`.
+    sets_realtime: bool,
+    /// The file has `upstream.base_url`.
+    sets_base_url: bool,
+}
+
+fn load(args: &Args) -> Result<Loaded, String> {
     let default_file = PathBuf::from("perishable.toml");
     let file = match &args.config {
         Some(path) => Some(path.clone()),
         None if default_file.exists() => Some(default_file),
         None => None,
     };
-    let (mut builder, realtime_set) = match &file {
+    let mut loaded = match &file {
         Some(path) => {
             tracing::info!(file = %path.display(), "reading the configuration");
             let builder = ConfigBuilder::from_file(path).map_err(|e| e.to_string())?;
-            (builder, sets_realtime_enabled(path))
+            Loaded {
+                builder,
+                sets_realtime: file_sets(path, "realtime", "enabled"),
+                sets_base_url: file_sets(path, "upstream", "base_url"),
+            }
         }
-        None => (Config::builder(), false),
+        None => Loaded {
+            builder: Config::builder(),
+            sets_realtime: false,
+            sets_base_url: false,
+        },
     };
-    builder = builder.apply_env(|k| std::env::var(k).ok());
+    loaded.builder = loaded.builder.apply_env(|k| std::env::var(k).ok());
     if let Some(url) = &args.upstream {
-        builder = builder.upstream_base_url(url.clone());
+        loaded.builder = loaded.builder.upstream_base_url(url.clone());
     }
-    Ok((builder, realtime_set))
+    Ok(loaded)
 }
 
-/// Whether the config file at `path` (JSON when its name ends in `.json`, TOML otherwise, as
-/// `ConfigBuilder::from_file` reads it) has a `realtime.enabled` key.
-fn sets_realtime_enabled(path: &Path) -> bool {
+/// Whether the config file at `path` has `section.key`. It is read as `ConfigBuilder::from_file`
+/// reads it: JSON when its name ends in `.json` or its text starts with `{`, TOML otherwise.
+fn file_sets(path: &Path, section: &str, key: &str) -> bool {
     let Ok(text) = std::fs::read_to_string(path) else {
         return false;
     };
-    if path.extension().is_some_and(|e| e == "json") {
+    if path.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with('{') {
         serde_json::from_str::<serde_json::Value>(&text)
-            .is_ok_and(|v| v.get("realtime").and_then(|r| r.get("enabled")).is_some())
+            .is_ok_and(|v| v.get(section).and_then(|r| r.get(key)).is_some())
     } else {
         toml::from_str::<toml::Table>(&text)
-            .is_ok_and(|t| t.get("realtime").and_then(|r| r.get("enabled")).is_some())
+            .is_ok_and(|t| t.get(section).and_then(|r| r.get(key)).is_some())
     }
 }
 
@@ -180,7 +198,11 @@ async fn main() -> ExitCode {
 
 async fn run() -> Result<(), String> {
     let args = parse_args()?;
-    let (mut builder, realtime_set) = load(&args)?;
+    let Loaded {
+        mut builder,
+        sets_realtime,
+        sets_base_url,
+    } = load(&args)?;
 
     let metrics = match args.metrics {
         Some(addr) => Some(addr),
@@ -204,7 +226,7 @@ async fn run() -> Result<(), String> {
     // upstream (a local Ollama or vLLM), forwarded to without Authorization.
     let base_url_given = args.upstream.is_some()
         || std::env::var("OPENAI_BASE_URL").is_ok_and(|v| !v.is_empty())
-        || builder.has_upstream_base_url();
+        || sets_base_url;
     if !builder.has_upstream_api_key() && !base_url_given {
         let key = format!("sk-mock-{}", std::process::id());
         let mock = MockUpstream::start(MockOptions::new().api_key(key.clone()).record(false))
@@ -218,7 +240,7 @@ async fn run() -> Result<(), String> {
             .upstream_base_url(mock.base_url())
             .upstream_api_key(key);
         // The mock speaks Realtime, so the demo's Realtime tab works offline too.
-        if !realtime_set {
+        if !sets_realtime {
             tracing::info!(
                 "the built-in mock speaks Realtime: GET /openai/realtime is on (set realtime.enabled in the config file to choose)"
             );

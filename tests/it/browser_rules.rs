@@ -293,6 +293,12 @@ async fn wildcard_allows_any_origin() {
             allow_origin == "*" || allow_origin == origin,
             "{allow_origin}"
         );
+        // Every origin gets the same answer, but the preflight still says it varies with the
+        // origin, as every other one does (docs/protocol.md, Browser rules).
+        assert!(
+            header_list(headers, "vary").contains(&"origin".to_owned()),
+            "{headers:?}"
+        );
         // "*" means no credentials.
         assert!(
             headers

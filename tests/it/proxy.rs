@@ -289,6 +289,102 @@ async fn disallowed_paths_never_reach_the_upstream() {
     assert_eq!(proxy.mock.requests().len(), 1);
 }
 
+/// The default list names a method for each path: the same path with an admin-grade method
+/// (deleting a fine-tuned model, listing the organization's stored completions) is refused, and
+/// an entry without a method lets every method through.
+#[tokio::test]
+async fn default_paths_pass_only_with_their_method() {
+    let (proxy, token) = proxy_with(MockOptions::new(), |c| c).await;
+    for (method, path) in [
+        (Method::DELETE, "models/ft:gpt-4o-mini:org:custom"),
+        (Method::POST, "models/gpt-4o-mini"),
+        (Method::DELETE, "models"),
+        (Method::GET, "chat/completions"),
+        (Method::DELETE, "chat/completions"),
+        (Method::GET, "responses"),
+        (Method::PUT, "embeddings"),
+    ] {
+        let response = proxy
+            .openai(method.clone(), path, &token, FP)
+            .send()
+            .await
+            .unwrap();
+        expect_error(response, 403, "path_not_allowed", "permission_error").await;
+    }
+    assert!(proxy.mock.requests().is_empty());
+    let response = proxy
+        .openai(Method::POST, "chat/completions", &token, FP)
+        .json(&json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let response = proxy
+        .openai(Method::GET, "models/gpt-4o-mini", &token, FP)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(proxy.mock.requests().len(), 2);
+
+    // Listed without a method: every method passes.
+    let (proxy, token) = proxy_with(MockOptions::new(), |c| {
+        c.upstream_allowed_paths(["models/*"])
+    })
+    .await;
+    let response = proxy
+        .openai(
+            Method::DELETE,
+            "models/ft:gpt-4o-mini:org:custom",
+            &token,
+            FP,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(response.status(), 403);
+    let seen = proxy.mock.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].method, Method::DELETE);
+}
+
+/// A metered call declares its body type once: with two `Content-Type` headers the upstream
+/// might read the body by the one the proxy did not check.
+#[tokio::test]
+async fn a_metered_call_with_two_content_types_is_refused() {
+    let (proxy, token) =
+        proxy_with(MockOptions::new(), |c| c.budget_tokens_per_window(100_000)).await;
+    let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+    for (first, second) in [
+        ("application/json", "text/plain"),
+        ("text/plain", "application/json"),
+        ("application/json", "application/json"),
+    ] {
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let request = format!(
+            "POST /openai/chat/completions HTTP/1.1\r\nHost: {}\r\nUser-Agent: {UA}\r\n\
+             Authorization: Bearer {token}\r\nX-Perishable-Fingerprint: {FP}\r\n\
+             Content-Type: {first}\r\nContent-Type: {second}\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            proxy.addr,
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
+            .await
+            .expect("no answer")
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf);
+        assert!(
+            text.starts_with("HTTP/1.1 415 "),
+            "{first}, {second}: {text}"
+        );
+        assert!(text.contains("unsupported_media_type"), "{text}");
+    }
+    assert!(proxy.mock.requests().is_empty());
+}
+
 #[tokio::test]
 async fn model_allow_list() {
     let (proxy, token) = proxy_with(MockOptions::new(), |c| {

@@ -91,6 +91,13 @@ pub fn cors_layer(perishable: &Perishable) -> CorsLayer {
                 .collect::<Vec<_>>(),
         )
         .expose_headers(CORS_EXPOSED_HEADERS.map(HeaderName::from_static))
+        // The same `Vary` on every answer, `"*"` included: tower-http leaves it out when the
+        // origin does not change the answer, and the protocol has every preflight name it.
+        .vary([
+            header::ORIGIN,
+            header::ACCESS_CONTROL_REQUEST_METHOD,
+            header::ACCESS_CONTROL_REQUEST_HEADERS,
+        ])
         .max_age(Duration::from_secs(600))
 }
 

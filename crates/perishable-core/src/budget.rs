@@ -216,6 +216,8 @@ impl Budget {
                         "this call can cost up to {reserve} tokens, more than the whole {} budget of {} tokens: lower max_tokens or n",
                         scopes[i], bucket.capacity
                     ),
+                    // Not asked: the store is not consulted for a call that can never fit.
+                    0,
                     bucket.window_secs,
                 )
             });
@@ -274,6 +276,7 @@ impl Budget {
                             "token budget exhausted ({}): {available} of {} tokens left, and this call can cost up to {reserve}",
                             scopes[i], short.capacity
                         ),
+                        available,
                         retry_after_secs,
                     ),
                     None => Error::new(ErrorCode::BudgetExhausted, "token budget exhausted"),
@@ -338,17 +341,20 @@ impl Budget {
 }
 
 /// `429 budget_exhausted` for the bucket of `scope`.
+/// `remaining` is what the bucket holds (`r` of the `RateLimit` header): not enough for this
+/// call, but maybe for a smaller one.
 fn exhausted(
     scope: &'static str,
     bucket: &Bucket,
     message: String,
+    remaining: u64,
     retry_after_secs: u64,
 ) -> Error {
     Error::new(ErrorCode::BudgetExhausted, message).with_rate_limit(RateLimitInfo {
         policy: scope,
         quota: u32::try_from(bucket.capacity).unwrap_or(u32::MAX),
         window_secs: bucket.window_secs,
-        remaining: 0,
+        remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
         retry_after: Duration::from_secs(retry_after_secs.max(1)),
     })
 }
@@ -406,6 +412,10 @@ mod tests {
         let first = b.admit(Some(&s), None, false, 60).await.unwrap();
         let refused = b.admit(Some(&s), None, false, 60).await.unwrap_err();
         assert_eq!(refused.code(), ErrorCode::BudgetExhausted);
+        // What is left is told, though too little for this call.
+        let response = refused.into_response::<bytes::Bytes>();
+        let header = response.headers()["ratelimit"].to_str().unwrap();
+        assert!(header.starts_with("\"tokens\";r=40;"), "{header}");
         // Settling to the real usage (10) gives back the rest.
         b.settle(first, usage(10), false);
         settled().await;

@@ -4,10 +4,20 @@
 //! (`models/*` matches `models/gpt-4o` but not `models` or `models/a/b`). A requested path with an
 //! empty, `.` or `..` segment, a backslash, or a percent-encoded `/`, `\` or `.` never matches,
 //! so no path can climb out of the allow-list once the upstream decodes or normalizes it.
+//!
+//! A pattern may start with a method and a space (`GET models/*`): then only that method passes
+//! (`GET` also lets `HEAD` through). Without one, any method does. The defaults name theirs: the
+//! same path can be an inference call with one method and an admin-grade one with another
+//! (`DELETE models/{id}` deletes a fine-tuned model, `GET chat/completions` lists the stored
+//! completions of the whole organization).
+
+use http::Method;
 
 /// One allowed path pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct PathPattern {
+    /// The one method that may pass, when the pattern names one.
+    method: Option<Method>,
     segments: Vec<Segment>,
     /// The whole pattern, when it has no `*`: a path equal to it matches.
     exact: Option<String>,
@@ -20,9 +30,23 @@ enum Segment {
 }
 
 impl PathPattern {
-    /// Parses a pattern such as `chat/completions` or `models/*`.
+    /// Parses a pattern such as `chat/completions`, `models/*` or `GET models/*`.
     pub(crate) fn parse(pattern: &str) -> Result<Self, String> {
-        let trimmed = pattern.trim_matches('/');
+        let (method, path) = match pattern.split_once(' ') {
+            Some((method, path)) => {
+                if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+                    return Err(format!(
+                        "{pattern:?}: a pattern is a path, or a method in capitals, one space \
+                         and a path (\"GET models/*\")"
+                    ));
+                }
+                let method = Method::from_bytes(method.as_bytes())
+                    .map_err(|_| format!("{pattern:?} has an invalid method"))?;
+                (Some(method), path)
+            }
+            None => (None, pattern),
+        };
+        let trimmed = path.trim_matches('/');
         if trimmed.is_empty() {
             return Err(format!("{pattern:?} is empty"));
         }
@@ -30,12 +54,26 @@ impl PathPattern {
             .split('/')
             .map(|s| match s {
                 "*" => Ok(Segment::Any),
-                s if is_safe_segment(s) => Ok(Segment::Exact(s.to_owned())),
+                s if is_safe_segment(s) && !s.contains(char::is_whitespace) => {
+                    Ok(Segment::Exact(s.to_owned()))
+                }
                 _ => Err(format!("{pattern:?} has an invalid segment {s:?}")),
             })
             .collect::<Result<Vec<_>, _>>()?;
         let exact = (!segments.contains(&Segment::Any)).then(|| trimmed.to_owned());
-        Ok(Self { segments, exact })
+        Ok(Self {
+            method,
+            segments,
+            exact,
+        })
+    }
+
+    /// Whether a request with `method` may use this pattern (`GET` lets `HEAD` through).
+    fn allows_method(&self, method: &Method) -> bool {
+        match &self.method {
+            None => true,
+            Some(m) => m == method || (*m == Method::GET && *method == Method::HEAD),
+        }
     }
 
     /// Whether `path` (without leading slash) matches.
@@ -86,16 +124,15 @@ impl AllowList {
         })
     }
 
-    /// Whether `path` (without leading slash) may pass.
-    pub(crate) fn allows(&self, path: &str) -> bool {
+    /// Whether `path` (without leading slash) may pass with `method`.
+    pub(crate) fn allows(&self, method: &Method, path: &str) -> bool {
+        let mut patterns = self.patterns.iter().filter(|p| p.allows_method(method));
         // A path equal to a pattern without `*` passes: its segments were checked as the
         // pattern's. Only the others are split.
-        self.patterns
-            .iter()
-            .any(|p| p.exact.as_deref() == Some(path))
+        patterns.clone().any(|p| p.exact.as_deref() == Some(path))
             || (!path.is_empty()
                 && path.split('/').all(is_safe_segment)
-                && self.patterns.iter().any(|p| p.matches(path)))
+                && patterns.any(|p| p.matches(path)))
     }
 }
 
@@ -114,14 +151,29 @@ mod tests {
     #[test]
     fn defaults() {
         let l = list();
-        for ok in [
-            "chat/completions",
-            "embeddings",
-            "models",
-            "models/gpt-4o",
-            "responses",
+        for (method, ok) in [
+            (Method::POST, "chat/completions"),
+            (Method::POST, "completions"),
+            (Method::POST, "embeddings"),
+            (Method::GET, "models"),
+            (Method::HEAD, "models"),
+            (Method::GET, "models/gpt-4o"),
+            (Method::POST, "responses"),
+            (Method::POST, "moderations"),
         ] {
-            assert!(l.allows(ok), "{ok}");
+            assert!(l.allows(&method, ok), "{method} {ok}");
+        }
+        // The same paths with the methods that make them admin-grade.
+        for (method, no) in [
+            (Method::DELETE, "models/ft:gpt-4o:org:x"),
+            (Method::POST, "models/gpt-4o"),
+            (Method::PUT, "models"),
+            (Method::GET, "chat/completions"),
+            (Method::DELETE, "chat/completions"),
+            (Method::GET, "responses"),
+            (Method::HEAD, "embeddings"),
+        ] {
+            assert!(!l.allows(&method, no), "{method} {no}");
         }
         for no in [
             "files",
@@ -137,8 +189,21 @@ mod tests {
             "chat/completions/../../files",
             "",
         ] {
-            assert!(!l.allows(no), "{no}");
+            for method in [Method::GET, Method::POST] {
+                assert!(!l.allows(&method, no), "{method} {no}");
+            }
         }
+    }
+
+    #[test]
+    fn a_pattern_without_a_method_lets_any_through() {
+        let l = AllowList::new(&["files".to_owned(), "DELETE files/*".to_owned()]).unwrap();
+        for method in [Method::GET, Method::POST, Method::DELETE, Method::PATCH] {
+            assert!(l.allows(&method, "files"), "{method}");
+        }
+        assert!(l.allows(&Method::DELETE, "files/f1"));
+        assert!(!l.allows(&Method::GET, "files/f1"));
+        assert!(!l.allows(&Method::HEAD, "files/f1"));
     }
 
     #[test]
@@ -146,5 +211,14 @@ mod tests {
         assert!(PathPattern::parse("").is_err());
         assert!(PathPattern::parse("a/../b").is_err());
         assert!(PathPattern::parse("a//b").is_err());
+        assert!(PathPattern::parse("get models").is_err());
+        assert!(PathPattern::parse(" models").is_err());
+        assert!(PathPattern::parse("GET ").is_err());
+        assert!(PathPattern::parse("GET  models").is_err());
+        assert!(PathPattern::parse("GET models extra").is_err());
+        assert_eq!(
+            PathPattern::parse("GET models/*").unwrap().method,
+            Some(Method::GET)
+        );
     }
 }

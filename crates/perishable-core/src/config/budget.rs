@@ -87,6 +87,12 @@ impl BudgetConfig {
                 "must be above 0",
             ));
         }
+        if self.default_reserve_tokens == 0 {
+            return Err(ConfigError::invalid(
+                "budget.default_reserve_tokens",
+                "must be above 0: a call that names no ceiling would reserve only its prompt",
+            ));
+        }
         for (name, tier) in &self.tiers {
             if tier.points == Some(0) {
                 return Err(ConfigError::Invalid {

@@ -418,8 +418,8 @@ impl ConfigBuilder {
             .is_some_and(|k| !k.0.is_empty())
     }
 
-    /// Whether `upstream.base_url` was set to something other than the default (OpenAI's). The
-    /// example proxy serves its mock only when neither this nor a key is set.
+    /// Whether `upstream.base_url` is something other than the default (OpenAI's). Setting it
+    /// to OpenAI's URL is not told apart from leaving it out.
     pub fn has_upstream_base_url(&self) -> bool {
         self.upstream.base_url != UpstreamConfig::default().base_url
     }
@@ -483,24 +483,52 @@ impl ConfigBuilder {
 
 impl ConfigBuilder {
     /// Parses the protocol file shape in TOML, without validating it yet.
+    ///
+    /// An error names the line and column and the dotted key, never the text of the file: the
+    /// line at fault may hold a secret.
     #[cfg(feature = "toml")]
     pub fn from_toml_str(toml: &str) -> Result<Self, ConfigError> {
-        toml::from_str(toml).map_err(|e| ConfigError::Parse(e.to_string()))
+        let at = |e: &toml::de::Error| e.span().map(|span| line_column(toml, span.start));
+        let document = toml::Deserializer::parse(toml).map_err(|mut e| {
+            let at = at(&e);
+            e.set_input(None);
+            parse_error(at, None, &e.to_string())
+        })?;
+        serde_path_to_error::deserialize(document).map_err(|e| {
+            let key = e.path().to_string();
+            let mut e = e.into_inner();
+            let at = at(&e);
+            e.set_input(None);
+            parse_error(at, Some(key), e.message())
+        })
     }
 
-    /// Parses the protocol file shape in JSON, without validating it yet.
+    /// Parses the protocol file shape in JSON, without validating it yet. An error names the
+    /// line and column and the dotted key, never a string of the file.
     pub fn from_json_str(json: &str) -> Result<Self, ConfigError> {
-        serde_json::from_str(json).map_err(|e| ConfigError::Parse(e.to_string()))
+        let mut document = serde_json::Deserializer::from_str(json);
+        serde_path_to_error::deserialize(&mut document).map_err(|e| {
+            let key = e.path().to_string();
+            let e = e.into_inner();
+            let at = (e.line() > 0).then(|| (e.line(), e.column()));
+            let message = e.to_string();
+            // serde_json appends the position, which is given first instead.
+            let message = message
+                .rsplit_once(" at line ")
+                .map_or(message.as_str(), |(message, _)| message);
+            parse_error(at, (!e.is_syntax()).then_some(key), message)
+        })
     }
 
-    /// Reads a configuration file: JSON when its name ends in `.json`, TOML otherwise.
+    /// Reads a configuration file: JSON when its name ends in `.json` or its text starts with
+    /// `{` (which no TOML document can), TOML otherwise.
     pub fn from_file(path: impl AsRef<std::path::Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
             path: path.display().to_string(),
             source,
         })?;
-        if path.extension().is_some_and(|e| e == "json") {
+        if path.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with('{') {
             return Self::from_json_str(&text);
         }
         #[cfg(feature = "toml")]
@@ -514,4 +542,65 @@ impl ConfigBuilder {
             ))
         }
     }
+}
+
+/// The 1-based line and column of byte `offset` of `text`.
+#[cfg(feature = "toml")]
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text.as_bytes()[..offset.min(text.len())];
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let column = String::from_utf8_lossy(&before[line_start..])
+        .chars()
+        .count()
+        + 1;
+    (line, column)
+}
+
+/// A parse error: where, which key (`.` is the document itself), and what, with every string
+/// value taken out of the message (serde quotes the value it did not expect, and that value can
+/// be a secret on the wrong line).
+fn parse_error(at: Option<(usize, usize)>, key: Option<String>, message: &str) -> ConfigError {
+    let mut out = String::new();
+    if let Some((line, column)) = at {
+        out.push_str(&format!("line {line}, column {column}: "));
+    }
+    if let Some(key) = key.filter(|key| key != ".") {
+        out.push_str(&format!("{key}: "));
+    }
+    out.push_str(redact_strings(message.trim()).trim_end_matches('\n'));
+    ConfigError::Parse(out)
+}
+
+/// `message` with each `string "..."` (serde's description of an unexpected string) replaced by
+/// `a string`.
+fn redact_strings(message: &str) -> String {
+    const QUOTED: &str = "string \"";
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(start) = rest.find(QUOTED) {
+        out.push_str(&rest[..start]);
+        out.push_str("a string");
+        let quoted = &rest[start + QUOTED.len()..];
+        // The closing quote: the first one no backslash escapes.
+        let mut escaped = false;
+        let end = quoted.char_indices().find_map(|(i, c)| match c {
+            _ if escaped => {
+                escaped = false;
+                None
+            }
+            '\\' => {
+                escaped = true;
+                None
+            }
+            '"' => Some(i + 1),
+            _ => None,
+        });
+        rest = &quoted[end.unwrap_or(quoted.len())..];
+    }
+    out.push_str(rest);
+    out
 }

@@ -16,6 +16,12 @@ pub struct CorsConfig {
 impl CorsConfig {
     /// Checks every key of the section.
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.allowed_origins.len() > 1 && self.allowed_origins.iter().any(|o| o == "*") {
+            return Err(ConfigError::invalid(
+                "cors.allowed_origins",
+                "\"*\" allows every origin: list it alone, or list exact origins",
+            ));
+        }
         for origin in &self.allowed_origins {
             if origin != "*" && !is_origin(origin) {
                 return Err(ConfigError::invalid(
@@ -47,9 +53,15 @@ mod tests {
             allowed_origins: list.iter().map(|s| (*s).to_owned()).collect(),
         };
         assert!(
-            origins(&["https://app.example.com", "http://localhost:5173", "*"])
+            origins(&["https://app.example.com", "http://localhost:5173"])
                 .validate()
                 .is_ok()
+        );
+        assert!(origins(&["*"]).validate().is_ok());
+        assert!(
+            origins(&["*", "https://app.example.com"])
+                .validate()
+                .is_err()
         );
         for bad in [
             "https://app.example.com/path",

@@ -55,7 +55,7 @@ pub struct CaptchaConfig {
 }
 
 /// `[mint.oidc]` (the `oidc` gate).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct OidcConfig {
@@ -65,10 +65,22 @@ pub struct OidcConfig {
     pub jwks_url: String,
     /// The audience (`aud`).
     pub audience: String,
-    /// Accepted algorithms.
+    /// Accepted algorithms (default `RS256`, `ES256`, `EdDSA`); an empty list is refused.
     pub algorithms: Vec<String>,
     /// The claim that names the user's tier.
     pub tier_claim: String,
+}
+
+impl Default for OidcConfig {
+    fn default() -> Self {
+        Self {
+            issuer: String::new(),
+            jwks_url: String::new(),
+            audience: String::new(),
+            algorithms: ["RS256", "ES256", "EdDSA"].map(str::to_owned).to_vec(),
+            tier_claim: String::new(),
+        }
+    }
 }
 
 /// `[mint.app_attest]` (the `app_attest` gate: Apple App Attest, `docs/gates.md`).

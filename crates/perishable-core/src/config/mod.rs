@@ -329,6 +329,22 @@ mod tests {
             "cors.allowed_origins"
         );
         assert_eq!(
+            invalid_key(base().cors_allowed_origins(["*", "https://a.example"])),
+            "cors.allowed_origins"
+        );
+        assert_eq!(
+            invalid_key(base().upstream_base_url("https://user:pw@api.example.com/v1")),
+            "upstream.base_url"
+        );
+        assert_eq!(
+            invalid_key(base().upstream_allowed_paths(["get models"])),
+            "upstream.allowed_paths"
+        );
+        assert_eq!(
+            invalid_key(base().budget_default_reserve_tokens(0)),
+            "budget.default_reserve_tokens"
+        );
+        assert_eq!(
             invalid_key(base().session_ttl_secs(100).session_max_lifetime_secs(50)),
             "session.max_lifetime_secs"
         );
@@ -407,6 +423,108 @@ on_unavailable = "closed"
             ConfigBuilder::from_toml_str(typo),
             Err(ConfigError::Parse(_))
         ));
+    }
+
+    /// A file that does not parse gets an error that says where and which key, and never shows
+    /// the text of the file: the line at fault may hold a secret.
+    #[test]
+    fn parse_errors_never_show_the_file() {
+        const S: &str = "sk-proj-NEVER-SHOWN";
+        let parse = |text: &str, toml: bool| {
+            let result = if toml {
+                ConfigBuilder::from_toml_str(text)
+            } else {
+                ConfigBuilder::from_json_str(text)
+            };
+            match result {
+                Err(ConfigError::Parse(message)) => message,
+                other => panic!("{text}: {other:?}"),
+            }
+        };
+        for (text, toml, wants) in [
+            // A key misspelled on the line of a secret.
+            (
+                format!("[upstream]\napikey = \"{S}\"\n"),
+                true,
+                &["line 2, column 1", "upstream", "unknown field `apikey`"][..],
+            ),
+            (
+                format!("[session]\njwt-secret = \"{S}\"\n"),
+                true,
+                &["line 2"][..],
+            ),
+            // The wrong type.
+            (
+                format!("[upstream]\napi_key = [\"{S}\"]\n"),
+                true,
+                &["upstream.api_key", "invalid type"][..],
+            ),
+            (
+                format!("[session]\nttl_secs = \"{S}\"\n"),
+                true,
+                &["session.ttl_secs", "invalid type: a string"][..],
+            ),
+            // Not TOML at all.
+            (
+                format!("[upstream]\napi_key = \"{S}\" x\n"),
+                true,
+                &["line 2"][..],
+            ),
+            (
+                format!("{{\"session\": {{\"ttl_secs\": \"{S}\\\" \"}}}}"),
+                false,
+                &["session.ttl_secs", "invalid type: a string", "line 1"][..],
+            ),
+            (
+                format!("{{\"upstream\": {{\"apikey\": \"{S}\"}}}}"),
+                false,
+                &["upstream", "unknown field `apikey`"][..],
+            ),
+            (
+                format!("{{\"upstream\": {{\"api_key\": \"{S}\" x"),
+                false,
+                &["line 1"][..],
+            ),
+        ] {
+            let message = parse(&text, toml);
+            assert!(!message.contains("NEVER"), "{text}: {message}");
+            for want in wants {
+                assert!(message.contains(want), "{text}: {message} (wants {want:?})");
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever string a value holds, a type error never shows it.
+        #[test]
+        fn a_string_of_the_wrong_type_is_never_shown(value in "\\PC{8,40}") {
+            let toml = format!("[session]\nttl_secs = {}\n", toml_string(&value));
+            let json = format!("{{\"session\":{{\"ttl_secs\":{}}}}}", serde_json::Value::from(value.clone()));
+            for result in [ConfigBuilder::from_toml_str(&toml), ConfigBuilder::from_json_str(&json)] {
+                let Err(ConfigError::Parse(message)) = result else {
+                    panic!("{value:?} parsed as a number");
+                };
+                proptest::prop_assert!(!message.contains(&value), "{}", message);
+                proptest::prop_assert!(message.contains("session.ttl_secs"), "{}", message);
+            }
+        }
+    }
+
+    /// `value` as a TOML basic string.
+    fn toml_string(value: &str) -> String {
+        let mut out = String::from("\"");
+        for c in value.chars() {
+            match c {
+                '"' | '\\' => {
+                    out.push('\\');
+                    out.push(c);
+                }
+                c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+        out
     }
 
     #[test]

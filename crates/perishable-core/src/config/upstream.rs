@@ -15,7 +15,8 @@ pub struct UpstreamConfig {
     /// OpenAI itself; without one, calls go to a keyless upstream (a local Ollama or vLLM)
     /// without `Authorization`.
     pub api_key: Option<Secret>,
-    /// Paths under `/openai/` that may pass. `*` matches exactly one path segment.
+    /// Paths under `/openai/` that may pass. `*` matches exactly one path segment; a pattern
+    /// may start with the one method it lets through (`"GET models/*"`).
     pub allowed_paths: Vec<String>,
     /// Models a request body may name; empty means any.
     pub allowed_models: Vec<String>,
@@ -35,15 +36,17 @@ pub struct UpstreamConfig {
     pub headers: std::collections::BTreeMap<String, String>,
 }
 
-/// The default `upstream.allowed_paths`: inference endpoints only, no admin-grade ones.
+/// The default `upstream.allowed_paths`: inference endpoints only, no admin-grade ones, each
+/// with its method (`DELETE models/{id}` deletes a fine-tuned model; `GET chat/completions`
+/// lists the organization's stored completions).
 pub const DEFAULT_ALLOWED_PATHS: [&str; 7] = [
-    "chat/completions",
-    "completions",
-    "embeddings",
-    "models",
-    "models/*",
-    "responses",
-    "moderations",
+    "POST chat/completions",
+    "POST completions",
+    "POST embeddings",
+    "GET models",
+    "GET models/*",
+    "POST responses",
+    "POST moderations",
 ];
 
 impl Default for UpstreamConfig {
@@ -69,11 +72,16 @@ impl UpstreamConfig {
     pub(super) fn validate(&self) -> Result<String, ConfigError> {
         let u = self;
         let parsed = url::Url::parse(u.base_url.trim_end_matches('/')).map_err(|e| {
+            // The value is shown, unless it may hold a password.
+            let shown = if u.base_url.contains('@') {
+                "the value".to_owned()
+            } else {
+                format!("{:?}", u.base_url)
+            };
             ConfigError::invalid(
                 "upstream.base_url",
                 format!(
-                    "{:?} is not an absolute http or https URL ({e}), e.g. https://api.openai.com/v1",
-                    u.base_url
+                    "{shown} is not an absolute http or https URL ({e}), e.g. https://api.openai.com/v1"
                 ),
             )
         })?;
@@ -90,6 +98,14 @@ impl UpstreamConfig {
             return Err(ConfigError::invalid(
                 "upstream.base_url",
                 "must not have a query or fragment",
+            ));
+        }
+        // Nothing would send them (the key goes in `upstream.api_key`), and the URL is logged.
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            return Err(ConfigError::invalid(
+                "upstream.base_url",
+                "must not hold a user name or password: put the key in upstream.api_key, or \
+                 other credentials in upstream.headers",
             ));
         }
         // A keyless upstream (a local Ollama or vLLM) is forwarded to without `Authorization`;

@@ -226,11 +226,11 @@ impl CaptchaVerifier {
     pub(crate) fn new(settings: CaptchaSettings) -> Result<Self, ConfigError> {
         if settings.secret.expose().is_empty() {
             return Err(ConfigError::Missing {
-                key: "captcha.secret",
+                key: "mint.captcha.secret",
             });
         }
         let url = endpoint(
-            "captcha.verify_url",
+            "mint.captcha.verify_url",
             settings
                 .verify_url
                 .as_deref()
@@ -238,13 +238,13 @@ impl CaptchaVerifier {
         )?;
         if !(0.0..=1.0).contains(&settings.min_score) {
             return Err(ConfigError::Invalid {
-                key: "captcha.min_score",
+                key: "mint.captcha.min_score",
                 reason: "must be between 0 and 1".into(),
             });
         }
         if settings.timeout.is_zero() {
             return Err(ConfigError::Invalid {
-                key: "captcha.timeout",
+                key: "mint.captcha.timeout",
                 reason: "must be positive".into(),
             });
         }
@@ -253,7 +253,7 @@ impl CaptchaVerifier {
             let name = name.trim().trim_end_matches('.').to_ascii_lowercase();
             if name.is_empty() {
                 return Err(ConfigError::Invalid {
-                    key: "captcha.hostnames",
+                    key: "mint.captcha.hostnames",
                     reason: "a hostname must not be empty".into(),
                 });
             }

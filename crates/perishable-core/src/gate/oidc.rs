@@ -343,32 +343,38 @@ struct RawKeySet {
 impl OidcVerifier {
     /// A verifier for `settings`; no network until the first [`verify`](Self::verify).
     pub(crate) fn new(settings: OidcSettings) -> Result<Self, ConfigError> {
-        let issuer_url = endpoint("oidc.issuer", &settings.issuer)?;
+        let issuer_url = endpoint("mint.oidc.issuer", &settings.issuer)?;
         if issuer_url.query().is_some() || settings.issuer.contains('#') {
             return Err(ConfigError::invalid(
-                "oidc.issuer",
+                "mint.oidc.issuer",
                 "an issuer has no query or fragment",
             ));
         }
         let (discovery, jwks_url) = match &settings.jwks_url {
-            Some(url) => (None, Some(endpoint("oidc.jwks_url", url)?)),
+            Some(url) => (None, Some(endpoint("mint.oidc.jwks_url", url)?)),
             None => {
                 let url = format!(
                     "{}/.well-known/openid-configuration",
                     settings.issuer.trim_end_matches('/')
                 );
-                (Some(endpoint("oidc.issuer", &url)?), None)
+                (Some(endpoint("mint.oidc.issuer", &url)?), None)
             }
         };
         if settings.audience.is_empty() {
-            return Err(ConfigError::invalid("oidc.audience", "must not be empty"));
+            return Err(ConfigError::invalid(
+                "mint.oidc.audience",
+                "must not be empty",
+            ));
         }
         if settings.algorithms.is_empty() {
-            return Err(ConfigError::invalid("oidc.algorithms", "must not be empty"));
+            return Err(ConfigError::invalid(
+                "mint.oidc.algorithms",
+                "must not be empty",
+            ));
         }
         if let Some(alg) = settings.algorithms.iter().find(|a| !SUPPORTED.contains(a)) {
             return Err(ConfigError::invalid(
-                "oidc.algorithms",
+                "mint.oidc.algorithms",
                 format!(
                     "{alg:?} is not accepted (asymmetric algorithms only: RS*, PS*, ES256, ES384, EdDSA)"
                 ),
@@ -379,7 +385,7 @@ impl OidcVerifier {
                 let parts: Vec<String> = path.split('.').map(str::to_owned).collect();
                 if parts.iter().any(String::is_empty) {
                     return Err(ConfigError::invalid(
-                        "oidc.tier_claim",
+                        "mint.oidc.tier_claim",
                         "a dot-separated path of non-empty claim names",
                     ));
                 }
@@ -388,7 +394,10 @@ impl OidcVerifier {
             None => None,
         };
         if settings.timeout.is_zero() {
-            return Err(ConfigError::invalid("oidc.timeout", "must be positive"));
+            return Err(ConfigError::invalid(
+                "mint.oidc.timeout",
+                "must be positive",
+            ));
         }
         Ok(Self {
             issuer: settings.issuer,

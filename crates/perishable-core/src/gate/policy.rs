@@ -455,20 +455,16 @@ fn oidc(config: &Config) -> Result<OidcVerifier, ConfigError> {
     if !o.jwks_url.is_empty() {
         settings.jwks_url = Some(o.jwks_url.clone());
     }
-    if !o.algorithms.is_empty() {
-        settings.algorithms = o
-            .algorithms
-            .iter()
-            .map(|a| {
-                a.parse::<jsonwebtoken::Algorithm>().map_err(|_| {
-                    ConfigError::invalid(
-                        "mint.oidc.algorithms",
-                        format!("{a:?} is not an algorithm"),
-                    )
-                })
+    // Empty is refused by the verifier, not taken for the default.
+    settings.algorithms = o
+        .algorithms
+        .iter()
+        .map(|a| {
+            a.parse::<jsonwebtoken::Algorithm>().map_err(|_| {
+                ConfigError::invalid("mint.oidc.algorithms", format!("{a:?} is not an algorithm"))
             })
-            .collect::<Result<_, _>>()?;
-    }
+        })
+        .collect::<Result<_, _>>()?;
     if !o.tier_claim.is_empty() {
         settings.tier_claim = Some(o.tier_claim.clone());
     }

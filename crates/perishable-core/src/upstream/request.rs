@@ -478,16 +478,15 @@ fn reads_only(method: &http::Method, headers: &HeaderMap) -> bool {
 fn not_json() -> Error {
     Error::new(
         ErrorCode::UnsupportedMediaType,
-        "a metered call's body must be application/json (UTF-8)",
+        "a metered call's body must be application/json (UTF-8), declared by one Content-Type",
     )
 }
 
-/// Whether the body is declared `application/json`, in UTF-8 when a charset is named.
+/// Whether the body is declared `application/json`, in UTF-8 when a charset is named, by one
+/// `Content-Type`: with two, the upstream may read the body by the other.
 fn is_json(headers: &HeaderMap) -> bool {
-    let Some(value) = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-    else {
+    let mut values = headers.get_all(header::CONTENT_TYPE).iter();
+    let (Some(value), None) = (values.next().and_then(|v| v.to_str().ok()), values.next()) else {
         return false;
     };
     let mut parts = value.split(';');
@@ -979,6 +978,13 @@ mod tests {
             h.insert(header::CONTENT_TYPE, ct.parse().unwrap());
             let e = p.check_head(&http::Method::POST, &h).unwrap_err();
             assert_eq!(e.code(), ErrorCode::UnsupportedMediaType, "{ct}");
+        }
+        // Two types, in either order: the upstream might read the body by the other one.
+        for second in ["text/plain", "application/json"] {
+            let mut h = json_headers();
+            h.append(header::CONTENT_TYPE, second.parse().unwrap());
+            let e = p.check_head(&http::Method::POST, &h).unwrap_err();
+            assert_eq!(e.code(), ErrorCode::UnsupportedMediaType, "{second}");
         }
         let mut h = json_headers();
         h.insert(header::CONTENT_ENCODING, "gzip".parse().unwrap());

@@ -271,13 +271,14 @@ impl Inner {
         B::Error: Into<BoxError>,
     {
         let path = upstream_path(&req);
-        if !this.allow_list.allows(path) {
+        if !this.allow_list.allows(req.method(), path) {
             return Err(Error::new(
                 ErrorCode::PathNotAllowed,
                 format!(
-                    "the path {path:?} is not allowed through this proxy (the upstream service \
-                     forwards what follows /openai/ in the request path, or the whole path where \
-                     a router stripped its mount point, as axum's nest_service does)"
+                    "{} on the path {path:?} is not allowed through this proxy (the upstream \
+                     service forwards what follows /openai/ in the request path, or the whole \
+                     path where a router stripped its mount point, as axum's nest_service does)",
+                    req.method()
                 ),
             ));
         }
@@ -614,8 +615,17 @@ mod tests {
     #[tokio::test]
     async fn a_stripped_mount_point_leaves_the_upstream_path() {
         let svc = service(builder());
-        for path in ["/chat/completions", "/models", "/ai/openai/models"] {
-            let req = Request::get(path).body(Body::empty()).unwrap();
+        for (method, path) in [
+            (http::Method::POST, "/chat/completions"),
+            (http::Method::GET, "/models"),
+            (http::Method::GET, "/ai/openai/models"),
+        ] {
+            let req = Request::builder()
+                .method(method)
+                .uri(path)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from("{}"))
+                .unwrap();
             let (status, code, _) = send(svc.clone(), req).await;
             assert_eq!(
                 (status, code.as_str()),
