@@ -128,6 +128,23 @@ pub enum ConfigError {
     },
 }
 
+/// Checks a URL of the configuration (`upstream.base_url`, `server.public_url`): http or https
+/// with a host, no query or fragment (a path is appended to it), no user name or password
+/// (nothing sends them, and the URL is logged).
+fn plain_http_url(key: &'static str, url: &url::Url) -> Result<(), ConfigError> {
+    let reason = if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        "must be an http or https URL with a host"
+    } else if url.query().is_some() || url.fragment().is_some() {
+        "must not have a query or fragment: paths are appended to it"
+    } else if !url.username().is_empty() || url.password().is_some() {
+        "must not hold a user name or password: credentials for the upstream go in \
+         upstream.api_key or upstream.headers"
+    } else {
+        return Ok(());
+    };
+    Err(ConfigError::invalid(key, reason))
+}
+
 /// The environment variable that sets `key`, for the message of a missing key.
 fn env_hint(key: &str) -> &'static str {
     match key {

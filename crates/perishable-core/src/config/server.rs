@@ -61,24 +61,7 @@ impl ServerConfig {
             Some(url) => {
                 let parsed = url::Url::parse(url)
                     .map_err(|e| ConfigError::invalid("server.public_url", e.to_string()))?;
-                if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
-                    return Err(ConfigError::invalid(
-                        "server.public_url",
-                        "must be an http or https URL with a host",
-                    ));
-                }
-                if parsed.query().is_some() || parsed.fragment().is_some() {
-                    return Err(ConfigError::invalid(
-                        "server.public_url",
-                        "must not have a query or fragment (it is the start of every DPoP htu)",
-                    ));
-                }
-                if !parsed.username().is_empty() || parsed.password().is_some() {
-                    return Err(ConfigError::invalid(
-                        "server.public_url",
-                        "must not hold a user name or password",
-                    ));
-                }
+                super::plain_http_url("server.public_url", &parsed)?;
                 Ok(Some(parsed.origin().ascii_serialization()))
             }
         }

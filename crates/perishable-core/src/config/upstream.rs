@@ -88,26 +88,7 @@ impl UpstreamConfig {
         // Normalized (lower-case scheme and host, IDNA, default port dropped, path encoded), so
         // that a request URI is this and the client's already-valid path, joined.
         let base_url = parsed.as_str().trim_end_matches('/').to_owned();
-        if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
-            return Err(ConfigError::invalid(
-                "upstream.base_url",
-                "must be an http or https URL with a host",
-            ));
-        }
-        if parsed.query().is_some() || parsed.fragment().is_some() {
-            return Err(ConfigError::invalid(
-                "upstream.base_url",
-                "must not have a query or fragment",
-            ));
-        }
-        // Nothing would send them (the key goes in `upstream.api_key`), and the URL is logged.
-        if !parsed.username().is_empty() || parsed.password().is_some() {
-            return Err(ConfigError::invalid(
-                "upstream.base_url",
-                "must not hold a user name or password: put the key in upstream.api_key, or \
-                 other credentials in upstream.headers",
-            ));
-        }
+        super::plain_http_url("upstream.base_url", &parsed)?;
         // A keyless upstream (a local Ollama or vLLM) is forwarded to without `Authorization`;
         // OpenAI itself never is, so a missing key there is a mistake to report now.
         let key_missing = u.api_key.as_ref().is_none_or(|k| k.0.is_empty());
