@@ -224,23 +224,50 @@ async fn redis_outage_fails_closed_then_recovers() {
     perishable_missing_redis,
     ignore = "needs redis-server on the PATH (apt-get install redis-server)"
 )]
-async fn redis_outage_fail_open_skips_limits_only() {
+async fn redis_outage_fail_open_skips_rate_limits_only() {
     let mut redis = Redis::start();
     let p = pair(&redis, |c| {
         c.pow_difficulty(0)
             .store_on_unavailable(OnUnavailable::Open)
             .rate_limit_mint_per_ip(100)
+            .budget_tokens_per_window(100_000)
     })
     .await;
     let s = p.a.mint("device-open-01").await;
+    let chat =
+        |proxy: &Proxy| {
+            proxy
+            .openai(reqwest::Method::POST, "chat/completions", &s.token, "device-open-01")
+            .json(&json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+        };
+    assert_eq!(chat(&p.a).await.unwrap().status(), 200);
+    let calls = p.a.mock.requests().len();
+
+    // Redis hangs: the revocation copy (pushed over a connection that still looks alive)
+    // answers, and the rate limit is skipped; a budget is not a rate limit, so a budgeted call
+    // is refused rather than forwarded unmetered.
+    redis.pause();
+    assert_eq!(models(&p.a, &s, "device-open-01").await.status(), 200);
+    let refused = chat(&p.a).await.unwrap();
+    assert_eq!(refused.status(), 503);
+    assert_eq!(error_code(refused).await, "store_unavailable");
+    assert_eq!(
+        p.a.mock.requests().len(),
+        calls + 1,
+        "only the models call went up"
+    );
+    redis.resume();
+
+    // Redis is gone: the session cap fails closed like the budget, so a mint is refused.
     redis.stop();
-    // Limits are skipped: a mint (rate limit per IP, session cap; no proof of work) goes through.
     let minted = p.b.mint_response("device-open-02").await;
-    assert_eq!(minted.status(), 200, "open: limits are skipped");
+    assert_eq!(minted.status(), 503);
+    assert_eq!(error_code(minted).await, "store_unavailable");
     // Not closed: readiness stays ok.
     let health = p.b.http.get(p.b.url("/health")).send().await.unwrap();
     assert_eq!(health.status(), 200);
-    // Revocation checks still fail closed.
+    // Revocation checks fail closed too.
     let refused = models(&p.a, &s, "device-open-01").await;
     assert_eq!(refused.status(), 503);
     assert_eq!(error_code(refused).await, "store_unavailable");

@@ -289,6 +289,26 @@ impl Redis {
         }
     }
 
+    /// Freezes the server (`SIGSTOP`): connections stay open and nothing answers, as when
+    /// Redis hangs rather than goes away. [`Redis::resume`] thaws it.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws a server [`Redis::pause`] froze (`SIGCONT`).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("a running server").id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
     /// `redis://127.0.0.1:PORT/`, or `rediss://localhost:PORT/` for a TLS server.
     pub fn url(&self) -> String {
         match self.tls {

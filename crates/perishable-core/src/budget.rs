@@ -282,9 +282,10 @@ impl Budget {
                     None => Error::new(ErrorCode::BudgetExhausted, "token budget exhausted"),
                 })
             }
-            // A replay check always fails closed (docs/scaling.md, "Choose the failure policy").
-            Err(e) if self.inner.fail_open && replay.is_none() => {
-                log_failure("admit_call", &e, "skipped the limits (fail open)");
+            // `open` is for rate limits only: a call that needs tokens, a stream slot or a
+            // replay check fails closed (docs/scaling.md, "Choose the failure policy").
+            Err(e) if self.inner.fail_open && amount == 0 && !took_stream && replay.is_none() => {
+                log_failure("admit_call", &e, "skipped the rate limit (fail open)");
                 too_large.map_or_else(|| Ok(Admitted::default()), Err)
             }
             Err(e) => Err(crate::store::refuse("admit_call", &e)),

@@ -14,7 +14,8 @@ pub enum OnUnavailable {
     /// Refuse with `503 store_unavailable`.
     #[default]
     Closed,
-    /// Skip rate limits (revocation and replay checks still fail closed).
+    /// Skip rate limits (`[rate_limit]`) only. Budgets, caps, revocation and replay checks
+    /// still fail closed.
     Open,
 }
 
@@ -28,7 +29,7 @@ pub struct StoreConfig {
     /// checked against the platform's roots, or the PEM file `SSL_CERT_FILE` names. May hold a
     /// password: `Debug` shows only its scheme.
     pub url: String,
-    /// Failure policy.
+    /// Failure policy for rate limits; everything else fails closed.
     pub on_unavailable: OnUnavailable,
     /// Prefix of every Redis key, so several apps can share one Redis.
     pub key_prefix: String,

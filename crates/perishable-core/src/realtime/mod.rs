@@ -59,7 +59,7 @@ pub use service::{RealtimeFuture, RealtimeService};
 use crate::body::{Body, BoxError};
 use crate::budget::Budget;
 use crate::client_ip::ClientIpResolver;
-use crate::config::{Config, OnUnavailable};
+use crate::config::Config;
 use crate::error::{Chain, Error, ErrorCode, RateLimitInfo};
 use crate::store::{Store, log_failure};
 use crate::token::VerifiedSession;
@@ -93,7 +93,6 @@ pub(crate) struct Realtime {
     /// Most bytes of one client message (`upstream.max_body_bytes`).
     max_client_message: usize,
     connect_timeout: Duration,
-    fail_open: bool,
 }
 
 impl Realtime {
@@ -132,7 +131,6 @@ impl Realtime {
             connect_timeout: Duration::from_millis(
                 u.connect_timeout_ms.saturating_add(u.first_byte_timeout_ms),
             ),
-            fail_open: config.store().on_unavailable == OnUnavailable::Open,
         })
     }
 
@@ -255,14 +253,7 @@ impl Realtime {
                 remaining: 0,
                 retry_after: Duration::from_secs(1),
             })),
-            Err(e) if self.fail_open => {
-                log_failure(
-                    "acquire_stream",
-                    &e,
-                    "skipped the connection cap (fail open)",
-                );
-                Ok(())
-            }
+            // A cap, not a rate limit: it fails closed whatever `store.on_unavailable` says.
             Err(e) => Err(crate::store::refuse("acquire_stream", &e)),
         }
     }

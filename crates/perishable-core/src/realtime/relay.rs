@@ -444,9 +444,7 @@ impl Relay {
                     match revoked {
                         Ok(true) => return "session revoked",
                         Ok(false) => {}
-                        Err(e) if self.realtime.fail_open => {
-                            log_failure("contains", &e, "kept the connection open (fail open)");
-                        }
+                        // Revocation fails closed, whatever `store.on_unavailable` says.
                         Err(e) => {
                             log_failure("contains", &e, "closed the connection (fail closed)");
                             return "store unavailable";

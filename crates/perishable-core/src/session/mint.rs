@@ -18,7 +18,7 @@ use crate::fingerprint;
 use crate::gate::app_attest::{self, AppAttestPassed};
 use crate::gate::{Builtins, Evidence};
 use crate::pow::PowSolution;
-use crate::store::{self, Admission, Set, Store, StoreError, log_failure};
+use crate::store::{self, Admission, Set, Store, StoreError};
 use crate::token::{Claims, Confirmation, hash_b64, new_jti};
 
 /// A validated `POST /session` body.
@@ -226,11 +226,7 @@ impl Sessions {
             .await
         {
             Ok(admission) => admission,
-            // The cap is a limit, like rate limits: `open` skips it.
-            Err(e) if self.inner.fail_open => {
-                log_failure("admit_session", &e, "skipped the session cap (fail open)");
-                Admission::Admitted
-            }
+            // A cap, not a rate limit: it fails closed whatever `store.on_unavailable` says.
             Err(e) => return Err(store::refuse("admit_session", &e)),
         };
         if let Admission::Full { retry_after_secs } = admission {
