@@ -478,6 +478,44 @@ async fn budget_is_reserved_per_response_and_settled_on_usage(store_url: Option<
     events_until(&mut socket, "response.done").await;
     assert_eq!(spy.reserved()[mark.reserved..], [300]);
     assert_eq!(spy.settlements_since(mark, 1, "settled").await, [292]);
+
+    // One the budget cannot cover (the session's ceiling is now more than what is left) is
+    // cancelled upstream, but what it used before the cancel arrived is still charged: its
+    // `response.done` settles on its usage with nothing reserved.
+    send(
+        &mut socket,
+        json!({"type": "session.update", "session": {"max_output_tokens": 990}}),
+    )
+    .await;
+    events_until(&mut socket, "session.updated").await;
+    let mark = spy.mark();
+    send(&mut socket, json!({"type": "input_audio_buffer.commit"})).await;
+    let events = events_until(&mut socket, "response.done").await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "error" && e["error"]["code"] == "budget_exhausted"),
+        "{events:?}"
+    );
+    let used = events.last().unwrap()["response"]["usage"]["total_tokens"]
+        .as_i64()
+        .unwrap();
+    assert!(used > 0);
+    // The mock ran it to the end before the cancel could arrive; the cancel comes all the same.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !mock
+        .realtime_events()
+        .iter()
+        .any(|e| e.contains("response.cancel"))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the proxy did not cancel it upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(spy.reserved()[mark.reserved..], [] as [u64; 0]);
+    assert_eq!(spy.settlements_since(mark, 1, "charged").await, [-used]);
 }
 
 on_both_stores!(

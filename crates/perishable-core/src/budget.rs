@@ -160,6 +160,21 @@ impl Budget {
         (buckets, scopes)
     }
 
+    /// Nothing reserved, but the buckets `session` and `ip` draw on, so that settling on a
+    /// usage charges all of it: for a response that ran without a reservation (a Realtime
+    /// response the server started and the proxy cancelled, which still bills what it used).
+    pub(crate) fn unreserved(
+        &self,
+        session: Option<&VerifiedSession>,
+        ip: Option<IpAddr>,
+    ) -> Admitted {
+        Admitted {
+            buckets: self.buckets(session, ip).0,
+            reserved: 0,
+            stream: None,
+        }
+    }
+
     /// Takes the stream slot and reserves `reserve` tokens at every scope, or refuses.
     pub(crate) async fn admit(
         &self,

@@ -14,7 +14,8 @@
 //!   an `error` event with code `budget_exhausted`.
 //! - a response the server starts by itself (voice activity detection) is reserved when its
 //!   `response.created` arrives; if the budget cannot cover it, the proxy cancels it upstream
-//!   (`response.cancel`) and tells the client.
+//!   (`response.cancel`) and tells the client, and its `response.done` still charges what it
+//!   used (nothing reserved, so the bucket may go into debt).
 //! - `response.done` settles the response's reservation on its `usage`; an upstream `error`
 //!   about a `response.create` gives its reservation back. Reservations still open when the
 //!   connection ends stand.
@@ -379,7 +380,19 @@ impl Relay {
                         });
                         None
                     }
-                    Err(error) => Some((id, error)),
+                    // Cancelled, but what it used before the cancel arrived is billed all the
+                    // same: its `response.done` settles on its usage with nothing reserved.
+                    Err(error) => {
+                        lock(ledger).open.push_back(Open {
+                            event_id: None,
+                            response_id: Some(id.clone()),
+                            admitted: self
+                                .realtime
+                                .budget
+                                .unreserved(Some(&self.session), self.ip),
+                        });
+                        Some((id, error))
+                    }
                 }
             }
             ServerEvent::Done { id, usage } => {
