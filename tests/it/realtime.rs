@@ -578,6 +578,25 @@ async fn the_cap_lowers_a_responses_ceiling_in_place() {
     );
 }
 
+/// A client message over `upstream.max_body_bytes` ends the connection with 1009 (message too
+/// big), and nothing of it reaches the upstream.
+#[tokio::test]
+async fn a_message_over_the_limit_closes_with_1009() {
+    let proxy = start(|c| c.upstream_max_body_bytes(4096)).await;
+    let session = proxy.mint(FP).await;
+    let mut socket = connect(&ws_url(&proxy, MODEL), &headers(&session.token)).await;
+    next_event(&mut socket).await;
+    let before = proxy.mock.realtime_events().len();
+    let big = json!({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
+        "content": [{"type": "input_text", "text": "x".repeat(8192)}]}});
+    // The proxy may close before the whole message is written: the send itself may fail.
+    let _ = socket.send(Message::text(big.to_string())).await;
+    let (code, reason) = closed(&mut socket, Duration::from_secs(5)).await;
+    assert_eq!(code, CloseCode::Size, "{reason}");
+    assert!(reason.contains("max_body_bytes"), "{reason}");
+    assert_eq!(proxy.mock.realtime_events().len(), before);
+}
+
 #[tokio::test]
 async fn a_revoked_session_closes_its_connection() {
     let proxy = start(|c| c).await;

@@ -266,7 +266,8 @@ impl Budget {
             Ok(CallDecision::StreamsFull) => Err(Error::new(
                 ErrorCode::RateLimited,
                 format!(
-                    "at most {} concurrent streams per session",
+                    "at most {} concurrent streams per session: wait for one to end, or, if \
+                     the instance serving it stopped, refresh the session",
                     c.max_concurrent_streams
                 ),
             )

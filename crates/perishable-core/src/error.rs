@@ -242,6 +242,9 @@ pub struct Error {
     /// The refusal concerns an authenticated request (not a mint): a bad DPoP proof is then
     /// `401`, as RFC 9449 section 7.1 says, instead of the mint's `400`.
     authenticating: bool,
+    /// The refused request presented its token with the `DPoP` scheme: the challenge uses that
+    /// scheme too (RFC 9449 section 7.1).
+    dpop_scheme: bool,
 }
 
 /// Put in the extensions of every response Perishable refuses with: lets
@@ -305,6 +308,7 @@ impl Error {
             retry_after: None,
             session_id: None,
             authenticating: false,
+            dpop_scheme: false,
         }
     }
 
@@ -315,6 +319,14 @@ impl Error {
     #[must_use]
     pub(crate) fn authenticating(mut self) -> Self {
         self.authenticating = true;
+        self
+    }
+
+    /// Marks a refusal of a request that presented its token with the `DPoP` scheme: its
+    /// `WWW-Authenticate` challenge is a `DPoP` one (RFC 9449 section 7.1), not `Bearer`.
+    #[must_use]
+    pub(crate) fn in_dpop_scheme(mut self) -> Self {
+        self.dpop_scheme = true;
         self
     }
 
@@ -436,6 +448,11 @@ impl Error {
             ),
             // The credential a mint lacks is the user's ID token, not a session token.
             ErrorCode::IdTokenRequired => HeaderValue::from_static("Bearer realm=\"perishable\""),
+            code if self.dpop_scheme => HeaderValue::try_from(format!(
+                "DPoP realm=\"perishable\", error=\"invalid_token\", error_description=\"{code}\", \
+                 algs=\"ES256 EdDSA\""
+            ))
+            .unwrap_or_else(|_| HeaderValue::from_static("DPoP realm=\"perishable\"")),
             code => HeaderValue::try_from(format!(
                 "Bearer realm=\"perishable\", error=\"invalid_token\", error_description=\"{code}\""
             ))

@@ -313,11 +313,14 @@ pub(crate) fn read_server(frame: &[u8]) -> ServerEvent {
     }
 }
 
-/// A Realtime `error` event for the client, in the API's shape, about its event `about`.
+/// A Realtime `error` event for the client, in the API's shape, about its event `about`. Its
+/// own `event_id` is unique in the process: the time, then a counter.
 pub(crate) fn error_event(error: &Error, about: Option<&str>) -> String {
+    static SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     serde_json::json!({
         "type": "error",
-        "event_id": format!("event_perishable_{}", crate::clock::unix_now()),
+        "event_id": format!("event_perishable_{}_{n}", crate::clock::unix_now()),
         "error": {
             "type": error.code().error_type(),
             "code": error.code().as_str(),
@@ -497,6 +500,10 @@ mod tests {
         assert_eq!(event["error"]["code"], "budget_exhausted");
         assert_eq!(event["error"]["type"], "rate_limit_error");
         assert_eq!(event["error"]["event_id"], "e9");
+        // Two in the same second have ids of their own.
+        let again: serde_json::Value =
+            serde_json::from_str(&error_event(&error, Some("e9"))).unwrap();
+        assert_ne!(event["event_id"], again["event_id"]);
     }
 
     proptest::proptest! {

@@ -242,7 +242,9 @@ impl Realtime {
             Ok(false) => Err(Error::new(
                 ErrorCode::RateLimited,
                 format!(
-                    "at most {} Realtime connections per session",
+                    "at most {} Realtime connections per session: close one, or, if the \
+                     instance that held it stopped, refresh the session and connect with the new \
+                     token",
                     self.max_connections
                 ),
             )

@@ -198,6 +198,22 @@ impl Relay {
         while let Some(message) = stream.next().await {
             let message = match message {
                 Ok(message) => message,
+                // Over `upstream.max_body_bytes`: 1009 (RFC 6455 section 7.4.1), and the
+                // upstream is closed normally.
+                Err(tokio_tungstenite::tungstenite::Error::Capacity(_)) => {
+                    let close = |code, reason: &'static str| {
+                        Message::Close(Some(CloseFrame {
+                            code,
+                            reason: Utf8Bytes::from_static(reason),
+                        }))
+                    };
+                    let _ = to_client.try_send(close(
+                        CloseCode::Size,
+                        "message too big (upstream.max_body_bytes)",
+                    ));
+                    let _ = to_upstream.try_send(close(CloseCode::Normal, "client session ended"));
+                    return "client message too big";
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "the Realtime client's connection failed");
                     return "client error";

@@ -81,6 +81,12 @@ pub(super) fn single_dpop_header(headers: &HeaderMap) -> Result<Option<&str>, Er
 }
 
 /// The token of `Authorization: Bearer <token>` or `Authorization: DPoP <token>`.
+/// Whether `Authorization` presents a token with the `DPoP` scheme (a refusal then challenges
+/// in that scheme).
+pub(super) fn presents_dpop_scheme(headers: &HeaderMap) -> bool {
+    matches!(presented_token(headers), Ok((Scheme::Dpop, _)))
+}
+
 /// The scheme and token of `Authorization`. The token stays bytes: the verified-token cache is
 /// looked up with them, and only a token not seen before is checked as text (by
 /// [`TokenCodec`](crate::token::TokenCodec)).

@@ -10,7 +10,9 @@ use http::header::USER_AGENT;
 use subtle::ConstantTimeEq;
 
 use super::Sessions;
-use super::request::{Scheme, expected_htu, presented_token, single_dpop_header};
+use super::request::{
+    Scheme, expected_htu, presented_token, presents_dpop_scheme, single_dpop_header,
+};
 use crate::clock::unix_now;
 use crate::config::DpopMode;
 use crate::dpop::{DeferredReplay, Expected};
@@ -105,23 +107,29 @@ impl Sessions {
         req: &Request<B>,
         defer: bool,
     ) -> Result<Result<(VerifiedSession, Option<DeferredReplay>), Error>, PendingVerify> {
+        // Every refusal here is of an authenticated request, in the scheme it presented.
+        let dpop = presents_dpop_scheme(req.headers());
+        let refuse = move |e: Error| {
+            let e = e.authenticating();
+            if dpop { e.in_dpop_scheme() } else { e }
+        };
         let (claims, dpop_seen) = match self.check_request(req) {
             Ok(checked) => checked,
-            Err(e) => return Ok(Err(e.authenticating())),
+            Err(e) => return Ok(Err(refuse(e))),
         };
         // A store that answers from memory decides here; any other gets the rest as a future.
         let store = &self.inner.store;
         let pending = |claims, dpop_seen| -> PendingVerify {
-            Box::pin(finish_verify(store.clone(), claims, dpop_seen).map_err(Error::authenticating))
+            Box::pin(finish_verify(store.clone(), claims, dpop_seen).map_err(refuse))
         };
         match store.contains_now(Set::Revoked, &claims.jti) {
-            Some(true) => Ok(Err(revoked().authenticating())),
+            Some(true) => Ok(Err(refuse(revoked()))),
             Some(false) => {
                 let deferred = match dpop_seen {
                     None => None,
                     Some((id, until)) => match store.insert_once_now(Set::DpopSeen, &id, until) {
                         Some(true) => None,
-                        Some(false) => return Ok(Err(replayed().authenticating())),
+                        Some(false) => return Ok(Err(refuse(replayed()))),
                         None if defer => Some(DeferredReplay { id, until }),
                         None => return Err(pending(claims, Some((id, until)))),
                     },
@@ -272,6 +280,26 @@ mod tests {
             code(&sessions, &request(&token)).await,
             ErrorCode::TokenExpired
         );
+        // The challenge is in the scheme the token came with (RFC 9449 section 7.1).
+        for scheme in ["DPoP", "Bearer"] {
+            let mut req = request(&token);
+            req.headers_mut().insert(
+                http::header::AUTHORIZATION,
+                HeaderValue::from_str(&format!("{scheme} {token}")).unwrap(),
+            );
+            let refused = sessions.verify(&req).await.unwrap_err();
+            let response = refused.into_response::<bytes::Bytes>();
+            let challenge = response.headers()[http::header::WWW_AUTHENTICATE]
+                .to_str()
+                .unwrap();
+            assert!(
+                challenge.starts_with(&format!(
+                    "{scheme} realm=\"perishable\", error=\"invalid_token\""
+                )),
+                "{challenge}"
+            );
+            assert!(challenge.contains("token_expired"), "{challenge}");
+        }
     }
 
     #[tokio::test]
