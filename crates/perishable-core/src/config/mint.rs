@@ -38,11 +38,11 @@ impl Default for MintConfig {
 }
 
 /// `[mint.captcha]` (the `captcha` gate).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct CaptchaConfig {
-    /// `turnstile`, `hcaptcha` or `recaptcha`.
+    /// `turnstile` (the default), `hcaptcha` or `recaptcha`.
     pub provider: String,
     /// The siteverify secret; better: `PERISHABLE_CAPTCHA_SECRET`.
     pub secret: Option<Secret>,
@@ -50,8 +50,20 @@ pub struct CaptchaConfig {
     pub verify_url: String,
     /// Accepted hostnames; empty: any.
     pub hostnames: Vec<String>,
-    /// Lowest reCAPTCHA v3 score.
+    /// Lowest reCAPTCHA v3 score (default 0.5).
     pub min_score: Option<f64>,
+}
+
+impl Default for CaptchaConfig {
+    fn default() -> Self {
+        Self {
+            provider: "turnstile".to_owned(),
+            secret: None,
+            verify_url: String::new(),
+            hostnames: Vec::new(),
+            min_score: None,
+        }
+    }
 }
 
 /// `[mint.oidc]` (the `oidc` gate).
@@ -317,8 +329,23 @@ mod tests {
             ),
             "{e}"
         );
+        // The provider defaults to Turnstile; the secret has no default.
         let e = base()
             .mint_policies([["captcha", "pow"]])
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Missing {
+                    key: "mint.captcha.secret"
+                }
+            ),
+            "{e}"
+        );
+        let e = base()
+            .mint_policies([["captcha", "pow"]])
+            .mint_captcha_provider("recaptchaX")
             .build()
             .unwrap_err();
         assert!(
