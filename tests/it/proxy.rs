@@ -659,6 +659,86 @@ async fn silent_upstream_is_504() {
     assert!(accepted.load(Ordering::SeqCst) >= 1);
 }
 
+/// An upstream that quotes the server's key back (in a header, an error body, a stream that
+/// splits it between two chunks) never shows it to the client: every byte of it is `*`.
+#[tokio::test]
+async fn an_echoed_key_is_masked() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = socket.read(&mut byte).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                head.extend_from_slice(&byte[..n]);
+            }
+            let head = String::from_utf8_lossy(&head).into_owned();
+            let auth = head
+                .lines()
+                .find_map(|l| l.strip_prefix("authorization: "))
+                .unwrap_or_default()
+                .to_owned();
+            if head.starts_with("GET ") {
+                let body =
+                    format!(r#"{{"error":{{"message":"Incorrect API key provided: {auth}"}}}}"#);
+                let answer = format!(
+                    "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\n\
+                     x-echo-auth: {auth}\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                socket.write_all(answer.as_bytes()).await.unwrap();
+            } else {
+                let event = format!("data: {{\"echo\":\"{auth}\"}}\n\n");
+                let (first, second) = event.split_at(event.find(SERVER_KEY).unwrap() + 5);
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                            transfer-encoding: chunked\r\n\r\n";
+                socket.write_all(head.as_bytes()).await.unwrap();
+                for part in [first, second] {
+                    let chunk = format!("{:x}\r\n{part}\r\n", part.len());
+                    socket.write_all(chunk.as_bytes()).await.unwrap();
+                    socket.flush().await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                socket.write_all(b"0\r\n\r\n").await.unwrap();
+            }
+        }
+    });
+    let (proxy, token) = proxy_with(MockOptions::new(), |c| {
+        c.upstream_base_url(format!("http://{echo}/v1"))
+    })
+    .await;
+    let masked = "*".repeat(SERVER_KEY.len());
+
+    let response = proxy
+        .openai(Method::GET, "models", &token, FP)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let header = response.headers()["x-echo-auth"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(header, format!("Bearer {masked}"));
+    let body = response.text().await.unwrap();
+    assert!(!body.contains(SERVER_KEY), "{body}");
+    assert!(body.contains(&format!("Bearer {masked}")), "{body}");
+
+    let response = proxy
+        .openai(Method::POST, "chat/completions", &token, FP)
+        .json(&chat_body("gpt-4o-mini"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.text().await.unwrap();
+    assert_eq!(body, format!("data: {{\"echo\":\"Bearer {masked}\"}}\n\n"));
+}
+
 #[tokio::test]
 async fn stalled_stream_ends_cleanly() {
     const EVENT: &str = "data: {\"n\":1}\n\n";

@@ -11,11 +11,18 @@
 //! | timing | 0 to 40 | irregular timing: the coefficient of variation (standard deviation / mean) of the intervals between pointer samples, of the pointer speed, and of the intervals between key presses; the largest counts, 0.3 or more earns all 40 |
 //! | geometry | 0 to 40 | a curved, wobbly path: 20 for how far the path is from a straight line (1 − chord / path length, 0.1 or more earns all 20), 20 for how much the turning angle varies between segments (standard deviation, 0.2 rad or more earns all 20) |
 //!
-//! So an empty trace scores 0; a constant-interval straight line at constant speed scores only its
-//! volume (at most 20); a constant-speed circle adds the curvature part (at most 40 in all); a
-//! jittered, curved trace with varied timing scores well above the default threshold of 50. Samples
-//! with time going backwards earn no timing or geometry points. Typing alone can pass: 30 key
-//! presses with human rhythm earn 15 + 40.
+//! Two kinds of pointer trace earn no timing or geometry points at all, only their volume: one
+//! whose samples come at exactly constant intervals (a zero-length trace, all at one time,
+//! included), and one whose samples all lie on one straight line, whatever its timing.
+//! `docs/protocol.md` promises both score below the default threshold, whatever the other part
+//! would earn.
+//!
+//! So an empty trace scores 0; a constant-interval trace, or a perfectly straight one, scores
+//! only its volume (at most 20); a circle at constant speed earns the curvature part but little
+//! timing; a jittered, curved trace with varied timing
+//! scores well above the default threshold of 50. Samples with time going backwards earn no
+//! timing or geometry points. Typing alone can pass: 30 key presses with human rhythm earn
+//! 15 + 40; at constant intervals they earn only their volume.
 
 use serde::Deserialize;
 
@@ -75,6 +82,21 @@ fn monotonic(times: impl Iterator<Item = f64>) -> bool {
     true
 }
 
+/// A coefficient of variation below this is constant: float noise, not a hand.
+const CONSTANT: f64 = 1e-6;
+
+/// Whether every segment (`dx`, `dy`, length) lies on the line of the first: a perfectly
+/// straight trace, back and forth included. No segment at all (the pointer never moved) is one
+/// point, so straight too.
+fn on_one_line(segments: &[(f64, f64, f64)]) -> bool {
+    let Some(&(ax, ay, a)) = segments.first() else {
+        return true;
+    };
+    segments
+        .iter()
+        .all(|&(bx, by, b)| (ax * by - ay * bx).abs() <= CONSTANT * a * b)
+}
+
 fn scaled(value: f64, full_at: f64, points: f64) -> f64 {
     (value / full_at).clamp(0.0, 1.0) * points
 }
@@ -112,26 +134,31 @@ pub(crate) fn score(samples: &Entropy) -> u8 {
                 segments.push((dx, dy, dist));
             }
         }
-        timing_cv = timing_cv
-            .max(coefficient_of_variation(&intervals))
-            .max(coefficient_of_variation(&speeds));
+        // Exactly constant intervals (or none: all at one time), or every sample on one line:
+        // a script's trace, whatever else it varies. It earns nothing but its volume.
+        let constant = coefficient_of_variation(&intervals) < CONSTANT;
+        if !constant && !on_one_line(&segments) {
+            timing_cv = timing_cv
+                .max(coefficient_of_variation(&intervals))
+                .max(coefficient_of_variation(&speeds));
 
-        let path: f64 = segments.iter().map(|s| s.2).sum();
-        if path > 0.0 {
-            let (first, last) = (pointer[0], pointer[pointer.len() - 1]);
-            let chord = (last[1] - first[1]).hypot(last[2] - first[2]);
-            geometry += scaled(1.0 - chord / path, 0.1, 20.0);
+            let path: f64 = segments.iter().map(|s| s.2).sum();
+            if path > 0.0 {
+                let (first, last) = (pointer[0], pointer[pointer.len() - 1]);
+                let chord = (last[1] - first[1]).hypot(last[2] - first[2]);
+                geometry += scaled(1.0 - chord / path, 0.1, 20.0);
+            }
+            let turns: Vec<f64> = segments
+                .windows(2)
+                .map(|w| {
+                    let (a, b) = (w[0], w[1]);
+                    let cross = a.0 * b.1 - a.1 * b.0;
+                    let dot = a.0 * b.0 + a.1 * b.1;
+                    cross.atan2(dot)
+                })
+                .collect();
+            geometry += scaled(std_dev(&turns), 0.2, 20.0);
         }
-        let turns: Vec<f64> = segments
-            .windows(2)
-            .map(|w| {
-                let (a, b) = (w[0], w[1]);
-                let cross = a.0 * b.1 - a.1 * b.0;
-                let dot = a.0 * b.0 + a.1 * b.1;
-                cross.atan2(dot)
-            })
-            .collect();
-        geometry += scaled(std_dev(&turns), 0.2, 20.0);
     }
     if keys_ok {
         let intervals: Vec<f64> = keys.windows(2).map(|w| w[1] - w[0]).collect();
@@ -195,6 +222,79 @@ mod tests {
             ..Entropy::default()
         };
         assert!(score(&e) <= 20, "{}", score(&e));
+    }
+
+    /// What `docs/protocol.md` promises: constant-interval and perfectly straight traces score
+    /// below the default threshold, whatever the other part varies.
+    #[test]
+    fn a_script_that_varies_only_one_thing_stays_below_threshold() {
+        let zigzag = |t: &dyn Fn(usize) -> f64| Entropy {
+            pointer: (0..40)
+                .map(|i| [t(i), 16.0 * i as f64, 10.0 * (i % 2) as f64])
+                .collect(),
+            ..Entropy::default()
+        };
+        // A zigzag at constant intervals, and one all at one time.
+        for e in [zigzag(&|i| 16.0 * i as f64), zigzag(&|_| 0.0)] {
+            assert!(score(&e) <= 20, "{}", score(&e));
+        }
+        // A straight line with varied intervals, and one going back and forth.
+        let line = Entropy {
+            pointer: (0..40)
+                .map(|i| {
+                    let t = (0..i).map(|k| if k % 2 == 0 { 10.0 } else { 30.0 }).sum();
+                    [t, 3.0 * i as f64, 2.0 * i as f64]
+                })
+                .collect(),
+            ..Entropy::default()
+        };
+        assert!(score(&line) <= 20, "{}", score(&line));
+        let mut seed = 5;
+        let mut t = 0.0;
+        let back_and_forth = Entropy {
+            pointer: (0..60)
+                .map(|_| {
+                    t += 5.0 + 40.0 * lcg(&mut seed);
+                    let along = 200.0 * lcg(&mut seed);
+                    [t, 10.0 + 3.0 * along, 20.0 + 2.0 * along]
+                })
+                .collect(),
+            ..Entropy::default()
+        };
+        assert!(score(&back_and_forth) <= 20, "{}", score(&back_and_forth));
+    }
+
+    proptest::proptest! {
+        /// Any trace on one line, or at constant intervals, earns only its volume.
+        #[test]
+        fn lines_and_metronomes_earn_only_their_volume(
+            points in proptest::collection::vec((0.0f64..1e4, -1e3f64..1e3, 0.0f64..1e3), 3..200),
+            (ax, ay) in (-5.0f64..5.0, -5.0f64..5.0),
+            step in 1.0f64..100.0,
+        ) {
+            let volume = (points.len() as f64 / 2.0).min(20.0).round() as u8;
+            let mut t = 0.0;
+            let line = Entropy {
+                pointer: points
+                    .iter()
+                    .map(|&(dt, along, _)| {
+                        t += dt;
+                        [t, 100.0 + ax * along, 50.0 + ay * along]
+                    })
+                    .collect(),
+                ..Entropy::default()
+            };
+            proptest::prop_assert!(score(&line) <= volume, "line: {}", score(&line));
+            let metronome = Entropy {
+                pointer: points
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(_, x, y))| [step * i as f64, x, y])
+                    .collect(),
+                ..Entropy::default()
+            };
+            proptest::prop_assert!(score(&metronome) <= volume, "metronome: {}", score(&metronome));
+        }
     }
 
     #[test]

@@ -38,7 +38,8 @@
 //!    the app's own).
 //! 8. `budget`: token budgets at three scopes (reserve the worst case, settle on the real
 //!    usage) and the concurrent-stream cap.
-//! 9. [`Body`]: a whole buffer or a streamed upstream body, with its end-of-body settlement.
+//! 9. [`Body`]: a whole buffer or a streamed upstream body, with its end-of-body settlement
+//!    and the server's key masked wherever the upstream quotes it back.
 //! 10. The middleware, each a Layer, a Service and a named future: [`origin`] (the `Origin`
 //!     check), [`observe`] (the request span and metrics), [`session`] (the engine: minting,
 //!     verification, refresh, revocation; and its Service), [`verify`] (the session check in

@@ -10,8 +10,10 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
 use crate::error::{Error, ErrorCode};
+mod scrub;
 mod upstream;
 
+pub(crate) use scrub::{KeyMask, Scrub};
 pub(crate) use upstream::UpstreamBody;
 pub(crate) use upstream::{Accounting, Settle};
 

@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use super::BoxError;
+use super::{BoxError, Scrub};
 use crate::budget::{Admitted, Budget};
 use crate::usage::{Encoding, TapMode, Usage, UsageTap};
 
@@ -123,6 +123,8 @@ pin_project_lite::pin_project! {
         timeout: Duration,
         done: bool,
         accounting: Option<Box<Accounting>>,
+        // Masks the server's key in what goes to the client, after the tap.
+        scrub: Option<Scrub>,
     }
 }
 
@@ -131,6 +133,7 @@ impl UpstreamBody {
         inner: hyper::body::Incoming,
         timeout: Duration,
         accounting: Accounting,
+        scrub: Option<Scrub>,
     ) -> Self {
         Self {
             inner,
@@ -139,6 +142,7 @@ impl UpstreamBody {
             timeout,
             done: false,
             accounting: Some(Box::new(accounting)),
+            scrub,
         }
     }
 }
@@ -170,21 +174,16 @@ impl http_body::Body for UpstreamBody {
                         None => Some(data),
                         Some(tap) => tap.frame(data),
                     };
+                    let out = match (out, this.scrub.as_mut()) {
+                        (Some(out), Some(scrub)) => scrub.frame(out),
+                        (out, _) => out,
+                    };
                     // The upstream's declared length is all here: end now, so that hyper can
                     // finish the response without waiting for the upstream connection to say so.
                     if this.inner.is_end_stream() {
                         *this.done = true;
-                        let tail = finish(this.accounting);
-                        let out = match (out, tail) {
-                            (Some(out), Some(tail)) => {
-                                let mut joined = BytesMut::with_capacity(out.len() + tail.len());
-                                joined.extend_from_slice(&out);
-                                joined.extend_from_slice(&tail);
-                                Some(joined.freeze())
-                            }
-                            (out, tail) => out.or(tail),
-                        };
-                        return Poll::Ready(out.map(|b| Ok(Frame::data(b))));
+                        let tail = finish(this.accounting, this.scrub);
+                        return Poll::Ready(join(out, tail).map(|b| Ok(Frame::data(b))));
                     }
                     match out {
                         Some(out) => return Poll::Ready(Some(Ok(Frame::data(out)))),
@@ -202,7 +201,7 @@ impl http_body::Body for UpstreamBody {
                 }
                 Poll::Ready(None) => {
                     *this.done = true;
-                    let tail = finish(this.accounting);
+                    let tail = finish(this.accounting, this.scrub);
                     return Poll::Ready(tail.map(|b| Ok(Frame::data(b))));
                 }
                 Poll::Pending => {
@@ -223,7 +222,7 @@ impl http_body::Body for UpstreamBody {
                                 idle_timeout_ms = this.timeout.as_millis() as u64,
                                 "the upstream went silent; ending the response"
                             );
-                            let tail = finish(this.accounting);
+                            let tail = finish(this.accounting, this.scrub);
                             Poll::Ready(tail.map(|b| Ok(Frame::data(b))))
                         }
                         Poll::Pending => Poll::Pending,
@@ -251,10 +250,32 @@ impl http_body::Body for UpstreamBody {
     }
 }
 
-/// Ends the accounting: flushes what the tap held back and runs the end hook.
-fn finish(accounting: &mut Option<Box<Accounting>>) -> Option<Bytes> {
-    let mut accounting = accounting.take()?;
-    let tail = accounting.tap.as_mut().and_then(UsageTap::finish);
-    accounting.done();
-    tail
+/// Ends the accounting: flushes what the tap held back (masked) and what the scrubber held,
+/// and runs the end hook.
+fn finish(accounting: &mut Option<Box<Accounting>>, scrub: &mut Option<Scrub>) -> Option<Bytes> {
+    let tail = accounting.take().and_then(|mut accounting| {
+        let tail = accounting.tap.as_mut().and_then(UsageTap::finish);
+        accounting.done();
+        tail
+    });
+    match scrub {
+        Some(scrub) => {
+            let tail = tail.and_then(|tail| scrub.frame(tail));
+            join(tail, scrub.finish())
+        }
+        None => tail,
+    }
+}
+
+/// `a` then `b`, without a copy when either is missing.
+fn join(a: Option<Bytes>, b: Option<Bytes>) -> Option<Bytes> {
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            let mut joined = BytesMut::with_capacity(a.len() + b.len());
+            joined.extend_from_slice(&a);
+            joined.extend_from_slice(&b);
+            Some(joined.freeze())
+        }
+        (a, b) => a.or(b),
+    }
 }

@@ -56,7 +56,7 @@ pub(crate) use handshake::lift_credentials;
 pub use layer::RealtimeLayer;
 pub use service::{RealtimeFuture, RealtimeService};
 
-use crate::body::{Body, BoxError};
+use crate::body::{Body, BoxError, KeyMask};
 use crate::budget::Budget;
 use crate::client_ip::ClientIpResolver;
 use crate::config::Config;
@@ -93,6 +93,8 @@ pub(crate) struct Realtime {
     /// Most bytes of one client message (`upstream.max_body_bytes`).
     max_client_message: usize,
     connect_timeout: Duration,
+    /// The server's key, masked in whatever the upstream sends back.
+    key_mask: Option<KeyMask>,
 }
 
 impl Realtime {
@@ -108,7 +110,7 @@ impl Realtime {
             return None;
         }
         let u = config.upstream();
-        let (client, headers, budget) = upstream.realtime_parts();
+        let (client, headers, budget, key_mask) = upstream.realtime_parts();
         Some(Self {
             client,
             base_url: config.upstream_base_url().to_owned(),
@@ -131,6 +133,7 @@ impl Realtime {
             connect_timeout: Duration::from_millis(
                 u.connect_timeout_ms.saturating_add(u.first_byte_timeout_ms),
             ),
+            key_mask,
         })
     }
 
@@ -325,7 +328,7 @@ impl Realtime {
             let (mut parts, body) = response.into_parts();
             strip_response_headers(&mut parts.headers);
             parts.headers.remove(header::CONTENT_LENGTH);
-            let body = crate::body::read_limited(
+            let mut body = crate::body::read_limited(
                 body,
                 MAX_REFUSAL_BYTES,
                 self.connect_timeout,
@@ -333,6 +336,10 @@ impl Realtime {
             )
             .await
             .unwrap_or_default();
+            if let Some(mask) = &self.key_mask {
+                mask.mask_headers(&mut parts.headers);
+                body = mask.mask(body);
+            }
             tracing::info!(
                 status = parts.status.as_u16(),
                 "the upstream refused the Realtime handshake"

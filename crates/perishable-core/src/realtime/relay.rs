@@ -40,6 +40,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use super::Realtime;
 use super::events::{self, Ceiling, ClientEvent, ServerEvent};
+use crate::body::KeyMask;
 use crate::budget::Admitted;
 use crate::clock::unix_now;
 use crate::error::{Error, ErrorCode};
@@ -338,6 +339,11 @@ impl Relay {
             if let Message::Text(text) = &message {
                 cancel = self.server_text(text.as_bytes(), ledger).await;
             }
+            let message = match (&self.realtime.key_mask, message) {
+                (Some(mask), Message::Text(text)) => Message::Text(mask_text(mask, text)),
+                (Some(mask), Message::Binary(data)) => Message::Binary(mask.mask(data)),
+                (_, message) => message,
+            };
             if matches!(message, Message::Frame(_)) {
                 continue;
             }
@@ -483,6 +489,17 @@ impl Relay {
             }
         }
     }
+}
+
+/// `text` with the server's key masked (the same text when it is not there).
+fn mask_text(mask: &KeyMask, text: Utf8Bytes) -> Utf8Bytes {
+    let bytes = Bytes::from(text.clone());
+    let masked = mask.mask(bytes.clone());
+    if masked.as_ptr() == bytes.as_ptr() {
+        return text;
+    }
+    // Whole characters of the key became `*`: still UTF-8.
+    Utf8Bytes::try_from(masked).unwrap_or_else(|_| Utf8Bytes::from_static(""))
 }
 
 /// Sends what `queue` brings on `sink` until the queue closes or the peer is gone, then closes.

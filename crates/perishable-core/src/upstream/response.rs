@@ -1,7 +1,8 @@
 //! The response side of the upstream Service: what the client gets back from the upstream's
 //! answer. Its status and headers minus hop-by-hop ones and `Set-Cookie` (`X-Accel-Buffering: no`
 //! on event streams), and its body passed on frame by frame, with the usage tap and the
-//! end-of-body settlement riding along ([`crate::body`], [`crate::usage`]).
+//! end-of-body settlement riding along ([`crate::body`], [`crate::usage`]). The server's key is
+//! masked wherever the upstream echoes it, headers and body ([`KeyMask`]).
 
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use tokio::time::Instant;
 
 use super::headers::strip_response_headers;
 use super::request::Endpoint;
-use crate::body::{Accounting, Body, Settle, UpstreamBody};
+use crate::body::{Accounting, Body, KeyMask, Settle, UpstreamBody};
 use crate::budget::{Admitted, Budget};
 use crate::usage::{Encoding, TapMode};
 
@@ -30,6 +31,8 @@ pub(super) struct Answered<'a> {
     pub(super) started: Instant,
     /// `upstream.idle_timeout_ms`.
     pub(super) idle_timeout: Duration,
+    /// The server's key, to mask in what comes back (none: no key, or too short to search).
+    pub(super) key_mask: Option<KeyMask>,
 }
 
 /// The client's response to the upstream's `response`.
@@ -39,6 +42,9 @@ pub(super) fn client_response(
 ) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     strip_response_headers(&mut parts.headers);
+    if let Some(mask) = &answered.key_mask {
+        mask.mask_headers(&mut parts.headers);
+    }
     let content_type = parts
         .headers
         .get(header::CONTENT_TYPE)
@@ -79,6 +85,11 @@ pub(super) fn client_response(
     }
     Response::from_parts(
         parts,
-        Body::upstream(UpstreamBody::new(body, answered.idle_timeout, accounting)),
+        Body::upstream(UpstreamBody::new(
+            body,
+            answered.idle_timeout,
+            accounting,
+            answered.key_mask.as_ref().map(KeyMask::stream),
+        )),
     )
 }

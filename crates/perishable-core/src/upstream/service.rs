@@ -17,7 +17,7 @@ use super::client::UpstreamClient;
 use super::headers::UpstreamHeaders;
 use super::request::{Endpoint, Metered, RequestPolicy};
 use super::response::{Answered, client_response};
-use crate::body::{Body, BoxError};
+use crate::body::{Body, BoxError, KeyMask};
 use crate::budget::{Admitted, Budget};
 use crate::client_ip::ClientIpResolver;
 use crate::config::{Config, ConfigError};
@@ -53,6 +53,8 @@ struct Inner {
     body_timeout: Duration,
     first_byte_timeout: Duration,
     idle_timeout: Duration,
+    /// The server's key, masked in whatever the upstream sends back.
+    key_mask: Option<KeyMask>,
     budget: Budget,
     /// Which IP a call counts against for the per-IP budget.
     client_ip: ClientIpResolver,
@@ -152,6 +154,10 @@ impl UpstreamService {
                 body_timeout: Duration::from_millis(config.server().body_timeout_ms),
                 first_byte_timeout: Duration::from_millis(u.first_byte_timeout_ms),
                 idle_timeout: Duration::from_millis(u.idle_timeout_ms),
+                key_mask: u
+                    .api_key
+                    .as_ref()
+                    .and_then(|key| KeyMask::new(key.expose().as_bytes())),
                 budget,
                 client_ip: ClientIpResolver::new(config.server().trusted_proxies.clone()),
             }),
@@ -161,13 +167,16 @@ impl UpstreamService {
 
 impl UpstreamService {
     /// What the Realtime route shares with this service: the connection pool, the headers it
-    /// sends upstream, the budget.
-    pub(crate) fn realtime_parts(&self) -> (UpstreamClient, UpstreamHeaders, Budget) {
+    /// sends upstream, the budget, the mask of the server's key.
+    pub(crate) fn realtime_parts(
+        &self,
+    ) -> (UpstreamClient, UpstreamHeaders, Budget, Option<KeyMask>) {
         let inner = &self.inner;
         (
             inner.client.clone(),
             inner.headers.clone(),
             inner.budget.clone(),
+            inner.key_mask.clone(),
         )
     }
 }
@@ -480,6 +489,7 @@ impl Inner {
                 admitted,
                 started,
                 idle_timeout: self.idle_timeout,
+                key_mask: self.key_mask.clone(),
             },
         ))
     }
