@@ -42,6 +42,13 @@ fn invalid_json(message: impl Into<std::borrow::Cow<'static, str>>) -> Error {
 impl MintRequest {
     /// Parses and validates a body.
     pub(crate) fn parse(body: &[u8]) -> Result<Self, Error> {
+        // Strictly first, as a metered body is: a duplicate key (two fingerprints, the last
+        // one winning), a lone surrogate or a number out of range is refused, not guessed at.
+        crate::json::parse_object(body, crate::json::Mode::Strict).map_err(|e| {
+            invalid_json(format!(
+                "the body must be a JSON object with fingerprint, entropy and pow: {e}"
+            ))
+        })?;
         // Each field is kept as JSON first, so a wrong type gets its own error code.
         let mut raw: Map<String, Value> = serde_json::from_slice(body).map_err(|e| {
             invalid_json(format!(
@@ -67,11 +74,17 @@ impl MintRequest {
         fingerprint::validate(&fingerprint)?;
         let entropy: Entropy = match raw.remove("entropy") {
             None | Some(Value::Null) => Entropy::default(),
-            Some(v) => serde_json::from_value(v).map_err(|_| {
+            // An object, not the same fields as an array (which serde would also take).
+            Some(v @ Value::Object(_)) => serde_json::from_value(v).map_err(|_| {
                 invalid_json(
                     "entropy must be {\"pointer\": [[t_ms, x, y], ...], \"keys\": [t_ms, ...], \"elapsed_ms\": n}",
                 )
             })?,
+            Some(_) => {
+                return Err(invalid_json(
+                    "entropy must be {\"pointer\": [[t_ms, x, y], ...], \"keys\": [t_ms, ...], \"elapsed_ms\": n}",
+                ));
+            }
         };
         if !entropy.within_limits() {
             return Err(invalid_json(format!(
@@ -80,9 +93,14 @@ impl MintRequest {
         }
         let pow = match raw.remove("pow") {
             None | Some(Value::Null) => None,
-            Some(v) => Some(serde_json::from_value(v).map_err(|_| {
+            Some(v @ Value::Object(_)) => Some(serde_json::from_value(v).map_err(|_| {
                 invalid_json("pow must be {\"challenge\": string, \"nonce\": string}")
             })?),
+            Some(_) => {
+                return Err(invalid_json(
+                    "pow must be {\"challenge\": string, \"nonce\": string}",
+                ));
+            }
         };
         Ok(Self {
             fingerprint,
@@ -479,6 +497,15 @@ mod tests {
             vec!["1"; MAX_SAMPLES + 1].join(",")
         );
         assert_eq!(code(&many), ErrorCode::InvalidJson);
+        // Read strictly: two fingerprints (which one?), the proof or the samples as arrays.
+        for body in [
+            r#"{"fingerprint":"device-123456","fingerprint":"device-654321"}"#,
+            r#"{"fingerprint":"device-123456","pow":["c","n"]}"#,
+            r#"{"fingerprint":"device-123456","entropy":[[[0,1,2]],[5],9]}"#,
+            "{\"fingerprint\":\"device-\\ud800-123456\"}",
+        ] {
+            assert_eq!(code(body), ErrorCode::InvalidJson, "{body}");
+        }
     }
 
     #[test]

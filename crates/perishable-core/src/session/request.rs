@@ -103,7 +103,15 @@ pub(super) fn presented_token(headers: &HeaderMap) -> Result<(Scheme, &[u8]), Er
             "the Authorization header is malformed",
         )
     };
-    let value = headers.get(AUTHORIZATION).ok_or_else(missing)?.as_bytes();
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let value = values.next().ok_or_else(missing)?.as_bytes();
+    // Two: which one a proxy in front would read is anyone's guess, so neither is.
+    if values.next().is_some() {
+        return Err(Error::new(
+            ErrorCode::InvalidToken,
+            "send one Authorization header, not several",
+        ));
+    }
     // Split at the first space; only the token must be text (the scheme is compared as bytes).
     let space = memchr::memchr(b' ', value).ok_or_else(malformed)?;
     let (scheme, token) = (&value[..space], &value[space + 1..]);
@@ -172,6 +180,14 @@ mod tests {
         assert_eq!(token(b"Bearer    "), Err(ErrorCode::MissingToken));
         assert_eq!(token(b"Basic dXNlcjpwYXNz"), Err(ErrorCode::InvalidToken));
         assert_eq!(token(b"Bearerabc def"), Err(ErrorCode::InvalidToken));
+        // Two headers, even the same one twice: refused.
+        let mut twice = HeaderMap::new();
+        twice.append(AUTHORIZATION, http::HeaderValue::from_static("Bearer abc"));
+        twice.append(AUTHORIZATION, http::HeaderValue::from_static("Bearer abc"));
+        assert_eq!(
+            presented_token(&twice).unwrap_err().code(),
+            ErrorCode::InvalidToken
+        );
     }
 
     #[test]

@@ -151,12 +151,19 @@ impl Sessions {
         let verified = self.inner.codec.verify_cached(token)?;
         let claims = verified.claims;
         let now = unix_now();
-        let presented = headers.get(FINGERPRINT_HEADER).ok_or_else(|| {
+        let mut fingerprints = headers.get_all(FINGERPRINT_HEADER).iter();
+        let presented = fingerprints.next().ok_or_else(|| {
             Error::new(
                 ErrorCode::FingerprintMismatch,
                 "the X-Perishable-Fingerprint header is missing",
             )
         })?;
+        if fingerprints.next().is_some() {
+            return Err(Error::new(
+                ErrorCode::FingerprintMismatch,
+                "send one X-Perishable-Fingerprint header, not several",
+            ));
+        }
         let presented_ua = match claims.ua {
             Some(_) => headers.get(USER_AGENT).map_or(&[][..], |v| v.as_bytes()),
             None => &[][..],
@@ -315,6 +322,13 @@ mod tests {
         let mut req = request(&token);
         req.headers_mut().remove(FINGERPRINT_HEADER);
         assert_eq!(code(&sessions, &req).await, ErrorCode::FingerprintMismatch);
+        // The right one, and another: refused, in either order.
+        for other in ["another-device-2", FP] {
+            let mut req = request(&token);
+            req.headers_mut()
+                .append(FINGERPRINT_HEADER, HeaderValue::from_static(other));
+            assert_eq!(code(&sessions, &req).await, ErrorCode::FingerprintMismatch);
+        }
         let mut req = request(&token);
         req.headers_mut()
             .insert(USER_AGENT, HeaderValue::from_static("another/2.0"));
