@@ -109,7 +109,8 @@ fn listed_in_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
 }
 
 /// Strips the upstream response's headers in place: hop-by-hop ones, every header `Connection`
-/// lists, and `Set-Cookie`. Names are compared while scanning, and nothing is collected: each
+/// lists, `Set-Cookie`, and the upstream's `Access-Control-*` (CORS is the proxy's: an
+/// upstream's `Access-Control-Allow-Credentials` must not join the proxy's allowed origin). Names are compared while scanning, and nothing is collected: each
 /// pass finds the next name to remove (a handful at most). Without a `Connection` header, the
 /// usual case, no list is read.
 pub(crate) fn strip_response_headers(headers: &mut HeaderMap) {
@@ -120,6 +121,7 @@ pub(crate) fn strip_response_headers(headers: &mut HeaderMap) {
             *name != header::CONNECTION
                 && (is_hop_by_hop(name)
                     || *name == header::SET_COOKIE
+                    || name.as_str().starts_with("access-control-")
                     || (listing && listed_in_connection(headers, name)))
         })
         .cloned()
@@ -270,7 +272,7 @@ mod tests {
     }
 
     #[test]
-    fn response_loses_hop_by_hop_and_cookies() {
+    fn response_loses_hop_by_hop_cookies_and_cors() {
         let mut h = HeaderMap::new();
         h.insert("set-cookie", "__cf=1".parse().unwrap());
         h.append("set-cookie", "__cf=2".parse().unwrap());
@@ -280,6 +282,8 @@ mod tests {
         h.insert("keep-alive", "timeout=5".parse().unwrap());
         h.insert("transfer-encoding", "chunked".parse().unwrap());
         h.insert("x-request-id", "req_1".parse().unwrap());
+        h.insert("access-control-allow-origin", "*".parse().unwrap());
+        h.insert("access-control-allow-credentials", "true".parse().unwrap());
         strip_response_headers(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-request-id"], "req_1");
