@@ -11,11 +11,14 @@
 //! | timing | 0 to 40 | irregular timing: the coefficient of variation (standard deviation / mean) of the intervals between pointer samples, of the pointer speed, and of the intervals between key presses; the largest counts, 0.3 or more earns all 40 |
 //! | geometry | 0 to 40 | a curved, wobbly path: 20 for how far the path is from a straight line (1 − chord / path length, 0.1 or more earns all 20), 20 for how much the turning angle varies between segments (standard deviation, 0.2 rad or more earns all 20) |
 //!
-//! Two kinds of pointer trace earn no timing or geometry points at all, only their volume: one
-//! whose samples come at exactly constant intervals (a zero-length trace, all at one time,
-//! included), and one whose samples all lie on one straight line, whatever its timing.
-//! `docs/protocol.md` promises both score below the default threshold, whatever the other part
-//! would earn.
+//! Samples are read at the resolution the browser client reports them, 0.1 ms and 0.1 px:
+//! noise finer than that (a script's `16 ± 0.0001` ms) is not variation. Two kinds of pointer
+//! trace then earn no timing or geometry points at all, only their volume: one whose samples
+//! come at constant intervals (all within a tenth of a millisecond of each other; a zero-length
+//! trace, all at one time, included), and one whose
+//! samples all lie within half a pixel of one straight line (a pointer that never moved
+//! included), whatever its timing. `docs/protocol.md` promises both score below the default
+//! threshold, whatever the other part would earn.
 //!
 //! So an empty trace scores 0; a constant-interval trace, or a perfectly straight one, scores
 //! only its volume (at most 20); a circle at constant speed earns the curvature part but little
@@ -82,19 +85,55 @@ fn monotonic(times: impl Iterator<Item = f64>) -> bool {
     true
 }
 
-/// A coefficient of variation below this is constant: float noise, not a hand.
+/// Float noise, not a hand.
 const CONSTANT: f64 = 1e-6;
 
-/// Whether every segment (`dx`, `dy`, length) lies on the line of the first: a perfectly
-/// straight trace, back and forth included. No segment at all (the pointer never moved) is one
-/// point, so straight too.
-fn on_one_line(segments: &[(f64, f64, f64)]) -> bool {
-    let Some(&(ax, ay, a)) = segments.first() else {
+/// The resolution the browser client reports samples at: a tenth of a millisecond, of a pixel.
+const RESOLUTION: f64 = 0.1;
+
+/// `value` at [`RESOLUTION`].
+fn tenth(value: f64) -> f64 {
+    (value / RESOLUTION).round() * RESOLUTION
+}
+
+/// The largest minus the smallest of `values` (0 for none). Intervals of a constant step read
+/// at a tenth differ by at most a tenth.
+fn spread(values: &[f64]) -> f64 {
+    let (min, max) = values
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        });
+    if values.is_empty() { 0.0 } else { max - min }
+}
+
+/// How far from one line (in pixels) every sample of a straight trace lies.
+const HALF_PIXEL: f64 = 0.5;
+
+/// Whether every sample lies within half a pixel of one straight line: the line from the first
+/// sample to the one farthest from it (back and forth on it included). A pointer that never
+/// moved more than half a pixel is straight too.
+fn on_one_line(pointer: &[[f64; 3]]) -> bool {
+    let Some(first) = pointer.first() else {
         return true;
     };
-    segments
+    let offset = |s: &[f64; 3]| (s[1] - first[1], s[2] - first[2]);
+    let Some((dx, dy)) = pointer
         .iter()
-        .all(|&(bx, by, b)| (ax * by - ay * bx).abs() <= CONSTANT * a * b)
+        .map(offset)
+        .max_by(|a, b| a.0.hypot(a.1).total_cmp(&b.0.hypot(b.1)))
+    else {
+        return true;
+    };
+    let length = dx.hypot(dy);
+    if length <= HALF_PIXEL {
+        return true;
+    }
+    // The distance of each sample from the line: |cross product| / length.
+    pointer
+        .iter()
+        .map(offset)
+        .all(|(x, y)| (dx * y - dy * x).abs() <= HALF_PIXEL * length)
 }
 
 fn scaled(value: f64, full_at: f64, points: f64) -> f64 {
@@ -107,10 +146,15 @@ pub(crate) fn score(samples: &Entropy) -> u8 {
         .pointer
         .iter()
         .take(MAX_SAMPLES)
-        .copied()
         .filter(|s| s.iter().all(|v| v.is_finite()))
+        .map(|s| s.map(tenth))
         .collect();
-    let keys: Vec<f64> = samples.keys.iter().take(MAX_SAMPLES).copied().collect();
+    let keys: Vec<f64> = samples
+        .keys
+        .iter()
+        .take(MAX_SAMPLES)
+        .map(|&t| tenth(t))
+        .collect();
 
     let volume = ((pointer.len() + keys.len()) as f64 / 2.0).min(20.0);
 
@@ -134,10 +178,10 @@ pub(crate) fn score(samples: &Entropy) -> u8 {
                 segments.push((dx, dy, dist));
             }
         }
-        // Exactly constant intervals (or none: all at one time), or every sample on one line:
-        // a script's trace, whatever else it varies. It earns nothing but its volume.
-        let constant = coefficient_of_variation(&intervals) < CONSTANT;
-        if !constant && !on_one_line(&segments) {
+        // Constant intervals (or none: all at one time), or every sample on one line: a
+        // script's trace, whatever else it varies. It earns nothing but its volume.
+        let constant = spread(&intervals) <= RESOLUTION + CONSTANT;
+        if !constant && !on_one_line(&pointer) {
             timing_cv = timing_cv
                 .max(coefficient_of_variation(&intervals))
                 .max(coefficient_of_variation(&speeds));
@@ -262,6 +306,49 @@ mod tests {
             ..Entropy::default()
         };
         assert!(score(&back_and_forth) <= 20, "{}", score(&back_and_forth));
+        // Noise finer than the client's resolution (0.1 ms, 0.1 px) is no variation: a
+        // metronome jittered by a ten-thousandth of a millisecond, a line by a thousandth of a
+        // pixel, a pointer that never moved but for a billionth of one.
+        let mut seed = 11;
+        let mut noise = |size: f64| (lcg(&mut seed) - 0.5) * 2.0 * size;
+        let jittered = Entropy {
+            pointer: (0..200)
+                .map(|i| {
+                    let a = i as f64 / 20.0;
+                    [
+                        16.0 * i as f64 + noise(1e-4),
+                        100.0 * a.cos(),
+                        80.0 * (1.7 * a).sin(),
+                    ]
+                })
+                .collect(),
+            ..Entropy::default()
+        };
+        assert!(score(&jittered) <= 20, "{}", score(&jittered));
+        let mut t = 0.0;
+        let mut gaps = [10.0, 30.0, 17.0].into_iter().cycle();
+        let line = Entropy {
+            pointer: (0..200)
+                .map(|i| {
+                    t += gaps.next().unwrap();
+                    [t, 5.0 * i as f64, 100.0 + noise(1e-3)]
+                })
+                .collect(),
+            ..Entropy::default()
+        };
+        assert!(score(&line) <= 20, "{}", score(&line));
+        let mut t = 0.0;
+        let mut timing = 13;
+        let still = Entropy {
+            pointer: (0..200)
+                .map(|_| {
+                    t += 5.0 + 40.0 * lcg(&mut timing);
+                    [t, 300.0 + noise(1e-9), 200.0 + noise(1e-9)]
+                })
+                .collect(),
+            ..Entropy::default()
+        };
+        assert!(score(&still) <= 20, "{}", score(&still));
     }
 
     proptest::proptest! {

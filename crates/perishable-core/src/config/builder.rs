@@ -507,17 +507,22 @@ impl ConfigBuilder {
     /// line and column and the dotted key, never a string of the file.
     pub fn from_json_str(json: &str) -> Result<Self, ConfigError> {
         let mut document = serde_json::Deserializer::from_str(json);
-        serde_path_to_error::deserialize(&mut document).map_err(|e| {
-            let key = e.path().to_string();
-            let e = e.into_inner();
+        let json_error = |e: serde_json::Error, key: Option<String>| {
             let at = (e.line() > 0).then(|| (e.line(), e.column()));
             let message = e.to_string();
             // serde_json appends the position, which is given first instead.
             let message = message
                 .rsplit_once(" at line ")
                 .map_or(message.as_str(), |(message, _)| message);
-            parse_error(at, (!e.is_syntax()).then_some(key), message)
-        })
+            parse_error(at, key.filter(|_| !e.is_syntax()), message)
+        };
+        let parsed: Self = serde_path_to_error::deserialize(&mut document).map_err(|e| {
+            let key = e.path().to_string();
+            json_error(e.into_inner(), Some(key))
+        })?;
+        // Nothing after the object: a file that goes on is not the file that was meant.
+        document.end().map_err(|e| json_error(e, None))?;
+        Ok(parsed)
     }
 
     /// Reads a configuration file: JSON when its name ends in `.json` or its text starts with
@@ -575,16 +580,28 @@ fn parse_error(at: Option<(usize, usize)>, key: Option<String>, message: &str) -
     ConfigError::Parse(out)
 }
 
-/// `message` with each `string "..."` (serde's description of an unexpected string) replaced by
-/// `a string`.
+/// `message` with every value serde quotes taken out: `string "..."`, ``integer `...` ``,
+/// ``floating point `...` ``, ``character `...` `` and ``unknown variant `...` `` become
+/// `a string`, `an integer`, `a number`, `a character` and `unknown variant`. Key names (in
+/// ``unknown field `...` ``) stay: they are what the reader must fix.
 fn redact_strings(message: &str) -> String {
-    const QUOTED: &str = "string \"";
+    const QUOTED: [(&str, char, &str); 5] = [
+        ("string \"", '"', "a string"),
+        ("integer `", '`', "an integer"),
+        ("floating point `", '`', "a number"),
+        ("character `", '`', "a character"),
+        ("unknown variant `", '`', "unknown variant"),
+    ];
     let mut out = String::with_capacity(message.len());
     let mut rest = message;
-    while let Some(start) = rest.find(QUOTED) {
+    while let Some((start, (opening, closing, replacement))) = QUOTED
+        .iter()
+        .filter_map(|q| rest.find(q.0).map(|at| (at, q)))
+        .min_by_key(|(at, _)| *at)
+    {
         out.push_str(&rest[..start]);
-        out.push_str("a string");
-        let quoted = &rest[start + QUOTED.len()..];
+        out.push_str(replacement);
+        let quoted = &rest[start + opening.len()..];
         // The closing quote: the first one no backslash escapes.
         let mut escaped = false;
         let end = quoted.char_indices().find_map(|(i, c)| match c {
@@ -596,7 +613,7 @@ fn redact_strings(message: &str) -> String {
                 escaped = true;
                 None
             }
-            '"' => Some(i + 1),
+            c if c == *closing => Some(i + 1),
             _ => None,
         });
         rest = &quoted[end.unwrap_or(quoted.len())..];

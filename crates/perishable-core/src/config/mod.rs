@@ -502,9 +502,34 @@ on_unavailable = "closed"
                 false,
                 &["line 1"][..],
             ),
+            // A value of an enum, or a number, where a secret was meant.
+            (
+                format!("[session]\ndpop = \"{S}\"\n"),
+                true,
+                &["session.dpop", "unknown variant"][..],
+            ),
+            (
+                "[session]\njwt_secret = 0x4E45564552\n".to_owned(),
+                true,
+                &["session.jwt_secret", "an integer"][..],
+            ),
+            (
+                "{\"upstream\": {\"api_key\": 33654365.5}}".to_owned(),
+                false,
+                &["upstream.api_key", "a number"][..],
+            ),
+            // Text after the object.
+            (
+                format!("{{\"upstream\": {{}}}} {S}"),
+                false,
+                &["line 1", "trailing"][..],
+            ),
         ] {
             let message = parse(&text, toml);
             assert!(!message.contains("NEVER"), "{text}: {message}");
+            for number in ["33654365", "4E45564552", "336170730834"] {
+                assert!(!message.contains(number), "{text}: {message}");
+            }
             for want in wants {
                 assert!(message.contains(want), "{text}: {message} (wants {want:?})");
             }

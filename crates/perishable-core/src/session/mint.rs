@@ -44,11 +44,22 @@ impl MintRequest {
     pub(crate) fn parse(body: &[u8]) -> Result<Self, Error> {
         // Strictly first, as a metered body is: a duplicate key (two fingerprints, the last
         // one winning), a lone surrogate or a number out of range is refused, not guessed at.
-        crate::json::parse_object(body, crate::json::Mode::Strict).map_err(|e| {
-            invalid_json(format!(
-                "the body must be a JSON object with fingerprint, entropy and pow: {e}"
-            ))
-        })?;
+        let strict = |bytes: &[u8]| {
+            crate::json::parse_object(bytes, crate::json::Mode::Strict).map_err(|e| {
+                invalid_json(format!(
+                    "the body must be a JSON object with fingerprint, entropy and pow: {e}"
+                ))
+            })
+        };
+        let object = strict(body)?;
+        // The objects the gates read are members of their own: no duplicates there either.
+        for member in &object.members {
+            if matches!(member.key.as_str(), "pow" | "entropy")
+                && member.kind == crate::json::Kind::Object
+            {
+                strict(&body[member.value.clone()])?;
+            }
+        }
         // Each field is kept as JSON first, so a wrong type gets its own error code.
         let mut raw: Map<String, Value> = serde_json::from_slice(body).map_err(|e| {
             invalid_json(format!(
@@ -502,6 +513,8 @@ mod tests {
             r#"{"fingerprint":"device-123456","fingerprint":"device-654321"}"#,
             r#"{"fingerprint":"device-123456","pow":["c","n"]}"#,
             r#"{"fingerprint":"device-123456","entropy":[[[0,1,2]],[5],9]}"#,
+            r#"{"fingerprint":"device-123456","pow":{"challenge":"a","challenge":"b","nonce":"n"}}"#,
+            r#"{"fingerprint":"device-123456","entropy":{"pointer":[],"pointer":[[0,1,2]]}}"#,
             "{\"fingerprint\":\"device-\\ud800-123456\"}",
         ] {
             assert_eq!(code(body), ErrorCode::InvalidJson, "{body}");

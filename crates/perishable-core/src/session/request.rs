@@ -84,7 +84,12 @@ pub(super) fn single_dpop_header(headers: &HeaderMap) -> Result<Option<&str>, Er
 /// Whether `Authorization` presents a token with the `DPoP` scheme (a refusal then challenges
 /// in that scheme).
 pub(super) fn presents_dpop_scheme(headers: &HeaderMap) -> bool {
-    matches!(presented_token(headers), Ok((Scheme::Dpop, _)))
+    headers.get(AUTHORIZATION).is_some_and(|value| {
+        value
+            .as_bytes()
+            .get(..5)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case(b"dpop "))
+    })
 }
 
 /// The scheme and token of `Authorization`. The token stays bytes: the verified-token cache is

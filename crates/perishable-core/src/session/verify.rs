@@ -165,7 +165,18 @@ impl Sessions {
             ));
         }
         let presented_ua = match claims.ua {
-            Some(_) => headers.get(USER_AGENT).map_or(&[][..], |v| v.as_bytes()),
+            Some(_) => {
+                let mut agents = headers.get_all(USER_AGENT).iter();
+                let first = agents.next().map_or(&[][..], |v| v.as_bytes());
+                // Bound to one User-Agent: two, and a proxy in front could read the other.
+                if agents.next().is_some() {
+                    return Err(Error::new(
+                        ErrorCode::FingerprintMismatch,
+                        "send one User-Agent header, not several",
+                    ));
+                }
+                first
+            }
             None => &[][..],
         };
         // The same values as last time with this token: no need to hash them again.
@@ -322,11 +333,16 @@ mod tests {
         let mut req = request(&token);
         req.headers_mut().remove(FINGERPRINT_HEADER);
         assert_eq!(code(&sessions, &req).await, ErrorCode::FingerprintMismatch);
-        // The right one, and another: refused, in either order.
+        // The right one, and another: refused, in either order. The same for a User-Agent
+        // the session is bound to.
         for other in ["another-device-2", FP] {
             let mut req = request(&token);
             req.headers_mut()
                 .append(FINGERPRINT_HEADER, HeaderValue::from_static(other));
+            assert_eq!(code(&sessions, &req).await, ErrorCode::FingerprintMismatch);
+            let mut req = request(&token);
+            req.headers_mut()
+                .append(USER_AGENT, HeaderValue::from_static("another/2.0"));
             assert_eq!(code(&sessions, &req).await, ErrorCode::FingerprintMismatch);
         }
         let mut req = request(&token);
