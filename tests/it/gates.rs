@@ -496,6 +496,30 @@ async fn policies_are_alternatives_and_a_refusal_names_its_gate() {
     assert!(claims(session["token"].as_str().unwrap())["usr"].is_string());
 }
 
+/// With the default policy beside a captcha one, a refused captcha is the refusal named: a low
+/// interaction score (a trace is never missing) says less about what the client sent.
+#[tokio::test]
+async fn a_refused_captcha_is_named_before_a_low_score() {
+    let (verify_url, _seen) = siteverify().await;
+    let proxy = proxy(
+        |c| {
+            with_captcha(c, verify_url).mint_policies(vec![vec!["pow", "entropy"], vec!["captcha"]])
+        },
+        vec![],
+    )
+    .await;
+    let response = mint(
+        &proxy,
+        json!({"fingerprint": "device-low-1", "captcha": "bad"}),
+    )
+    .await;
+    assert_eq!(response.status(), 400);
+    assert_eq!(error_code(response).await, "captcha_invalid");
+    // Without a captcha, the low score is what is named, as under the default policy alone.
+    let response = mint(&proxy, json!({"fingerprint": "device-low-1"})).await;
+    assert_eq!(error_code(response).await, "insufficient_entropy");
+}
+
 /// A captcha token mints once, even from a provider that would accept it again: the mint
 /// records it (hashed), so a replay, or the same token in two mints at once, mints one session.
 #[tokio::test]

@@ -180,9 +180,10 @@ impl Policies {
 
     /// Checks the policies in order, each gate at most once, until one passes.
     ///
-    /// When none does, the refusal is the first policy's failure that is about the evidence
-    /// shown (an invalid proof, a refused captcha, a provider that cannot be reached) rather
-    /// than evidence missing; else the first policy's.
+    /// When none does, the refusal is the first failure about evidence the client sent (an
+    /// invalid proof, a refused captcha, a provider that cannot be reached); else the first
+    /// `insufficient_entropy` (a trace is never missing, but a low score says less than a
+    /// refused captcha); else the first policy's missing evidence.
     pub(crate) async fn check(
         &self,
         evidence: &Evidence<'_>,
@@ -263,7 +264,9 @@ impl Policies {
                     | ErrorCode::AttestationRequired
             )
         };
-        match refusals.iter().position(|e| !missing(e)) {
+        let low_score = |e: &Error| e.code() == ErrorCode::InsufficientEntropy;
+        let shown = refusals.iter().position(|e| !missing(e) && !low_score(e));
+        match shown.or_else(|| refusals.iter().position(low_score)) {
             Some(i) => Err(refusals.swap_remove(i)),
             None => Err(refusals.into_iter().next().unwrap_or_else(|| {
                 Error::new(ErrorCode::InvalidJson, "no mint policy is configured")
