@@ -48,36 +48,39 @@ impl KeyMask {
         })
     }
 
-    /// Masks every whole occurrence of the key in `bytes`; whether there was one.
-    pub(crate) fn mask_in_place(&self, bytes: &mut [u8]) -> bool {
-        let at: Vec<usize> = self.inner.finder.find_iter(bytes).collect();
-        let len = self.inner.key.len();
-        for start in &at {
-            bytes[*start..*start + len].fill(b'*');
-        }
-        !at.is_empty()
+    /// Whether the key is in `bytes`.
+    pub(crate) fn is_in(&self, bytes: &[u8]) -> bool {
+        self.inner.finder.find(bytes).is_some()
     }
 
-    /// Masks the key in every header value (a value it cannot rebuild is left out).
+    /// Masks every whole occurrence of the key in `bytes`; whether there was one.
+    pub(crate) fn mask_in_place(&self, bytes: &mut [u8]) -> bool {
+        let len = self.inner.key.len();
+        let mut from = 0;
+        while let Some(at) = self.inner.finder.find(&bytes[from..]) {
+            bytes[from + at..from + at + len].fill(b'*');
+            from += at + len;
+        }
+        from > 0
+    }
+
+    /// Masks the key in every header value. Only a value that holds it is copied; `*` is valid
+    /// wherever the key's bytes were, so the masked value always rebuilds.
     pub(crate) fn mask_headers(&self, headers: &mut http::HeaderMap) {
-        let mut broken = Vec::new();
-        for (name, value) in headers.iter_mut() {
-            let mut bytes = value.as_bytes().to_vec();
-            if self.mask_in_place(&mut bytes) {
-                match http::HeaderValue::from_bytes(&bytes) {
-                    Ok(masked) => *value = masked,
-                    Err(_) => broken.push(name.clone()),
+        for value in headers.values_mut() {
+            if self.is_in(value.as_bytes()) {
+                let mut bytes = value.as_bytes().to_vec();
+                self.mask_in_place(&mut bytes);
+                if let Ok(masked) = http::HeaderValue::from_bytes(&bytes) {
+                    *value = masked;
                 }
             }
-        }
-        for name in broken {
-            headers.remove(name);
         }
     }
 
     /// `bytes` with every occurrence of the key masked (no copy when there is none).
     pub(crate) fn mask(&self, bytes: Bytes) -> Bytes {
-        if self.inner.finder.find(&bytes).is_none() {
+        if !self.is_in(&bytes) {
             return bytes;
         }
         let mut owned = BytesMut::from(&bytes[..]);

@@ -576,7 +576,7 @@ fn parse_error(at: Option<(usize, usize)>, key: Option<String>, message: &str) -
     if let Some(key) = key.filter(|key| key != ".") {
         out.push_str(&format!("{key}: "));
     }
-    out.push_str(redact_strings(message.trim()).trim_end_matches('\n'));
+    out.push_str(redact_values(message.trim()).trim_end_matches('\n'));
     ConfigError::Parse(out)
 }
 
@@ -584,7 +584,7 @@ fn parse_error(at: Option<(usize, usize)>, key: Option<String>, message: &str) -
 /// ``floating point `...` ``, ``character `...` `` and ``unknown variant `...` `` become
 /// `a string`, `an integer`, `a number`, `a character` and `unknown variant`. Key names (in
 /// ``unknown field `...` ``) stay: they are what the reader must fix.
-fn redact_strings(message: &str) -> String {
+fn redact_values(message: &str) -> String {
     const QUOTED: [(&str, char, &str); 5] = [
         ("string \"", '"', "a string"),
         ("integer `", '`', "an integer"),

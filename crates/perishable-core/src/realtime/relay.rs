@@ -493,13 +493,11 @@ impl Relay {
 
 /// `text` with the server's key masked (the same text when it is not there).
 fn mask_text(mask: &KeyMask, text: Utf8Bytes) -> Utf8Bytes {
-    let bytes = Bytes::from(text.clone());
-    let masked = mask.mask(bytes.clone());
-    if masked.as_ptr() == bytes.as_ptr() {
+    if !mask.is_in(text.as_bytes()) {
         return text;
     }
     // Whole characters of the key became `*`: still UTF-8.
-    Utf8Bytes::try_from(masked).unwrap_or_else(|_| Utf8Bytes::from_static(""))
+    Utf8Bytes::try_from(mask.mask(Bytes::from(text))).unwrap_or_else(|_| Utf8Bytes::from_static(""))
 }
 
 /// Sends what `queue` brings on `sink` until the queue closes or the peer is gone, then closes.

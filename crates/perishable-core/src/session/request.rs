@@ -2,7 +2,7 @@
 //! header, and the URL a DPoP proof must name (`htu`).
 
 use http::header::{AUTHORIZATION, HOST};
-use http::{HeaderMap, Request};
+use http::{HeaderMap, HeaderName, HeaderValue, Request};
 
 use crate::dpop::{DPOP_HEADER, Htu, OriginalUri};
 use crate::error::{Error, ErrorCode};
@@ -62,61 +62,71 @@ impl ExpectedHtu {
     }
 }
 
+/// The one value of header `name`, if any; `Err(())` when it comes more than once: which one a
+/// proxy in front read is anyone's guess, so neither is used.
+pub(super) fn at_most_one<'a>(
+    headers: &'a HeaderMap,
+    name: &HeaderName,
+) -> Result<Option<&'a HeaderValue>, ()> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next();
+    match values.next() {
+        Some(_) => Err(()),
+        None => Ok(first),
+    }
+}
+
 /// The one `DPoP` header, if any (several are refused).
 pub(super) fn single_dpop_header(headers: &HeaderMap) -> Result<Option<&str>, Error> {
-    let mut values = headers.get_all(DPOP_HEADER).iter();
-    let Some(first) = values.next() else {
+    let Some(value) = at_most_one(headers, &DPOP_HEADER)
+        .map_err(|()| Error::new(ErrorCode::InvalidDpopProof, "send exactly one DPoP header"))?
+    else {
         return Ok(None);
     };
-    if values.next().is_some() {
-        return Err(Error::new(
-            ErrorCode::InvalidDpopProof,
-            "send exactly one DPoP header",
-        ));
-    }
-    first
+    value
         .to_str()
         .map(Some)
         .map_err(|_| Error::new(ErrorCode::InvalidDpopProof, "the DPoP header is malformed"))
 }
 
-/// The token of `Authorization: Bearer <token>` or `Authorization: DPoP <token>`.
 /// Whether `Authorization` presents a token with the `DPoP` scheme (a refusal then challenges
-/// in that scheme).
+/// in that scheme, even when it refuses the header).
 pub(super) fn presents_dpop_scheme(headers: &HeaderMap) -> bool {
-    headers.get(AUTHORIZATION).is_some_and(|value| {
-        value
-            .as_bytes()
-            .get(..5)
-            .is_some_and(|scheme| scheme.eq_ignore_ascii_case(b"dpop "))
-    })
+    headers
+        .get(AUTHORIZATION)
+        .is_some_and(|value| matches!(scheme_and_token(value.as_bytes()), Ok((Scheme::Dpop, _))))
 }
 
-/// The scheme and token of `Authorization`. The token stays bytes: the verified-token cache is
-/// looked up with them, and only a token not seen before is checked as text (by
-/// [`TokenCodec`](crate::token::TokenCodec)).
+fn missing_token() -> Error {
+    Error::new(
+        ErrorCode::MissingToken,
+        "a session token is required: Authorization: Bearer <token>",
+    )
+}
+
+/// The scheme and token of `Authorization: Bearer <token>` or `Authorization: DPoP <token>`.
+/// The token stays bytes: the verified-token cache is looked up with them, and only a token not
+/// seen before is checked as text (by [`TokenCodec`](crate::token::TokenCodec)).
 pub(super) fn presented_token(headers: &HeaderMap) -> Result<(Scheme, &[u8]), Error> {
-    let missing = || {
-        Error::new(
-            ErrorCode::MissingToken,
-            "a session token is required: Authorization: Bearer <token>",
-        )
-    };
+    let value = at_most_one(headers, &AUTHORIZATION)
+        .map_err(|()| {
+            Error::new(
+                ErrorCode::InvalidToken,
+                "send one Authorization header, not several",
+            )
+        })?
+        .ok_or_else(missing_token)?;
+    scheme_and_token(value.as_bytes())
+}
+
+/// One `Authorization` value, split into its scheme and its token.
+fn scheme_and_token(value: &[u8]) -> Result<(Scheme, &[u8]), Error> {
     let malformed = || {
         Error::new(
             ErrorCode::InvalidToken,
             "the Authorization header is malformed",
         )
     };
-    let mut values = headers.get_all(AUTHORIZATION).iter();
-    let value = values.next().ok_or_else(missing)?.as_bytes();
-    // Two: which one a proxy in front would read is anyone's guess, so neither is.
-    if values.next().is_some() {
-        return Err(Error::new(
-            ErrorCode::InvalidToken,
-            "send one Authorization header, not several",
-        ));
-    }
     // Split at the first space; only the token must be text (the scheme is compared as bytes).
     let space = memchr::memchr(b' ', value).ok_or_else(malformed)?;
     let (scheme, token) = (&value[..space], &value[space + 1..]);
@@ -132,7 +142,7 @@ pub(super) fn presented_token(headers: &HeaderMap) -> Result<(Scheme, &[u8]), Er
     };
     let token = token.trim_ascii();
     if token.is_empty() {
-        return Err(missing());
+        return Err(missing_token());
     }
     Ok((scheme, token))
 }

@@ -5,13 +5,13 @@
 use std::sync::Arc;
 
 use futures_util::TryFutureExt;
-use http::Request;
 use http::header::USER_AGENT;
+use http::{HeaderName, Request};
 use subtle::ConstantTimeEq;
 
 use super::Sessions;
 use super::request::{
-    Scheme, expected_htu, presented_token, presents_dpop_scheme, single_dpop_header,
+    Scheme, at_most_one, expected_htu, presented_token, presents_dpop_scheme, single_dpop_header,
 };
 use crate::clock::unix_now;
 use crate::config::DpopMode;
@@ -151,32 +151,22 @@ impl Sessions {
         let verified = self.inner.codec.verify_cached(token)?;
         let claims = verified.claims;
         let now = unix_now();
-        let mut fingerprints = headers.get_all(FINGERPRINT_HEADER).iter();
-        let presented = fingerprints.next().ok_or_else(|| {
+        let one = |name: &HeaderName| {
+            at_most_one(headers, name).map_err(|()| {
+                Error::new(
+                    ErrorCode::FingerprintMismatch,
+                    format!("send one {name} header, not several"),
+                )
+            })
+        };
+        let presented = one(&FINGERPRINT_HEADER)?.ok_or_else(|| {
             Error::new(
                 ErrorCode::FingerprintMismatch,
                 "the X-Perishable-Fingerprint header is missing",
             )
         })?;
-        if fingerprints.next().is_some() {
-            return Err(Error::new(
-                ErrorCode::FingerprintMismatch,
-                "send one X-Perishable-Fingerprint header, not several",
-            ));
-        }
         let presented_ua = match claims.ua {
-            Some(_) => {
-                let mut agents = headers.get_all(USER_AGENT).iter();
-                let first = agents.next().map_or(&[][..], |v| v.as_bytes());
-                // Bound to one User-Agent: two, and a proxy in front could read the other.
-                if agents.next().is_some() {
-                    return Err(Error::new(
-                        ErrorCode::FingerprintMismatch,
-                        "send one User-Agent header, not several",
-                    ));
-                }
-                first
-            }
+            Some(_) => one(&USER_AGENT)?.map_or(&[][..], |v| v.as_bytes()),
             None => &[][..],
         };
         // The same values as last time with this token: no need to hash them again.
