@@ -206,6 +206,32 @@ mod tests {
         assert!(!l.allows(&Method::HEAD, "files/f1"));
     }
 
+    proptest::proptest! {
+        /// Whatever the method and path, the default list lets through exactly its inference
+        /// endpoints with `POST` and `models` with `GET` or `HEAD`.
+        #[test]
+        fn the_defaults_pass_only_their_methods(
+            method in proptest::sample::select(vec![
+                "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE",
+                "PROPFIND", "get", "Post",
+            ]),
+            path in proptest::sample::select(vec![
+                "chat/completions", "completions", "embeddings", "responses", "moderations",
+                "models", "models/gpt-4o", "models/ft:x:y", "models/a/b", "files", "batches",
+                "chat/completions/c1", "responses/r1", "", "models/",
+            ]),
+        ) {
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            let expected = match (method.as_str(), path) {
+                ("POST", "chat/completions" | "completions" | "embeddings" | "responses"
+                    | "moderations") => true,
+                ("GET" | "HEAD", "models" | "models/gpt-4o" | "models/ft:x:y") => true,
+                _ => false,
+            };
+            proptest::prop_assert_eq!(list().allows(&method, path), expected, "{} {}", method, path);
+        }
+    }
+
     #[test]
     fn invalid_patterns() {
         assert!(PathPattern::parse("").is_err());

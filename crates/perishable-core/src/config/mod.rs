@@ -550,6 +550,29 @@ on_unavailable = "closed"
                 proptest::prop_assert!(message.contains("session.ttl_secs"), "{}", message);
             }
         }
+
+        /// Nor any value of an enum key (`session.dpop`), nor any number where a secret goes.
+        #[test]
+        fn a_wrong_variant_or_number_is_never_shown(
+            value in "[a-zA-Z0-9_-]{8,40}",
+            number in 10_000_000u64..u64::MAX,
+        ) {
+            let variant = format!("[session]\ndpop = {}\n", toml_string(&value));
+            let json = format!("{{\"session\":{{\"dpop\":{}}}}}", serde_json::Value::from(value.clone()));
+            let integer = format!("[session]\njwt_secret = {number}\n");
+            let json_integer = format!("{{\"upstream\":{{\"api_key\":{number}}}}}");
+            for (result, shown) in [
+                (ConfigBuilder::from_toml_str(&variant), value.clone()),
+                (ConfigBuilder::from_json_str(&json), value.clone()),
+                (ConfigBuilder::from_toml_str(&integer), number.to_string()),
+                (ConfigBuilder::from_json_str(&json_integer), number.to_string()),
+            ] {
+                let Err(ConfigError::Parse(message)) = result else {
+                    panic!("{shown:?} was accepted");
+                };
+                proptest::prop_assert!(!message.contains(&shown), "{}", message);
+            }
+        }
     }
 
     /// `value` as a TOML basic string.
