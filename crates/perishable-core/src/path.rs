@@ -222,12 +222,13 @@ mod tests {
             ]),
         ) {
             let method = Method::from_bytes(method.as_bytes()).unwrap();
-            let expected = match (method.as_str(), path) {
-                ("POST", "chat/completions" | "completions" | "embeddings" | "responses"
-                    | "moderations") => true,
-                ("GET" | "HEAD", "models" | "models/gpt-4o" | "models/ft:x:y") => true,
-                _ => false,
-            };
+            let expected = matches!(
+                (method.as_str(), path),
+                (
+                    "POST",
+                    "chat/completions" | "completions" | "embeddings" | "responses" | "moderations"
+                ) | ("GET" | "HEAD", "models" | "models/gpt-4o" | "models/ft:x:y")
+            );
             proptest::prop_assert_eq!(list().allows(&method, path), expected, "{} {}", method, path);
         }
     }
