@@ -151,22 +151,22 @@ impl Sessions {
         let verified = self.inner.codec.verify_cached(token)?;
         let claims = verified.claims;
         let now = unix_now();
-        let one = |name: &HeaderName| {
+        let one = |name: &HeaderName, shown: &str| {
             at_most_one(headers, name).map_err(|()| {
                 Error::new(
                     ErrorCode::FingerprintMismatch,
-                    format!("send one {name} header, not several"),
+                    format!("send one {shown} header, not several"),
                 )
             })
         };
-        let presented = one(&FINGERPRINT_HEADER)?.ok_or_else(|| {
+        let presented = one(&FINGERPRINT_HEADER, "X-Perishable-Fingerprint")?.ok_or_else(|| {
             Error::new(
                 ErrorCode::FingerprintMismatch,
                 "the X-Perishable-Fingerprint header is missing",
             )
         })?;
         let presented_ua = match claims.ua {
-            Some(_) => one(&USER_AGENT)?.map_or(&[][..], |v| v.as_bytes()),
+            Some(_) => one(&USER_AGENT, "User-Agent")?.map_or(&[][..], |v| v.as_bytes()),
             None => &[][..],
         };
         // The same values as last time with this token: no need to hash them again.
